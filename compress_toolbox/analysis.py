@@ -1,0 +1,138 @@
+"""Stage 2: analyse a module: parameters, MACs, layer widths, output shape and a task guess."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+# Layers whose widths we report and whose multiply-accumulates we count.
+_WIDTH_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    type: str
+    in_width: int
+    out_width: int
+    macs: int
+
+
+@dataclass
+class Analysis:
+    params: int
+    macs: int
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]  # without the batch dimension
+    task: str  # "classification", "dense" or "unknown"
+    layers: list[LayerInfo] = field(default_factory=list)
+    final_layer: str | None = None  # name of the last Linear (or 1x1 conv) run: its input is the
+    # feature vector DAFL's activation loss uses
+
+    @property
+    def num_outputs(self) -> int:
+        return self.output_shape[0] if self.output_shape else 0
+
+    @property
+    def widths(self) -> list[int]:
+        return [layer.out_width for layer in self.layers]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (buffers excluded)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def _layer_macs(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+    if isinstance(layer, nn.Linear):
+        return output.numel() // output.shape[0] * layer.in_features
+    if isinstance(layer, nn.ConvTranspose2d):
+        x = inputs[0]
+        kernel = layer.weight[0].numel()  # (out/groups) * kh * kw
+        return x.numel() // x.shape[0] * kernel
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        kernel = layer.weight[0].numel()  # (in/groups) * kh * kw
+        return output.numel() // output.shape[0] * kernel
+    return 0
+
+
+def _widths(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels
+
+
+def _output_tensor(output) -> torch.Tensor:
+    """The main output of a model: the tensor itself, or the first tensor of a tuple/dict."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"model output of type {type(output).__name__} is not a tensor")
+
+
+def guess_task(output_shape: tuple[int, ...]) -> str:
+    """(K,) -> classification; (K, H, W) -> dense prediction (segmentation-like)."""
+    if len(output_shape) == 1:
+        return "classification"
+    if len(output_shape) == 3:
+        return "dense"
+    return "unknown"
+
+
+@torch.no_grad()
+def analyse(module: nn.Module, input_shape: tuple[int, ...]) -> Analysis:
+    """Run one forward pass at batch 1 and collect params, MACs, layer widths and output size."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    records: list[tuple[str, nn.Module, int]] = []
+    handles = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, _WIDTH_LAYERS):
+
+            def hook(mod, inputs, output, name=name):
+                records.append((name, mod, _layer_macs(mod, inputs, output)))
+
+            handles.append(layer.register_forward_hook(hook))
+    was_training = module.training
+    module.eval()
+    try:
+        output = _output_tensor(module(torch.zeros(1, *input_shape, device=device)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        module.train(was_training)
+
+    layers: list[LayerInfo] = []
+    seen: set[str] = set()
+    for name, layer, macs in records:
+        if name in seen:  # a layer called twice counts its MACs twice but is listed once
+            next(info for info in layers if info.name == name).macs += macs
+            continue
+        seen.add(name)
+        in_w, out_w = _widths(layer)
+        layers.append(LayerInfo(name, type(layer).__name__, in_w, out_w, macs))
+
+    final_layer = None
+    for name, layer, _ in reversed(records):
+        if isinstance(layer, nn.Linear) or (
+            isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1)
+        ):
+            final_layer = name
+            break
+    output_shape = tuple(output.shape[1:])
+    return Analysis(
+        params=count_params(module),
+        macs=sum(info.macs for info in layers),
+        input_shape=tuple(input_shape),
+        output_shape=output_shape,
+        task=guess_task(output_shape),
+        layers=layers,
+        final_layer=final_layer,
+    )

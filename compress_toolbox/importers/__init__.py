@@ -1,0 +1,19 @@
+"""Importer registry: one module per teacher file format, each registering itself.
+
+Adding a format means adding one file here that defines a ``sniff`` function (does this file look
+like my format?) and an importer decorated with ``@register_importer(name, sniff)``; every module in
+this package is imported automatically.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import ImportedModel, detect_format, get_importer, list_formats, register_importer
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["ImportedModel", "detect_format", "get_importer", "list_formats", "register_importer"]

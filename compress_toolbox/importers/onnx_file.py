@@ -1,0 +1,99 @@
+"""ONNX files (any producer, opsets 11-22, external data), verified against onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..errors import ImportFailed
+from ..onnx_compat import onnx_to_torch, opset_version, prepare_onnx_model
+from .base import FileHead, ImportedModel, register_importer, verify
+
+
+def _parse(path: Path, load_external_data: bool) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except FileNotFoundError as error:
+        raise ImportFailed(
+            f"{path}: external data file missing: {error.filename or error}"
+        ) from None
+    except Exception as error:  # protobuf DecodeError and friends
+        raise ImportFailed(
+            f"{path}: not a valid ONNX model (truncated or corrupt: {type(error).__name__})"
+        ) from None
+    if model.ir_version <= 0 or not model.graph.node:
+        raise ImportFailed(f"{path}: not a valid ONNX model (no graph)")
+    return model
+
+
+def _sniff(info: FileHead) -> bool:
+    if info.zip_names or info.head[:1] == b"\x80":  # zip or pickle: a torch format
+        return False
+    if info.path.suffix.lower() == ".onnx":
+        return True
+    try:
+        _parse(info.path, load_external_data=False)
+    except ImportFailed:
+        return False
+    return True
+
+
+def _graph_input(model: onnx.ModelProto, path: Path) -> onnx.ValueInfoProto:
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [inp for inp in model.graph.input if inp.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(inp.name for inp in inputs)
+        raise ImportFailed(
+            f"{path}: the model has {len(inputs)} inputs ({names}); one is supported"
+        )
+    return inputs[0]
+
+
+def _input_shape(graph_input: onnx.ValueInfoProto, given, path: Path):
+    """(C, H, W) from the ONNX input, the batch dimension dropped; ``given`` wins if set."""
+    dims = graph_input.type.tensor_type.shape.dim
+    fixed_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    if given:
+        return tuple(given), fixed_batch
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+    if not dims or any(dim is None or dim <= 0 for dim in shape):
+        raise ImportFailed(
+            f"{path}: input '{graph_input.name}' has no fixed shape beyond the batch "
+            f"({[d.dim_param or d.dim_value for d in dims]}); give it with --input-shape C,H,W"
+        )
+    return tuple(shape), fixed_batch
+
+
+def _onnxruntime_runner(path: Path, input_name: str, fixed_batch: int | None):
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:
+        raise ImportFailed(f"{path}: onnxruntime cannot load it: {error}") from None
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if fixed_batch == 1 and x.shape[0] != 1:  # a fixed-batch file: compare sample by sample
+            return np.concatenate([run(x[i : i + 1]) for i in range(x.shape[0])])
+        return session.run(None, {input_name: x.astype(np.float32)})[0]
+
+    return run
+
+
+@register_importer("onnx", _sniff)
+def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
+    """Convert with onnx2torch (plus our converters for newer opsets); check with onnxruntime."""
+    model = _parse(path, load_external_data=True)
+    graph_input = _graph_input(model, path)
+    shape, fixed_batch = _input_shape(graph_input, input_shape, path)
+    module = onnx_to_torch(prepare_onnx_model(model), path).eval()
+    runner = _onnxruntime_runner(path, graph_input.name, fixed_batch)
+    max_abs, max_rel = verify(module, runner, shape, path)
+    details = {
+        "opset": opset_version(model),
+        "producer": model.producer_name,
+        "verified_against": "onnxruntime",
+    }
+    return ImportedModel(module, shape, max_abs, max_rel, details)
