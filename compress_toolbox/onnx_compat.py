@@ -31,6 +31,7 @@ from onnx2torch.utils.common import OnnxMapping, OperationConverterResult, get_c
 from torch import nn
 
 from .errors import ImportFailed
+from .shape_agnostic import make_shape_agnostic
 
 _REDUCE_OPS = (
     "ReduceL1",
@@ -259,12 +260,20 @@ def check_ops_supported(model: onnx.ModelProto, source: Any) -> None:
             ) from None
 
 
-def onnx_to_torch(model: onnx.ModelProto, source: Any) -> torch.fx.GraphModule:
-    """Convert a (prepared) ONNX model to a torch.fx GraphModule, with clear errors."""
+def onnx_to_torch(
+    model: onnx.ModelProto, source: Any, input_shape: tuple[int, ...]
+) -> torch.fx.GraphModule:
+    """Convert a (prepared) ONNX model to a torch.fx GraphModule, with clear errors.
+
+    Hard-coded reshape/split sizes are then made to follow the actual input (shape_agnostic.py),
+    so the module runs at any batch size and survives channel pruning.
+    """
     from onnx2torch import convert
 
     check_ops_supported(model, source)
     try:
-        return convert(model)
+        module = convert(model)
     except NotImplementedError as error:
         raise ImportFailed(f"{source}: cannot convert to PyTorch: {error}") from error
+    make_shape_agnostic(module, input_shape)
+    return module

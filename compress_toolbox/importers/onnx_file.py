@@ -88,7 +88,7 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
     model = _parse(path, load_external_data=True)
     graph_input = _graph_input(model, path)
     shape, fixed_batch = _input_shape(graph_input, input_shape, path)
-    module = onnx_to_torch(prepare_onnx_model(model), path).eval()
+    module = onnx_to_torch(prepare_onnx_model(model), path, shape).eval()
     runner = _onnxruntime_runner(path, graph_input.name, fixed_batch)
     max_abs, max_rel = verify(module, runner, shape, path)
     details = {

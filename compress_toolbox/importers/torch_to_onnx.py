@@ -48,4 +48,4 @@ def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: b
         raise
     except Exception as error:
         raise ImportFailed(f"{source}: cannot rebuild editable layers via ONNX: {error}") from None
-    return onnx_to_torch(prepare_onnx_model(proto), source).eval()
+    return onnx_to_torch(prepare_onnx_model(proto), source, input_shape).eval()

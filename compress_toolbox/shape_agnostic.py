@@ -1,0 +1,218 @@
+"""Make imported graphs independent of the sizes they were exported with.
+
+An exported graph often hard-codes sizes: ``Reshape(x, [-1, 512])`` after global pooling,
+``Reshape(x, [-1, 2, 58, 28, 28])`` for a channel shuffle, ``Split(x, [58, 58])``. They are right
+for the teacher at its export batch size, and wrong as soon as the batch or a channel count changes
+(which is exactly what deriving a half-width student does). We record each such op's input and
+output shapes once, then replace it with a module that recomputes the sizes from its actual input:
+dimensions are matched between input and output by their products, so merged dimensions are
+re-multiplied and a split dimension keeps its constant factors (the group count of a shuffle).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from onnx2torch.node_converters.reshape import OnnxReshape
+from onnx2torch.node_converters.split import OnnxSplit13
+from onnx2torch.node_converters.transpose import OnnxTranspose
+from torch import fx, nn
+
+Groups = list[tuple[list[int], list[int]]]
+
+
+def align_dims(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Groups | None:
+    """Pair consecutive input dims with consecutive output dims of equal product.
+
+    (2, 64, 1, 1) -> (2, 64) gives [([0], [0]), ([1], [1]), ([2], []), ([3], [])];
+    (2, 116, 7, 7) -> (2, 2, 58, 7, 7) gives [([0], [0]), ([1], [1, 2]), ([2], [3]), ([3], [4])].
+    None when the shapes do not factor that way.
+    """
+    groups: Groups = []
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+        if i >= len(in_shape):
+            if out_shape[j] != 1:
+                return None
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if j >= len(out_shape):
+            if in_shape[i] != 1:
+                return None
+            groups.append(([i], []))
+            i += 1
+            continue
+        in_group, out_group = [i], [j]
+        in_prod, out_prod = in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        while in_prod != out_prod:
+            if in_prod < out_prod and i < len(in_shape):
+                in_group.append(i)
+                in_prod *= in_shape[i]
+                i += 1
+            elif out_prod < in_prod and j < len(out_shape):
+                out_group.append(j)
+                out_prod *= out_shape[j]
+                j += 1
+            else:
+                return None
+        groups.append((in_group, out_group))
+    return groups
+
+
+class FlexibleReshape(nn.Module):
+    """A reshape whose target follows its input's actual sizes (see module docstring)."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], groups: Groups):
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        self.groups = groups
+        # In a split group, the largest output dim absorbs size changes; the others (a shuffle's
+        # group count, a head count) are structural constants.
+        self.free_dim = {tuple(out_dims): max(out_dims, key=lambda d: (out_shape[d], d))
+                         for _, out_dims in groups if len(out_dims) > 1}  # fmt: skip
+
+    def forward(self, x: torch.Tensor, shape: torch.Tensor | None = None) -> torch.Tensor:
+        target: list = [0] * len(self.out_shape)
+        for in_dims, out_dims in self.groups:
+            size = math.prod(x.shape[d] for d in in_dims) if in_dims else 1
+            if len(out_dims) == 1:
+                target[out_dims[0]] = size
+            elif out_dims:
+                free = self.free_dim[tuple(out_dims)]
+                fixed = math.prod(self.out_shape[d] for d in out_dims if d != free)
+                for d in out_dims:
+                    target[d] = size // fixed if d == free else self.out_shape[d]
+        return x.reshape(target)
+
+
+class EqualSplit(nn.Module):
+    """Split into ``parts`` equal chunks along ``axis``, whatever the size (was: fixed sizes)."""
+
+    def __init__(self, axis: int, parts: int):
+        super().__init__()
+        self.axis, self.parts = axis, parts
+
+    def forward(self, x: torch.Tensor, split: torch.Tensor | None = None):
+        sizes = [x.shape[self.axis] // self.parts] * self.parts
+        # Explicit sizes (not torch.chunk): torch-pruning reads them from the autograd node.
+        return torch.split(x, sizes, dim=self.axis)
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle for any channel count, as one channel permutation.
+
+    Written as ``index_select`` so torch-pruning sees a channel-preserving op (its dependency graph
+    cannot follow the reshape -> transpose -> reshape form) and shrinks both sides alike.
+    """
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        order = torch.arange(channels, device=x.device)
+        order = order.reshape(self.groups, channels // self.groups).t().reshape(-1)
+        return x.index_select(1, order)
+
+
+def _shuffle_groups(module: fx.GraphModule, split: fx.Node) -> int | None:
+    """Groups of a channel shuffle starting at ``split`` (N,C,H,W -> N,g,C/g,H,W), else None."""
+    layer = module.get_submodule(split.target)
+    if not isinstance(layer, FlexibleReshape) or len(layer.out_shape) != 5:
+        return None
+    if ([1], [1, 2]) not in [(list(a), list(b)) for a, b in layer.groups]:
+        return None
+    return layer.out_shape[1]
+
+
+def fuse_channel_shuffles(module: fx.GraphModule) -> int:
+    """Replace reshape(g, C/g) -> transpose(1, 2) -> reshape(C) chains by ``ChannelShuffle``."""
+    fused = 0
+    for node in list(module.graph.nodes):
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        groups = _shuffle_groups(module, node)
+        transpose = next(iter(node.users))
+        if groups is None or transpose.op != "call_module" or len(transpose.users) != 1:
+            continue
+        if not isinstance(module.get_submodule(transpose.target), OnnxTranspose):
+            continue
+        if list(module.get_submodule(transpose.target).perm or []) != [0, 2, 1, 3, 4]:
+            continue
+        merge = next(iter(transpose.users))
+        merge_layer = module.get_submodule(merge.target) if merge.op == "call_module" else None
+        if not isinstance(merge_layer, FlexibleReshape) or len(merge_layer.out_shape) != 4:
+            continue
+        module.add_submodule(node.target, ChannelShuffle(groups))
+        merge.replace_all_uses_with(node)
+        for dead in (merge, transpose):
+            module.graph.erase_node(dead)
+        fused += 1
+    module.graph.lint()
+    module.recompile()
+    module.delete_all_unused_submodules()
+    return fused
+
+
+def _record_shapes(module: nn.Module, targets: list[str], example: torch.Tensor) -> dict:
+    shapes: dict[str, tuple] = {}
+    handles = []
+    for target in targets:
+
+        def hook(mod, args, output, target=target):
+            first = output[0] if isinstance(output, (tuple, list)) else output
+            shapes[target] = (tuple(args[0].shape), tuple(first.shape), len(output)
+                              if isinstance(output, (tuple, list)) else 1)  # fmt: skip
+
+        handles.append(module.get_submodule(target).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
+    """Replace constant-size Reshape/Split modules in ``module`` in place; returns how many."""
+    candidates = {}
+    for node in module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        layer = module.get_submodule(node.target)
+        constant_arg = len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr"
+        if isinstance(layer, OnnxSplit13) and len(node.args) == 1:
+            constant_arg = True  # equal parts: rewritten for torch-pruning's sake
+        if isinstance(layer, (OnnxReshape, OnnxSplit13)) and constant_arg:
+            candidates[node.target] = node
+    if not candidates:
+        return 0
+    example = torch.randn(2, *input_shape)  # batch 2: a batch of 1 is ambiguous with unit dims
+    shapes = _record_shapes(module, list(candidates), example)
+    replaced = 0
+    for target, node in candidates.items():
+        if target not in shapes:
+            continue
+        in_shape, out_shape, n_outputs = shapes[target]
+        if isinstance(module.get_submodule(target), OnnxReshape):
+            groups = align_dims(in_shape, out_shape)
+            if groups is None:
+                continue
+            new_layer: nn.Module = FlexibleReshape(in_shape, out_shape, groups)
+        else:
+            axis = module.get_submodule(target).axis % len(in_shape)
+            if in_shape[axis] != out_shape[axis] * n_outputs:
+                continue  # unequal parts: keep the original sizes
+            new_layer = EqualSplit(axis, n_outputs)
+        module.add_submodule(target, new_layer)
+        node.args = node.args[:1]
+        replaced += 1
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    fuse_channel_shuffles(module)
+    return replaced

@@ -1,0 +1,135 @@
+"""Stage 3: derive a student from the teacher by shrinking every conv/linear width.
+
+torch-pruning's DependencyGraph finds which layers are coupled (residual adds, concatenations,
+depthwise convolutions, BatchNorm, flatten -> linear) and shrinks them together; we only decide the
+ratio, protect the input and output layers, and re-initialise or keep the teacher's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch_pruning as tp
+from torch import fx, nn
+
+from .analysis import analyse
+from .errors import DaflError
+
+INITS = ("fresh", "teacher")
+
+
+class StudentError(DaflError):
+    """No valid student can be derived from this teacher."""
+
+
+def _output_layers(module: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:
+    """The last conv/linear layer: its output width is the model's output and must not change."""
+    final = analyse(module, tuple(example_input.shape[1:])).final_layer
+    if final is None:
+        return []
+    return [module.get_submodule(final)]
+
+
+def _reinitialise(module: nn.Module) -> None:
+    """DAFL's setting: the student learns only from the teacher's answers, not its weights."""
+    for layer in module.modules():
+        if hasattr(layer, "reset_parameters") and layer is not module:
+            layer.reset_parameters()
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.reset_running_stats()
+
+
+def _prune(module: nn.Module, width: float, example_input: torch.Tensor, round_to) -> nn.Module:
+    ignored = _output_layers(module, example_input)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MagnitudePruner(
+            module,
+            example_input,
+            importance=tp.importance.MagnitudeImportance(p=1),  # keep the largest-L1 channels
+            pruning_ratio=1.0 - width,
+            ignored_layers=ignored,
+            round_to=round_to,
+        )
+        pruner.step()
+    return module
+
+
+def _check_student(student: nn.Module, teacher: nn.Module, example_input: torch.Tensor) -> None:
+    """The student must run at batch 1 and 5 and give the teacher's output shape."""
+    student.eval()
+    for batch in (1, 5):
+        x = example_input[:1].expand(batch, *example_input.shape[1:]).contiguous()
+        with torch.no_grad():
+            got, expected = student(x), teacher(x)
+        if got.shape != expected.shape:
+            raise StudentError(
+                f"student output {tuple(got.shape)} != teacher {tuple(expected.shape)}"
+            )
+
+
+def _via_onnx(module: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+    """Rebuild ``module`` as an imported graph, whose reshapes follow their inputs' sizes.
+
+    Used when a Python model hard-codes sizes (``x.view(-1, 400)``) or uses ops torch-pruning
+    cannot follow: the graph exported by torch's ONNX exporter is converted back by the same
+    machinery that imports teachers.
+    """
+    from .importers.torch_to_onnx import module_via_onnx
+
+    return module_via_onnx(module, tuple(example_input.shape[1:]), "teacher", dynamo=True)
+
+
+def make_student(
+    teacher_module: nn.Module,
+    *,
+    width: float = 0.5,
+    init: str = "fresh",
+    example_input: torch.Tensor,
+    round_to: int | None = None,
+) -> nn.Module:
+    """Return a copy of ``teacher_module`` with every conv/linear width scaled by ``width``.
+
+    The network's input channels and output size are kept; coupled layers stay consistent.
+    ``init="fresh"`` re-initialises all weights (DAFL); ``init="teacher"`` keeps the teacher's
+    weights of the kept channels (largest L1 norm). The teacher is never modified.
+    """
+    if not 0.0 < width < 1.0:
+        raise StudentError(f"width must be between 0 and 1 (exclusive), got {width}")
+    if init not in INITS:
+        raise StudentError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    teacher_module.eval()
+    example_input = example_input.detach()
+    before = sum(p.numel() for p in teacher_module.parameters())
+    attempts = [lambda: copy.deepcopy(teacher_module)]
+    if not isinstance(teacher_module, fx.GraphModule):
+        attempts.append(lambda: _via_onnx(copy.deepcopy(teacher_module), example_input))
+    errors = []
+    for make_copy in attempts:
+        try:
+            student = _prune(make_copy(), width, example_input, round_to)
+            _check_student(student, teacher_module, example_input)
+            break
+        except Exception as error:  # torch-pruning raises all sorts; try the next route
+            errors.append(f"{type(error).__name__}: {error}")
+    else:
+        raise StudentError(
+            "cannot derive a consistent half-width student from this architecture "
+            f"({errors[-1][:200]}); pick one from the zoo instead (--student zoo)"
+        )
+    after = sum(p.numel() for p in student.parameters())
+    if after >= before:
+        raise StudentError(
+            "nothing to shrink: the teacher has no conv/linear layer besides its output layer; "
+            "pick a student from the zoo instead (--student zoo)"
+        )
+    if init == "fresh":
+        _reinitialise(student)
+    return student.eval()
+
+
+def layer_widths(module: nn.Module, input_shape: tuple[int, ...]) -> list[int]:
+    """Output widths of the conv/linear layers, in execution order."""
+    return analyse(module, input_shape).widths
