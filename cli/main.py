@@ -1,0 +1,401 @@
+"""dafl-compress command line: argument parsing only; every stage is a compress_toolbox function.
+
+dafl-compress TEACHER --task classification [options]   the whole job
+dafl-compress inspect TEACHER [--json]                    load, verify and describe a teacher
+dafl-compress student TEACHER [--width 0.5]               derive a student, compare sizes
+dafl-compress zoo list [--task TASK]                      the model zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import warnings
+from collections.abc import Sequence
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+SUBCOMMANDS = ("inspect", "student", "zoo")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers"
+        ) from None
+
+
+def _add_teacher_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("teacher file")
+    group.add_argument(
+        "teacher",
+        metavar="TEACHER",
+        help="ONNX (.onnx, external data beside it is fine), TorchScript, "
+        "torch.export (.pt2) or PyTorch checkpoint; the format is read from "
+        "the file's content",
+    )
+    group.add_argument(
+        "--input-shape",
+        metavar="C,H,W",
+        help="input shape without batch, when the file does not record it "
+        "(checkpoints, some TorchScript files)",
+    )
+    group.add_argument(
+        "--model-class",
+        metavar="SPEC",
+        help="for a state_dict: package.module:Class, path/file.py:Class, "
+        "a model_zoo name or a torchvision model name",
+    )
+    group.add_argument(
+        "--model-kwargs",
+        metavar="JSON",
+        default=None,
+        help="keyword arguments for --model-class, as JSON (e.g. '{\"num_classes\": 10}')",
+    )
+    group.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow unpickling a whole saved model object (runs code from the "
+        "file: only for files you trust)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
+
+
+def _compress_parser() -> argparse.ArgumentParser:
+    from compress_toolbox.evaldata import describe_preprocessing
+
+    parser = argparse.ArgumentParser(
+        prog="dafl-compress",
+        description="Compress a trained classifier (the teacher) into a half-width student "
+        "without training data (DAFL, Chen et al. 2019), export it to ONNX, verify it with "
+        "onnxruntime and write a report.\n\nOther commands: dafl-compress inspect TEACHER | "
+        "student TEACHER | zoo list  (each has --help).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_teacher_options(parser)
+    parser.add_argument(
+        "--task",
+        default="classification",
+        help="what the teacher does (default: %(default)s; segmentation and "
+        "detection are not supported yet)",
+    )
+    parser.add_argument(
+        "--student",
+        default="auto",
+        metavar="auto|zoo|zoo:NAME",
+        help="auto: the teacher with every conv/linear width halved; zoo: the "
+        "zoo model for the task closest to 1/4 of the teacher's MACs; zoo:NAME: "
+        "that zoo model (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--width",
+        type=float,
+        default=0.5,
+        help="width multiplier for --student auto (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--init",
+        choices=("fresh", "teacher"),
+        default="fresh",
+        help="student start: fresh weights as in DAFL, or the teacher's "
+        "largest-L1 channels (default: %(default)s)",
+    )
+    train = parser.add_argument_group("training")
+    train.add_argument(
+        "--method",
+        choices=("dafl", "noise"),
+        default="dafl",
+        help="dafl, or the paper's Gaussian-noise KD baseline (default: %(default)s)",
+    )
+    train.add_argument(
+        "--preset",
+        default="fast",
+        help="fast (tuned for speed), paper-mnist or paper-cifar (the paper's "
+        "recipes) (default: %(default)s)",
+    )
+    budget = train.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SEC",
+        help="train for this many seconds; the schedule is fitted to it "
+        "(fast preset default: 120 s)",
+    )
+    budget.add_argument("--iters", type=int, metavar="N", help="train for N iterations")
+    budget.add_argument(
+        "--epochs",
+        type=int,
+        metavar="N",
+        help="train for N epochs of the preset's iterations per epoch",
+    )
+    train.add_argument("--batch-size", type=int, metavar="N", help="override the preset's batch")
+    train.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    train.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint/"
+    )
+    data = parser.add_argument_group(
+        "evaluation data (for the report only, never for training)", describe_preprocessing()
+    )
+    data.add_argument(
+        "--eval-data",
+        metavar="PATH",
+        help=".npz with x and y, a folder of MNIST-style idx files, or an ImageFolder directory",
+    )
+    data.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="normalisation mean")
+    data.add_argument("--std", type=_floats, metavar="S[,S,S]", help="normalisation std")
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output folder (default: ./dafl-out/<teacher name>/); written whole "
+        "at the end; checkpoints for --resume live in DIR.checkpoint/",
+    )
+    output.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    output.add_argument(
+        "--opset",
+        type=int,
+        help="ONNX opset of student.onnx (default: 20, torch's exporter; "
+        "11-17 use the legacy exporter)",
+    )
+    output.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="load, analyse and show the student plan without training",
+    )
+    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dafl-compress inspect",
+        description="Load a teacher, verify the import against the original and describe it.",
+    )
+    _add_teacher_options(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _student_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dafl-compress student",
+        description="Derive a student by shrinking every conv/linear "
+        "width; print teacher vs student params, MACs and widths.",
+    )
+    _add_teacher_options(parser)
+    parser.add_argument("--width", type=float, default=0.5, help="default: %(default)s")
+    parser.add_argument("--init", choices=("fresh", "teacher"), default="fresh")
+    parser.add_argument(
+        "--out", metavar="FILE.pt2", help="save the (untrained) student as a torch.export archive"
+    )
+    return parser
+
+
+def _zoo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dafl-compress zoo", description="The model zoo.")
+    parser.add_argument("action", choices=("list",))
+    parser.add_argument("--task", choices=("classification", "segmentation", "detection"))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _teacher_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "model_class": args.model_class,
+        "model_kwargs": args.model_kwargs,
+        "input_shape": args.input_shape,
+        "trust_pickle": args.trust_pickle,
+    }
+
+
+def _describe_teacher(teacher) -> dict:
+    a = teacher.analysis
+    return {
+        "source": str(teacher.source),
+        "format": teacher.format,
+        "input_shape": list(teacher.input_shape),
+        "num_outputs": teacher.num_outputs,
+        "output_shape": list(a.output_shape),
+        "task": a.task,
+        "params": a.params,
+        "macs": a.macs,
+        "max_abs_diff": teacher.max_abs_diff,
+        "max_rel_diff": teacher.max_rel_diff,
+        "final_layer": a.final_layer,
+        "details": teacher.details,
+        "layers": [vars(layer) for layer in a.layers],
+    }
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from compress_toolbox import load_teacher
+
+    info = _describe_teacher(load_teacher(args.teacher, **_teacher_kwargs(args)))
+    if args.json:
+        print(json.dumps(info, default=str))
+        return 0
+    print(f"{info['source']}: {info['format']} ({info['details']})")
+    print(
+        f"  input {tuple(info['input_shape'])} -> output {tuple(info['output_shape'])}, "
+        f"task guess: {info['task']}"
+    )
+    print(f"  params {info['params']:,}  MACs {info['macs']:,}")
+    print(
+        f"  verified: max abs diff {info['max_abs_diff']:.2e} "
+        f"(relative {info['max_rel_diff']:.2e}) at batch 1 and 3; runs at batch 7"
+    )
+    print(f"  {len(info['layers'])} conv/linear layers:")
+    for layer in info["layers"]:
+        print(
+            f"    {layer['type']:<8} {layer['in_width']:>5} -> {layer['out_width']:<5} "
+            f"{layer['name']}"
+        )
+    return 0
+
+
+def run_student(args: argparse.Namespace) -> int:
+    import torch
+
+    from compress_toolbox import load_teacher
+    from compress_toolbox.analysis import analyse
+    from compress_toolbox.student import make_student
+
+    teacher = load_teacher(args.teacher, **_teacher_kwargs(args))
+    example = torch.randn(2, *teacher.input_shape)
+    student = make_student(teacher.module, width=args.width, init=args.init, example_input=example)
+    _print_comparison(teacher.analysis, analyse(student, teacher.input_shape))
+    if args.out:
+        program = torch.export.export(
+            student, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)
+        )
+        torch.export.save(program, args.out)
+        print(f"student saved to {args.out}")
+    return 0
+
+
+def _print_comparison(teacher, student) -> None:
+    print(f"{'':10}{'teacher':>14}{'student':>14}{'ratio':>8}")
+    for label, t, s in (
+        ("params", teacher.params, student.params),
+        ("MACs", teacher.macs, student.macs),
+    ):
+        print(f"{label:10}{t:>14,}{s:>14,}{s / max(t, 1):>8.3f}")
+    print(f"widths    teacher {teacher.widths}\n          student {student.widths}")
+
+
+def run_zoo(args: argparse.Namespace) -> int:
+    import model_zoo
+    from compress_toolbox.analysis import analyse, count_params
+
+    print(f"{'name':40}{'task':16}{'input':14}{'params':>14}{'MACs':>16}")
+    for name in model_zoo.list_models(args.task):
+        entry = model_zoo.get_entry(name)
+        module = entry.build().eval()
+        try:
+            macs = f"{analyse(module, entry.default_input).macs:,}"
+        except Exception:  # detection models return lists of boxes: MACs not counted
+            macs = "n/a"
+        shape = "x".join(map(str, entry.default_input))
+        print(f"{name:40}{entry.task:16}{shape:14}{count_params(module):>14,}{macs:>16}")
+    return 0
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from compress_toolbox.analysis import analyse
+    from compress_toolbox.pipeline import compress
+
+    options = {
+        "method": args.method,
+        "preset": args.preset,
+        "time_budget": args.time_budget,
+        "iters": args.iters,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "seed": args.seed,
+        "progress": not args.no_progress,
+    }
+    result = compress(
+        args.teacher,
+        task=args.task,
+        student=args.student,
+        out=args.out,
+        force=args.force,
+        dry_run=args.dry_run,
+        width=args.width,
+        init=args.init,
+        opset=args.opset,
+        eval_data=args.eval_data,
+        mean=args.mean,
+        std=args.std,
+        resume=args.resume,
+        command="dafl-compress " + shlex.join(sys.argv[1:]),
+        **_teacher_kwargs(args),
+        **options,
+    )
+    if args.dry_run:
+        print(f"student plan: {result.plan.kind}")
+        _print_comparison(
+            result.teacher.analysis, analyse(result.plan.module, result.teacher.input_shape)
+        )
+        return 0
+    print((result.out_dir / "report.md").read_text())
+    print(f"output written to {result.out_dir}/")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dafl-compress`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        command, argv = argv[0], argv[1:]
+        parser = {"inspect": _inspect_parser, "student": _student_parser, "zoo": _zoo_parser}[
+            command
+        ]()
+        runner = {"inspect": run_inspect, "student": run_student, "zoo": run_zoo}[command]
+    else:
+        parser, runner = _compress_parser(), run_compress
+    args = parser.parse_args(argv)
+    from compress_toolbox.distill import DistillInterrupted
+    from compress_toolbox.errors import DaflError
+
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+    try:
+        return runner(args)
+    except DistillInterrupted as error:
+        print(f"dafl-compress: {error}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("dafl-compress: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except DaflError as error:
+        if args.debug:
+            raise
+        print(f"dafl-compress: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as error:  # a bug of ours or a library's: still one line unless --debug
+        if args.debug:
+            raise
+        print(
+            f"dafl-compress: unexpected error: {type(error).__name__}: {error} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # guarded: safe under Windows' spawn start method
+    import multiprocessing
+
+    multiprocessing.freeze_support()
+    entry_point()

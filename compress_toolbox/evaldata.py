@@ -1,0 +1,271 @@
+"""Optional labelled evaluation data (never used for training): .npz, MNIST idx or ImageFolder."""
+
+from __future__ import annotations
+
+import gzip
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DaflError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class EvalDataError(DaflError):
+    """Evaluation data could not be read or does not fit the teacher."""
+
+
+@dataclass
+class EvalData:
+    """Preprocessed evaluation set: float ``x`` shaped like the teacher input, long labels ``y``."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def describe_preprocessing() -> str:
+    """How eval data is turned into teacher inputs (for --help)."""
+    return (
+        "Evaluation data (.npz with x and y, a folder of MNIST idx files, or an ImageFolder of "
+        "class sub-folders) is converted to float in [0, 1] (uint8 / 255), gray images are "
+        "repeated to 3 channels (RGB averaged to gray) when the teacher wants it, images are "
+        "resized to the teacher's H x W (bilinear, align_corners=False) when sizes differ, then "
+        "normalised as (x - mean) / std when --mean/--std are given (a float or one per channel)."
+    )
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise EvalDataError(f"{path}: cannot read ({error.strerror})") from None
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise EvalDataError(f"{path}: corrupt gzip file ({error})") from None
+    return data
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an MNIST-style idx file (gzipped or not) into a numpy array."""
+    path = Path(path)
+    data = _read_bytes(path)
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in dtypes:
+        raise EvalDataError(f"{path}: not an idx file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise EvalDataError(f"{path}: truncated idx header")
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(dtypes[data[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise EvalDataError(
+            f"{path}: idx payload has {len(data) - header} bytes, header says {expected}"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+
+
+def _pick(files: list[Path], kind: str, folder: Path) -> Path:
+    if not files:
+        raise EvalDataError(f"{folder}: no {kind} idx file (expected a name like *{kind}*idx*)")
+    test = [f for f in files if re.search(r"t10k|test", f.name, re.IGNORECASE)]
+    return sorted(test or files)[0]
+
+
+def _load_idx_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    names = [f for f in folder.iterdir() if f.is_file()]
+    images = _pick([f for f in names if re.search(r"images.*idx3", f.name)], "images", folder)
+    labels = _pick([f for f in names if re.search(r"labels.*idx1", f.name)], "labels", folder)
+    return read_idx(images), read_idx(labels)
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            if not {"x", "y"} <= keys:
+                raise EvalDataError(
+                    f"{path}: .npz must contain arrays 'x' and 'y' (found {sorted(keys)})"
+                )
+            return archive["x"], archive["y"]
+    except EvalDataError:
+        raise
+    except Exception as error:  # noqa: BLE001 - numpy raises many types for bad files
+        raise EvalDataError(f"{path}: cannot read .npz ({error})") from None
+
+
+def _load_image_folder(folder: Path, channels: int) -> tuple[list[np.ndarray], np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if not classes:
+        raise EvalDataError(f"{folder}: no class sub-folders (expected an ImageFolder layout)")
+    images, labels = [], []
+    mode = "L" if channels == 1 else "RGB"
+    for index, name in enumerate(classes):
+        for file in sorted((folder / name).iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as image:
+                    array = np.asarray(image.convert(mode))
+            except (OSError, UnidentifiedImageError) as error:
+                raise EvalDataError(f"{file}: cannot read image ({error})") from None
+            images.append(array if array.ndim == 3 else array[..., None])
+            labels.append(index)
+    if not images:
+        raise EvalDataError(f"{folder}: no images found in class sub-folders")
+    return images, np.asarray(labels)
+
+
+def _to_float(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(np.array(x))  # copy: idx buffers are read-only
+    if tensor.dtype == torch.uint8:
+        return tensor.float() / 255.0
+    if not tensor.is_floating_point() and tensor.dtype not in (torch.int16, torch.int32):
+        raise EvalDataError(f"unsupported image dtype {tensor.dtype}")
+    return tensor.float()
+
+
+def _adapt(x: torch.Tensor, input_shape: tuple[int, ...], source: str) -> torch.Tensor:
+    """(N, C, H, W) float -> teacher's channels and size."""
+    channels, height, width = input_shape
+    if x.shape[1] != channels:
+        if x.shape[1] == 1:
+            x = x.expand(-1, channels, -1, -1)
+        elif channels == 1 and x.shape[1] == 3:
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            x = (x * weights).sum(1, keepdim=True)
+        else:
+            raise EvalDataError(
+                f"{source}: images have {x.shape[1]} channels, the teacher wants {channels}"
+            )
+    if tuple(x.shape[-2:]) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    return x.contiguous()
+
+
+def _normalise(
+    x: torch.Tensor,
+    mean: float | Sequence[float] | None,
+    std: float | Sequence[float] | None,
+    source: str,
+) -> torch.Tensor:
+    if mean is None and std is None:
+        return x
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    stats = []
+    for name, value, default in (("mean", mean, 0.0), ("std", std, 1.0)):
+        t = torch.as_tensor(default if value is None else value, dtype=torch.float32).flatten()
+        if t.numel() not in (1, x.shape[1]):
+            raise EvalDataError(
+                f"{source}: --{name} has {t.numel()} values, expected 1 or {x.shape[1]}"
+            )
+        stats.append(t.view(view) if t.numel() > 1 else t)
+    if (stats[1] == 0).any():
+        raise EvalDataError(f"{source}: --std must not be zero")
+    return (x - stats[0]) / stats[1]
+
+
+def load_eval_data(
+    path: str | Path,
+    input_shape: tuple[int, ...],
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+) -> EvalData:
+    """Load labelled evaluation data shaped for a teacher with ``input_shape`` (see
+    ``describe_preprocessing``). Any problem raises ``EvalDataError`` naming the path."""
+    path = Path(path)
+    input_shape = tuple(input_shape)
+    if not path.exists():
+        raise EvalDataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if any(f.is_file() and re.search(r"idx[13]", f.name) for f in path.iterdir()):
+            raw_x, raw_y = _load_idx_folder(path)
+        else:
+            channels = input_shape[0] if len(input_shape) == 3 else 1
+            images, raw_y = _load_image_folder(path, channels)
+            shapes = {image.shape for image in images}
+            if len(input_shape) == 3 and len(shapes) > 1:  # resize one by one to a common size
+                tensors = [_to_float(im).permute(2, 0, 1)[None] for im in images]
+                x = torch.cat([_adapt(t, input_shape, str(path)) for t in tensors])
+                return _finish(x, raw_y, input_shape, mean, std, path)
+            raw_x = np.stack(images).transpose(0, 3, 1, 2)
+    elif path.suffix.lower() == ".npz":
+        raw_x, raw_y = _load_npz(path)
+    else:
+        raise EvalDataError(
+            f"{path}: unsupported eval data (use a .npz, a folder of idx files or an ImageFolder)"
+        )
+    try:
+        x = _to_float(raw_x)
+    except EvalDataError as error:
+        raise EvalDataError(f"{path}: {error}") from None
+    return _finish(x, raw_y, input_shape, mean, std, path)
+
+
+def _finish(x, raw_y, input_shape, mean, std, path: Path) -> EvalData:
+    y_arr = np.asarray(raw_y)
+    if y_arr.ndim != 1 or not np.issubdtype(y_arr.dtype, np.integer):
+        raise EvalDataError(f"{path}: labels must be a 1-D integer array, got {y_arr.dtype} "
+                            f"{y_arr.shape}")  # fmt: skip
+    if len(x) == 0:
+        raise EvalDataError(f"{path}: contains no samples")
+    if len(x) != len(y_arr):
+        raise EvalDataError(f"{path}: {len(x)} images but {len(y_arr)} labels")
+    if len(input_shape) == 3:
+        if x.dim() == 3:
+            x = x[:, None]
+        elif x.dim() == 4 and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
+            x = x.permute(0, 3, 1, 2)  # N, H, W, C
+        if x.dim() != 4:
+            raise EvalDataError(
+                f"{path}: images have shape {tuple(x.shape)}; expected (N, H, W) or (N, C, H, W)"
+            )
+        x = _adapt(x, input_shape, str(path))
+    else:
+        x = x.reshape(len(x), -1)
+        if tuple(x.shape[1:]) != input_shape:
+            raise EvalDataError(
+                f"{path}: samples have {x.shape[1]} features, the teacher wants {input_shape[0]}"
+            )
+    x = _normalise(x, mean, std, str(path))
+    return EvalData(x=x.float().contiguous(), y=torch.as_tensor(y_arr.astype(np.int64)),
+                    source=str(path))  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate(
+    module: nn.Module,
+    data: EvalData,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> float:
+    """Top-1 accuracy of ``module`` on ``data`` (module left in the mode it was in)."""
+    if device is None:
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    was_training = module.training
+    module.eval()
+    correct = 0
+    try:
+        for start in range(0, len(data.y), batch_size):
+            x = data.x[start : start + batch_size].to(device)
+            y = data.y[start : start + batch_size].to(device)
+            correct += (module(x).argmax(1) == y).sum().item()
+    finally:
+        module.train(was_training)
+    return correct / len(data.y)
