@@ -640,8 +640,12 @@ def _train(
             if calibrate and iteration - first_iteration >= 2:  # the first one is warm-up
                 threads = torch.get_num_threads()
                 thread_times[threads] = thread_times.get(threads, 0.0) + step_time
-            if iteration - first_iteration >= 2:  # the first iteration is a slow warm-up
-                iter_time = step_time if iter_time == 0 else 0.8 * iter_time + 0.2 * step_time
+            if iteration - first_iteration == 1:  # a slow warm-up: count half of it
+                iter_time = 0.5 * step_time
+            elif iteration - first_iteration == 2:
+                iter_time = step_time
+            else:
+                iter_time = 0.8 * iter_time + 0.2 * step_time
             elapsed = elapsed_before + now - start
             accuracy = None
             due = (eval_every is not None and iteration % eval_every == 0) or (

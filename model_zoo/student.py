@@ -44,7 +44,8 @@ def pick_student(task: str, teacher: Any, *, exclude: Iterable[str] = ()) -> tup
     ``num_outputs`` and ``analysis`` with
     ``macs`` (and ``params``). Candidates are measured with
     ``compress_toolbox.analysis.analyse`` at the teacher's input shape; the one whose MACs
-    are closest in log ratio to ``COST_RATIO`` x the teacher's wins. Models whose MACs
+    are closest in log ratio to ``COST_RATIO`` x the teacher's wins; models not smaller than
+    the teacher are never picked. Models whose MACs
     cannot be measured (e.g. detectors returning dicts) are compared by parameter count
     against ``COST_RATIO`` x the teacher's parameters instead. Models that fail to build,
     run, or give the wrong output shape are skipped.
@@ -98,6 +99,9 @@ def pick_student(task: str, teacher: Any, *, exclude: Iterable[str] = ()) -> tup
             cost, target = count_params(model), teacher_params * COST_RATIO
         else:
             skipped[name] = "neither MACs nor parameters of the teacher are known"
+            continue
+        if cost >= target / COST_RATIO:  # a "student" must be smaller than its teacher
+            skipped[name] = "not smaller than the teacher"
             continue
         distance = abs(math.log(max(cost, 1) / target))
         if best is None or distance < best[0]:

@@ -1,0 +1,393 @@
+"""End-to-end: `dafl-compress` on small digits teachers in every format, output folder checks,
+bad inputs (exit 2, nothing left behind) and Ctrl-C + --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+from cli.main import main
+
+REPO = Path(__file__).resolve().parent.parent
+OUTPUT_FILES = (
+    "student.onnx",
+    "student.pt2",
+    "student_state_dict.pt",
+    "report.json",
+    "report.md",
+    "history.csv",
+    "curves.png",
+    "samples.png",
+)
+FAST = ["--iters", "40", "--batch-size", "32", "--no-progress"]
+
+MODEL_SOURCE = """
+from torch import nn
+
+class DigitsCNN(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(),
+                                        nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class DigitsMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Trained digits teachers (CNN and MLP) saved in every format, plus eval data."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "digits_models.py").write_text(MODEL_SOURCE)
+    sys.path.insert(0, str(root))
+    import digits_models
+
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(digits.target)
+    np.savez(root / "eval.npz", x=x[1200:].numpy(), y=y[1200:].numpy())
+    files = {}
+    for name in ("DigitsCNN", "DigitsMLP"):
+        torch.manual_seed(0)
+        model = getattr(digits_models, name)()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(150):
+            loss = nn.functional.cross_entropy(model(x[:1200]), y[:1200])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        example = x[:2]
+        batch = ({0: torch.export.Dim("batch")},)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=batch)
+            program.save(str(root / f"{name}.onnx"))
+            torch.onnx.export(
+                model,
+                (example,),
+                str(root / f"{name}_legacy.onnx"),
+                dynamo=False,
+                opset_version=13,
+                input_names=["x"],
+                dynamic_axes={"x": {0: "n"}},
+            )
+            torch.jit.save(torch.jit.trace(model, example), root / f"{name}.ts")
+            torch.export.save(
+                torch.export.export(model, (example,), dynamic_shapes=batch), root / f"{name}.pt2"
+            )
+        torch.save({"state_dict": model.state_dict()}, root / f"{name}.pth")
+        files[name] = model
+    hinton = _train_hinton_teacher(x[:1200], y[:1200])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            hinton, (x[:2],), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},)
+        )
+        program.save(str(root / "hinton.onnx"))
+    yield root
+    sys.path.remove(str(root))
+
+
+def _train_hinton_teacher(x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    """The paper's HintonNet (1200-1200) on 8x8 digits: a teacher with smaller zoo models."""
+    from model_zoo import get_model
+
+    torch.manual_seed(0)
+    model = get_model("hinton_mlp", num_classes=10, in_channels=1, input_size=(8, 8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def check_output_folder(out: Path, eval_npz: Path) -> dict:
+    for name in OUTPUT_FILES:
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    data = np.load(eval_npz)
+    for batch in (1, 7):
+        assert session.run(None, {input_name: data["x"][:batch]})[0].shape == (batch, 10)
+    logits = session.run(None, {input_name: data["x"]})[0]
+    independent = float((logits.argmax(1) == data["y"]).mean())
+    assert report["student"]["accuracy"] == pytest.approx(independent, abs=1e-9)
+    assert report["teacher"]["accuracy"] > 0.8
+    for side in ("teacher", "student"):
+        for key in ("params", "macs", "onnx_bytes", "latency_ms"):
+            assert report[side][key] > 0, (side, key)
+    assert report["student"]["params"] < report["teacher"]["params"]
+    assert report["student"]["macs"] < report["teacher"]["macs"]
+    assert 0.0 <= report["agreement"]["value"] <= 1.0
+    assert report["onnx_check"]["max_rel_diff"] <= 1e-4
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+    return report
+
+
+FORMATS = {
+    "onnx-dynamo": ("DigitsCNN.onnx", []),
+    "onnx-legacy": ("DigitsCNN_legacy.onnx", []),
+    "torchscript": ("DigitsCNN.ts", []),
+    "pt2": ("DigitsCNN.pt2", []),
+    "state_dict": (
+        "DigitsCNN.pth",
+        ["--model-class", "digits_models:DigitsCNN", "--input-shape", "1,8,8"],
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_format_end_to_end(workspace, tmp_path, fmt):
+    file, extra = FORMATS[fmt]
+    out = tmp_path / "out"
+    code = run_cli(
+        workspace / file,
+        "--task",
+        "classification",
+        "--eval-data",
+        workspace / "eval.npz",
+        "--out",
+        out,
+        *extra,
+        *FAST,
+    )
+    assert code == 0
+    report = check_output_folder(out, workspace / "eval.npz")
+    assert report["student"]["kind"].startswith("derived")
+    assert report["student"]["widths"] == [4, 8, 16, 10]
+
+
+@pytest.mark.parametrize("student", ["zoo", "zoo:hinton_mlp_half"])
+def test_zoo_student_end_to_end(workspace, tmp_path, student):
+    out = tmp_path / "out"
+    code = run_cli(
+        workspace / "hinton.onnx",
+        "--student",
+        student,
+        "--eval-data",
+        workspace / "eval.npz",
+        "--out",
+        out,
+        *FAST,
+    )
+    assert code == 0
+    report = check_output_folder(out, workspace / "eval.npz")
+    assert report["student"]["kind"] == "zoo:hinton_mlp_half"
+
+
+def test_zoo_student_never_bigger_than_teacher(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(workspace / "DigitsMLP.onnx", "--student", "zoo", "--out", out, *FAST) == 2
+    assert "not smaller than the teacher" in capsys.readouterr().err and not out.exists()
+
+
+def test_mlp_auto_and_noise_method(workspace, tmp_path):
+    out = tmp_path / "out"
+    code = run_cli(
+        workspace / "DigitsMLP.ts",
+        "--method",
+        "noise",
+        "--eval-data",
+        workspace / "eval.npz",
+        "--out",
+        out,
+        *FAST,
+    )
+    assert code == 0
+    report = check_output_folder(out, workspace / "eval.npz")
+    assert report["method"] == "noise"
+    assert report["student"]["widths"] == [32, 10]
+
+
+def test_legacy_opset_and_dry_run(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(workspace / "DigitsCNN.onnx", "--dry-run", "--out", out) == 0
+    assert "student plan" in capsys.readouterr().out and not out.exists()
+    assert run_cli(workspace / "DigitsCNN.onnx", "--opset", "17", "--out", out, *FAST) == 0
+    assert json.loads((out / "report.json").read_text())["onnx_check"]["opset"] == 17
+    assert json.loads((out / "report.json").read_text())["student"]["accuracy"] is None
+
+
+def test_non_empty_out_is_refused_without_force(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run_cli(workspace / "DigitsMLP.onnx", "--out", out, *FAST) == 2
+    assert "--force" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert run_cli(workspace / "DigitsMLP.onnx", "--out", out, "--force", *FAST) == 0
+    assert not (out / "keep.txt").exists() and (out / "student.onnx").exists()
+
+
+def _bad_inputs(root: Path, tmp: Path) -> dict[str, tuple[list, str]]:
+    (tmp / "corrupt.onnx").write_bytes(os.urandom(300))
+    (tmp / "bad.npz").write_bytes(b"not a zip")
+    np.savez(tmp / "wrong.npz", x=np.zeros((5, 3, 30, 30), np.float32), y=np.zeros(4))
+    np.savez(tmp / "seg.npz", x=np.zeros(1))
+    seg = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            seg,
+            (torch.zeros(2, 1, 8, 8),),
+            str(tmp / "seg.onnx"),
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "n"}},
+        )
+    cnn = str(root / "DigitsCNN.onnx")
+    return {
+        "missing teacher": ([tmp / "nope.onnx"], "no such file"),
+        "corrupt teacher": ([tmp / "corrupt.onnx"], "not a valid ONNX"),
+        "wrong model class": (
+            [
+                root / "DigitsCNN.pth",
+                "--model-class",
+                "digits_models:DigitsMLP",
+                "--input-shape",
+                "1,8,8",
+            ],
+            "does not match",
+        ),
+        "unreadable eval data": ([cnn, "--eval-data", tmp / "bad.npz"], "bad.npz"),
+        "missing eval data": ([cnn, "--eval-data", tmp / "none.npz"], "none.npz"),
+        "wrong-shaped eval data": ([cnn, "--eval-data", tmp / "wrong.npz"], "wrong.npz"),
+        "not a classifier": ([tmp / "seg.onnx"], "--task classification needs (N, K)"),
+        "unknown student": ([cnn, "--student", "bogus"], "--student"),
+        "unknown zoo student": ([cnn, "--student", "zoo:bogus"], "unknown zoo model"),
+        "segmentation task": ([cnn, "--task", "segmentation"], "not supported yet"),
+        "detection task": ([cnn, "--task", "detection"], "not supported yet"),
+        "unknown preset": ([cnn, "--preset", "turbo"], "unknown preset"),
+    }
+
+
+def test_bad_inputs_exit_2_and_leave_nothing(workspace, tmp_path, capsys):
+    for label, (args, message) in _bad_inputs(workspace, tmp_path).items():
+        out = tmp_path / f"out-{label.replace(' ', '-')}"
+        code = run_cli(*args, "--out", out, *FAST)
+        err = capsys.readouterr().err
+        assert code == 2, label
+        assert message in err, (label, err)
+        assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err, label
+        assert not out.exists(), label
+        assert not list(tmp_path.glob(f".{out.name}.partial-*")), label
+
+
+def test_inspect_json(workspace, capsys):
+    assert run_cli("inspect", workspace / "DigitsCNN.onnx", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "onnx" and info["input_shape"] == [1, 8, 8]
+    assert info["num_outputs"] == 10 and info["task"] == "classification"
+    assert info["params"] > 0 and info["macs"] > 0 and info["max_abs_diff"] < 1e-4
+    assert [layer["out_width"] for layer in info["layers"]] == [8, 16, 32, 10]
+
+
+def test_inspect_bad_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert run_cli("inspect", tmp_path / "empty.onnx") == 2
+    err = capsys.readouterr().err
+    assert "empty.onnx" in err and "empty" in err and len(err.strip().splitlines()) == 1
+
+
+def test_student_and_zoo_commands(workspace, tmp_path, capsys):
+    assert run_cli("student", workspace / "DigitsCNN.onnx", "--out", tmp_path / "s.pt2") == 0
+    out = capsys.readouterr().out
+    assert "[4, 8, 16, 10]" in out and (tmp_path / "s.pt2").is_file()
+    assert run_cli("zoo", "list", "--task", "segmentation") == 0
+    out = capsys.readouterr().out
+    assert "unet_small" in out and "lenet5" not in out
+
+
+def test_help_explains_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--student",
+        "--time-budget",
+        "--eval-data",
+        "--mean",
+        "--resume",
+        "--force",
+        "--dry-run",
+        "--opset",
+        "--preset",
+        "default: fast",
+    ):
+        assert option in text, option
+
+
+def test_sigint_then_resume_finishes(workspace, tmp_path):
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        str(workspace / "DigitsCNN.onnx"),
+        "--out",
+        str(out),
+        "--time-budget",
+        "12",
+        "--batch-size",
+        "32",
+        "--no-progress",
+    ]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{workspace}"}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.partial-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(4)  # well into training
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "--resume" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+    assert (tmp_path / "out.checkpoint").is_dir()
+    resumed = subprocess.run(
+        command + ["--resume"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "student.onnx").is_file() and not (tmp_path / "out.checkpoint").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["elapsed_s"] <= 12 + 3
