@@ -192,6 +192,7 @@ def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
             candidates[node.target] = node
     if not candidates:
         return 0
+    module.eval()  # recording shapes must not touch BatchNorm running statistics
     example = torch.randn(2, *input_shape)  # batch 2: a batch of 1 is ambiguous with unit dims
     shapes = _record_shapes(module, list(candidates), example)
     replaced = 0

@@ -60,11 +60,6 @@ class DigitsMLP(nn.Module):
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Trained digits teachers (CNN and MLP) saved in every format, plus eval data."""

@@ -72,11 +72,14 @@ def _load(path: Path, trust_pickle: bool) -> Any:
 
 
 def resolve_model_class(spec: str) -> tuple[Any, tuple[int, ...] | None]:
-    """``pkg.mod:Class``, ``path/file.py:Class``, a zoo name or a torchvision model name.
+    """``pkg.mod:Class``, ``path/file.py:Class``, a torchvision or zoo model name.
+
+    A bare name means torchvision's model when torchvision has one, else the zoo's;
+    ``torchvision:NAME`` and ``zoo:NAME`` say which.
 
     Returns the callable building the model and its default input shape when known.
     """
-    if ":" in spec and not spec.startswith("zoo:"):
+    if ":" in spec and not spec.startswith(("zoo:", "torchvision:")):
         location, _, name = spec.rpartition(":")
         if location.endswith(".py"):
             file = Path(location)
@@ -97,21 +100,25 @@ def resolve_model_class(spec: str) -> tuple[Any, tuple[int, ...] | None]:
         if not hasattr(module, name):
             raise ImportFailed(f"--model-class: {location} has no {name}")
         return getattr(module, name), None
-    name = spec.removeprefix("zoo:")
-    import model_zoo
-
-    if name in model_zoo.list_models():
-        entry = model_zoo.get_entry(name)
-        return (lambda **kwargs: model_zoo.get_model(name, **kwargs)), entry.default_input
     import torchvision
 
-    if not spec.startswith("zoo:") and name in torchvision.models.list_models():
+    import model_zoo
+
+    prefix, _, name = (
+        spec.rpartition(":") if spec.startswith(("zoo:", "torchvision:")) else ("", "", spec)
+    )
+    # A bare name is looked up in torchvision first (most checkpoints in the wild are its models;
+    # several zoo names, such as the CIFAR-style resnet18, shadow them), then in our zoo.
+    if prefix in ("", "torchvision") and name in torchvision.models.list_models():
         return (lambda **kwargs: torchvision.models.get_model(name, weights=None, **kwargs)), (
             TORCHVISION_INPUT
         )
+    if prefix in ("", "zoo") and name in model_zoo.list_models():
+        entry = model_zoo.get_entry(name)
+        return (lambda **kwargs: model_zoo.get_model(name, **kwargs)), entry.default_input
     raise ImportFailed(
         f"--model-class {spec!r}: not 'package.module:Class', 'file.py:Class', "
-        "a model_zoo name or a torchvision model name"
+        "a torchvision model name (or torchvision:NAME) or a model_zoo name (or zoo:NAME)"
     )
 
 

@@ -19,6 +19,10 @@ def _parse(path: Path, load_external_data: bool) -> onnx.ModelProto:
         raise ImportFailed(
             f"{path}: external data file missing: {error.filename or error}"
         ) from None
+    except onnx.checker.ValidationError as error:
+        if "external" in str(error) or "should be stored" in str(error):
+            raise ImportFailed(f"{path}: external data file missing: {error}") from None
+        raise ImportFailed(f"{path}: not a valid ONNX model: {error}") from None
     except Exception as error:  # protobuf DecodeError and friends
         raise ImportFailed(
             f"{path}: not a valid ONNX model (truncated or corrupt: {type(error).__name__})"
