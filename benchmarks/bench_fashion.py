@@ -11,7 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import METHODS, SmallResNet, cached_teacher, compare, load_idx_pair, train_classifier
+from common import (
+    METHODS,
+    SmallResNet,
+    cached_teacher,
+    compare,
+    lenet,
+    load_idx_pair,
+    train_classifier,
+)
 
 from compress_toolbox.evaldata import EvalData
 
@@ -37,12 +45,6 @@ def find_fashion() -> Path | None:
                 print(f"could not install dataset-fashion-mnist ({error})")
                 return None
     return None
-
-
-def lenet(name: str):
-    from model_zoo import get_model
-
-    return get_model(name, num_classes=10, in_channels=1, input_size=(32, 32))
 
 
 def main() -> int:

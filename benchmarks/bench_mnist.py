@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import METHODS, REPO, cached_teacher, compare, load_idx_pair, train_classifier
+from common import METHODS, REPO, cached_teacher, compare, lenet, load_idx_pair, train_classifier
 
 from compress_toolbox.distill import PRESETS
 from compress_toolbox.evaldata import EvalData
@@ -20,19 +20,18 @@ from compress_toolbox.evaldata import EvalData
 DATA = REPO.parent / "shared" / "data" / "mnist"
 
 
-def lenet(name: str):
-    from model_zoo import get_model
-
-    return get_model(name, num_classes=10, in_channels=1, input_size=(32, 32))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--budget", type=float, default=180.0, help="seconds per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated labels")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field of the fast preset (tuning), e.g. batch_size=128")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the fast preset (tuning), e.g. batch_size=128",
+    )
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
 

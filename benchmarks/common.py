@@ -60,6 +60,13 @@ def train_classifier(model: nn.Module, x, y, *, epochs: int, batch_size: int = 1
     return model.eval()
 
 
+def lenet(name: str) -> nn.Module:
+    """The zoo's LeNet-5 (or LeNet-5-half) for 1x32x32 digits, 10 classes."""
+    from model_zoo import get_model
+
+    return get_model(name, num_classes=10, in_channels=1, input_size=(32, 32))
+
+
 def cached_teacher(name: str, build, train) -> nn.Module:
     """Load ``name`` from the cache dir, or build + train + save it."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -114,8 +121,11 @@ def compare(teacher_module: nn.Module, input_shape, make_student, eval_data: Eva
             curve = "  ".join(
                 f"{t:>4.0f}s:{_fmt(accuracy_at(result.history, t))}" for t in checkpoints
             )
-            print(f"{label:18s} seed {seed}: final {result.student_accuracy:.4f} "
-                  f"({result.iterations} it, {result.elapsed_s:.1f} s)  {curve}", flush=True)
+            print(
+                f"{label:18s} seed {seed}: final {result.student_accuracy:.4f} "
+                f"({result.iterations} it, {result.elapsed_s:.1f} s)  {curve}",
+                flush=True,
+            )
     print()
     print(f"median over {seeds} seed(s), budget {budget:.0f} s; teacher {teacher_acc:.4f}")
     header = "method".ljust(18) + "".join(f"{f'{t:.0f}s':>9}" for t in checkpoints) + \
