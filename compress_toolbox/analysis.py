@@ -67,15 +67,15 @@ def _widths(layer: nn.Module) -> tuple[int, int]:
     return layer.in_channels, layer.out_channels
 
 
-def _output_tensor(output) -> torch.Tensor:
+def output_tensor(output) -> torch.Tensor:
     """The main output of a model: the tensor itself, or the first tensor of a tuple/dict."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, dict):
         output = list(output.values())
-    if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"model output of type {type(output).__name__} is not a tensor")
+    if isinstance(output, (list, tuple)) and output:
+        return output_tensor(output[0])
+    raise TypeError(f"model output of type {type(output).__name__} holds no tensor")
 
 
 def guess_task(output_shape: tuple[int, ...]) -> str:
@@ -103,7 +103,7 @@ def analyse(module: nn.Module, input_shape: tuple[int, ...]) -> Analysis:
     was_training = module.training
     module.eval()
     try:
-        output = _output_tensor(module(torch.zeros(1, *input_shape, device=device)))
+        output = output_tensor(module(torch.zeros(1, *input_shape, device=device)))
     finally:
         for handle in handles:
             handle.remove()

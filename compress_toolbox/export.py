@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import DaflError, VerificationFailed
+from .importers.base import random_inputs
 
 DEFAULT_OPSET = 20  # what torch 2.14's default (dynamo) exporter writes
 LEGACY_OPSETS = (11, 13, 17)  # the TorchScript-based exporter, on request
@@ -30,10 +31,6 @@ class ExportResult:
     max_rel_diff: float
 
 
-def _example(input_shape: tuple[int, ...], batch: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed + batch))
-
-
 def export_onnx(
     module: nn.Module, input_shape: tuple[int, ...], path: str | Path, *, opset: int | None = None
 ) -> Path:
@@ -43,7 +40,7 @@ def export_onnx(
     """
     path = Path(path)
     module = module.eval().cpu()
-    example = _example(input_shape, 2)  # batch 2: an example batch of 1 makes the batch static
+    example = random_inputs(input_shape, 2)  # batch 2: an example batch of 1 makes the batch static
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -99,7 +96,7 @@ def verify_onnx(module: nn.Module, path: str | Path, input_shape: tuple[int, ...
     max_abs = max_rel = 0.0
     module = module.eval().cpu()
     for batch in VERIFY_BATCHES:
-        x = _example(input_shape, batch, seed=11)
+        x = random_inputs(input_shape, batch, seed=11)
         with torch.no_grad():
             expected = module(x).double().numpy()
         got = np.asarray(session.run(None, {input_name: x.numpy()})[0], dtype=np.float64)
@@ -130,7 +127,9 @@ def export_student(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(
-            student, (_example(input_shape, 2),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+            student,
+            (random_inputs(input_shape, 2),),
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
         torch.export.save(program, out_dir / "student.pt2")
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -141,7 +140,7 @@ def export_student(
 def onnx_latency_ms(path: str | Path, input_shape: tuple[int, ...], repeats: int = 50) -> float:
     """Median onnxruntime CPU latency at batch 1, in milliseconds (after a short warm-up)."""
     session = onnx_session(path)
-    feed = {session.get_inputs()[0].name: _example(input_shape, 1).numpy()}
+    feed = {session.get_inputs()[0].name: random_inputs(input_shape, 1).numpy()}
     for _ in range(5):
         session.run(None, feed)
     times = []

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..analysis import output_tensor
 from ..errors import ImportFailed, VerificationFailed
 
 VERIFY_RTOL = 1e-4  # max |imported - original| / max |original|
@@ -91,16 +92,6 @@ def random_inputs(input_shape: tuple[int, ...], batch: int, seed: int = 0) -> to
     return torch.randn(batch, *input_shape, generator=generator)
 
 
-def first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)) and output:
-        return first_tensor(output[0])
-    raise ImportFailed(f"model output of type {type(output).__name__} holds no tensor")
-
-
 def verify(
     imported: nn.Module,
     original: Callable[[np.ndarray], np.ndarray],
@@ -118,7 +109,7 @@ def verify(
         expected = np.asarray(original(x.numpy()), dtype=np.float64)
         try:
             with torch.no_grad():
-                got = first_tensor(imported(x)).double().numpy()
+                got = output_tensor(imported(x)).double().numpy()
         except Exception as error:  # the converted graph itself is broken
             raise VerificationFailed(
                 f"{source}: imported model fails at batch {batch}: {error}"
@@ -137,7 +128,7 @@ def verify(
         )
     try:
         with torch.no_grad():
-            out = first_tensor(imported(random_inputs(input_shape, DYNAMIC_BATCH_CHECK)))
+            out = output_tensor(imported(random_inputs(input_shape, DYNAMIC_BATCH_CHECK)))
     except Exception as error:
         raise VerificationFailed(
             f"{source}: imported model does not run at batch {DYNAMIC_BATCH_CHECK} "
@@ -153,6 +144,6 @@ def torch_runner(module: Callable) -> Callable[[np.ndarray], np.ndarray]:
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return first_tensor(module(torch.from_numpy(x))).numpy()
+            return output_tensor(module(torch.from_numpy(x))).numpy()
 
     return run

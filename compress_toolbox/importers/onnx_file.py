@@ -71,10 +71,10 @@ def _input_shape(graph_input: onnx.ValueInfoProto, given, path: Path):
 
 
 def _onnxruntime_runner(path: Path, input_name: str, fixed_batch: int | None):
-    import onnxruntime as ort
+    from ..export import onnx_session
 
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnx_session(path)
     except Exception as error:
         raise ImportFailed(f"{path}: onnxruntime cannot load it: {error}") from None
 
