@@ -104,11 +104,14 @@ def plan_student(
     return StudentPlan(kind, module, analysis)
 
 
-def _check_task(task: str, teacher: Teacher) -> None:
+def _check_task(task: str) -> None:
     if task not in KNOWN_TASKS:
         raise DaflError(f"--task {task}: unknown task; choose one of {', '.join(KNOWN_TASKS)}")
     if task not in SUPPORTED_TASKS:
         raise DaflError(f"--task {task} is not supported yet; only classification is")
+
+
+def _check_teacher_fits_task(teacher: Teacher) -> None:
     if teacher.analysis.task != "classification":
         raise DaflError(
             f"{teacher.source}: teacher output has shape (N, "
@@ -175,8 +178,7 @@ def compress(
     from .report import plot_curves, plot_samples, write_report
 
     out_dir = Path(out) if out is not None else default_out_dir(teacher_path)
-    if task not in SUPPORTED_TASKS:  # before any work: nothing to load for an unsupported task
-        _check_task(task, None)  # type: ignore[arg-type]
+    _check_task(task)  # before any work: an unsupported task needs no teacher loaded
     if not dry_run:
         _prepare_out_dir(out_dir, force)
     teacher = load_teacher(
@@ -186,7 +188,7 @@ def compress(
         input_shape=input_shape,
         trust_pickle=trust_pickle,
     )
-    _check_task(task, teacher)
+    _check_teacher_fits_task(teacher)
     data = load_eval_data(eval_data, teacher.input_shape, mean, std) if eval_data else None
     plan = plan_student(teacher, student, task=task, width=width, init=init)
     if dry_run:
