@@ -260,21 +260,15 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_student(args: argparse.Namespace) -> int:
-    import torch
-
     from compress_toolbox import load_teacher
-    from compress_toolbox.analysis import analyse
-    from compress_toolbox.student import make_student
+    from compress_toolbox.export import export_pt2
+    from compress_toolbox.pipeline import plan_student
 
     teacher = load_teacher(args.teacher, **_teacher_kwargs(args))
-    example = torch.randn(2, *teacher.input_shape)
-    student = make_student(teacher.module, width=args.width, init=args.init, example_input=example)
-    _print_comparison(teacher.analysis, analyse(student, teacher.input_shape))
+    plan = plan_student(teacher, "auto", width=args.width, init=args.init)
+    _print_comparison(teacher.analysis, plan.analysis)
     if args.out:
-        program = torch.export.export(
-            student, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)
-        )
-        torch.export.save(program, args.out)
+        export_pt2(plan.module, teacher.input_shape, args.out)
         print(f"student saved to {args.out}")
     return 0
 
@@ -307,7 +301,6 @@ def run_zoo(args: argparse.Namespace) -> int:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from compress_toolbox.analysis import analyse
     from compress_toolbox.pipeline import compress
 
     options = {
@@ -341,9 +334,7 @@ def run_compress(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         print(f"student plan: {result.plan.kind}")
-        _print_comparison(
-            result.teacher.analysis, analyse(result.plan.module, result.teacher.input_shape)
-        )
+        _print_comparison(result.teacher.analysis, result.plan.analysis)
         return 0
     print((result.out_dir / "report.md").read_text())
     print(f"output written to {result.out_dir}/")

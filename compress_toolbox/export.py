@@ -115,6 +115,19 @@ def verify_onnx(module: nn.Module, path: str | Path, input_shape: tuple[int, ...
     return max_abs, max_rel
 
 
+def export_pt2(module: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> Path:
+    """Save ``module`` as a torch.export archive with a dynamic batch dimension."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(
+            module.eval().cpu(),
+            (random_inputs(input_shape, 2),),  # batch 2: a batch of 1 would be specialised
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
+        torch.export.save(program, path)
+    return Path(path)
+
+
 def export_student(
     student: nn.Module, input_shape: tuple[int, ...], out_dir: str | Path, *, opset=None
 ) -> ExportResult:
@@ -124,14 +137,7 @@ def export_student(
     onnx_path = export_onnx(student, input_shape, out_dir / "student.onnx", opset=opset)
     max_abs, max_rel = verify_onnx(student, onnx_path, input_shape)
     torch.save(student.state_dict(), out_dir / "student_state_dict.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.export.export(
-            student,
-            (random_inputs(input_shape, 2),),
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-        )
-        torch.export.save(program, out_dir / "student.pt2")
+    export_pt2(student, input_shape, out_dir / "student.pt2")
     model = onnx.load(str(onnx_path), load_external_data=False)
     opset_used = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     return ExportResult(onnx_path, opset_used, onnx_path.stat().st_size, max_abs, max_rel)

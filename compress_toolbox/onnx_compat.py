@@ -173,22 +173,24 @@ def _register_newer_versions() -> None:
 _register_newer_versions()
 
 
+# Constant's literal attributes and the tensor type each one holds.
+_LITERAL_TYPES = {
+    "value_float": onnx.TensorProto.FLOAT,
+    "value_floats": onnx.TensorProto.FLOAT,
+    "value_int": onnx.TensorProto.INT64,
+    "value_ints": onnx.TensorProto.INT64,
+}
+
+
 def _const_to_initializer(node: onnx.NodeProto) -> onnx.TensorProto | None:
     for attr in node.attribute:
         if attr.name == "value":
             tensor = onnx.TensorProto()
             tensor.CopyFrom(attr.t)
-        elif attr.name in ("value_float", "value_int"):
-            value = attr.f if attr.name == "value_float" else attr.i
-            tensor = numpy_helper.from_array(
-                numpy_helper.to_array(onnx.helper.make_tensor("", 1 if attr.f else 7, [], [value]))
-            )
-        elif attr.name in ("value_floats", "value_ints"):
-            values = list(attr.floats) if attr.name == "value_floats" else list(attr.ints)
-            dtype = (
-                onnx.TensorProto.FLOAT if attr.name == "value_floats" else onnx.TensorProto.INT64
-            )
-            tensor = onnx.helper.make_tensor("", dtype, [len(values)], values)
+        elif attr.name in _LITERAL_TYPES:
+            value = onnx.helper.get_attribute_value(attr)
+            values, dims = (value, [len(value)]) if isinstance(value, list) else ([value], [])
+            tensor = onnx.helper.make_tensor("", _LITERAL_TYPES[attr.name], dims, values)
         else:
             return None
         tensor.name = node.output[0]
