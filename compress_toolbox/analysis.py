@@ -88,25 +88,37 @@ def guess_task(output_shape: tuple[int, ...]) -> str:
 
 
 @torch.no_grad()
+def run_with_hooks(module: nn.Module, example: torch.Tensor, hooks: list, *, pre: bool = False):
+    """``module(example)`` once, without gradients, with ``hooks`` ((layer, function) pairs)
+    attached as forward hooks (forward pre-hooks with ``pre``) for that call only."""
+    handles = [layer.register_forward_pre_hook(fn) if pre else layer.register_forward_hook(fn)
+               for layer, fn in hooks]  # fmt: skip
+    try:
+        return module(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
 def analyse(module: nn.Module, input_shape: tuple[int, ...]) -> Analysis:
     """Run one forward pass at batch 1 and collect params, MACs, layer widths and output size."""
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     records: list[tuple[str, nn.Module, int]] = []
-    handles = []
+    hooks = []
     for name, layer in module.named_modules():
         if isinstance(layer, _WIDTH_LAYERS):
 
             def hook(mod, inputs, output, name=name):
                 records.append((name, mod, _layer_macs(mod, inputs, output)))
 
-            handles.append(layer.register_forward_hook(hook))
+            hooks.append((layer, hook))
     was_training = module.training
     module.eval()
     try:
-        output = output_tensor(module(torch.zeros(1, *input_shape, device=device)))
+        example = torch.zeros(1, *input_shape, device=device)
+        output = output_tensor(run_with_hooks(module, example, hooks))
     finally:
-        for handle in handles:
-            handle.remove()
         module.train(was_training)
 
     layers: list[LayerInfo] = []

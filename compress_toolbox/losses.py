@@ -27,13 +27,17 @@ def information_entropy_loss(teacher_logits: torch.Tensor, base: float = math.e)
     return (mean_prob * torch.log(mean_prob.clamp_min(1e-12))).sum() / math.log(base)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(teacher) || softmax(student)) summed over classes, mean over the batch (T=1).
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(softmax(teacher/T) || softmax(student/T)) summed over classes, mean over the batch,
+    times T**2 (Hinton et al.'s scaling, so gradients keep their size as T changes).
 
-    Same as the authors' ``kdloss``: ``kl_div(log_softmax(s), softmax(t), sum) / N``.
+    At T=1 this is the authors' ``kdloss``: ``kl_div(log_softmax(s), softmax(t), sum) / N``.
     """
+    t = temperature
     return F.kl_div(
-        F.log_softmax(student_logits.float(), dim=1),
-        F.softmax(teacher_logits.float(), dim=1),
+        F.log_softmax(student_logits.float() / t, dim=1),
+        F.softmax(teacher_logits.float() / t, dim=1),
         reduction="batchmean",
-    )
+    ) * (t * t)

@@ -7,17 +7,24 @@ for the teacher at its export batch size, and wrong as soon as the batch or a ch
 output shapes once, then replace it with a module that recomputes the sizes from its actual input:
 dimensions are matched between input and output by their products, so merged dimensions are
 re-multiplied and a split dimension keeps its constant factors (the group count of a shuffle).
+Reshapes whose target the legacy exporter computes from runtime sizes are treated alike, and
+sibling slices that cut the channels into equal parts (its form of ``chunk``) become one split.
 """
 
 from __future__ import annotations
 
 import math
+import operator
+from collections import defaultdict
 
 import torch
 from onnx2torch.node_converters.reshape import OnnxReshape
+from onnx2torch.node_converters.slice import OnnxSlice
 from onnx2torch.node_converters.split import OnnxSplit13
 from onnx2torch.node_converters.transpose import OnnxTranspose
 from torch import fx, nn
+
+from .analysis import run_with_hooks
 
 Groups = list[tuple[list[int], list[int]]]
 
@@ -158,9 +165,70 @@ def fuse_channel_shuffles(module: fx.GraphModule) -> int:
     return fused
 
 
+def _channel_range(args: tuple) -> tuple[int, int, int] | None:
+    """(channels, start, stop) of an ``OnnxSlice`` call cutting only axis 1 with step 1."""
+    x, starts, ends, *rest = args
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(starts) != 1:
+        return None
+    axes = rest[0] if rest and rest[0] is not None else torch.arange(len(starts))
+    steps = rest[1] if len(rest) > 1 and rest[1] is not None else torch.ones(len(starts))
+    if int(axes[0]) % x.dim() != 1 or int(steps[0]) != 1:
+        return None
+    channels = x.shape[1]
+    start, stop, _ = slice(int(starts[0]), int(ends[0])).indices(channels)
+    return channels, start, stop
+
+
+def fuse_channel_slices(module: fx.GraphModule, example: torch.Tensor) -> int:
+    """Replace sibling slices that cut a tensor's channels into equal consecutive parts by one
+    ``EqualSplit``: the legacy exporter writes ``x.chunk(2, dim=1)`` as two Slice ops whose
+    bounds are computed from the runtime shape, which torch-pruning cannot follow."""
+    targets = [node.target for node in module.graph.nodes if node.op == "call_module"
+               and isinstance(module.get_submodule(node.target), OnnxSlice)]  # fmt: skip
+    ranges: dict[str, tuple[int, int, int] | None] = {}
+    hooks = []
+    for target in targets:
+
+        def hook(_module, args, _output, target=target):
+            ranges[target] = _channel_range(args)
+
+        hooks.append((module.get_submodule(target), hook))
+    run_with_hooks(module, example, hooks)
+    siblings: dict[fx.Node, list[tuple[int, fx.Node]]] = defaultdict(list)
+    for node in module.graph.nodes:
+        if node.op == "call_module" and ranges.get(node.target) is not None:
+            channels, start, stop = ranges[node.target]
+            siblings[node.args[0]].append((start, node))
+    fused = 0
+    for source, parts in siblings.items():
+        parts.sort(key=lambda part: part[0])
+        channels = ranges[parts[0][1].target][0]
+        size = channels // len(parts)
+        bounds = [ranges[node.target][1:] for _, node in parts]
+        if len(parts) < 2 or bounds != [(i * size, (i + 1) * size) for i in range(len(parts))]:
+            continue
+        if size * len(parts) != channels:
+            continue
+        name = f"{parts[0][1].target}_split"
+        module.add_submodule(name, EqualSplit(1, len(parts)))
+        with module.graph.inserting_after(source):
+            split = module.graph.call_module(name, (source,))
+        for index, (_, node) in enumerate(parts):
+            with module.graph.inserting_after(split):
+                item = module.graph.call_function(operator.getitem, (split, index))
+            node.replace_all_uses_with(item)
+            module.graph.erase_node(node)
+        fused += 1
+    module.graph.eliminate_dead_code()
+    module.graph.lint()
+    module.recompile()
+    module.delete_all_unused_submodules()
+    return fused
+
+
 def _record_shapes(module: nn.Module, targets: list[str], example: torch.Tensor) -> dict:
     shapes: dict[str, tuple] = {}
-    handles = []
+    hooks = []
     for target in targets:
 
         def hook(mod, args, output, target=target):
@@ -168,13 +236,8 @@ def _record_shapes(module: nn.Module, targets: list[str], example: torch.Tensor)
             shapes[target] = (tuple(args[0].shape), tuple(first.shape), len(output)
                               if isinstance(output, (tuple, list)) else 1)  # fmt: skip
 
-        handles.append(module.get_submodule(target).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            module(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+        hooks.append((module.get_submodule(target), hook))
+    run_with_hooks(module, example, hooks)
     return shapes
 
 
@@ -188,12 +251,16 @@ def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
         constant_arg = len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr"
         if isinstance(layer, OnnxSplit13) and len(node.args) == 1:
             constant_arg = True  # equal parts: rewritten for torch-pruning's sake
-        if isinstance(layer, (OnnxReshape, OnnxSplit13)) and constant_arg:
+        if isinstance(layer, OnnxSplit13) and constant_arg:
             candidates[node.target] = node
-    if not candidates:
-        return 0
+        # Reshapes whose target is computed from runtime sizes (the legacy exporter's
+        # ``x.view(n, g, c // g, h, w)``) too: the dimension matching recomputes them alike.
+        if isinstance(layer, OnnxReshape) and len(node.args) > 1:
+            candidates[node.target] = node
     module.eval()  # recording shapes must not touch BatchNorm running statistics
     example = torch.randn(2, *input_shape)  # batch 2: a batch of 1 is ambiguous with unit dims
+    if not candidates:
+        return fuse_channel_slices(module, example)
     shapes = _record_shapes(module, list(candidates), example)
     replaced = 0
     for target, node in candidates.items():
@@ -216,4 +283,4 @@ def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
     module.graph.eliminate_dead_code()
     module.recompile()
     fuse_channel_shuffles(module)
-    return replaced
+    return replaced + fuse_channel_slices(module, example)

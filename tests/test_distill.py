@@ -114,6 +114,11 @@ def test_losses():
     assert activation_loss(torch.tensor([[-2.0, 2.0]])).item() == -2.0
     assert kd_loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
     assert kd_loss(logits, logits.flip(1)).item() > 1.0
+    # temperature T compares softmax(logits / T) and scales by T**2 (Hinton et al.)
+    student = torch.tensor([[1.0, 3.0], [2.0, -1.0]])
+    assert kd_loss(student, logits, temperature=4.0).item() == pytest.approx(
+        16 * kd_loss(student / 4, logits / 4).item()
+    )
 
 
 def test_lr_schedules():

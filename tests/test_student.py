@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -16,9 +17,14 @@ from models import (
     export_dynamo,
     exported,
 )
-from torch import nn
+from torch import fx, nn
 
 from compress_toolbox import DaflError, load_teacher
+from compress_toolbox.analysis import analyse
+from compress_toolbox.export import export_onnx, verify_onnx
+from compress_toolbox.importers.torch_to_onnx import module_via_onnx
+from compress_toolbox.shape_agnostic import ChannelShuffle, EqualSplit
+from compress_toolbox.shuffle_pruning import ChannelPermutation
 from compress_toolbox.student import StudentError, layer_widths, make_student
 
 
@@ -48,6 +54,9 @@ def _cases():
         ("resnet18", "onnx"),
         ("lenet5", "ts"),
         ("lenet5", "pt2"),
+        ("shufflenet_v2_x0_5", "python"),
+        ("shufflenet_v2_x0_5", "onnx"),
+        ("shufflenet_v2_x0_5", "ts"),
     ]
     slow = [
         ("densenet121", "python"),
@@ -56,6 +65,7 @@ def _cases():
         ("mobilenet_v3_small", "ts"),
         ("resnet18", "ts"),
         ("resnet18", "pt2"),
+        ("shufflenet_v2_x0_5", "pt2"),
     ]
     for name, source in default:
         yield pytest.param(name, source, id=f"{name}-{source}")
@@ -176,8 +186,147 @@ def test_hard_coded_view_falls_back_to_onnx():
         assert model(example(LENET_INPUT, batch=5)).shape == (5, 10)
 
 
-def test_shufflenet_is_a_known_limitation():
-    """torch-pruning cannot prune ShuffleNetV2's channel split consistently."""
+@pytest.fixture(scope="module")
+def shufflenet_graph() -> tuple[nn.Module, fx.GraphModule, tuple[int, ...]]:
+    """torchvision's ShuffleNetV2 and its ONNX-imported graph (ChannelShuffle, EqualSplit)."""
     model, shape = build("shufflenet_v2_x0_5")
-    with pytest.raises(StudentError, match="--student zoo"):
-        make_student(model, width=0.5, example_input=example(shape))
+    graph = module_via_onnx(model, shape, "shufflenet", dynamo=True)
+    kinds = {type(layer) for layer in graph.modules()}
+    assert {ChannelShuffle, EqualSplit} <= kinds
+    return model, graph, shape
+
+
+def test_legacy_export_shuffle_and_chunk_become_shape_agnostic(tmp_path):
+    """TorchScript imports go through the legacy exporter, which computes the shuffle's reshape
+    and the chunk's slice bounds from runtime shapes; they must still become a ChannelShuffle
+    and an EqualSplit, or torch-pruning cannot halve the network."""
+    teacher, _ = _teacher("shufflenet_v2_x0_5", "ts", tmp_path)
+    kinds = [type(layer) for layer in teacher.modules()]
+    assert kinds.count(ChannelShuffle) == 16 and kinds.count(EqualSplit) == 13
+
+
+def _conv_widths(module: nn.Module, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    return [(layer.in_width, layer.out_width) for layer in analyse(module, shape).layers]
+
+
+@pytest.mark.parametrize(
+    "source, init",
+    [
+        ("graph", "fresh"),
+        ("graph", "teacher"),
+        ("python", "teacher"),  # python/fresh: test_half_width_student
+        pytest.param("python", "fresh", marks=pytest.mark.slow),
+    ],
+)
+def test_shufflenet_half_width(shufflenet_graph, tmp_path, source, init):
+    """Every conv halved (input channels and classes kept), balanced splits, ONNX export."""
+    model, graph, shape = shufflenet_graph
+    teacher = model if source == "python" else graph
+    student = make_student(teacher, width=0.5, init=init, example_input=example(shape))
+    teacher_widths = _conv_widths(teacher, shape)
+    expected = [(round(0.5 * i), round(0.5 * o)) for i, o in teacher_widths]
+    expected[0] = (3, expected[0][1])
+    expected[-1] = (expected[-1][0], 10)
+    assert _conv_widths(student, shape) == expected
+    for layer in student.modules():  # the channel shuffles became pruned permutations
+        assert not isinstance(layer, ChannelShuffle)
+    assert any(isinstance(layer, ChannelPermutation) for layer in student.modules())
+    ratio = _params(student) / _params(teacher)
+    assert 0.15 <= ratio <= 0.40, ratio
+    for batch in (1, 5):
+        with torch.no_grad():
+            assert student(example(shape, batch=batch)).shape == (batch, 10)
+    path = export_onnx(student, shape, tmp_path / "student.onnx")
+    max_abs, _ = verify_onnx(student, path, shape)
+    assert max_abs < 1e-3
+
+
+def _mask_removed_channels(teacher: nn.Module, student: nn.Module) -> nn.Module:
+    """A copy of ``teacher`` whose channels the student dropped output exactly zero.
+
+    The student's convs keep the teacher's names; a kept filter is found by its (randomly
+    initialised or BatchNorm-folded, hence distinct) bias.
+    """
+    masked = copy.deepcopy(teacher)
+    for name, conv in masked.named_modules():
+        if not isinstance(conv, nn.Conv2d) or conv.out_channels == 10:
+            continue
+        kept_bias = student.get_submodule(name).bias.tolist()
+        kept = [conv.bias.tolist().index(value) for value in kept_bias]
+        removed = sorted(set(range(conv.out_channels)) - set(kept))
+        with torch.no_grad():
+            conv.weight[removed] = 0.0
+            conv.bias[removed] = 0.0
+    return masked
+
+
+def test_shufflenet_teacher_init_is_the_teachers_subnetwork(shufflenet_graph):
+    """With the teacher's weights, the student computes the teacher minus the dropped channels.
+
+    So every kept channel still reaches the layers it reached in the teacher: the channel shuffle
+    was pruned as the teacher's permutation, not re-applied to the remaining channels.
+    """
+    _, graph, shape = shufflenet_graph
+    student = make_student(graph, width=0.5, init="teacher", example_input=example(shape))
+    masked = _mask_removed_channels(graph, student)
+    x = example(shape, batch=5, seed=3)
+    with torch.no_grad():
+        got, expected, full = student(x), masked(x), graph(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, full, atol=1e-3)  # channels were really dropped
+
+
+def test_shufflenet_fresh_init_differs_from_teacher(shufflenet_graph):
+    _, graph, shape = shufflenet_graph
+    student = make_student(graph, width=0.5, init="fresh", example_input=example(shape))
+    for name, conv in student.named_modules():
+        if isinstance(conv, nn.Conv2d):
+            teacher_bias = graph.get_submodule(name).bias.tolist()
+            assert not set(conv.bias.tolist()) <= set(teacher_bias), name
+
+
+def test_channel_permutation_drops_inputs_in_place():
+    """Pruning a permutation keeps the remaining channels' relative routing."""
+    shuffle = ChannelPermutation.shuffle(8, 2)
+    x = torch.arange(8.0).reshape(1, 8, 1, 1)
+    assert torch.equal(shuffle(x), ChannelShuffle(2)(x))
+    shuffle.remove_inputs([1, 4, 6])
+    kept = torch.tensor([0.0, 2, 3, 5, 7]).reshape(1, 5, 1, 1)
+    assert shuffle(kept).flatten().tolist() == [0.0, 5, 2, 3, 7]  # teacher: 0 4 1 5 2 6 3 7
+
+
+class _TinyShuffleNet(nn.Module):
+    """Two ShuffleNetV2-style units written with the shape-agnostic modules (no ONNX)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8))
+            for _ in range(3)
+        )
+        self.splits = nn.ModuleList(EqualSplit(1, 2) for _ in range(3))
+        self.shuffles = nn.ModuleList(ChannelShuffle(2) for _ in range(3))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for split, branch, shuffle in zip(self.splits, self.branches, self.shuffles):
+            x1, x2 = split(x)
+            x = shuffle(torch.cat([x1, torch.relu(branch(x2))], dim=1))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_balanced_pruning_of_a_plain_module():
+    """Not tied to ONNX graphs or torchvision: any module with these layers is pruned balanced."""
+    torch.manual_seed(0)
+    model = _TinyShuffleNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    student = make_student(model, width=0.5, init="teacher", example_input=x)
+    assert student.stem.out_channels == 8
+    assert [branch[0].in_channels for branch in student.branches] == [4, 4, 4]
+    assert [branch[2].out_channels for branch in student.branches] == [4, 4, 4]
+    assert student.head.weight.shape == (10, 8)
+    x5 = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x5), _mask_removed_channels(model, student)(x5))
