@@ -293,6 +293,8 @@ def distill(
         if preset not in PRESETS:
             raise DaflError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         preset = PRESETS[preset]
+    if preset.kd_temperature <= 0:
+        raise DaflError(f"KD temperature must be positive, got {preset.kd_temperature}")
     if batch_size is not None:
         if batch_size < 2:
             raise DaflError(f"batch size must be at least 2 (BatchNorm), got {batch_size}")
@@ -435,11 +437,12 @@ def _train(
             state = torch.load(checkpoint_path, map_location=dev, weights_only=False)
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is a user problem
             raise DaflError(f"cannot resume: {checkpoint_path} is unreadable ({error})") from None
-        if state.get("method") != method:
-            raise DaflError(
-                f"cannot resume: checkpoint {checkpoint_path} is for method "
-                f"{state.get('method')}, not {method}"
-            )
+        for key, value in (("method", method), ("preset", preset.name)):
+            if state.get(key) != value:
+                raise DaflError(
+                    f"cannot resume: checkpoint {checkpoint_path} is for {key} "
+                    f"{state.get(key)}, not {value}"
+                )
         student.load_state_dict(state["student"])
         opt_s.load_state_dict(state["opt_s"])
         if generator is not None:
@@ -618,6 +621,9 @@ def _train(
                 if micro <= 1:
                     raise DaflError("out of GPU memory even at micro-batch 1") from None
                 micro = max(1, micro // 2)
+                for index in range(len(pool)):  # the pooled batches in smaller chunks too
+                    xs, ts = pool[index]
+                    pool[index] = ([*torch.cat(xs).split(micro)], [*torch.cat(ts).split(micro)])
                 torch.cuda.empty_cache()
                 if not warned_oom:
                     warnings.warn(

@@ -82,9 +82,13 @@ class FlexibleReshape(nn.Module):
                          for _, out_dims in groups if len(out_dims) > 1}  # fmt: skip
 
     def forward(self, x: torch.Tensor, shape: torch.Tensor | None = None) -> torch.Tensor:
+        return x.reshape(self.target_shape(x.shape))
+
+    def target_shape(self, in_shape: tuple[int, ...]) -> list[int]:
+        """The output shape for an input of ``in_shape``."""
         target: list = [0] * len(self.out_shape)
         for in_dims, out_dims in self.groups:
-            size = math.prod(x.shape[d] for d in in_dims) if in_dims else 1
+            size = math.prod(in_shape[d] for d in in_dims) if in_dims else 1
             if len(out_dims) == 1:
                 target[out_dims[0]] = size
             elif out_dims:
@@ -92,7 +96,7 @@ class FlexibleReshape(nn.Module):
                 fixed = math.prod(self.out_shape[d] for d in out_dims if d != free)
                 for d in out_dims:
                     target[d] = size // fixed if d == free else self.out_shape[d]
-        return x.reshape(target)
+        return target
 
 
 class EqualSplit(nn.Module):
@@ -179,26 +183,36 @@ def _channel_range(args: tuple) -> tuple[int, int, int] | None:
     return channels, start, stop
 
 
-def fuse_channel_slices(module: fx.GraphModule, example: torch.Tensor) -> int:
+def fuse_channel_slices(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
     """Replace sibling slices that cut a tensor's channels into equal consecutive parts by one
     ``EqualSplit``: the legacy exporter writes ``x.chunk(2, dim=1)`` as two Slice ops whose
-    bounds are computed from the runtime shape, which torch-pruning cannot follow."""
+    bounds are computed from the runtime shape, which torch-pruning cannot follow.
+
+    Slices are observed at batch 2 and 3 and must cut the same ranges at both, so a dimension 1
+    that is really the batch (sequence-first tensors) is left alone.
+    """
     targets = [node.target for node in module.graph.nodes if node.op == "call_module"
                and isinstance(module.get_submodule(node.target), OnnxSlice)]  # fmt: skip
-    ranges: dict[str, tuple[int, int, int] | None] = {}
-    hooks = []
-    for target in targets:
+    if not targets:
+        return 0
+    module.eval()  # observing must not touch BatchNorm running statistics
+    observed: list[dict[str, tuple[int, int, int] | None]] = []
+    for batch in (2, 3):
+        ranges: dict[str, tuple[int, int, int] | None] = {}
+        hooks = []
+        for target in targets:
 
-        def hook(_module, args, _output, target=target):
-            ranges[target] = _channel_range(args)
+            def hook(_module, args, _output, target=target, ranges=ranges):
+                ranges[target] = _channel_range(args)
 
-        hooks.append((module.get_submodule(target), hook))
-    run_with_hooks(module, example, hooks)
+            hooks.append((module.get_submodule(target), hook))
+        run_with_hooks(module, torch.randn(batch, *input_shape), hooks)
+        observed.append(ranges)
+    ranges = {t: r for t, r in observed[0].items() if r is not None and observed[1].get(t) == r}
     siblings: dict[fx.Node, list[tuple[int, fx.Node]]] = defaultdict(list)
     for node in module.graph.nodes:
-        if node.op == "call_module" and ranges.get(node.target) is not None:
-            channels, start, stop = ranges[node.target]
-            siblings[node.args[0]].append((start, node))
+        if node.op == "call_module" and node.target in ranges:
+            siblings[node.args[0]].append((ranges[node.target][1], node))
     fused = 0
     for source, parts in siblings.items():
         parts.sort(key=lambda part: part[0])
@@ -242,8 +256,10 @@ def _record_shapes(module: nn.Module, targets: list[str], example: torch.Tensor)
 
 
 def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
-    """Replace constant-size Reshape/Split modules in ``module`` in place; returns how many."""
+    """Replace fixed-size Reshape/Split modules in ``module`` in place (and fuse shuffles and
+    equal channel slices); returns how many were replaced or fused."""
     candidates = {}
+    computed = set()  # reshapes whose target the graph computes from runtime sizes
     for node in module.graph.nodes:
         if node.op != "call_module":
             continue
@@ -251,17 +267,21 @@ def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
         constant_arg = len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr"
         if isinstance(layer, OnnxSplit13) and len(node.args) == 1:
             constant_arg = True  # equal parts: rewritten for torch-pruning's sake
-        if isinstance(layer, OnnxSplit13) and constant_arg:
+        if isinstance(layer, (OnnxReshape, OnnxSplit13)) and constant_arg:
             candidates[node.target] = node
-        # Reshapes whose target is computed from runtime sizes (the legacy exporter's
-        # ``x.view(n, g, c // g, h, w)``) too: the dimension matching recomputes them alike.
-        if isinstance(layer, OnnxReshape) and len(node.args) > 1:
+        elif isinstance(layer, OnnxReshape) and len(node.args) > 1:
+            # The legacy exporter's ``x.view(n, g, c // g, h, w)``: replaced only where the
+            # dimension matching reproduces it at two batch sizes (not, e.g., a reshape that
+            # folds the batch into the heads of an attention layer).
             candidates[node.target] = node
+            computed.add(node.target)
     module.eval()  # recording shapes must not touch BatchNorm running statistics
     example = torch.randn(2, *input_shape)  # batch 2: a batch of 1 is ambiguous with unit dims
     if not candidates:
-        return fuse_channel_slices(module, example)
+        return fuse_channel_slices(module, input_shape)
     shapes = _record_shapes(module, list(candidates), example)
+    if computed:
+        shapes_at_3 = _record_shapes(module, sorted(computed), torch.randn(3, *input_shape))
     replaced = 0
     for target, node in candidates.items():
         if target not in shapes:
@@ -272,6 +292,10 @@ def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
             if groups is None:
                 continue
             new_layer: nn.Module = FlexibleReshape(in_shape, out_shape, groups)
+            if target in computed:
+                in_3, out_3, _ = shapes_at_3.get(target, (None, None, None))
+                if in_3 is None or tuple(new_layer.target_shape(in_3)) != out_3:
+                    continue
         else:
             axis = module.get_submodule(target).axis % len(in_shape)
             if in_shape[axis] != out_shape[axis] * n_outputs:
@@ -283,4 +307,4 @@ def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
     module.graph.eliminate_dead_code()
     module.recompile()
     fuse_channel_shuffles(module)
-    return replaced + fuse_channel_slices(module, example)
+    return replaced + fuse_channel_slices(module, input_shape)

@@ -34,7 +34,7 @@ from torch_pruning.dependency.node import Node
 
 from .analysis import run_with_hooks
 from .errors import DaflError
-from .shape_agnostic import ChannelShuffle, EqualSplit
+from .shape_agnostic import ChannelShuffle
 
 # (split node, part index): one part of a channel split
 Part = tuple[Node, int]
@@ -113,8 +113,8 @@ class _PermutationIndexMapping:
 
 
 def needs_balanced_pruning(module: nn.Module) -> bool:
-    """Whether ``module`` has a channel shuffle or equal split that MagnitudePruner gets wrong."""
-    kinds = (ChannelShuffle, EqualSplit, ChannelPermutation)
+    """Whether ``module`` has a channel shuffle, which MagnitudePruner gets wrong."""
+    kinds = (ChannelShuffle, ChannelPermutation)
     return any(isinstance(layer, kinds) for layer in module.modules())
 
 

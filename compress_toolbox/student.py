@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from .analysis import analyse
 from .errors import DaflError
-from .shuffle_pruning import needs_balanced_pruning, prune_balanced
+from .shuffle_pruning import BalancedPruningError, needs_balanced_pruning, prune_balanced
 
 INITS = ("fresh", "teacher")
 
@@ -44,11 +44,13 @@ def _reinitialise(module: nn.Module) -> None:
 
 def _prune(module: nn.Module, width: float, example_input: torch.Tensor, round_to) -> nn.Module:
     ignored = _output_layers(module, example_input)
-    if needs_balanced_pruning(module):
-        # Channel shuffles and equal splits: MagnitudePruner would leave the splits unbalanced.
-        if round_to is not None:
-            raise StudentError("round_to is not supported for graphs with channel shuffles/splits")
-        return prune_balanced(module, width, example_input, ignored)
+    if needs_balanced_pruning(module) and round_to is None:
+        # Channel shuffles: MagnitudePruner would leave the following splits unbalanced.
+        trial = copy.deepcopy(module)  # pruned in place: a failure must not leave module half done
+        try:
+            return prune_balanced(trial, width, example_input, _output_layers(trial, example_input))
+        except BalancedPruningError:
+            pass  # a pattern it does not handle: MagnitudePruner may still give a valid student
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MagnitudePruner(

@@ -177,6 +177,13 @@ def test_interrupt_saves_checkpoint_and_resume_finishes(digits, tmp_path):
     assert [r["iteration"] for r in result.history] == list(range(1, 16))
 
 
+def test_resume_with_another_preset_fails(digits, tmp_path):
+    run(digits[0], iters=2, checkpoint_dir=tmp_path)
+    with pytest.raises(DaflError, match="for preset fast, not other"):
+        run(digits[0], iters=4, checkpoint_dir=tmp_path, resume=True,
+            preset=replace(TINY, name="other"))  # fmt: skip
+
+
 def test_resume_without_checkpoint_fails(digits, tmp_path):
     with pytest.raises(DaflError, match="no checkpoint"):
         run(digits[0], iters=2, checkpoint_dir=tmp_path, resume=True)

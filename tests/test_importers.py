@@ -529,3 +529,29 @@ def test_analysis_of_resnet(exports):
     assert analysis.task == "classification"
     assert analysis.widths[0] == 64 and analysis.widths[-1] == 10
     assert analysis.final_layer == "fc"
+
+
+class _Attention(nn.Module):
+    """Multi-head attention: its reshape folds the batch into the heads (N * heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x)[0].mean(1))
+
+
+def test_legacy_export_reshape_with_batch_folded_in_stays_correct():
+    """Reshapes the legacy exporter computes from runtime sizes are made shape-agnostic only
+    where that reproduces them at another batch size; attention's (L, N*heads, d) is not."""
+    from compress_toolbox.importers.torch_to_onnx import module_via_onnx
+
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    module = module_via_onnx(model, (4, 16), "attention", dynamo=False)
+    for batch in (1, 3, 5):
+        x = torch.randn(batch, 4, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), model(x), rtol=1e-4, atol=1e-5)
