@@ -589,7 +589,6 @@ def _train(
     # one; the faster setting is kept. Measured: with another process busy on a 2-core machine,
     # 2 OpenMP threads were up to 5x slower than 1 for these small convolutions.
     calibrate = dev.type == "cpu" and preset.cpu_threads == "auto" and (os.cpu_count() or 1) > 1
-
     thread_times: dict[int, float] = {}
     first_iteration = iteration
 

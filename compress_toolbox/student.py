@@ -25,12 +25,10 @@ class StudentError(DaflError):
     """No valid student can be derived from this teacher."""
 
 
-def _output_layers(module: nn.Module, example_input: torch.Tensor) -> list[nn.Module]:
+def _output_layer_names(module: nn.Module, example_input: torch.Tensor) -> list[str]:
     """The last conv/linear layer: its output width is the model's output and must not change."""
     final = analyse(module, tuple(example_input.shape[1:])).final_layer
-    if final is None:
-        return []
-    return [module.get_submodule(final)]
+    return [] if final is None else [final]
 
 
 def _reinitialise(module: nn.Module) -> None:
@@ -43,12 +41,13 @@ def _reinitialise(module: nn.Module) -> None:
 
 
 def _prune(module: nn.Module, width: float, example_input: torch.Tensor, round_to) -> nn.Module:
-    ignored = _output_layers(module, example_input)
+    ignored = _output_layer_names(module, example_input)
     if needs_balanced_pruning(module) and round_to is None:
         # Channel shuffles: MagnitudePruner would leave the following splits unbalanced.
         trial = copy.deepcopy(module)  # pruned in place: a failure must not leave module half done
         try:
-            return prune_balanced(trial, width, example_input, _output_layers(trial, example_input))
+            protected = [trial.get_submodule(name) for name in ignored]
+            return prune_balanced(trial, width, example_input, protected)
         except BalancedPruningError:
             pass  # a pattern it does not handle: MagnitudePruner may still give a valid student
     with warnings.catch_warnings():
@@ -58,7 +57,7 @@ def _prune(module: nn.Module, width: float, example_input: torch.Tensor, round_t
             example_input,
             importance=tp.importance.MagnitudeImportance(p=1),  # keep the largest-L1 channels
             pruning_ratio=1.0 - width,
-            ignored_layers=ignored,
+            ignored_layers=[module.get_submodule(name) for name in ignored],
             round_to=round_to,
         )
         pruner.step()
