@@ -12,13 +12,23 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
 
 EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 3  # TrainingFailed: collapse, NaN, or a student far below its teacher
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 SUBCOMMANDS = ("inspect", "student", "zoo")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _floats(text: str) -> list[float]:
@@ -68,8 +78,9 @@ def _add_teacher_options(parser: argparse.ArgumentParser) -> None:
 
 def _compress_parser() -> argparse.ArgumentParser:
     from compress_toolbox.evaldata import describe_preprocessing
+    from compress_toolbox.methods import method_names
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dafl-compress",
         description="Compress a trained classifier (the teacher) into a half-width student "
         "without training data (DAFL, Chen et al. 2019), export it to ONNX, verify it with "
@@ -100,17 +111,20 @@ def _compress_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--init",
-        choices=("fresh", "teacher"),
-        default="fresh",
-        help="student start: fresh weights as in DAFL, or the teacher's "
-        "largest-L1 channels (default: %(default)s)",
+        choices=("auto", "fresh", "teacher"),
+        default="auto",
+        help="derived student's start: the teacher's largest-L1 channels (teacher), fresh "
+        "weights as in DAFL (fresh); auto: teacher with the fast preset, fresh with the paper "
+        "presets (default: %(default)s)",
     )
     train = parser.add_argument_group("training")
     train.add_argument(
         "--method",
-        choices=("dafl", "noise"),
-        default="dafl",
-        help="dafl, or the paper's Gaussian-noise KD baseline (default: %(default)s)",
+        choices=("auto", *method_names()),
+        default="auto",
+        help="auto picks from the teacher (bn-prior when it keeps BatchNorm layers, else "
+        "conditional); dafl is the paper's method; noise its Gaussian-noise baseline; "
+        "adversarial adds DFAD-style exploration to DAFL (default: %(default)s)",
     )
     train.add_argument(
         "--preset",
@@ -136,6 +150,12 @@ def _compress_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, metavar="N", help="override the preset's batch")
     train.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    train.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads (default: the preset's choice; fast times 1 against all)",
+    )
     train.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint/"
     )
@@ -173,7 +193,7 @@ def _compress_parser() -> argparse.ArgumentParser:
 
 
 def _inspect_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dafl-compress inspect",
         description="Load a teacher, verify the import against the original and describe it.",
     )
@@ -183,7 +203,7 @@ def _inspect_parser() -> argparse.ArgumentParser:
 
 
 def _student_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dafl-compress student",
         description="Derive a student by shrinking every conv/linear "
         "width; print teacher vs student params, MACs and widths.",
@@ -198,7 +218,7 @@ def _student_parser() -> argparse.ArgumentParser:
 
 
 def _zoo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dafl-compress zoo", description="The model zoo.")
+    parser = _Parser(prog="dafl-compress zoo", description="The model zoo.")
     parser.add_argument("action", choices=("list",))
     parser.add_argument("--task", choices=("classification", "segmentation", "detection"))
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -312,6 +332,7 @@ def run_compress(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "device": args.device,
         "seed": args.seed,
+        "threads": args.threads,
         "progress": not args.no_progress,
     }
     result = compress(
@@ -341,9 +362,19 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dafl-compress`` console script; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the trainer saves a checkpoint on its way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
+def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"dafl-compress: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _parse(argv: list[str]):
     if argv and argv[0] in SUBCOMMANDS:
         command, argv = argv[0], argv[1:]
         parser = {"inspect": _inspect_parser, "student": _student_parser, "zoo": _zoo_parser}[
@@ -352,41 +383,73 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = {"inspect": run_inspect, "student": run_student, "zoo": run_zoo}[command]
     else:
         parser, runner = _compress_parser(), run_compress
-    args = parser.parse_args(argv)
-    from compress_toolbox.distill import DistillInterrupted
-    from compress_toolbox.errors import DaflError
+    return parser.parse_args(argv), runner
 
-    if not args.debug:
-        warnings.filterwarnings("ignore")
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dafl-compress`` console script; returns the exit code.
+
+    Exit codes: 0 done; 2 bad input (one line naming the file and the problem); 3 training
+    failed (collapse, NaN, or a student far below its teacher: its folder is kept); 130 Ctrl-C
+    and 143 SIGTERM (a checkpoint is saved: rerun with --resume); 1 a bug (--debug shows it).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        try:
+            args, runner = _parse(argv)
+        except SystemExit as done:  # --help (0) or a usage error (2, one line already printed)
+            return int(done.code or 0)
+        from compress_toolbox.errors import DaflWarning
+
+        if not debug:
+            warnings.filterwarnings("ignore")
+            warnings.filterwarnings("always", category=DaflWarning)
+            warnings.showwarning = _show_notice
         return runner(args)
-    except DistillInterrupted as error:
-        print(f"dafl-compress: {error}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        # DistillInterrupted (with its checkpoint message) arrives as a DaflError below; this is
+        # an interruption anywhere else (start-up, import, export).
         print("dafl-compress: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into `head` and friends: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except DaflError as error:
-        if args.debug:
+    except Exception as error:  # noqa: BLE001 - every error ends as one line unless --debug
+        if debug:
             raise
+        return _report_error(error, argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report_error(error: Exception, argv: list[str]) -> int:
+    from compress_toolbox.distill import DistillInterrupted
+    from compress_toolbox.errors import DaflError
+
+    if isinstance(error, DistillInterrupted):
+        print(f"dafl-compress: {error}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(error.__context__, Terminated) else error.exit_code
+    if isinstance(error, DaflError):
         print(f"dafl-compress: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as error:  # a bug of ours or a library's: still one line unless --debug
-        if args.debug:
-            raise
-        print(
-            f"dafl-compress: unexpected error: {type(error).__name__}: {error} "
-            "(rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        return error.exit_code
+    where = next((a for a in argv if not a.startswith("-") and a not in SUBCOMMANDS), None)
+    text = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    print(
+        f"dafl-compress: unexpected error{f' with {where}' if where else ''}: "
+        f"{type(error).__name__}: {text} (rerun with --debug for the traceback)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between the handlers above (rare)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # guarded: safe under Windows' spawn start method

@@ -1,10 +1,12 @@
-"""User-facing errors: the CLI prints these as one line and exits with code 2."""
+"""User-facing errors: the CLI prints these as one line and exits with their ``exit_code``."""
 
 from __future__ import annotations
 
 
 class DaflError(Exception):
     """A problem with the user's input (file, option, data) that we can explain in one line."""
+
+    exit_code = 2
 
 
 class ImportFailed(DaflError):
@@ -13,3 +15,14 @@ class ImportFailed(DaflError):
 
 class VerificationFailed(DaflError):
     """An imported or exported model does not compute what the original computes."""
+
+
+class TrainingFailed(DaflError):
+    """Training ran but produced no usable student (collapse, far below the teacher, NaN)."""
+
+    exit_code = 3
+
+
+class DaflWarning(UserWarning):
+    """Something the user should know that does not stop the run (shown by the CLI as one line:
+    a budget too short for the teacher, a generator restart, a smaller batch after OOM)."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import math
+import os
 import re
-from collections.abc import Sequence
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .domain import InputDomain
 from .errors import DaflError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -33,6 +36,13 @@ class EvalData:
     def __len__(self) -> int:
         return len(self.y)
 
+    def subset(self, n: int) -> EvalData:
+        """A fixed random subset of at most ``n`` samples (cheap accuracy checks in training)."""
+        if len(self) <= n:
+            return self
+        keep = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:n]
+        return EvalData(self.x[keep], self.y[keep], f"{self.source} ({n} of {len(self)})")
+
 
 def describe_preprocessing() -> str:
     """How eval data is turned into teacher inputs (for --help)."""
@@ -45,38 +55,60 @@ def describe_preprocessing() -> str:
     )
 
 
-def _read_bytes(path: Path) -> bytes:
+MAX_EVAL_BYTES = 4 * 2**30  # a declared payload above this is refused before reading it
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _require_regular_file(path: Path) -> None:
+    """Refuse FIFOs, devices and sockets (reading them can hang or never end)."""
     try:
-        data = path.read_bytes()
+        mode = os.stat(path).st_mode
     except OSError as error:
         raise EvalDataError(f"{path}: cannot read ({error.strerror})") from None
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as error:
-            raise EvalDataError(f"{path}: corrupt gzip file ({error})") from None
-    return data
+    if not stat.S_ISREG(mode):
+        raise EvalDataError(f"{path}: not a regular file")
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an MNIST-style idx file (gzipped or not) into a numpy array."""
+def read_idx(path: str | Path, count: int | None = None) -> np.ndarray:
+    """Read an MNIST-style idx file (gzipped or not) into a numpy array.
+
+    The header is checked before the payload is read: a declared size above MAX_EVAL_BYTES,
+    or a first dimension other than ``count`` (the number of labels), is refused without
+    decompressing anything more (a small gzip file can expand to gigabytes).
+    """
     path = Path(path)
-    data = _read_bytes(path)
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in dtypes:
+    _require_regular_file(path)
+    try:
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+        with (gzip.open if gzipped else open)(path, "rb") as handle:
+            return _read_idx_stream(handle, path, count)
+    except (OSError, EOFError) as error:
+        raise EvalDataError(f"{path}: cannot read ({error})") from None
+
+
+def _read_idx_stream(handle, path: Path, count: int | None) -> np.ndarray:
+    magic = handle.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in IDX_DTYPES:
         raise EvalDataError(f"{path}: not an idx file (bad magic number)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(data) < header:
+    ndim = magic[3]
+    raw_dims = handle.read(4 * ndim)
+    if ndim == 0 or len(raw_dims) < 4 * ndim:
         raise EvalDataError(f"{path}: truncated idx header")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(dtypes[data[2]])
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(data) - header != expected:
+    dims = tuple(int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+    dtype = np.dtype(IDX_DTYPES[magic[2]])
+    expected = math.prod(dims) * dtype.itemsize
+    if expected > MAX_EVAL_BYTES:
         raise EvalDataError(
-            f"{path}: idx payload has {len(data) - header} bytes, header says {expected}"
+            f"{path}: idx header declares {expected / 2**30:.1f} GiB of data "
+            f"(more than {MAX_EVAL_BYTES / 2**30:.0f} GiB); use a smaller evaluation set"
         )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+    if count is not None and dims[0] != count:
+        raise EvalDataError(f"{path}: {dims[0]} images but {count} labels")
+    data = handle.read(expected + 1)
+    if len(data) != expected:
+        raise EvalDataError(f"{path}: idx payload has {len(data)} bytes, header says {expected}")
+    return np.frombuffer(data, dtype=dtype).reshape(dims)
 
 
 def _pick(files: list[Path], kind: str, folder: Path) -> Path:
@@ -90,7 +122,8 @@ def _load_idx_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     names = [f for f in folder.iterdir() if f.is_file()]
     images = _pick([f for f in names if re.search(r"images.*idx3", f.name)], "images", folder)
     labels = _pick([f for f in names if re.search(r"labels.*idx1", f.name)], "labels", folder)
-    return read_idx(images), read_idx(labels)
+    y = read_idx(labels)
+    return read_idx(images, count=len(y)), y
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +134,13 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 raise EvalDataError(
                     f"{path}: .npz must contain arrays 'x' and 'y' (found {sorted(keys)})"
                 )
+            for key in ("x", "y"):
+                size = archive.zip.getinfo(f"{key}.npy").file_size
+                if size > MAX_EVAL_BYTES:
+                    raise EvalDataError(
+                        f"{path}: array '{key}' holds {size / 2**30:.1f} GiB (more than "
+                        f"{MAX_EVAL_BYTES / 2**30:.0f} GiB); use a smaller evaluation set"
+                    )
             return archive["x"], archive["y"]
     except EvalDataError:
         raise
@@ -159,37 +199,17 @@ def _adapt(x: torch.Tensor, input_shape: tuple[int, ...], source: str) -> torch.
     return x.contiguous()
 
 
-def _normalise(
-    x: torch.Tensor,
-    mean: float | Sequence[float] | None,
-    std: float | Sequence[float] | None,
-    source: str,
-) -> torch.Tensor:
-    if mean is None and std is None:
-        return x
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    stats = []
-    for name, value, default in (("mean", mean, 0.0), ("std", std, 1.0)):
-        t = torch.as_tensor(default if value is None else value, dtype=torch.float32).flatten()
-        if t.numel() not in (1, x.shape[1]):
-            raise EvalDataError(
-                f"{source}: --{name} has {t.numel()} values, expected 1 or {x.shape[1]}"
-            )
-        stats.append(t.view(view) if t.numel() > 1 else t)
-    if (stats[1] == 0).any():
-        raise EvalDataError(f"{source}: --std must not be zero")
-    return (x - stats[0]) / stats[1]
-
-
 def load_eval_data(
     path: str | Path,
     input_shape: tuple[int, ...],
-    mean: float | Sequence[float] | None = None,
-    std: float | Sequence[float] | None = None,
+    domain: InputDomain | None = None,
+    num_classes: int | None = None,
 ) -> EvalData:
-    """Load labelled evaluation data shaped for a teacher with ``input_shape`` (see
-    ``describe_preprocessing``). Any problem raises ``EvalDataError`` naming the path."""
+    """Load labelled evaluation data shaped for a teacher with ``input_shape``, mapped into its
+    input ``domain`` (see ``describe_preprocessing``). With ``num_classes`` the labels must lie
+    in [0, num_classes). Any problem raises ``EvalDataError`` naming the path."""
     path = Path(path)
+    domain = domain or InputDomain()
     input_shape = tuple(input_shape)
     if not path.exists():
         raise EvalDataError(f"{path}: no such file or directory")
@@ -203,9 +223,10 @@ def load_eval_data(
             if len(input_shape) == 3 and len(shapes) > 1:  # resize one by one to a common size
                 tensors = [_to_float(im).permute(2, 0, 1)[None] for im in images]
                 x = torch.cat([_adapt(t, input_shape, str(path)) for t in tensors])
-                return _finish(x, raw_y, input_shape, mean, std, path)
+                return _finish(x, raw_y, input_shape, domain, num_classes, path)
             raw_x = np.stack(images).transpose(0, 3, 1, 2)
     elif path.suffix.lower() == ".npz":
+        _require_regular_file(path)
         raw_x, raw_y = _load_npz(path)
     else:
         raise EvalDataError(
@@ -215,10 +236,11 @@ def load_eval_data(
         x = _to_float(raw_x)
     except EvalDataError as error:
         raise EvalDataError(f"{path}: {error}") from None
-    return _finish(x, raw_y, input_shape, mean, std, path)
+    return _finish(x, raw_y, input_shape, domain, num_classes, path)
 
 
-def _finish(x, raw_y, input_shape, mean, std, path: Path) -> EvalData:
+def _finish(x, raw_y, input_shape, domain: InputDomain, num_classes: int | None,
+            path: Path) -> EvalData:  # fmt: skip
     y_arr = np.asarray(raw_y)
     if y_arr.ndim != 1 or not np.issubdtype(y_arr.dtype, np.integer):
         raise EvalDataError(f"{path}: labels must be a 1-D integer array, got {y_arr.dtype} "
@@ -243,12 +265,40 @@ def _finish(x, raw_y, input_shape, mean, std, path: Path) -> EvalData:
             raise EvalDataError(
                 f"{path}: samples have {x.shape[1]} features, the teacher wants {input_shape[0]}"
             )
-    x = _normalise(x, mean, std, str(path))
+    if num_classes is not None and (y_arr.min() < 0 or y_arr.max() >= num_classes):
+        bad = int(y_arr.min() if y_arr.min() < 0 else y_arr.max())
+        raise EvalDataError(
+            f"{path}: label {bad} is outside the teacher's {num_classes} classes "
+            f"(0..{num_classes - 1})"
+        )
+    if not torch.isfinite(x).all():
+        raise EvalDataError(f"{path}: images contain NaN or infinite values")
+    x = domain.to_model(x.float())
     return EvalData(x=x.float().contiguous(), y=torch.as_tensor(y_arr.astype(np.int64)),
                     source=str(path))  # fmt: skip
 
 
 @torch.no_grad()
+def predict(
+    module: nn.Module,
+    data: EvalData,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Top-1 class of ``module`` for every sample of ``data`` (module left in its mode)."""
+    if device is None:
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    was_training = module.training
+    module.eval()
+    try:
+        return torch.cat([
+            module(data.x[start : start + batch_size].to(device)).argmax(1).cpu()
+            for start in range(0, len(data.y), batch_size)
+        ])  # fmt: skip
+    finally:
+        module.train(was_training)
+
+
 def evaluate(
     module: nn.Module,
     data: EvalData,
@@ -256,16 +306,9 @@ def evaluate(
     device: str | torch.device | None = None,
 ) -> float:
     """Top-1 accuracy of ``module`` on ``data`` (module left in the mode it was in)."""
-    if device is None:
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    was_training = module.training
-    module.eval()
-    correct = 0
-    try:
-        for start in range(0, len(data.y), batch_size):
-            x = data.x[start : start + batch_size].to(device)
-            y = data.y[start : start + batch_size].to(device)
-            correct += (module(x).argmax(1) == y).sum().item()
-    finally:
-        module.train(was_training)
-    return correct / len(data.y)
+    return accuracy(predict(module, data, batch_size, device), data.y)
+
+
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of ``predictions`` equal to ``labels`` (exact: a count over a length)."""
+    return int((predictions == labels).sum()) / len(labels) if len(labels) else 0.0

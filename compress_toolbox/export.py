@@ -13,13 +13,12 @@ import onnx
 import torch
 from torch import nn
 
-from .errors import DaflError, VerificationFailed
-from .importers.base import random_inputs
+from .errors import DaflError
+from .verification import compare, random_inputs
 
 DEFAULT_OPSET = 20  # what torch 2.14's default (dynamo) exporter writes
-LEGACY_OPSETS = (11, 13, 17)  # the TorchScript-based exporter, on request
+LEGACY_OPSET = 17  # the TorchScript-based exporter: on request, and for quick measurements
 VERIFY_BATCHES = (1, 7)
-VERIFY_RTOL = 1e-4
 
 
 @dataclass
@@ -31,44 +30,57 @@ class ExportResult:
     max_rel_diff: float
 
 
+SUPPORTED_OPSETS = range(11, 23)
+
+
+def check_opset(opset: int | None) -> None:
+    """DaflError for an opset we cannot write (checked before any training)."""
+    if opset is not None and opset not in SUPPORTED_OPSETS:
+        raise DaflError(f"--opset {opset} is not supported (use 11-17 or 18-22)")
+
+
+def export_program(module: nn.Module, input_shape: tuple[int, ...]):
+    """``torch.export`` of ``module`` with a dynamic batch (shared by the .pt2 and ONNX files)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(
+            module.eval().cpu(),
+            (random_inputs(input_shape, 2),),  # batch 2: a batch of 1 would be specialised
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
+
+
 def export_onnx(
-    module: nn.Module, input_shape: tuple[int, ...], path: str | Path, *, opset: int | None = None
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    path: str | Path,
+    *,
+    opset: int | None = None,
+    program=None,
 ) -> Path:
     """Write ``module`` as a single-file ONNX model with a dynamic batch dimension.
 
-    ``opset`` None or >= 18 uses torch's default (dynamo) exporter; 11/13/17 the legacy one.
+    ``opset`` None or >= 18 uses torch's default (dynamo) exporter, from ``program`` (its
+    ``torch.export``) when given; 11-17 the legacy (TorchScript-based) one.
     """
+    check_opset(opset)
     path = Path(path)
     module = module.eval().cpu()
     example = random_inputs(input_shape, 2)  # batch 2: an example batch of 1 makes the batch static
+    names = {"input_names": ["input"], "output_names": ["output"]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             if opset is None or opset >= 18:
-                program = torch.onnx.export(
-                    module,
-                    (example,),
-                    dynamo=True,
-                    opset_version=opset or DEFAULT_OPSET,
-                    input_names=["input"],
-                    output_names=["output"],
-                    dynamic_shapes=({0: torch.export.Dim("batch")},),
-                    verbose=False,
-                )
-                program.save(str(path))
-            elif opset in LEGACY_OPSETS or 11 <= opset < 18:
-                torch.onnx.export(
-                    module,
-                    (example,),
-                    str(path),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=["input"],
-                    output_names=["output"],
-                    dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                )
+                program = program or export_program(module, input_shape)
+                onnx_program = torch.onnx.export(program, (example,), dynamo=True,
+                                                 opset_version=opset or DEFAULT_OPSET,
+                                                 verbose=False, **names)  # fmt: skip
+                onnx_program.save(str(path))
             else:
-                raise DaflError(f"--opset {opset} is not supported (use 11-17 or 18-22)")
+                axes = {"input": {0: "batch"}, "output": {0: "batch"}}
+                torch.onnx.export(module, (example,), str(path), dynamo=False,
+                                  opset_version=opset, dynamic_axes=axes, **names)  # fmt: skip
         except DaflError:
             raise
         except Exception as error:
@@ -91,40 +103,22 @@ def onnx_session(path: str | Path):
 
 def verify_onnx(module: nn.Module, path: str | Path, input_shape: tuple[int, ...]) -> tuple:
     """Compare onnxruntime on ``path`` with ``module`` at batch 1 and 7; (abs, rel) diffs."""
+    from .importers.base import torch_runner
+
     session = onnx_session(path)
     input_name = session.get_inputs()[0].name
-    max_abs = max_rel = 0.0
-    module = module.eval().cpu()
-    for batch in VERIFY_BATCHES:
-        x = random_inputs(input_shape, batch, seed=11)
-        with torch.no_grad():
-            expected = module(x).double().numpy()
-        got = np.asarray(session.run(None, {input_name: x.numpy()})[0], dtype=np.float64)
-        if got.shape != expected.shape:
-            raise VerificationFailed(
-                f"{path}: ONNX output {got.shape} != PyTorch {expected.shape} at batch {batch}"
-            )
-        diff = float(np.abs(got - expected).max())
-        max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / max(float(np.abs(expected).max()), 1e-6))
-    if max_rel > VERIFY_RTOL:
-        raise VerificationFailed(
-            f"{path}: onnxruntime differs from the PyTorch student by {max_rel:.2e} "
-            f"(relative max, limit {VERIFY_RTOL:.0e})"
-        )
-    return max_abs, max_rel
+
+    def run_onnx(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: x})[0]
+
+    return compare(run_onnx, torch_runner(module.eval().cpu()), input_shape, source=path,
+                   what="ONNX export (onnxruntime)", batches=VERIFY_BATCHES, seed=11)  # fmt: skip
 
 
-def export_pt2(module: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> Path:
-    """Save ``module`` as a torch.export archive with a dynamic batch dimension."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.export.export(
-            module.eval().cpu(),
-            (random_inputs(input_shape, 2),),  # batch 2: a batch of 1 would be specialised
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-        )
-        torch.export.save(program, path)
+def export_pt2(module: nn.Module, input_shape: tuple[int, ...], path: str | Path,
+               program=None) -> Path:  # fmt: skip
+    """Save ``module`` (or its ``program``) as a torch.export archive with a dynamic batch."""
+    torch.export.save(program or export_program(module, input_shape), path)
     return Path(path)
 
 
@@ -134,10 +128,12 @@ def export_student(
     """Write student.onnx (verified), student.pt2 and student_state_dict.pt into ``out_dir``."""
     out_dir = Path(out_dir)
     student = student.eval().cpu()
-    onnx_path = export_onnx(student, input_shape, out_dir / "student.onnx", opset=opset)
+    program = export_program(student, input_shape)  # traced once for both files
+    onnx_path = export_onnx(student, input_shape, out_dir / "student.onnx", opset=opset,
+                            program=program)  # fmt: skip
     max_abs, max_rel = verify_onnx(student, onnx_path, input_shape)
     torch.save(student.state_dict(), out_dir / "student_state_dict.pt")
-    export_pt2(student, input_shape, out_dir / "student.pt2")
+    export_pt2(student, input_shape, out_dir / "student.pt2", program=program)
     model = onnx.load(str(onnx_path), load_external_data=False)
     opset_used = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     return ExportResult(onnx_path, opset_used, onnx_path.stat().st_size, max_abs, max_rel)
@@ -157,12 +153,10 @@ def onnx_latency_ms(path: str | Path, input_shape: tuple[int, ...], repeats: int
     return statistics.median(times)
 
 
-def onnx_accuracy(path: str | Path, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
-    """Top-1 accuracy of an ONNX classifier on (x, y), run by onnxruntime."""
+def onnx_predictions(path: str | Path, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Top-1 class of an ONNX classifier, run by onnxruntime, for every sample of ``x``."""
     session = onnx_session(path)
     name = session.get_inputs()[0].name
-    correct = 0
-    for start in range(0, len(x), batch):
-        logits = session.run(None, {name: x[start : start + batch].numpy()})[0]
-        correct += int((logits.argmax(1) == y[start : start + batch].numpy()).sum())
-    return correct / max(len(x), 1)
+    chunks = [session.run(None, {name: x[start : start + batch].numpy()})[0].argmax(1)
+              for start in range(0, len(x), batch)]  # fmt: skip
+    return torch.from_numpy(np.concatenate(chunks)) if chunks else torch.zeros(0, dtype=torch.long)

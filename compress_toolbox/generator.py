@@ -1,16 +1,58 @@
-"""DAFL's generator (Chen et al. 2019 and the authors' code), for any teacher input shape."""
+"""Generators of teacher inputs: DAFL's (Chen et al. 2019 and the authors' code), for any input
+shape, optionally class-conditional and producing inputs in the teacher's input domain."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .domain import InputDomain
+from .errors import DaflError
+
+
+class _Output(nn.Module):
+    """The generator's last step. ``domain=None``: the paper's tanh then BatchNorm(affine=False)
+    (inputs standardised per channel, whatever the teacher expects); otherwise a sigmoid gives
+    pixels in [0, 1], mapped into the teacher's input domain."""
+
+    def __init__(self, channels: int, domain: InputDomain | None, dims: int) -> None:
+        super().__init__()
+        self.domain = domain
+        bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+        self.bn = bn(channels, affine=False) if domain is None else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.domain is None:
+            return self.bn(torch.tanh(h))
+        return self.domain.to_model(torch.sigmoid(h))
+
+
+class _LatentInput(nn.Module):
+    """z (and, when conditional, a one-hot class label appended to it)."""
+
+    def __init__(self, latent_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.num_classes = num_classes
+
+    @property
+    def size(self) -> int:
+        return self.latent_dim + self.num_classes
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if not self.num_classes:
+            return z
+        if labels is None:
+            raise ValueError("a class-conditional generator needs labels")
+        return torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], dim=1)
 
 
 class ImageGenerator(nn.Module):
     """latent -> Linear -> (width, ceil(H/4), ceil(W/4)) -> BN -> up x2 -> conv -> BN -> LReLU
-    -> up x2 -> conv(width/2) -> BN -> LReLU -> conv(C) -> tanh -> BN(C, affine=False).
+    -> up x2 -> conv(width/2) -> BN -> LReLU -> conv(C) -> output (see ``_Output``).
 
     The output is cropped (centre) to the teacher's exact H x W when H or W is not a multiple
     of 4. ``bn_eps=0.8`` reproduces the authors' ``nn.BatchNorm2d(128, 0.8)`` (a large eps they
@@ -23,15 +65,20 @@ class ImageGenerator(nn.Module):
         latent_dim: int = 100,
         width: int = 128,
         bn_eps: float = 0.8,
+        *,
+        num_classes: int = 0,
+        domain: InputDomain | None = None,
     ) -> None:
         super().__init__()
         channels, height, width_px = input_shape
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
+        self.num_classes = num_classes
         self.h0, self.w0 = math.ceil(height / 4), math.ceil(width_px / 4)
         self.width = width
         half = max(width // 2, 1)
-        self.fc = nn.Linear(latent_dim, width * self.h0 * self.w0)
+        self.latent = _LatentInput(latent_dim, num_classes)
+        self.fc = nn.Linear(self.latent.size, width * self.h0 * self.w0)
         self.bn0 = nn.BatchNorm2d(width)
         self.block1 = nn.Sequential(
             nn.Upsample(scale_factor=2),
@@ -46,10 +93,10 @@ class ImageGenerator(nn.Module):
             nn.LeakyReLU(0.2),
         )
         self.out_conv = nn.Conv2d(half, channels, 3, padding=1)
-        self.out_bn = nn.BatchNorm2d(channels, affine=False)
+        self.output = _Output(channels, domain, dims=2)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.fc(z).view(z.shape[0], self.width, self.h0, self.w0)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.fc(self.latent(z, labels)).view(z.shape[0], self.width, self.h0, self.w0)
         x = self.block2(self.block1(self.bn0(x)))
         x = self.out_conv(x)
         _, height, width = self.input_shape
@@ -57,41 +104,59 @@ class ImageGenerator(nn.Module):
             top = (x.shape[-2] - height) // 2
             left = (x.shape[-1] - width) // 2
             x = x[..., top : top + height, left : left + width]
-        return self.out_bn(torch.tanh(x))
+        return self.output(x)
 
 
 class VectorGenerator(nn.Module):
-    """MLP generator for flat (F,) teacher inputs: latent -> 2 hidden layers -> F -> BN."""
+    """MLP generator for flat (F,) teacher inputs: latent -> 2 hidden layers -> F -> output."""
 
-    def __init__(self, num_features: int, latent_dim: int = 100, width: int = 256) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        latent_dim: int = 100,
+        width: int = 256,
+        *,
+        num_classes: int = 0,
+        domain: InputDomain | None = None,
+    ) -> None:
         super().__init__()
         self.input_shape = (num_features,)
         self.latent_dim = latent_dim
+        self.num_classes = num_classes
+        self.latent = _LatentInput(latent_dim, num_classes)
         self.net = nn.Sequential(
-            nn.Linear(latent_dim, width),
+            nn.Linear(self.latent.size, width),
             nn.BatchNorm1d(width),
             nn.LeakyReLU(0.2),
             nn.Linear(width, width),
             nn.BatchNorm1d(width),
             nn.LeakyReLU(0.2),
             nn.Linear(width, num_features),
-            nn.BatchNorm1d(num_features, affine=False),
         )
+        self.output = _Output(num_features, domain, dims=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(self.net(self.latent(z, labels)))
 
 
 def make_generator(
-    input_shape: tuple[int, ...], latent_dim: int = 100, width: int = 128
+    input_shape: tuple[int, ...],
+    latent_dim: int = 100,
+    width: int = 128,
+    *,
+    num_classes: int = 0,
+    domain: InputDomain | None = None,
 ) -> nn.Module:
-    """A generator producing batches shaped like the teacher's input: (C,H,W) images or (F,)."""
-    if len(input_shape) == 3:
-        return ImageGenerator(tuple(input_shape), latent_dim, width)
-    if len(input_shape) == 1:
-        return VectorGenerator(input_shape[0], latent_dim, max(2 * width, 64))
-    from .errors import DaflError
+    """A generator producing batches shaped like the teacher's input: (C,H,W) images or (F,).
 
+    ``num_classes`` > 0 makes it class-conditional (``forward(z, labels)``); ``domain`` makes
+    it produce inputs in the teacher's input domain instead of the paper's standardised output.
+    """
+    options = {"num_classes": num_classes, "domain": domain}
+    if len(input_shape) == 3:
+        return ImageGenerator(tuple(input_shape), latent_dim, width, **options)
+    if len(input_shape) == 1:
+        return VectorGenerator(input_shape[0], latent_dim, max(2 * width, 64), **options)
     raise DaflError(
         f"input shape {tuple(input_shape)} is not supported: DAFL needs (C, H, W) images or (F,)"
     )

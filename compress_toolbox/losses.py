@@ -1,4 +1,6 @@
-"""DAFL's losses (Chen et al. 2019, eqs. 2-5 and the authors' code)."""
+"""Losses of data-free distillation: DAFL's (Chen et al. 2019, eqs. 2-5 and the authors' code),
+the BatchNorm-statistics prior (DeepInversion, Yin et al. 2020), adversarial exploration
+(DFAD/ZSKT, Fang et al. 2019 / Micaelli & Storkey 2019) and the student's KD loss."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -16,6 +19,18 @@ def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
 def activation_loss(features: torch.Tensor) -> torch.Tensor:
     """L_a: -mean |features| of the teacher's last hidden layer (input of its final layer)."""
     return -features.abs().mean()
+
+
+def bounded_activation_loss(features: torch.Tensor, reference: float) -> torch.Tensor:
+    """L_a made scale-free and bounded: -a / (a + reference) in (-1, 0] for a = mean |features|.
+
+    ``reference`` is the teacher's activation level on the first generated batch: the loss
+    rewards strong features as DAFL's does, but its pull fades once they are several times the
+    reference, so the generator cannot win by saturating the teacher (unbounded -mean|f| grew
+    from -7 to -15 on a residual teacher while every generated image became one class).
+    """
+    level = features.abs().mean()
+    return -level / (level + reference)
 
 
 def information_entropy_loss(teacher_logits: torch.Tensor, base: float = math.e) -> torch.Tensor:
@@ -41,3 +56,63 @@ def kd_loss(
         F.softmax(teacher_logits.float() / t, dim=1),
         reduction="batchmean",
     ) * (t * t)
+
+
+def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Minus the student-teacher KL divergence, on the samples where both agree on the class.
+
+    Minimising it drives the generator to inputs the student has not yet learnt (DFAD, ZSKT);
+    the agreement mask (as in Fast-DFKD, Fang et al. 2022) keeps it from rewarding inputs whose
+    class the teacher itself flips, which would turn the samples into adversarial noise.
+    """
+    t_prob = F.softmax(teacher_logits.float(), dim=1)
+    per_sample = F.kl_div(
+        F.log_softmax(student_logits.float(), dim=1), t_prob, reduction="none"
+    ).sum(1)
+    agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
+    return -(per_sample * agree).mean()
+
+
+class BatchNormStatistics:
+    """DeepInversion's prior: the batch statistics at every BatchNorm layer of the teacher should
+    match the running mean and variance it recorded on its training data.
+
+    Hooks every ``nn.BatchNorm1d/2d`` of ``module``; after a forward pass, ``loss()`` is the
+    sum over layers of ||mu_batch - running_mean||_2 + ||var_batch - running_var||_2 (the
+    authors' form) and clears what was recorded. ``close()`` removes the hooks.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.layers = [
+            layer
+            for layer in module.modules()
+            if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d))
+            and layer.running_mean is not None
+        ]
+        self._terms: list[torch.Tensor] = []
+        self._handles = [layer.register_forward_pre_hook(self._record) for layer in self.layers]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def _record(self, layer: nn.Module, inputs: tuple) -> None:
+        x = inputs[0]
+        if not torch.is_grad_enabled():
+            return
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.float().mean(dims)
+        var = x.float().var(dims, unbiased=False)
+        self._terms.append(
+            torch.linalg.vector_norm(mean - layer.running_mean, 2)
+            + torch.linalg.vector_norm(var - layer.running_var, 2)
+        )
+
+    def loss(self) -> torch.Tensor | None:
+        """Mean over the recorded layers (None when nothing was recorded), then reset."""
+        terms, self._terms = self._terms, []
+        return torch.stack(terms).mean() if terms else None
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

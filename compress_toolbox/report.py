@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .domain import InputDomain
 
 
 def _fmt(value: Any, kind: str = "") -> str:
@@ -32,9 +35,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("latency, onnxruntime CPU, batch 1 (median)", "latency_ms", "ms"),
         ("accuracy on eval data", "accuracy", "pct"),
     ]
-    lines = [
-        f"# dafl-compress report: {Path(report['teacher']['source']).name}",
-        "",
+    lines = [f"# dafl-compress report: {Path(report['teacher']['source']).name}", ""]
+    if report.get("status") == "failed":
+        lines += [f"**FAILED: {'; '.join(report['problems'])}.**", ""]
+    t_acc, s_acc = teacher.get("accuracy"), student.get("accuracy")
+    if report.get("status") != "failed" and t_acc and s_acc is not None and s_acc < 0.9 * t_acc:
+        lines += [f"**Warning: the student reaches only {100 * s_acc / t_acc:.1f}% of the "
+                  "teacher's accuracy.**", ""]  # fmt: skip
+    lines += [
         "| | teacher | student | student / teacher |",
         "|---|---|---|---|",
     ]
@@ -48,9 +56,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- top-1 agreement student vs teacher: {_fmt(agreement.get('value'), 'pct')} "
         f"(on {agreement.get('on', 'n/a')})",
         f"- student: {report['student'].get('kind')} (widths {report['student'].get('widths')})",
-        f"- method: {report['method']}, preset {report['preset']}, "
-        f"{report['iterations']} iterations in {report['elapsed_s']:.1f} s on {report['device']}, "
-        f"seed {report['seed']}",
+        f"- method: {report['method']} ({report.get('method_reason', '')}), preset "
+        f"{report['preset']}, {report['iterations']} iterations in {report['elapsed_s']:.1f} s "
+        f"on {report['device']}, seed {report['seed']}",
+        f"- health of the generated inputs at the end: {_health(report.get('health'))}; "
+        f"generator restarts after a collapse: {report.get('generator_restarts', 0)}",
+        f"- input domain: {teacher.get('input_domain', 'n/a')}",
         f"- student accuracy is measured on the exported student.onnx with onnxruntime; "
         f"ONNX verified against PyTorch (max abs diff {report['onnx_check']['max_abs_diff']:.2e} "
         f"at batch 1 and 7)",
@@ -58,6 +69,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _health(health: dict[str, Any] | None) -> str:
+    if not health:
+        return "n/a"
+    return (
+        f"the teacher answers {health['classes']} classes (normalised entropy "
+        f"{health['class_entropy']:.2f}, mean confidence {health['teacher_confidence']:.2f}), "
+        f"student agrees on {100 * health['agreement']:.1f}%"
+    )
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
@@ -69,7 +90,9 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     seconds = [row["elapsed_s"] for row in history]
-    for key in ("loss_oh", "loss_ie", "loss_a", "loss_kd"):
+    columns = dict.fromkeys(key for row in history for key in row)
+    keys = [key for key in columns if key.startswith("loss_")]
+    for key in keys:
         values = [row.get(key) for row in history]
         if any(v is not None for v in values):
             ax_loss.plot(seconds, [float("nan") if v is None else v for v in values], label=key)
@@ -89,28 +112,40 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _displayable(images: torch.Tensor, domain: InputDomain) -> torch.Tensor:
+    """Model inputs -> [0, 1] pixels: back through the input domain; per-image min-max when
+    the inputs are not pixels (the paper's standardised generator output)."""
+    pixels = domain.to_pixels(images)
+    if pixels.min() >= -0.01 and pixels.max() <= 1.01:
+        return pixels.clamp(0, 1)
+    flat = pixels.flatten(1)
+    low = flat.min(1).values.view(-1, 1, 1, 1)
+    high = flat.max(1).values.view(-1, 1, 1, 1)
+    return (pixels - low) / (high - low + 1e-8)
+
+
 @torch.no_grad()
-def plot_samples(generator: nn.Module | None, teacher: nn.Module, path: Path, per_class: int = 8):
+def plot_samples(
+    sampler: Callable[[int], torch.Tensor] | None,
+    teacher: nn.Module,
+    domain: InputDomain,
+    path: Path,
+    per_class: int = 8,
+) -> None:
     """samples.png: generated inputs grouped by the teacher's predicted class (images only)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig_note = None
-    images = labels = None
-    if generator is not None:
-        generator = generator.eval().cpu()
-        z = torch.randn(256, getattr(generator, "latent_dim", 100))
-        images = generator(z)
-        labels = teacher.eval().cpu()(images).argmax(1)
+    images = sampler(256).cpu() if sampler is not None else None
     if images is None or images.dim() != 4:
-        fig_note = "no image generator (noise baseline or flat inputs)"
-    if fig_note:
         fig, ax = plt.subplots(figsize=(4, 2))
-        ax.text(0.5, 0.5, fig_note, ha="center", va="center")
+        ax.text(0.5, 0.5, "no images to show (flat inputs)", ha="center", va="center")
         ax.set_axis_off()
     else:
+        labels = teacher.eval().cpu()(images).argmax(1)
+        images = _displayable(images, domain)
         classes = sorted(set(labels.tolist()))[:20]
         fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class, len(classes)),
                                  squeeze=False)  # fmt: skip
@@ -121,9 +156,8 @@ def plot_samples(generator: nn.Module | None, teacher: nn.Module, path: Path, pe
                 ax.set_axis_off()
                 if col < len(picked):
                     img = picked[col]
-                    img = (img - img.min()) / (img.max() - img.min() + 1e-8)
                     if img.shape[0] == 1:
-                        ax.imshow(img[0].numpy(), cmap="gray")
+                        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
                     else:
                         ax.imshow(img[:3].permute(1, 2, 0).numpy())
             axes[row][0].set_title(f"class {cls}", fontsize=7, loc="left")

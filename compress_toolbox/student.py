@@ -96,12 +96,16 @@ def make_student(
     init: str = "fresh",
     example_input: torch.Tensor,
     round_to: int | None = None,
+    add_missing_batchnorm: bool = True,
 ) -> nn.Module:
     """Return a copy of ``teacher_module`` with every conv/linear width scaled by ``width``.
 
     The network's input channels and output size are kept; coupled layers stay consistent.
     ``init="fresh"`` re-initialises all weights (DAFL); ``init="teacher"`` keeps the teacher's
-    weights of the kept channels (largest L1 norm). The teacher is never modified.
+    weights of the kept channels (largest L1 norm). A fresh student without any BatchNorm
+    layer (its teacher's were folded by the ONNX exporter) gets one after every convolution but
+    the output layer, unless ``add_missing_batchnorm=False`` (see ``add_batchnorm``). The
+    teacher is never modified.
     """
     if not 0.0 < width < 1.0:
         raise StudentError(f"width must be between 0 and 1 (exclusive), got {width}")
@@ -116,7 +120,8 @@ def make_student(
     errors = []
     for make_copy in attempts:
         try:
-            student = _prune(make_copy(), width, example_input, round_to)
+            # torch-pruning leaves frozen parameters alone: the copy is made trainable first
+            student = _prune(make_copy().requires_grad_(True), width, example_input, round_to)
             _check_student(student, teacher_module, example_input)
             break
         except Exception as error:  # torch-pruning raises all sorts; try the next route
@@ -134,7 +139,32 @@ def make_student(
         )
     if init == "fresh":
         _reinitialise(student)
+        norm = nn.modules.batchnorm._BatchNorm
+        if add_missing_batchnorm and not any(isinstance(m, norm) for m in student.modules()):
+            output_layers = _output_layer_names(student, example_input)
+            add_batchnorm(student, output_layers[0] if output_layers else None)
     return student.eval()
+
+
+def add_batchnorm(student: nn.Module, skip: str | None) -> int:
+    """Put a BatchNorm after every Conv2d except ``skip`` (the output layer); return how many.
+
+    For students derived from a teacher whose BatchNorm layers the ONNX exporter folded into
+    its convolutions: trained from scratch, such a network lacks the normalisation that made
+    the teacher trainable. In eval mode each BatchNorm is an affine map that the ONNX export
+    folds back into its convolution, so the exported student costs nothing more.
+    """
+    convs = [name for name, m in student.named_modules() if isinstance(m, nn.Conv2d)]
+    added = 0
+    for name in convs:
+        if name == skip:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = student.get_submodule(parent_name) if parent_name else student
+        conv = getattr(parent, child)
+        setattr(parent, child, nn.Sequential(conv, nn.BatchNorm2d(conv.out_channels)))
+        added += 1
+    return added
 
 
 def layer_widths(module: nn.Module, input_shape: tuple[int, ...]) -> list[int]:

@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e .
 python examples/make_teacher.py
+# The teacher takes Fashion-MNIST pixels normalised with the training set's mean and std.
 dafl-compress examples/teacher.onnx --task classification --eval-data examples/eval.npz \
-  --out dafl-out/teacher --force "$@"
+  --mean 0.2860 --std 0.3530 --out dafl-out/teacher --force "$@"

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
 from compress_toolbox.evaldata import (
     EvalData,
@@ -41,7 +42,8 @@ def test_npz_uint8_nhw(tmp_path):
 def test_npz_float_nchw_with_per_channel_norm(tmp_path):
     x = RNG.random((4, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=np.zeros(4, dtype=np.int64))
-    data = load_eval_data(tmp_path / "d.npz", (3, 8, 8), mean=[0.1, 0.2, 0.3], std=[1, 2, 4])
+    domain = InputDomain.from_options([0.1, 0.2, 0.3], [1, 2, 4], (3, 8, 8))
+    data = load_eval_data(tmp_path / "d.npz", (3, 8, 8), domain)
     expected = (torch.tensor(x) - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor(
         [1.0, 2.0, 4.0]
     ).view(1, 3, 1, 1)
@@ -51,7 +53,7 @@ def test_npz_float_nchw_with_per_channel_norm(tmp_path):
 def test_resize_and_gray_to_rgb(tmp_path):
     x = RNG.integers(0, 256, (3, 16, 16), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(3))
-    data = load_eval_data(tmp_path / "d.npz", (3, 8, 8), mean=0.5, std=0.25)
+    data = load_eval_data(tmp_path / "d.npz", (3, 8, 8), InputDomain.from_options(0.5, 0.25))
     assert data.x.shape == (3, 3, 8, 8)
     small = F.interpolate(torch.tensor(x).float()[:, None] / 255, size=(8, 8), mode="bilinear",
                           align_corners=False)  # fmt: skip
@@ -151,7 +153,7 @@ def test_bad_files(tmp_path):
         load_eval_data(empty, (1, 8, 8))
     np.savez(tmp_path / "ok.npz", x=np.zeros((2, 8, 8)), y=np.zeros(2, int))
     with pytest.raises(DaflError, match="--std has 2 values"):
-        load_eval_data(tmp_path / "ok.npz", (1, 8, 8), mean=0.0, std=[1.0, 2.0])
+        InputDomain.from_options(0.0, [1.0, 2.0], (1, 8, 8))
 
 
 def test_evaluate_and_description():

@@ -148,7 +148,8 @@ def test_teacher_init_keeps_largest_l1_channels():
 def test_fresh_init_differs_from_teacher():
     model, shape = build("lenet5")
     student = make_student(model, width=0.5, init="fresh", example_input=example(shape))
-    matches = _matching_filters(student.features[0].weight.detach(), model.features[0].weight)
+    first = next(m for m in student.modules() if isinstance(m, nn.Conv2d))
+    matches = _matching_filters(first.weight.detach(), model.features[0].weight)
     assert matches == [None, None, None]
     assert not torch.equal(student.classifier[5].bias, model.classifier[5].bias)
 
@@ -244,19 +245,27 @@ def test_shufflenet_half_width(shufflenet_graph, tmp_path, source, init):
 def _mask_removed_channels(teacher: nn.Module, student: nn.Module) -> nn.Module:
     """A copy of ``teacher`` whose channels the student dropped output exactly zero.
 
-    The student's convs keep the teacher's names; a kept filter is found by its (randomly
-    initialised or BatchNorm-folded, hence distinct) bias.
+    The student's layers keep the teacher's names. A kept channel is found by its BatchNorm
+    running mean, or, in a network without BatchNorm, by its conv bias (both distinct per
+    channel); a dropped one is zeroed by its BatchNorm's scale and shift, or its conv's filter
+    and bias.
     """
     masked = copy.deepcopy(teacher)
-    for name, conv in masked.named_modules():
-        if not isinstance(conv, nn.Conv2d) or conv.out_channels == 10:
+    norms = any(isinstance(m, nn.BatchNorm2d) for m in masked.modules())
+    for name, layer in masked.named_modules():
+        if norms and isinstance(layer, nn.BatchNorm2d):
+            values, zeroed = layer.running_mean, (layer.weight, layer.bias)
+            kept_values = student.get_submodule(name).running_mean
+        elif not norms and isinstance(layer, nn.Conv2d) and layer.out_channels != 10:
+            values, zeroed = layer.bias, (layer.weight, layer.bias)
+            kept_values = student.get_submodule(name).bias
+        else:
             continue
-        kept_bias = student.get_submodule(name).bias.tolist()
-        kept = [conv.bias.tolist().index(value) for value in kept_bias]
-        removed = sorted(set(range(conv.out_channels)) - set(kept))
+        kept = [values.tolist().index(value) for value in kept_values.tolist()]
+        removed = sorted(set(range(len(values))) - set(kept))
         with torch.no_grad():
-            conv.weight[removed] = 0.0
-            conv.bias[removed] = 0.0
+            for tensor in zeroed:
+                tensor[removed] = 0.0
     return masked
 
 
@@ -278,11 +287,16 @@ def test_shufflenet_teacher_init_is_the_teachers_subnetwork(shufflenet_graph):
 
 def test_shufflenet_fresh_init_differs_from_teacher(shufflenet_graph):
     _, graph, shape = shufflenet_graph
+    torch.manual_seed(1234)  # not the seed the (untrained) teacher was built with
     student = make_student(graph, width=0.5, init="fresh", example_input=example(shape))
-    for name, conv in student.named_modules():
-        if isinstance(conv, nn.Conv2d):
-            teacher_bias = graph.get_submodule(name).bias.tolist()
-            assert not set(conv.bias.tolist()) <= set(teacher_bias), name
+    first = next(m for m in student.modules() if isinstance(m, nn.Conv2d))
+    teacher_first = next(m for m in graph.modules() if isinstance(m, nn.Conv2d))
+    assert _matching_filters(first.weight.detach(), teacher_first.weight) == [None] * len(
+        first.weight
+    )
+    for module in student.modules():
+        if isinstance(module, nn.BatchNorm2d):  # statistics reset, not the teacher's
+            assert torch.equal(module.running_mean, torch.zeros_like(module.running_mean))
 
 
 def test_channel_permutation_drops_inputs_in_place():

@@ -14,8 +14,9 @@ from torch import nn
 
 from ..analysis import output_tensor
 from ..errors import ImportFailed, VerificationFailed
+from ..verification import TOLERANCE, compare, random_inputs
 
-VERIFY_RTOL = 1e-4  # max |imported - original| / max |original|
+VERIFY_RTOL = TOLERANCE["float32"]  # max |imported - original| / max |original|
 VERIFY_BATCHES = (1, 3)
 DYNAMIC_BATCH_CHECK = 7
 
@@ -87,45 +88,20 @@ def detect_format(path: Path) -> str:
     )
 
 
-def random_inputs(input_shape: tuple[int, ...], batch: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed + batch)
-    return torch.randn(batch, *input_shape, generator=generator)
-
-
 def verify(
     imported: nn.Module,
     original: Callable[[np.ndarray], np.ndarray],
     input_shape: tuple[int, ...],
     source: Path,
+    rtol: float = VERIFY_RTOL,
 ) -> tuple[float, float]:
-    """Compare ``imported`` with ``original`` at batch 1 and 3, and check it runs at batch 7.
-
-    Returns (max abs diff, max relative diff); raises VerificationFailed above VERIFY_RTOL.
-    """
-    max_abs = max_rel = 0.0
+    """Compare ``imported`` with ``original`` at batch 1 and 3 (verification.compare), and
+    check it runs at batch 7. Returns (max abs diff, max relative diff)."""
     imported.eval()
-    for batch in VERIFY_BATCHES:
-        x = random_inputs(input_shape, batch)
-        expected = np.asarray(original(x.numpy()), dtype=np.float64)
-        try:
-            with torch.no_grad():
-                got = output_tensor(imported(x)).double().numpy()
-        except Exception as error:  # the converted graph itself is broken
-            raise VerificationFailed(
-                f"{source}: imported model fails at batch {batch}: {error}"
-            ) from error
-        if got.shape != expected.shape:
-            raise VerificationFailed(
-                f"{source}: imported model gives shape {got.shape}, original {expected.shape}"
-            )
-        diff = float(np.abs(got - expected).max()) if got.size else 0.0
-        scale = max(float(np.abs(expected).max()), 1e-6)
-        max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / scale)
-    if max_rel > VERIFY_RTOL:
-        raise VerificationFailed(
-            f"{source}: imported model differs from the original by {max_rel:.2e} "
-            f"(relative max, limit {VERIFY_RTOL:.0e}; abs {max_abs:.2e})"
-        )
+    max_abs, max_rel = compare(
+        torch_runner(imported), original, input_shape,
+        source=source, what="imported model", batches=VERIFY_BATCHES, rtol=rtol,
+    )  # fmt: skip
     try:
         with torch.no_grad():
             out = output_tensor(imported(random_inputs(input_shape, DYNAMIC_BATCH_CHECK)))
@@ -144,6 +120,6 @@ def torch_runner(module: Callable) -> Callable[[np.ndarray], np.ndarray]:
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return output_tensor(module(torch.from_numpy(x))).numpy()
+            return output_tensor(module(torch.from_numpy(x))).float().numpy()
 
     return run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -93,10 +94,17 @@ def resolve_model_class(spec: str) -> tuple[Any, tuple[int, ...] | None]:
             except Exception as error:
                 raise ImportFailed(f"--model-class: cannot run {file}: {error}") from None
         else:
+            # As `python -m` does, the working folder is importable (mymodel:Net next to you).
+            added = os.getcwd() not in sys.path and "" not in sys.path
+            if added:
+                sys.path.insert(0, os.getcwd())
             try:
                 module = importlib.import_module(location)
             except Exception as error:
                 raise ImportFailed(f"--model-class: cannot import {location}: {error}") from None
+            finally:
+                if added:
+                    sys.path.remove(os.getcwd())
         if not hasattr(module, name):
             raise ImportFailed(f"--model-class: {location} has no {name}")
         return getattr(module, name), None

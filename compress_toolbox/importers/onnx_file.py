@@ -9,6 +9,7 @@ import onnx
 
 from ..errors import ImportFailed
 from ..onnx_compat import onnx_to_torch, opset_version, prepare_onnx_model
+from ..verification import tolerance_for
 from .base import FileHead, ImportedModel, register_importer, verify
 
 
@@ -70,7 +71,50 @@ def _input_shape(graph_input: onnx.ValueInfoProto, given, path: Path):
     return tuple(shape), fixed_batch
 
 
-def _onnxruntime_runner(path: Path, input_name: str, fixed_batch: int | None):
+PROBABILITY_OPS = ("Softmax", "LogSoftmax", "Sigmoid", "ArgMax", "TopK")
+
+
+def _pick_output(model: onnx.ModelProto, path: Path) -> str:
+    """The output to distill: the only one, or the first not computed by a probability-like op
+    (a classifier exported with both logits and probabilities keeps its logits). Other outputs
+    are dropped from the (copied) graph."""
+    outputs = [out.name for out in model.graph.output]
+    if len(outputs) == 1:
+        return outputs[0]
+    producers = {name: node.op_type for node in model.graph.node for name in node.output}
+    logits = [name for name in outputs if producers.get(name) not in PROBABILITY_OPS]
+    if not logits:
+        raise ImportFailed(
+            f"{path}: all {len(outputs)} outputs ({', '.join(outputs)}) are probabilities or "
+            "indices; export the model with its logits as an output"
+        )
+    keep = next(out for out in model.graph.output if out.name == logits[0])
+    del model.graph.output[:]
+    model.graph.output.append(keep)
+    return keep.name
+
+
+def _weight_precision(model: onnx.ModelProto) -> str:
+    """The lowest float precision among the initializers (the verification tolerance)."""
+    kinds = {init.data_type for init in model.graph.initializer}
+    if onnx.TensorProto.BFLOAT16 in kinds:
+        return "bfloat16"
+    if onnx.TensorProto.FLOAT16 in kinds:
+        return "float16"
+    return "float32"
+
+
+def _check_input_type(graph_input: onnx.ValueInfoProto, path: Path) -> None:
+    elem = graph_input.type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        name = onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem else "unknown"
+        raise ImportFailed(
+            f"{path}: input '{graph_input.name}' is {name}; dafl-compress needs a float32 "
+            "input (weights may be float16): export the model with float32 inputs"
+        )
+
+
+def _onnxruntime_runner(path: Path, input_name: str, output_name: str, fixed_batch: int | None):
     from ..export import onnx_session
 
     try:
@@ -81,7 +125,7 @@ def _onnxruntime_runner(path: Path, input_name: str, fixed_batch: int | None):
     def run(x: np.ndarray) -> np.ndarray:
         if fixed_batch == 1 and x.shape[0] != 1:  # a fixed-batch file: compare sample by sample
             return np.concatenate([run(x[i : i + 1]) for i in range(x.shape[0])])
-        return session.run(None, {input_name: x.astype(np.float32)})[0]
+        return session.run([output_name], {input_name: x.astype(np.float32)})[0]
 
     return run
 
@@ -91,13 +135,19 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
     """Convert with onnx2torch (plus our converters for newer opsets); check with onnxruntime."""
     model = _parse(path, load_external_data=True)
     graph_input = _graph_input(model, path)
+    _check_input_type(graph_input, path)
     shape, fixed_batch = _input_shape(graph_input, input_shape, path)
-    module = onnx_to_torch(prepare_onnx_model(model), path, shape).eval()
-    runner = _onnxruntime_runner(path, graph_input.name, fixed_batch)
-    max_abs, max_rel = verify(module, runner, shape, path)
+    prepared = prepare_onnx_model(model)
+    output = _pick_output(prepared, path)
+    module = onnx_to_torch(prepared, path, shape).eval()
+    runner = _onnxruntime_runner(path, graph_input.name, output, fixed_batch)
+    precision = _weight_precision(model)
+    max_abs, max_rel = verify(module, runner, shape, path, rtol=tolerance_for(precision))
     details = {
         "opset": opset_version(model),
         "producer": model.producer_name,
         "verified_against": "onnxruntime",
+        "output": output,
+        "weights": precision,
     }
     return ImportedModel(module, shape, max_abs, max_rel, details)

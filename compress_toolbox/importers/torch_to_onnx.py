@@ -15,13 +15,18 @@ from torch import nn
 
 from ..errors import ImportFailed
 from ..onnx_compat import onnx_to_torch, prepare_onnx_model
+from ..onnxscript_adapter import optimize_keeping_batchnorm
 from .base import random_inputs
 
 LEGACY_OPSET = 17
 
 
 def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: bool) -> nn.Module:
-    """Export ``model`` to ONNX in memory with a dynamic batch and convert it to a GraphModule."""
+    """Export ``model`` to ONNX in memory with a dynamic batch and convert it to a GraphModule.
+
+    BatchNorm layers are kept (not folded into the convolutions), so that the BatchNorm-
+    statistics prior can use them and students keep them.
+    """
     example = random_inputs(input_shape, 2)
     buffer = io.BytesIO()
     try:
@@ -29,9 +34,9 @@ def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: b
             warnings.simplefilter("ignore")
             if dynamo:
                 program = torch.onnx.export(
-                    model, (example,), dynamo=True, verbose=False, optimize=True
+                    model, (example,), dynamo=True, verbose=False, optimize=False
                 )
-                proto = program.model_proto
+                proto = optimize_keeping_batchnorm(program.model_proto)
             else:
                 torch.onnx.export(
                     model,
@@ -39,6 +44,8 @@ def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: b
                     buffer,
                     dynamo=False,
                     opset_version=LEGACY_OPSET,
+                    # PRESERVE (the module is in eval mode) skips the Conv+BatchNorm fusion
+                    training=torch.onnx.TrainingMode.PRESERVE,
                     input_names=["input"],
                     output_names=["output"],
                     dynamic_axes={"input": {0: "batch"}},

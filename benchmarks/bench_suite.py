@@ -1,0 +1,172 @@
+"""The teacher suite benchmark: every suite teacher x method x seed, end to end through the
+same ``compress`` the CLI runs (import from the shipped file, verification, derived student,
+distillation, ONNX export, evaluation of student.onnx on the teacher's evaluation set).
+
+    python benchmarks/teachers/make_suite.py          # once: train and export the teachers
+    python benchmarks/bench_suite.py                  # auto vs plain DAFL, 3 seeds
+    python benchmarks/bench_suite.py --methods auto --seeds 1 --teachers lenet5-fashion \\
+        --budget 60 --set student_steps=8 --jobs 2
+
+The default compares the default (``auto``: method and student start chosen by the tool) with
+plain DAFL (``dafl+fresh``: the DAFL method from a freshly initialised student, as in the paper).
+Budgets: 180 s for teachers of at most 5 M MACs, 600 s up to 50 M (the targets' budgets),
+unless --budget. ``--jobs 2`` runs two at a time with one thread each (faster, but each run then
+has one core: say so when quoting). Prints one line per run and a table of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SUITE = HERE / "teachers" / "out"
+
+
+def budget_for(entry: dict, fixed: float | None) -> float:
+    if fixed:
+        return fixed
+    return 180.0 if entry["macs"] <= 5e6 else 600.0
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """key=value preset overrides (numbers parsed, else strings)."""
+    changes = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value
+    return changes
+
+
+def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
+            threads: int | None, iters: int | None) -> dict:  # fmt: skip
+    """One compress run in this (worker) process; returns the figures of its report."""
+    sys.path.insert(0, str(REPO))
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from compress_toolbox.errors import DaflError, TrainingFailed
+    from compress_toolbox.pipeline import compress
+    from compress_toolbox.presets import PRESETS
+
+    preset = PRESETS["fast"].with_options(**changes) if changes else "fast"
+    name, _, init = method.partition("+")  # "dafl+fresh": method dafl, student init fresh
+    out = Path(tempfile.mkdtemp(prefix="suite-")) / "out"
+    budget_option = {"iters": iters} if iters else {"time_budget": budget}
+    start = time.perf_counter()
+    status, report = "ok", None
+    try:
+        compress(SUITE / entry["file"], out=out, eval_data=SUITE / entry["eval"],
+                 mean=entry["mean"], std=entry["std"], model_class=entry["model_class"],
+                 model_kwargs=entry["model_kwargs"], input_shape=entry.get("input_shape_option"),
+                 init=init or "auto", method=name, preset=preset, seed=seed,
+                 threads=threads, progress=False, **budget_option)  # fmt: skip
+    except TrainingFailed as error:
+        status = f"FAILED: {str(error)[:120]}"
+    except DaflError as error:  # e.g. a method that cannot run on this teacher
+        status = f"not run: {str(error)[:120]}"
+    wall = time.perf_counter() - start
+    if (out / "report.json").exists():
+        report = json.loads((out / "report.json").read_text())
+    row = {"teacher": entry["name"], "requested": method, "seed": seed, "status": status,
+           "wall_s": wall, "budget": budget}  # fmt: skip
+    shutil.rmtree(out.parent, ignore_errors=True)
+    if report:
+        row.update(
+            method=report["method"], accuracy=report["student"]["accuracy"],
+            teacher_accuracy=report["teacher"]["accuracy"], iterations=report["iterations"],
+            train_s=report["elapsed_s"], recipe=report["recipe"],
+            restarts=report["generator_restarts"], health=report["health"],
+            timings=report["timings"], student_kind=report["student"]["kind"],
+        )  # fmt: skip
+    return row
+
+
+def summarise(rows: list[dict], entries: list[dict], methods: list[str]) -> str:
+    """The table of medians over seeds, one line per teacher and method."""
+    lines = [
+        "| teacher | format | MACs | teacher acc | method (ran) | student acc (median) | "
+        "% of teacher | seeds | iterations | train s | wall s | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        for method in methods:
+            runs = [r for r in rows if r["teacher"] == entry["name"] and r["requested"] == method]
+            done = [r for r in runs if r.get("accuracy") is not None]
+            if not runs:
+                continue
+            acc = statistics.median(r["accuracy"] for r in done) if done else float("nan")
+            t_acc = entry["teacher_accuracy"]
+            ran = ",".join(sorted({r.get("method", "?") for r in runs}))
+            failed = sum(r["status"] != "ok" for r in runs)
+            per_seed = " / ".join(f"{r['accuracy']:.4f}" for r in done)
+            lines.append(
+                f"| {entry['name']} | {entry['format']} | {entry['macs'] / 1e6:.2f} M | "
+                f"{t_acc:.4f} | {method} ({ran}) | {acc:.4f} ({per_seed}) | "
+                f"{100 * acc / t_acc:.1f}% | {len(runs)} | "
+                f"{statistics.median(r.get('iterations', 0) for r in runs):.0f} | "
+                f"{statistics.median(r.get('train_s', 0) for r in runs):.0f} | "
+                f"{statistics.median(r['wall_s'] for r in runs):.0f} | {failed} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teachers", nargs="*", help="names from suite.json (default: all)")
+    parser.add_argument("--methods", nargs="*", default=["auto", "dafl+fresh"],
+                        help="NAME or NAME+INIT (dafl+fresh: plain DAFL)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budget", type=float, help="seconds per run (default: by MACs)")
+    parser.add_argument("--iters", type=int, help="iterations per run instead of a budget")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="fast-preset fields to change")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (1 thread each)")
+    parser.add_argument("--json", type=Path, help="also write every run's figures here")
+    args = parser.parse_args()
+    manifest = SUITE / "suite.json"
+    if not manifest.exists():
+        print(f"{manifest} not found: run benchmarks/teachers/make_suite.py first")
+        return 2
+    entries = json.loads(manifest.read_text())
+    if args.teachers:
+        entries = [e for e in entries if e["name"] in args.teachers]
+    changes = parse_sets(args.set)
+    threads = 1 if args.jobs > 1 else None
+    jobs = [(e, m, s, budget_for(e, args.budget), changes, threads, args.iters)
+            for e in entries for m in args.methods for s in range(args.seeds)]  # fmt: skip
+    print(f"{len(jobs)} runs, {args.jobs} at a time; preset changes: {changes or 'none'}",
+          flush=True)  # fmt: skip
+    rows = []
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, *job) for job in jobs]
+        for future in futures:
+            row = future.result()
+            rows.append(row)
+            acc = row.get("accuracy")
+            print(f"{row['teacher']:22s} {row['requested']:>11s}->{row.get('method', '?'):11s} "
+                  f"seed {row['seed']}: acc {acc if acc is None else f'{acc:.4f}'} "
+                  f"(teacher {row.get('teacher_accuracy', 0):.4f}), {row.get('iterations')} it, "
+                  f"train {row.get('train_s', 0):.0f} s, wall {row['wall_s']:.0f} s, "
+                  f"{row['status']}", flush=True)  # fmt: skip
+    print()
+    print(summarise(rows, entries, args.methods))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

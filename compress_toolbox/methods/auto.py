@@ -1,0 +1,20 @@
+"""``--method auto``: which method to run on a teacher, from the teacher's properties, as the
+teacher suite measured (benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+from .base import MethodContext
+
+
+def choose_method(ctx: MethodContext) -> tuple[str, str]:
+    """(method name, the reason, for the report)."""
+    layers = ctx.batchnorm_layers()
+    if layers:
+        return "bn-prior", (
+            f"the teacher keeps {layers} BatchNorm layers, whose recorded statistics guide "
+            "generation (best on the suite's BatchNorm teachers)"
+        )
+    return "dafl", (
+        "the teacher has no BatchNorm statistics to match (folded by the ONNX exporter, or "
+        "none); DAFL measured best on the suite's teachers without BatchNorm"
+    )

@@ -1,0 +1,48 @@
+"""The BatchNorm-statistics prior (DeepInversion, Yin et al. 2020; generative as in Fast-DFKD,
+Fang et al. 2022): a class-conditional generator whose images make every BatchNorm layer of the
+teacher see the mean and variance it recorded on its training data, plus adversarial
+exploration. Available when the teacher still has its BatchNorm layers (TorchScript, .pt2,
+checkpoints, ONNX exported without folding); torch's default ONNX export folds them away."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..losses import BatchNormStatistics, adversarial_loss
+from . import register_method
+from .base import GeneratorMethod, MethodContext
+
+
+@register_method
+class BatchNormPrior(GeneratorMethod):
+    name = "bn-prior"
+    summary = "BatchNorm-statistics prior + class-conditional generator + adversarial"
+    loss_names = ("ce", "bn", "adv")
+    conditional = True
+
+    def __init__(self, ctx: MethodContext) -> None:
+        self.statistics = BatchNormStatistics(ctx.teacher)
+        super().__init__(ctx)
+
+    @classmethod
+    def unavailable_reason(cls, ctx: MethodContext) -> str | None:
+        if ctx.batchnorm_layers() == 0:
+            return (
+                "the teacher has no BatchNorm layers (torch's default ONNX export folds them "
+                "into the convolutions; a .pt2, TorchScript or checkpoint file keeps them)"
+            )
+        return None
+
+    def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
+        preset = self.ctx.preset
+        terms = {
+            "ce": (preset.w_ce, F.cross_entropy(logits, labels)),
+            "bn": (preset.w_bn, self.statistics.loss()),
+        }
+        if preset.w_adv > 0:
+            terms["adv"] = (preset.w_adv, adversarial_loss(self.student_logits(x), logits))
+        return terms
+
+    def close(self) -> None:
+        self.statistics.close()

@@ -1,0 +1,203 @@
+"""The trainer's separate pieces: input domain, recipe sizing, health checks, replay pool, stop
+policy, checkpoints, the method registry and the onnxscript adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compress_toolbox.domain import InputDomain
+from compress_toolbox.errors import DaflError
+from compress_toolbox.evaldata import load_eval_data
+from compress_toolbox.generator import make_generator
+from compress_toolbox.health import (
+    CollapseGuard,
+    Health,
+    class_entropy,
+    judge_student,
+)
+from compress_toolbox.losses import BatchNormStatistics, adversarial_loss, bounded_activation_loss
+from compress_toolbox.methods import get_method, method_names
+from compress_toolbox.presets import PRESETS
+from compress_toolbox.recipe import MIN_USEFUL_ITERATIONS, Recipe, size_recipe
+from compress_toolbox.training import Checkpointer, ReplayPool, StopPolicy
+
+
+def test_domain_maps_pixels_per_channel_and_back():
+    domain = InputDomain.from_options([0.5, 0.25, 0.0], [0.5, 0.25, 2.0], (3, 4, 4))
+    pixels = torch.rand(2, 3, 4, 4)
+    x = domain.to_model(pixels)
+    torch.testing.assert_close(x[:, 0], (pixels[:, 0] - 0.5) / 0.5)
+    torch.testing.assert_close(x[:, 2], pixels[:, 2] / 2.0)
+    torch.testing.assert_close(domain.to_pixels(x), pixels)
+    assert InputDomain.from_options(None, None).to_model(pixels) is pixels
+    flat = InputDomain.from_options(0.5, 0.5).to_model(torch.ones(3, 7))
+    assert torch.equal(flat, torch.ones(3, 7))
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "message"),
+    [([0.1, 0.2], None, "has 2 values"), (None, [0.0], "must not be zero"),
+     ([float("nan")], None, "finite")],
+)  # fmt: skip
+def test_domain_rejects_bad_statistics(mean, std, message):
+    with pytest.raises(DaflError, match=message):
+        InputDomain.from_options(mean, std, (3, 8, 8))
+
+
+def test_eval_data_and_generator_share_the_domain(tmp_path):
+    """uint8 eval images and the generator's sigmoid pixels land in the same range."""
+    domain = InputDomain.from_options(0.2, 0.4, (1, 8, 8))
+    x = (torch.arange(64, dtype=torch.uint8) * 4).view(1, 8, 8).repeat(3, 1, 1)
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=np.array([0, 1, 2]))
+    data = load_eval_data(tmp_path / "d.npz", (1, 8, 8), domain, num_classes=3)
+    low, high = domain.to_model(torch.zeros(1)), domain.to_model(torch.ones(1))
+    assert data.x.min() >= low - 1e-6 and data.x.max() <= high + 1e-6
+    generator = make_generator((1, 8, 8), latent_dim=4, width=4, domain=domain)
+    fake = generator(torch.randn(16, 4))
+    assert fake.min() >= low - 1e-6 and fake.max() <= high + 1e-6
+
+
+def test_eval_labels_outside_the_teacher_classes_are_refused(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 8, 8), np.uint8), y=np.array([0, 10]))
+    with pytest.raises(DaflError, match="label 10 is outside the teacher's 10 classes"):
+        load_eval_data(tmp_path / "d.npz", (1, 8, 8), num_classes=10)
+
+
+def test_conditional_generator_takes_labels():
+    generator = make_generator((1, 12, 12), latent_dim=6, width=8, num_classes=5)
+    out = generator(torch.randn(4, 6), torch.tensor([0, 1, 2, 4]))
+    assert out.shape == (4, 1, 12, 12)
+    with pytest.raises(ValueError, match="needs labels"):
+        generator(torch.randn(4, 6))
+
+
+def test_bounded_activation_loss_is_scale_free_and_bounded():
+    features = torch.randn(8, 16)
+    loss = bounded_activation_loss(features, reference=1.0)
+    huge = bounded_activation_loss(features * 1e6, reference=1.0)
+    assert -1.0 < huge.item() < loss.item() < 0.0
+    torch.testing.assert_close(
+        bounded_activation_loss(features * 3, 3.0), bounded_activation_loss(features, 1.0)
+    )
+
+
+def test_adversarial_loss_counts_only_agreeing_samples():
+    teacher = torch.tensor([[5.0, 0.0], [5.0, 0.0]])
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # agrees on the first sample only
+    loss = adversarial_loss(student, teacher)
+    first = adversarial_loss(student[:1], teacher[:1])
+    assert loss.item() == pytest.approx(first.item() / 2)
+    assert loss.item() < 0
+
+
+def test_batchnorm_statistics_is_zero_at_the_running_statistics():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
+    stats = BatchNormStatistics(model)
+    assert len(stats) == 1
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        pre = model[0](x)
+    model[1].running_mean.copy_(pre.mean((0, 2, 3)))
+    model[1].running_var.copy_(pre.var((0, 2, 3), unbiased=False))
+    model(x)
+    assert stats.loss().item() == pytest.approx(0.0, abs=1e-4)
+    model(x * 3)
+    assert stats.loss().item() > 1.0
+    with torch.no_grad():
+        model(x)  # nothing recorded without gradients
+    assert stats.loss() is None
+    stats.close()
+
+
+def test_class_entropy():
+    assert class_entropy(torch.zeros(50, dtype=torch.long), 10) == 0.0
+    assert class_entropy(torch.arange(100) % 10, 10) == pytest.approx(1.0)
+    assert class_entropy(torch.arange(100) % 2, 10) == pytest.approx(0.301, abs=1e-3)
+
+
+def _health(iteration, entropy):
+    return Health(iteration, 1, entropy, 1.0, 0.5, 0.5)
+
+
+def test_collapse_guard_restarts_then_fails():
+    guard = CollapseGuard(patience=2, max_restarts=1, warmup=10)
+    assert guard.judge(_health(5, 0.0)) == "ok"  # warm-up never counts
+    assert [guard.judge(_health(i, 0.0)) for i in (10, 20)] == ["ok", "restart"]
+    assert guard.judge(_health(25, 0.0)) == "ok"  # a new warm-up after the restart
+    assert guard.judge(_health(30, 0.9)) == "ok"  # a healthy check resets the count
+    assert [guard.judge(_health(i, 0.1)) for i in (40, 50)] == ["ok", "fail"]
+    guard.set_warmup(1000)
+    assert guard.warmup == 50
+
+
+def test_judge_student():
+    assert judge_student(0.9, 0.8, None) == []
+    assert "below half" in judge_student(0.9, 0.4, None)[0]
+    collapsed = Health(100, 10, 0.95, 0.9, 0.1, 0.0)
+    assert "same class" in judge_student(None, None, collapsed)[0]
+    assert judge_student(None, None, _health(100, 0.9)) == []
+
+
+def test_recipe_trades_student_steps_for_generator_steps_on_a_short_budget():
+    recipe = Recipe.from_preset(PRESETS["fast"])
+    roomy = size_recipe(recipe, 0.05, 0.01, remaining_s=600, adapt=True)
+    assert roomy.student_steps == recipe.student_steps and roomy.warning is None
+    tight = size_recipe(recipe, 1.0, 0.2, remaining_s=300, adapt=True)
+    assert 4 <= tight.student_steps < recipe.student_steps
+    assert tight.expected_iterations < MIN_USEFUL_ITERATIONS and "s of training" in tight.warning
+    fixed = size_recipe(recipe, 1.0, 0.2, remaining_s=300, adapt=False)
+    assert fixed.student_steps == recipe.student_steps
+
+
+def test_stop_policy():
+    stop = StopPolicy(total_iters=10, time_budget=None)
+    assert stop.reason_to_stop(9, 1e9) is None and stop.reason_to_stop(10, 0) == "iterations"
+    timed = StopPolicy(None, 10.0, fit_to_budget=True)
+    timed.record(2.0, 2)
+    assert timed.reason_to_stop(3, 7.0) is None and timed.reason_to_stop(3, 8.5) == "time budget"
+    assert timed.progress(3, 5.0) == pytest.approx(0.5)
+
+
+def test_replay_pool_caps_memory_and_rebatches():
+    pool = ReplayPool(size=10, batch_bytes=100, memory_bytes=300)
+    assert pool.size == 3
+    for i in range(5):
+        pool.add(torch.full((4, 2), float(i)), torch.zeros(4, 3))
+    assert len(pool) == 3 and pool.newest()[0][0, 0] == 4
+    pool.rebatch(2)
+    assert len(pool) == 3 and all(len(x) == 2 for x, _ in pool.batches)
+
+
+def test_checkpoints_are_loaded_weights_only(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format": "dafl-compress-checkpoint-v2", "x": Evil()}, path)
+    with pytest.raises(DaflError, match="cannot be read safely|not a dafl-compress"):
+        Checkpointer(path, 60).load(torch.device("cpu"), {})
+    torch.save({"format": "dafl-compress-checkpoint-v2", "method": "dafl"}, path)
+    with pytest.raises(DaflError, match="lacks"):
+        Checkpointer(path, 60).load(torch.device("cpu"), {})
+
+
+def test_method_registry():
+    assert {"dafl", "noise", "adversarial", "conditional", "bn-prior"} <= set(method_names())
+    with pytest.raises(DaflError, match="unknown method 'nope'"):
+        get_method("nope")
+
+
+def test_onnxscript_internals_the_adapter_relies_on():
+    """Fails loudly when onnxscript moves what onnxscript_adapter.py patches."""
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import _fuse_batchnorm
+
+    rules = {id(rule) for rule in _fuse_batchnorm.rules.rules}
+    assert rules and rules <= {id(rule) for rule in rewriter._DEFAULT_REWRITE_RULES}
