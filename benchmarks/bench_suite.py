@@ -134,7 +134,12 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="fast-preset fields to change")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (1 thread each)")
-    parser.add_argument("--json", type=Path, help="also write every run's figures here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="write every run's figures here, after each run; runs already in "
+        "the file are kept and not run again (resume a long benchmark)",
+    )
     args = parser.parse_args()
     manifest = SUITE / "suite.json"
     if not manifest.exists():
@@ -145,16 +150,22 @@ def main() -> int:
         entries = [e for e in entries if e["name"] in args.teachers]
     changes = parse_sets(args.set)
     threads = 1 if args.jobs > 1 else None
+    rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
+    done = {(r["teacher"], r["requested"], r["seed"]) for r in rows}
     jobs = [(e, m, s, budget_for(e, args.budget), changes, threads, args.iters)
-            for e in entries for m in args.methods for s in range(args.seeds)]  # fmt: skip
-    print(f"{len(jobs)} runs, {args.jobs} at a time; preset changes: {changes or 'none'}",
-          flush=True)  # fmt: skip
-    rows = []
+            for e in entries for m in args.methods for s in range(args.seeds)
+            if (e["name"], m, s) not in done]  # fmt: skip
+    print(f"{len(jobs)} runs ({len(rows)} already in {args.json}), {args.jobs} at a time; "
+          f"preset changes: {changes or 'none'}", flush=True)  # fmt: skip
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(run_one, *job) for job in jobs]
         for future in futures:
             row = future.result()
             rows.append(row)
+            if args.json:  # after each run, atomically: a killed benchmark resumes
+                partial = args.json.with_suffix(".partial")
+                partial.write_text(json.dumps(rows, indent=1, default=str))
+                partial.replace(args.json)
             acc = row.get("accuracy")
             print(f"{row['teacher']:22s} {row['requested']:>11s}->{row.get('method', '?'):11s} "
                   f"seed {row['seed']}: acc {acc if acc is None else f'{acc:.4f}'} "
@@ -163,8 +174,6 @@ def main() -> int:
                   f"{row['status']}", flush=True)  # fmt: skip
     print()
     print(summarise(rows, entries, args.methods))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1, default=str))
     return 0
 
 

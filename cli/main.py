@@ -220,7 +220,9 @@ def _student_parser() -> argparse.ArgumentParser:
 def _zoo_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dafl-compress zoo", description="The model zoo.")
     parser.add_argument("action", choices=("list",))
-    parser.add_argument("--task", choices=("classification", "segmentation", "detection"))
+    from compress_toolbox.tasks import KNOWN_TASKS
+
+    parser.add_argument("--task", choices=KNOWN_TASKS)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 

@@ -52,7 +52,6 @@ from .training import (
 __all__ = ["PRESETS", "DistillOptions", "DistillResult", "Preset", "distill", "lr_factor"]
 
 CHECKPOINT_NAME = "dafl_checkpoint.pt"
-TASKS = ("classification",)
 HEALTH_SAMPLES = 256
 MONITOR_SAMPLES = 1000  # evaluation samples for the accuracy curve during training
 
@@ -273,7 +272,7 @@ class Trainer:
         return {
             "method": self.method.name,
             "preset": self.preset.name,
-            "teacher": module_digest(self.teacher.module),
+            "teacher": self.teacher_digest,
             "student": self.student.state_dict(),
             "student_optimizer": self.optimizer.state_dict(),
             "method_state": self.method.state_dict(),
@@ -289,7 +288,7 @@ class Trainer:
 
     def _restore(self) -> None:
         expect = {"method": self.method.name, "preset": self.preset.name,
-                  "teacher": module_digest(self.teacher.module)}  # fmt: skip
+                  "teacher": self.teacher_digest}  # fmt: skip
         state = self.checkpointer.load(self.device, expect)
         path = self.checkpointer.path
         try:
@@ -453,6 +452,7 @@ class Trainer:
             self.num_classes = check_classifier_output(module, self.teacher.input_shape,
                                                        self.device)  # fmt: skip
             self.student.to(self.device)
+            self.teacher_digest = module_digest(module)  # checkpoints name their teacher
             ctx = self._context()
             self.method, self.method_reason = self._make_method(ctx)
             self.channels_last = self._try_channels_last()

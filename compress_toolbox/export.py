@@ -127,6 +127,7 @@ def export_student(
 ) -> ExportResult:
     """Write student.onnx (verified), student.pt2 and student_state_dict.pt into ``out_dir``."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     student = student.eval().cpu()
     program = export_program(student, input_shape)  # traced once for both files
     onnx_path = export_onnx(student, input_shape, out_dir / "student.onnx", opset=opset,

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,10 +18,11 @@ from .analysis import Analysis, analyse
 from .domain import InputDomain
 from .errors import DaflError
 from .outdir import OutputFolder, default_out_dir
+from .tasks import check_task
 from .teacher import Teacher, load_teacher
 
-SUPPORTED_TASKS = ("classification",)
-KNOWN_TASKS = ("classification", "segmentation", "detection")
+if TYPE_CHECKING:
+    from .evaldata import EvalData
 
 
 @dataclass
@@ -104,13 +105,6 @@ def _batchnorms(module: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def _check_task(task: str) -> None:
-    if task not in KNOWN_TASKS:
-        raise DaflError(f"--task {task}: unknown task; choose one of {', '.join(KNOWN_TASKS)}")
-    if task not in SUPPORTED_TASKS:
-        raise DaflError(f"--task {task} is not supported yet; only classification is")
-
-
 def _check_teacher_fits_task(teacher: Teacher) -> None:
     if teacher.analysis.task != "classification":
         raise DaflError(
@@ -142,7 +136,7 @@ class _Inputs:
 
     teacher: Teacher
     domain: InputDomain
-    data: Any  # EvalData | None
+    data: EvalData | None
     plan: StudentPlan
 
 
@@ -198,7 +192,7 @@ def compress(
     from .distill import MONITOR_SAMPLES, DistillOptions, distill
     from .export import check_opset
 
-    _check_task(task)
+    check_task(task)
     options = DistillOptions(**distill_options)
     preset = options.validate()
     if init not in ("auto", "fresh", "teacher"):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-TASKS = ("classification", "segmentation", "detection")
+from compress_toolbox.tasks import KNOWN_TASKS as TASKS
 
 # builder(*, num_classes, in_channels=3, input_size=None) -> nn.Module
 Builder = Callable[..., nn.Module]

@@ -516,7 +516,7 @@ def test_signal_saves_a_checkpoint_then_resume_finishes(corpus, tmp_path, sig, c
     assert process.returncode == code, err
     assert "--resume" in err and "Traceback" not in err
     nothing_left(tmp_path)
-    resumed = subprocess.run(command + ["--resume", "--time-budget", "12"], env=_env(),
+    resumed = subprocess.run(command + ["--resume", "--time-budget", "5"], env=_env(),
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "student.onnx").is_file() and not (tmp_path / "out.checkpoint").exists()
@@ -530,7 +530,7 @@ def test_sigkill_then_resume_from_the_early_checkpoint(corpus, tmp_path):
     process.kill()
     process.wait(timeout=60)
     assert list(tmp_path.glob(".out.partial-*"))  # what a kill leaves ...
-    resumed = subprocess.run(command + ["--resume", "--time-budget", "12"], env=_env(),
+    resumed = subprocess.run(command + ["--resume", "--time-budget", "5"], env=_env(),
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     nothing_left_but_out = not list(tmp_path.glob(".out.*"))  # ... is swept by the next run
@@ -545,3 +545,45 @@ def test_ctrl_c_during_start_up_is_one_line(corpus, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
+
+
+# -- failures are never reported as success ---------------------------------------------------
+class SaturatedNet(nn.Module):
+    """Answers class 3 whatever the input: a broken teacher that makes generation collapse."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        hidden = self.fc2(torch.relu(self.fc1(x.flatten(1))))
+        return hidden * 0.0 + torch.eye(10)[3] * 20.0
+
+
+def test_collapse_ends_with_exit_3_and_no_output(tmp_path, capsys):
+    path = _onnx(SaturatedNet(), tmp_path / "saturated.onnx")
+    code = run_cli(path, "--out", tmp_path / "out", "--method", "dafl", "--iters", "400",
+                   "--batch-size", "16", "--no-progress", "--threads", "1")  # fmt: skip
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "collapsed onto 1 of the teacher's 10 classes" in err and "Traceback" not in err
+    assert "restarting the generator" in err  # recovery was tried first
+    nothing_left(tmp_path)
+
+
+def test_student_far_below_its_teacher_is_a_failure_not_a_success(corpus, tmp_path, capsys):
+    """One iteration cannot make a usable student: exit 3, folder kept, report says FAILED."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (200, 8, 8), dtype=np.uint8)
+    with torch.no_grad():
+        y = corpus["model"](torch.tensor(x / 255.0, dtype=torch.float32)[:, None]).argmax(1)
+    np.savez(tmp_path / "agree.npz", x=x, y=y.numpy())  # the teacher is 100% right on these
+    out = tmp_path / "out"
+    assert run_cli(corpus["onnx"], "--eval-data", tmp_path / "agree.npz", "--out", out,
+                   "--init", "fresh", "--iters", "1", "--batch-size", "16", "--no-progress",
+                   "--threads", "1") == 3  # fmt: skip
+    err = capsys.readouterr().err
+    assert "below half of the teacher's" in err and "kept for inspection" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed" and "FAILED" in (out / "report.md").read_text()
