@@ -68,21 +68,24 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
     start = time.perf_counter()
     status, report = "ok", None
     try:
-        compress(SUITE / entry["file"], out=out, eval_data=SUITE / entry["eval"],
-                 mean=entry["mean"], std=entry["std"], model_class=entry["model_class"],
-                 model_kwargs=entry["model_kwargs"], input_shape=entry.get("input_shape_option"),
-                 init=init or "auto", method=name, preset=preset, seed=seed,
-                 threads=threads, progress=False, **budget_option)  # fmt: skip
-    except TrainingFailed as error:
-        status = f"FAILED: {str(error)[:120]}"
-    except DaflError as error:  # e.g. a method that cannot run on this teacher
-        status = f"not run: {str(error)[:120]}"
-    wall = time.perf_counter() - start
-    if (out / "report.json").exists():
-        report = json.loads((out / "report.json").read_text())
+        try:
+            compress(SUITE / entry["file"], out=out, eval_data=SUITE / entry["eval"],
+                     mean=entry["mean"], std=entry["std"], model_class=entry["model_class"],
+                     model_kwargs=entry["model_kwargs"],
+                     input_shape=entry.get("input_shape_option"), init=init or "auto",
+                     method=name, preset=preset, seed=seed, threads=threads, progress=False,
+                     **budget_option)  # fmt: skip
+        except TrainingFailed as error:
+            status = f"FAILED: {str(error)[:120]}"
+        except DaflError as error:  # e.g. a method that cannot run on this teacher
+            status = f"not run: {str(error)[:120]}"
+        wall = time.perf_counter() - start
+        if (out / "report.json").exists():
+            report = json.loads((out / "report.json").read_text())
+    finally:  # whatever happens, no suite-* folder is left in the temporary folder
+        shutil.rmtree(out.parent, ignore_errors=True)
     row = {"teacher": entry["name"], "requested": method, "seed": seed, "status": status,
-           "wall_s": wall, "budget": budget}  # fmt: skip
-    shutil.rmtree(out.parent, ignore_errors=True)
+           "wall_s": wall, "budget": budget, "iters": iters, "set": changes}  # fmt: skip
     if report:
         row.update(
             method=report["method"], accuracy=report["student"]["accuracy"],
@@ -92,6 +95,13 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
             timings=report["timings"], student_kind=report["student"]["kind"],
         )  # fmt: skip
     return row
+
+
+def _key(teacher: str, method: str, seed: int, budget: float, changes: dict,
+         iters: int | None) -> tuple:  # fmt: skip
+    """What makes two runs the same run (a resumed benchmark reuses only those)."""
+    settings = json.dumps(changes, sort_keys=True)
+    return teacher, method, seed, None if iters else budget, iters, settings
 
 
 def summarise(rows: list[dict], entries: list[dict], methods: list[str]) -> str:
@@ -151,10 +161,11 @@ def main() -> int:
     changes = parse_sets(args.set)
     threads = 1 if args.jobs > 1 else None
     rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
-    done = {(r["teacher"], r["requested"], r["seed"]) for r in rows}
+    done = {_key(r["teacher"], r["requested"], r["seed"], r["budget"], r.get("set", {}),
+                 r.get("iters")) for r in rows}  # fmt: skip
     jobs = [(e, m, s, budget_for(e, args.budget), changes, threads, args.iters)
-            for e in entries for m in args.methods for s in range(args.seeds)
-            if (e["name"], m, s) not in done]  # fmt: skip
+            for e in entries for m in args.methods for s in range(args.seeds)]  # fmt: skip
+    jobs = [job for job in jobs if _key(job[0]["name"], *job[1:5], job[6]) not in done]
     print(f"{len(jobs)} runs ({len(rows)} already in {args.json}), {args.jobs} at a time; "
           f"preset changes: {changes or 'none'}", flush=True)  # fmt: skip
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:

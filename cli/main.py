@@ -16,9 +16,9 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
-EXIT_TRAINING_FAILED = 3  # TrainingFailed: collapse, NaN, or a student far below its teacher
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 SUBCOMMANDS = ("inspect", "student", "zoo")
@@ -123,7 +123,7 @@ def _compress_parser() -> argparse.ArgumentParser:
         choices=("auto", *method_names()),
         default="auto",
         help="auto picks from the teacher (bn-prior when it keeps BatchNorm layers, else "
-        "conditional); dafl is the paper's method; noise its Gaussian-noise baseline; "
+        "dafl); dafl is the paper's method; noise its Gaussian-noise baseline; "
         "adversarial adds DFAD-style exploration to DAFL (default: %(default)s)",
     )
     train.add_argument(
@@ -210,10 +210,12 @@ def _student_parser() -> argparse.ArgumentParser:
     )
     _add_teacher_options(parser)
     parser.add_argument("--width", type=float, default=0.5, help="default: %(default)s")
-    parser.add_argument("--init", choices=("fresh", "teacher"), default="fresh")
+    parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto",
+                        help="auto: as compress does (the fast preset's choice)")  # fmt: skip
     parser.add_argument(
         "--out", metavar="FILE.pt2", help="save the (untrained) student as a torch.export archive"
     )
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     return parser
 
 
@@ -283,15 +285,29 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_student(args: argparse.Namespace) -> int:
     from compress_toolbox import load_teacher
+    from compress_toolbox.errors import DaflError
     from compress_toolbox.export import export_pt2
     from compress_toolbox.pipeline import plan_student
+    from compress_toolbox.presets import PRESETS
 
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.resolve() == Path(args.teacher).resolve():
+            raise DaflError(f"--out {out}: that is the teacher; choose another file")
+        if out.exists() and not args.force:
+            raise DaflError(f"--out {out}: exists (use --force to replace it)")
     teacher = load_teacher(args.teacher, **_teacher_kwargs(args))
-    plan = plan_student(teacher, "auto", width=args.width, init=args.init)
+    init = PRESETS["fast"].student_init if args.init == "auto" else args.init
+    plan = plan_student(teacher, "auto", width=args.width, init=init)
     _print_comparison(teacher.analysis, plan.analysis)
-    if args.out:
-        export_pt2(plan.module, teacher.input_shape, args.out)
-        print(f"student saved to {args.out}")
+    if out is not None:
+        partial = out.with_name(f".{out.stem}.partial-{os.getpid()}.pt2")
+        try:
+            export_pt2(plan.module, teacher.input_shape, partial)
+            os.replace(partial, out)  # atomically: an old file is never half-replaced
+        finally:
+            partial.unlink(missing_ok=True)
+        print(f"student saved to {out}")
     return 0
 
 
@@ -405,11 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(done.code or 0)
         from compress_toolbox.errors import DaflWarning
 
-        if not debug:
-            warnings.filterwarnings("ignore")
-            warnings.filterwarnings("always", category=DaflWarning)
-            warnings.showwarning = _show_notice
-        return runner(args)
+        with warnings.catch_warnings():  # the caller's warning settings come back afterwards
+            if not debug:
+                warnings.filterwarnings("ignore")
+                warnings.filterwarnings("always", category=DaflWarning)
+                warnings.showwarning = _show_notice
+            return runner(args)
     except KeyboardInterrupt as interrupt:
         # DistillInterrupted (with its checkpoint message) arrives as a DaflError below; this is
         # an interruption anywhere else (start-up, import, export).

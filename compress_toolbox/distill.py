@@ -88,11 +88,9 @@ class DistillOptions:
 
     def validate(self) -> Preset:
         """Raise DaflError for any bad value; return the resolved preset."""
-        preset = get_preset(self.preset)
+        preset = get_preset(self.preset).check()
         if self.method != "auto":
             get_method(self.method)
-        if preset.kd_temperature <= 0:
-            raise DaflError(f"KD temperature must be positive, got {preset.kd_temperature}")
         if self.batch_size is not None and self.batch_size < 2:
             raise DaflError(f"batch size must be at least 2 (BatchNorm), got {self.batch_size}")
         for name in ("time_budget", "iters", "epochs", "threads"):
@@ -126,7 +124,7 @@ class DistillResult:
     stop_reason: str = ""
     health: Health | None = None  # the last check
     restarts: int = 0  # generator restarts after collapses
-    extra: dict[str, Any] = field(default_factory=dict)
+    num_classes: int = 0  # the teacher's output classes
 
     @property
     def batch_size(self) -> int:
@@ -481,7 +479,8 @@ class Trainer:
         except KeyboardInterrupt:
             self.progress.close()
             self._interrupted(self.elapsed())
-        self.progress.close()
+        finally:  # also on NaN or collapse: no half-drawn bar above the error line
+            self.progress.close()
         return self._finish(stop_reason)
 
     def _prepare(self) -> None:
@@ -570,6 +569,7 @@ class Trainer:
 
     def _finish(self, stop_reason: str) -> DistillResult:
         """Last checkpoint, health and full evaluation; the result, student on the CPU."""
+        self._check_student_finite()
         elapsed = self.elapsed()
         self.checkpointer.save(self._state(elapsed))
         if self.history:
@@ -583,6 +583,15 @@ class Trainer:
         if self.options.history_path is not None:
             write_history_csv(self.history, self.options.history_path)
         return self._result(elapsed, stop_reason, teacher_accuracy, student_accuracy)
+
+    def _check_student_finite(self) -> None:
+        """A last step can leave NaN weights behind finite losses: fail here, as training."""
+        for name, tensor in [*self.student.named_parameters(), *self.student.named_buffers()]:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise TrainingFailed(
+                    f"the student's {name} became NaN or infinite by iteration "
+                    f"{self.iteration}; try a lower learning rate or another --method"
+                )
 
     def _figures(self, losses: dict[str, float], accuracy: float | None) -> dict[str, str]:
         figures = {k[5:]: f"{v:.3f}" for k, v in losses.items()}
@@ -642,6 +651,7 @@ class Trainer:
             stop_reason=stop_reason,
             health=self.last_health,
             restarts=self.guard.restarts,
+            num_classes=self.num_classes,
         )
 
 

@@ -160,6 +160,7 @@ def _load_image_folder(folder: Path, channels: int) -> tuple[list[np.ndarray], n
         for file in sorted((folder / name).iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
+            _require_regular_file(file)  # a FIFO named a.png would block Image.open forever
             try:
                 with Image.open(file) as image:
                     array = np.asarray(image.convert(mode))

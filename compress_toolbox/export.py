@@ -57,11 +57,13 @@ def export_onnx(
     *,
     opset: int | None = None,
     program=None,
+    what: str = "the student",
 ) -> Path:
     """Write ``module`` as a single-file ONNX model with a dynamic batch dimension.
 
     ``opset`` None or >= 18 uses torch's default (dynamo) exporter, from ``program`` (its
-    ``torch.export``) when given; 11-17 the legacy (TorchScript-based) one.
+    ``torch.export``) when given; 11-17 the legacy (TorchScript-based) one. ``what`` names
+    the model in errors.
     """
     check_opset(opset)
     path = Path(path)
@@ -84,7 +86,7 @@ def export_onnx(
         except DaflError:
             raise
         except Exception as error:
-            raise DaflError(f"cannot export the student to ONNX: {error}") from error
+            raise DaflError(f"cannot export {what} to ONNX: {error}") from error
     # One self-contained file: fold any external-data file back in (students are small).
     model = onnx.load(str(path))
     onnx.save_model(model, str(path), save_as_external_data=False)

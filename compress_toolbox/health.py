@@ -125,25 +125,45 @@ def judge_student(
     teacher_accuracy: float | None,
     student_accuracy: float | None,
     health: Health | None,
+    num_classes: int | None = None,
 ) -> list[str]:
-    """Why the finished student is unusable (empty: it is not): below half of the teacher's
-    accuracy on the evaluation data, or, without it, answering (almost) one class only on
-    generated inputs that the teacher spreads over many."""
-    problems = []
+    """Why the finished student is unusable (empty: it is not). With evaluation data: below
+    half of the teacher's accuracy. Without: no iteration ran, the generated inputs had
+    collapsed at the end, or the student answers (almost) one class only or agrees with the
+    teacher hardly more than chance on generated inputs."""
     if teacher_accuracy and student_accuracy is not None:
         if student_accuracy < 0.5 * teacher_accuracy:
-            problems.append(
+            return [
                 f"student accuracy {student_accuracy:.4f} is below half of the teacher's "
                 f"{teacher_accuracy:.4f}"
-            )
-    elif health is not None and health.class_entropy >= COLLAPSE_ENTROPY:
-        if health.student_entropy < COLLAPSE_ENTROPY:
-            problems.append(
-                f"the student answers almost always the same class (normalised entropy "
-                f"{health.student_entropy:.2f}) where the teacher's answers spread over "
-                f"{health.classes} classes"
-            )
+            ]
+        return []
+    if health is None:
+        return ["no training iteration ran, so nothing shows that the student learned"]
+    if health.class_entropy < COLLAPSE_ENTROPY:
+        return [
+            f"the generated inputs had collapsed at the end of training (the teacher answers "
+            f"{health.classes} class(es), normalised entropy {health.class_entropy:.2f})"
+        ]
+    problems = []
+    if health.student_entropy < COLLAPSE_ENTROPY:
+        problems.append(
+            f"the student answers almost always the same class (normalised entropy "
+            f"{health.student_entropy:.2f}) where the teacher's answers spread over "
+            f"{health.classes} classes"
+        )
+    if num_classes and health.agreement < _near_chance(num_classes):
+        problems.append(
+            f"the student agrees with the teacher on only {health.agreement:.0%} of generated "
+            f"inputs (chance: {1 / num_classes:.0%})"
+        )
     return problems
+
+
+def _near_chance(num_classes: int) -> float:
+    """Agreement below this is hardly better than guessing: twice chance, at most halfway
+    between chance and certainty (0.2 for 10 classes, 0.75 for 2)."""
+    return min(2 / num_classes, (1 + 1 / num_classes) / 2)
 
 
 class StudentFailed(TrainingFailed):

@@ -152,7 +152,7 @@ class OutputFolder:
             os.replace(self.path, aside)
             try:
                 os.replace(self.work, self.path)
-            except OSError:
+            except BaseException:  # also Ctrl-C / SIGTERM between the two renames
                 os.replace(aside, self.path)
                 raise
             shutil.rmtree(aside, ignore_errors=True)

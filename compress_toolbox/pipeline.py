@@ -22,7 +22,9 @@ from .tasks import check_task
 from .teacher import Teacher, load_teacher
 
 if TYPE_CHECKING:
+    from .distill import DistillResult
     from .evaldata import EvalData
+    from .export import ExportResult
 
 
 @dataclass
@@ -189,8 +191,10 @@ def compress(
     (``health.judge_student``) is still written, marked failed in the report, and
     ``StudentFailed`` is raised.
     """
-    from .distill import MONITOR_SAMPLES, DistillOptions, distill
+    from .distill import CHECKPOINT_NAME, MONITOR_SAMPLES, DistillOptions, distill
     from .export import check_opset
+    from .importers.checkpoint import model_class_file
+    from .training import Checkpointer
 
     check_task(task)
     options = DistillOptions(**distill_options)
@@ -208,8 +212,8 @@ def compress(
     if dry_run:
         inputs = _load_inputs(teacher_path, **loading)
         return CompressResult(None, inputs.teacher, inputs.plan)
-    folder = OutputFolder(out if out is not None else default_out_dir(teacher_path),
-                          force=force, inputs=(teacher_path, eval_data))  # fmt: skip
+    folder = OutputFolder(out if out is not None else default_out_dir(teacher_path), force=force,
+                          inputs=(teacher_path, eval_data, model_class_file(model_class)))
     folder.check()
     with folder:
         start = time.perf_counter()
@@ -231,7 +235,8 @@ def compress(
                                 eval_data=eval_data, task=task, command=command,
                                 timings=timings)  # fmt: skip
         out_dir = folder.commit()
-    shutil.rmtree(folder.checkpoint_dir, ignore_errors=True)  # finished: nothing to resume
+    if not report["problems"]:  # finished well: nothing to resume (a failed run may resume)
+        Checkpointer.remove(folder.checkpoint_dir / CHECKPOINT_NAME)
     if report["problems"]:
         from .health import StudentFailed
 
@@ -243,51 +248,95 @@ def compress(
     return CompressResult(out_dir, inputs.teacher, inputs.plan, report)
 
 
-def _write_outputs(work: Path, inputs: _Inputs, result, *, opset, seed, eval_data, task,
-                   command, timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+@dataclass
+class _Measurements:
+    """Both models measured as shipped (ONNX in onnxruntime)."""
+
+    teacher_onnx_bytes: int | None  # None: the teacher could not be exported to measure it
+    teacher_latency_ms: float | None
+    student_latency_ms: float
+    teacher_accuracy: float | None = None  # on --eval-data
+    student_accuracy: float | None = None
+    agreement: float | None = None  # student-teacher top-1 agreement
+    agreement_on: str | None = None  # on what: "eval data" or generated inputs
+
+
+def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, *, opset, seed,
+                   eval_data, task, command, timings: dict[str, float]) -> dict[str, Any]:
     """Export and verify the student, measure both models, write report and pictures."""
     from .distill import write_history_csv
-    from .evaldata import accuracy, predict
-    from .export import (
-        LEGACY_OPSET,
-        export_onnx,
-        export_student,
-        onnx_latency_ms,
-        onnx_predictions,
-    )
-    from .health import judge_student
+    from .export import export_student
     from .report import plot_curves, plot_samples, write_report
 
-    teacher, plan, data = inputs.teacher, inputs.plan, inputs.data
     write_history_csv(result.history, work / "history.csv")
     start = time.perf_counter()
-    exported = export_student(result.student, teacher.input_shape, work, opset=opset)
+    exported = export_student(result.student, inputs.teacher.input_shape, work, opset=opset)
     timings["export_verify_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    measure_dir = work / ".measure"
-    measure_dir.mkdir()
-    teacher_onnx = (
-        teacher.source
-        if teacher.format == "onnx"
-        # Only measured (size, latency): the legacy exporter is some 30x faster than dynamo.
-        else export_onnx(teacher.module, teacher.input_shape, measure_dir / "teacher.onnx",
-                         opset=LEGACY_OPSET)  # fmt: skip
+    measured = _measure(inputs, result, exported.onnx_path, work / ".measure")
+    timings["measure_s"] = time.perf_counter() - start  # accuracy, agreement, latency, sizes
+    report = _report(inputs, result, exported, measured, seed=seed, eval_data=eval_data,
+                     task=task, command=command)  # fmt: skip
+    start = time.perf_counter()
+    plot_curves(result.history, work / "curves.png")
+    plot_samples(result.sampler, inputs.teacher.module, inputs.domain, work / "samples.png")
+    timings["plots_s"] = time.perf_counter() - start
+    report["timings"] = {key: round(value, 2) for key, value in timings.items()}
+    write_report(report, work)
+    return report
+
+
+def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path,
+             scratch: Path) -> _Measurements:  # fmt: skip
+    """Sizes and latencies of both models; accuracies on the eval data (the student as
+    student.onnx), or agreement on fresh generated inputs without it."""
+    from .evaldata import accuracy, predict
+    from .export import LEGACY_OPSET, export_onnx, onnx_latency_ms, onnx_predictions
+
+    teacher, data = inputs.teacher, inputs.data
+    scratch.mkdir()
+    try:
+        if teacher.format == "onnx":
+            teacher_onnx = teacher.source
+        else:  # measured only (size, latency): the legacy exporter is ~30x faster than dynamo
+            teacher_onnx = export_onnx(teacher.module, teacher.input_shape,
+                                       scratch / "teacher.onnx", opset=LEGACY_OPSET,
+                                       what="the teacher (to measure it)")  # fmt: skip
+    except DaflError:
+        teacher_onnx = None  # reported as n/a: a measurement never fails the run
+    measured = _Measurements(
+        teacher_onnx_bytes=_onnx_size(teacher_onnx) if teacher_onnx else None,
+        teacher_latency_ms=onnx_latency_ms(teacher_onnx, teacher.input_shape)
+        if teacher_onnx
+        else None,
+        student_latency_ms=onnx_latency_ms(student_onnx, teacher.input_shape),
     )
-    teacher_acc = student_acc = None
-    agreement = {"value": None, "on": None}
-    if data is not None:  # the student measured as shipped: student.onnx in onnxruntime
+    shutil.rmtree(scratch)
+    if data is not None:
         teacher_pred = predict(teacher.module, data)
-        student_pred = onnx_predictions(exported.onnx_path, data.x)
-        teacher_acc, student_acc = accuracy(teacher_pred, data.y), accuracy(student_pred, data.y)
-        agreement = {"value": accuracy(student_pred, teacher_pred), "on": "eval data"}
+        student_pred = onnx_predictions(student_onnx, data.x)
+        measured.teacher_accuracy = accuracy(teacher_pred, data.y)
+        measured.student_accuracy = accuracy(student_pred, data.y)
+        measured.agreement = accuracy(student_pred, teacher_pred)
+        measured.agreement_on = "eval data"
     elif result.sampler is not None:
         x = result.sampler(512)
         with torch.no_grad():
             teacher_pred = teacher.module.eval()(x).argmax(1)
-        agreement = {"value": accuracy(onnx_predictions(exported.onnx_path, x), teacher_pred),
-                     "on": "512 fresh generated inputs"}  # fmt: skip
-    problems = judge_student(teacher_acc, student_acc, result.health)
-    report = {
+        measured.agreement = accuracy(onnx_predictions(student_onnx, x), teacher_pred)
+        measured.agreement_on = "512 fresh generated inputs"
+    return measured
+
+
+def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
+            measured: _Measurements, *, seed, eval_data, task, command) -> dict[str, Any]:
+    """report.json's content: status and problems first, then both models, the run, versions."""
+    from .health import judge_student
+
+    teacher, plan = inputs.teacher, inputs.plan
+    problems = judge_student(measured.teacher_accuracy, measured.student_accuracy,
+                             result.health, result.num_classes)  # fmt: skip
+    return {
         "status": "failed" if problems else "ok",
         "problems": problems,
         "teacher": {
@@ -298,9 +347,9 @@ def _write_outputs(work: Path, inputs: _Inputs, result, *, opset, seed, eval_dat
             "num_outputs": teacher.num_outputs,
             "params": teacher.analysis.params,
             "macs": teacher.analysis.macs,
-            "onnx_bytes": _onnx_size(teacher_onnx),
-            "latency_ms": onnx_latency_ms(teacher_onnx, teacher.input_shape),
-            "accuracy": teacher_acc,
+            "onnx_bytes": measured.teacher_onnx_bytes,
+            "latency_ms": measured.teacher_latency_ms,
+            "accuracy": measured.teacher_accuracy,
             "widths": teacher.analysis.widths,
             "import_max_rel_diff": teacher.max_rel_diff,
         },
@@ -309,12 +358,12 @@ def _write_outputs(work: Path, inputs: _Inputs, result, *, opset, seed, eval_dat
             "params": plan.analysis.params,
             "macs": plan.analysis.macs,
             "onnx_bytes": exported.onnx_bytes,
-            "latency_ms": onnx_latency_ms(exported.onnx_path, teacher.input_shape),
-            "accuracy": student_acc,
+            "latency_ms": measured.student_latency_ms,
+            "accuracy": measured.student_accuracy,
             "accuracy_measured_on": "student.onnx (onnxruntime)",
             "widths": plan.analysis.widths,
         },
-        "agreement": agreement,
+        "agreement": {"value": measured.agreement, "on": measured.agreement_on},
         "health": asdict(result.health) if result.health else None,
         "generator_restarts": result.restarts,
         "onnx_check": {
@@ -338,15 +387,6 @@ def _write_outputs(work: Path, inputs: _Inputs, result, *, opset, seed, eval_dat
         "versions": _versions(),
         "command": command or " ".join(sys.argv),
     }
-    shutil.rmtree(measure_dir)
-    timings["measure_s"] = time.perf_counter() - start  # accuracy, agreement, latency, sizes
-    start = time.perf_counter()
-    plot_curves(result.history, work / "curves.png")
-    plot_samples(result.sampler, teacher.module, inputs.domain, work / "samples.png")
-    timings["plots_s"] = time.perf_counter() - start
-    report["timings"] = {key: round(value, 2) for key, value in timings.items()}
-    write_report(report, work)
-    return report
 
 
 def _onnx_size(path: Path) -> int:

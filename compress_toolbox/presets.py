@@ -31,11 +31,11 @@ class Preset:
     student_steps: int = 1  # student updates per generated batch (generator step)
     pool_size: int = 1  # student steps draw from the last pool_size generated batches
     kd_temperature: float = 1.0  # softmax temperature of the KD loss (the paper: 1)
-    # "paper": tanh + BatchNorm(affine=False) output (DAFL); "domain": pixels in [0, 1] mapped
-    # into the teacher's input domain (domain.py)
     student_lr_fine_tune: float | None = None  # a student from the teacher's weights (None:
     # student_lr)
     student_init: str = "fresh"  # what --init auto means: "fresh" (the paper) or "teacher"
+    # "paper": tanh + BatchNorm(affine=False) output (DAFL); "domain": pixels in [0, 1] mapped
+    # into the teacher's input domain (domain.py)
     generator_output: str = "paper"
     bounded_activation: bool = False  # scale-free, bounded activation loss (losses.py)
     gen_lr_conditional: float = 1e-2  # class-conditional generators (conditional, bn-prior)
@@ -58,7 +58,31 @@ class Preset:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise DaflError(f"unknown preset field(s): {', '.join(unknown)}")
-        return replace(self, **changes)
+        return replace(self, **changes).check()
+
+    def check(self) -> Preset:
+        """Raise DaflError naming the first field with an impossible value; return self."""
+        choices = {
+            "student_optimizer": ("adam", "sgd"),
+            "schedule": ("constant", "step", "cosine"),
+            "student_init": ("fresh", "teacher"),
+            "generator_output": ("paper", "domain"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise DaflError(f"preset {self.name}: {name} must be one of {', '.join(allowed)}")
+        positive = ("latent_dim", "batch_size", "gen_width", "gen_lr", "student_lr",
+                    "kd_temperature", "student_steps", "pool_size", "iters_per_epoch",
+                    "gen_lr_conditional")  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise DaflError(
+                    f"preset {self.name}: {name} must be a positive number, got {value!r}"
+                )
+        if self.batch_size < 2:
+            raise DaflError(f"preset {self.name}: batch size must be at least 2 (BatchNorm)")
+        return self
 
 
 PRESETS: dict[str, Preset] = {

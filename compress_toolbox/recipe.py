@@ -8,6 +8,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -95,9 +96,15 @@ def available_memory(device: torch.device) -> int | None:
     """Bytes free on ``device`` now (None when the platform does not say)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    try:  # MemAvailable counts reclaimable page cache, which MemFree (SC_AVPHYS_PAGES) omits
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not Linux
+    except (ValueError, OSError, AttributeError):  # neither says (not Linux)
         return None
 
 

@@ -197,6 +197,17 @@ class Checkpointer:
         os.replace(tmp, self.path)  # a crash never leaves a half-written checkpoint
         self.next_due = time.perf_counter() + self.every_s
 
+    @staticmethod
+    def remove(path: Path) -> None:
+        """Delete the checkpoint at ``path`` (and a stray temporary), then its folder if that
+        is left empty: only what this class writes, never anything else in the folder."""
+        for file in (path, path.with_name(path.name + ".tmp")):
+            file.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass  # not empty (someone else's files) or already gone
+
     def load(self, device: torch.device, expect: dict[str, Any]) -> dict[str, Any]:
         """The saved state; DaflError naming the file when it is unreadable, incomplete or made
         by another run (``expect``: key -> value that must match, e.g. method, teacher)."""

@@ -327,6 +327,16 @@ def test_student_and_zoo_commands(workspace, tmp_path, capsys):
     assert run_cli("student", workspace / "DigitsCNN.onnx", "--out", tmp_path / "s.pt2") == 0
     out = capsys.readouterr().out
     assert "[4, 8, 16, 10]" in out and (tmp_path / "s.pt2").is_file()
+    before = (tmp_path / "s.pt2").read_bytes()
+    assert run_cli("student", workspace / "DigitsCNN.onnx", "--out", tmp_path / "s.pt2") == 2
+    assert "exists (use --force" in capsys.readouterr().err
+    assert (tmp_path / "s.pt2").read_bytes() == before  # untouched without --force
+    assert run_cli("student", workspace / "DigitsCNN.onnx", "--out", tmp_path / "s.pt2",
+                   "--force", "--init", "fresh") == 0  # fmt: skip
+    assert not list(tmp_path.glob(".s.partial-*"))
+    teacher = workspace / "DigitsCNN.onnx"
+    assert run_cli("student", teacher, "--out", teacher, "--force") == 2
+    assert "that is the teacher" in capsys.readouterr().err
     assert run_cli("zoo", "list", "--task", "segmentation") == 0
     out = capsys.readouterr().out
     assert "unet_small" in out and "lenet5" not in out

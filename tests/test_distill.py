@@ -315,6 +315,17 @@ def test_exploding_training_stops_with_training_failed(digits):
         run(digits["cnn"][0], method="noise", iters=20, preset=exploding)
 
 
+def test_nan_student_weights_after_the_last_step_fail_as_training(digits):
+    student = small_cnn(8)
+
+    def poison(iteration):  # finite losses, then NaN weights: what a last bad step leaves
+        if iteration == 2:
+            student[0].weight.data[0, 0, 0, 0] = float("nan")
+
+    with pytest.raises(TrainingFailed, match=r"student's 0.weight became NaN"):
+        run(digits["cnn"][0], student=student, method="noise", iters=2, on_iteration=poison)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -325,6 +336,8 @@ def test_exploding_training_stops_with_training_failed(digits):
         ({"iters": 0}, "iters must be a positive number"),
         ({"threads": -1}, "threads must be a positive number"),
         ({"batch_size": 1}, "at least 2"),
+        ({"preset": replace(TINY, student_steps=0)}, "student_steps must be a positive"),
+        ({"preset": replace(TINY, schedule="linear")}, "schedule must be one of"),
     ],
 )
 def test_bad_options(digits, kwargs, message):

@@ -142,6 +142,12 @@ def test_judge_student():
     collapsed = Health(100, 10, 0.95, 0.9, 0.1, 0.0)
     assert "same class" in judge_student(None, None, collapsed)[0]
     assert judge_student(None, None, _health(100, 0.9)) == []
+    assert "no training iteration" in judge_student(None, None, None)[0]
+    assert "collapsed at the end" in judge_student(None, None, _health(100, 0.1))[0]
+    guessing = Health(100, 10, 0.95, 0.9, 0.12, 0.9)
+    assert "only 12%" in judge_student(None, None, guessing, num_classes=10)[0]
+    assert judge_student(None, None, Health(100, 10, 0.95, 0.9, 0.5, 0.9), num_classes=10) == []
+    assert judge_student(0.9, 0.8, None, num_classes=10) == []  # eval data decides
 
 
 def test_recipe_trades_student_steps_for_generator_steps_on_a_short_budget():

@@ -340,6 +340,11 @@ def test_fifo_as_eval_data_does_not_hang(corpus, tmp_path, capsys):
     assert run_cli(corpus["onnx"], "--eval-data", tmp_path / "x.npz", "--out",
                    tmp_path / "out", *FAST) == 2  # fmt: skip
     one_error_line(capsys, "x.npz", "not a regular file")
+    folder = tmp_path / "images"
+    (folder / "cat").mkdir(parents=True)
+    os.mkfifo(folder / "cat" / "a.png")  # an ImageFolder with a FIFO inside
+    assert run_cli(corpus["onnx"], "--eval-data", folder, "--out", tmp_path / "out", *FAST) == 2
+    one_error_line(capsys, "a.png", "not a regular file")
 
 
 # -- teachers that used to end in exit 1 ------------------------------------------------------
@@ -482,6 +487,26 @@ def test_model_class_from_the_working_folder(corpus, tmp_path, capsys, monkeypat
                    "--input-shape", "1,8,8") == 0  # fmt: skip
 
 
+def test_out_holding_the_model_class_file_is_refused_even_with_force(corpus, tmp_path, capsys):
+    code = tmp_path / "models"
+    code.mkdir()
+    (code / "net.py").write_text("from torch import nn\nclass Net(nn.Module):\n    pass\n")
+    torch.save(corpus["model"].state_dict(), tmp_path / "w.pth")
+    assert run_cli(tmp_path / "w.pth", "--model-class", f"{code / 'net.py'}:Net", "--out", code,
+                   "--force", *FAST) == 2  # fmt: skip
+    one_error_line(capsys, "holds the input", "net.py")
+    assert (code / "net.py").is_file()
+
+
+def test_successful_run_removes_only_its_own_checkpoint(corpus, tmp_path):
+    mine = tmp_path / "out.checkpoint" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("keep me")
+    assert run_cli(corpus["onnx"], "--out", tmp_path / "out", *FAST) == 0
+    assert mine.read_text() == "keep me"
+    assert list(mine.parent.iterdir()) == [mine]  # the run's checkpoint is gone
+
+
 def test_make_student_is_part_of_the_public_api():
     import compress_toolbox
 
@@ -587,3 +612,4 @@ def test_student_far_below_its_teacher_is_a_failure_not_a_success(corpus, tmp_pa
     assert "below half of the teacher's" in err and "kept for inspection" in err
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "failed" and "FAILED" in (out / "report.md").read_text()
+    assert (tmp_path / "out.checkpoint" / "dafl_checkpoint.pt").is_file()  # --resume can go on

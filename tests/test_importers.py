@@ -555,3 +555,20 @@ def test_legacy_export_reshape_with_batch_folded_in_stays_correct():
         x = torch.randn(batch, 4, 16)
         with torch.no_grad():
             torch.testing.assert_close(module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_exported_without_folding_keeps_batchnorm_for_the_bn_prior(tmp_path):
+    """The README's advice: ONNX exported with do_constant_folding=False keeps BatchNorm
+    statistics, so --method auto can use them."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 10)).eval()  # fmt: skip
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    torch.onnx.export(model, (torch.zeros(2, 1, 8, 8),), str(tmp_path / "bn.onnx"),
+                      dynamo=False, do_constant_folding=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})  # fmt: skip
+    teacher = load_teacher(tmp_path / "bn.onnx")
+    norms = [m for m in teacher.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 1
+    assert torch.allclose(norms[0].running_mean, model[1].running_mean)

@@ -72,6 +72,18 @@ def _load(path: Path, trust_pickle: bool) -> Any:
         ) from None
 
 
+def model_class_file(spec: str | None) -> Path | None:
+    """The user's file that ``--model-class`` names (``file.py:Class``, or ``pkg.mod:Class``
+    found in the working folder), without running it; None for library models."""
+    if not spec or ":" not in spec or spec.startswith(("zoo:", "torchvision:")):
+        return None
+    location = spec.rpartition(":")[0]
+    if location.endswith(".py"):
+        return Path(location)
+    local = Path(*location.split(".")).with_suffix(".py")
+    return local if local.is_file() else None
+
+
 def resolve_model_class(spec: str) -> tuple[Any, tuple[int, ...] | None]:
     """``pkg.mod:Class``, ``path/file.py:Class``, a torchvision or zoo model name.
 

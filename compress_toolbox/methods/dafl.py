@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..errors import DaflWarning
 from ..losses import (
     activation_loss,
     bounded_activation_loss,
@@ -33,6 +34,7 @@ class DAFL(GeneratorMethod):
         elif ctx.preset.w_a > 0:
             warnings.warn(
                 "teacher has no final Linear/1x1-conv layer: activation loss disabled",
+                DaflWarning,
                 stacklevel=2,
             )
         super().__init__(ctx)
