@@ -9,13 +9,15 @@ dafl-compress zoo list [--task TASK]                      the model zoo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -404,6 +406,24 @@ def _parse(argv: list[str]):
     return parser.parse_args(argv), runner
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, then raise it: a KeyboardInterrupt inside a library's
+    import (numpy's, measured) leaves that library half-initialised, and the error it then
+    raises replaces ours."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dafl-compress`` console script; returns the exit code.
 
@@ -416,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         try:
-            args, runner = _parse(argv)
+            with _ctrl_c_deferred():  # the parsers import torch, numpy & co.
+                args, runner = _parse(argv)
         except SystemExit as done:  # --help (0) or a usage error (2, one line already printed)
             return int(done.code or 0)
         from compress_toolbox.errors import DaflWarning
@@ -468,6 +489,13 @@ def entry_point() -> None:
         code = main()
     except KeyboardInterrupt:  # between the handlers above (rare)
         code = EXIT_INTERRUPTED
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        # Ctrl-C inside a C extension's import can leave CPython marked "KeyboardInterrupt
+        # unhandled", and it then kills itself with SIGINT at exit (status -2, not 130) although
+        # we handled it. Everything is cleaned up by now: leave with our code directly.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

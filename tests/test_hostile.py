@@ -562,10 +562,13 @@ def test_sigkill_then_resume_from_the_early_checkpoint(corpus, tmp_path):
     assert nothing_left_but_out and (out / "student.onnx").is_file()
 
 
-def test_ctrl_c_during_start_up_is_one_line(corpus, tmp_path):
+@pytest.mark.parametrize("delay", [1.0, 1.5, 2.0])
+def test_ctrl_c_during_start_up_is_one_line(corpus, tmp_path, delay):
+    """Exit 130 wherever the signal lands in the imports (one landing inside a C extension's
+    import used to end as a death by SIGINT, status -2, after our message)."""
     process = subprocess.Popen(_command(corpus, tmp_path / "out", "--iters", "5"), env=_env(),
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-    time.sleep(1.5)  # still importing torch
+    time.sleep(delay)  # still importing torch and friends
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
