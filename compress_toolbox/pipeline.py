@@ -235,9 +235,7 @@ def compress(
                                 eval_data=eval_data, task=task, command=command,
                                 timings=timings)  # fmt: skip
         out_dir = folder.commit()
-    if not report["problems"]:  # finished well: nothing to resume (a failed run may resume)
-        Checkpointer.remove(folder.checkpoint_dir / CHECKPOINT_NAME)
-    if report["problems"]:
+    if report["problems"]:  # the checkpoint stays: a failed run may --resume
         from .health import StudentFailed
 
         raise StudentFailed(
@@ -245,6 +243,7 @@ def compress(
             "for inspection (report.md, curves.png, samples.png); try a longer --time-budget, "
             "another --method or --student zoo"
         )
+    Checkpointer.remove(folder.checkpoint_dir / CHECKPOINT_NAME)  # finished: nothing to resume
     return CompressResult(out_dir, inputs.teacher, inputs.plan, report)
 
 
