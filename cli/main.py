@@ -215,8 +215,10 @@ def _student_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto",
                         help="auto: as compress does (the fast preset's choice)")  # fmt: skip
     parser.add_argument(
-        "--out", metavar="FILE.pt2", help="save the (untrained) student as a torch.export archive"
-    )
+        "--out", metavar="FILE.onnx|FILE.pt2",
+        help="save the (untrained) student: .onnx as ONNX, verified with onnxruntime; else a "
+        "torch.export archive",
+    )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     return parser
 
@@ -288,7 +290,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_student(args: argparse.Namespace) -> int:
     from compress_toolbox import load_teacher
     from compress_toolbox.errors import DaflError
-    from compress_toolbox.export import export_pt2
+    from compress_toolbox.export import export_onnx, export_pt2, verify_onnx
     from compress_toolbox.pipeline import plan_student
     from compress_toolbox.presets import PRESETS
 
@@ -303,13 +305,20 @@ def run_student(args: argparse.Namespace) -> int:
     plan = plan_student(teacher, "auto", width=args.width, init=init)
     _print_comparison(teacher.analysis, plan.analysis)
     if out is not None:
-        partial = out.with_name(f".{out.stem}.partial-{os.getpid()}.pt2")
+        as_onnx = out.suffix.lower() == ".onnx"
+        suffix = ".onnx" if as_onnx else ".pt2"
+        partial = out.with_name(f".{out.stem}.partial-{os.getpid()}{suffix}")
         try:
-            export_pt2(plan.module, teacher.input_shape, partial)
+            if as_onnx:
+                export_onnx(plan.module, teacher.input_shape, partial)
+                max_abs, _ = verify_onnx(plan.module, partial, teacher.input_shape)
+            else:
+                export_pt2(plan.module, teacher.input_shape, partial)
             os.replace(partial, out)  # atomically: an old file is never half-replaced
         finally:
             partial.unlink(missing_ok=True)
-        print(f"student saved to {out}")
+        check = f" (onnxruntime agrees: max abs diff {max_abs:.1e})" if as_onnx else ""
+        print(f"student saved to {out}{check}")
     return 0
 
 

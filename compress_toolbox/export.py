@@ -28,6 +28,7 @@ class ExportResult:
     onnx_bytes: int
     max_abs_diff: float
     max_rel_diff: float
+    pt2_skipped: str | None = None  # why no student.pt2 was written, if none was
 
 
 SUPPORTED_OPSETS = range(11, 23)
@@ -50,6 +51,16 @@ def export_program(module: nn.Module, input_shape: tuple[int, ...]):
         )
 
 
+def traceable_program(module: nn.Module, input_shape: tuple[int, ...]):
+    """``export_program``, or None when torch.export cannot trace ``module`` (some imported
+    ops read their constant inputs with ``.tolist()``/``.numpy()``, which torch.export's
+    symbolic tracing refuses: onnx2torch's Slice and Resize)."""
+    try:
+        return export_program(module, input_shape)
+    except Exception:
+        return None
+
+
 def export_onnx(
     module: nn.Module,
     input_shape: tuple[int, ...],
@@ -62,14 +73,18 @@ def export_onnx(
     """Write ``module`` as a single-file ONNX model with a dynamic batch dimension.
 
     ``opset`` None or >= 18 uses torch's default (dynamo) exporter, from ``program`` (its
-    ``torch.export``) when given; 11-17 the legacy (TorchScript-based) one. ``what`` names
-    the model in errors.
+    ``torch.export``) when given; 11-17 the legacy (TorchScript-based) one. With ``opset``
+    None, a module torch.export cannot trace is written by the legacy exporter at opset 17.
+    ``what`` names the model in errors.
     """
     check_opset(opset)
     path = Path(path)
     module = module.eval().cpu()
     example = random_inputs(input_shape, 2)  # batch 2: an example batch of 1 makes the batch static
     names = {"input_names": ["input"], "output_names": ["output"]}
+    if opset is None and program is None:
+        program = traceable_program(module, input_shape)
+        opset = None if program is not None else LEGACY_OPSET
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -120,26 +135,42 @@ def verify_onnx(module: nn.Module, path: str | Path, input_shape: tuple[int, ...
 def export_pt2(module: nn.Module, input_shape: tuple[int, ...], path: str | Path,
                program=None) -> Path:  # fmt: skip
     """Save ``module`` (or its ``program``) as a torch.export archive with a dynamic batch."""
-    torch.export.save(program or export_program(module, input_shape), path)
+    program = program or traceable_program(module, input_shape)
+    if program is None:
+        raise DaflError("cannot write a torch.export archive (.pt2) of this model: torch.export "
+                        "cannot trace it (an imported op reads constants); write .onnx instead")
+    torch.export.save(program, path)
     return Path(path)
 
 
 def export_student(
     student: nn.Module, input_shape: tuple[int, ...], out_dir: str | Path, *, opset=None
 ) -> ExportResult:
-    """Write student.onnx (verified), student.pt2 and student_state_dict.pt into ``out_dir``."""
+    """Write student.onnx (verified), student.pt2 and student_state_dict.pt into ``out_dir``;
+    no student.pt2 when torch.export cannot trace the student (``ExportResult.pt2_skipped``
+    says why; student.onnx then comes from the legacy exporter)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     student = student.eval().cpu()
-    program = export_program(student, input_shape)  # traced once for both files
+    program = traceable_program(student, input_shape)  # traced once for both files
+    if program is None:
+        if opset is not None and opset >= 18:
+            raise DaflError(f"cannot export the student at opset {opset}: torch.export cannot "
+                            f"trace it; use --opset {LEGACY_OPSET}")  # fmt: skip
+        opset = opset or LEGACY_OPSET
     onnx_path = export_onnx(student, input_shape, out_dir / "student.onnx", opset=opset,
                             program=program)  # fmt: skip
     max_abs, max_rel = verify_onnx(student, onnx_path, input_shape)
     torch.save(student.state_dict(), out_dir / "student_state_dict.pt")
-    export_pt2(student, input_shape, out_dir / "student.pt2", program=program)
+    skipped = None
+    if program is not None:
+        export_pt2(student, input_shape, out_dir / "student.pt2", program=program)
+    else:
+        skipped = "torch.export cannot trace the student (an imported op reads constants)"
     model = onnx.load(str(onnx_path), load_external_data=False)
     opset_used = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    return ExportResult(onnx_path, opset_used, onnx_path.stat().st_size, max_abs, max_rel)
+    return ExportResult(onnx_path, opset_used, onnx_path.stat().st_size, max_abs, max_rel,
+                        pt2_skipped=skipped)  # fmt: skip
 
 
 def onnx_latency_ms(path: str | Path, input_shape: tuple[int, ...], repeats: int = 50) -> float:

@@ -87,6 +87,48 @@ def _convert_gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return OperationConverterResult(torch_module=_Gelu(approximate), onnx_mapping=_mapping(node))
 
 
+def _convert_layer_norm(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """LayerNormalization-17 with constant scale (and bias) over the last dims: an
+    ``nn.LayerNorm`` shaped like its scale, which torch-pruning shrinks with its channels.
+    onnx2torch's own converter reads the normalised shape from the input's value_info, which is
+    unknown when sizes are computed at run time (it then builds ``normalized_shape=[0]``)."""
+    axis = node.attributes.get("axis", -1)
+    scale_name, *rest = node.input_values[1:]
+    bias_name = rest[0] if rest and rest[0] else None
+    constant = scale_name in graph.initializers and (
+        bias_name is None or bias_name in graph.initializers
+    )
+    scale = graph.initializers[scale_name].to_torch() if constant else None
+    if scale is None or axis != -scale.dim():  # e.g. a positive axis: rank needed, keep theirs
+        return _ONNX2TORCH_LAYER_NORM(node, graph)
+    module = nn.LayerNorm(tuple(scale.shape), eps=node.attributes.get("epsilon", 1e-5),
+                          bias=bias_name is not None)  # fmt: skip
+    with torch.no_grad():
+        module.weight.copy_(scale)
+        if bias_name is not None:
+            module.bias.copy_(graph.initializers[bias_name].to_torch())
+    return OperationConverterResult(
+        torch_module=module, onnx_mapping=_mapping(node, inputs=node.input_values[:1])
+    )
+
+
+def _convert_matmul(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """MatMul by a constant 2-D weight (a dense layer as TensorFlow, ONNX tools and token-wise
+    MLPs write it): an ``nn.Linear`` without bias, for inputs of any rank, so torch-pruning sees
+    a layer it can shrink; a following bias Add stays a per-channel constant. Other MatMuls
+    (attention's q @ k) keep onnx2torch's converter."""
+    constant = graph.initializers.get(node.input_values[1])
+    weight = None if constant is None else constant.to_torch()
+    if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+        return _ONNX2TORCH_MATMUL(node, graph)
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+    return OperationConverterResult(
+        torch_module=linear, onnx_mapping=_mapping(node, inputs=node.input_values[:1])
+    )
+
+
 def _delegating(op_type: str, version: int, check=None):
     """A converter that checks ``node`` then hands it to onnx2torch's converter of ``version``."""
     old = registry._CONVERTER_REGISTRY[registry.OperationDescription("", op_type, version)]
@@ -144,6 +186,15 @@ def _register(op_type: str, version: int, converter) -> None:
         registry._CONVERTER_REGISTRY[key] = converter
 
 
+def _op(op_type: str, version: int) -> registry.OperationDescription:
+    return registry.OperationDescription("", op_type, version)
+
+
+_LAYER_NORM_17 = _op("LayerNormalization", 17)
+_ONNX2TORCH_LAYER_NORM = registry._CONVERTER_REGISTRY[_LAYER_NORM_17]
+_ONNX2TORCH_MATMUL = registry._CONVERTER_REGISTRY[_op("MatMul", 13)]
+
+
 def _register_newer_versions() -> None:
     known: dict[str, list[int]] = {}
     for key in registry._CONVERTER_REGISTRY:
@@ -168,6 +219,10 @@ def _register_newer_versions() -> None:
                 _register(op_type, version, _delegating(op_type, newest, check))
     for version in _schema_versions("Gelu"):
         _register("Gelu", version, _convert_gelu)
+    # these replace onnx2torch's own converters (see their docstrings)
+    registry._CONVERTER_REGISTRY[_LAYER_NORM_17] = _convert_layer_norm
+    for version in _schema_versions("MatMul"):
+        registry._CONVERTER_REGISTRY[_op("MatMul", version)] = _convert_matmul
 
 
 _register_newer_versions()

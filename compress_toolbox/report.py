@@ -64,7 +64,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- input domain: {teacher.get('input_domain', 'n/a')}",
         f"- student accuracy is measured on the exported student.onnx with onnxruntime; "
         f"ONNX verified against PyTorch (max abs diff {report['onnx_check']['max_abs_diff']:.2e} "
-        f"at batch 1 and 7)",
+        f"at batch 1 and 7)"
+        + (f"; no student.pt2: {report['onnx_check']['pt2_skipped']}"
+           if report["onnx_check"].get("pt2_skipped") else ""),  # fmt: skip
         f"- command: `{report['command']}`",
         "",
     ]

@@ -16,9 +16,11 @@ from torch import fx, nn
 
 from .analysis import analyse
 from .errors import DaflError
+from .limits import LimitExceeded, bounded, is_out_of_memory, memory_cap
 from .shuffle_pruning import BalancedPruningError, needs_balanced_pruning, prune_balanced
 
 INITS = ("fresh", "teacher")
+DERIVE_SECONDS = 60.0  # torch-pruning can run away on some graphs: refuse rather than hang
 
 
 class StudentError(DaflError):
@@ -40,16 +42,47 @@ def _reinitialise(module: nn.Module) -> None:
             layer.reset_running_stats()
 
 
-def _prune(module: nn.Module, width: float, example_input: torch.Tensor, round_to) -> nn.Module:
-    ignored = _output_layer_names(module, example_input)
-    if needs_balanced_pruning(module) and round_to is None:
-        # Channel shuffles: MagnitudePruner would leave the following splits unbalanced.
-        trial = copy.deepcopy(module)  # pruned in place: a failure must not leave module half done
-        try:
-            protected = [trial.get_submodule(name) for name in ignored]
-            return prune_balanced(trial, width, example_input, protected)
-        except BalancedPruningError:
-            pass  # a pattern it does not handle: MagnitudePruner may still give a valid student
+# onnx2torch modules that apply a constant to a tensor element by element or join it to one
+_APPLIES_CONSTANT = ("OnnxBinaryMathOperation", "OnnxConcat", "OnnxExpand")
+
+
+def _constants_as_parameters(module: nn.Module) -> int:
+    """Turn an imported graph's per-channel constants into parameters; return how many.
+
+    Layer scales, BatchNorm left as Mul/Add, class tokens and position embeddings arrive as
+    buffers that an Add/Mul/Concat applies to the activations. torch-pruning shrinks a
+    parameter that no layer owns along its last non-singleton dimension, but leaves buffers
+    alone, so the student would multiply 16 channels by 32 constants. Weight matrices
+    (two dimensions above 1, e.g. of a MatMul) are left as they are.
+    """
+    if not isinstance(module, fx.GraphModule):
+        return 0
+    converted = 0
+    for node in module.graph.nodes:
+        if node.op != "get_attr" or not node.users:
+            continue
+        users_apply = all(
+            user.op == "call_module"
+            and type(module.get_submodule(user.target)).__name__ in _APPLIES_CONSTANT
+            for user in node.users
+        )
+        holder_name, _, name = node.target.rpartition(".")
+        holder = module.get_submodule(holder_name)
+        tensor = holder._buffers.get(name)
+        if not users_apply or tensor is None or not tensor.is_floating_point():
+            continue
+        per_channel = sum(size > 1 for size in tensor.shape) == 1
+        token_table = tensor.dim() == 3 and tensor.shape[0] == 1  # (1, tokens, channels)
+        if per_channel or token_table:
+            del holder._buffers[name]
+            holder.register_parameter(name, nn.Parameter(tensor.detach().clone()))
+            converted += 1
+    return converted
+
+
+def _prune_by_magnitude(module: nn.Module, width: float, example_input: torch.Tensor,
+                        round_to, protected: list[str]) -> nn.Module:  # fmt: skip
+    """torch-pruning's MagnitudePruner: every group keeps its largest-L1 channels."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MagnitudePruner(
@@ -57,11 +90,30 @@ def _prune(module: nn.Module, width: float, example_input: torch.Tensor, round_t
             example_input,
             importance=tp.importance.MagnitudeImportance(p=1),  # keep the largest-L1 channels
             pruning_ratio=1.0 - width,
-            ignored_layers=[module.get_submodule(name) for name in ignored],
+            ignored_layers=[module.get_submodule(name) for name in protected],
             round_to=round_to,
         )
         pruner.step()
     return module
+
+
+def _prune_balanced(module: nn.Module, width: float, example_input: torch.Tensor,
+                    round_to, protected: list[str]) -> nn.Module:  # fmt: skip
+    """Our balanced pruning (shuffle_pruning.py): every part of every channel split keeps
+    ``width`` of its channels (channel shuffles, cross-stage partial chunks, ghost modules)."""
+    if round_to is not None:
+        raise BalancedPruningError("balanced pruning does not round widths")
+    return prune_balanced(module, width, example_input,
+                          [module.get_submodule(name) for name in protected])  # fmt: skip
+
+
+def _strategies(module: nn.Module) -> list:
+    """Pruning strategies in the order to try: balanced first where a channel shuffle makes
+    MagnitudePruner wrong, else MagnitudePruner first and balanced pruning where it fails or
+    hardly shrinks (its independent choices unbalance channel splits)."""
+    if needs_balanced_pruning(module):
+        return [_prune_balanced, _prune_by_magnitude]
+    return [_prune_by_magnitude, _prune_balanced]
 
 
 def _check_student(student: nn.Module, teacher: nn.Module, example_input: torch.Tensor) -> None:
@@ -89,6 +141,58 @@ def _via_onnx(module: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     return module_via_onnx(module, tuple(example_input.shape[1:]), "teacher", dynamo=True)
 
 
+def _shrunk_enough(ratio: float, width: float) -> bool:
+    """A parameter ratio near ``width`` squared (0.25 at half width) rather than a student
+    whose coupled layers mostly stayed at full width (0.51 seen on GhostNet)."""
+    return ratio <= width * width + 0.15
+
+
+def _first_valid_student(attempts, teacher_module, width, example_input, round_to,
+                         time_limit) -> nn.Module:  # fmt: skip
+    """Prune a copy from each route (the module as given, then rebuilt through ONNX) with each
+    strategy in turn; return the first student that runs and shrinks enough, else the smallest
+    that runs. One bound on time and memory covers all tries."""
+    teacher_params = sum(p.numel() for p in teacher_module.parameters())
+    best: tuple[float, nn.Module] | None = None
+    last_error: BaseException | None = None
+    try:
+        with bounded(time_limit, memory_cap()):
+            for make_copy in attempts:
+                for strategy in _strategies(teacher_module):
+                    try:
+                        # torch-pruning leaves frozen parameters alone: the copy is made trainable
+                        module = make_copy().requires_grad_(True)
+                        _constants_as_parameters(module)
+                        protected = _output_layer_names(module, example_input)
+                        student = strategy(module, width, example_input, round_to, protected)
+                        _check_student(student, teacher_module, example_input)
+                    except Exception as error:  # torch-pruning raises all sorts: try the next
+                        if is_out_of_memory(error):
+                            raise  # bounded() makes it a LimitExceeded
+                        last_error = error
+                        continue
+                    ratio = sum(p.numel() for p in student.parameters()) / teacher_params
+                    if _shrunk_enough(ratio, width):
+                        return student
+                    if best is None or ratio < best[0]:
+                        best = (ratio, student)
+    except LimitExceeded as error:
+        if best is not None:
+            return best[1]
+        raise StudentError(
+            f"deriving a half-width student from this architecture {error} (torch-pruning's "
+            "channel mapping runs away on some graphs) and was stopped; pick one from the zoo "
+            "instead (--student zoo)"
+        ) from error
+    if best is not None:
+        return best[1]
+    raise StudentError(
+        "cannot derive a consistent half-width student from this architecture "
+        f"({type(last_error).__name__}: {str(last_error)[:200]}); pick one from the zoo "
+        "instead (--student zoo)"
+    ) from last_error
+
+
 def make_student(
     teacher_module: nn.Module,
     *,
@@ -97,6 +201,7 @@ def make_student(
     example_input: torch.Tensor,
     round_to: int | None = None,
     add_missing_batchnorm: bool = True,
+    time_limit: float | None = DERIVE_SECONDS,
 ) -> nn.Module:
     """Return a copy of ``teacher_module`` with every conv/linear width scaled by ``width``.
 
@@ -105,7 +210,8 @@ def make_student(
     weights of the kept channels (largest L1 norm). A fresh student without any BatchNorm
     layer (its teacher's were folded by the ONNX exporter) gets one after every convolution but
     the output layer, unless ``add_missing_batchnorm=False`` (see ``add_batchnorm``). The
-    teacher is never modified.
+    teacher is never modified. Derivation is bounded: past ``time_limit`` seconds or half of
+    the free memory (at most 8 GiB more) it stops with a StudentError.
     """
     if not 0.0 < width < 1.0:
         raise StudentError(f"width must be between 0 and 1 (exclusive), got {width}")
@@ -117,20 +223,8 @@ def make_student(
     attempts = [lambda: copy.deepcopy(teacher_module)]
     if not isinstance(teacher_module, fx.GraphModule):
         attempts.append(lambda: _via_onnx(copy.deepcopy(teacher_module), example_input))
-    errors = []
-    for make_copy in attempts:
-        try:
-            # torch-pruning leaves frozen parameters alone: the copy is made trainable first
-            student = _prune(make_copy().requires_grad_(True), width, example_input, round_to)
-            _check_student(student, teacher_module, example_input)
-            break
-        except Exception as error:  # torch-pruning raises all sorts; try the next route
-            errors.append(f"{type(error).__name__}: {error}")
-    else:
-        raise StudentError(
-            "cannot derive a consistent half-width student from this architecture "
-            f"({errors[-1][:200]}); pick one from the zoo instead (--student zoo)"
-        )
+    student = _first_valid_student(attempts, teacher_module, width, example_input, round_to,
+                                   time_limit)  # fmt: skip
     after = sum(p.numel() for p in student.parameters())
     if after >= before:
         raise StudentError(

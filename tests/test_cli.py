@@ -342,6 +342,15 @@ def test_student_and_zoo_commands(workspace, tmp_path, capsys):
     assert "unet_small" in out and "lenet5" not in out
 
 
+def test_student_command_writes_a_verified_onnx_file(workspace, tmp_path, capsys):
+    assert run_cli("student", workspace / "DigitsCNN.onnx", "--out", tmp_path / "s.onnx") == 0
+    assert "onnxruntime agrees" in capsys.readouterr().out
+    import onnx
+
+    onnx.checker.check_model(str(tmp_path / "s.onnx"))  # an ONNX file, not an archive so named
+    assert not list(tmp_path.glob(".s.partial-*"))
+
+
 def test_help_explains_options(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out

@@ -1,0 +1,128 @@
+"""Bounds on work that can run away on a user's model: the wall time and memory of a block.
+
+Student derivation walks the teacher's dependency graph with torch-pruning, whose channel index
+mapping can grow without end on some imported graphs (a PoolFormer grew to 22.8 GB in 200 s).
+``bounded`` turns such a run into an exception within a known time and memory, so the caller
+can refuse with one clear line instead of hanging or taking the machine down.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .recipe import available_memory
+
+DEFAULT_MEMORY_CAP = 8 * 2**30  # bytes a bounded block may add, at most half of what is free
+
+
+class LimitExceeded(Exception):
+    """A bounded block ran past its time or memory; ``what`` is "time" or "memory"."""
+
+    def __init__(self, what: str, message: str):
+        super().__init__(message)
+        self.what = what
+
+
+@dataclass
+class _Deadline:
+    """A timer that interrupts the main thread once, unless the block finished first."""
+
+    seconds: float
+    fired: bool = False
+    finished: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fire(self) -> None:
+        with self.lock:
+            if not self.finished:
+                self.fired = True
+                _thread.interrupt_main()  # a KeyboardInterrupt in the main thread
+
+    def finish(self) -> None:
+        with self.lock:
+            self.finished = True
+
+
+def memory_cap(fraction_of_free: float = 0.5, at_most: int = DEFAULT_MEMORY_CAP) -> int | None:
+    """Bytes a bounded block may add: half of the memory free now, at most 8 GiB (None when
+    the platform does not say how much is free)."""
+    free = available_memory(torch.device("cpu"))
+    return None if free is None else min(at_most, int(free * fraction_of_free))
+
+
+def _virtual_size() -> int | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+@contextmanager
+def _address_space_cap(extra_bytes: int | None) -> Iterator[None]:
+    """Cap this process's address space at its current size plus ``extra_bytes`` (Linux and
+    other systems with RLIMIT_AS; a no-op elsewhere, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    size = _virtual_size()
+    if resource is None or extra_bytes is None or size is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = size + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY and soft <= limit:
+        yield  # already capped tighter by the user or the system
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (Python's or torch's CPU allocator)."""
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+@contextmanager
+def bounded(seconds: float | None, memory_bytes: int | None) -> Iterator[None]:
+    """Run the block within ``seconds`` of wall time and ``memory_bytes`` more address space;
+    raise LimitExceeded otherwise. The time bound works in the main thread only (it interrupts
+    it as Ctrl-C would, between Python bytecodes); a real Ctrl-C still propagates."""
+    deadline = None
+    timer = None
+    if seconds is not None and threading.current_thread() is threading.main_thread():
+        deadline = _Deadline(seconds)
+        timer = threading.Timer(seconds, deadline.fire)
+        timer.daemon = True
+        timer.start()
+    try:
+        with _address_space_cap(memory_bytes):
+            yield
+    except KeyboardInterrupt:
+        if deadline is not None and deadline.fired:
+            raise LimitExceeded("time", f"took over {seconds:.0f} s") from None
+        raise
+    except Exception as error:
+        if is_out_of_memory(error):
+            limit = f"{memory_bytes / 2**30:.1f} GiB" if memory_bytes else "the memory"
+            raise LimitExceeded("memory", f"needed more than {limit} of memory") from error
+        raise
+    finally:
+        if deadline is not None:
+            deadline.finish()  # a timer firing from now on does nothing
+            timer.cancel()
