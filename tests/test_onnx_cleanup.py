@@ -20,6 +20,7 @@ from compress_toolbox import load_teacher
 from compress_toolbox.analysis import analyse, count_params
 from compress_toolbox.export import export_onnx, verify_onnx
 from compress_toolbox.onnx_cleanup import clean_up
+from compress_toolbox.pipeline import plan_student
 from compress_toolbox.student import ChannelOrderError, make_student
 
 
@@ -219,6 +220,15 @@ def test_hwc_flatten_of_unknown_size_refuses_teacher_init(tmp_path):
         make_student(teacher, width=0.5, init="teacher", example_input=x)
     student = make_student(teacher, width=0.5, init="fresh", example_input=x)
     assert student(x).shape == (2, 10)
+
+
+def test_hwc_flatten_of_unknown_size_falls_back_to_fresh_init_when_auto(tmp_path):
+    teacher = load_teacher(_nhwc_lenet(tmp_path / "nhwc.onnx", True), input_shape=(3, 4, 4))
+    with pytest.raises(ChannelOrderError):  # asked for by the user: refused
+        plan_student(teacher, init="teacher")
+    plan = plan_student(teacher, init="teacher", init_fallback=True)  # the preset's choice
+    assert not plan.from_teacher
+    assert "init fresh, not from the teacher's weights: H,W,C flatten" in plan.kind
 
 
 def test_onnxruntime_keeps_batchnorm_statistics(tmp_path):
