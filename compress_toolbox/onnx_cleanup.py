@@ -10,6 +10,9 @@ a PyTorch module that torch-pruning cannot shrink:
   saves its optimised model) and keep its result only if it holds nothing but standard ONNX ops.
   It is run only on graphs that have something to fold, so other models import as before, and
   with its Conv+BatchNormalization fusion off: BatchNorm statistics feed the ``bn-prior`` method.
+  A per-channel Mul/Add that follows no conv (BatchNorm after a residual Add, as in
+  pre-activation ResNets) cannot be folded: it becomes a depthwise 1x1 conv, a layer
+  torch-pruning shrinks with the channels it scales.
 * Dense layers written as ``MatMul`` with a constant weight (+ ``Add``): onnx2torch makes a bare
   matmul with a constant, invisible as a layer. A 2-D ``MatMul`` becomes ``Gemm``, which
   onnx2torch turns into ``nn.Linear`` (onnxruntime already fuses MatMul+Add into Gemm; a MatMul
@@ -40,11 +43,13 @@ _CHANNELS_LAST = [0, 2, 3, 1]
 
 
 def clean_up(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy of ``model`` with per-channel Mul/Add and Pad folded into convs, 2-D
-    MatMul dense layers as Gemm, and H,W,C flattens before a dense layer turned into C,H,W."""
+    """Return a copy of ``model`` with per-channel Mul/Add and Pad folded into convs (or, where
+    no conv precedes them, as depthwise 1x1 convs), 2-D MatMul dense layers as Gemm, and H,W,C
+    flattens before a dense layer turned into C,H,W."""
     if needs_folding(model):
         model = ort_basic_optimize(model) or model
     model = _copy(model)
+    affine_to_depthwise_conv(model)
     matmul_to_gemm(model)
     channels_first_flatten(model)
     return model
@@ -73,14 +78,13 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def _drop_nodes(graph: onnx.GraphProto, dropped: set[int]) -> None:
-    """Remove the nodes whose ``id`` is in ``dropped``, then initializers no node reads."""
-    if not dropped:
-        return
+    """Remove the nodes whose ``id`` is in ``dropped``, then the initializers no node reads
+    (those also listed as graph inputs, as old exporters write them, stay)."""
     kept = [n for n in graph.node if id(n) not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
     used = {name for node in graph.node for name in node.input}
-    used |= {out.name for out in graph.output}
+    used |= {out.name for out in graph.output} | {inp.name for inp in graph.input}
     unused = [init for init in graph.initializer if init.name not in used]
     for init in unused:
         graph.initializer.remove(init)
@@ -161,6 +165,72 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     return shapes
 
 
+def _channel_values(name: str, initializers: dict, channels: int) -> np.ndarray | None:
+    """The ``channels`` values of a per-channel constant ``name``, else None."""
+    if name not in initializers or not _is_per_channel(initializers[name]):
+        return None
+    values = numpy_helper.to_array(initializers[name])
+    return values.reshape(-1) if values.size == channels else None
+
+
+def _affine_of(
+    node: onnx.NodeProto, initializers: dict, shapes: dict
+) -> tuple[str, np.ndarray, int] | None:
+    """(data input, per-channel constant, channels) of a Mul/Add on an NCHW tensor."""
+    if node.op_type not in ("Mul", "Add") or len(node.input) != 2:
+        return None
+    data, const = node.input
+    if data in initializers:
+        data, const = const, data
+    shape = shapes.get(data, [])
+    if len(shape) != 4 or not shape[1]:
+        return None
+    values = _channel_values(const, initializers, shape[1])
+    return None if values is None else (data, values, shape[1])
+
+
+def affine_to_depthwise_conv(model: onnx.ModelProto) -> int:
+    """Rewrite per-channel ``Mul`` (+ ``Add``), or ``Add`` alone, on an NCHW tensor as a
+    depthwise 1x1 ``Conv`` in place; returns how many. Those on a graph input (input
+    normalisation: its channels are never pruned) are left alone."""
+    graph = model.graph
+    if not any(node.op_type in ("Mul", "Add") for node in graph.node):
+        return 0
+    shapes = _shapes(model)
+    initializers = _initializers(graph)
+    users = _consumers(graph)
+    outputs = {out.name for out in graph.output}
+    inputs = {inp.name for inp in graph.input}
+    dropped: set[int] = set()
+    rewritten = 0
+    for node in graph.node:
+        found = _affine_of(node, initializers, shapes)
+        if id(node) in dropped or found is None or found[0] in inputs:
+            continue
+        data, values, channels = found
+        if node.op_type == "Mul":
+            scale, shift = values, np.zeros_like(values)
+        else:
+            scale, shift = np.ones_like(values), values
+        output = node.output[0]
+        following = users.get(output, [])
+        if node.op_type == "Mul" and len(following) == 1 and output not in outputs:
+            bias = _affine_of(following[0], initializers, shapes)
+            if following[0].op_type == "Add" and bias is not None and bias[0] == output:
+                shift, output = bias[1], following[0].output[0]
+                dropped.add(id(following[0]))
+        weight, bias = f"{output}_depthwise_weight", f"{output}_depthwise_bias"
+        graph.initializer.append(numpy_helper.from_array(scale.reshape(channels, 1, 1, 1), weight))
+        graph.initializer.append(numpy_helper.from_array(shift, bias))
+        conv = helper.make_node("Conv", [data, weight, bias], [output], name=node.name or output,
+                                group=channels, kernel_shape=[1, 1])  # fmt: skip
+        node.CopyFrom(conv)
+        rewritten += 1
+    if rewritten:
+        _drop_nodes(graph, dropped)
+    return rewritten
+
+
 def _bias_of(
     node: onnx.NodeProto, users: dict, initializers: dict, width: int, outputs: set[str]
 ) -> tuple[onnx.NodeProto, np.ndarray] | None:
@@ -213,7 +283,8 @@ def matmul_to_gemm(model: onnx.ModelProto) -> int:
         gemm = helper.make_node("Gemm", inputs, [output], name=node.name or output)
         node.CopyFrom(gemm)
         rewritten += 1
-    _drop_nodes(graph, dropped)
+    if rewritten:
+        _drop_nodes(graph, dropped)
     return rewritten
 
 
@@ -290,5 +361,6 @@ def channels_first_flatten(model: onnx.ModelProto) -> int:
         gemm.input[1] = name
         flatten.input[0] = transpose.input[0]
         removed.add(id(transpose))
-    _drop_nodes(graph, removed)
+    if removed:
+        _drop_nodes(graph, removed)
     return len(removed)

@@ -143,6 +143,33 @@ def test_batchnorm_as_mul_add_and_explicit_pad_fold_into_the_convs(tmp_path):
     assert 0.15 <= _ratio(student, teacher.module) <= 0.40
 
 
+def _preactivation_block(path) -> str:
+    """A residual block followed by BatchNorm (Mul/Add) on the sum: no conv to fold it into."""
+    g = _Graph(6)
+    stem = g.conv("x", 3, 16, pads=[1, 1, 1, 1])
+    h = g.op("Relu", g.mul_add(g.conv(stem, 16, 16, pads=[1, 1, 1, 1]), 16))
+    x = g.op("Relu", g.mul_add(g.op("Add", stem, g.conv(h, 16, 16, pads=[1, 1, 1, 1])), 16))
+    x = g.op("Relu", g.conv(x, 16, 32, pads=[1, 1, 1, 1], strides=[2, 2]))
+    x = g.op("Flatten", g.op("GlobalAveragePool", x), axis=1)
+    return g.save(path, g.dense(x, 32, 10), (3, 8, 8))
+
+
+def test_batchnorm_after_a_residual_add_becomes_a_depthwise_conv(tmp_path):
+    path = _preactivation_block(tmp_path / "preact.onnx")
+    cleaned = clean_up(onnx.load(path))
+    assert [node.op_type for node in cleaned.graph.node].count("Mul") == 0
+    groups = [a.i for n in cleaned.graph.node for a in n.attribute if a.name == "group"]
+    assert 16 in groups  # the Mul/Add pair after the residual Add
+    teacher = load_teacher(path).module
+    x = torch.randn(2, 3, 8, 8)
+    student = make_student(teacher, width=0.5, init="teacher", example_input=x)
+    assert 0.15 <= _ratio(student, teacher) <= 0.40
+    x5 = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        got, expected = student(x5), _mask_dropped_units(teacher, student)(x5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def _resnet_block(path) -> str:
     """Stem, a residual block whose shortcut is a strided 1x1 conv (run last), dense output."""
     g = _Graph(2)
