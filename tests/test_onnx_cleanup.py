@@ -192,6 +192,12 @@ def test_final_layer_is_the_dense_not_the_shortcut_conv(tmp_path):
     assert 0.20 <= _ratio(student, teacher.module) <= 0.30
 
 
+def test_final_layer_is_never_a_depthwise_conv():
+    """A per-channel scale after the classifier (a depthwise 1x1 conv) is not the classifier."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 5, 1), nn.Conv2d(5, 5, 1, groups=5))
+    assert analyse(model, (3, 8, 8)).final_layer == "1"
+
+
 def _nhwc_lenet(path, dynamic_size: bool = False) -> str:
     """Two convs, then TensorFlow's flatten: Transpose(0, 2, 3, 1), Reshape, dense layers."""
     g = _Graph(3)
