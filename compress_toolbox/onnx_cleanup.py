@@ -19,8 +19,9 @@ a PyTorch module that torch-pruning cannot shrink:
   without bias, or in a graph not optimised, is rewritten here).
 * TensorFlow flattens features in H, W, C order (``Transpose(0, 2, 3, 1)`` then ``Reshape``)
   before its first Dense; torch-pruning maps a Dense's input columns in C, H, W order, so a
-  student started from the teacher's weights would keep the wrong columns. The transpose is
-  removed and the Dense's weight rows permuted to C, H, W order instead: the same function.
+  student started from the teacher's weights would keep the wrong columns. The untransposed
+  tensor is flattened instead (the target shape may be constant or computed, as tf2onnx writes
+  it) and the Dense's weight rows permuted to C, H, W order: the same function.
 
 The rewritten graph is never trusted by itself: the importer verifies the converted module
 against the original file in onnxruntime.
@@ -288,25 +289,15 @@ def matmul_to_gemm(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-def _flatten_before_dense(
-    transpose: onnx.NodeProto, users: dict, initializers: dict, outputs: set[str]
-) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
-    """(flatten, gemm) when ``transpose``'s output is only flattened to 2-D, then only fed to a
-    Gemm with a constant weight as its first input."""
-    following = users.get(transpose.output[0], [])
-    if len(following) != 1 or transpose.output[0] in outputs:
+def _dense_after_flatten(
+    flatten: onnx.NodeProto, users: dict, initializers: dict, outputs: set[str]
+) -> onnx.NodeProto | None:
+    """The Gemm with a constant weight that alone reads ``flatten``'s output (a Reshape, however
+    its shape is computed, or a Flatten at axis 1). Gemm takes 2-D inputs only, so with the
+    weight's row count equal to the features per sample, the reshape is the N x (H*W*C) one."""
+    if flatten.op_type == "Flatten" and _attribute(flatten, "axis", 1) != 1:
         return None
-    flatten = following[0]
-    if flatten.op_type == "Reshape":
-        if flatten.input[1] not in initializers:
-            return None
-        target = numpy_helper.to_array(initializers[flatten.input[1]]).tolist()
-        if len(target) != 2 or target[0] not in (-1, 0):
-            return None
-    elif flatten.op_type == "Flatten":
-        if _attribute(flatten, "axis", 1) != 1:
-            return None
-    else:
+    if flatten.op_type not in ("Reshape", "Flatten"):
         return None
     dense = users.get(flatten.output[0], [])
     if len(dense) != 1 or flatten.output[0] in outputs or dense[0].op_type != "Gemm":
@@ -314,7 +305,7 @@ def _flatten_before_dense(
     gemm = dense[0]
     if gemm.input[0] != flatten.output[0] or gemm.input[1] not in initializers:
         return None
-    return flatten, gemm
+    return None if _attribute(gemm, "transA", 0) else gemm
 
 
 def _attribute(node: onnx.NodeProto, name: str, default):
@@ -324,9 +315,28 @@ def _attribute(node: onnx.NodeProto, name: str, default):
     return default
 
 
+def _permute_rows(gemm: onnx.NodeProto, graph: onnx.GraphProto, initializers: dict,
+                  chw: tuple[int, int, int]) -> bool:  # fmt: skip
+    """Give ``gemm`` a copy of its weight whose H,W,C-ordered input rows are in C,H,W order."""
+    channels, height, width = chw
+    weight = numpy_helper.to_array(initializers[gemm.input[1]])
+    transposed = bool(_attribute(gemm, "transB", 0))  # weight (out, K) instead of (K, out)
+    if weight.ndim != 2 or weight.shape[1 if transposed else 0] != channels * height * width:
+        return False
+    if transposed:
+        permuted = weight.reshape(-1, height, width, channels).transpose(0, 3, 1, 2)
+    else:
+        permuted = weight.reshape(height, width, channels, -1).transpose(2, 0, 1, 3)
+    name = f"{gemm.input[1]}_channels_first"
+    graph.initializer.append(numpy_helper.from_array(permuted.reshape(weight.shape), name))
+    gemm.input[1] = name
+    return True
+
+
 def channels_first_flatten(model: onnx.ModelProto) -> int:
-    """Remove ``Transpose(0, 2, 3, 1)`` before a flatten that feeds a dense layer, permuting the
-    dense weight's rows from H, W, C to C, H, W order in place; returns how many."""
+    """Flatten the tensor before ``Transpose(0, 2, 3, 1)`` instead of the transposed one where
+    the flatten feeds a dense layer, permuting the dense weight's rows from H,W,C to C,H,W
+    order, in place; the transpose goes once nothing else reads it. Returns how many."""
     graph = model.graph
     transposes = [n for n in graph.node if n.op_type == "Transpose"
                   and list(_attribute(n, "perm", [])) == _CHANNELS_LAST]  # fmt: skip
@@ -336,31 +346,17 @@ def channels_first_flatten(model: onnx.ModelProto) -> int:
     initializers = _initializers(graph)
     users = _consumers(graph)
     outputs = {out.name for out in graph.output}
-    removed: set[int] = set()
+    rewritten = 0
     for transpose in transposes:
-        found = _flatten_before_dense(transpose, users, initializers, outputs)
         shape = shapes.get(transpose.input[0], [])
-        if found is None or len(shape) != 4 or None in shape[1:]:
-            continue
-        flatten, gemm = found
-        channels, height, width = shape[1:]
-        weight = numpy_helper.to_array(initializers[gemm.input[1]])
-        features = channels * height * width
-        if _attribute(gemm, "transA", 0) or features not in weight.shape:
-            continue
-        if flatten.op_type == "Reshape":
-            target = numpy_helper.to_array(initializers[flatten.input[1]]).tolist()
-            if target[1] not in (-1, features):
-                continue
-        if _attribute(gemm, "transB", 0):  # (out, H*W*C)
-            permuted = weight.reshape(-1, height, width, channels).transpose(0, 3, 1, 2)
-        else:  # (H*W*C, out)
-            permuted = weight.reshape(height, width, channels, -1).transpose(2, 0, 1, 3)
-        name = f"{gemm.input[1]}_channels_first"
-        graph.initializer.append(numpy_helper.from_array(permuted.reshape(weight.shape), name))
-        gemm.input[1] = name
-        flatten.input[0] = transpose.input[0]
-        removed.add(id(transpose))
-    if removed:
-        _drop_nodes(graph, removed)
-    return len(removed)
+        if len(shape) != 4 or None in shape[1:]:
+            continue  # sizes unknown: student.channels_last_flatten refuses teacher init
+        for flatten in users.get(transpose.output[0], []):
+            gemm = _dense_after_flatten(flatten, users, initializers, outputs)
+            if gemm is not None and _permute_rows(gemm, graph, initializers, tuple(shape[1:])):
+                flatten.input[0] = transpose.input[0]
+                rewritten += 1
+    if rewritten:
+        used = {name for node in graph.node for name in node.input} | outputs
+        _drop_nodes(graph, {id(t) for t in transposes if t.output[0] not in used})
+    return rewritten

@@ -198,13 +198,21 @@ def test_final_layer_is_never_a_depthwise_conv():
     assert analyse(model, (3, 8, 8)).final_layer == "1"
 
 
-def _nhwc_lenet(path, dynamic_size: bool = False) -> str:
-    """Two convs, then TensorFlow's flatten: Transpose(0, 2, 3, 1), Reshape, dense layers."""
+def _nhwc_lenet(path, dynamic_size: bool = False, computed_shape: bool = False) -> str:
+    """Two convs, then TensorFlow's flatten: Transpose(0, 2, 3, 1), Reshape, dense layers.
+    ``computed_shape``: the reshape target is [batch, -1] computed from the input's shape, as
+    tf2onnx writes it for Keras' Flatten."""
     g = _Graph(3)
     x = g.op("Relu", g.conv("x", 3, 8, pads=[1, 1, 1, 1]))
-    x = g.op("Relu", g.conv(x, 8, 16, pads=[1, 1, 1, 1]))
-    x = g.op("Transpose", x, perm=[0, 2, 3, 1])
-    x = g.op("Reshape", x, g.const(np.array([-1, 4 * 4 * 16], np.int64)))
+    features = g.op("Relu", g.conv(x, 8, 16, pads=[1, 1, 1, 1]))
+    x = g.op("Transpose", features, perm=[0, 2, 3, 1])
+    if computed_shape:
+        ends = [g.const(np.array([i], np.int64)) for i in (0, 1)]
+        batch = g.op("Slice", g.op("Shape", features), *ends)
+        target = g.op("Concat", batch, g.const(np.array([-1], np.int64)), axis=0)
+    else:
+        target = g.const(np.array([-1, 4 * 4 * 16], np.int64))
+    x = g.op("Reshape", x, target)
     x = g.op("Relu", g.dense(x, 4 * 4 * 16, 32))
     path = g.save(path, g.dense(x, 32, 10), (3, 4, 4))
     if dynamic_size:  # H and W unknown: shape inference cannot size the flatten
@@ -230,8 +238,9 @@ def _mask_dropped_units(teacher: nn.Module, student: nn.Module) -> nn.Module:
     return masked
 
 
-def test_hwc_flatten_teacher_init_is_the_masked_teacher(tmp_path):
-    path = _nhwc_lenet(tmp_path / "nhwc.onnx")
+@pytest.mark.parametrize("computed_shape", [False, True], ids=["constant", "computed"])
+def test_hwc_flatten_teacher_init_is_the_masked_teacher(tmp_path, computed_shape):
+    path = _nhwc_lenet(tmp_path / "nhwc.onnx", computed_shape=computed_shape)
     assert "Transpose" not in _ops(path)  # the dense weight's rows were permuted instead
     teacher = load_teacher(path).module
     student = make_student(
