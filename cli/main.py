@@ -302,7 +302,9 @@ def run_student(args: argparse.Namespace) -> int:
             raise DaflError(f"--out {out}: exists (use --force to replace it)")
     teacher = load_teacher(args.teacher, **_teacher_kwargs(args))
     init = PRESETS["fast"].student_init if args.init == "auto" else args.init
-    plan = plan_student(teacher, "auto", width=args.width, init=init)
+    plan = plan_student(
+        teacher, "auto", width=args.width, init=init, init_fallback=args.init == "auto"
+    )
     _print_comparison(teacher.analysis, plan.analysis)
     if out is not None:
         as_onnx = out.suffix.lower() == ".onnx"

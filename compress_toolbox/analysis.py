@@ -133,8 +133,9 @@ def analyse(module: nn.Module, input_shape: tuple[int, ...]) -> Analysis:
 
     final_layer = None
     for name, layer, _ in reversed(records):
+        # a depthwise 1x1 conv (a per-channel scale, onnx_cleanup.py) never mixes channels
         if isinstance(layer, nn.Linear) or (
-            isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1)
+            isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.groups == 1
         ):
             final_layer = name
             break

@@ -113,10 +113,11 @@ def _convert_layer_norm(node: OnnxNode, graph: OnnxGraph) -> OperationConverterR
 
 
 def _convert_matmul(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
-    """MatMul by a constant 2-D weight (a dense layer as TensorFlow, ONNX tools and token-wise
-    MLPs write it): an ``nn.Linear`` without bias, for inputs of any rank, so torch-pruning sees
-    a layer it can shrink; a following bias Add stays a per-channel constant. Other MatMuls
-    (attention's q @ k) keep onnx2torch's converter."""
+    """MatMul by a constant 2-D weight that onnx_cleanup left (its MatMul+Add -> Gemm rewrite
+    takes 2-D inputs only; token-wise MLPs and ConvNeXt's channel-last ones have 3-D or 4-D
+    inputs): an ``nn.Linear`` without bias, so torch-pruning sees a layer it can shrink; a
+    following bias Add stays a per-channel constant, which make_student shrinks with it.
+    Other MatMuls (attention's q @ k) keep onnx2torch's converter."""
     constant = graph.initializers.get(node.input_values[1])
     weight = None if constant is None else constant.to_torch()
     if weight is None or weight.dim() != 2 or not weight.is_floating_point():

@@ -52,16 +52,28 @@ def plan_student(
     task: str = "classification",
     width: float = 0.5,
     init: str = "fresh",
+    init_fallback: bool = False,
 ) -> StudentPlan:
-    """``auto``: derive by halving widths; ``zoo``: pick by task; ``zoo:NAME``: that zoo model."""
+    """``auto``: derive by halving widths; ``zoo``: pick by task; ``zoo:NAME``: that zoo model.
+
+    ``init_fallback``: a derived student that cannot keep the teacher's weights (an H,W,C
+    flatten, see ``student.channels_last_flatten``) starts fresh instead, and ``kind`` says so.
+    """
     import model_zoo
 
-    from .student import make_student
+    from .student import ChannelOrderError, make_student
 
     if student == "auto":
         example = torch.randn(2, *teacher.input_shape)
-        module = make_student(teacher.module, width=width, init=init, example_input=example)
-        kind = f"derived (width {width}, init {init})"
+        note = ""
+        try:
+            module = make_student(teacher.module, width=width, init=init, example_input=example)
+        except ChannelOrderError:
+            if not init_fallback or init != "teacher":
+                raise
+            init, note = "fresh", ", not from the teacher's weights: H,W,C flatten"
+            module = make_student(teacher.module, width=width, init=init, example_input=example)
+        kind = f"derived (width {width}, init {init}{note})"
         if _batchnorms(module) > _batchnorms(teacher.module):
             kind += f", {_batchnorms(module)} BatchNorm layers added for training"
     elif student == "zoo":
@@ -142,8 +154,8 @@ class _Inputs:
     plan: StudentPlan
 
 
-def _load_inputs(teacher_path, *, task, student, width, init, eval_data, mean, std,
-                 teacher_options: dict[str, Any]) -> _Inputs:  # fmt: skip
+def _load_inputs(teacher_path, *, task, student, width, init, init_fallback, eval_data, mean,
+                 std, teacher_options: dict[str, Any]) -> _Inputs:  # fmt: skip
     from .evaldata import load_eval_data
 
     teacher = load_teacher(teacher_path, **teacher_options)
@@ -152,7 +164,8 @@ def _load_inputs(teacher_path, *, task, student, width, init, eval_data, mean, s
     data = None
     if eval_data:
         data = load_eval_data(eval_data, teacher.input_shape, domain, teacher.num_outputs)
-    plan = plan_student(teacher, student, task=task, width=width, init=init)
+    plan = plan_student(teacher, student, task=task, width=width, init=init,
+                        init_fallback=init_fallback)  # fmt: skip
     return _Inputs(teacher, domain, data, plan)
 
 
@@ -201,12 +214,14 @@ def compress(
     preset = options.validate()
     if init not in ("auto", "fresh", "teacher"):
         raise DaflError(f"--init {init!r}: expected auto, fresh or teacher")
+    init_fallback = init == "auto"  # the preset's choice may give way; the user's may not
     init = preset.student_init if init == "auto" else init
     check_opset(opset)
     InputDomain.from_options(mean, std)  # values checked now, channels once the teacher is known
     teacher_options = {"model_class": model_class, "model_kwargs": model_kwargs,
                        "input_shape": input_shape, "trust_pickle": trust_pickle}  # fmt: skip
     loading = {"task": task, "student": student, "width": width, "init": init,
+               "init_fallback": init_fallback,
                "eval_data": eval_data, "mean": mean, "std": std,
                "teacher_options": teacher_options}  # fmt: skip
     if dry_run:

@@ -12,11 +12,15 @@ import warnings
 
 import torch
 import torch_pruning as tp
+from onnx2torch.node_converters.flatten import OnnxFlatten
+from onnx2torch.node_converters.reshape import OnnxReshape
+from onnx2torch.node_converters.transpose import OnnxTranspose
 from torch import fx, nn
 
 from .analysis import analyse
 from .errors import DaflError
 from .limits import LimitExceeded, bounded, is_out_of_memory, memory_cap
+from .shape_agnostic import FlexibleReshape
 from .shuffle_pruning import BalancedPruningError, needs_balanced_pruning, prune_balanced
 
 INITS = ("fresh", "teacher")
@@ -25,6 +29,41 @@ DERIVE_SECONDS = 60.0  # torch-pruning can run away on some graphs: refuse rathe
 
 class StudentError(DaflError):
     """No valid student can be derived from this teacher."""
+
+
+class ChannelOrderError(StudentError):
+    """The teacher's weights cannot be kept: its dense layer reads features in H,W,C order."""
+
+
+# Modules that only flatten or reshape between a transpose and a dense layer.
+_FLATTENS = (nn.Flatten, OnnxFlatten, OnnxReshape, FlexibleReshape)
+
+
+def channels_last_flatten(module: nn.Module) -> str | None:
+    """The dense layer fed by an H,W,C flatten (``Transpose(0, 2, 3, 1)`` then a reshape, as
+    TensorFlow writes it) in an imported graph, else None.
+
+    torch-pruning maps a dense layer's input columns in C,H,W order: after such a flatten it
+    drops the wrong columns, harmless for a fresh student but not for one that keeps the
+    teacher's weights. onnx_cleanup rewrites the pattern away where the shapes are known.
+    """
+    if not isinstance(module, fx.GraphModule):
+        return None
+    for node in module.graph.nodes:
+        layer = module.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, OnnxTranspose):
+            continue
+        perm = list(layer.perm or [])
+        if len(perm) != 4 or perm[1] == 1:
+            continue
+        while len(node.users) == 1:
+            node = next(iter(node.users))
+            layer = module.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(layer, nn.Linear):
+                return str(node.target)
+            if not isinstance(layer, _FLATTENS):
+                break
+    return None
 
 
 def _output_layer_names(module: nn.Module, example_input: torch.Tensor) -> list[str]:
@@ -217,6 +256,13 @@ def make_student(
         raise StudentError(f"width must be between 0 and 1 (exclusive), got {width}")
     if init not in INITS:
         raise StudentError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    dense = channels_last_flatten(teacher_module) if init == "teacher" else None
+    if dense is not None:
+        raise ChannelOrderError(
+            f"the teacher flattens its features in H,W,C order before layer '{dense}' (as "
+            "TensorFlow does) and its shapes are not fixed, so a student cannot keep the "
+            "teacher's weights; use --init fresh"
+        )
     teacher_module.eval()
     example_input = example_input.detach()
     before = sum(p.numel() for p in teacher_module.parameters())

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 
 from ..errors import ImportFailed
+from ..onnx_cleanup import clean_up
 from ..onnx_compat import onnx_to_torch, opset_version, prepare_onnx_model
 from ..verification import tolerance_for
 from .base import FileHead, ImportedModel, register_importer, verify
@@ -132,12 +133,13 @@ def _onnxruntime_runner(path: Path, input_name: str, output_name: str, fixed_bat
 
 @register_importer("onnx", _sniff)
 def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
-    """Convert with onnx2torch (plus our converters for newer opsets); check with onnxruntime."""
+    """Convert with onnx2torch (plus our converters for newer opsets) after making the graph
+    prunable (onnx_cleanup.py); check against the original file with onnxruntime."""
     model = _parse(path, load_external_data=True)
     graph_input = _graph_input(model, path)
     _check_input_type(graph_input, path)
     shape, fixed_batch = _input_shape(graph_input, input_shape, path)
-    prepared = prepare_onnx_model(model)
+    prepared = clean_up(prepare_onnx_model(model))
     output = _pick_output(prepared, path)
     module = onnx_to_torch(prepared, path, shape).eval()
     runner = _onnxruntime_runner(path, graph_input.name, output, fixed_batch)
