@@ -59,9 +59,7 @@ def _nhwc(static: list, given: tuple[int, ...] | None, what: str) -> tuple[int, 
     if given:
         return tuple(given)
     if any(dim is None or dim < 0 for dim in static[1:]):
-        raise UserError(
-            f"{what} has no fixed size ({static}); give it with --input-shape C,H,W"
-        )
+        raise UserError(f"{what} has no fixed size ({static}); give it with --input-shape C,H,W")
     return tuple(int(dim) for dim in static[1:])
 
 
@@ -309,9 +307,7 @@ def route_tflite(source: Path, args):
 
     def convert():
         if quantisation == "float":
-            return tf2onnx.convert.from_tflite(
-                str(source), opset=OPSET, inputs_as_nchw=[name]
-            )[0]
+            return tf2onnx.convert.from_tflite(str(source), opset=OPSET, inputs_as_nchw=[name])[0]
         # from_tflite has no dequantize option: tf2onnx's command line does
         out = Path(args.out) / "dequantised.onnx"
         command = [sys.executable, "-m", "tf2onnx.convert", "--tflite", str(source),

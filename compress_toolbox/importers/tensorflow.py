@@ -95,6 +95,17 @@ def _source(path: Path, kind: str) -> Path:
     return path.resolve()
 
 
+def _check_options(path: Path, kind: str, options: dict) -> None:
+    if kind == "tf2" and not options.get("model_class"):
+        raise ImportFailed(
+            f"{path}: a TF2 checkpoint holds only weights, not the model: give the code "
+            "that builds it with --model-class file.py:build_fn (returning the Keras model)"
+        )
+    shape = options.get("input_shape")
+    if shape and len(shape) != 3:
+        raise ImportFailed(f"--input-shape {tuple(shape)}: a TensorFlow image model needs C,H,W")
+
+
 def _check_extra(path: Path, kind: str) -> None:
     missing = [name for name in ("tensorflow", "tf2onnx") if importlib.util.find_spec(name) is None]
     if missing:
@@ -107,15 +118,8 @@ def _converter_args(path: Path, kind: str, out: Path, options: dict) -> list[str
     args = ["--kind", kind, "--source", str(_source(path, kind)), "--out", str(out)]
     if options.get("input_shape"):
         shape = tuple(options["input_shape"])
-        if len(shape) != 3:
-            raise ImportFailed(f"--input-shape {shape}: a TensorFlow image model needs C,H,W")
         args += ["--shape", ",".join(map(str, (*shape[1:], shape[0])))]
     if kind == "tf2":
-        if not options.get("model_class"):
-            raise ImportFailed(
-                f"{path}: a TF2 checkpoint holds only weights, not the model: give the code "
-                "that builds it with --model-class file.py:build_fn (returning the Keras model)"
-            )
         args += ["--model-class", options["model_class"]]
         args += ["--model-kwargs", json.dumps(options.get("model_kwargs") or {})]
     if options.get("trust_pickle"):
@@ -200,6 +204,7 @@ def import_tensorflow(path: Path, **options) -> ImportedModel:
     """Convert with tf2onnx (opset 17, NCHW input) in a subprocess, import the ONNX, and check
     the result against TensorFlow (and the ONNX file against onnxruntime)."""
     kind = tf_kind(path)
+    _check_options(path, kind, options)
     _check_extra(path, kind)
     with tempfile.TemporaryDirectory(prefix="dafl-tf-") as folder:
         conversion = _run_converter(path, kind, Path(folder), options)
