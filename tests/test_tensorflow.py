@@ -23,6 +23,7 @@ import torch
 from models import example, export_dynamo
 from torch import nn
 
+from cli.main import main
 from compress_toolbox import ImportFailed, VerificationFailed, load_teacher, make_student
 from compress_toolbox.errors import DaflWarning
 from compress_toolbox.importers import detect_format
@@ -147,11 +148,14 @@ def test_student_of_keras_lenet(keras_lenet, tmp_path):
         np.testing.assert_allclose(got, student(x).numpy(), rtol=1e-3, atol=1e-3)
 
 
-def test_tf2_checkpoint_needs_the_model_code(tmp_path):
+def test_tf2_checkpoint_needs_the_model_code(tmp_path, capsys):
     _touch(tmp_path / "ckpt.data-00000-of-00001")
     index = _touch(tmp_path / "ckpt.index")
     with pytest.raises(ImportFailed, match="holds only weights.*--model-class file.py:build_fn"):
         load_teacher(index)
+    assert main(["inspect", str(index)]) == 2  # the command line: one line, no traceback
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ckpt.index: a TF2 checkpoint holds only" in err, err
 
 
 def test_missing_extra_says_how_to_install(tmp_path, monkeypatch):

@@ -225,15 +225,21 @@ def route_tf2(source: Path, args):
     model = _build_user_model(args.model_class, json.loads(args.model_kwargs or "{}"))
     prefix = str(source.with_suffix(""))
     roots = {name.split("/")[0] for name, _ in tf.train.list_variables(prefix)}
+    if "_CHECKPOINTABLE_OBJECT_GRAPH" not in roots:
+        raise UserError("a name-based (TF1) checkpoint: give its .meta graph file instead")
     roots -= {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"}
     root = "model" if "model" in roots else (next(iter(roots)) if len(roots) == 1 else None)
     if root is None:
         raise UserError(f"the checkpoint holds {', '.join(sorted(roots))}: which is the model?")
     shape, convert, run = _keras_model(model, args.shape, f"--model-class {args.model_class}")
     model(_tf().zeros((1, *shape)))  # create the variables before restoring into them
-    try:
-        tf.train.Checkpoint(**{root: model}).read(prefix).assert_consumed()
-    except AssertionError as error:
+    try:  # a wrong shape fails in read() (ValueError), a missing value in the assertion
+        status = tf.train.Checkpoint(**{root: model}).read(prefix)
+        if roots == {root}:
+            status.assert_consumed()  # every value in the file restored into the model
+        else:  # an optimizer's state beside the model stays unread: every model value must load
+            status.assert_existing_objects_matched()
+    except (AssertionError, ValueError) as error:
         raise UserError(
             f"the checkpoint does not match --model-class {args.model_class}: "
             f"{_first_line(error)[:300]}"
