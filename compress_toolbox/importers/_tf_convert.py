@@ -21,7 +21,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+import onnx
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -38,6 +43,16 @@ NOT_OUTPUTS = {
 
 class UserError(Exception):
     """A problem with the user's file or options, said in one line."""
+
+
+@dataclass
+class Route:
+    """How one format is read: its input size, its conversion, and TensorFlow running it."""
+
+    shape: tuple[int, ...]  # H, W, C
+    convert: Callable[[], onnx.ModelProto]
+    run: Callable[[np.ndarray], list[np.ndarray]]  # NHWC batch -> outputs, in ONNX order
+    notes: list[str] = field(default_factory=list)
 
 
 def _tf():
@@ -61,9 +76,6 @@ def _nhwc(static: list, given: tuple[int, ...] | None, what: str) -> tuple[int, 
     if any(dim is None or dim < 0 for dim in static[1:]):
         raise UserError(f"{what} has no fixed size ({static}); give it with --input-shape C,H,W")
     return tuple(int(dim) for dim in static[1:])
-
-
-# --- routes: each returns (convert: () -> ModelProto, run: nhwc batch -> list of outputs) ---
 
 
 def _traced(function, shape, outputs_of):
@@ -95,7 +107,7 @@ def _keras_model(model, given, what: str):
     if len(model.inputs) != 1:
         raise UserError(f"{what} has {len(model.inputs)} inputs; one is supported")
     shape = _nhwc(list(model.inputs[0].shape), given, f"{what}'s input")
-    return shape, *_traced(lambda x: model(x, training=False), shape, _flat_numpy)
+    return Route(shape, *_traced(lambda x: model(x, training=False), shape, _flat_numpy))
 
 
 def route_keras(source: Path, args):
@@ -127,10 +139,11 @@ def route_savedmodel(source: Path, args):
         raise UserError(f"serving_default takes {len(specs)} inputs ({', '.join(specs)})")
     key, spec = next(iter(specs.items()))
     shape = _nhwc(spec.shape.as_list(), args.shape, f"serving_default input '{key}'")
-    # through `loaded`: the signature alone does not keep the SavedModel's variables alive
-    return shape, *_traced(
-        lambda x: loaded.signatures["serving_default"](**{key: x}), shape, _flat_numpy
-    )
+
+    def serve(x):  # through `loaded`: the signature alone does not keep its variables alive
+        return loaded.signatures["serving_default"](**{key: x})
+
+    return Route(shape, *_traced(serve, shape, _flat_numpy))
 
 
 def _graph_io(graph_def, what: str) -> tuple[str, list[str]]:
@@ -186,7 +199,7 @@ def _from_graph_def(graph_def, args, what: str):
     def run(x):
         return session.run(output_names, {input_name: x})
 
-    return shape, convert, run
+    return Route(shape, convert, run)
 
 
 def route_frozen(source: Path, args):
@@ -231,8 +244,8 @@ def route_tf2(source: Path, args):
     root = "model" if "model" in roots else (next(iter(roots)) if len(roots) == 1 else None)
     if root is None:
         raise UserError(f"the checkpoint holds {', '.join(sorted(roots))}: which is the model?")
-    shape, convert, run = _keras_model(model, args.shape, f"--model-class {args.model_class}")
-    model(_tf().zeros((1, *shape)))  # create the variables before restoring into them
+    route = _keras_model(model, args.shape, f"--model-class {args.model_class}")
+    model(_tf().zeros((1, *route.shape)))  # create the variables before restoring into them
     try:  # a wrong shape fails in read() (ValueError), a missing value in the assertion
         status = tf.train.Checkpoint(**{root: model}).read(prefix)
         if roots == {root}:
@@ -244,7 +257,7 @@ def route_tf2(source: Path, args):
             f"the checkpoint does not match --model-class {args.model_class}: "
             f"{_first_line(error)[:300]}"
         ) from None
-    return shape, convert, run
+    return route
 
 
 def _build_user_model(spec: str, kwargs: dict):
@@ -309,7 +322,6 @@ def route_tflite(source: Path, args):
         )
     name = inputs[0]["name"]
     shape = _nhwc(list(inputs[0]["shape_signature"]), args.shape, f"TFLite input '{name}'")
-    _NOTES.append(f"tflite-{quantisation}")
 
     def convert():
         if quantisation == "float":
@@ -323,8 +335,6 @@ def route_tflite(source: Path, args):
         if done.returncode:
             tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
             raise UserError(f"tf2onnx --dequantize failed: {tail[0]}")
-        import onnx
-
         return onnx.load(str(out))
 
     def run(x):  # the interpreter at batch 1, sample by sample
@@ -335,15 +345,9 @@ def route_tflite(source: Path, args):
             interpreter.set_tensor(inputs[0]["index"], sample[None])
             interpreter.invoke()
             results.append([interpreter.get_tensor(o["index"]) for o in outputs])
-        return [_concat([r[k] for r in results]) for k in range(len(outputs))]
+        return [np.concatenate([r[k] for r in results]) for k in range(len(outputs))]
 
-    return shape, convert, run
-
-
-def _concat(arrays):
-    import numpy as np
-
-    return np.concatenate(arrays)
+    return Route(shape, convert, run, notes=[f"tflite-{quantisation}"])
 
 
 ROUTES = {
@@ -354,7 +358,6 @@ ROUTES = {
     "tf2": route_tf2,
     "tflite": route_tflite,
 }
-_NOTES: list[str] = []
 
 
 def _first_line(error: BaseException) -> str:
@@ -364,27 +367,23 @@ def _first_line(error: BaseException) -> str:
 
 def convert(args) -> None:
     """Run the route, write the ONNX file, TensorFlow's reference outputs and result.json."""
-    import numpy as np
-
     out = Path(args.out)
-    shape, to_onnx, run = ROUTES[args.kind](Path(args.source), args)
-    model = to_onnx()
-    import onnx
-
+    route = ROUTES[args.kind](Path(args.source), args)
+    model = route.convert()
     onnx.save(model, str(out / "model.onnx"))
     rng = np.random.default_rng(0)
     arrays = {}
     for i, batch in enumerate(REFERENCE_BATCHES):
-        x = rng.standard_normal((batch, *shape)).astype(np.float32)
+        x = rng.standard_normal((batch, *route.shape)).astype(np.float32)
         arrays[f"x{i}"] = x
-        for k, y in enumerate(run(x)):
+        for k, y in enumerate(route.run(x)):
             arrays[f"y{i}_{k}"] = np.asarray(y, dtype=np.float32)
     np.savez(out / "reference.npz", **arrays)
     result = {
         "input": model.graph.input[0].name,
-        "nhwc": list(shape),
+        "nhwc": list(route.shape),
         "outputs": [output.name for output in model.graph.output],
-        "notes": _NOTES,
+        "notes": route.notes,
     }
     (out / "result.json").write_text(json.dumps(result))
 
