@@ -49,7 +49,9 @@ def _add_teacher_options(parser: argparse.ArgumentParser) -> None:
         metavar="TEACHER",
         help="ONNX (.onnx, external data beside it is fine), TorchScript, "
         "torch.export (.pt2) or PyTorch checkpoint; the format is read from "
-        "the file's content",
+        "the file's content. With the tf extra: Keras .keras/.h5, a SavedModel "
+        "folder, frozen .pb, TF1 checkpoint .meta, TF2 checkpoint .index "
+        "(with --model-class file.py:build_fn) or .tflite",
     )
     group.add_argument(
         "--input-shape",
@@ -61,7 +63,8 @@ def _add_teacher_options(parser: argparse.ArgumentParser) -> None:
         "--model-class",
         metavar="SPEC",
         help="for a state_dict: package.module:Class, path/file.py:Class, "
-        "a model_zoo name or a torchvision model name",
+        "a model_zoo name or a torchvision model name; for a TF2 checkpoint: "
+        "path/file.py:build_fn returning the Keras model",
     )
     group.add_argument(
         "--model-kwargs",

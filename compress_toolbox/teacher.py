@@ -46,7 +46,9 @@ def load_teacher(
     input_shape: tuple[int, ...] | str | None = None,
     trust_pickle: bool = False,
 ) -> Teacher:
-    """Load ``path`` (ONNX, TorchScript, torch.export ``.pt2`` or a PyTorch checkpoint).
+    """Load ``path`` (ONNX, TorchScript, torch.export ``.pt2``, a PyTorch checkpoint, or a
+    TensorFlow/Keras model: ``.keras``, ``.h5``, SavedModel folder, frozen ``.pb``, checkpoint
+    ``.meta``/``.index``, ``.tflite``).
 
     The file's format is detected from its content. The imported module is compared with the
     original on random inputs at batch 1 and 3; a relative difference above 1e-4 raises
@@ -55,9 +57,7 @@ def load_teacher(
     path = Path(path)
     if not path.exists():
         raise ImportFailed(f"{path}: no such file")
-    if path.is_dir():
-        raise ImportFailed(f"{path}: is a directory, expected a model file")
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         raise ImportFailed(f"{path}: file is empty")
     if isinstance(model_kwargs, str):
         try:

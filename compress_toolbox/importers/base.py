@@ -68,11 +68,14 @@ def get_importer(name: str) -> Importer:
 
 
 def detect_format(path: Path) -> str:
-    """Name of the registered format whose sniffer accepts the file's content."""
-    with open(path, "rb") as handle:
-        head = handle.read(64)
+    """Name of the registered format whose sniffer accepts the file's content (or the folder:
+    a TensorFlow SavedModel)."""
+    head = b""
+    if path.is_file():
+        with open(path, "rb") as handle:
+            head = handle.read(64)
     zip_names: list[str] = []
-    if zipfile.is_zipfile(path):
+    if path.is_file() and zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
                 zip_names = archive.namelist()
@@ -82,9 +85,11 @@ def detect_format(path: Path) -> str:
     for name, (sniff, _) in _IMPORTERS.items():
         if sniff(info):
             return name
+    if path.is_dir():
+        raise ImportFailed(f"{path}: is a directory, expected a model file or a SavedModel folder")
     raise ImportFailed(
         f"{path}: not a model file this tool reads (expected ONNX, TorchScript, "
-        "torch.export .pt2 or a PyTorch checkpoint)"
+        "torch.export .pt2, a PyTorch checkpoint, or a TensorFlow/Keras model)"
     )
 
 

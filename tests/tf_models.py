@@ -1,0 +1,169 @@
+"""Small Keras teachers saved in every TensorFlow format, for tests/test_tensorflow.py.
+
+Run as a script in its own process (TensorFlow and torch in one process segfault):
+    python tests/tf_models.py OUT_DIR lenet [resnet mobilenet]
+writes OUT_DIR/<model>/<file> for each format and OUT_DIR/manifest.json ({model: {format: file}}).
+The build functions double as ``--model-class tf_models.py:lenet`` for TF2 checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers  # noqa: E402
+
+INPUTS = {"lenet": (28, 28, 1), "resnet": (32, 32, 3), "mobilenet": (32, 32, 3)}
+
+
+def lenet() -> keras.Model:
+    """LeNet-5 on 28x28x1 (61,706 parameters), logits out."""
+    return keras.Sequential(
+        [
+            keras.Input(INPUTS["lenet"]),
+            layers.Conv2D(6, 5, padding="same", activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(16, 5, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(120, activation="relu"),
+            layers.Dense(84, activation="relu"),
+            layers.Dense(10),
+        ]
+    )
+
+
+def _block(x, filters: int, stride: int):
+    shortcut = x
+    y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
+    y = layers.ReLU()(layers.BatchNormalization()(y))
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False)(y)
+    y = layers.BatchNormalization()(y)
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False)(x)
+        shortcut = layers.BatchNormalization()(shortcut)
+    return layers.ReLU()(layers.Add()([y, shortcut]))
+
+
+def resnet() -> keras.Model:
+    """A small ResNet (BatchNorm, identity and 1x1 shortcuts) on 32x32x3."""
+    inputs = keras.Input(INPUTS["resnet"])
+    x = layers.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+    x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = _block(x, 16, 1)
+    x = _block(x, 32, 2)
+    x = _block(x, 64, 2)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(10)(x))
+
+
+def mobilenet() -> keras.Model:
+    """Keras MobileNetV2 (alpha 0.35, random weights) on 32x32x3, logits out."""
+    return keras.applications.MobileNetV2(
+        input_shape=INPUTS["mobilenet"], alpha=0.35, weights=None, classes=10,
+        classifier_activation=None,
+    )  # fmt: skip
+
+
+def _randomise_batchnorm(model: keras.Model, rng: np.random.Generator) -> None:
+    """Fresh BatchNorm layers are the identity: give them statistics so verification bites."""
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([
+                rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
+                rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 1.5, var.shape),
+            ])  # fmt: skip
+
+
+def _frozen_graph(model: keras.Model):
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name="x")
+    function = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    return convert_variables_to_constants_v2(function).graph.as_graph_def()
+
+
+def _save_tf1_checkpoint(graph_def, prefix: Path) -> None:
+    """A TF1 graph with variables: the frozen graph's weight constants become variables."""
+    v1 = tf.compat.v1
+    with tf.Graph().as_default() as graph:
+        weights = {
+            node.name: tf.make_ndarray(node.attr["value"].tensor)
+            for node in graph_def.node
+            if node.op == "Const" and node.attr["value"].tensor.tensor_shape.dim
+        }
+        weights = {name: value for name, value in weights.items() if value.size > 1}
+        variables = {name: v1.Variable(value, name=f"var_{i}") for i, (name, value) in
+                     enumerate(weights.items())}  # fmt: skip
+        tf.import_graph_def(
+            graph_def, name="",
+            input_map={f"{name}:0": var.value() for name, var in variables.items()},
+        )  # fmt: skip
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            v1.train.Saver().save(session, str(prefix))
+
+
+def _tflite(saved_model: Path, mode: str, shape: tuple[int, ...]) -> bytes:
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if mode in ("int8", "dynamic"):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "int8":
+        rng = np.random.default_rng(1)
+        converter.representative_dataset = lambda: (
+            [rng.standard_normal((1, *shape)).astype(np.float32)] for _ in range(20)
+        )
+    return converter.convert()
+
+
+def save_all(name: str, out: Path) -> dict[str, str]:
+    """Build ``name`` and write it in every format; {format: path}."""
+    keras.utils.set_random_seed(0)
+    model = globals()[name]()
+    _randomise_batchnorm(model, np.random.default_rng(0))
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "keras": folder / "model.keras",
+        "h5": folder / "model.h5",
+        "savedmodel": folder / "savedmodel",
+        "frozen": folder / "frozen.pb",
+        "tf1": folder / "tf1" / "model.ckpt.meta",
+        "tf2": folder / "tf2" / "ckpt.index",
+        "tflite": folder / "float.tflite",
+        "tflite_int8": folder / "int8.tflite",
+        "tflite_dynamic": folder / "dynamic.tflite",
+    }
+    model.save(files["keras"])
+    model.save(files["h5"])
+    model.export(str(files["savedmodel"]), verbose=False)
+    graph_def = _frozen_graph(model)
+    files["frozen"].write_bytes(graph_def.SerializeToString())
+    files["tf1"].parent.mkdir()
+    _save_tf1_checkpoint(graph_def, files["tf1"].with_suffix(""))
+    tf.train.Checkpoint(model=model).write(str(files["tf2"].with_suffix("")))
+    shape = INPUTS[name]
+    for mode in ("float", "int8", "dynamic"):
+        key = "tflite" if mode == "float" else f"tflite_{mode}"
+        files[key].write_bytes(_tflite(files["savedmodel"], mode, shape))
+    return {key: str(path) for key, path in files.items()}
+
+
+def main(argv: list[str]) -> None:
+    out = Path(argv[0])
+    manifest = {name: save_all(name, out) for name in argv[1:]}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
