@@ -7,6 +7,7 @@ import math
 import os
 import re
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .domain import InputDomain
-from .errors import DaflError
+from .errors import DaflError, DaflWarning
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -274,6 +275,10 @@ def _finish(x, raw_y, input_shape, domain: InputDomain, num_classes: int | None,
         )
     if not torch.isfinite(x).all():
         raise EvalDataError(f"{path}: images contain NaN or infinite values")
+    if len(input_shape) == 3 and float(x.max()) > 1.5:  # a common mistake: 0-255 floats
+        warnings.warn(f"{path}: float pixels go up to {float(x.max()):.0f}, but float images are "
+                      "read as pixels in [0, 1]: save them as uint8, or divide by 255",
+                      DaflWarning, stacklevel=2)  # fmt: skip
     x = domain.to_model(x.float())
     return EvalData(x=x.float().contiguous(), y=torch.as_tensor(y_arr.astype(np.int64)),
                     source=str(path))  # fmt: skip

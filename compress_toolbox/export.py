@@ -104,6 +104,10 @@ def export_onnx(
             raise DaflError(f"cannot export {what} to ONNX: {error}") from error
     # One self-contained file: fold any external-data file back in (students are small).
     model = onnx.load(str(path))
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:  # torch.export names it "s6" or the like
+            dims[0].dim_param = "batch"
     onnx.save_model(model, str(path), save_as_external_data=False)
     for stray in path.parent.glob(path.name + ".data"):
         stray.unlink()

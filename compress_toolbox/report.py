@@ -62,6 +62,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- health of the generated inputs at the end: {_health(report.get('health'))}; "
         f"generator restarts after a collapse: {report.get('generator_restarts', 0)}",
         f"- input domain: {teacher.get('input_domain', 'n/a')}",
+        f"- student.onnx input: float32 `[batch, {', '.join(map(str, teacher['input_shape']))}]`"
+        + (" (channels first, whereas the TensorFlow teacher took channels last)"
+           if teacher.get("format") == "tensorflow" and len(teacher["input_shape"]) == 3
+           else ""),  # fmt: skip
         f"- student accuracy is measured on the exported student.onnx with onnxruntime; "
         f"ONNX verified against PyTorch (max abs diff {report['onnx_check']['max_abs_diff']:.2e} "
         f"at batch 1 and 7)"

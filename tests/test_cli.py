@@ -140,6 +140,11 @@ def check_output_folder(out: Path, eval_npz: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
     session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
+    assert session.get_inputs()[0].shape[0] == "batch"
+    shape = report["teacher"]["input_shape"]
+    assert f"student.onnx input: float32 `[batch, {', '.join(map(str, shape))}]`" in (
+        out / "report.md"
+    ).read_text()
     data = np.load(eval_npz)
     for batch in (1, 7):
         assert session.run(None, {input_name: data["x"][:batch]})[0].shape == (batch, 10)

@@ -50,6 +50,21 @@ def test_npz_float_nchw_with_per_channel_norm(tmp_path):
     torch.testing.assert_close(data.x, expected)
 
 
+def test_float_pixels_in_0_255_are_warned_about(tmp_path):
+    from compress_toolbox.errors import DaflWarning
+
+    x = RNG.integers(0, 256, (4, 8, 8)).astype(np.float32)  # 0-255 saved as float: a mistake
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(4, dtype=np.int64))
+    with pytest.warns(DaflWarning, match=r"up to 2\d\d\b.*divide by 255"):
+        load_eval_data(tmp_path / "d.npz", (1, 8, 8))
+    np.savez(tmp_path / "ok.npz", x=x / 255, y=np.zeros(4, dtype=np.int64))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DaflWarning)
+        load_eval_data(tmp_path / "ok.npz", (1, 8, 8))
+
+
 def test_resize_and_gray_to_rgb(tmp_path):
     x = RNG.integers(0, 256, (3, 16, 16), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(3))

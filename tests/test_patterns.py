@@ -38,7 +38,13 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("route", ["python", "dynamo", "legacy", "torchscript"])
+SLOW = pytest.mark.slow  # the fast suite keeps one or two routes per pattern
+
+
+@pytest.mark.parametrize(
+    "route", ["dynamo", "legacy", pytest.param("python", marks=SLOW),
+              pytest.param("torchscript", marks=SLOW)],
+)  # fmt: skip
 def test_convnext_blocks_halve_on_every_route(route, tmp_path):
     """LayerNorm over channels after a permute, token-wise MatMul dense layers, a layer
     scale: every piece shrinks with its channels."""
@@ -82,7 +88,7 @@ def test_layer_norm_with_run_time_sizes_imports_and_shrinks(tmp_path):
     assert [m.normalized_shape for m in student.modules() if isinstance(m, nn.LayerNorm)] == [(8,)]
 
 
-@pytest.mark.parametrize("route", ["dynamo", "legacy"])
+@pytest.mark.parametrize("route", ["legacy", pytest.param("dynamo", marks=SLOW)])
 @pytest.mark.parametrize("name", ["csp", "ghost", "padded-residual"])
 def test_channel_split_patterns_halve(name, route, tmp_path):
     """Cross-stage partial chunks, ghost modules (a conv and its cheap depthwise copy

@@ -201,3 +201,14 @@ def test_verification_against_tensorflow_catches_a_layout_mistake():
     assert good[1] < 1e-6
     with pytest.raises(VerificationFailed, match="m: the imported model differs from TensorFlow"):
         tf_importer._verify_against_tf(module, _conversion(module, True), 0, Path("m"), 1e-4)
+
+
+@needs_tf
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["keras", "h5", "tflite"])
+def test_truncated_files_are_named_as_damaged(tf_files, tmp_path, fmt):
+    original = Path(tf_files("lenet")[fmt])
+    damaged = tmp_path / original.name
+    damaged.write_bytes(original.read_bytes()[: original.stat().st_size // 3])
+    with pytest.raises(ImportFailed, match="truncated or corrupt"):
+        load_teacher(damaged)

@@ -112,8 +112,13 @@ def _keras_model(model, given, what: str):
 
 def route_keras(source: Path, args):
     """``.keras`` / ``.h5``: keras.saving.load_model with safe_mode unless --trust-pickle."""
+    import zipfile
+
     import keras
 
+    if source.suffix.lower() == ".keras" and not zipfile.is_zipfile(source):
+        # Keras itself answers "File not found" for a damaged .keras archive
+        raise UserError("not a readable .keras file (it is a zip archive: truncated or corrupt?)")
     try:
         model = keras.saving.load_model(source, compile=False, safe_mode=not args.trust_code)
     except ValueError as error:
@@ -123,13 +128,19 @@ def route_keras(source: Path, args):
                 "pass --trust-pickle if you trust the file"
             ) from None
         raise UserError(f"Keras cannot load it: {_first_line(error)}") from None
+    except OSError as error:  # h5py on a damaged .h5
+        raise UserError(f"cannot read it (truncated or corrupt?): {_first_line(error)}") from None
     return _keras_model(model, args.shape, "the Keras model")
 
 
 def route_savedmodel(source: Path, args):
     """A SavedModel folder: its ``serving_default`` signature."""
     tf = _tf()
-    loaded = tf.saved_model.load(str(source))
+    try:
+        loaded = tf.saved_model.load(str(source))
+    except (OSError, ValueError) as error:  # e.g. "Wire format was corrupt"
+        raise UserError(f"cannot read the SavedModel (truncated or corrupt?): "
+                        f"{_first_line(error)}") from None  # fmt: skip
     signature = loaded.signatures.get("serving_default")
     if signature is None:
         names = ", ".join(loaded.signatures) or "none"
@@ -279,10 +290,18 @@ def _build_user_model(spec: str, kwargs: dict):
 
 def _tflite_quantisation(source: Path) -> str:
     """'float', 'int8' (activations quantised too) or 'dynamic' (int8 weights, float math)."""
+    try:
+        return _read_tflite_quantisation(source.read_bytes())
+    except Exception as error:  # a damaged flatbuffer fails anywhere while it is read
+        raise UserError(f"not a readable TFLite file (truncated or corrupt?): "
+                        f"{_first_line(error)}") from None  # fmt: skip
+
+
+def _read_tflite_quantisation(data: bytes) -> str:
     from tf2onnx.tflite.Model import Model
     from tf2onnx.tflite.TensorType import TensorType
 
-    model = Model.GetRootAsModel(source.read_bytes(), 0)
+    model = Model.GetRootAsModel(data, 0)
     graph = model.Subgraphs(0)
     integer = (TensorType.INT8, TensorType.UINT8)
 
