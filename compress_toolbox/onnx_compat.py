@@ -229,6 +229,24 @@ def _register_newer_versions() -> None:
 _register_newer_versions()
 
 
+def _expose_exporting_opset() -> None:
+    """onnx2torch's custom ONNX exports (Expand, Squeeze, ... in the legacy exporter) read the
+    opset being written from ``torch.onnx.symbolic_helper.GLOBALS`` (or its older
+    ``_export_onnx_opset_version``); torch 2.14 keeps it in
+    ``torch.onnx._internal.torchscript_exporter._globals`` instead, so the legacy export of an
+    imported graph failed with an AttributeError. Point it there."""
+    from torch.onnx import symbolic_helper
+
+    if any(hasattr(symbolic_helper, n) for n in ("GLOBALS", "_export_onnx_opset_version")):
+        return
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    symbolic_helper.GLOBALS = GLOBALS
+
+
+_expose_exporting_opset()
+
+
 # Constant's literal attributes and the tensor type each one holds.
 _LITERAL_TYPES = {
     "value_float": onnx.TensorProto.FLOAT,

@@ -240,6 +240,88 @@ def fuse_channel_slices(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
     return fused
 
 
+def _is_squeeze(layer: nn.Module) -> bool:
+    name = type(layer).__name__
+    return name.startswith("OnnxSqueeze")
+
+
+def _unbind_parts(module: fx.GraphModule, input_shape: tuple[int, ...]) -> dict:
+    """{squeeze node: (source node, index)} for each ``Squeeze(0)`` of one element of dim 0
+    of ``source``, cut by a Slice [i:i+1] on axis 0 or by an equal Split of dim 0 into ones;
+    observed in a forward pass at batch 2 (the element's index, the axes squeezed)."""
+    calls = {node.target: node for node in module.graph.nodes if node.op == "call_module"}
+    watched = {t: n for t, n in calls.items()
+               if _is_squeeze(module.get_submodule(t))
+               or isinstance(module.get_submodule(t), (OnnxSlice, EqualSplit))}  # fmt: skip
+    seen: dict[str, object] = {}
+    hooks = []
+    for target in watched:
+
+        def hook(layer, args, output, target=target):
+            if isinstance(layer, OnnxSlice):
+                x, starts, ends, *rest = args
+                axes = rest[0] if rest and rest[0] is not None else None
+                steps = rest[1] if len(rest) > 1 and rest[1] is not None else None
+                single = (axes is not None and axes.numel() == 1 and int(axes[0]) == 0
+                          and (steps is None or int(steps[0]) == 1)
+                          and output.shape[0] == 1)  # fmt: skip
+                seen[target] = int(starts[0]) % x.shape[0] if single else None
+            elif isinstance(layer, EqualSplit):
+                seen[target] = layer.axis == 0 and args[0].shape[0] == layer.parts
+            else:
+                x = args[0]
+                seen[target] = x.dim() >= 1 and x.shape[0] == 1 and output.shape == x.shape[1:]
+
+        hooks.append((module.get_submodule(target), hook))
+    if not hooks:
+        return {}
+    module.eval()
+    run_with_hooks(module, torch.randn(2, *input_shape), hooks)
+    parts = {}
+    for target, node in watched.items():
+        if _is_squeeze(module.get_submodule(target)) and seen.get(target):
+            element = _element_of(module, node.args[0], seen)
+            if element is not None:
+                parts[node] = element
+    return parts
+
+
+def _element_of(module: fx.GraphModule, cut: fx.Node, seen: dict) -> tuple | None:
+    """(source, index) when ``cut`` is one element of dim 0 of ``source``, else None."""
+    if cut.op == "call_module" and isinstance(module.get_submodule(cut.target), OnnxSlice):
+        index = seen.get(cut.target)
+        return None if index is None else (cut.args[0], index)
+    if cut.op == "call_function" and cut.target is operator.getitem:
+        split = cut.args[0]
+        if split.op == "call_module" and seen.get(split.target) is True:
+            return split.args[0], cut.args[1]
+    return None
+
+
+def fuse_unbinds(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
+    """Write ``x.unbind(0)`` as torch.unbind again: the exporters cut it into one Slice [i:i+1]
+    (or one equal Split) along dim 0 and a Squeeze per element, which torch-pruning maps onto
+    channels. Attention's q, k, v are cut this way from one qkv tensor; written as unbind,
+    torch-pruning shrinks the heads' width consistently. Returns how many unbinds."""
+    by_source: dict[fx.Node, dict[int, fx.Node]] = defaultdict(dict)
+    for squeeze, (source, index) in _unbind_parts(module, input_shape).items():
+        by_source[source][index] = squeeze
+    for source, squeezes in by_source.items():
+        with module.graph.inserting_after(source):
+            unbind = module.graph.call_function(torch.unbind, (source, 0))
+        for index, squeeze in squeezes.items():
+            with module.graph.inserting_after(unbind):
+                item = module.graph.call_function(operator.getitem, (unbind, index))
+            squeeze.replace_all_uses_with(item)
+            module.graph.erase_node(squeeze)
+    if by_source:
+        module.graph.eliminate_dead_code()
+        module.graph.lint()
+        module.recompile()
+        module.delete_all_unused_submodules()
+    return len(by_source)
+
+
 def _record_shapes(module: nn.Module, targets: list[str], example: torch.Tensor) -> dict:
     shapes: dict[str, tuple] = {}
     hooks = []
@@ -278,7 +360,7 @@ def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
     module.eval()  # recording shapes must not touch BatchNorm running statistics
     example = torch.randn(2, *input_shape)  # batch 2: a batch of 1 is ambiguous with unit dims
     if not candidates:
-        return fuse_channel_slices(module, input_shape)
+        return fuse_channel_slices(module, input_shape) + fuse_unbinds(module, input_shape)
     shapes = _record_shapes(module, list(candidates), example)
     if computed:
         shapes_at_3 = _record_shapes(module, sorted(computed), torch.randn(3, *input_shape))
@@ -307,4 +389,4 @@ def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
     module.graph.eliminate_dead_code()
     module.recompile()
     fuse_channel_shuffles(module)
-    return replaced + fuse_channel_slices(module, input_shape)
+    return replaced + fuse_channel_slices(module, input_shape) + fuse_unbinds(module, input_shape)

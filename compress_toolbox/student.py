@@ -17,7 +17,7 @@ from onnx2torch.node_converters.reshape import OnnxReshape
 from onnx2torch.node_converters.transpose import OnnxTranspose
 from torch import fx, nn
 
-from .analysis import analyse
+from .analysis import analyse, run_with_hooks
 from .errors import DaflError
 from .limits import LimitExceeded, bounded, is_out_of_memory, memory_cap
 from .shape_agnostic import FlexibleReshape
@@ -119,9 +119,60 @@ def _constants_as_parameters(module: nn.Module) -> int:
     return converted
 
 
+def _producing_linear(module: fx.GraphModule, node: fx.Node) -> nn.Linear | None:
+    """The Linear whose output ``node`` is, through bias Adds."""
+    while isinstance(node, fx.Node) and node.op == "call_module":
+        layer = module.get_submodule(node.target)
+        if isinstance(layer, nn.Linear):
+            return layer
+        if type(layer).__name__ != "OnnxBinaryMathOperation":
+            return None
+        node = next((a for a in node.args if isinstance(a, fx.Node) and a.op != "get_attr"), None)
+    return None
+
+
+def attention_heads(module: nn.Module, example_input: torch.Tensor) -> dict[nn.Linear, int]:
+    """{qkv layer: number of heads} of the multi-head attention in ``module``: a Python module
+    with ``num_heads`` and a ``qkv`` Linear (timm's convention), or, in an imported graph, a
+    Linear whose output is reshaped to (N, tokens, 3, heads, head_dim)."""
+    if not isinstance(module, fx.GraphModule):
+        return {layer.qkv: layer.num_heads for layer in module.modules()
+                if isinstance(getattr(layer, "qkv", None), nn.Linear)
+                and isinstance(getattr(layer, "num_heads", None), int)}  # fmt: skip
+    reshapes = [node for node in module.graph.nodes if node.op == "call_module"
+                and isinstance(module.get_submodule(node.target), (FlexibleReshape, OnnxReshape))]
+    shapes: dict[str, torch.Size] = {}
+
+    def recorder(target):
+        return lambda layer, args, output: shapes.__setitem__(target, output.shape)
+
+    run_with_hooks(module, example_input,
+                   [(module.get_submodule(n.target), recorder(n.target)) for n in reshapes])
+    heads = {}
+    for node in reshapes:
+        shape = shapes.get(node.target)
+        if shape is not None and len(shape) == 5 and shape[2] == 3:
+            layer = _producing_linear(module, node.args[0])
+            if layer is not None and layer.out_features == 3 * shape[3] * shape[4]:
+                heads[layer] = int(shape[3])
+    return heads
+
+
+def _update_head_dims(module: nn.Module) -> None:
+    """Python attention modules that keep their head size in ``head_dim`` (timm) read it in
+    forward: set it to the pruned width."""
+    for layer in module.modules():
+        qkv, heads = getattr(layer, "qkv", None), getattr(layer, "num_heads", None)
+        if isinstance(qkv, nn.Linear) and isinstance(heads, int) and hasattr(layer, "head_dim"):
+            layer.head_dim = qkv.out_features // (3 * heads)
+
+
 def _prune_by_magnitude(module: nn.Module, width: float, example_input: torch.Tensor,
                         round_to, protected: list[str]) -> nn.Module:  # fmt: skip
-    """torch-pruning's MagnitudePruner: every group keeps its largest-L1 channels."""
+    """torch-pruning's MagnitudePruner: every group keeps its largest-L1 channels. Attention
+    keeps its number of heads and halves each head's width with the embedding (every head
+    still sees every token; fewer heads would change the attention pattern more)."""
+    heads = attention_heads(module, example_input)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MagnitudePruner(
@@ -131,8 +182,12 @@ def _prune_by_magnitude(module: nn.Module, width: float, example_input: torch.Te
             pruning_ratio=1.0 - width,
             ignored_layers=[module.get_submodule(name) for name in protected],
             round_to=round_to,
+            num_heads=heads,
+            prune_head_dims=True,
+            prune_num_heads=False,
         )
         pruner.step()
+    _update_head_dims(module)
     return module
 
 

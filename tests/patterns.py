@@ -102,15 +102,15 @@ class PaddedResidualNet(nn.Module):
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.num_heads = heads  # timm's names: make_student reads them
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         n, length, dim = x.shape
-        qkv = self.qkv(x).reshape(n, length, 3, self.heads, dim // self.heads)
+        qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attn = (q @ k.transpose(-2, -1) * (dim // self.heads) ** -0.5).softmax(-1)
+        attn = (q @ k.transpose(-2, -1) * (dim // self.num_heads) ** -0.5).softmax(-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(n, length, dim))
 
 
