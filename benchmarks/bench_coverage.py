@@ -71,7 +71,7 @@ FAMILIES = [  # the issue's priority order first, then the 17 that worked
     Family("mixnet_s", "timm", "CNN"),
     Family("levit_128s", "timm", "hybrid", "img_size"),
     Family("swin_t", "torchvision", "transformer"),
-    Family("maxvit_t", "torchvision", "hybrid", "image_size"),
+    Family("maxvit_t", "torchvision", "hybrid", "input_size"),
     Family("efficientformer_l1", "timm", "hybrid", "img_size"),
     Family("alexnet", "torchvision", "CNN"),
     Family("vgg11_bn", "torchvision", "CNN"),
@@ -229,7 +229,8 @@ def build(family: Family, size: int):
     """The family with random weights and 10 classes, sized for ``size`` where it must be."""
     import torch
 
-    kwargs = {family.size_kwarg: size} if family.size_kwarg else {}
+    value = (size, size) if family.size_kwarg == "input_size" else size  # torchvision's MaxViT
+    kwargs = {family.size_kwarg: value} if family.size_kwarg else {}
     if family.source == "timm":
         import timm
 
@@ -384,7 +385,7 @@ def ensure_exported(family: Family, args: argparse.Namespace) -> dict:
         done = run_child([*child, "--routes", *missing], stages, args.mem_gb)
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"errors": {}}
         meta.setdefault("errors", {})
-        for route in missing:
+        for route in [] if "build_error" in meta else missing:
             if f"exported {route}" not in done.marks and route not in meta["errors"]:
                 timed_out = done.ended == "TIMEOUT"
                 how = "TIMEOUT" if timed_out else one_line(done.stderr, done.returncode)
