@@ -326,7 +326,8 @@ def student_child(teacher: str, out: str, shape: str, shape_option: str) -> int:
 
     def observed(*args, **kwargs):
         loaded = original(*args, **kwargs)  # raises unless it imported and verified
-        print(MARK + f"imported {loaded.max_rel_diff}", flush=True)
+        # to the real stdout: the CLI's own output is being captured below
+        print(MARK + f"imported {loaded.max_rel_diff}", file=sys.__stdout__, flush=True)
         return loaded
 
     compress_toolbox.load_teacher = observed

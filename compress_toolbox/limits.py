@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _thread
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,8 +106,14 @@ def bounded(seconds: float | None, memory_bytes: int | None) -> Iterator[None]:
     it as Ctrl-C would, between Python bytecodes); a real Ctrl-C still propagates."""
     deadline = None
     timer = None
+    previous_handler = None
     if seconds is not None and threading.current_thread() is threading.main_thread():
         deadline = _Deadline(seconds)
+        previous_handler = signal.getsignal(signal.SIGINT)
+        if not callable(previous_handler):
+            # interrupt_main does nothing while SIGINT is ignored (a process started in the
+            # background) or left to the OS: handle it in Python for the block's duration
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         timer = threading.Timer(seconds, deadline.fire)
         timer.daemon = True
         timer.start()
@@ -126,3 +133,5 @@ def bounded(seconds: float | None, memory_bytes: int | None) -> Iterator[None]:
         if deadline is not None:
             deadline.finish()  # a timer firing from now on does nothing
             timer.cancel()
+            if not callable(previous_handler):
+                signal.signal(signal.SIGINT, previous_handler)

@@ -26,6 +26,21 @@ def test_time_bound_stops_a_python_loop():
     assert time.perf_counter() - start < 3
 
 
+def test_time_bound_works_when_ctrl_c_is_ignored():
+    """A process started in the background ignores SIGINT; the bound must still stop it."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(LimitExceeded, match="took over"):
+            with bounded(0.3, None):
+                while True:
+                    sum(range(1000))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_block_within_its_bounds_leaves_no_late_interrupt():
     with bounded(0.2, 2**30):
         total = sum(range(1000))
