@@ -543,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.student_child:
         return student_child(*args.student_child)
+    import importlib.util
+
+    if not args.report_only and importlib.util.find_spec("timm") is None:
+        print("bench_coverage builds timm models: pip install timm (1.0.31 measured)")
+        return 2
     rows = load_rows(args.json) if args.report_only else run_all(args)
     report(rows, args)
     return 0
