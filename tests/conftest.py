@@ -14,3 +14,12 @@ def _light_cpu():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+def ctrl_c_as_at_a_terminal() -> None:
+    """``preexec_fn`` for a child the test will send SIGINT: a test run started in the
+    background (``cmd &`` in a script) ignores SIGINT, and children inherit that, so the CLI
+    would never see the test's Ctrl-C. Restore the default, as in a terminal."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

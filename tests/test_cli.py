@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import ctrl_c_as_at_a_terminal
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -390,7 +391,8 @@ def test_sigint_then_resume_finishes(workspace, tmp_path):
         "--no-progress",
     ]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{workspace}"}
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=ctrl_c_as_at_a_terminal)  # fmt: skip
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.partial-*")) and time.time() < deadline:
         time.sleep(0.2)

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import ctrl_c_as_at_a_terminal
 from torch import nn
 
 from cli.main import main
@@ -534,7 +535,8 @@ def _wait_for(predicate, timeout: float = 120) -> None:
 def test_signal_saves_a_checkpoint_then_resume_finishes(corpus, tmp_path, sig, code):
     out = tmp_path / "out"
     command = _command(corpus, out, "--time-budget", "40")
-    process = subprocess.Popen(command, env=_env(), stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=_env(), stderr=subprocess.PIPE, text=True,
+                               preexec_fn=ctrl_c_as_at_a_terminal)  # fmt: skip
     _wait_for(lambda: (tmp_path / "out.checkpoint" / "dafl_checkpoint.pt").exists())
     process.send_signal(sig)
     _, err = process.communicate(timeout=120)
@@ -567,7 +569,8 @@ def test_ctrl_c_during_start_up_is_one_line(corpus, tmp_path, delay):
     """Exit 130 wherever the signal lands in the imports (one landing inside a C extension's
     import used to end as a death by SIGINT, status -2, after our message)."""
     process = subprocess.Popen(_command(corpus, tmp_path / "out", "--iters", "5"), env=_env(),
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=ctrl_c_as_at_a_terminal)  # fmt: skip
     time.sleep(delay)  # still importing torch and friends
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
