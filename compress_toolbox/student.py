@@ -21,7 +21,12 @@ from .analysis import analyse, run_with_hooks
 from .errors import DaflError
 from .limits import LimitExceeded, bounded, is_out_of_memory, memory_cap
 from .shape_agnostic import FlexibleReshape
-from .shuffle_pruning import BalancedPruningError, needs_balanced_pruning, prune_balanced
+from .shuffle_pruning import (
+    BalancedPruningError,
+    needs_balanced_pruning,
+    prune_balanced,
+    root_groups_at_narrowest_layer,
+)
 
 INITS = ("fresh", "teacher")
 DERIVE_SECONDS = 60.0  # torch-pruning can run away on some graphs: refuse rather than hang
@@ -186,6 +191,7 @@ def _prune_by_magnitude(module: nn.Module, width: float, example_input: torch.Te
             prune_head_dims=True,
             prune_num_heads=False,
         )
+        root_groups_at_narrowest_layer(pruner.DG, module)
         pruner.step()
     _update_head_dims(module)
     return module

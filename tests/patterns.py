@@ -163,18 +163,53 @@ class GhostModule(nn.Module):
         return torch.cat([primary, self.cheap(primary)], dim=1)[:, : self.out]
 
 
+class SqueezeExcite(nn.Module):
+    """timm's squeeze-excite with GhostNet's hard-sigmoid gate."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(dim, dim // 4, 1)
+        self.expand = nn.Conv2d(dim // 4, dim, 1)
+
+    def forward(self, x):
+        scale = self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True))))
+        return x * nn.functional.hardsigmoid(scale)
+
+
 class GhostNet(nn.Module):
+    """A GhostNet bottleneck: ghost module, squeeze-excite over its concatenated output (the
+    SE's expanding conv once rooted the pruning group: nothing was pruned), ghost module."""
+
     def __init__(self, dim: int = 32, classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, stride=2, padding=1), nn.ReLU())
         self.ghost1 = GhostModule(dim, 2 * dim)
+        self.se = SqueezeExcite(2 * dim)
         self.ghost2 = GhostModule(2 * dim, dim)
         self.head = nn.Linear(dim, classes)
 
     def forward(self, x):
         x = self.stem(x)
-        x = x + self.ghost2(self.ghost1(x))
+        x = x + self.ghost2(self.se(self.ghost1(x)))
         return self.head(x.mean((2, 3)))
+
+
+class SmallInputVGG(nn.Module):
+    """VGG/AlexNet on a small input: adaptive pooling from 2x2 up to 3x3, which exporters
+    cannot write as one op, then a flatten into the classifier."""
+
+    def __init__(self, dim: int = 16, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, dim, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(dim, 2 * dim, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.classifier = nn.Sequential(nn.Linear(2 * dim * 9, 32), nn.ReLU(),
+                                        nn.Linear(32, classes))  # fmt: skip
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
 PATTERNS = {
@@ -184,6 +219,7 @@ PATTERNS = {
     "padded-residual": PaddedResidualNet,
     "vit": TinyViT,
     "ghost": GhostNet,
+    "small-input-vgg": SmallInputVGG,
 }
 SHAPE = (3, 32, 32)
 

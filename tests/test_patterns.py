@@ -121,6 +121,22 @@ def test_vit_keeps_its_heads_and_halves_their_width(route, tmp_path):
         assert verify_onnx(student, path, SHAPE)[0] < 1e-3
 
 
+@pytest.mark.parametrize("route", ["dynamo", "torchscript"])
+def test_adaptive_pooling_on_small_inputs_halves(route, tmp_path):
+    """Adaptive pooling from 2x2 to 3x3: torch's default ONNX writes it as index tables (which
+    torch-pruning ran away on, over a minute on VGG), the legacy exporter refuses it (which
+    stopped TorchScript teachers); both import as the layer and halve in seconds."""
+    teacher = _teacher("small-input-vgg", route, tmp_path)
+    assert [m.output_size for m in teacher.modules()
+            if isinstance(m, nn.AdaptiveAvgPool2d)] == [(3, 3)]  # fmt: skip
+    start = time.perf_counter()
+    student = make_student(teacher, example_input=example(SHAPE))
+    assert time.perf_counter() - start < 20
+    assert 0.2 <= _params(student) / _params(teacher) <= 0.4
+    path = export_onnx(student, SHAPE, tmp_path / "student.onnx")
+    assert verify_onnx(student, path, SHAPE)[0] < 1e-3
+
+
 def test_dual_path_blocks_are_refused_in_seconds(tmp_path):
     """Dual-path blocks (residual and dense channel slices of one output): not derivable yet;
     one line naming the zoo, within seconds."""
@@ -133,7 +149,8 @@ def test_dual_path_blocks_are_refused_in_seconds(tmp_path):
 
 def test_library_internals_we_adapt_are_where_we_expect():
     """onnx_compat.py touches onnx2torch's converter registry and torch's legacy-exporter
-    globals: a version that moves them must fail here, loudly, not in a user's run."""
+    globals, shuffle_pruning.py torch-pruning's graph: a version that moves them must fail
+    here, loudly, not in a user's run."""
     from onnx2torch.node_converters import registry
     from torch.onnx import symbolic_helper
 
@@ -144,4 +161,16 @@ def test_library_internals_we_adapt_are_where_we_expect():
 
     assert converter("LayerNormalization", 17) is onnx_compat._convert_layer_norm
     assert converter("MatMul", 13) is onnx_compat._convert_matmul
+    # shuffle_pruning.root_groups_at_narrowest_layer reorders the graph's module2node: groups
+    # must still be rooted by its order
+    import torch_pruning as tp
+
+    from compress_toolbox.shuffle_pruning import root_groups_at_narrowest_layer
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1))
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 4, 4))
+    assert isinstance(graph.module2node, dict)
+    root_groups_at_narrowest_layer(graph, model)
+    roots = [g[0].dep.target.module for g in graph.get_all_groups()]
+    assert roots == [model[1], model[0]]
     assert isinstance(symbolic_helper.GLOBALS.export_onnx_opset_version, int)
