@@ -174,3 +174,29 @@ def test_library_internals_we_adapt_are_where_we_expect():
     roots = [g[0].dep.target.module for g in graph.get_all_groups()]
     assert roots == [model[1], model[0]]
     assert isinstance(symbolic_helper.GLOBALS.export_onnx_opset_version, int)
+
+
+class _PatchUnfold(nn.Module):
+    """MobileViT's unfolding: 2x2 patches with the batch folded into the first dimension
+    (N*C*H/2, 2, W/2, 2), then tokens (N*4, H*W/4, C) through a LayerNorm over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        n, c, h, w = y.shape
+        patches = y.reshape(n * c * h // 2, 2, w // 2, 2).transpose(1, 2)
+        tokens = patches.reshape(n, c, h * w // 4, 4).transpose(1, 3).reshape(n * 4, -1, c)
+        return self.head(self.norm(tokens).reshape(n, -1, c).mean(1))
+
+
+def test_reshapes_that_fold_the_batch_import_from_default_onnx(tmp_path):
+    """Matched at the export batch only, the folded reshape broke at any other batch (the
+    MobileViT import failed in its LayerNorm); checked at a second batch, it keeps its sizes."""
+    path = export_dynamo(_PatchUnfold().eval(), (3, 8, 8), tmp_path / "unfold.onnx")
+    teacher = load_teacher(path)  # verified against onnxruntime at several batch sizes
+    assert teacher.module(torch.randn(3, 3, 8, 8)).shape == (3, 10)
