@@ -200,3 +200,29 @@ def test_reshapes_that_fold_the_batch_import_from_default_onnx(tmp_path):
     path = export_dynamo(_PatchUnfold().eval(), (3, 8, 8), tmp_path / "unfold.onnx")
     teacher = load_teacher(path)  # verified against onnxruntime at several batch sizes
     assert teacher.module(torch.randn(3, 3, 8, 8)).shape == (3, 10)
+
+
+class _StridedHead(nn.Module):
+    """timm's ConvNeXt head as torch's default ONNX writes it: pooled features rebuilt by
+    ``as_strided`` (a gather whose index table is sized for the teacher's channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        pooled = self.conv(x).mean((2, 3), keepdim=True).flatten(1)
+        pooled = pooled.as_strided((pooled.shape[0], 16, 1, 1), (16, 1, 1, 1))
+        return self.fc(self.norm(pooled.permute(0, 2, 3, 1)).flatten(1))
+
+
+def test_as_strided_index_tables_do_not_pin_the_channels(tmp_path):
+    """The gather's table indexed channels the student no longer has (IndexError on
+    convnext_atto); the identity it computes is put back, and the student halves."""
+    path = export_dynamo(_StridedHead().eval(), (3, 8, 8), tmp_path / "head.onnx")
+    teacher = load_teacher(path).module
+    student = make_student(teacher, example_input=example((3, 8, 8)))
+    assert student(example((3, 8, 8))).shape == (2, 10)
+    assert [m.normalized_shape for m in student.modules() if isinstance(m, nn.LayerNorm)] == [(8,)]

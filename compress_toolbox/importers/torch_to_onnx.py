@@ -13,7 +13,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..adaptive_pool import legacy_adaptive_pools
+from ..decompositions import legacy_adaptive_pools
 from ..errors import ImportFailed
 from ..onnx_compat import onnx_to_torch, prepare_onnx_model
 from ..onnxscript_adapter import optimize_keeping_batchnorm
