@@ -3,7 +3,7 @@
 torch-pruning cannot follow channels through gathers with index tables: it maps every channel
 onto stride-many indices, runs away in time or memory, or keeps a table that indexes channels
 the student no longer has. Two such decompositions are found and replaced by what they compute,
-each replacement checked numerically on two random batches:
+each replacement checked numerically on random batches (two, where the batch is not fixed):
 
 * adaptive average pooling (below);
 * ``as_strided`` that rebuilds a tensor from its own flattened elements (ConvNeXt's head in
@@ -86,6 +86,17 @@ def _node_values(module: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, objec
     return interpreter.values
 
 
+def _runs(module: fx.GraphModule, input_shape: tuple[int, ...]) -> list[dict]:
+    """Every node's value at batch 2 and, where the graph runs at another batch (sizes not
+    fixed at export), at batch 3."""
+    runs = [_node_values(module, torch.randn(2, *input_shape))]
+    try:
+        runs.append(_node_values(module, torch.randn(3, *input_shape)))
+    except Exception:  # noqa: BLE001 - a batch fixed at export: one run must do
+        pass
+    return runs
+
+
 def _transposes_channels_last(module: fx.GraphModule, node: fx.Node, values: dict) -> bool:
     layer = module.get_submodule(node.target)
     return isinstance(layer, OnnxTranspose) and list(layer.perm or []) == _CHANNELS_LAST_FIRST
@@ -154,7 +165,7 @@ def _region_end(kind: _Decomposition, start: fx.Node, order: list[fx.Node],
 
 def fuse_decompositions(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
     """Replace exporters' index-table decompositions in ``module`` (in place) by what they
-    compute; returns how many. The region's end is the first node in it that computes, on two
+    compute; returns how many. The region's end is the first node in it that computes, on
     random batches, what the decomposition stands for."""
     order = list(module.graph.nodes)
     if not any(n.op == "call_module" and isinstance(module.get_submodule(n.target),
@@ -162,7 +173,7 @@ def fuse_decompositions(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
                for n in order):  # fmt: skip
         return 0
     module.eval()
-    runs = [_node_values(module, torch.randn(batch, *input_shape)) for batch in (2, 3)]
+    runs = _runs(module, input_shape)
     fused = 0
     for start in order:
         if start.op != "call_module" or not start.users:

@@ -212,6 +212,44 @@ class SmallInputVGG(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
+class SplitHeadAttention(nn.Module):
+    """EfficientFormer's and LeViT's attention: each head's query, key and value cut from one
+    projection in unequal parts (keys 8 wide, values 16)."""
+
+    def __init__(self, dim: int, heads: int = 2, key: int = 8, value: int = 16):
+        super().__init__()
+        self.heads, self.key, self.value = heads, key, value
+        self.qkv = nn.Linear(dim, heads * (2 * key + value))
+        self.proj = nn.Linear(heads * value, dim)
+
+    def forward(self, x):
+        batch, tokens, _ = x.shape
+        parts = self.qkv(x).reshape(batch, tokens, self.heads, -1).permute(0, 2, 1, 3)
+        q, k, v = parts.split([self.key, self.key, self.value], dim=3)
+        attention = ((q @ k.transpose(-2, -1)) * self.key**-0.5).softmax(-1)
+        return self.proj((attention @ v).transpose(1, 2).reshape(batch, tokens, -1))
+
+
+class SplitHeadFormer(nn.Module):
+    """EfficientFormer: convolutional stages, then tokens through split-head attention."""
+
+    def __init__(self, dim: int = 32, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 4, stride=4), nn.BatchNorm2d(dim), nn.ReLU(),
+                                  nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim),
+                                  nn.ReLU())  # fmt: skip
+        self.norm = nn.LayerNorm(dim)
+        self.attention = SplitHeadAttention(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.attention(self.norm(x))
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
 PATTERNS = {
     "convnext": ConvNeXtTiny,
     "csp": CSPNet,
@@ -220,6 +258,7 @@ PATTERNS = {
     "vit": TinyViT,
     "ghost": GhostNet,
     "small-input-vgg": SmallInputVGG,
+    "split-head-attention": SplitHeadFormer,
 }
 SHAPE = (3, 32, 32)
 

@@ -137,6 +137,45 @@ def test_adaptive_pooling_on_small_inputs_halves(route, tmp_path):
     assert verify_onnx(student, path, SHAPE)[0] < 1e-3
 
 
+@pytest.mark.parametrize(
+    "route", ["legacy", pytest.param("dynamo", marks=SLOW), pytest.param("python", marks=SLOW)]
+)
+def test_split_head_attention_is_kept_and_the_rest_halves(route, tmp_path):
+    """EfficientFormer/LeViT attention (unequal key and value parts per head): torch-pruning
+    maps its channels past the layers' ends (IndexError, the whole derivation failed); now
+    that group keeps its width and everything else halves."""
+    teacher = _teacher("split-head-attention", route, tmp_path)
+    student = make_student(teacher, example_input=example(SHAPE))
+    assert 0.2 <= _params(student) / _params(teacher) <= 0.4
+    if route == "legacy":
+        path = export_onnx(student, SHAPE, tmp_path / "student.onnx")
+        assert verify_onnx(student, path, SHAPE)[0] < 1e-3
+
+
+def test_a_group_whose_pruning_breaks_the_network_is_put_back():
+    """Group-by-group pruning (the last resort) undoes a group after which the network no
+    longer works: every layer as it was, and the network runs as before."""
+    import torch_pruning as tp
+
+    from compress_toolbox.shuffle_pruning import prune_or_restore
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    expected = model(x)
+    graph = tp.DependencyGraph().build_dependency(model, x)
+    group = graph.get_pruning_group(model[0], tp.prune_conv_out_channels, idxs=[0, 1, 2, 3])
+    assert not prune_or_restore(group, model, lambda: False)
+    assert model[0].out_channels == 8 and model[3].in_channels == 8
+    after = model.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+    assert torch.equal(model(x), expected)
+    assert prune_or_restore(group, model, lambda: True)
+    assert model[0].weight.shape[0] == 4 and model[1].running_mean.shape == (4,)
+    assert model(x).shape == expected.shape
+
+
 def test_dual_path_blocks_are_refused_in_seconds(tmp_path):
     """Dual-path blocks (residual and dense channel slices of one output): not derivable yet;
     one line naming the zoo, within seconds."""
