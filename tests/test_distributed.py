@@ -198,6 +198,7 @@ def test_nproc_shortcut_runs_torchrun(teacher, tmp_path):
     assert report["student"]["accuracy"] > 0.5
 
 
+@pytest.mark.slow
 def test_nproc_passes_on_a_rank_s_exit_code(teacher, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.txt").write_text("keep")
@@ -231,7 +232,9 @@ def test_two_nodes_on_localhost_rendezvous(teacher, tmp_path):
 
 
 # -- interruption, resume, failure ------------------------------------------------------------
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+@pytest.mark.parametrize(
+    "before, after", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)]
+)  # the reverse direction costs another 40 s: slow
 def test_interrupted_run_resumes_with_another_number_of_ranks(teacher, tmp_path, before, after):
     out = tmp_path / "out"
     spec = {"teacher": teacher["teacher"], "out": out, "iters": 16, "params_dir": tmp_path,
