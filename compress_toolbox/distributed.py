@@ -26,6 +26,7 @@ import hashlib
 import os
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -179,12 +180,26 @@ def init_from_env(device: str | None = None) -> World:
     backend = "cpu:gloo,cuda:nccl" if on_gpu else "gloo"
     timeout = datetime.timedelta(seconds=TIMEOUT_S)
     try:
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout, **_restart_store(rank, size, timeout))
     except (RuntimeError, ValueError) as error:
         raise RankFailed(f"cannot join the other ranks: {_first_line(error)}") from None
     _WORLD = World(rank, size, local_rank)
     _WORLD.check_same("cuda" if on_gpu else "cpu", "device kind (every rank needs a GPU, or none)")
     return _WORLD
+
+
+def _restart_store(rank: int, size: int, timeout: datetime.timedelta) -> dict[str, Any]:
+    """After ``torchrun --max-restarts`` restarted the ranks: torchrun's store still holds the
+    failed attempt's addresses (seen with torch 2.14: the new rank 0 dialled the killed rank's
+    port), so this attempt's process group gets keys of its own."""
+    if not restarted():
+        return {}
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts it
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
+                         is_master=rank == 0 and not agent, timeout=timeout)  # fmt: skip
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    store = dist.PrefixStore(f"dafl-compress/attempt{attempt}/", base)
+    return {"store": store, "rank": rank, "world_size": size}
 
 
 def shutdown() -> None:
@@ -227,6 +242,15 @@ def structure_digest(module: nn.Module) -> str:
 
 
 # -- batch statistics over the global batch --------------------------------------------------
+# torch 2.14 marks torch.distributed.nn.functional.all_reduce deprecated in favour of the
+# private torch.distributed._functional_collectives; the public one is kept here (the only
+# user), and tests/test_distributed.py's gradient-equivalence test fails if it changes.
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+    category=FutureWarning,
+)  # fmt: skip
+
+
 def global_moments(
     x: torch.Tensor, dims: list[int] | tuple[int, ...], variance: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
