@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import global_mean, global_moments
+
 
 def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
     """L_oh: cross-entropy of the teacher's logits against their own argmax (pseudo labels)."""
@@ -29,7 +31,7 @@ def bounded_activation_loss(features: torch.Tensor, reference: float) -> torch.T
     reference, so the generator cannot win by saturating the teacher (unbounded -mean|f| grew
     from -7 to -15 on a residual teacher while every generated image became one class).
     """
-    level = features.abs().mean()
+    level = global_mean(features.abs().flatten()).squeeze()  # over every rank's batch
     return -level / (level + reference)
 
 
@@ -38,7 +40,7 @@ def information_entropy_loss(teacher_logits: torch.Tensor, base: float = math.e)
 
     The authors' code uses ``log10`` (``base=10``), which divides the entropy by ln 10.
     """
-    mean_prob = F.softmax(teacher_logits.float(), dim=1).mean(dim=0)
+    mean_prob = global_mean(F.softmax(teacher_logits.float(), dim=1))  # over every rank
     return (mean_prob * torch.log(mean_prob.clamp_min(1e-12))).sum() / math.log(base)
 
 
@@ -100,8 +102,7 @@ class BatchNormStatistics:
         if not torch.is_grad_enabled():
             return
         dims = [0] + list(range(2, x.dim()))
-        mean = x.float().mean(dims)
-        var = x.float().var(dims, unbiased=False)
+        mean, var, _ = global_moments(x.float(), dims)  # over every rank's batch
         self._terms.append(
             torch.linalg.vector_norm(mean - layer.running_mean, 2)
             + torch.linalg.vector_norm(var - layer.running_var, 2)
