@@ -44,7 +44,14 @@ DOMAIN = "dafl"
 
 @symbolic_helper.parse_args("v", "is")
 def _legacy_symbolic(g, x, output_size):
-    return g.op(f"{DOMAIN}::AdaptiveAvgPool2d", x, output_size_i=output_size)
+    pooled = g.op(f"{DOMAIN}::AdaptiveAvgPool2d", x, output_size_i=output_size)
+    # the exporter infers later ops' types from this one's (else "Cannot determine scalar type")
+    sizes = x.type().varyingSizes()
+    if sizes is not None:
+        pooled.setType(x.type().with_sizes([*sizes[:-2], *output_size]))
+    else:
+        pooled.setType(x.type())
+    return pooled
 
 
 @contextmanager
