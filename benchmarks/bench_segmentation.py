@@ -28,15 +28,15 @@ DATA = HERE / "teachers" / "out" / "segmentation"
 STUDENTS = {"unet-seg": "auto", "lraspp-seg": "zoo"}
 
 
-def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int,
-            threads: int) -> dict:  # fmt: skip
+def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threads: int,
+            batch_size: int | None = None, init: str = "auto") -> dict:  # fmt: skip
     """One ``compress`` run; its figures (a failed student keeps its figures, marked)."""
     from compress_toolbox.errors import DaflError
     from compress_toolbox.pipeline import compress
 
     path = DATA / f"{teacher}.{fmt}"
     row = {"teacher": teacher, "format": fmt, "method": method, "budget": budget, "seed": seed,
-           "student": STUDENTS[teacher]}  # fmt: skip
+           "student": STUDENTS[teacher], "batch_size": batch_size, "init": init}  # fmt: skip
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
@@ -44,6 +44,7 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int,
             result = compress(path, task="segmentation", student=STUDENTS[teacher], out=out,
                               eval_data=DATA / "seg_eval.npz", method=method,
                               time_budget=budget, seed=seed, threads=threads,
+                              batch_size=batch_size, init=init,
                               progress=False)  # fmt: skip
             report = result.report
         except DaflError as error:
@@ -67,24 +68,26 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int,
 def _table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["teacher"], row["format"], row["student"], row["method"], row["budget"])
+        key = (row["teacher"], row["format"], row["student"], row["method"], row["budget"],
+               row.get("batch_size"), row.get("init", "auto"))
         groups.setdefault(key, []).append(row)
-    lines = ["| teacher | file | student | method (ran) | budget s | teacher mIoU | student mIoU "
-             "(median) | % of teacher | seeds | iterations | failed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (teacher, fmt, student, method, budget), group in groups.items():
+    lines = ["| teacher | file | student | method (ran) | budget s | batch | teacher mIoU | "
+             "student mIoU (median) | % of teacher | seeds | iterations | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (teacher, fmt, student, method, budget, batch, init), group in groups.items():
+        batch = batch or "default"
         done = [r for r in group if "student_miou" in r]
         if not done:
-            lines.append(f"| {teacher} | {fmt} | {student} | {method} | {budget:.0f} | | | | "
-                         f"{len(group)} | | {len(group)} |")  # fmt: skip
+            lines.append(f"| {teacher} | {fmt} | {student} | {method} | {budget:.0f} | {batch} "
+                         f"| | | | {len(group)} | | {len(group)} |")  # fmt: skip
             continue
         t = statistics.median(r["teacher_miou"] for r in done)
         s = statistics.median(r["student_miou"] for r in done)
         ran = "/".join(sorted({r["ran"] for r in done}))
-        kind = done[0]["student_kind"]
+        kind = done[0]["student_kind"] + ("" if init == "auto" else f" (--init {init})")
         its = statistics.median(r["iterations"] for r in done)
         failed = sum(r.get("status") != "ok" for r in group)
-        lines.append(f"| {teacher} | {fmt} | {kind} | {method} ({ran}) | {budget:.0f} | "
+        lines.append(f"| {teacher} | {fmt} | {kind} | {method} ({ran}) | {budget:.0f} | {batch} | "
                      f"{t:.4f} | {s:.4f} | {100 * s / t:.1f}% | {len(group)} | {its:.0f} | "
                      f"{failed} |")  # fmt: skip
     return "\n".join(lines)
@@ -97,10 +100,17 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["auto"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[600.0])
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, help="default: the task's (32 for segmentation)")
+    parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads per run (1: measured faster on a shared 2-core CPU)")
     parser.add_argument("--json", type=Path, help="append every run's row to this JSON list")
+    parser.add_argument("--table", type=Path, nargs="*",
+                        help="only print the table of these JSON files' rows")
     args = parser.parse_args()
+    if args.table:
+        print(_table([row for path in args.table for row in json.loads(path.read_text())]))
+        return 0
     if not (DATA / "seg_eval.npz").exists():
         print(f"no {DATA}/seg_eval.npz: run benchmarks/teachers/make_segmentation.py first")
         return 2
@@ -111,7 +121,8 @@ def main() -> int:
             for fmt in args.formats:
                 for method in args.methods:
                     for seed in range(args.seeds):
-                        row = run_one(teacher, fmt, method, budget, seed, args.threads)
+                        row = run_one(teacher, fmt, method, budget, seed, args.threads,
+                                      args.batch_size, args.init)  # fmt: skip
                         mine.append(row)
                         print(json.dumps(row), flush=True)
                         if args.json:

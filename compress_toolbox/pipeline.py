@@ -228,7 +228,8 @@ def compress(
     if init not in ("auto", "fresh", "teacher"):
         raise DaflError(f"--init {init!r}: expected auto, fresh or teacher")
     init_fallback = init == "auto"  # the preset's choice may give way; the user's may not
-    init = preset.student_init if init == "auto" else init
+    if init == "auto":
+        init = get_task(task).student_init or preset.student_init
     check_opset(opset)
     InputDomain.from_options(mean, std)  # values checked now, channels once the teacher is known
     teacher_options = {"model_class": model_class, "model_kwargs": model_kwargs,
@@ -380,10 +381,11 @@ def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
 
     teacher, plan = inputs.teacher, inputs.plan
     t_score, s_score = measured.teacher_accuracy, measured.student_accuracy
-    seg = measured.segmentation
+    seg, figure = measured.segmentation, "accuracy"
     if seg is not None:  # a student segmenting only the background keeps a high pixel accuracy
         t_score, s_score = seg["teacher"]["mean_iou"], seg["student"]["mean_iou"]
-    problems = judge_student(t_score, s_score, result.health, result.num_classes)
+        figure = "mean IoU"
+    problems = judge_student(t_score, s_score, result.health, result.num_classes, figure)
     return {
         "status": "failed" if problems else "ok",
         "problems": problems,

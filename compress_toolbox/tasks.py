@@ -29,6 +29,7 @@ class Task:
     output_dims: int
     output_text: str  # the expected output, for messages
     batch_size: int | None = None  # generated batch when no --batch-size (None: the preset's)
+    student_init: str | None = None  # what --init auto means (None: the preset's choice)
 
     def fits(self, output_shape: tuple[int, ...]) -> bool:
         """Whether a teacher whose output is ``output_shape`` (no batch) does this task."""
@@ -51,7 +52,11 @@ TASKS = {
     "classification": Task("classification", 1, "(N, K) logits"),
     # 32 images of 64x64 are 131,072 pixel samples per batch; 128 made every generator and
     # student step 4x dearer for far fewer iterations in a budget (benchmarks/RESULTS.md)
-    "segmentation": Task("segmentation", 3, "(N, K, H, W) per-pixel logits", batch_size=32),
+    # A derived student from the teacher's largest channels (BatchNorm folded) answered
+    # background on every pixel and stayed so on the benchmark U-Net with dafl, dfad and
+    # adversarial; fresh (with BatchNorm added) learned (benchmarks/RESULTS.md).
+    "segmentation": Task("segmentation", 3, "(N, K, H, W) per-pixel logits", batch_size=32,
+                         student_init="fresh"),
 }
 
 
