@@ -50,8 +50,9 @@ class Task:
 
 TASKS = {
     "classification": Task("classification", 1, "(N, K) logits"),
-    # 32 images of 64x64 are 131,072 pixel samples per batch; 128 made every generator and
-    # student step 4x dearer for far fewer iterations in a budget (benchmarks/RESULTS.md)
+    # 32 images of 64x64 are 131,072 pixel samples per batch; the fast preset's 128 would make
+    # every step 4x dearer where 600 s already bought only 140-220 iterations at 32 (RESULTS.md;
+    # 128 itself was not measured)
     # A derived student from the teacher's largest channels (BatchNorm folded) answered
     # background on every pixel and stayed so on the benchmark U-Net with dafl, dfad and
     # adversarial; fresh (with BatchNorm added) learned (benchmarks/RESULTS.md).
