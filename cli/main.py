@@ -167,6 +167,14 @@ def _compress_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint/"
     )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train with N processes on this machine (torchrun's elastic launcher; one GPU "
+        "each when there are GPUs); the global batch is N x --batch-size. Several machines: "
+        "torchrun --nnodes ... -m cli (see README)",
+    )
     data = parser.add_argument_group(
         "evaluation data (for the report only, never for training)", describe_preprocessing()
     )
@@ -360,7 +368,11 @@ def run_zoo(args: argparse.Namespace) -> int:
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    from compress_toolbox import distributed
     from compress_toolbox.pipeline import compress
+
+    if args.nproc is not None and not distributed.launched():
+        return distributed.launch(args.nproc, distributed.strip_option(args.argv, "--nproc"))
 
     options = {
         "method": args.method,
@@ -392,6 +404,8 @@ def run_compress(args: argparse.Namespace) -> int:
         **_teacher_kwargs(args),
         **options,
     )
+    if not distributed.world().is_writer:  # rank 0 prints the report
+        return 0
     if args.dry_run:
         print(f"student plan: {result.plan.kind}")
         _print_comparison(result.teacher.analysis, result.plan.analysis)
@@ -422,7 +436,9 @@ def _parse(argv: list[str]):
         runner = {"inspect": run_inspect, "student": run_student, "zoo": run_zoo}[command]
     else:
         parser, runner = _compress_parser(), run_compress
-    return parser.parse_args(argv), runner
+    args = parser.parse_args(argv)
+    args.argv = argv  # --nproc relaunches the same command
+    return args, runner
 
 
 @contextlib.contextmanager
@@ -481,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_error(error, argv)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if "compress_toolbox.distributed" in sys.modules:  # leave the process group, if any
+            sys.modules["compress_toolbox.distributed"].shutdown()
 
 
 def _report_error(error: Exception, argv: list[str]) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .domain import InputDomain
 from .errors import DaflError, DaflWarning, TrainingFailed
 from .evaldata import EvalData, evaluate, predict, score
@@ -128,6 +129,7 @@ class DistillResult:
     health: Health | None = None  # the last check
     restarts: int = 0  # generator restarts after collapses
     num_classes: int = 0  # the teacher's output classes
+    world_size: int = 1  # ranks that trained together (global batch = world_size x batch)
 
     @property
     def batch_size(self) -> int:
@@ -199,13 +201,15 @@ class Trainer:
         self.student = student
         self.eval_data = eval_data
         self.on_iteration = on_iteration
-        self.device = resolve_device(options.device)
+        self.world = distributed.init_from_env(options.device)
+        self.device = self.world.device(resolve_device(options.device))
         self.stop = self._stop_policy()
-        self.checkpointer = Checkpointer(
-            Path(options.checkpoint_dir) / CHECKPOINT_NAME if options.checkpoint_dir else None,
+        self.checkpointer = Checkpointer(  # rank 0 alone reads and writes checkpoints
+            Path(options.checkpoint_dir) / CHECKPOINT_NAME
+            if options.checkpoint_dir and self.world.is_writer else None,
             options.checkpoint_every_s,
         )
-        if options.resume and (self.checkpointer.path is None
+        if options.resume and self.world.is_writer and (self.checkpointer.path is None
                                or not self.checkpointer.path.is_file()):  # fmt: skip
             raise DaflError(f"cannot resume: no checkpoint at {self.checkpointer.path}")
         self.recipe = Recipe.from_preset(self.preset, options.batch_size)
@@ -279,8 +283,12 @@ class Trainer:
     def _restore(self) -> None:
         expect = {"method": self.method.name, "preset": self.preset.name,
                   "teacher": self.teacher_digest}  # fmt: skip
-        state = self.checkpointer.load(self.device, expect)
-        path = self.checkpointer.path
+        state = None
+        if self.world.is_writer:  # the others get rank 0's copy (their machine may have none)
+            where = torch.device("cpu") if self.world.active else self.device
+            state = self.checkpointer.load(where, expect)
+        state = self.world.broadcast_object(state)
+        path = self.checkpointer.path or "rank 0's checkpoint"
         try:
             self.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["student_optimizer"])
@@ -340,7 +348,8 @@ class Trainer:
                       DaflWarning, stacklevel=2)  # fmt: skip
 
     def _measure_health(self) -> Health:
-        x = self.method.sample(HEALTH_SAMPLES)
+        # every rank judges the same global sample: the collapse verdict is agreed
+        x = self.world.all_gather_cat(self.method.sample(HEALTH_SAMPLES))
         self.last_health = measure(self.teacher.module, self.student, x, self.iteration,
                                    self.num_classes)  # fmt: skip
         return self.last_health
@@ -357,6 +366,7 @@ class Trainer:
                 stacklevel=2,
             )
             self.method.restart()
+            self._share_generator()
         elif verdict == "fail":
             raise GenerationCollapsed(
                 f"the generated inputs collapsed onto {health.classes} of the teacher's "
@@ -422,6 +432,7 @@ class Trainer:
                                   adapt=self.preset.size_to_budget)  # fmt: skip
         if remaining is None and self.stop.total_iters is not None:
             self.recipe.expected_iterations = self.stop.total_iters
+        self.recipe = self.world.broadcast_object(self.recipe)  # timings differ by rank
         self.progress.line(self.iteration, elapsed, {"plan": self.recipe.describe()})
         if self.recipe.expected_iterations:
             self.progress.set_total(self.iteration + self.recipe.expected_iterations)
@@ -443,12 +454,20 @@ class Trainer:
                 module, self.teacher.input_shape, self.device)  # fmt: skip
             self.student.to(self.device)
             self.teacher_digest = module_digest(module)  # checkpoints name their teacher
+            self.world.check_same(self.teacher_digest, "teacher")
+            self.world.broadcast_module(self.student, "student")
+            distributed.sync_batchnorm(self.student)
             ctx = self._context()
             self.method, self.method_reason = self._make_method(ctx)
+            self._share_generator()
             self.channels_last = self._try_channels_last()
             try:
-                return self._train()
+                with distributed.collective_errors():
+                    return self._train()
             finally:
+                distributed.unsync_batchnorm(self.student)
+                if self.method.generator is not None:
+                    distributed.unsync_batchnorm(self.method.generator)
                 self.method.close()
                 if self.channels_last:
                     self.student.to(memory_format=torch.contiguous_format)
@@ -459,18 +478,38 @@ class Trainer:
             module.to(home)
             torch.set_num_threads(threads_before)
 
+    def _share_generator(self) -> None:
+        """Every rank starts from rank 0's generator, with global BatchNorm statistics and
+        gradients averaged over the ranks (after each restart too)."""
+        if self.method.generator is None:
+            return
+        self.world.broadcast_module(self.method.generator, "generator")
+        distributed.sync_batchnorm(self.method.generator)
+        distributed.average_gradients(self.method.optimizer)
+
     def _train(self) -> DistillResult:
         self._prepare()
         stop_reason = ""
         try:
-            while not stop_reason:
-                self.threads.before(self.iteration - self.first_iteration)
-                stop_reason = self.stop.reason_to_stop(self.iteration, self.elapsed()) or ""
-                if not stop_reason:
+            with distributed.deferred_signals() as signals:
+                while True:
+                    self.threads.before(self.iteration - self.first_iteration)
+                    stop, signum, save = self.world.vote(
+                        self.stop.reason_to_stop(self.iteration, self.elapsed()),
+                        signals.received,
+                        self.checkpointer.due(),
+                    )  # one agreement per iteration: every rank stops and saves together
+                    if signum:
+                        raise distributed.Signalled(signum)
+                    if save:
+                        self.checkpointer.save(self._state(self.elapsed()))
+                    if stop:
+                        stop_reason = stop
+                        break
                     self._step()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             self.progress.close()
-            self._interrupted(self.elapsed())
+            self._interrupted(self.elapsed(), getattr(interrupt, "exit_code", None))
         finally:  # also on NaN or collapse: no half-drawn bar above the error line
             self.progress.close()
         return self._finish(stop_reason)
@@ -484,6 +523,7 @@ class Trainer:
         if self.options.fine_tune and self.preset.student_lr_fine_tune is not None:
             self.student_lr = self.preset.student_lr_fine_tune
         self.optimizer = _make_student_optimizer(self.preset, self.student, self.student_lr)
+        distributed.average_gradients(self.optimizer)
         outputs = self.teacher.analysis.output_shape if self.teacher.analysis else ()
         batch_bytes = self.recipe.batch_size * (math.prod(self.teacher.input_shape)
                                                 + math.prod(outputs)) * 4  # inputs and logits
@@ -493,6 +533,8 @@ class Trainer:
             self._restore()
         else:
             self._fit_memory()
+        self.recipe = self.world.broadcast_object(self.recipe)  # free memory differs by rank
+        self.world.seed_rank(self.options.seed, self.iteration)
         self.threads = ThreadChooser(self.device, self.preset.cpu_threads, self.options.threads)
         self.teacher_predictions = self.monitor = None
         if self.eval_data is not None:
@@ -500,7 +542,8 @@ class Trainer:
                                                device=self.device)  # fmt: skip
             self.monitor = self.eval_data.subset(MONITOR_SAMPLES)
         self.eval_every, self.eval_interval_s = self._eval_schedule()
-        self.progress = Progress(self.options.progress, f"{self.method.name}/{self.preset.name}",
+        self.progress = Progress(self.options.progress and self.world.is_writer,
+                                 f"{self.method.name}/{self.preset.name}",
                                  self.stop.total_iters, self.iteration)  # fmt: skip
         self.first_iteration = self.iteration
         self.started = time.perf_counter()
@@ -543,8 +586,6 @@ class Trainer:
         self.history.append({"iteration": self.iteration, "elapsed_s": round(elapsed, 4), **row,
                              "accuracy": monitored})  # fmt: skip
         self.progress.update(self.iteration, elapsed, self._figures(losses, monitored))
-        if self.checkpointer.due():
-            self.checkpointer.save(self._state(elapsed))
         if self.on_iteration is not None:
             self.on_iteration(self.iteration)
 
@@ -574,7 +615,7 @@ class Trainer:
             student_accuracy = evaluate(self.student, self.eval_data, device=self.device)
             if self.history and self.history[-1].get("accuracy") is None:
                 self.history[-1]["accuracy"] = student_accuracy
-        if self.options.history_path is not None:
+        if self.options.history_path is not None and self.world.is_writer:
             write_history_csv(self.history, self.options.history_path)
         return self._result(elapsed, stop_reason, teacher_accuracy, student_accuracy)
 
@@ -606,20 +647,29 @@ class Trainer:
             return max(1, self.stop.total_iters // 10), None
         return None, (self.stop.time_budget or 0) / 10 or None
 
-    def _interrupted(self, elapsed: float) -> None:
+    def _interrupted(self, elapsed: float, exit_code: int | None = None) -> None:
         # The interrupted iteration may be half applied; it is simply redone after --resume.
-        if self.options.history_path is not None:
+        if self.options.history_path is not None and self.world.is_writer:
             write_history_csv(self.history, self.options.history_path)
         if self.checkpointer.path is not None:
             self.checkpointer.save(self._state(elapsed))
-            raise DistillInterrupted(
+            error = DistillInterrupted(
                 f"interrupted at iteration {self.iteration}; checkpoint saved to "
                 f"{self.checkpointer.path}: rerun the same command with --resume to continue"
-            ) from None
-        raise DistillInterrupted(
-            f"interrupted at iteration {self.iteration}; no checkpoint (give a checkpoint "
-            "folder to be able to resume)"
-        ) from None
+            )
+        elif not self.world.is_writer:
+            error = DistillInterrupted(
+                f"interrupted at iteration {self.iteration} (rank {self.world.rank}; rank 0 "
+                "saves the checkpoint)"
+            )
+        else:
+            error = DistillInterrupted(
+                f"interrupted at iteration {self.iteration}; no checkpoint (give a checkpoint "
+                "folder to be able to resume)"
+            )
+        if exit_code is not None:  # SIGTERM agreed among ranks: 143, as a plain SIGTERM
+            error.exit_code = exit_code
+        raise error from None
 
     def _result(self, elapsed, stop_reason, teacher_accuracy, student_accuracy) -> DistillResult:
         self.student.cpu().eval()
@@ -646,6 +696,7 @@ class Trainer:
             health=self.last_health,
             restarts=self.guard.restarts,
             num_classes=self.num_classes,
+            world_size=self.world.size,
         )
 
 

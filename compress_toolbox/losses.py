@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import global_mean, global_moments
 from .tasks import as_samples
 
 
@@ -32,7 +33,7 @@ def bounded_activation_loss(features: torch.Tensor, reference: float) -> torch.T
     reference, so the generator cannot win by saturating the teacher (unbounded -mean|f| grew
     from -7 to -15 on a residual teacher while every generated image became one class).
     """
-    level = features.abs().mean()
+    level = global_mean(features.abs().flatten()).squeeze()  # over every rank's batch
     return -level / (level + reference)
 
 
@@ -41,7 +42,8 @@ def information_entropy_loss(teacher_logits: torch.Tensor, base: float = math.e)
 
     The authors' code uses ``log10`` (``base=10``), which divides the entropy by ln 10.
     """
-    mean_prob = F.softmax(as_samples(teacher_logits).float(), dim=1).mean(dim=0)
+    # over every pixel of every rank's batch
+    mean_prob = global_mean(F.softmax(as_samples(teacher_logits).float(), dim=1))
     return (mean_prob * torch.log(mean_prob.clamp_min(1e-12))).sum() / math.log(base)
 
 
@@ -111,8 +113,7 @@ class BatchNormStatistics:
         if not torch.is_grad_enabled():
             return
         dims = [0] + list(range(2, x.dim()))
-        mean = x.float().mean(dims)
-        var = x.float().var(dims, unbiased=False)
+        mean, var, _ = global_moments(x.float(), dims)  # over every rank's batch
         self._terms.append(
             torch.linalg.vector_norm(mean - layer.running_mean, 2)
             + torch.linalg.vector_norm(var - layer.running_var, 2)

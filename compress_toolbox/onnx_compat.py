@@ -30,6 +30,7 @@ from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OnnxMapping, OperationConverterResult, get_const_value
 from torch import nn
 
+from .decompositions import fuse_decompositions
 from .errors import ImportFailed
 from .shape_agnostic import make_shape_agnostic
 
@@ -351,5 +352,6 @@ def onnx_to_torch(
         module = convert(model)
     except NotImplementedError as error:
         raise ImportFailed(f"{source}: cannot convert to PyTorch: {error}") from error
+    fuse_decompositions(module, input_shape)
     make_shape_agnostic(module, input_shape)
     return module

@@ -215,7 +215,8 @@ def compress(
     (``health.judge_student``) is still written, marked failed in the report, and
     ``StudentFailed`` is raised.
     """
-    from .distill import CHECKPOINT_NAME, MONITOR_SAMPLES, DistillOptions, distill
+    from . import distributed
+    from .distill import CHECKPOINT_NAME, DistillOptions
     from .export import check_opset
     from .importers.checkpoint import model_class_file
     from .training import Checkpointer
@@ -238,8 +239,13 @@ def compress(
                "init_fallback": init_fallback,
                "eval_data": eval_data, "mean": mean, "std": std,
                "teacher_options": teacher_options}  # fmt: skip
-    if dry_run:
+    world = distributed.init_from_env(options.device)  # under torchrun: join the others
+    if dry_run or not world.is_writer:  # other ranks train with rank 0, which alone writes
+        if not dry_run:  # and alone evaluates: the other machines need only the teacher
+            loading["eval_data"] = None
         inputs = _load_inputs(teacher_path, **loading)
+        if not dry_run:
+            _distill(inputs, options, None, None, resume, on_iteration)
         return CompressResult(None, inputs.teacher, inputs.plan)
     folder = OutputFolder(out if out is not None else default_out_dir(teacher_path), force=force,
                           inputs=(teacher_path, eval_data, model_class_file(model_class)))
@@ -249,16 +255,8 @@ def compress(
         inputs = _load_inputs(teacher_path, **loading)
         timings = {"load_verify_plan_s": time.perf_counter() - start}
         start = time.perf_counter()
-        result = distill(
-            inputs.teacher,
-            inputs.plan.module,
-            replace(options, domain=inputs.domain, checkpoint_dir=folder.checkpoint_dir,
-                    resume=resume, history_path=folder.work / "history.csv",
-                    fine_tune=inputs.plan.from_teacher),  # fmt: skip
-            # the curve in training on a subset; the full evaluation below, on student.onnx
-            eval_data=inputs.data.subset(MONITOR_SAMPLES) if inputs.data else None,
-            on_iteration=on_iteration,
-        )
+        result = _distill(inputs, options, folder.checkpoint_dir, folder.work / "history.csv",
+                          resume, on_iteration)  # fmt: skip
         timings["distill_s"] = time.perf_counter() - start  # training + its set-up
         report = _write_outputs(folder.work, inputs, result, opset=opset, seed=options.seed,
                                 eval_data=eval_data, task=task, command=command,
@@ -274,6 +272,28 @@ def compress(
         )
     Checkpointer.remove(folder.checkpoint_dir / CHECKPOINT_NAME)  # finished: nothing to resume
     return CompressResult(out_dir, inputs.teacher, inputs.plan, report)
+
+
+def _distill(inputs: _Inputs, options, checkpoint_dir: Path | None, history: Path | None,
+             resume: bool, on_iteration) -> DistillResult:  # fmt: skip
+    """Train the planned student (on every rank; only rank 0 has a checkpoint folder). A rank
+    restarted by ``torchrun --max-restarts`` resumes from rank 0's checkpoint when there is one."""
+    from . import distributed
+    from .distill import CHECKPOINT_NAME, MONITOR_SAMPLES, distill
+
+    if distributed.restarted() and checkpoint_dir is not None:
+        resume = resume or (checkpoint_dir / CHECKPOINT_NAME).is_file()
+    resume = distributed.world().broadcast_object(resume)  # rank 0 knows the checkpoint
+    data = inputs.data
+    return distill(
+        inputs.teacher,
+        inputs.plan.module,
+        replace(options, domain=inputs.domain, checkpoint_dir=checkpoint_dir, resume=resume,
+                history_path=history, fine_tune=inputs.plan.from_teacher),  # fmt: skip
+        # the curve in training on a subset; the full evaluation below, on student.onnx
+        eval_data=data.subset(MONITOR_SAMPLES) if data else None,
+        on_iteration=on_iteration,
+    )
 
 
 @dataclass
@@ -434,6 +454,8 @@ def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
         "iterations": result.iterations,
         "elapsed_s": result.elapsed_s,
         "batch_size": result.batch_size,
+        "world_size": result.world_size,  # ranks; the global batch is their product
+        "global_batch_size": result.batch_size * result.world_size,
         "device": result.device,
         "seed": seed,
         "stop_reason": result.stop_reason,

@@ -65,7 +65,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- student: {report['student'].get('kind')} (widths {report['student'].get('widths')})",
         f"- method: {report['method']} ({report.get('method_reason', '')}), preset "
         f"{report['preset']}, {report['iterations']} iterations in {report['elapsed_s']:.1f} s "
-        f"on {report['device']}, seed {report['seed']}",
+        f"on {report['device']}{_ranks(report)}, seed {report['seed']}",
         f"- health of the generated inputs at the end: {_health(report.get('health'))}; "
         f"generator restarts after a collapse: {report.get('generator_restarts', 0)}",
         f"- input domain: {teacher.get('input_domain', 'n/a')}",
@@ -239,3 +239,12 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     """report.json and report.md."""
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out_dir / "report.md").write_text(render_markdown(report))
+
+
+def _ranks(report: dict) -> str:
+    """' x 2 ranks (global batch 64)' for a run of several processes, else nothing."""
+    ranks = report.get("world_size", 1)
+    if ranks <= 1:
+        return ""
+    return f" x {ranks} ranks (batch {report['batch_size']} each, global batch " \
+        f"{report['global_batch_size']})"

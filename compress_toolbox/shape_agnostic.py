@@ -337,6 +337,19 @@ def _record_shapes(module: nn.Module, targets: list[str], example: torch.Tensor)
     return shapes
 
 
+def _shapes_at_another_batch(module: nn.Module, targets: list[str],
+                             input_shape: tuple[int, ...]) -> dict:  # fmt: skip
+    """Shapes at batch 3 where the graph as exported runs there (a dynamic batch), else {}.
+
+    Then every replacement must reproduce them too: a reshape that folds the batch into other
+    dimensions (MobileViT's patch unfolding) matches its dimensions at batch 2 by chance and
+    breaks at any other batch."""
+    try:
+        return _record_shapes(module, targets, torch.randn(3, *input_shape))
+    except Exception:  # noqa: BLE001 - sizes fixed at the export batch: nothing to learn
+        return {}
+
+
 def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
     """Replace fixed-size Reshape/Split modules in ``module`` in place (and fuse shuffles and
     equal channel slices); returns how many were replaced or fused."""
@@ -362,8 +375,10 @@ def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
     if not candidates:
         return fuse_channel_slices(module, input_shape) + fuse_unbinds(module, input_shape)
     shapes = _record_shapes(module, list(candidates), example)
-    if computed:
+    shapes_at_3 = _shapes_at_another_batch(module, list(candidates), input_shape)
+    if computed and not shapes_at_3:
         shapes_at_3 = _record_shapes(module, sorted(computed), torch.randn(3, *input_shape))
+    checked = computed | set(shapes_at_3)
     replaced = 0
     for target, node in candidates.items():
         if target not in shapes:
@@ -374,7 +389,7 @@ def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
             if groups is None:
                 continue
             new_layer: nn.Module = FlexibleReshape(in_shape, out_shape, groups)
-            if target in computed:
+            if target in checked:
                 in_3, out_3, _ = shapes_at_3.get(target, (None, None, None))
                 if in_3 is None or tuple(new_layer.target_shape(in_3)) != out_3:
                     continue

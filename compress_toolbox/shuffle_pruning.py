@@ -19,10 +19,12 @@ every layer's kept channels independently, so the two halves of a later split co
 from __future__ import annotations
 
 import bisect
+import copy
 import itertools
 import math
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -371,3 +373,92 @@ def _refresh_split_offsets(graph: tp.DependencyGraph) -> None:
         sizes = getattr(node.module, "split_sizes", None)
         if node.type == tp.ops.OPTYPE.SPLIT and sizes is not None:
             node.module.offsets = [0, *itertools.accumulate(sizes)]
+
+
+def root_groups_at_narrowest_layer(graph: tp.DependencyGraph, module: nn.Module) -> None:
+    """Make ``graph.get_all_groups`` root each group at its narrowest layer (fewest output
+    channels; the first in ``module``'s definition order among equals), not at whichever layer
+    tracing met first.
+
+    Rooted at a wider layer, a group can prune nothing: in a GhostNet block, a 480-channel conv
+    and its depthwise copy are concatenated into 960 channels, which a squeeze-excite (or a
+    residual) sees; rooted at the SE's 960-channel conv, half of the 960 map onto nearly all of
+    the 480, torch-pruning refuses to empty a layer and keeps the whole block (ratio 0.51
+    instead of 0.26). Rooted at the 480-channel conv, half of it is pruned, its copy with it.
+    A group is rooted at the first of its layers that ``get_all_groups`` meets, so sorting the
+    layers it iterates by width does it.
+    """
+    position = {layer: index for index, layer in enumerate(module.modules())}
+
+    def key(item) -> tuple[int, int]:
+        layer, node = item
+        pruner = graph.get_pruner_of_module(layer)
+        channels = pruner.get_out_channels(layer) if pruner is not None else None
+        return (channels if channels is not None else 1 << 62,
+                position.get(layer, len(position)))  # fmt: skip
+
+    graph.module2node = dict(sorted(graph.module2node.items(), key=key))
+
+
+def ignore_unmappable_groups(pruner: tp.pruner.BasePruner) -> int:
+    """Keep whole (add to ``pruner``'s ignored layers) every group whose importance cannot be
+    computed because its channel mapping points past a layer's channels; return how many.
+
+    torch-pruning maps channels through reshapes by their strides, which goes wrong across an
+    attention that splits each head into unequal key and value parts (EfficientFormer, LeViT):
+    one such group used to fail the whole derivation; now it keeps its width and the rest of
+    the network is pruned.
+    """
+    unmappable = []
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):  # fmt: skip
+        try:
+            pruner.importance(group)
+        except (IndexError, RuntimeError):
+            unmappable.append(group[0].dep.target.module)
+    pruner.ignored_layers.extend(unmappable)
+    return len(unmappable)
+
+
+def _snapshot(layer: nn.Module) -> tuple[dict, dict, dict]:
+    # torch-pruning replaces parameters and sizes, and edits some size lists in place
+    public = {key: copy.copy(value) if isinstance(value, (list, dict)) else value
+              for key, value in vars(layer).items() if not key.startswith("_")}  # fmt: skip
+    return dict(layer._parameters), dict(layer._buffers), public
+
+
+def _restore(layer: nn.Module, saved: tuple[dict, dict, dict]) -> None:
+    parameters, buffers, public = saved
+    layer._parameters.clear()
+    layer._parameters.update(parameters)
+    layer._buffers.clear()
+    layer._buffers.update(buffers)
+    layer.__dict__.update(public)
+
+
+def _layers_changed_by(group: tp.dependency.Group, model: nn.Module) -> list[nn.Module]:
+    """The modules ``group.prune()`` edits: its layers, and the owners of its unwrapped
+    parameters (a layer scale, a class token: torch-pruning swaps them in their owner)."""
+    layers = {dep.target.module: None for dep, _ in group}
+    loose = {id(p) for p in layers if isinstance(p, nn.Parameter)}
+    if loose:
+        for module in model.modules():
+            if any(id(p) in loose for p in module._parameters.values()):
+                layers[module] = None
+    return [layer for layer in layers if isinstance(layer, nn.Module)]
+
+
+def prune_or_restore(group: tp.dependency.Group, model: nn.Module,
+                     still_works: Callable[[], bool]) -> bool:  # fmt: skip
+    """Prune ``group`` of ``model``; if that raises or ``still_works()`` is then false, put
+    every module the group touched back as it was and return False."""
+    saved = {layer: _snapshot(layer) for layer in _layers_changed_by(group, model)}
+    try:
+        group.prune()
+        if still_works():
+            return True
+    except Exception:  # noqa: BLE001 - torch-pruning raises all sorts on graphs it maps wrong
+        pass
+    for layer, state in saved.items():
+        _restore(layer, state)
+    return False

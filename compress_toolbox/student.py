@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from functools import partial
 
 import torch
 import torch_pruning as tp
@@ -21,7 +22,14 @@ from .analysis import analyse, run_with_hooks
 from .errors import DaflError
 from .limits import LimitExceeded, bounded, is_out_of_memory, memory_cap
 from .shape_agnostic import FlexibleReshape
-from .shuffle_pruning import BalancedPruningError, needs_balanced_pruning, prune_balanced
+from .shuffle_pruning import (
+    BalancedPruningError,
+    ignore_unmappable_groups,
+    needs_balanced_pruning,
+    prune_balanced,
+    prune_or_restore,
+    root_groups_at_narrowest_layer,
+)
 
 INITS = ("fresh", "teacher")
 DERIVE_SECONDS = 60.0  # torch-pruning can run away on some graphs: refuse rather than hang
@@ -167,26 +175,62 @@ def _update_head_dims(module: nn.Module) -> None:
             layer.head_dim = qkv.out_features // (3 * heads)
 
 
+def _magnitude_pruner(module: nn.Module, width: float, example_input: torch.Tensor, round_to,
+                      ignored: list[nn.Module]) -> tp.pruner.MagnitudePruner:  # fmt: skip
+    """torch-pruning's MagnitudePruner, every group keeping its largest-L1 channels, groups
+    rooted at their narrowest layer. Attention keeps its number of heads and halves each
+    head's width with the embedding (every head still sees every token; fewer heads would
+    change the attention pattern more)."""
+    pruner = tp.pruner.MagnitudePruner(
+        module,
+        example_input,
+        importance=tp.importance.MagnitudeImportance(p=1),  # keep the largest-L1 channels
+        pruning_ratio=1.0 - width,
+        ignored_layers=ignored,
+        round_to=round_to,
+        num_heads=attention_heads(module, example_input),
+        prune_head_dims=True,
+        prune_num_heads=False,
+    )
+    root_groups_at_narrowest_layer(pruner.DG, module)
+    return pruner
+
+
 def _prune_by_magnitude(module: nn.Module, width: float, example_input: torch.Tensor,
-                        round_to, protected: list[str]) -> nn.Module:  # fmt: skip
-    """torch-pruning's MagnitudePruner: every group keeps its largest-L1 channels. Attention
-    keeps its number of heads and halves each head's width with the embedding (every head
-    still sees every token; fewer heads would change the attention pattern more)."""
-    heads = attention_heads(module, example_input)
+                        round_to, protected: list[str],
+                        skip_unmappable: bool = False) -> nn.Module:  # fmt: skip
+    """All groups at once (``_magnitude_pruner``); with ``skip_unmappable``, groups whose
+    channel mapping cannot be scored keep their width (EfficientFormer's attention)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruner = tp.pruner.MagnitudePruner(
-            module,
-            example_input,
-            importance=tp.importance.MagnitudeImportance(p=1),  # keep the largest-L1 channels
-            pruning_ratio=1.0 - width,
-            ignored_layers=[module.get_submodule(name) for name in protected],
-            round_to=round_to,
-            num_heads=heads,
-            prune_head_dims=True,
-            prune_num_heads=False,
-        )
+        ignored = [module.get_submodule(name) for name in protected]
+        pruner = _magnitude_pruner(module, width, example_input, round_to, ignored)
+        if skip_unmappable:
+            ignore_unmappable_groups(pruner)
         pruner.step()
+    _update_head_dims(module)
+    return module
+
+
+def _prune_group_by_group(module: nn.Module, width: float, example_input: torch.Tensor,
+                          round_to, protected: list[str]) -> nn.Module:  # fmt: skip
+    """The last resort: prune group by group, running the network after each, and keep at
+    full width each group whose pruning breaks it (a channel mapping torch-pruning gets
+    wrong: CSP's splits, LeViT's attention) or whose mapping cannot even be scored. The
+    student may then keep more than ``width`` squared of the parameters; the caller compares."""
+
+    def runs() -> bool:
+        with torch.no_grad():
+            module.eval()(example_input)
+        return True
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ignored = [module.get_submodule(name) for name in protected]
+        pruner = _magnitude_pruner(module, width, example_input, round_to, ignored)
+        ignore_unmappable_groups(pruner)
+        for group in pruner.step(interactive=True):
+            prune_or_restore(group, module, runs)
     _update_head_dims(module)
     return module
 
@@ -204,10 +248,13 @@ def _prune_balanced(module: nn.Module, width: float, example_input: torch.Tensor
 def _strategies(module: nn.Module) -> list:
     """Pruning strategies in the order to try: balanced first where a channel shuffle makes
     MagnitudePruner wrong, else MagnitudePruner first and balanced pruning where it fails or
-    hardly shrinks (its independent choices unbalance channel splits)."""
+    hardly shrinks (its independent choices unbalance channel splits); last, MagnitudePruner
+    keeping whole the groups it cannot score, then group by group, keeping whole the groups
+    it gets wrong."""
+    last_resorts = [partial(_prune_by_magnitude, skip_unmappable=True), _prune_group_by_group]
     if needs_balanced_pruning(module):
-        return [_prune_balanced, _prune_by_magnitude]
-    return [_prune_by_magnitude, _prune_balanced]
+        return [_prune_balanced, _prune_by_magnitude, *last_resorts]
+    return [_prune_by_magnitude, _prune_balanced, *last_resorts]
 
 
 def _check_student(student: nn.Module, teacher: nn.Module, example_input: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import cores_per_rank
 from .errors import DaflError
 
 CHECKPOINT_FORMAT = "dafl-compress-checkpoint-v2"
@@ -112,7 +113,7 @@ class ThreadChooser:
     machine, 2 OpenMP threads were up to 5x slower than 1 for these small convolutions."""
 
     def __init__(self, device: torch.device, setting: str | int, fixed: int | None) -> None:
-        cores = os.cpu_count() or 1
+        cores = cores_per_rank()
         self.active = False
         self.times: dict[int, float] = {}
         if device.type != "cpu":

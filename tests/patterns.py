@@ -163,18 +163,91 @@ class GhostModule(nn.Module):
         return torch.cat([primary, self.cheap(primary)], dim=1)[:, : self.out]
 
 
+class SqueezeExcite(nn.Module):
+    """timm's squeeze-excite with GhostNet's hard-sigmoid gate."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(dim, dim // 4, 1)
+        self.expand = nn.Conv2d(dim // 4, dim, 1)
+
+    def forward(self, x):
+        scale = self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True))))
+        return x * nn.functional.hardsigmoid(scale)
+
+
 class GhostNet(nn.Module):
+    """A GhostNet bottleneck: ghost module, squeeze-excite over its concatenated output (the
+    SE's expanding conv once rooted the pruning group: nothing was pruned), ghost module."""
+
     def __init__(self, dim: int = 32, classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, stride=2, padding=1), nn.ReLU())
         self.ghost1 = GhostModule(dim, 2 * dim)
+        self.se = SqueezeExcite(2 * dim)
         self.ghost2 = GhostModule(2 * dim, dim)
         self.head = nn.Linear(dim, classes)
 
     def forward(self, x):
         x = self.stem(x)
-        x = x + self.ghost2(self.ghost1(x))
+        x = x + self.ghost2(self.se(self.ghost1(x)))
         return self.head(x.mean((2, 3)))
+
+
+class SmallInputVGG(nn.Module):
+    """VGG/AlexNet on a small input: adaptive pooling from 2x2 up to 3x3, which exporters
+    cannot write as one op, then a flatten into the classifier."""
+
+    def __init__(self, dim: int = 16, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, dim, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(dim, 2 * dim, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.classifier = nn.Sequential(nn.Linear(2 * dim * 9, 32), nn.ReLU(),
+                                        nn.Linear(32, classes))  # fmt: skip
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+class SplitHeadAttention(nn.Module):
+    """EfficientFormer's and LeViT's attention: each head's query, key and value cut from one
+    projection in unequal parts (keys 8 wide, values 16)."""
+
+    def __init__(self, dim: int, heads: int = 2, key: int = 8, value: int = 16):
+        super().__init__()
+        self.heads, self.key, self.value = heads, key, value
+        self.qkv = nn.Linear(dim, heads * (2 * key + value))
+        self.proj = nn.Linear(heads * value, dim)
+
+    def forward(self, x):
+        batch, tokens, _ = x.shape
+        parts = self.qkv(x).reshape(batch, tokens, self.heads, -1).permute(0, 2, 1, 3)
+        q, k, v = parts.split([self.key, self.key, self.value], dim=3)
+        attention = ((q @ k.transpose(-2, -1)) * self.key**-0.5).softmax(-1)
+        return self.proj((attention @ v).transpose(1, 2).reshape(batch, tokens, -1))
+
+
+class SplitHeadFormer(nn.Module):
+    """EfficientFormer: convolutional stages, then tokens through split-head attention."""
+
+    def __init__(self, dim: int = 32, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 4, stride=4), nn.BatchNorm2d(dim), nn.ReLU(),
+                                  nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim),
+                                  nn.ReLU())  # fmt: skip
+        self.norm = nn.LayerNorm(dim)
+        self.attention = SplitHeadAttention(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.attention(self.norm(x))
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
 
 
 PATTERNS = {
@@ -184,6 +257,8 @@ PATTERNS = {
     "padded-residual": PaddedResidualNet,
     "vit": TinyViT,
     "ghost": GhostNet,
+    "small-input-vgg": SmallInputVGG,
+    "split-head-attention": SplitHeadFormer,
 }
 SHAPE = (3, 32, 32)
 

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import ctrl_c_as_at_a_terminal
+from models import fit
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -76,14 +77,7 @@ def workspace(tmp_path_factory):
     files = {}
     for name in ("DigitsCNN", "DigitsMLP"):
         torch.manual_seed(0)
-        model = getattr(digits_models, name)()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(150):
-            loss = nn.functional.cross_entropy(model(x[:1200]), y[:1200])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        model.eval()
+        model = fit(getattr(digits_models, name)(), x[:1200], y[:1200])
         example = x[:2]
         batch = ({0: torch.export.Dim("batch")},)
         with warnings.catch_warnings():

@@ -13,6 +13,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..decompositions import legacy_adaptive_pools
 from ..errors import ImportFailed
 from ..onnx_compat import onnx_to_torch, prepare_onnx_model
 from ..onnxscript_adapter import optimize_keeping_batchnorm
@@ -38,18 +39,20 @@ def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: b
                 )
                 proto = optimize_keeping_batchnorm(program.model_proto)
             else:
-                torch.onnx.export(
-                    model,
-                    (example,),
-                    buffer,
-                    dynamo=False,
-                    opset_version=LEGACY_OPSET,
-                    # PRESERVE (the module is in eval mode) skips the Conv+BatchNorm fusion
-                    training=torch.onnx.TrainingMode.PRESERVE,
-                    input_names=["input"],
-                    output_names=["output"],
-                    dynamic_axes={"input": {0: "batch"}},
-                )
+                with legacy_adaptive_pools(LEGACY_OPSET) as custom_opsets:
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        buffer,
+                        dynamo=False,
+                        opset_version=LEGACY_OPSET,
+                        custom_opsets=custom_opsets,
+                        # PRESERVE (the module is in eval mode) skips Conv+BatchNorm fusion
+                        training=torch.onnx.TrainingMode.PRESERVE,
+                        input_names=["input"],
+                        output_names=["output"],
+                        dynamic_axes={"input": {0: "batch"}},
+                    )
                 proto = onnx.load_from_string(buffer.getvalue())
     except ImportFailed:
         raise

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import global_mean
 from ..errors import DaflWarning
 from ..losses import (
     activation_loss,
@@ -44,7 +45,8 @@ class DAFL(GeneratorMethod):
         if not self.ctx.preset.bounded_activation:
             return activation_loss(features)
         if self.activation_reference is None:
-            self.activation_reference = float(features.detach().abs().mean()) or 1.0
+            level = global_mean(features.detach().abs().flatten())  # the same on every rank
+            self.activation_reference = float(level) or 1.0
         return bounded_activation_loss(features, self.activation_reference)
 
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
