@@ -130,9 +130,9 @@ def _compress_parser() -> argparse.ArgumentParser:
         choices=("auto", *method_names()),
         default="auto",
         help="auto picks from the teacher (bn-prior when it keeps BatchNorm layers, else "
-        "dafl); dafl is the paper's method (per pixel for segmentation); noise its "
-        "Gaussian-noise baseline; adversarial adds DFAD-style exploration to DAFL; dfad is "
-        "DFAD's adversarial generation (default: %(default)s)",
+        "dafl; dafl for segmentation); dafl is the paper's method (per pixel for "
+        "segmentation); noise its Gaussian-noise baseline; adversarial adds DFAD-style "
+        "exploration to DAFL; dfad is DFAD's adversarial generation (default: %(default)s)",
     )
     train.add_argument(
         "--preset",
