@@ -87,7 +87,8 @@ def _compress_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="dafl-compress",
-        description="Compress a trained classifier (the teacher) into a half-width student "
+        description="Compress a trained classifier or segmentation network (the teacher) into a "
+        "half-width student "
         "without training data (DAFL, Chen et al. 2019), export it to ONNX, verify it with "
         "onnxruntime and write a report.\n\nOther commands: dafl-compress inspect TEACHER | "
         "student TEACHER | zoo list  (each has --help).",
@@ -97,8 +98,9 @@ def _compress_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--task",
         default="classification",
-        help="what the teacher does (default: %(default)s; segmentation and "
-        "detection are not supported yet)",
+        help="what the teacher does: classification ((N, K) logits) or segmentation ((N, K, H, "
+        "W) per-pixel logits, or a dict with 'out'); detection is not supported yet "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--student",
@@ -128,8 +130,9 @@ def _compress_parser() -> argparse.ArgumentParser:
         choices=("auto", *method_names()),
         default="auto",
         help="auto picks from the teacher (bn-prior when it keeps BatchNorm layers, else "
-        "dafl); dafl is the paper's method; noise its Gaussian-noise baseline; "
-        "adversarial adds DFAD-style exploration to DAFL (default: %(default)s)",
+        "dafl; dafl for segmentation); dafl is the paper's method (per pixel for "
+        "segmentation); noise its Gaussian-noise baseline; adversarial adds DFAD-style "
+        "exploration to DAFL; dfad is DFAD's adversarial generation (default: %(default)s)",
     )
     train.add_argument(
         "--preset",
@@ -178,7 +181,9 @@ def _compress_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--eval-data",
         metavar="PATH",
-        help=".npz with x and y, a folder of MNIST-style idx files, or an ImageFolder directory",
+        help=".npz with x and y, a folder of MNIST-style idx files, or an ImageFolder directory; "
+        "segmentation: .npz with x and masks y (N,H,W; 255 = ignore), or a folder of images "
+        "beside a folder 'masks' of PNG masks",
     )
     data.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="normalisation mean")
     data.add_argument("--std", type=_floats, metavar="S[,S,S]", help="normalisation std")

@@ -23,7 +23,7 @@ from torch import nn
 from . import distributed
 from .domain import InputDomain
 from .errors import DaflError, DaflWarning, TrainingFailed
-from .evaldata import EvalData, accuracy, evaluate, predict
+from .evaldata import EvalData, evaluate, predict, score
 from .health import CollapseGuard, GenerationCollapsed, Health, measure
 from .losses import kd_loss
 from .methods import get_method
@@ -37,6 +37,7 @@ from .recipe import (
     fit_batch_to_memory,
     size_recipe,
 )
+from .tasks import get_task
 from .teacher import Teacher
 from .training import (
     Checkpointer,
@@ -68,6 +69,7 @@ class DistillOptions:
     """How to train. Every field is checked by ``validate`` before any work starts."""
 
     method: str = "auto"  # a registered method name (methods/) or "auto"
+    task: str = "classification"  # tasks.py: what the teacher's output means
     preset: str | Preset = "fast"
     device: str | None = None  # None/"auto": cuda when available, else cpu
     time_budget: float | None = None  # seconds of training
@@ -90,6 +92,7 @@ class DistillOptions:
     def validate(self) -> Preset:
         """Raise DaflError for any bad value; return the resolved preset."""
         preset = get_preset(self.preset).check()
+        get_task(self.task)
         if self.method != "auto":
             get_method(self.method)
         if self.batch_size is not None and self.batch_size < 2:
@@ -184,18 +187,6 @@ def _make_student_optimizer(preset: Preset, student: nn.Module, lr: float):
     raise DaflError(f"unknown student optimizer {preset.student_optimizer!r}")
 
 
-def check_classifier_output(teacher: nn.Module, shape: tuple[int, ...], dev) -> int:
-    """The number of classes of a (N, K) logits teacher; DaflError otherwise or if non-finite."""
-    with torch.no_grad():
-        out = teacher(torch.rand(2, *shape, device=dev))
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise DaflError(f"teacher output is {got}; --task classification needs (N, K) logits")
-    if not torch.isfinite(out).all():
-        raise DaflError("the teacher's output is NaN or infinite on random inputs")
-    return int(out.shape[1])
-
-
 class Trainer:
     """Trains a student from a method's generated inputs: per iteration one generator step, then
     ``recipe.student_steps`` KD steps on pooled batches; health checks, evaluation, checkpoints
@@ -257,6 +248,7 @@ class Trainer:
             device=self.device,
             final_layer=analysis.final_layer if analysis else None,
             autocast=_autocast_factory(self.device),
+            task=self.options.task,
         )
 
     def _make_method(self, ctx: MethodContext) -> tuple[Method, str]:
@@ -458,8 +450,8 @@ class Trainer:
         threads_before = torch.get_num_threads()
         module.to(self.device).eval().requires_grad_(False)  # frozen: input gradients only
         try:
-            self.num_classes = check_classifier_output(module, self.teacher.input_shape,
-                                                       self.device)  # fmt: skip
+            self.num_classes = get_task(self.options.task).check_output(
+                module, self.teacher.input_shape, self.device)  # fmt: skip
             self.student.to(self.device)
             self.teacher_digest = module_digest(module)  # checkpoints name their teacher
             self.world.check_same(self.teacher_digest, "teacher")
@@ -532,7 +524,9 @@ class Trainer:
             self.student_lr = self.preset.student_lr_fine_tune
         self.optimizer = _make_student_optimizer(self.preset, self.student, self.student_lr)
         distributed.average_gradients(self.optimizer)
-        batch_bytes = self.recipe.batch_size * math.prod(self.teacher.input_shape) * 4
+        outputs = self.teacher.analysis.output_shape if self.teacher.analysis else ()
+        batch_bytes = self.recipe.batch_size * (math.prod(self.teacher.input_shape)
+                                                + math.prod(outputs)) * 4  # inputs and logits
         self.pool = ReplayPool(self.recipe.pool_size, batch_bytes)
         self.recipe = replace(self.recipe, pool_size=self.pool.size)
         if self.options.resume:
@@ -617,7 +611,7 @@ class Trainer:
             self.history[-1].update(self._measure_health().as_row())
         teacher_accuracy = student_accuracy = None
         if self.eval_data is not None:
-            teacher_accuracy = accuracy(self.teacher_predictions, self.eval_data.y)
+            teacher_accuracy = score(self.teacher_predictions, self.eval_data.y)
             student_accuracy = evaluate(self.student, self.eval_data, device=self.device)
             if self.history and self.history[-1].get("accuracy") is None:
                 self.history[-1]["accuracy"] = student_accuracy

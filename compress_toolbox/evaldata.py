@@ -1,4 +1,6 @@
-"""Optional labelled evaluation data (never used for training): .npz, MNIST idx or ImageFolder."""
+"""Optional labelled evaluation data (never used for training): .npz, MNIST idx or ImageFolder;
+for segmentation teachers, .npz with integer masks or a folder of images beside a folder of PNG
+masks (255 = ignore)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ class EvalDataError(DaflError):
 
 @dataclass
 class EvalData:
-    """Preprocessed evaluation set: float ``x`` shaped like the teacher input, long labels ``y``."""
+    """Preprocessed evaluation set: float ``x`` shaped like the teacher input, long labels ``y``
+    (N,) for a classifier, or masks (N, H, W) for a segmentation teacher."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -52,7 +55,10 @@ def describe_preprocessing() -> str:
         "class sub-folders) is converted to float in [0, 1] (uint8 / 255), gray images are "
         "repeated to 3 channels (RGB averaged to gray) when the teacher wants it, images are "
         "resized to the teacher's H x W (bilinear, align_corners=False) when sizes differ, then "
-        "normalised as (x - mean) / std when --mean/--std are given (a float or one per channel)."
+        "normalised as (x - mean) / std when --mean/--std are given (a float or one per channel). "
+        "Segmentation (--task segmentation): a .npz with x (N,H,W or N,C,H,W) and integer masks y "
+        "(N,H,W; 255 = ignore), or a folder of images with a sibling folder 'masks' of PNG masks "
+        "of the same names (pixel value = class); masks are resized with the images (nearest)."
     )
 
 
@@ -206,15 +212,19 @@ def load_eval_data(
     input_shape: tuple[int, ...],
     domain: InputDomain | None = None,
     num_classes: int | None = None,
+    task: str = "classification",
 ) -> EvalData:
     """Load labelled evaluation data shaped for a teacher with ``input_shape``, mapped into its
     input ``domain`` (see ``describe_preprocessing``). With ``num_classes`` the labels must lie
-    in [0, num_classes). Any problem raises ``EvalDataError`` naming the path."""
+    in [0, num_classes) (masks may also hold 255, ignored). ``task="segmentation"`` reads
+    masks (``load_mask_data``). Any problem raises ``EvalDataError`` naming the path."""
     path = Path(path)
     domain = domain or InputDomain()
     input_shape = tuple(input_shape)
     if not path.exists():
         raise EvalDataError(f"{path}: no such file or directory")
+    if task == "segmentation":
+        return load_mask_data(path, input_shape, domain, num_classes)
     if path.is_dir():
         if any(f.is_file() and re.search(r"idx[13]", f.name) for f in path.iterdir()):
             raw_x, raw_y = _load_idx_folder(path)
@@ -291,7 +301,8 @@ def predict(
     batch_size: int = 512,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """Top-1 class of ``module`` for every sample of ``data`` (module left in its mode)."""
+    """Top-1 class of ``module`` for every sample (or every pixel) of ``data`` (module left in
+    its mode)."""
     if device is None:
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
     was_training = module.training
@@ -311,10 +322,142 @@ def evaluate(
     batch_size: int = 512,
     device: str | torch.device | None = None,
 ) -> float:
-    """Top-1 accuracy of ``module`` on ``data`` (module left in the mode it was in)."""
-    return accuracy(predict(module, data, batch_size, device), data.y)
+    """``score`` of ``module`` on ``data`` (module left in the mode it was in): top-1 accuracy,
+    or mean IoU on masks."""
+    return score(predict(module, data, batch_size, device), data.y)
+
+
+def score(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """The headline figure of a model on labelled data: top-1 accuracy for class labels, mean
+    IoU for masks (N, H, W)."""
+    if labels.dim() == 1:
+        return accuracy(predictions, labels)
+    from .segmetrics import IGNORE_INDEX, score_masks
+
+    valid = labels[labels != IGNORE_INDEX]
+    classes = 1 + max(int(predictions.max()), int(valid.max()) if valid.numel() else 0)
+    return score_masks(predictions, labels, classes).mean_iou
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of ``predictions`` equal to ``labels`` (exact: a count over a length)."""
+    """Fraction of ``predictions`` equal to ``labels`` (exact: a count over a length); for masks,
+    of the pixels not labelled 255 (ignore)."""
+    if labels.dim() > 1:
+        from .segmetrics import IGNORE_INDEX
+
+        keep = labels != IGNORE_INDEX
+        return int((predictions[keep] == labels[keep]).sum()) / max(int(keep.sum()), 1)
     return int((predictions == labels).sum()) / len(labels) if len(labels) else 0.0
+
+
+MASK_FOLDERS = ("masks", "labels", "annotations", "SegmentationClass")  # beside the images
+
+
+def load_mask_data(path: Path, input_shape: tuple[int, ...], domain: InputDomain,
+                   num_classes: int | None) -> EvalData:  # fmt: skip
+    """Images and their integer masks for a segmentation teacher: a .npz with ``x`` and ``y``
+    (N, H, W), or a folder of images whose masks are PNGs of the same stem in a sibling folder
+    (``masks``, ``labels``, ``annotations`` or VOC's ``SegmentationClass``), or a folder holding
+    ``images/`` and ``masks/``. Masks must have their image's size and hold classes in
+    [0, num_classes) or 255 (ignore); they are resized with the images (nearest)."""
+    from .segmetrics import IGNORE_INDEX
+
+    if len(input_shape) != 3:
+        raise EvalDataError(f"{path}: a segmentation teacher takes images, not {input_shape}")
+    if path.is_dir():
+        x, masks, names = _load_mask_folder(path, input_shape[0])
+    elif path.suffix.lower() == ".npz":
+        _require_regular_file(path)
+        raw_x, raw_y = _load_npz(path)
+        x = _to_float_or_fail(raw_x, path)
+        x = x[:, None] if x.dim() == 3 else x
+        masks, names = np.asarray(raw_y), None
+        if masks.ndim != 3 or len(masks) != len(x) or masks.shape[-2:] != tuple(x.shape[-2:]):
+            expected = (len(x), *x.shape[-2:])
+            raise EvalDataError(f"{path}: masks y have shape {masks.shape}; expected (N, H, W) "
+                                f"= {expected}, one per image of its size")  # fmt: skip
+        masks = [masks]
+    else:
+        raise EvalDataError(f"{path}: unsupported segmentation eval data (use a .npz with x and "
+                            "y masks, or a folder of images beside a folder of PNG masks)")
+    y = torch.cat([_checked_masks(m, num_classes, names[i] if names else path, IGNORE_INDEX)
+                   for i, m in enumerate(masks)])  # fmt: skip
+    if x.dim() != 4 or not torch.isfinite(x).all():
+        raise EvalDataError(f"{path}: images must be finite (N, H, W) or (N, C, H, W) arrays")
+    if tuple(x.shape[-2:]) != tuple(input_shape[1:]):
+        y = F.interpolate(y[:, None].float(), size=input_shape[1:], mode="nearest")[:, 0].long()
+    x = _adapt(x, input_shape, str(path))
+    return EvalData(x=domain.to_model(x).float().contiguous(), y=y, source=str(path))
+
+
+def _to_float_or_fail(raw: np.ndarray, path: Path) -> torch.Tensor:
+    try:
+        return _to_float(raw)
+    except EvalDataError as error:
+        raise EvalDataError(f"{path}: {error}") from None
+
+
+def _checked_masks(masks: np.ndarray, num_classes: int | None, source, ignore: int) -> torch.Tensor:
+    """(N, H, W) long masks; one line naming ``source`` for a non-integer mask or a label
+    outside [0, num_classes) other than ``ignore``."""
+    masks = np.asarray(masks)
+    if not np.issubdtype(masks.dtype, np.integer):
+        raise EvalDataError(f"{source}: masks must hold integer class indices, got {masks.dtype}")
+    masks = masks.astype(np.int64)
+    if masks.ndim == 2:
+        masks = masks[None]
+    bad = masks[(masks != ignore) & ((masks < 0) | (masks >= (num_classes or 2**31)))]
+    if bad.size:
+        classes = f"{num_classes} classes (0..{num_classes - 1}, {ignore} = ignore)"
+        raise EvalDataError(f"{source}: mask label {int(bad.flat[0])} is outside the teacher's "
+                            f"{classes}")  # fmt: skip
+    return torch.from_numpy(masks)
+
+
+def _mask_folder(images: Path) -> Path:
+    for name in MASK_FOLDERS:
+        if (images.parent / name).is_dir() and (images.parent / name) != images:
+            return images.parent / name
+    raise EvalDataError(f"{images}: no mask folder beside it (expected one of "
+                        f"{', '.join(MASK_FOLDERS)} next to {images.name})")  # fmt: skip
+
+
+def _load_mask_folder(folder: Path, channels: int) -> tuple[torch.Tensor, list, list[Path]]:
+    """Images of ``folder`` (or ``folder/images``) as one (N, C, H, W) float tensor, their masks
+    (one (H, W) array each) and the mask files."""
+    from PIL import Image, UnidentifiedImageError
+
+    if (folder / "images").is_dir():
+        folder = folder / "images"
+    masks_dir = _mask_folder(folder)
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise EvalDataError(f"{folder}: no images found")
+    images, masks, names = [], [], []
+    for file in files:
+        mask_file = masks_dir / f"{file.stem}.png"
+        if not mask_file.is_file():
+            raise EvalDataError(f"{mask_file}: missing (the mask of {file.name})")
+        for item in (file, mask_file):
+            _require_regular_file(item)
+        try:
+            with Image.open(file) as image:
+                array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+            with Image.open(mask_file) as mask_image:
+                if mask_image.mode not in ("P", "L", "I", "I;16"):
+                    raise EvalDataError(f"{mask_file}: mask is {mask_image.mode}; expected a "
+                                        "single-channel PNG of class indices")  # fmt: skip
+                mask = np.asarray(mask_image)
+        except (OSError, UnidentifiedImageError) as error:
+            raise EvalDataError(f"{file}: cannot read image or mask ({error})") from None
+        if mask.shape != array.shape[:2]:
+            mask_size, image_size = (f"{a.shape[1]}x{a.shape[0]}" for a in (mask, array))
+            raise EvalDataError(f"{mask_file}: mask is {mask_size}, its image {file.name} is "
+                                f"{image_size}")  # fmt: skip
+        images.append(array if array.ndim == 3 else array[..., None])
+        masks.append(mask)
+        names.append(mask_file)
+    if len({image.shape for image in images}) > 1:
+        raise EvalDataError(f"{folder}: images of different sizes; give images of one size")
+    x = _to_float(np.stack(images)).permute(0, 3, 1, 2)
+    return x, masks, names

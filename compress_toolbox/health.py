@@ -126,6 +126,7 @@ def judge_student(
     student_accuracy: float | None,
     health: Health | None,
     num_classes: int | None = None,
+    figure: str = "accuracy",
 ) -> list[str]:
     """Why the finished student is unusable (empty: it is not). With evaluation data: below
     half of the teacher's accuracy. Without: no iteration ran, the generated inputs had
@@ -134,7 +135,7 @@ def judge_student(
     if teacher_accuracy and student_accuracy is not None:
         if student_accuracy < 0.5 * teacher_accuracy:
             return [
-                f"student accuracy {student_accuracy:.4f} is below half of the teacher's "
+                f"student {figure} {student_accuracy:.4f} is below half of the teacher's "
                 f"{teacher_accuracy:.4f}"
             ]
         return []

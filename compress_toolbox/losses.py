@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import global_mean, global_moments
+from .tasks import as_samples
 
 
 def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
     """L_oh: cross-entropy of the teacher's logits against their own argmax (pseudo labels)."""
-    return F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1))
+    logits = as_samples(teacher_logits)
+    return F.cross_entropy(logits, logits.argmax(dim=1))
 
 
 def activation_loss(features: torch.Tensor) -> torch.Tensor:
@@ -40,7 +42,8 @@ def information_entropy_loss(teacher_logits: torch.Tensor, base: float = math.e)
 
     The authors' code uses ``log10`` (``base=10``), which divides the entropy by ln 10.
     """
-    mean_prob = global_mean(F.softmax(teacher_logits.float(), dim=1))  # over every rank
+    # over every pixel of every rank's batch
+    mean_prob = global_mean(F.softmax(as_samples(teacher_logits).float(), dim=1))
     return (mean_prob * torch.log(mean_prob.clamp_min(1e-12))).sum() / math.log(base)
 
 
@@ -53,6 +56,7 @@ def kd_loss(
     At T=1 this is the authors' ``kdloss``: ``kl_div(log_softmax(s), softmax(t), sum) / N``.
     """
     t = temperature
+    student_logits, teacher_logits = as_samples(student_logits), as_samples(teacher_logits)
     return F.kl_div(
         F.log_softmax(student_logits.float() / t, dim=1),
         F.softmax(teacher_logits.float() / t, dim=1),
@@ -67,12 +71,19 @@ def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor)
     the agreement mask (as in Fast-DFKD, Fang et al. 2022) keeps it from rewarding inputs whose
     class the teacher itself flips, which would turn the samples into adversarial noise.
     """
+    student_logits, teacher_logits = as_samples(student_logits), as_samples(teacher_logits)
     t_prob = F.softmax(teacher_logits.float(), dim=1)
     per_sample = F.kl_div(
         F.log_softmax(student_logits.float(), dim=1), t_prob, reduction="none"
     ).sum(1)
     agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
     return -(per_sample * agree).mean()
+
+
+def logit_discrepancy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DFAD's discrepancy (Fang et al. 2019): mean absolute difference of the logits, over
+    classes and samples (pixels). The generator maximises it, the student minimises its KD."""
+    return (as_samples(student_logits).float() - as_samples(teacher_logits).float()).abs().mean()
 
 
 class BatchNormStatistics:

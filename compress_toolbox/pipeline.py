@@ -18,7 +18,7 @@ from .analysis import Analysis, analyse
 from .domain import InputDomain
 from .errors import DaflError
 from .outdir import OutputFolder, default_out_dir
-from .tasks import check_task
+from .tasks import MainOutput, check_task, get_task, task_of_output
 from .teacher import Teacher, load_teacher
 
 if TYPE_CHECKING:
@@ -119,13 +119,23 @@ def _batchnorms(module: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def _check_teacher_fits_task(teacher: Teacher) -> None:
-    if teacher.analysis.task != "classification":
+def _check_teacher_fits_task(teacher: Teacher, task: str) -> None:
+    """A clear refusal when the teacher's output does not fit ``--task``, naming the task it
+    fits; a teacher returning a dict (``{"out": ...}``) or tuple is made to return its main
+    tensor."""
+    expected = get_task(task)
+    shape = teacher.analysis.output_shape
+    if not expected.fits(shape):
+        other = task_of_output(shape)
+        hint = f" (it looks like a {other} teacher: use --task {other})" if other else ""
         raise DaflError(
-            f"{teacher.source}: teacher output has shape (N, "
-            f"{', '.join(map(str, teacher.analysis.output_shape))}); "
-            "--task classification needs (N, K) logits"
+            f"{teacher.source}: teacher output has shape (N, {', '.join(map(str, shape))}); "
+            f"--task {task} needs {expected.output_text}{hint}"
         )
+    with torch.no_grad():
+        out = teacher.module(torch.zeros(1, *teacher.input_shape))
+    if not isinstance(out, torch.Tensor):
+        teacher.module = MainOutput(teacher.module).eval()
 
 
 def _versions() -> dict[str, str]:
@@ -159,11 +169,12 @@ def _load_inputs(teacher_path, *, task, student, width, init, init_fallback, eva
     from .evaldata import load_eval_data
 
     teacher = load_teacher(teacher_path, **teacher_options)
-    _check_teacher_fits_task(teacher)
+    _check_teacher_fits_task(teacher, task)
     domain = InputDomain.from_options(mean, std, teacher.input_shape)
     data = None
     if eval_data:
-        data = load_eval_data(eval_data, teacher.input_shape, domain, teacher.num_outputs)
+        data = load_eval_data(eval_data, teacher.input_shape, domain, teacher.num_outputs,
+                              task=task)  # fmt: skip
     plan = plan_student(teacher, student, task=task, width=width, init=init,
                         init_fallback=init_fallback)  # fmt: skip
     return _Inputs(teacher, domain, data, plan)
@@ -211,12 +222,15 @@ def compress(
     from .training import Checkpointer
 
     check_task(task)
-    options = DistillOptions(**distill_options)
+    options = DistillOptions(task=task, **distill_options)
+    if options.batch_size is None:
+        options.batch_size = get_task(task).batch_size
     preset = options.validate()
     if init not in ("auto", "fresh", "teacher"):
         raise DaflError(f"--init {init!r}: expected auto, fresh or teacher")
     init_fallback = init == "auto"  # the preset's choice may give way; the user's may not
-    init = preset.student_init if init == "auto" else init
+    if init == "auto":
+        init = get_task(task).student_init or preset.student_init
     check_opset(opset)
     InputDomain.from_options(mean, std)  # values checked now, channels once the teacher is known
     teacher_options = {"model_class": model_class, "model_kwargs": model_kwargs,
@@ -293,6 +307,7 @@ class _Measurements:
     student_accuracy: float | None = None
     agreement: float | None = None  # student-teacher top-1 agreement
     agreement_on: str | None = None  # on what: "eval data" or generated inputs
+    segmentation: dict[str, Any] | None = None  # mean/per-class IoU, pixel accuracy of both
 
 
 def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, *, opset, seed,
@@ -300,7 +315,7 @@ def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, *, opset,
     """Export and verify the student, measure both models, write report and pictures."""
     from .distill import write_history_csv
     from .export import export_student
-    from .report import plot_curves, plot_samples, write_report
+    from .report import plot_curves, plot_samples, plot_segmentation_samples, write_report
 
     write_history_csv(result.history, work / "history.csv")
     start = time.perf_counter()
@@ -313,7 +328,11 @@ def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, *, opset,
                      task=task, command=command)  # fmt: skip
     start = time.perf_counter()
     plot_curves(result.history, work / "curves.png")
-    plot_samples(result.sampler, inputs.teacher.module, inputs.domain, work / "samples.png")
+    if task == "segmentation":
+        plot_segmentation_samples(result.sampler, inputs.teacher.module, result.student,
+                                  inputs.domain, work / "samples.png")  # fmt: skip
+    else:
+        plot_samples(result.sampler, inputs.teacher.module, inputs.domain, work / "samples.png")
     timings["plots_s"] = time.perf_counter() - start
     report["timings"] = {key: round(value, 2) for key, value in timings.items()}
     write_report(report, work)
@@ -353,6 +372,9 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path,
         measured.student_accuracy = accuracy(student_pred, data.y)
         measured.agreement = accuracy(student_pred, teacher_pred)
         measured.agreement_on = "eval data"
+        if data.y.dim() > 1:  # masks: pixel accuracy above, IoU here
+            measured.segmentation = _segmentation_scores(teacher_pred, student_pred, data.y,
+                                                         teacher.num_outputs)  # fmt: skip
     elif result.sampler is not None:
         x = result.sampler(512)
         with torch.no_grad():
@@ -362,14 +384,28 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path,
     return measured
 
 
+def _segmentation_scores(teacher_pred: torch.Tensor, student_pred: torch.Tensor,
+                         masks: torch.Tensor, num_classes: int) -> dict[str, Any]:  # fmt: skip
+    """Mean IoU, pixel accuracy and per-class IoU of teacher and student on the masks."""
+    from .segmetrics import IGNORE_INDEX, score_masks
+
+    scores = {name: asdict(score_masks(pred, masks, num_classes))
+              for name, pred in (("teacher", teacher_pred), ("student", student_pred))}  # fmt: skip
+    return {**scores, "num_classes": num_classes, "ignore_index": IGNORE_INDEX}
+
+
 def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
             measured: _Measurements, *, seed, eval_data, task, command) -> dict[str, Any]:
     """report.json's content: status and problems first, then both models, the run, versions."""
     from .health import judge_student
 
     teacher, plan = inputs.teacher, inputs.plan
-    problems = judge_student(measured.teacher_accuracy, measured.student_accuracy,
-                             result.health, result.num_classes)  # fmt: skip
+    t_score, s_score = measured.teacher_accuracy, measured.student_accuracy
+    seg, figure = measured.segmentation, "accuracy"
+    if seg is not None:  # a student segmenting only the background keeps a high pixel accuracy
+        t_score, s_score = seg["teacher"]["mean_iou"], seg["student"]["mean_iou"]
+        figure = "mean IoU"
+    problems = judge_student(t_score, s_score, result.health, result.num_classes, figure)
     return {
         "status": "failed" if problems else "ok",
         "problems": problems,
@@ -384,6 +420,7 @@ def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
             "onnx_bytes": measured.teacher_onnx_bytes,
             "latency_ms": measured.teacher_latency_ms,
             "accuracy": measured.teacher_accuracy,
+            "mean_iou": seg["teacher"]["mean_iou"] if seg else None,
             "widths": teacher.analysis.widths,
             "import_max_rel_diff": teacher.max_rel_diff,
         },
@@ -394,10 +431,12 @@ def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
             "onnx_bytes": exported.onnx_bytes,
             "latency_ms": measured.student_latency_ms,
             "accuracy": measured.student_accuracy,
+            "mean_iou": seg["student"]["mean_iou"] if seg else None,
             "accuracy_measured_on": "student.onnx (onnxruntime)",
             "widths": plan.analysis.widths,
         },
         "agreement": {"value": measured.agreement, "on": measured.agreement_on},
+        "segmentation": seg,
         "health": asdict(result.health) if result.health else None,
         "generator_restarts": result.restarts,
         "onnx_check": {

@@ -39,9 +39,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("status") == "failed":
         lines += [f"**FAILED: {'; '.join(report['problems'])}.**", ""]
     t_acc, s_acc = teacher.get("accuracy"), student.get("accuracy")
+    seg = report.get("segmentation")
+    if seg:
+        t_acc, s_acc = teacher.get("mean_iou"), student.get("mean_iou")
     if report.get("status") != "failed" and t_acc and s_acc is not None and s_acc < 0.9 * t_acc:
+        figure = "mean IoU" if seg else "accuracy"
         lines += [f"**Warning: the student reaches only {100 * s_acc / t_acc:.1f}% of the "
-                  "teacher's accuracy.**", ""]  # fmt: skip
+                  f"teacher's {figure}.**", ""]  # fmt: skip
+    if seg:
+        rows[-1] = ("pixel accuracy on eval data (255 = ignored)", "accuracy", "pct")
+        rows.append(("mean IoU on eval data", "mean_iou", "pct"))
     lines += [
         "| | teacher | student | student / teacher |",
         "|---|---|---|---|",
@@ -74,7 +81,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- command: `{report['command']}`",
         "",
     ]
+    if seg:
+        lines += _per_class_iou(seg)
     return "\n".join(lines)
+
+
+def _per_class_iou(seg: dict[str, Any]) -> list[str]:
+    """report.md's per-class IoU table (n/a: the class is in neither masks nor predictions)."""
+    lines = ["## Per-class IoU on the eval data", "", "| class | teacher | student |",
+             "|---|---|---|"]  # fmt: skip
+    for index, (t, s) in enumerate(zip(seg["teacher"]["per_class_iou"],
+                                       seg["student"]["per_class_iou"])):  # fmt: skip
+        lines.append(f"| {index} | {_fmt(t, 'pct')} | {_fmt(s, 'pct')} |")
+    return [*lines, "", f"Pixels labelled {seg['ignore_index']} are ignored; the mean IoU "
+            "averages the classes present in the masks or the predictions.", ""]
 
 
 def _health(health: dict[str, Any] | None) -> str:
@@ -167,6 +187,49 @@ def plot_samples(
                     else:
                         ax.imshow(img[:3].permute(1, 2, 0).numpy())
             axes[row][0].set_title(f"class {cls}", fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_segmentation_samples(
+    sampler: Callable[[int], torch.Tensor] | None,
+    teacher: nn.Module,
+    student: nn.Module,
+    domain: InputDomain,
+    path: Path,
+    count: int = 8,
+) -> None:
+    """samples.png: generated inputs (top row) with the teacher's (middle) and the student's
+    (bottom) masks overlaid, one colour per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, count, figsize=(count * 1.3, 4.2), squeeze=False)
+    images = sampler(count).cpu() if sampler is not None else None
+    masks = {}
+    if images is not None:
+        masks = {"teacher": teacher.eval().cpu()(images).argmax(1),
+                 "student": student.eval().cpu()(images).argmax(1)}  # fmt: skip
+        images = _displayable(images, domain)
+    for col in range(count):
+        for row, name in enumerate(("input", "teacher", "student")):
+            ax = axes[row][col]
+            ax.set_axis_off()
+            if images is None:
+                continue
+            img = images[col]
+            shown = img[0].numpy() if img.shape[0] == 1 else img[:3].mean(0).numpy()
+            ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
+            if name != "input":
+                ax.imshow(masks[name][col].numpy(), cmap="tab20", alpha=0.5,
+                          interpolation="nearest", vmin=0, vmax=19)  # fmt: skip
+            if col == 0:
+                ax.set_title(name if name == "input" else f"{name}'s masks", fontsize=7,
+                             loc="left")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -1,11 +1,64 @@
-"""The task names: the one place that knows them (the zoo, the pipeline and the CLI import them)."""
+"""The task names and what each task means: the one place that knows them (the zoo, the
+pipeline, the trainer and the CLI import them).
+
+A task says which teacher outputs it accepts (``check_output``), how many classes they have, and
+how its logits become per-sample class scores (``as_samples``): a classifier's (N, K) logits are
+N samples; a segmentation teacher's (N, K, H, W) logits are N*H*W pixel samples, so that the
+one-hot, information-entropy, KD and adversarial losses and the collapse guard's class histogram
+all act per pixel, averaged over the batch's pixels.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
 
 from .errors import DaflError
 
 KNOWN_TASKS = ("classification", "segmentation", "detection")
-SUPPORTED_TASKS = ("classification",)  # what can be distilled today
+SUPPORTED_TASKS = ("classification", "segmentation")  # what can be distilled today
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a task's teacher outputs: ``output_dims`` dimensions after the batch."""
+
+    name: str
+    output_dims: int
+    output_text: str  # the expected output, for messages
+    batch_size: int | None = None  # generated batch when no --batch-size (None: the preset's)
+    student_init: str | None = None  # what --init auto means (None: the preset's choice)
+
+    def fits(self, output_shape: tuple[int, ...]) -> bool:
+        """Whether a teacher whose output is ``output_shape`` (no batch) does this task."""
+        return len(output_shape) == self.output_dims and output_shape[0] >= 2
+
+    def check_output(self, teacher: nn.Module, shape: tuple[int, ...], device) -> int:
+        """The number of classes of ``teacher``'s output on random inputs; DaflError when the
+        output does not fit this task or is not finite."""
+        with torch.no_grad():
+            out = teacher(torch.rand(2, *shape, device=device))
+        if not isinstance(out, torch.Tensor) or not self.fits(tuple(out.shape[1:])):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DaflError(f"teacher output is {got}; --task {self.name} needs {self.output_text}")
+        if not torch.isfinite(out).all():
+            raise DaflError("the teacher's output is NaN or infinite on random inputs")
+        return int(out.shape[1])
+
+
+TASKS = {
+    "classification": Task("classification", 1, "(N, K) logits"),
+    # 32 images of 64x64 are 131,072 pixel samples per batch; the fast preset's 128 would make
+    # every step 4x dearer where 600 s already bought only 140-220 iterations at 32 (RESULTS.md;
+    # 128 itself was not measured)
+    # A derived student from the teacher's largest channels (BatchNorm folded) answered
+    # background on every pixel and stayed so on the benchmark U-Net with dafl, dfad and
+    # adversarial; fresh (with BatchNorm added) learned (benchmarks/RESULTS.md).
+    "segmentation": Task("segmentation", 3, "(N, K, H, W) per-pixel logits", batch_size=32,
+                         student_init="fresh"),
+}
 
 
 def check_task(task: str) -> None:
@@ -14,5 +67,46 @@ def check_task(task: str) -> None:
         raise DaflError(f"--task {task}: unknown task; choose one of {', '.join(KNOWN_TASKS)}")
     if task not in SUPPORTED_TASKS:
         raise DaflError(
-            f"--task {task} is not supported yet; only {', '.join(SUPPORTED_TASKS)} is"
+            f"--task {task} is not supported yet; only {' and '.join(SUPPORTED_TASKS)} are"
         )
+
+
+def get_task(task: str) -> Task:
+    """The ``Task`` named ``task`` (checked with ``check_task``)."""
+    check_task(task)
+    return TASKS[task]
+
+
+def task_of_output(output_shape: tuple[int, ...]) -> str | None:
+    """The supported task whose teachers give ``output_shape`` (no batch), else None."""
+    return next((t.name for t in TASKS.values() if t.fits(tuple(output_shape))), None)
+
+
+def as_samples(logits: torch.Tensor) -> torch.Tensor:
+    """(N, K) logits as they are; (N, K, *spatial) logits as (N * prod(spatial), K): one
+    sample per pixel."""
+    if logits.dim() <= 2:
+        return logits
+    return logits.movedim(1, -1).reshape(-1, logits.shape[1])
+
+
+def labels_as_samples(labels: torch.Tensor) -> torch.Tensor:
+    """Class indices matching ``as_samples``: (N,) as they are, (N, *spatial) flattened."""
+    return labels.reshape(-1)
+
+
+class MainOutput(nn.Module):
+    """A model whose output is a dict (torchvision's segmentation models: ``{"out": ...,
+    "aux": ...}``), list or tuple, made to return its main tensor (``out``, else the first)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, dict):
+            out = out["out"] if "out" in out else next(iter(out.values()))
+        while isinstance(out, (list, tuple)):
+            out = out[0]
+        return out

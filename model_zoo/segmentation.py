@@ -5,16 +5,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import mobilenet_v3_small
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation import (
     deeplabv3_mobilenet_v3_large as tv_deeplabv3_mobilenet_v3_large,
 )
 from torchvision.models.segmentation import lraspp_mobilenet_v3_large as tv_lraspp
+from torchvision.models.segmentation.lraspp import LRASPP
 
 from ._utils import replace_first_conv
 from .registry import register_model
 
 _DEFAULT_INPUT = (3, 128, 128)
 _DEFAULT_CLASSES = 21  # Pascal VOC
+
+
+def _segmentation_model(family: str):
+    """``register_model`` for a segmentation family, with the zoo's default input and classes."""
+    return register_model(task="segmentation", family=family, default_input=_DEFAULT_INPUT,
+                          default_num_classes=_DEFAULT_CLASSES)  # fmt: skip
 
 
 class OutputOnly(nn.Module):
@@ -85,12 +94,7 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-@register_model(
-    task="segmentation",
-    family="lraspp",
-    default_input=_DEFAULT_INPUT,
-    default_num_classes=_DEFAULT_CLASSES,
-)
+@_segmentation_model("lraspp")
 def lraspp_mobilenet_v3_large(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
 ) -> nn.Module:
@@ -99,12 +103,22 @@ def lraspp_mobilenet_v3_large(
     return OutputOnly(replace_first_conv(model, in_channels))
 
 
-@register_model(
-    task="segmentation",
-    family="deeplabv3",
-    default_input=_DEFAULT_INPUT,
-    default_num_classes=_DEFAULT_CLASSES,
-)
+@_segmentation_model("lraspp")
+def lraspp_mobilenet_v3_small(
+    *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
+) -> nn.Module:
+    """LR-ASPP on a dilated MobileNetV3-Small backbone (random weights), as torchvision builds
+    the Large one: low-level features at stride 8, high-level at 16; a student for it."""
+    backbone = mobilenet_v3_small(weights=None, dilated=True).features
+    stages = [0] + [i for i, b in enumerate(backbone) if getattr(b, "_is_cn", False)]
+    stages.append(len(backbone) - 1)
+    low, high = stages[-4], stages[-1]  # the output strides 8 and 16, as torchvision picks
+    body = IntermediateLayerGetter(backbone, return_layers={str(low): "low", str(high): "high"})
+    model = LRASPP(body, backbone[low].out_channels, backbone[high].out_channels, num_classes)
+    return OutputOnly(replace_first_conv(model, in_channels))
+
+
+@_segmentation_model("deeplabv3")
 def deeplabv3_mobilenet_v3_large(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
 ) -> nn.Module:
@@ -118,9 +132,7 @@ def deeplabv3_mobilenet_v3_large(
     return OutputOnly(replace_first_conv(model, in_channels))
 
 
-@register_model(
-    task="segmentation", family="unet", default_input=_DEFAULT_INPUT, default_num_classes=21
-)
+@_segmentation_model("unet")
 def unet_small(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
 ) -> nn.Module:
@@ -128,9 +140,7 @@ def unet_small(
     return UNet(num_classes, in_channels, (16, 32, 64, 128))
 
 
-@register_model(
-    task="segmentation", family="unet", default_input=_DEFAULT_INPUT, default_num_classes=21
-)
+@_segmentation_model("unet")
 def unet_tiny(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
 ) -> nn.Module:

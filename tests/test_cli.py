@@ -289,7 +289,7 @@ def _bad_inputs(root: Path, tmp: Path) -> dict[str, tuple[list, str]]:
         "not a classifier": ([tmp / "seg.onnx"], "--task classification needs (N, K)"),
         "unknown student": ([cnn, "--student", "bogus"], "--student"),
         "unknown zoo student": ([cnn, "--student", "zoo:bogus"], "unknown zoo model"),
-        "segmentation task": ([cnn, "--task", "segmentation"], "not supported yet"),
+        "segmentation task": ([cnn, "--task", "segmentation"], "segmentation needs (N, K, H, W)"),
         "detection task": ([cnn, "--task", "detection"], "not supported yet"),
         "unknown preset": ([cnn, "--preset", "turbo"], "unknown preset"),
     }

@@ -35,6 +35,7 @@ class MethodContext:
     final_layer: str | None = None  # the teacher's last Linear/1x1 conv (activation loss)
     autocast: Any = field(default_factory=nullcontext)  # a context manager factory
     channels_last: bool = False  # generators in channels-last memory format (faster on CPU)
+    task: str = "classification"  # tasks.py: segmentation logits are (N, K, H, W)
 
     def batchnorm_layers(self) -> int:
         """Number of BatchNorm layers with running statistics in the teacher."""

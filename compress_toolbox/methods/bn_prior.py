@@ -2,14 +2,24 @@
 Fang et al. 2022): a class-conditional generator whose images make every BatchNorm layer of the
 teacher see the mean and variance it recorded on its training data, plus adversarial
 exploration. Available when the teacher still has its BatchNorm layers (TorchScript, .pt2,
-checkpoints, ONNX exported without folding); torch's default ONNX export folds them away."""
+checkpoints, ONNX exported without folding); torch's default ONNX export folds them away.
+
+For a segmentation teacher (as DFSS, 2025, guides sampling with BatchNorm statistics) the
+generator is unconditional, since one class per image means nothing when every pixel has one:
+the BatchNorm prior, plus DAFL's per-pixel one-hot and information-entropy terms (scenes the
+teacher segments confidently, covering every class) and pixel-wise adversarial exploration."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..losses import BatchNormStatistics, adversarial_loss
+from ..losses import (
+    BatchNormStatistics,
+    adversarial_loss,
+    information_entropy_loss,
+    one_hot_loss,
+)
 from . import register_method
 from .base import GeneratorMethod, MethodContext
 
@@ -23,6 +33,9 @@ class BatchNormPrior(GeneratorMethod):
 
     def __init__(self, ctx: MethodContext) -> None:
         self.statistics = BatchNormStatistics(ctx.teacher)
+        self.conditional = ctx.task == "classification"  # see the module's docstring
+        if not self.conditional:
+            self.loss_names = ("oh", "ie", "bn", "adv")
         super().__init__(ctx)
 
     @classmethod
@@ -36,10 +49,14 @@ class BatchNormPrior(GeneratorMethod):
 
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
         preset = self.ctx.preset
-        terms = {
-            "ce": (preset.w_ce, F.cross_entropy(logits, labels)),
-            "bn": (preset.w_bn, self.statistics.loss()),
-        }
+        if labels is not None:
+            terms = {"ce": (preset.w_ce, F.cross_entropy(logits, labels))}
+        else:
+            terms = {
+                "oh": (preset.w_oh, one_hot_loss(logits)),
+                "ie": (preset.w_ie, information_entropy_loss(logits, preset.entropy_base)),
+            }
+        terms["bn"] = (preset.w_bn, self.statistics.loss())
         if preset.w_adv > 0:
             terms["adv"] = (preset.w_adv, adversarial_loss(self.student_logits(x), logits))
         return terms

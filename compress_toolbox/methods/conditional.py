@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..losses import adversarial_loss
 from . import register_method
-from .base import GeneratorMethod
+from .base import GeneratorMethod, MethodContext
 
 
 @register_method
@@ -19,6 +19,15 @@ class Conditional(GeneratorMethod):
     summary = "class-conditional generator (balanced labels, cross-entropy) + adversarial"
     loss_names = ("ce", "adv")
     conditional = True
+
+    @classmethod
+    def unavailable_reason(cls, ctx: MethodContext) -> str | None:
+        if ctx.task != "classification":
+            return (
+                "it draws one class per generated image, whereas a segmentation teacher labels "
+                "every pixel; use dafl, dfad, adversarial or bn-prior"
+            )
+        return None
 
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
         preset = self.ctx.preset

@@ -1,0 +1,135 @@
+"""The segmentation benchmark (issue 14): Fashion-MNIST canvas teachers x method x budget, end to
+end through the same ``compress`` the CLI runs (import and verification of the shipped file,
+student, distillation, ONNX export, mean IoU of student.onnx on 1,000 evaluation canvases).
+
+    python benchmarks/teachers/make_segmentation.py     # once: data and teachers (~10 min)
+    python benchmarks/bench_segmentation.py --budgets 120 600 --methods auto dafl dfad
+
+Teachers: ``unet-seg`` with a derived student, ``lraspp-seg`` with ``--student zoo``; each file
+as torch's default ONNX (BatchNorm folded) or ``.pt2`` (BatchNorm kept: ``--formats pt2``).
+Prints one line per run and a table of medians over seeds: teacher and student mean IoU and
+their ratio (the target: >= 0.85 within 600 s on an idle 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+DATA = HERE / "teachers" / "out" / "segmentation"
+STUDENTS = {"unet-seg": "auto", "lraspp-seg": "zoo"}
+
+
+def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threads: int,
+            batch_size: int | None = None, init: str = "auto") -> dict:  # fmt: skip
+    """One ``compress`` run; its figures (a failed student keeps its figures, marked)."""
+    from compress_toolbox.errors import DaflError
+    from compress_toolbox.pipeline import compress
+
+    path = DATA / f"{teacher}.{fmt}"
+    row = {"teacher": teacher, "format": fmt, "method": method, "budget": budget, "seed": seed,
+           "student": STUDENTS[teacher], "batch_size": batch_size, "init": init}  # fmt: skip
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        try:
+            result = compress(path, task="segmentation", student=STUDENTS[teacher], out=out,
+                              eval_data=DATA / "seg_eval.npz", method=method,
+                              time_budget=budget, seed=seed, threads=threads,
+                              batch_size=batch_size, init=init,
+                              progress=False)  # fmt: skip
+            report = result.report
+        except DaflError as error:
+            row["error"] = str(error)[:300]
+            report_path = out / "report.json"
+            report = json.loads(report_path.read_text()) if report_path.exists() else None
+        if report:
+            seg = report["segmentation"]
+            row.update(status=report["status"], ran=report["method"],
+                       student_kind=report["student"]["kind"],
+                       teacher_miou=seg["teacher"]["mean_iou"],
+                       student_miou=seg["student"]["mean_iou"],
+                       student_pixel_acc=seg["student"]["pixel_accuracy"],
+                       iterations=report["iterations"], train_s=report["elapsed_s"],
+                       macs_ratio=report["student"]["macs"] / report["teacher"]["macs"],
+                       )  # fmt: skip
+    row["wall_s"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def _table(rows: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["teacher"], row["format"], row["student"], row["method"], row["budget"],
+               row.get("batch_size"), row.get("init", "auto"))
+        groups.setdefault(key, []).append(row)
+    lines = ["| teacher | file | student | method (ran) | budget s | batch | teacher mIoU | "
+             "student mIoU (median) | % of teacher | seeds | iterations | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (teacher, fmt, student, method, budget, batch, init), group in groups.items():
+        batch = batch or "default"
+        done = [r for r in group if "student_miou" in r]
+        if not done:
+            lines.append(f"| {teacher} | {fmt} | {student} | {method} | {budget:.0f} | {batch} "
+                         f"| | | | {len(group)} | | {len(group)} |")  # fmt: skip
+            continue
+        t = statistics.median(r["teacher_miou"] for r in done)
+        s = statistics.median(r["student_miou"] for r in done)
+        ran = "/".join(sorted({r["ran"] for r in done}))
+        kind = done[0]["student_kind"] + ("" if init == "auto" else f" (--init {init})")
+        its = statistics.median(r["iterations"] for r in done)
+        failed = sum(r.get("status") != "ok" for r in group)
+        lines.append(f"| {teacher} | {fmt} | {kind} | {method} ({ran}) | {budget:.0f} | {batch} | "
+                     f"{t:.4f} | {s:.4f} | {100 * s / t:.1f}% | {len(group)} | {its:.0f} | "
+                     f"{failed} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teachers", nargs="+", default=list(STUDENTS))
+    parser.add_argument("--formats", nargs="+", default=["onnx"], choices=("onnx", "pt2"))
+    parser.add_argument("--methods", nargs="+", default=["auto"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[600.0])
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, help="default: the task's (32 for segmentation)")
+    parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per run (1: measured faster on a shared 2-core CPU)")
+    parser.add_argument("--json", type=Path, help="append every run's row to this JSON list")
+    parser.add_argument("--table", type=Path, nargs="*",
+                        help="only print the table of these JSON files' rows")
+    args = parser.parse_args()
+    if args.table:
+        print(_table([row for path in args.table for row in json.loads(path.read_text())]))
+        return 0
+    if not (DATA / "seg_eval.npz").exists():
+        print(f"no {DATA}/seg_eval.npz: run benchmarks/teachers/make_segmentation.py first")
+        return 2
+    rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
+    mine = []
+    for budget in args.budgets:
+        for teacher in args.teachers:
+            for fmt in args.formats:
+                for method in args.methods:
+                    for seed in range(args.seeds):
+                        row = run_one(teacher, fmt, method, budget, seed, args.threads,
+                                      args.batch_size, args.init)  # fmt: skip
+                        mine.append(row)
+                        print(json.dumps(row), flush=True)
+                        if args.json:
+                            args.json.write_text(json.dumps(rows + mine, indent=1) + "\n")
+    print(_table(mine))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Segmentation teachers (issue 14): task plumbing, per-pixel methods, mIoU, mask eval data and
+`dafl-compress --task segmentation` end to end, on a tiny U-Net trained in a few seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cli.main import main
+from compress_toolbox.distill import distill
+from compress_toolbox.errors import DaflError
+from compress_toolbox.evaldata import EvalDataError, load_eval_data, score
+from compress_toolbox.export import export_onnx, export_pt2, export_student
+from compress_toolbox.losses import information_entropy_loss, kd_loss, one_hot_loss
+from compress_toolbox.pipeline import compress, plan_student
+from compress_toolbox.segmetrics import score_masks
+from compress_toolbox.tasks import as_samples
+from compress_toolbox.teacher import Teacher, load_teacher
+from model_zoo.segmentation import UNet
+
+SHAPE = (1, 16, 16)
+CLASSES = 4
+FAST = ["--iters", "60", "--batch-size", "16", "--no-progress", "--threads", "1"]
+
+
+def scenes(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dark noisy 16x16 canvases with up to three squares; a square's brightness is its class."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(count, 1, 16, 16, generator=g) * 0.2
+    y = torch.zeros(count, 16, 16, dtype=torch.long)
+    for i in range(count):
+        for cls in (1, 2, 3):
+            if torch.rand(1, generator=g) < 0.7:
+                side = int(torch.randint(4, 8, (1,), generator=g))
+                top, left = torch.randint(0, 16 - side, (2,), generator=g).tolist()
+                x[i, 0, top : top + side, left : left + side] = 0.25 * cls + 0.1 * torch.rand(
+                    1, generator=g
+                )
+                y[i, top : top + side, left : left + side] = cls
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def unet() -> nn.Module:
+    """A tiny U-Net (BatchNorm, concatenating skips) that segments the scenes well."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = UNet(CLASSES, 1, (8, 16))
+    x, y = scenes(400, 0)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(100):
+        index = torch.randint(len(x), (16,))
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def files(unet, tmp_path_factory):
+    """The teacher as torch's default ONNX, legacy ONNX, TorchScript and .pt2; eval masks."""
+    root = tmp_path_factory.mktemp("seg")
+    export_onnx(unet, SHAPE, root / "seg.onnx")
+    export_onnx(unet, SHAPE, root / "seg_legacy.onnx", opset=17)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(unet, torch.rand(2, *SHAPE)).save(str(root / "seg.ts"))
+    export_pt2(unet, SHAPE, root / "seg.pt2")
+    x, y = scenes(48, 1)
+    y[:, 0, :] = 255  # the top row ignored
+    np.savez(root / "masks.npz", x=(x[:, 0] * 255).to(torch.uint8).numpy(),
+             y=y.to(torch.uint8).numpy())  # fmt: skip
+    return root
+
+
+def test_miou_on_a_hand_made_mask_set():
+    labels = torch.tensor([[[0, 0, 1, 1], [0, 2, 2, 255]]])
+    predictions = torch.tensor([[[0, 1, 1, 1], [0, 2, 0, 1]]])  # the 255 pixel counts nowhere
+    scores = score_masks(predictions, labels, 4)
+    # class 0: tp 2, fp 1 (a 2 predicted 0), fn 1 -> 2/4; class 1: tp 2, fp 1 -> 2/3;
+    # class 2: tp 1, fn 1 -> 1/2; class 3: absent from both -> no IoU, not in the mean
+    assert scores.per_class_iou[:3] == pytest.approx([0.5, 2 / 3, 0.5])
+    assert scores.per_class_iou[3] is None
+    assert scores.mean_iou == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    assert scores.pixel_accuracy == pytest.approx(5 / 7)
+    assert score(predictions, labels) == pytest.approx(scores.mean_iou)
+    assert score(torch.tensor([1, 2]), torch.tensor([1, 0])) == 0.5  # classifiers: accuracy
+
+
+def test_pixel_losses_treat_each_pixel_as_a_sample():
+    logits = torch.randn(2, 5, 3, 4)
+    flat = as_samples(logits)
+    assert flat.shape == (24, 5) and torch.equal(flat[1], logits[0, :, 0, 1])
+    other = torch.randn(2, 5, 3, 4)
+    flat_kd = kd_loss(flat, as_samples(other), 4.0)
+    assert kd_loss(logits, other, 4.0) == pytest.approx(float(flat_kd))
+    assert one_hot_loss(logits) == pytest.approx(float(one_hot_loss(flat)))
+    # entropy of the class distribution over all pixels of the batch: balanced pixels -> -1
+    balanced = F.one_hot(torch.arange(24).reshape(2, 3, 4) % 2, 2).movedim(-1, 1) * 50.0
+    assert information_entropy_loss(balanced, 2.0) == pytest.approx(-1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["seg.onnx", "seg_legacy.onnx", "seg.ts", "seg.pt2"])
+def test_formats_import_derive_and_export(files, tmp_path, name):
+    teacher = load_teacher(files / name)
+    assert teacher.analysis.output_shape == (CLASSES, 16, 16) and teacher.max_rel_diff < 1e-4
+    plan = plan_student(teacher, "auto", task="segmentation", init="teacher")
+    assert plan.analysis.output_shape == (CLASSES, 16, 16)
+    assert plan.analysis.params < 0.4 * teacher.analysis.params
+    exported = export_student(plan.module, SHAPE, tmp_path)  # verified with onnxruntime
+    assert exported.max_rel_diff < 1e-4 and (tmp_path / "student.onnx").is_file()
+
+
+@pytest.mark.parametrize("method", ["dafl", "adversarial", "dfad", "bn-prior", "noise"])
+def test_each_method_runs_per_pixel(unet, method):
+    teacher = Teacher.from_module(unet, SHAPE)
+    student = plan_student(teacher, "auto", task="segmentation", init="fresh").module
+    result = distill(teacher, student, task="segmentation", method=method, iters=4,
+                     batch_size=8, progress=False, threads=1, health_every=2)  # fmt: skip
+    losses = [v for row in result.history for k, v in row.items() if k.startswith("loss_")]
+    assert result.method == method and losses and all(math.isfinite(v) for v in losses)
+    assert result.health is not None and 1 <= result.health.classes <= CLASSES
+
+
+def test_class_conditional_method_is_refused_and_auto_picks_dafl(unet):
+    teacher = Teacher.from_module(unet, SHAPE)  # keeps BatchNorm: bn-prior for a classifier
+    student = plan_student(teacher, "auto", task="segmentation", init="fresh").module
+    result = distill(teacher, student, task="segmentation", iters=2, batch_size=4, progress=False)
+    assert result.method == "dafl" and "segmentation benchmark" in result.method_reason
+    with pytest.raises(DaflError, match="every pixel"):
+        distill(teacher, student, task="segmentation", method="conditional", iters=2,
+                progress=False)  # fmt: skip
+
+
+class DictOutput(nn.Module):
+    """A torchvision-style segmentation model: returns {"out": ..., "aux": ...}."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return {"out": out, "aux": out * 0.5}
+
+
+def test_dict_output_teacher_and_task_refusals(unet, files, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_pt2(DictOutput(unet).eval(), SHAPE, tmp_path / "dict.pt2")
+    result = compress(tmp_path / "dict.pt2", task="segmentation", dry_run=True)
+    assert result.plan.analysis.output_shape == (CLASSES, 16, 16)
+    assert isinstance(result.teacher.module(torch.rand(2, *SHAPE)), torch.Tensor)
+    with pytest.raises(DaflError, match=r"--task classification needs \(N, K\).*--task segm"):
+        compress(files / "seg.onnx", task="classification", dry_run=True)
+    with pytest.raises(DaflError, match="detection is not supported yet"):
+        compress(files / "seg.onnx", task="detection", dry_run=True)
+
+
+def test_mask_folder_eval_data(files, tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    x, y = scenes(3, 2)
+    for i in range(3):
+        Image.fromarray((x[i, 0] * 255).to(torch.uint8).numpy()).save(images / f"{i}.png")
+        Image.fromarray(y[i].to(torch.uint8).numpy(), mode="L").save(masks / f"{i}.png")
+    data = load_eval_data(images, SHAPE, num_classes=CLASSES, task="segmentation")
+    assert data.x.shape == (3, 1, 16, 16) and torch.equal(data.y, y)
+    assert torch.allclose(data.x, (x * 255).to(torch.uint8).float() / 255)
+
+
+def _bad_masks(files, tmp_path) -> dict[str, tuple]:
+    x, y = scenes(4, 3)
+    xs = (x[:, 0] * 255).to(torch.uint8).numpy()
+    np.savez(tmp_path / "small.npz", x=xs, y=y[:, :8, :8].numpy().astype(np.uint8))
+    big = y.numpy().astype(np.uint8)
+    big[0, 3, 3] = 7
+    np.savez(tmp_path / "label7.npz", x=xs, y=big)
+    folder = tmp_path / "folder"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    Image.fromarray(xs[0]).save(folder / "images" / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "masks" / "a.png")
+    return {"small.npz": "(N, H, W)", "label7.npz": "mask label 7", "a.png": "mask is 8x8"}
+
+
+def test_bad_masks_exit_2_with_one_line(files, tmp_path, capsys):
+    for name, message in _bad_masks(files, tmp_path).items():
+        data = tmp_path / "folder" if name == "a.png" else tmp_path / name
+        code = main([str(files / "seg.onnx"), "--task", "segmentation", "--eval-data", str(data),
+                     "--out", str(tmp_path / "out"), *FAST])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2, (name, err)
+        assert name in err and message in err, (name, err)
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    with pytest.raises(EvalDataError, match="no mask folder"):
+        load_eval_data(tmp_path / "folder" / "masks", SHAPE, task="segmentation")
+
+
+def test_cli_segmentation_end_to_end(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([str(files / "seg.onnx"), "--task", "segmentation", "--eval-data",
+                 str(files / "masks.npz"), "--out", str(out), *FAST])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    seg = report["segmentation"]
+    assert report["status"] == "ok" and report["task"] == "segmentation"
+    assert seg["teacher"]["mean_iou"] > 0.8  # the teacher does segment the scenes
+    assert 0.5 * seg["teacher"]["mean_iou"] <= seg["student"]["mean_iou"] <= 1
+    assert report["student"]["mean_iou"] == seg["student"]["mean_iou"]
+    markdown = (out / "report.md").read_text()
+    assert "mean IoU on eval data" in markdown and "Per-class IoU" in markdown
+    assert (out / "samples.png").stat().st_size > 1000
+    for name in ("student.onnx", "student.pt2", "curves.png", "history.csv"):
+        assert (out / name).is_file(), name
+    # the figure is measured on student.onnx: recompute it with onnxruntime
+    from compress_toolbox.export import onnx_predictions
+
+    data = load_eval_data(files / "masks.npz", SHAPE, num_classes=CLASSES, task="segmentation")
+    predictions = onnx_predictions(out / "student.onnx", data.x)
+    assert score(predictions, data.y) == pytest.approx(seg["student"]["mean_iou"])
