@@ -393,7 +393,9 @@ def root_groups_at_narrowest_layer(graph: tp.DependencyGraph, module: nn.Module)
     def key(item) -> tuple[int, int]:
         layer, node = item
         pruner = graph.get_pruner_of_module(layer)
-        channels = pruner.get_out_channels(layer) if pruner is not None else None
+        channels = None
+        if isinstance(layer, nn.Module) and pruner is not None:  # not a loose 0-d parameter
+            channels = pruner.get_out_channels(layer)
         return (channels if channels is not None else 1 << 62,
                 position.get(layer, len(position)))  # fmt: skip
 

@@ -265,3 +265,4 @@ def test_as_strided_index_tables_do_not_pin_the_channels(tmp_path):
     student = make_student(teacher, example_input=example((3, 8, 8)))
     assert student(example((3, 8, 8))).shape == (2, 10)
     assert [m.normalized_shape for m in student.modules() if isinstance(m, nn.LayerNorm)] == [(8,)]
+
