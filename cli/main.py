@@ -24,6 +24,7 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 SUBCOMMANDS = ("inspect", "student", "zoo")
+LAUNCH_COMMAND = "DAFL_LAUNCH_COMMAND"  # set by --nproc for the ranks it starts
 
 
 class _Parser(argparse.ArgumentParser):
@@ -371,7 +372,9 @@ def run_compress(args: argparse.Namespace) -> int:
     from compress_toolbox import distributed
     from compress_toolbox.pipeline import compress
 
+    command = "dafl-compress " + shlex.join(sys.argv[1:])
     if args.nproc is not None and not distributed.launched():
+        os.environ[LAUNCH_COMMAND] = command  # the ranks' report names the user's command
         return distributed.launch(args.nproc, distributed.strip_option(args.argv, "--nproc"))
 
     options = {
@@ -400,7 +403,7 @@ def run_compress(args: argparse.Namespace) -> int:
         mean=args.mean,
         std=args.std,
         resume=args.resume,
-        command="dafl-compress " + shlex.join(sys.argv[1:]),
+        command=os.environ.get(LAUNCH_COMMAND, command),
         **_teacher_kwargs(args),
         **options,
     )

@@ -193,6 +193,7 @@ def test_nproc_shortcut_runs_torchrun(teacher, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "output written to" in done.stdout
     assert "x 2 ranks (batch 16 each, global batch 32)" in done.stdout  # report.md
+    assert "--nproc 2" in (out / "report.md").read_text()  # the user's command, not a rank's
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2 and report["global_batch_size"] == 32
     assert report["student"]["accuracy"] > 0.5
