@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 import torch.onnx.symbolic_helper as symbolic_helper
@@ -104,16 +105,19 @@ def _runs(module: fx.GraphModule, input_shape: tuple[int, ...]) -> list[dict]:
     return runs
 
 
-def _transposes_channels_last(module: fx.GraphModule, node: fx.Node, values: dict) -> bool:
+def _transposes_channels_last(module: fx.GraphModule, node: fx.Node) -> bool:
     layer = module.get_submodule(node.target)
     return isinstance(layer, OnnxTranspose) and list(layer.perm or []) == _CHANNELS_LAST_FIRST
 
 
-def _flattens_whole(module: fx.GraphModule, node: fx.Node, values: dict) -> bool:
-    source, value = values.get(node.args[0]), values.get(node)
-    return (isinstance(module.get_submodule(node.target), OnnxReshape)
-            and isinstance(source, torch.Tensor) and source.dim() >= 2
-            and isinstance(value, torch.Tensor) and value.dim() == 1)  # fmt: skip
+def _flattens_whole(module: fx.GraphModule, node: fx.Node) -> bool:
+    """A reshape to a constant one-element shape (``[-1]``): a 1-D output."""
+    shape = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(module.get_submodule(node.target), OnnxReshape):
+        return False
+    if not isinstance(shape, fx.Node) or shape.op != "get_attr":
+        return False
+    return attrgetter(shape.target)(module).numel() == 1
 
 
 def _pools(source: torch.Tensor, value: object) -> bool:
@@ -124,9 +128,8 @@ def _pools(source: torch.Tensor, value: object) -> bool:
 
 
 def _is_same(source: torch.Tensor, value: object) -> bool:
-    return isinstance(value, torch.Tensor) and value.shape == source.shape and bool(
-        torch.equal(value, source)
-    )
+    return (source.dim() >= 2 and isinstance(value, torch.Tensor)
+            and value.shape == source.shape and bool(torch.equal(value, source)))  # fmt: skip
 
 
 def _pool_layer(module: fx.GraphModule, source: fx.Node, value: torch.Tensor) -> fx.Node:
@@ -137,7 +140,7 @@ def _pool_layer(module: fx.GraphModule, source: fx.Node, value: torch.Tensor) ->
 
 @dataclass(frozen=True)
 class _Decomposition:
-    starts: Callable[[fx.GraphModule, fx.Node, dict], bool]  # the region's first node
+    starts: Callable[[fx.GraphModule, fx.Node], bool]  # the region's first node (structure)
     computes: Callable[[torch.Tensor, object], bool]  # (start's input, a node's value)
     rebuild: Callable[[fx.GraphModule, fx.Node, torch.Tensor], fx.Node]  # the replacement
 
@@ -175,27 +178,23 @@ def fuse_decompositions(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
     compute; returns how many. The region's end is the first node in it that computes, on
     random batches, what the decomposition stands for."""
     order = list(module.graph.nodes)
-    if not any(n.op == "call_module" and isinstance(module.get_submodule(n.target),
-                                                    (OnnxTranspose, OnnxReshape))
-               for n in order):  # fmt: skip
+    starts = [(node, kind) for node in order if node.op == "call_module"
+              for kind in _DECOMPOSITIONS if kind.starts(module, node)]  # fmt: skip
+    if not starts:  # the usual case: no run of the graph needed
         return 0
     module.eval()
     runs = _runs(module, input_shape)
     fused = 0
-    for start in order:
-        if start.op != "call_module" or not start.users:
+    for start, kind in starts:
+        if not start.users:  # inside a region already replaced
             continue
-        for kind in _DECOMPOSITIONS:
-            if not all(kind.starts(module, start, values) for values in runs):
-                continue
-            source = start.args[0]
-            end = _region_end(kind, start, order, runs)
-            if end is None:
-                continue
-            with module.graph.inserting_before(end):
-                replacement = kind.rebuild(module, source, runs[0][end])
-            end.replace_all_uses_with(replacement)
-            fused += 1
+        end = _region_end(kind, start, order, runs)
+        if end is None:
+            continue
+        with module.graph.inserting_before(end):
+            replacement = kind.rebuild(module, start.args[0], runs[0][end])
+        end.replace_all_uses_with(replacement)
+        fused += 1
     if fused:
         module.graph.eliminate_dead_code()
         module.graph.lint()
