@@ -244,11 +244,7 @@ def load_eval_data(
         raise EvalDataError(
             f"{path}: unsupported eval data (use a .npz, a folder of idx files or an ImageFolder)"
         )
-    try:
-        x = _to_float(raw_x)
-    except EvalDataError as error:
-        raise EvalDataError(f"{path}: {error}") from None
-    return _finish(x, raw_y, input_shape, domain, num_classes, path)
+    return _finish(_to_float_or_fail(raw_x, path), raw_y, input_shape, domain, num_classes, path)
 
 
 def _finish(x, raw_y, input_shape, domain: InputDomain, num_classes: int | None,
