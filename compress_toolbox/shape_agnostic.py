@@ -8,7 +8,8 @@ output shapes once, then replace it with a module that recomputes the sizes from
 dimensions are matched between input and output by their products, so merged dimensions are
 re-multiplied and a split dimension keeps its constant factors (the group count of a shuffle).
 Reshapes whose target the legacy exporter computes from runtime sizes are treated alike, and
-sibling slices that cut the channels into equal parts (its form of ``chunk``) become one split.
+sibling slices that cut the channels into consecutive parts (its form of ``chunk``, a dual-path
+block's residual and dense parts) become one split.
 """
 
 from __future__ import annotations
@@ -100,16 +101,34 @@ class FlexibleReshape(nn.Module):
 
 
 class EqualSplit(nn.Module):
-    """Split into ``parts`` equal chunks along ``axis``, whatever the size (was: fixed sizes)."""
+    """Split into ``parts`` equal chunks along ``axis``, whatever the size (was: fixed sizes).
+
+    Pruning may leave the parts of a channel split unequal; ``sizes`` then holds them (set by
+    ``shuffle_pruning.ChannelPartitions``)."""
 
     def __init__(self, axis: int, parts: int):
         super().__init__()
         self.axis, self.parts = axis, parts
+        self.sizes: list[int] | None = None
 
     def forward(self, x: torch.Tensor, split: torch.Tensor | None = None):
-        sizes = [x.shape[self.axis] // self.parts] * self.parts
+        sizes = self.sizes or [x.shape[self.axis] // self.parts] * self.parts
         # Explicit sizes (not torch.chunk): torch-pruning reads them from the autograd node.
         return torch.split(x, sizes, dim=self.axis)
+
+
+class SizedSplit(nn.Module):
+    """Split the channels into consecutive parts of ``sizes`` (a dual-path block's residual
+    and dense parts). Pruning changes the sizes: torch-pruning's split op counts what each
+    part loses, and ``shuffle_pruning.ChannelPartitions`` copies that here."""
+
+    def __init__(self, sizes: list[int]):
+        super().__init__()
+        self.sizes = list(sizes)
+
+    def forward(self, x: torch.Tensor):
+        # Explicit sizes: torch-pruning reads them from the autograd node.
+        return torch.split(x, self.sizes, dim=1)
 
 
 class ChannelShuffle(nn.Module):
@@ -169,8 +188,8 @@ def fuse_channel_shuffles(module: fx.GraphModule) -> int:
     return fused
 
 
-def _channel_range(args: tuple) -> tuple[int, int, int] | None:
-    """(channels, start, stop) of an ``OnnxSlice`` call cutting only axis 1 with step 1."""
+def _channel_range(args: tuple) -> tuple[int, int, int, int] | None:
+    """(channels, start, stop, rank) of an ``OnnxSlice`` call cutting only axis 1, step 1."""
     x, starts, ends, *rest = args
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(starts) != 1:
         return None
@@ -180,13 +199,26 @@ def _channel_range(args: tuple) -> tuple[int, int, int] | None:
         return None
     channels = x.shape[1]
     start, stop, _ = slice(int(starts[0]), int(ends[0])).indices(channels)
-    return channels, start, stop
+    return channels, start, stop, x.dim()
+
+
+def _partition_sizes(bounds: list[tuple[int, int]], channels: int) -> list[int] | None:
+    """Part sizes where sorted ``(start, stop)`` bounds cut ``channels`` into consecutive,
+    non-empty parts covering all of them; else None."""
+    starts = [start for start, _ in bounds]
+    stops = [stop for _, stop in bounds]
+    if starts[0] != 0 or stops[-1] != channels or starts[1:] != stops[:-1]:
+        return None
+    sizes = [stop - start for start, stop in bounds]
+    return sizes if min(sizes) > 0 else None
 
 
 def fuse_channel_slices(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
-    """Replace sibling slices that cut a tensor's channels into equal consecutive parts by one
-    ``EqualSplit``: the legacy exporter writes ``x.chunk(2, dim=1)`` as two Slice ops whose
-    bounds are computed from the runtime shape, which torch-pruning cannot follow.
+    """Replace sibling slices that cut a tensor's channels into consecutive parts covering
+    all of them by one split: an ``EqualSplit`` where the parts are equal (the legacy
+    exporter writes ``x.chunk(2, dim=1)`` as two Slice ops whose bounds are computed from the
+    runtime shape), else a ``SizedSplit`` (a dual-path block's ``x[:, :r]``, ``x[:, r:]``).
+    torch-pruning maps channels through a split, not through slices with fixed bounds.
 
     Slices are observed at batch 2 and 3 and must cut the same ranges at both, so a dimension 1
     that is really the batch (sequence-first tensors) is left alone.
@@ -216,15 +248,16 @@ def fuse_channel_slices(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
     fused = 0
     for source, parts in siblings.items():
         parts.sort(key=lambda part: part[0])
-        channels = ranges[parts[0][1].target][0]
-        size = channels // len(parts)
-        bounds = [ranges[node.target][1:] for _, node in parts]
-        if len(parts) < 2 or bounds != [(i * size, (i + 1) * size) for i in range(len(parts))]:
+        channels, _, _, rank = ranges[parts[0][1].target]
+        bounds = [ranges[node.target][1:3] for _, node in parts]
+        sizes = _partition_sizes(bounds, channels)
+        if len(parts) < 2 or sizes is None:
             continue
-        if size * len(parts) != channels:
-            continue
+        equal = len(set(sizes)) == 1
+        if not equal and rank != 4:
+            continue  # axis 1 of a token sequence is not channels (a class token's slice)
         name = f"{parts[0][1].target}_split"
-        module.add_submodule(name, EqualSplit(1, len(parts)))
+        module.add_submodule(name, EqualSplit(1, len(parts)) if equal else SizedSplit(sizes))
         with module.graph.inserting_after(source):
             split = module.graph.call_module(name, (source,))
         for index, (_, node) in enumerate(parts):

@@ -24,19 +24,21 @@ import itertools
 import math
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch_pruning import _helpers
 from torch_pruning.dependency.node import Node
 
 from .analysis import run_with_hooks
 from .errors import DaflError
-from .shape_agnostic import ChannelShuffle
+from .shape_agnostic import ChannelShuffle, EqualSplit, SizedSplit
 
 # (split node, part index): one part of a channel split
 Part = tuple[Node, int]
@@ -335,7 +337,8 @@ def prune_balanced(
     """
     _replace_shuffles(module, example_input)
     graph = tp.DependencyGraph()
-    with warnings.catch_warnings():
+    partitions = ChannelPartitions(module)
+    with warnings.catch_warnings(), partitions.tracing():
         warnings.simplefilter("ignore")
         graph.build_dependency(
             module,
@@ -343,6 +346,7 @@ def prune_balanced(
             customized_pruners={ChannelPermutation: _PermutationPruner()},
             verbose=False,
         )
+    partitions.attach(graph)
     _install_permutation_mappings(graph)
     splits = _channel_splits(graph)
     order = _execution_order(module, example_input)
@@ -357,9 +361,9 @@ def prune_balanced(
     for plan in plans:
         removed = sorted(set(range(plan.channels)) - set(plan.kept))
         if removed:
-            _refresh_split_offsets(graph)
             root = plan.group[0].dep
             graph.get_pruning_group(root.target.module, root.handler, removed).prune()
+            partitions.follow()
     return module
 
 
@@ -464,3 +468,144 @@ def prune_or_restore(group: tp.dependency.Group, model: nn.Module,
     for layer, state in saved.items():
         _restore(layer, state)
     return False
+
+
+def _part_number(consumer: Node, split: Node) -> int:
+    """Which output of ``split`` ``consumer`` reads (its autograd input's output number)."""
+    for function, number in getattr(consumer.grad_fn, "next_functions", ()):
+        if function is split.grad_fn:
+            return number
+    return 1 << 30  # not found: keep its place after the known ones
+
+
+class _ConcatRecorder(TorchFunctionMode):
+    """Records the channel count of every input of each ``torch.cat`` along the channels of
+    (N, C), (N, C, H, W) or (N, C, D, H, W) tensors, by the autograd node of its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: dict = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if func in (torch.cat, torch.concat, torch.concatenate) and output.grad_fn is not None:
+            tensors = args[0] if args else kwargs.get("tensors")
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+            # dim 1 of a (N, L, C) token sequence is not channels (a class token's concat)
+            if output.dim() in (2, 4, 5) and dim % output.dim() == 1:
+                self.sizes[output.grad_fn] = [t.shape[1] for t in tensors]
+        return output
+
+
+def _map_concat(node: Node) -> None:
+    """Set the index mappings between a concatenation and its inputs from its known sizes.
+
+    What torch-pruning's ``update_concat_index_mapping`` does, except that it first checks
+    the sizes against its own recursive guess of the output width and, where the guess is
+    wrong (long dual-path chains), leaves the mappings as they were."""
+    offsets = [0, *itertools.accumulate(node.module.concat_sizes)]
+    node.module.offsets = offsets
+    mapping = tp.dependency.index_mapping._ConcatIndexMapping
+    for i, source in enumerate(node.inputs):
+        part = offsets[i : i + 2]
+        into = next((dep for dep in node.dependencies if dep.target is source), None)
+        if into is not None:
+            into.index_mapping[1] = mapping(offset=part, reverse=True)
+        out = next((dep for dep in source.dependencies if dep.target is node), None)
+        if out is not None:
+            out.index_mapping[1] = mapping(offset=part, reverse=False)
+
+
+class _ConcatMappingFirst(list):
+    """A dependency's two index mappings, applied concatenation first.
+
+    torch-pruning keeps a split's mapping in slot 0 and a concatenation's in slot 1 and
+    applies them in that order, which is right from a split into a concatenation but wrong
+    back from the concatenation to the split (the part offset was added before the
+    concatenation's range was cut out)."""
+
+    def __iter__(self):
+        return reversed(list(super().__iter__()))
+
+
+class ChannelPartitions:
+    """Keeps torch-pruning's view of channel splits and concatenations right.
+
+    torch-pruning maps the i-th output of a split to the i-th part but lists the outputs in
+    the order its trace met them, and infers a concatenation's input widths by a recursive
+    search that gives up (or, misled by that order, answers wrongly) on long dual-path
+    chains, and maps indices from a concatenation back into a split in the wrong order:
+    DPN's channel indices ran past a layer's width. Here the graph is traced under a
+    recorder: concatenation widths are read from the tensors themselves, split outputs are
+    put in part order, mappings from a concatenation into a split cut the range first.
+    Each channel split (``SizedSplit``, ``EqualSplit``) is paired with its op and follows
+    what each part loses as groups are pruned (a dual-path block's equal split does not
+    stay equal).
+
+    Build the dependency graph inside ``tracing()``, then ``attach(graph)``; call
+    ``follow()`` after each pruned group.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.splits = [layer for layer in module.modules() if isinstance(layer, SizedSplit)
+                       or isinstance(layer, EqualSplit) and layer.axis == 1]  # fmt: skip
+        self._grad_fns: dict[nn.Module, list] = {layer: [] for layer in self.splits}
+        self._concats = _ConcatRecorder()
+        self._ops: list[tuple[nn.Module, nn.Module]] = []
+        self._channel_concats: list[Node] = []  # concatenations whose widths were recorded
+        self.graph: tp.DependencyGraph | None = None
+
+    @contextmanager
+    def tracing(self) -> Iterator[None]:
+        """Record concatenation widths and each split's autograd node while tracing."""
+
+        def record(layer: nn.Module, _args, outputs) -> None:
+            self._grad_fns[layer].append(outputs[0].grad_fn)
+
+        handles = [layer.register_forward_hook(record) for layer in self.splits]
+        try:
+            with self._concats:
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def attach(self, graph: tp.DependencyGraph) -> None:
+        """Correct ``graph``'s split and concatenation bookkeeping; pair splits with ops."""
+        split_ops = {}
+        for node in graph.module2node.values():
+            if node.type == tp.ops.OPTYPE.SPLIT:
+                node.outputs.sort(key=lambda consumer: _part_number(consumer, node))
+                split_ops[node.grad_fn] = node.module
+            elif node.type == tp.ops.OPTYPE.CONCAT:
+                if node.grad_fn in self._concats.sizes:
+                    node.module.concat_sizes = self._concats.sizes[node.grad_fn]
+                    self._channel_concats.append(node)
+                for dep in node.dependencies:
+                    if dep.target.type == tp.ops.OPTYPE.SPLIT:
+                        dep.index_mapping = _ConcatMappingFirst(dep.index_mapping)
+        tp.dependency.index_mapping.update_index_mapping(graph)
+        self._map_concats()
+        for layer, grad_fns in self._grad_fns.items():
+            op = next((split_ops[g] for g in grad_fns if g in split_ops), None)
+            if op is not None:
+                self._ops.append((layer, op))
+        # keep no autograd graph alive
+        self._grad_fns = {layer: [] for layer in self.splits}
+        self._concats.sizes = {}
+        self.graph = graph
+
+    def follow(self) -> None:
+        """Copy the ops' current sizes into each split, and recompute the graph's split
+        offsets, which the next group's channel mapping reads."""
+        for layer, op in self._ops:
+            if op.split_sizes is not None:
+                layer.sizes = list(op.split_sizes)
+        if self.graph is not None:
+            _refresh_split_offsets(self.graph)
+            self._map_concats()
+
+    def _map_concats(self) -> None:
+        for node in self._channel_concats:
+            _map_concat(node)

@@ -24,6 +24,7 @@ from .limits import LimitExceeded, bounded, is_out_of_memory, memory_cap
 from .shape_agnostic import FlexibleReshape
 from .shuffle_pruning import (
     BalancedPruningError,
+    ChannelPartitions,
     ignore_unmappable_groups,
     needs_balanced_pruning,
     prune_balanced,
@@ -175,25 +176,31 @@ def _update_head_dims(module: nn.Module) -> None:
             layer.head_dim = qkv.out_features // (3 * heads)
 
 
-def _magnitude_pruner(module: nn.Module, width: float, example_input: torch.Tensor, round_to,
-                      ignored: list[nn.Module]) -> tp.pruner.MagnitudePruner:  # fmt: skip
+def _magnitude_pruner(
+    module: nn.Module, width: float, example_input: torch.Tensor, round_to, ignored: list[nn.Module]
+) -> tuple[tp.pruner.MagnitudePruner, ChannelPartitions]:
     """torch-pruning's MagnitudePruner, every group keeping its largest-L1 channels, groups
-    rooted at their narrowest layer. Attention keeps its number of heads and halves each
-    head's width with the embedding (every head still sees every token; fewer heads would
-    change the attention pattern more)."""
-    pruner = tp.pruner.MagnitudePruner(
-        module,
-        example_input,
-        importance=tp.importance.MagnitudeImportance(p=1),  # keep the largest-L1 channels
-        pruning_ratio=1.0 - width,
-        ignored_layers=ignored,
-        round_to=round_to,
-        num_heads=attention_heads(module, example_input),
-        prune_head_dims=True,
-        prune_num_heads=False,
-    )
+    rooted at their narrowest layer, with the ``ChannelPartitions`` that keeps its view of
+    channel splits and concatenations right while groups are pruned. Attention keeps its
+    number of heads and halves each head's width with the embedding (every head still sees
+    every token; fewer heads would change the attention pattern more)."""
+    num_heads = attention_heads(module, example_input)
+    partitions = ChannelPartitions(module)
+    with partitions.tracing():
+        pruner = tp.pruner.MagnitudePruner(
+            module,
+            example_input,
+            importance=tp.importance.MagnitudeImportance(p=1),  # keep the largest-L1 channels
+            pruning_ratio=1.0 - width,
+            ignored_layers=ignored,
+            round_to=round_to,
+            num_heads=num_heads,
+            prune_head_dims=True,
+            prune_num_heads=False,
+        )
+    partitions.attach(pruner.DG)
     root_groups_at_narrowest_layer(pruner.DG, module)
-    return pruner
+    return pruner, partitions
 
 
 def _prune_by_magnitude(module: nn.Module, width: float, example_input: torch.Tensor,
@@ -204,10 +211,12 @@ def _prune_by_magnitude(module: nn.Module, width: float, example_input: torch.Te
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ignored = [module.get_submodule(name) for name in protected]
-        pruner = _magnitude_pruner(module, width, example_input, round_to, ignored)
+        pruner, partitions = _magnitude_pruner(module, width, example_input, round_to, ignored)
         if skip_unmappable:
             ignore_unmappable_groups(pruner)
-        pruner.step()
+        for group in pruner.step(interactive=True):
+            group.prune()
+            partitions.follow()
     _update_head_dims(module)
     return module
 
@@ -220,6 +229,7 @@ def _prune_group_by_group(module: nn.Module, width: float, example_input: torch.
     student may then keep more than ``width`` squared of the parameters; the caller compares."""
 
     def runs() -> bool:
+        partitions.follow()
         with torch.no_grad():
             module.eval()(example_input)
         return True
@@ -227,10 +237,11 @@ def _prune_group_by_group(module: nn.Module, width: float, example_input: torch.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ignored = [module.get_submodule(name) for name in protected]
-        pruner = _magnitude_pruner(module, width, example_input, round_to, ignored)
+        pruner, partitions = _magnitude_pruner(module, width, example_input, round_to, ignored)
         ignore_unmappable_groups(pruner)
         for group in pruner.step(interactive=True):
             prune_or_restore(group, module, runs)
+            partitions.follow()  # as they were, where the group was restored
     _update_head_dims(module)
     return module
 
@@ -299,10 +310,19 @@ def _first_valid_student(attempts, teacher_module, width, example_input, round_t
     try:
         with bounded(time_limit, memory_cap()):
             for make_copy in attempts:
-                for strategy in _strategies(teacher_module):
+                try:
+                    fresh_copy: nn.Module | None = make_copy()
+                except Exception as error:  # e.g. the model cannot be exported to ONNX
+                    if is_out_of_memory(error):
+                        raise
+                    last_error = error
+                    continue
+                for strategy in _strategies(fresh_copy):  # the copy: a route may add shuffles
                     try:
+                        module = fresh_copy if fresh_copy is not None else make_copy()
+                        fresh_copy = None
                         # torch-pruning leaves frozen parameters alone: the copy is made trainable
-                        module = make_copy().requires_grad_(True)
+                        module.requires_grad_(True)
                         _constants_as_parameters(module)
                         protected = _output_layer_names(module, example_input)
                         student = strategy(module, width, example_input, round_to, protected)

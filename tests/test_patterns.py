@@ -15,7 +15,8 @@ from patterns import SHAPE, pattern
 from torch import nn
 
 from compress_toolbox.export import export_onnx, verify_onnx
-from compress_toolbox.student import StudentError, make_student
+from compress_toolbox.shape_agnostic import EqualSplit, SizedSplit
+from compress_toolbox.student import make_student
 from compress_toolbox.teacher import load_teacher
 
 ROUTES = {
@@ -176,14 +177,20 @@ def test_a_group_whose_pruning_breaks_the_network_is_put_back():
     assert model(x).shape == expected.shape
 
 
-def test_dual_path_blocks_are_refused_in_seconds(tmp_path):
-    """Dual-path blocks (residual and dense channel slices of one output): not derivable yet;
-    one line naming the zoo, within seconds."""
-    teacher = _teacher("dual-path", "legacy", tmp_path)
-    start = time.perf_counter()
-    with pytest.raises(StudentError, match="--student zoo"):
-        make_student(teacher, example_input=example(SHAPE))
-    assert time.perf_counter() - start < 20
+@pytest.mark.parametrize("route", ["legacy", "python", pytest.param("dynamo", marks=SLOW),
+                                   pytest.param("torchscript", marks=SLOW)])  # fmt: skip
+def test_dual_path_blocks_halve(route, tmp_path):
+    """Dual-path blocks: one output cut into a residual part (added) and a dense part
+    (concatenated), by channel slices that become one split. Each part keeps what its
+    coupled channels keep (they need not stay equal), and the student exports."""
+    teacher = _teacher("dual-path", route, tmp_path)
+    student = make_student(teacher, example_input=example(SHAPE))
+    assert 0.2 <= _params(student) / _params(teacher) <= 0.4
+    if route != "python":
+        splits = [m for m in student.modules() if isinstance(m, (SizedSplit, EqualSplit))]
+        assert splits and all(m.sizes is not None for m in splits)
+    path = export_onnx(student, SHAPE, tmp_path / "student.onnx")
+    assert verify_onnx(student, path, SHAPE)[0] < 1e-3
 
 
 def test_library_internals_we_adapt_are_where_we_expect():
