@@ -517,6 +517,29 @@ def _map_concat(node: Node) -> None:
             out.index_mapping[1] = mapping(offset=part, reverse=False)
 
 
+def _map_split(node: Node) -> None:
+    """Set the index mappings between a channel split and each consumer from the part it
+    reads, and stop torch-pruning from resetting them.
+
+    torch-pruning maps its i-th consumer to its i-th part, which is wrong where a part has
+    two consumers (a CSP stage's first block adds its input back): the third consumer of a
+    two-part split got no part at all."""
+    node.enable_index_mapping = False  # torch-pruning's update now leaves these mappings alone
+    offsets = [0, *itertools.accumulate(node.module.split_sizes)]
+    mapping = tp.dependency.index_mapping._SplitIndexMapping
+    for consumer in node.outputs:
+        number = _part_number(consumer, node)
+        if number >= len(offsets) - 1:
+            continue
+        part = offsets[number : number + 2]
+        out = next((dep for dep in node.dependencies if dep.target is consumer), None)
+        if out is not None:
+            out.index_mapping[0] = mapping(offset=part, reverse=False)
+        back = next((dep for dep in consumer.dependencies if dep.target is node), None)
+        if back is not None:
+            back.index_mapping[0] = mapping(offset=part, reverse=True)
+
+
 class _ConcatMappingFirst(list):
     """A dependency's two index mappings, applied concatenation first.
 
@@ -533,12 +556,14 @@ class ChannelPartitions:
     """Keeps torch-pruning's view of channel splits and concatenations right.
 
     torch-pruning maps the i-th output of a split to the i-th part but lists the outputs in
-    the order its trace met them, and infers a concatenation's input widths by a recursive
-    search that gives up (or, misled by that order, answers wrongly) on long dual-path
-    chains, and maps indices from a concatenation back into a split in the wrong order:
-    DPN's channel indices ran past a layer's width. Here the graph is traced under a
-    recorder: concatenation widths are read from the tensors themselves, split outputs are
-    put in part order, mappings from a concatenation into a split cut the range first.
+    the order its trace met them (and a part may have two consumers); it infers a
+    concatenation's input widths by a recursive search that gives up (or, misled by that
+    order, answers wrongly) on long dual-path chains; and it maps indices from a
+    concatenation back into a split in the wrong order: DPN's channel indices ran past a
+    layer's width. Here the graph is traced under a
+    recorder: concatenation widths are read from the tensors themselves, each consumer of a
+    split is mapped to the part it reads, mappings from a concatenation into a split cut the
+    range first.
     Each channel split (``SizedSplit``, ``EqualSplit``) is paired with its op and follows
     what each part loses as groups are pruned (a dual-path block's equal split does not
     stay equal).
@@ -554,6 +579,7 @@ class ChannelPartitions:
         self._concats = _ConcatRecorder()
         self._ops: list[tuple[nn.Module, nn.Module]] = []
         self._channel_concats: list[Node] = []  # concatenations whose widths were recorded
+        self._channel_splits: list[Node] = []
         self.graph: tp.DependencyGraph | None = None
 
     @contextmanager
@@ -578,6 +604,8 @@ class ChannelPartitions:
             if node.type == tp.ops.OPTYPE.SPLIT:
                 node.outputs.sort(key=lambda consumer: _part_number(consumer, node))
                 split_ops[node.grad_fn] = node.module
+                if node.module.split_sizes is not None:  # a split of the channels
+                    self._channel_splits.append(node)
             elif node.type == tp.ops.OPTYPE.CONCAT:
                 if node.grad_fn in self._concats.sizes:
                     node.module.concat_sizes = self._concats.sizes[node.grad_fn]
@@ -586,7 +614,7 @@ class ChannelPartitions:
                     if dep.target.type == tp.ops.OPTYPE.SPLIT:
                         dep.index_mapping = _ConcatMappingFirst(dep.index_mapping)
         tp.dependency.index_mapping.update_index_mapping(graph)
-        self._map_concats()
+        self._map()
         for layer, grad_fns in self._grad_fns.items():
             op = next((split_ops[g] for g in grad_fns if g in split_ops), None)
             if op is not None:
@@ -604,8 +632,10 @@ class ChannelPartitions:
                 layer.sizes = list(op.split_sizes)
         if self.graph is not None:
             _refresh_split_offsets(self.graph)
-            self._map_concats()
+            self._map()
 
-    def _map_concats(self) -> None:
+    def _map(self) -> None:
+        for node in self._channel_splits:
+            _map_split(node)
         for node in self._channel_concats:
             _map_concat(node)
