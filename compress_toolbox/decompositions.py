@@ -2,13 +2,17 @@
 
 torch-pruning cannot follow channels through gathers with index tables: it maps every channel
 onto stride-many indices, runs away in time or memory, or keeps a table that indexes channels
-the student no longer has. Two such decompositions are found and replaced by what they compute,
+the student no longer has. Such decompositions are found and replaced by what they compute,
 each replacement checked numerically on random batches (two, where the batch is not fixed):
 
 * adaptive average pooling (below);
 * ``as_strided`` that rebuilds a tensor from its own flattened elements (ConvNeXt's head in
   torch's default ONNX: ``Reshape(x, [-1]) -> Gather(index table)`` giving ``x`` back, its table
-  sized for the teacher's 320 channels): replaced by ``x``.
+  sized for the teacher's 320 channels): replaced by ``x``;
+* GroupNorm, which both exporters write as ``Reshape(N, G, -1) -> InstanceNormalization ->
+  Reshape back`` (the affine follows as separate ops): torch-pruning mapped each channel onto
+  C*H*W indices through the reshapes (PoolFormer ran out of memory); replaced by
+  ``nn.GroupNorm(G, C, affine=False)``.
 
 Adaptive average pooling: ``nn.AdaptiveAvgPool2d(7)`` on a feature map whose size
 does not divide into 7 (VGG or AlexNet on small inputs: 2x2 -> 7x7) cannot be written as one ONNX
@@ -132,22 +136,65 @@ def _is_same(source: torch.Tensor, value: object) -> bool:
             and value.shape == source.shape and bool(torch.equal(value, source)))  # fmt: skip
 
 
-def _pool_layer(module: fx.GraphModule, source: fx.Node, value: torch.Tensor) -> fx.Node:
-    name = f"adaptive_avg_pool_{sum(1 for _ in module.named_children())}"
-    module.add_submodule(name, nn.AdaptiveAvgPool2d(tuple(value.shape[2:])))
+def _add_layer(module: fx.GraphModule, source: fx.Node, prefix: str, layer: nn.Module) -> fx.Node:
+    name = f"{prefix}_{sum(1 for _ in module.named_children())}"
+    module.add_submodule(name, layer)
     return module.graph.call_module(name, (source,))
+
+
+def _pool_layer(module: fx.GraphModule, source: fx.Node, _: torch.Tensor,
+                value: torch.Tensor) -> fx.Node:  # fmt: skip
+    return _add_layer(module, source, "adaptive_avg_pool",
+                      nn.AdaptiveAvgPool2d(tuple(value.shape[2:])))  # fmt: skip
+
+
+def _reshapes_to_groups(module: fx.GraphModule, node: fx.Node) -> bool:
+    """A reshape whose only consumer is an instance norm: how exporters write GroupNorm
+    (``Reshape(N, G, -1) -> InstanceNormalization -> Reshape back``, then the affine)."""
+    if not isinstance(module.get_submodule(node.target), OnnxReshape):
+        return False
+    users = list(node.users)
+    norm = nn.modules.instancenorm._InstanceNorm
+    return (len(users) == 1 and users[0].op == "call_module"
+            and isinstance(module.get_submodule(users[0].target), norm))  # fmt: skip
+
+
+_GROUP_NORM_EPS = 1e-5  # torch's default; exporters keep the model's, checked numerically
+
+
+def _group_count(source: torch.Tensor, value: object) -> int | None:
+    """The G for which ``value`` is ``group_norm(source, G)`` without affine, else None."""
+    if not isinstance(value, torch.Tensor) or source.dim() < 3 or value.shape != source.shape:
+        return None
+    channels = source.shape[1]
+    for groups in (1, 2, 4, 8, 16, 32, channels):
+        if channels % groups == 0:
+            expected = nn.functional.group_norm(source, groups, eps=_GROUP_NORM_EPS)
+            if torch.allclose(expected, value, atol=1e-4, rtol=1e-3):
+                return groups
+    return None
+
+
+def _group_norm_layer(module: fx.GraphModule, source: fx.Node, source_value: torch.Tensor,
+                      value: torch.Tensor) -> fx.Node:  # fmt: skip
+    groups = _group_count(source_value, value)
+    layer = nn.GroupNorm(groups, source_value.shape[1], eps=_GROUP_NORM_EPS, affine=False)
+    return _add_layer(module, source, "group_norm", layer)
 
 
 @dataclass(frozen=True)
 class _Decomposition:
     starts: Callable[[fx.GraphModule, fx.Node], bool]  # the region's first node (structure)
     computes: Callable[[torch.Tensor, object], bool]  # (start's input, a node's value)
-    rebuild: Callable[[fx.GraphModule, fx.Node, torch.Tensor], fx.Node]  # the replacement
+    # the replacement: (graph, start's input node, its value at batch 2, the end's value)
+    rebuild: Callable[[fx.GraphModule, fx.Node, torch.Tensor, torch.Tensor], fx.Node]
 
 
 _DECOMPOSITIONS = (
     _Decomposition(_transposes_channels_last, _pools, _pool_layer),
-    _Decomposition(_flattens_whole, _is_same, lambda module, source, value: source),
+    _Decomposition(_flattens_whole, _is_same, lambda module, source, *_: source),
+    _Decomposition(_reshapes_to_groups, lambda s, v: _group_count(s, v) is not None,
+                   _group_norm_layer),  # fmt: skip
 )
 
 
@@ -192,7 +239,8 @@ def fuse_decompositions(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
         if end is None:
             continue
         with module.graph.inserting_before(end):
-            replacement = kind.rebuild(module, start.args[0], runs[0][end])
+            source = start.args[0]
+            replacement = kind.rebuild(module, source, runs[0][source], runs[0][end])
         end.replace_all_uses_with(replacement)
         fused += 1
     if fused:

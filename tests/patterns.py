@@ -250,6 +250,27 @@ class SplitHeadFormer(nn.Module):
         return self.head(x.mean(1))
 
 
+class PoolFormerNet(nn.Module):
+    """PoolFormer: GroupNorm(1, C) (exported as reshape, instance norm, reshape back and the
+    affine), pooling minus identity as the token mixer, a 1x1-conv MLP, layer scales."""
+
+    def __init__(self, dim: int = 32, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1, self.norm2 = nn.GroupNorm(1, dim), nn.GroupNorm(1, dim)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.mlp = nn.Sequential(nn.Conv2d(dim, 2 * dim, 1), nn.GELU(), nn.Conv2d(2 * dim, dim, 1))
+        self.scale = nn.Parameter(torch.full((dim, 1, 1), 0.5))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.norm1(x)
+        x = x + self.scale * (self.pool(y) - y)
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean((2, 3)))
+
+
 PATTERNS = {
     "convnext": ConvNeXtTiny,
     "csp": CSPNet,
@@ -259,6 +280,7 @@ PATTERNS = {
     "ghost": GhostNet,
     "small-input-vgg": SmallInputVGG,
     "split-head-attention": SplitHeadFormer,
+    "poolformer": PoolFormerNet,
 }
 SHAPE = (3, 32, 32)
 

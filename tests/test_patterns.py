@@ -193,6 +193,20 @@ def test_dual_path_blocks_halve(route, tmp_path):
     assert verify_onnx(student, path, SHAPE)[0] < 1e-3
 
 
+@pytest.mark.parametrize("route", ["legacy", "dynamo", pytest.param("torchscript", marks=SLOW)])
+def test_group_norm_decomposition_becomes_group_norm(route, tmp_path):
+    """Exporters write GroupNorm as reshape, instance norm and reshape back, which
+    torch-pruning maps channel by channel onto C*H*W indices (PoolFormer ran out of memory);
+    imported, it is one GroupNorm again and the student halves."""
+    teacher = _teacher("poolformer", route, tmp_path)
+    norms = [m for m in teacher.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 2 and all(m.num_groups == 1 for m in norms)
+    student = make_student(teacher, example_input=example(SHAPE))
+    assert 0.2 <= _params(student) / _params(teacher) <= 0.4
+    path = export_onnx(student, SHAPE, tmp_path / "student.onnx")
+    assert verify_onnx(student, path, SHAPE)[0] < 1e-3
+
+
 def test_library_internals_we_adapt_are_where_we_expect():
     """onnx_compat.py touches onnx2torch's converter registry and torch's legacy-exporter
     globals, shuffle_pruning.py torch-pruning's graph: a version that moves them must fail
