@@ -281,7 +281,6 @@ def export_family(name: str, out_dir: Path, routes: list[str]) -> None:
     """Child: build ``name``, write its missing files and ``NAME.meta.json`` (size, errors)."""
     import warnings
 
-    import torch
 
     warnings.filterwarnings("ignore")
     family = BY_NAME[name]
@@ -296,17 +295,34 @@ def export_family(name: str, out_dir: Path, routes: list[str]) -> None:
         return
     meta_path.write_text(json.dumps(meta))
     print(MARK + "built", flush=True)
-    x = torch.randn(1, 3, meta["size"], meta["size"])
     for route in routes:
         path = out_dir / f"{name}{SUFFIX[route]}"
         if not path.exists():
-            try:
-                export_route(model, route, x, path)
-                meta["errors"].pop(route, None)
-            except Exception as error:  # noqa: BLE001
-                meta["errors"][route] = f"{type(error).__name__}: {str(error).strip()[:200]}"
+            export_at_some_size(family, model, meta, route, path)
             meta_path.write_text(json.dumps(meta))
         print(MARK + f"exported {route}", flush=True)
+
+
+def export_at_some_size(family: Family, model, meta: dict, route: str, path: Path) -> None:
+    """Export ``route`` at the family's size, else at the next size that exports (the legacy
+    exporter refuses adaptive pooling that does not divide: AlexNet and VGG at 64x64 export
+    at 224). The size used is kept in ``meta["route_sizes"]``; the first error otherwise."""
+    import torch
+
+    sizes = [meta["size"], *(size for size in SIZES if size > meta["size"])]
+    first_error = None
+    for size in sizes:
+        try:
+            sized = model if size == meta["size"] else build(family, size)
+            export_route(sized, route, torch.randn(1, 3, size, size), path)
+        except Exception as error:  # noqa: BLE001
+            first_error = first_error or f"{type(error).__name__}: {str(error).strip()[:200]}"
+            continue
+        meta["errors"].pop(route, None)
+        if size != meta["size"]:
+            meta.setdefault("route_sizes", {})[route] = size
+        return
+    meta["errors"][route] = first_error
 
 
 # ---------------------------------------------------------------- student (child side)
@@ -438,8 +454,9 @@ def run_all(args: argparse.Namespace) -> list[Row]:
             continue
         meta = ensure_exported(family, args)
         for route in todo:
+            size = meta.get("route_sizes", {}).get(route, meta.get("size"))
             row = Row(family.name, family.source, family.kind, route, args.timeout, args.mem_gb,
-                      size=meta.get("size"))  # fmt: skip
+                      size=size)  # fmt: skip
             path = args.out_dir / f"{family.name}{SUFFIX[route]}"
             if path.exists():
                 row.file = path.name

@@ -48,9 +48,12 @@ class ChannelOrderError(StudentError):
 _FLATTENS = (nn.Flatten, OnnxFlatten, OnnxReshape, FlexibleReshape)
 
 
-def channels_last_flatten(module: nn.Module) -> str | None:
+def channels_last_flatten(
+    module: nn.Module, example_input: torch.Tensor | None = None
+) -> str | None:
     """The dense layer fed by an H,W,C flatten (``Transpose(0, 2, 3, 1)`` then a reshape, as
-    TensorFlow writes it) in an imported graph, else None.
+    TensorFlow writes it) in an imported graph, else None. With ``example_input``, a
+    transpose of a 1x1 map (a pooled head: H,W,C order is C order) does not count.
 
     torch-pruning maps a dense layer's input columns in C,H,W order: after such a flatten it
     drops the wrong columns, harmless for a fresh student but not for one that keeps the
@@ -58,12 +61,12 @@ def channels_last_flatten(module: nn.Module) -> str | None:
     """
     if not isinstance(module, fx.GraphModule):
         return None
+    pooled = _transposes_of_pooled_maps(module, example_input)
     for node in module.graph.nodes:
         layer = module.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(layer, OnnxTranspose):
+        if not isinstance(layer, OnnxTranspose) or layer in pooled:
             continue
-        perm = list(layer.perm or [])
-        if len(perm) != 4 or perm[1] == 1:
+        if list(layer.perm or []) != [0, 2, 3, 1]:  # only (N, C, H, W) -> (N, H, W, C)
             continue
         while len(node.users) == 1:
             node = next(iter(node.users))
@@ -73,6 +76,23 @@ def channels_last_flatten(module: nn.Module) -> str | None:
             if not isinstance(layer, _FLATTENS):
                 break
     return None
+
+
+def _transposes_of_pooled_maps(module: fx.GraphModule,
+                               example_input: torch.Tensor | None) -> set[nn.Module]:  # fmt: skip
+    """The transposes whose (N, C, H, W) input has one spatial position."""
+    transposes = [layer for layer in module.modules() if isinstance(layer, OnnxTranspose)]
+    if example_input is None or not transposes:
+        return set()
+    pooled: set[nn.Module] = set()
+
+    def record(layer: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[2] * x.shape[3] == 1:
+            pooled.add(layer)
+
+    run_with_hooks(module, example_input, [(layer, record) for layer in transposes], pre=True)
+    return pooled
 
 
 def _output_layer_names(module: nn.Module, example_input: torch.Tensor) -> list[str]:
@@ -378,14 +398,14 @@ def make_student(
         raise StudentError(f"width must be between 0 and 1 (exclusive), got {width}")
     if init not in INITS:
         raise StudentError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    dense = channels_last_flatten(teacher_module) if init == "teacher" else None
+    teacher_module.eval()
+    dense = channels_last_flatten(teacher_module, example_input) if init == "teacher" else None
     if dense is not None:
         raise ChannelOrderError(
             f"the teacher flattens its features in H,W,C order before layer '{dense}' (as "
             "TensorFlow does) and its shapes are not fixed, so a student cannot keep the "
             "teacher's weights; use --init fresh"
         )
-    teacher_module.eval()
     example_input = example_input.detach()
     before = sum(p.numel() for p in teacher_module.parameters())
     attempts = [lambda: copy.deepcopy(teacher_module)]

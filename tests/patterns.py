@@ -252,7 +252,8 @@ class SplitHeadFormer(nn.Module):
 
 class PoolFormerNet(nn.Module):
     """PoolFormer: GroupNorm(1, C) (exported as reshape, instance norm, reshape back and the
-    affine), pooling minus identity as the token mixer, a 1x1-conv MLP, layer scales."""
+    affine), pooling minus identity as the token mixer, a 1x1-conv MLP, layer scales; timm's
+    head: pooled, LayerNorm over channels between two permutes, flattened."""
 
     def __init__(self, dim: int = 32, classes: int = 10):
         super().__init__()
@@ -261,6 +262,7 @@ class PoolFormerNet(nn.Module):
         self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
         self.mlp = nn.Sequential(nn.Conv2d(dim, 2 * dim, 1), nn.GELU(), nn.Conv2d(2 * dim, dim, 1))
         self.scale = nn.Parameter(torch.full((dim, 1, 1), 0.5))
+        self.head_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
 
     def forward(self, x):
@@ -268,7 +270,9 @@ class PoolFormerNet(nn.Module):
         y = self.norm1(x)
         x = x + self.scale * (self.pool(y) - y)
         x = x + self.mlp(self.norm2(x))
-        return self.head(x.mean((2, 3)))
+        x = nn.functional.adaptive_avg_pool2d(x, 1)
+        x = self.head_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(x.flatten(1))
 
 
 PATTERNS = {
