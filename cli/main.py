@@ -506,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report_error(error: Exception, argv: list[str]) -> int:
     from compress_toolbox.distill import DistillInterrupted
-    from compress_toolbox.errors import DaflError
+    from compress_toolbox.errors import DaflError, first_line
 
     if isinstance(error, DistillInterrupted):
         print(f"dafl-compress: {error}", file=sys.stderr)
@@ -515,7 +515,7 @@ def _report_error(error: Exception, argv: list[str]) -> int:
         print(f"dafl-compress: error: {error}", file=sys.stderr)
         return error.exit_code
     where = next((a for a in argv if not a.startswith("-") and a not in SUBCOMMANDS), None)
-    text = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    text = first_line(error, 300)
     print(
         f"dafl-compress: unexpected error{f' with {where}' if where else ''}: "
         f"{type(error).__name__}: {text} (rerun with --debug for the traceback)",

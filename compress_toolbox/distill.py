@@ -22,7 +22,7 @@ from torch import nn
 
 from . import distributed
 from .domain import InputDomain
-from .errors import DaflError, DaflWarning, TrainingFailed
+from .errors import DaflError, DaflWarning, TrainingFailed, first_line
 from .evaldata import EvalData, evaluate, predict, score
 from .health import CollapseGuard, GenerationCollapsed, Health, measure
 from .losses import kd_loss
@@ -294,7 +294,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["student_optimizer"])
             self.method.load_state_dict(state["method_state"])
         except (RuntimeError, KeyError, ValueError, TypeError) as error:
-            first = str(error).strip().splitlines()[0][:200]
+            first = first_line(error)
             raise DaflError(f"cannot resume: {path} does not fit this student ({first})") from None
         self.guard.load_state_dict(state["guard"])
         self.iteration = int(state["iteration"])

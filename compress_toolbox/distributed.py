@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from .errors import DaflError
+from .errors import DaflError, first_line
 
 # A rank that stops answering (killed, hung) ends the collectives of the others after this long
 # (torchrun itself tears the other workers down as soon as it sees one fail).
@@ -182,7 +182,8 @@ def init_from_env(device: str | None = None) -> World:
     try:
         dist.init_process_group(backend, timeout=timeout, **_restart_store(rank, size, timeout))
     except (RuntimeError, ValueError) as error:
-        raise RankFailed(f"cannot join the other ranks: {_first_line(error)}") from None
+        reason = first_line(error, 300) or type(error).__name__
+        raise RankFailed(f"cannot join the other ranks: {reason}") from None
     _WORLD = World(rank, size, local_rank)
     _WORLD.check_same("cuda" if on_gpu else "cpu", "device kind (every rank needs a GPU, or none)")
     return _WORLD
@@ -210,11 +211,6 @@ def shutdown() -> None:
     _WORLD = World()
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
 @contextlib.contextmanager
 def collective_errors() -> Iterator[None]:
     """Turn a failed collective (another rank died or timed out) into one clear RankFailed."""
@@ -229,7 +225,7 @@ def collective_errors() -> Iterator[None]:
             raise
         raise RankFailed(
             f"rank {_WORLD.rank}: another rank stopped answering, so this one stops too "
-            f"({_first_line(error)[:160]})"
+            f"({first_line(error, 160) or type(error).__name__})"
         ) from None
 
 

@@ -26,3 +26,10 @@ class TrainingFailed(DaflError):
 class DaflWarning(UserWarning):
     """Something the user should know that does not stop the run (shown by the CLI as one line:
     a budget too short for the teacher, a generator restart, a smaller batch after OOM)."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message, at most ``limit`` characters ("" when it has
+    none): what one-line reports quote of a library's multi-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else ""

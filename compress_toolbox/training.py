@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .distributed import cores_per_rank
-from .errors import DaflError
+from .errors import DaflError, first_line
 
 CHECKPOINT_FORMAT = "dafl-compress-checkpoint-v2"
 
@@ -219,10 +219,10 @@ class Checkpointer:
         try:
             state = torch.load(self.path, map_location=device, weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unreadable file is the user's problem
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            first = first_line(error)
             raise DaflError(
                 f"cannot resume: {self.path} is not a dafl-compress checkpoint that can be read "
-                f"safely ({type(error).__name__}: {first[:200]})"
+                f"safely ({type(error).__name__}: {first})"
             ) from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise DaflError(f"cannot resume: {self.path} is not a {CHECKPOINT_FORMAT} file")

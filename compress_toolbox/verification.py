@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import VerificationFailed
+from .errors import VerificationFailed, first_line
 
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 batch -> first output
 
@@ -51,7 +51,7 @@ def compare(
         try:
             expected = np.asarray(reference(x), dtype=np.float64)
         except Exception as error:
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            first = first_line(error)
             raise VerificationFailed(
                 f"{source}: the original model does not run on inputs of shape "
                 f"{tuple(input_shape)} ({type(error).__name__}: {first})"
@@ -64,7 +64,7 @@ def compare(
         try:
             got = np.asarray(candidate(x), dtype=np.float64)
         except Exception as error:  # the converted graph itself is broken
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            first = first_line(error)
             raise VerificationFailed(
                 f"{source}: the {what} fails at batch {batch} ({type(error).__name__}: {first})"
             ) from error

@@ -13,7 +13,7 @@ from torch.export.pt2_archive.constants import (
     TENSOR_CONSTANT_FILENAME_PREFIX as TENSOR_CONSTANT_PREFIX,
 )
 
-from ..errors import ImportFailed
+from ..errors import ImportFailed, first_line
 from .base import FileHead, ImportedModel, register_importer, torch_runner, verify
 from .torch_to_onnx import module_via_onnx
 
@@ -90,7 +90,7 @@ def import_exported_program(
     try:
         program = torch.export.load(str(path))
     except Exception as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        first = first_line(error)
         raise ImportFailed(
             f"{path}: cannot load torch.export archive ({type(error).__name__}: {first})"
         ) from None
