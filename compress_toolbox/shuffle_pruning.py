@@ -498,6 +498,18 @@ class _ConcatRecorder(TorchFunctionMode):
         return output
 
 
+def _map_edge(node: Node, neighbour: Node, slot: int, kind: type, part: list[int],
+              reverse_outward: bool) -> None:  # fmt: skip
+    """Put a ``kind`` index mapping for the channel range ``part`` in ``slot`` of the
+    dependency from ``node`` to ``neighbour`` (``reverse=reverse_outward``) and of the one
+    back (the other direction)."""
+    for source, target, reverse in ((node, neighbour, reverse_outward),
+                                    (neighbour, node, not reverse_outward)):  # fmt: skip
+        dep = next((dep for dep in source.dependencies if dep.target is target), None)
+        if dep is not None:
+            dep.index_mapping[slot] = kind(offset=part, reverse=reverse)
+
+
 def _map_concat(node: Node) -> None:
     """Set the index mappings between a concatenation and its inputs from its known sizes.
 
@@ -508,13 +520,7 @@ def _map_concat(node: Node) -> None:
     node.module.offsets = offsets
     mapping = tp.dependency.index_mapping._ConcatIndexMapping
     for i, source in enumerate(node.inputs):
-        part = offsets[i : i + 2]
-        into = next((dep for dep in node.dependencies if dep.target is source), None)
-        if into is not None:
-            into.index_mapping[1] = mapping(offset=part, reverse=True)
-        out = next((dep for dep in source.dependencies if dep.target is node), None)
-        if out is not None:
-            out.index_mapping[1] = mapping(offset=part, reverse=False)
+        _map_edge(node, source, 1, mapping, offsets[i : i + 2], reverse_outward=True)
 
 
 def _map_split(node: Node) -> None:
@@ -532,12 +538,7 @@ def _map_split(node: Node) -> None:
         if number >= len(offsets) - 1:
             continue
         part = offsets[number : number + 2]
-        out = next((dep for dep in node.dependencies if dep.target is consumer), None)
-        if out is not None:
-            out.index_mapping[0] = mapping(offset=part, reverse=False)
-        back = next((dep for dep in consumer.dependencies if dep.target is node), None)
-        if back is not None:
-            back.index_mapping[0] = mapping(offset=part, reverse=True)
+        _map_edge(node, consumer, 0, mapping, part, reverse_outward=False)
 
 
 class _ConcatMappingFirst(list):

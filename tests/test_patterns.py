@@ -238,6 +238,45 @@ def test_library_internals_we_adapt_are_where_we_expect():
     assert isinstance(symbolic_helper.GLOBALS.export_onnx_opset_version, int)
 
 
+class _SplitIntoConcat(nn.Module):
+    """A conv's output split in two unequal parts; the first part read twice (added back and
+    convolved), the second concatenated after another tensor: what DPN and CSP do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.other = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 4, 1)
+        self.split, self.mix = SizedSplit([6, 2]), nn.Conv2d(6, 6, 1)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        first, second = self.split(self.conv(x))
+        return self.head(torch.cat([first + self.mix(first), self.other(x), second], dim=1))
+
+
+def test_torch_pruning_split_and_concat_bookkeeping_we_correct():
+    """shuffle_pruning.ChannelPartitions rewrites torch-pruning's index mappings around splits
+    and concatenations (its dependency slots, mapping classes, the update it reruns for each
+    group): a version that changes them must fail here. Channels 6 and 7 of the conv (the
+    second part) must land at 10 and 11 of the concatenation, and nowhere in the first part."""
+    import torch_pruning as tp
+
+    from compress_toolbox.shuffle_pruning import ChannelPartitions
+
+    model = _SplitIntoConcat()
+    partitions = ChannelPartitions(model)
+    with partitions.tracing():
+        graph = tp.DependencyGraph().build_dependency(model, torch.randn(2, 3, 4, 4))
+    partitions.attach(graph)
+    assert callable(tp.dependency.index_mapping.update_index_mapping)
+    group = graph.get_pruning_group(model.conv, tp.prune_conv_out_channels, [6, 7])
+    pruned = {(item.dep.target.module, tuple(sorted(item.idxs))) for item in group}
+    assert (model.head, (10, 11)) in pruned
+    assert not any(layer is model.mix for layer, _ in pruned)
+    group.prune()
+    partitions.follow()
+    assert model.split.sizes == [6, 0] and model.head.in_channels == 10
+
+
 class _PatchUnfold(nn.Module):
     """MobileViT's unfolding: 2x2 patches with the batch folded into the first dimension
     (N*C*H/2, 2, W/2, 2), then tokens (N*4, H*W/4, C) through a LayerNorm over channels."""
