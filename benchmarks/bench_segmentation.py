@@ -100,7 +100,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["auto"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[600.0])
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, help="default: the task's (32 for segmentation)")
+    parser.add_argument("--batch-size", type=int, help="default: the task's (16 for segmentation)")
     parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads per run (1: measured faster on a shared 2-core CPU)")
