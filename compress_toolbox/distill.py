@@ -55,6 +55,7 @@ __all__ = ["PRESETS", "DistillOptions", "DistillResult", "Preset", "distill", "l
 
 CHECKPOINT_NAME = "dafl_checkpoint.pt"
 
+
 class DistillInterrupted(DaflError):
     """Training was interrupted (Ctrl-C or SIGTERM); a checkpoint was written if possible."""
 

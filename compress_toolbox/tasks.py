@@ -64,7 +64,7 @@ TASKS = {
     # Every canvas is H*W pixel samples: 32 generated canvases of 64x64 give the health check
     # 131,072 pixels for its class histogram, and 200 evaluation canvases the curve 819,200;
     # 256 and 1,000 took 1.2 s per health check (every 10 iterations) and 1.6 s per curve
-    # point, 27% of a 90 s run on the benchmark U-Net (RESULTS.md).
+    # point, 31% of a 90 s run on the benchmark U-Net (RESULTS.md).
     # Generated scenes moved about (shift_and_flip): the generator otherwise puts the same
     # classes in the same places in every image (samples.png), and the student learns classes
     # by position.
