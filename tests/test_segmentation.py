@@ -245,7 +245,7 @@ def test_generated_scenes_are_moved_about_for_segmentation_only(unet):
     def method(task):
         ctx = MethodContext(teacher=unet, student=unet, input_shape=SHAPE, num_classes=CLASSES,
                             domain=InputDomain(), preset=get_preset("fast"),
-                            device=torch.device("cpu"), task=task)  # fmt: skip
+                            device=torch.device("cpu"), final_layer="head", task=task)  # fmt: skip
         return get_method("dafl")(ctx)
 
     torch.manual_seed(0)
