@@ -100,7 +100,9 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["auto"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[600.0])
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, help="default: the task's (32 for segmentation)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds first-seed .. first-seed+seeds-1")
+    parser.add_argument("--batch-size", type=int, help="default: the task's (16 for segmentation)")
     parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads per run (1: measured faster on a shared 2-core CPU)")
@@ -120,7 +122,7 @@ def main() -> int:
         for teacher in args.teachers:
             for fmt in args.formats:
                 for method in args.methods:
-                    for seed in range(args.seeds):
+                    for seed in range(args.first_seed, args.first_seed + args.seeds):
                         row = run_one(teacher, fmt, method, budget, seed, args.threads,
                                       args.batch_size, args.init)  # fmt: skip
                         mine.append(row)

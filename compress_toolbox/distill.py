@@ -54,8 +54,6 @@ from .training import (
 __all__ = ["PRESETS", "DistillOptions", "DistillResult", "Preset", "distill", "lr_factor"]
 
 CHECKPOINT_NAME = "dafl_checkpoint.pt"
-HEALTH_SAMPLES = 256
-MONITOR_SAMPLES = 1000  # evaluation samples for the accuracy curve during training
 
 
 class DistillInterrupted(DaflError):
@@ -197,6 +195,7 @@ class Trainer:
                  on_iteration: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.preset = options.validate()
         self.options = options
+        self.task = get_task(options.task)
         self.teacher = teacher
         self.student = student
         self.eval_data = eval_data
@@ -349,7 +348,7 @@ class Trainer:
 
     def _measure_health(self) -> Health:
         # every rank judges the same global sample: the collapse verdict is agreed
-        x = self.world.all_gather_cat(self.method.sample(HEALTH_SAMPLES))
+        x = self.world.all_gather_cat(self.method.sample(self.task.health_samples))
         self.last_health = measure(self.teacher.module, self.student, x, self.iteration,
                                    self.num_classes)  # fmt: skip
         return self.last_health
@@ -540,7 +539,7 @@ class Trainer:
         if self.eval_data is not None:
             self.teacher_predictions = predict(self.teacher.module, self.eval_data,
                                                device=self.device)  # fmt: skip
-            self.monitor = self.eval_data.subset(MONITOR_SAMPLES)
+            self.monitor = self.eval_data.subset(self.task.monitor_samples)
         self.eval_every, self.eval_interval_s = self._eval_schedule()
         self.progress = Progress(self.options.progress and self.world.is_writer,
                                  f"{self.method.name}/{self.preset.name}",

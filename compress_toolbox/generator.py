@@ -160,3 +160,25 @@ def make_generator(
     raise DaflError(
         f"input shape {tuple(input_shape)} is not supported: DAFL needs (C, H, W) images or (F,)"
     )
+
+
+def shift_and_flip(x: torch.Tensor) -> torch.Tensor:
+    """Each image of ``x`` (N, C, H, W) rolled by its own random offset (wrapping round) and
+    mirrored left-right with probability 1/2; differentiable, so a generator learns through it.
+
+    For segmentation teachers: a generator quickly settles on one layout (the same classes in
+    the same places in every image), and a student trained on it learns classes by position;
+    moving each generated scene elsewhere keeps the scenes but breaks that correlation
+    (benchmarks/RESULTS.md, Segmentation).
+    """
+    n, _, height, width = x.shape
+    rows = torch.arange(height, device=x.device)
+    cols = torch.arange(width, device=x.device)
+    dy = torch.randint(height, (n, 1), device=x.device)
+    dx = torch.randint(width, (n, 1), device=x.device)
+    row_index = (rows - dy) % height  # (N, H): output row r takes input row r - dy
+    col_index = (cols - dx) % width
+    mirror = torch.rand(n, 1, device=x.device) < 0.5
+    col_index = torch.where(mirror, width - 1 - col_index, col_index)
+    x = x.gather(2, row_index[:, None, :, None].expand_as(x))
+    return x.gather(3, col_index[:, None, None, :].expand_as(x))

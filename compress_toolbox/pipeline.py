@@ -279,7 +279,7 @@ def _distill(inputs: _Inputs, options, checkpoint_dir: Path | None, history: Pat
     """Train the planned student (on every rank; only rank 0 has a checkpoint folder). A rank
     restarted by ``torchrun --max-restarts`` resumes from rank 0's checkpoint when there is one."""
     from . import distributed
-    from .distill import CHECKPOINT_NAME, MONITOR_SAMPLES, distill
+    from .distill import CHECKPOINT_NAME, distill
 
     if distributed.restarted() and checkpoint_dir is not None:
         resume = resume or (checkpoint_dir / CHECKPOINT_NAME).is_file()
@@ -291,7 +291,7 @@ def _distill(inputs: _Inputs, options, checkpoint_dir: Path | None, history: Pat
         replace(options, domain=inputs.domain, checkpoint_dir=checkpoint_dir, resume=resume,
                 history_path=history, fine_tune=inputs.plan.from_teacher),  # fmt: skip
         # the curve in training on a subset; the full evaluation below, on student.onnx
-        eval_data=data.subset(MONITOR_SAMPLES) if data else None,
+        eval_data=data.subset(get_task(options.task).monitor_samples) if data else None,
         on_iteration=on_iteration,
     )
 

@@ -30,6 +30,10 @@ class Task:
     output_text: str  # the expected output, for messages
     batch_size: int | None = None  # generated batch when no --batch-size (None: the preset's)
     student_init: str | None = None  # what --init auto means (None: the preset's choice)
+    health_samples: int = 256  # generated inputs per health check (the class histogram)
+    monitor_samples: int = 1000  # evaluation inputs for the curve during training
+    shift_generated: bool = False  # generated images rolled and mirrored at random
+    # (generator.shift_and_flip) before the teacher sees them
 
     def fits(self, output_shape: tuple[int, ...]) -> bool:
         """Whether a teacher whose output is ``output_shape`` (no batch) does this task."""
@@ -50,14 +54,23 @@ class Task:
 
 TASKS = {
     "classification": Task("classification", 1, "(N, K) logits"),
-    # 32 images of 64x64 are 131,072 pixel samples per batch; the fast preset's 128 would make
-    # every step 4x dearer where 600 s already bought only 140-220 iterations at 32 (RESULTS.md;
-    # 128 itself was not measured)
+    # Batch 16: 16 canvases of 64x64 are 65,536 pixel samples per batch, and more, cheaper
+    # student steps beat fewer large ones in a fixed budget: on the benchmark U-Net at 180 s,
+    # student mean IoU 50% of the teacher's at 16, 37% at 8, 24-30% at 32 (one seed each;
+    # RESULTS.md). The fast preset's 128 was never tried: every step 8x dearer.
     # A derived student from the teacher's largest channels (BatchNorm folded) answered
     # background on every pixel and stayed so on the benchmark U-Net with dafl, dfad and
     # adversarial; fresh (with BatchNorm added) learned (benchmarks/RESULTS.md).
-    "segmentation": Task("segmentation", 3, "(N, K, H, W) per-pixel logits", batch_size=32,
-                         student_init="fresh"),
+    # Every canvas is H*W pixel samples: 32 generated canvases of 64x64 give the health check
+    # 131,072 pixels for its class histogram, and 200 evaluation canvases the curve 819,200;
+    # 256 and 1,000 took 1.2 s per health check (every 10 iterations) and 1.6 s per curve
+    # point, 31% of a 90 s run on the benchmark U-Net (RESULTS.md).
+    # Generated scenes moved about (shift_and_flip): the generator otherwise puts the same
+    # classes in the same places in every image (samples.png), and the student learns classes
+    # by position.
+    "segmentation": Task("segmentation", 3, "(N, K, H, W) per-pixel logits", batch_size=16,
+                         student_init="fresh", health_samples=32, monitor_samples=200,
+                         shift_generated=True),
 }
 
 

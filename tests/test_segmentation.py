@@ -232,3 +232,57 @@ def test_cli_segmentation_end_to_end(files, tmp_path, capsys):
     data = load_eval_data(files / "masks.npz", SHAPE, num_classes=CLASSES, task="segmentation")
     predictions = onnx_predictions(out / "student.onnx", data.x)
     assert score(predictions, data.y) == pytest.approx(seg["student"]["mean_iou"])
+
+
+def test_generated_scenes_are_moved_about_for_segmentation_only(unet):
+    """Each generated image reaches the teacher rolled (and maybe mirrored) by its own offset,
+    for a segmentation teacher; a classifier's generator output is left as it is."""
+    from compress_toolbox.domain import InputDomain
+    from compress_toolbox.methods import get_method
+    from compress_toolbox.methods.base import MethodContext
+    from compress_toolbox.presets import get_preset
+
+    def method(task):
+        ctx = MethodContext(teacher=unet, student=unet, input_shape=SHAPE, num_classes=CLASSES,
+                            domain=InputDomain(), preset=get_preset("fast"),
+                            device=torch.device("cpu"), final_layer="head", task=task)  # fmt: skip
+        return get_method("dafl")(ctx)
+
+    torch.manual_seed(0)
+    z = torch.randn(16, get_preset("fast").latent_dim)
+    seg = method("segmentation")
+    seg.generator.eval()
+    raw, moved = seg.generator(z), seg._images(z, None)
+    offsets = set()
+    for i in range(16):
+        found = [(dy, dx, flip) for dy in range(16) for dx in range(16) for flip in (0, 1)
+                 if torch.equal(moved[i], torch.roll(raw[i], (dy, dx), (-2, -1)).flip(-1)
+                                if flip else torch.roll(raw[i], (dy, dx), (-2, -1)))]  # fmt: skip
+        assert found, i
+        offsets.add(found[0])
+    assert len(offsets) > 8  # each image its own offset, not one for the batch
+    classifier = method("classification")
+    classifier.generator.eval()
+    assert torch.equal(classifier._images(z, None), classifier.generator(z))
+
+
+def test_health_checks_use_few_canvases(unet, monkeypatch):
+    """A health check judges the class histogram of whole canvases (H*W pixel samples each):
+    the task's 32 canvases, not a classifier's 256 images."""
+    from compress_toolbox.methods.base import GeneratorMethod
+    from compress_toolbox.tasks import get_task
+
+    sizes = []
+    original = GeneratorMethod.sample
+
+    def sample(self, n):
+        sizes.append(n)
+        return original(self, n)
+
+    monkeypatch.setattr(GeneratorMethod, "sample", sample)
+    teacher = Teacher.from_module(unet, SHAPE)
+    student = plan_student(teacher, "auto", task="segmentation", init="fresh").module
+    distill(teacher, student, task="segmentation", method="dafl", iters=2, batch_size=4,
+            progress=False, threads=1, health_every=1)  # fmt: skip
+    # sample(2) sizes the batch to memory; then two checks and the last one, of 32 canvases
+    assert get_task("segmentation").health_samples == 32 and sizes[1:] == [32, 32, 32]

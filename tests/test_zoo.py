@@ -241,6 +241,15 @@ def test_pick_student_segmentation():
     assert out.shape == (2, 5, 64, 64)
 
 
+def test_pick_student_for_an_lraspp_teacher_is_the_micro_unet():
+    # 1 channel, 64x64, 11 classes (the segmentation benchmark): LR-ASPP MobileNetV3-Large
+    # 32.1 M MACs; unet_micro 9.3 M (0.29) is closer to 1/4 than the LR-ASPP Small's 10.0 M
+    teacher = _teacher("lraspp_mobilenet_v3_large", (1, 64, 64), 11)
+    name, student = pick_student("segmentation", teacher)
+    assert name == "unet_micro"
+    assert _forward(student, torch.randn(2, 1, 64, 64)).shape == (2, 11, 64, 64)
+
+
 def test_pick_student_skips_models_that_cannot_run():
     # 10x10 is too small for LeNet-5; the others adapt.
     teacher = SimpleNamespace(

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ..domain import InputDomain
-from ..generator import make_generator
+from ..generator import make_generator, shift_and_flip
 from ..presets import Preset
+from ..tasks import get_task
 
 
 @dataclass
@@ -134,6 +135,8 @@ class GeneratorMethod(Method):
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
+        # images only: a (F,) vector has no layout to move
+        self.shift = get_task(ctx.task).shift_generated and len(ctx.input_shape) == 3
         self.restart()
 
     def restart(self) -> None:
@@ -169,7 +172,7 @@ class GeneratorMethod(Method):
         self.generator.train()
         z, labels = self._latent(batch_size)
         with self.ctx.autocast():
-            x = self.generator(z, labels)
+            x = self._images(z, labels)
             logits = self.ctx.teacher(x).float()
             terms = self.loss_terms(x, logits, labels)
         total = sum(weight * value for weight, value in terms.values())
@@ -183,7 +186,12 @@ class GeneratorMethod(Method):
     def sample(self, n: int) -> torch.Tensor:
         z, labels = self._latent(n)
         with self.ctx.autocast():
-            return self.generator(z, labels).float()
+            return self._images(z, labels).float()
+
+    def _images(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The generator's output, moved about at random where the task asks for it."""
+        x = self.generator(z, labels)
+        return shift_and_flip(x) if self.shift else x
 
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The student's logits on ``x``, differentiable w.r.t. ``x`` only (adversarial terms)."""
