@@ -64,9 +64,7 @@ def channels_last_flatten(
     pooled = _transposes_of_pooled_maps(module, example_input)
     for node in module.graph.nodes:
         layer = module.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(layer, OnnxTranspose) or layer in pooled:
-            continue
-        if list(layer.perm or []) != [0, 2, 3, 1]:  # only (N, C, H, W) -> (N, H, W, C)
+        if not _to_channels_last(layer) or layer in pooled:
             continue
         while len(node.users) == 1:
             node = next(iter(node.users))
@@ -78,10 +76,15 @@ def channels_last_flatten(
     return None
 
 
+def _to_channels_last(layer: nn.Module) -> bool:
+    return isinstance(layer, OnnxTranspose) and list(layer.perm or []) == [0, 2, 3, 1]
+
+
 def _transposes_of_pooled_maps(module: fx.GraphModule,
                                example_input: torch.Tensor | None) -> set[nn.Module]:  # fmt: skip
-    """The transposes whose (N, C, H, W) input has one spatial position."""
-    transposes = [layer for layer in module.modules() if isinstance(layer, OnnxTranspose)]
+    """The (N, C, H, W) -> (N, H, W, C) transposes whose input has one spatial position
+    (no forward pass where the graph has no such transpose)."""
+    transposes = [layer for layer in module.modules() if _to_channels_last(layer)]
     if example_input is None or not transposes:
         return set()
     pooled: set[nn.Module] = set()
