@@ -4,6 +4,7 @@ shape, optionally class-conditional and producing inputs in the teacher's input 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -182,3 +183,45 @@ def shift_and_flip(x: torch.Tensor) -> torch.Tensor:
     col_index = torch.where(mirror, width - 1 - col_index, col_index)
     x = x.gather(2, row_index[:, None, :, None].expand_as(x))
     return x.gather(3, col_index[:, None, None, :].expand_as(x))
+
+
+def jitter_photometric(x: torch.Tensor, domain: InputDomain | None) -> torch.Tensor:
+    """Each image of ``x`` (N, C, H, W, in the teacher's input domain) with its own contrast
+    (x0.4 to x1 about mid-grey), brightness (-0.3 to +0.3), a 3x3 blur with probability 1/2
+    and Gaussian noise (sigma 0 to 0.1), in [0, 1] pixels, clipped; differentiable.
+    ``domain=None`` (a generator whose output is not pixels, the paper's): ``x`` as it is.
+
+    For segmentation teachers: a DAFL generator's images saturate to black and white
+    (samples.png), and a student that never saw mid-tones, blur or noise misreads real scenes.
+    The teacher labels the jittered images, so the labels stay the teacher's (measured in
+    benchmarks/RESULTS.md, Segmentation session 7).
+    """
+    if domain is None:
+        return x
+    pixels = domain.to_pixels(x)
+    n = pixels.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype)
+
+    pixels = (pixels - 0.5) * uniform(0.4, 1.0) + 0.5 + uniform(-0.3, 0.3)
+    blurred = F.avg_pool2d(pixels, 3, stride=1, padding=1, count_include_pad=False)
+    pixels = torch.where(uniform(0.0, 1.0) < 0.5, blurred, pixels)
+    pixels = pixels + uniform(0.0, 0.1) * torch.randn_like(pixels)
+    return domain.to_model(pixels.clamp(0.0, 1.0))
+
+
+# What a task may ask to be done to each generated image before the teacher sees it
+# (tasks.Task.generated_augmentations), in that order. ``domain`` is the teacher's input
+# domain, or None when the generator's output is not pixels.
+AUGMENTATIONS: dict[str, Callable[[torch.Tensor, InputDomain | None], torch.Tensor]] = {
+    "shift_and_flip": lambda x, domain: shift_and_flip(x),
+    "photometric": jitter_photometric,
+}
+
+
+def augment(x: torch.Tensor, names: tuple[str, ...], domain: InputDomain | None) -> torch.Tensor:
+    """``x`` through the augmentations ``names`` (keys of ``AUGMENTATIONS``), in order."""
+    for name in names:
+        x = AUGMENTATIONS[name](x, domain)
+    return x

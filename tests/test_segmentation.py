@@ -234,9 +234,47 @@ def test_cli_segmentation_end_to_end(files, tmp_path, capsys):
     assert score(predictions, data.y) == pytest.approx(seg["student"]["mean_iou"])
 
 
-def test_generated_scenes_are_moved_about_for_segmentation_only(unet):
-    """Each generated image reaches the teacher rolled (and maybe mirrored) by its own offset,
-    for a segmentation teacher; a classifier's generator output is left as it is."""
+def test_shift_and_flip_moves_each_image_by_its_own_offset():
+    """Each image comes back rolled (and maybe mirrored) by its own offset, nothing else."""
+    from compress_toolbox.generator import shift_and_flip
+
+    torch.manual_seed(0)
+    raw = torch.rand(16, 1, *SHAPE[1:])
+    moved = shift_and_flip(raw)
+    offsets = set()
+    for i in range(16):
+        found = [(dy, dx, flip) for dy in range(16) for dx in range(16) for flip in (0, 1)
+                 if torch.equal(moved[i], torch.roll(raw[i], (dy, dx), (-2, -1)).flip(-1)
+                                if flip else torch.roll(raw[i], (dy, dx), (-2, -1)))]  # fmt: skip
+        assert found, i
+        offsets.add(found[0])
+    assert len(offsets) > 8  # each image its own offset, not one for the batch
+
+
+def test_photometric_jitter_gives_mid_tones_in_the_domain():
+    """Black-and-white images (what a DAFL generator makes) come back with mid-tones, blur or
+    noise, each image its own, inside the teacher's domain, with gradients to the input; a
+    generator whose output is not pixels (domain None) is left alone."""
+    from compress_toolbox.domain import InputDomain
+    from compress_toolbox.generator import jitter_photometric
+
+    torch.manual_seed(0)
+    pixels = (torch.rand(32, 1, 16, 16) > 0.5).float().requires_grad_()
+    out = jitter_photometric(pixels, InputDomain())
+    assert out.min() >= 0 and out.max() <= 1
+    assert ((out > 0.05) & (out < 0.95)).float().mean() > 0.5  # mid-tones, not black and white
+    assert len({round(float(v), 4) for v in out.detach().mean((1, 2, 3))}) > 16  # per image
+    out.sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    normalised = InputDomain(mean=(0.5,), std=(0.25,))
+    model_in = jitter_photometric(normalised.to_model(pixels.detach()), normalised)
+    assert model_in.min() >= -2 - 1e-5 and model_in.max() <= 2 + 1e-5  # (0 - .5)/.25 .. 2
+    assert torch.equal(jitter_photometric(pixels, None), pixels)
+
+
+def test_generated_images_are_augmented_for_segmentation_only(unet):
+    """A segmentation teacher sees each generated image moved about and jittered (in that
+    order); a classifier sees the generator's output as it is."""
     from compress_toolbox.domain import InputDomain
     from compress_toolbox.methods import get_method
     from compress_toolbox.methods.base import MethodContext
@@ -251,17 +289,13 @@ def test_generated_scenes_are_moved_about_for_segmentation_only(unet):
     torch.manual_seed(0)
     z = torch.randn(16, get_preset("fast").latent_dim)
     seg = method("segmentation")
+    assert seg.augmentations == ("shift_and_flip", "photometric")
     seg.generator.eval()
-    raw, moved = seg.generator(z), seg._images(z, None)
-    offsets = set()
-    for i in range(16):
-        found = [(dy, dx, flip) for dy in range(16) for dx in range(16) for flip in (0, 1)
-                 if torch.equal(moved[i], torch.roll(raw[i], (dy, dx), (-2, -1)).flip(-1)
-                                if flip else torch.roll(raw[i], (dy, dx), (-2, -1)))]  # fmt: skip
-        assert found, i
-        offsets.add(found[0])
-    assert len(offsets) > 8  # each image its own offset, not one for the batch
+    raw, seen = seg.generator(z), seg._images(z, None)
+    assert seen.shape == raw.shape and not torch.equal(seen, raw)
+    assert seen.min() >= 0 and seen.max() <= 1
     classifier = method("classification")
+    assert classifier.augmentations == ()
     classifier.generator.eval()
     assert torch.equal(classifier._images(z, None), classifier.generator(z))
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..domain import InputDomain
-from ..generator import make_generator, shift_and_flip
+from ..generator import augment, make_generator
 from ..presets import Preset
 from ..tasks import get_task
 
@@ -136,18 +136,20 @@ class GeneratorMethod(Method):
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         # images only: a (F,) vector has no layout to move
-        self.shift = get_task(ctx.task).shift_generated and len(ctx.input_shape) == 3
+        images = len(ctx.input_shape) == 3
+        self.augmentations = get_task(ctx.task).generated_augmentations if images else ()
+        # the teacher's domain where the generator makes pixels in it (see restart)
+        self.pixel_domain = ctx.domain if ctx.preset.generator_output == "domain" else None
         self.restart()
 
     def restart(self) -> None:
         preset = self.ctx.preset
-        domain = self.ctx.domain if preset.generator_output == "domain" else None
         self.generator = make_generator(
             self.ctx.input_shape,
             preset.latent_dim,
             preset.gen_width,
             num_classes=self.ctx.num_classes if self.conditional else 0,
-            domain=domain,
+            domain=self.pixel_domain,
         ).to(self.ctx.device)
         if self.ctx.channels_last:
             self.generator.to(memory_format=torch.channels_last)
@@ -189,9 +191,8 @@ class GeneratorMethod(Method):
             return self._images(z, labels).float()
 
     def _images(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The generator's output, moved about at random where the task asks for it."""
-        x = self.generator(z, labels)
-        return shift_and_flip(x) if self.shift else x
+        """The generator's output, augmented at random where the task asks for it."""
+        return augment(self.generator(z, labels), self.augmentations, self.pixel_domain)
 
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The student's logits on ``x``, differentiable w.r.t. ``x`` only (adversarial terms)."""
