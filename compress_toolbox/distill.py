@@ -449,7 +449,7 @@ class Trainer:
         threads_before = torch.get_num_threads()
         module.to(self.device).eval().requires_grad_(False)  # frozen: input gradients only
         try:
-            self.num_classes = get_task(self.options.task).check_output(
+            self.num_classes = self.task.check_output(
                 module, self.teacher.input_shape, self.device)  # fmt: skip
             self.student.to(self.device)
             self.teacher_digest = module_digest(module)  # checkpoints name their teacher

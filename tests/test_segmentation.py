@@ -273,8 +273,8 @@ def test_photometric_jitter_gives_mid_tones_in_the_domain():
 
 
 def test_generated_images_are_augmented_for_segmentation_only(unet):
-    """A segmentation teacher sees each generated image moved about and jittered (in that
-    order); a classifier sees the generator's output as it is."""
+    """A segmentation teacher sees each generated image moved about and jittered (the task's
+    augmentations); a classifier sees the generator's output as it is."""
     from compress_toolbox.domain import InputDomain
     from compress_toolbox.methods import get_method
     from compress_toolbox.methods.base import MethodContext
