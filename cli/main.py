@@ -172,7 +172,7 @@ def _compress_parser() -> argparse.ArgumentParser:
         "--nproc",
         type=int,
         metavar="N",
-        help="train with N processes on this machine (torchrun's elastic launcher; one GPU "
+        help="train with N processes on this machine (listening on 127.0.0.1 only; one GPU "
         "each when there are GPUs); the global batch is N x --batch-size. Several machines: "
         "torchrun --nnodes ... -m cli (see README)",
     )

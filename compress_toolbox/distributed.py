@@ -37,6 +37,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
 from .errors import DaflError, first_line
+from .local_launch import launch  # noqa: F401 - the --nproc shortcut, re-exported
 
 # A rank that stops answering (killed, hung) ends the collectives of the others after this long
 # (torchrun itself tears the other workers down as soon as it sees one fail).
@@ -373,28 +374,6 @@ def deferred_signals() -> Iterator[SignalFlag]:
 
 
 # -- the --nproc shortcut -------------------------------------------------------------------
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``torchrun --standalone --nproc-per-node NPROC -m cli ARGV`` in this process (torch's
-    elastic launcher, as the torchrun command would) and return the exit code: the first
-    failed rank's (128 + N for a rank killed by signal N), 0 when all finished."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    if nproc < 1:
-        raise DaflError(f"--nproc must be at least 1, got {nproc}")
-    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "cli", *argv])
-    try:
-        run(args)
-    except ChildFailedError as error:
-        _, failure = error.get_first_failure()  # the cause; the others were stopped after it
-        code = failure.exitcode
-        return 128 - code if code < 0 else code or 1  # killed by signal N: 128 + N
-    except SignalException as error:  # Ctrl-C/SIGTERM here: the workers saved and stopped
-        return 128 + int(error.sigval)
-    return 0
-
-
 def strip_option(argv: list[str], option: str) -> list[str]:
     """``argv`` without ``option VALUE`` / ``option=VALUE`` (what the launched ranks get)."""
     out, skip = [], False

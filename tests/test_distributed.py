@@ -183,7 +183,7 @@ def test_two_ranks_give_the_gradients_of_one_process_with_twice_the_batch(tmp_pa
 
 
 # -- launchers ------------------------------------------------------------------------------
-def test_nproc_shortcut_runs_torchrun(teacher, tmp_path):
+def test_nproc_shortcut_runs_the_ranks(teacher, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "cli", str(teacher["teacher"]), "--nproc", "2",
                "--out", str(out), "--iters", "10", "--batch-size", "16", "--no-progress",
@@ -292,3 +292,53 @@ def test_max_restarts_resumes_from_the_checkpoint(teacher, tmp_path):
     assert int((tmp_path / "rank0.attempt1").read_text()) > 1  # resumed, not started afresh
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok" and report["elapsed_s"] <= 30 + 3
+
+
+def _listening_sockets(root_pid: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets listening in
+    ``root_pid`` and its descendants (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    pids, inodes = [root_pid], set()
+    while pids:
+        pid = pids.pop()
+        pids.extend(children.get(pid, []))
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(fields[1].rsplit(":", 1)[0])
+    return found
+
+
+LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
+def test_nproc_listens_on_loopback_only(teacher, tmp_path):
+    """--nproc on a laptop in a cafe must not accept connections from the network: every
+    socket the launcher and its ranks listen on is bound to the loopback address."""
+    command = [sys.executable, "-m", "cli", str(teacher["teacher"]), "--nproc", "2",
+               "--out", str(tmp_path / "out"), "--time-budget", "8", "--no-progress"]  # fmt: skip
+    run = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seen: set[str] = set()
+    while run.poll() is None:
+        seen |= _listening_sockets(run.pid)
+        time.sleep(0.3)
+    assert run.wait() == 0, run.stderr.read()
+    assert seen, "the ranks listened on no socket: nothing was checked"
+    assert seen <= LOOPBACK_HEX, f"listening beyond loopback: {seen - LOOPBACK_HEX}"
