@@ -20,6 +20,7 @@ from torch import nn
 
 from .domain import InputDomain
 from .errors import DaflError, DaflWarning
+from .recipe import available_memory
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -63,6 +64,9 @@ def describe_preprocessing() -> str:
 
 
 MAX_EVAL_BYTES = 4 * 2**30  # a declared payload above this is refused before reading it
+MAX_EVAL_SAMPLES = 1_000_000  # ImageNet's validation set is 50,000; COCO's 5,000
+MAX_IMAGE_PIXELS = 2**26  # 8192 x 8192; Pillow's own bomb check stops only at 2 x 89 M
+EXPANDED_SHARE_OF_FREE = 0.25  # the float32 set at the teacher's size may take this much
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -112,10 +116,52 @@ def _read_idx_stream(handle, path: Path, count: int | None) -> np.ndarray:
         )
     if count is not None and dims[0] != count:
         raise EvalDataError(f"{path}: {dims[0]} images but {count} labels")
+    check_sample_count(dims[0], path)
     data = handle.read(expected + 1)
     if len(data) != expected:
         raise EvalDataError(f"{path}: idx payload has {len(data)} bytes, header says {expected}")
     return np.frombuffer(data, dtype=dtype).reshape(dims)
+
+
+def check_sample_count(count: int, path: Path, input_shape: tuple[int, ...] = ()) -> None:
+    """Refuse a set of more than MAX_EVAL_SAMPLES, or one whose float32 copy at the teacher's
+    ``input_shape`` would not fit in a quarter of the free memory: a small compressed file can
+    declare far more than its own size, and what it expands to is what counts."""
+    if count > MAX_EVAL_SAMPLES:
+        raise EvalDataError(f"{path}: declares {count:,} samples (more than "
+                            f"{MAX_EVAL_SAMPLES:,}); use a smaller evaluation set")  # fmt: skip
+    expanded = count * math.prod(input_shape) * 4
+    free = available_memory(torch.device("cpu"))
+    limit = MAX_EVAL_BYTES if free is None else min(MAX_EVAL_BYTES, free * EXPANDED_SHARE_OF_FREE)
+    if input_shape and expanded > limit:
+        raise EvalDataError(
+            f"{path}: {count:,} samples of {'x'.join(map(str, input_shape))} take "
+            f"{expanded / 2**30:.1f} GiB as float32 (more than {limit / 2**30:.1f} GiB, a quarter "
+            "of the free memory or 4 GiB); use a smaller evaluation set"
+        )
+
+
+def open_image(file: Path, mode: str | None = None) -> np.ndarray:
+    """One image file as an array (converted to ``mode`` when given), refusing FIFOs and
+    images over MAX_IMAGE_PIXELS before their pixels are decoded; errors name the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    _require_regular_file(file)  # a FIFO named a.png would block Image.open forever
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise EvalDataError(f"{file}: image is {width}x{height} pixels (more than "
+                                        f"{MAX_IMAGE_PIXELS:,}); resize it first")  # fmt: skip
+                if mode is None and image.mode not in ("P", "L", "I", "I;16"):
+                    raise EvalDataError(f"{file}: mask is {image.mode}; expected a "
+                                        "single-channel PNG of class indices")  # fmt: skip
+                return np.asarray(image.convert(mode) if mode else image)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as error:  # fmt: skip
+        raise EvalDataError(f"{file}: cannot read image ({error})") from None
 
 
 def _pick(files: list[Path], kind: str, folder: Path) -> Path:
@@ -125,15 +171,25 @@ def _pick(files: list[Path], kind: str, folder: Path) -> Path:
     return sorted(test or files)[0]
 
 
-def _load_idx_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_idx_folder(folder: Path, input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     names = [f for f in folder.iterdir() if f.is_file()]
     images = _pick([f for f in names if re.search(r"images.*idx3", f.name)], "images", folder)
     labels = _pick([f for f in names if re.search(r"labels.*idx1", f.name)], "labels", folder)
     y = read_idx(labels)
+    check_sample_count(len(y), images, input_shape)
     return read_idx(images, count=len(y)), y
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _npy_shape(archive, key: str) -> tuple[int, ...]:
+    """The shape an .npz member declares in its header, read without loading the array."""
+    with archive.zip.open(f"{key}.npy") as member:
+        major, _ = np.lib.format.read_magic(member)
+        if major == 1:
+            return np.lib.format.read_array_header_1_0(member)[0]
+        return np.lib.format.read_array_header_2_0(member)[0]
+
+
+def _load_npz(path: Path, input_shape: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)
@@ -148,6 +204,8 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
                         f"{path}: array '{key}' holds {size / 2**30:.1f} GiB (more than "
                         f"{MAX_EVAL_BYTES / 2**30:.0f} GiB); use a smaller evaluation set"
                     )
+            shape = _npy_shape(archive, "x")
+            check_sample_count(shape[0] if shape else 0, path, input_shape)
             return archive["x"], archive["y"]
     except EvalDataError:
         raise
@@ -155,26 +213,21 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise EvalDataError(f"{path}: cannot read .npz ({error})") from None
 
 
-def _load_image_folder(folder: Path, channels: int) -> tuple[list[np.ndarray], np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
+def _load_image_folder(folder: Path, input_shape: tuple[int, ...]) -> tuple[list, np.ndarray]:
+    channels = input_shape[0] if len(input_shape) == 3 else 1
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if not classes:
         raise EvalDataError(f"{folder}: no class sub-folders (expected an ImageFolder layout)")
+    files = [(index, file) for index, name in enumerate(classes)
+             for file in sorted((folder / name).iterdir())
+             if file.suffix.lower() in IMAGE_SUFFIXES]  # fmt: skip
+    check_sample_count(len(files), folder, input_shape)
     images, labels = [], []
     mode = "L" if channels == 1 else "RGB"
-    for index, name in enumerate(classes):
-        for file in sorted((folder / name).iterdir()):
-            if file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            _require_regular_file(file)  # a FIFO named a.png would block Image.open forever
-            try:
-                with Image.open(file) as image:
-                    array = np.asarray(image.convert(mode))
-            except (OSError, UnidentifiedImageError) as error:
-                raise EvalDataError(f"{file}: cannot read image ({error})") from None
-            images.append(array if array.ndim == 3 else array[..., None])
-            labels.append(index)
+    for index, file in files:
+        array = open_image(file, mode)
+        images.append(array if array.ndim == 3 else array[..., None])
+        labels.append(index)
     if not images:
         raise EvalDataError(f"{folder}: no images found in class sub-folders")
     return images, np.asarray(labels)
@@ -227,10 +280,9 @@ def load_eval_data(
         return load_mask_data(path, input_shape, domain, num_classes)
     if path.is_dir():
         if any(f.is_file() and re.search(r"idx[13]", f.name) for f in path.iterdir()):
-            raw_x, raw_y = _load_idx_folder(path)
+            raw_x, raw_y = _load_idx_folder(path, input_shape)
         else:
-            channels = input_shape[0] if len(input_shape) == 3 else 1
-            images, raw_y = _load_image_folder(path, channels)
+            images, raw_y = _load_image_folder(path, input_shape)
             shapes = {image.shape for image in images}
             if len(input_shape) == 3 and len(shapes) > 1:  # resize one by one to a common size
                 tensors = [_to_float(im).permute(2, 0, 1)[None] for im in images]
@@ -239,7 +291,7 @@ def load_eval_data(
             raw_x = np.stack(images).transpose(0, 3, 1, 2)
     elif path.suffix.lower() == ".npz":
         _require_regular_file(path)
-        raw_x, raw_y = _load_npz(path)
+        raw_x, raw_y = _load_npz(path, input_shape)
     else:
         raise EvalDataError(
             f"{path}: unsupported eval data (use a .npz, a folder of idx files or an ImageFolder)"
@@ -361,10 +413,10 @@ def load_mask_data(path: Path, input_shape: tuple[int, ...], domain: InputDomain
     if len(input_shape) != 3:
         raise EvalDataError(f"{path}: a segmentation teacher takes images, not {input_shape}")
     if path.is_dir():
-        x, masks, names = _load_mask_folder(path, input_shape[0])
+        x, masks, names = _load_mask_folder(path, input_shape)
     elif path.suffix.lower() == ".npz":
         _require_regular_file(path)
-        raw_x, raw_y = _load_npz(path)
+        raw_x, raw_y = _load_npz(path, input_shape)
         x = _to_float_or_fail(raw_x, path)
         x = x[:, None] if x.dim() == 3 else x
         masks, names = np.asarray(raw_y), None
@@ -418,34 +470,25 @@ def _mask_folder(images: Path) -> Path:
                         f"{', '.join(MASK_FOLDERS)} next to {images.name})")  # fmt: skip
 
 
-def _load_mask_folder(folder: Path, channels: int) -> tuple[torch.Tensor, list, list[Path]]:
+def _load_mask_folder(folder: Path, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, list,
+                                                                     list]:
     """Images of ``folder`` (or ``folder/images``) as one (N, C, H, W) float tensor, their masks
     (one (H, W) array each) and the mask files."""
-    from PIL import Image, UnidentifiedImageError
-
     if (folder / "images").is_dir():
         folder = folder / "images"
     masks_dir = _mask_folder(folder)
     files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise EvalDataError(f"{folder}: no images found")
+    check_sample_count(len(files), folder, input_shape)
+    channels = input_shape[0]
     images, masks, names = [], [], []
     for file in files:
         mask_file = masks_dir / f"{file.stem}.png"
         if not mask_file.is_file():
             raise EvalDataError(f"{mask_file}: missing (the mask of {file.name})")
-        for item in (file, mask_file):
-            _require_regular_file(item)
-        try:
-            with Image.open(file) as image:
-                array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-            with Image.open(mask_file) as mask_image:
-                if mask_image.mode not in ("P", "L", "I", "I;16"):
-                    raise EvalDataError(f"{mask_file}: mask is {mask_image.mode}; expected a "
-                                        "single-channel PNG of class indices")  # fmt: skip
-                mask = np.asarray(mask_image)
-        except (OSError, UnidentifiedImageError) as error:
-            raise EvalDataError(f"{file}: cannot read image or mask ({error})") from None
+        array = open_image(file, "L" if channels == 1 else "RGB")
+        mask = open_image(mask_file)
         if mask.shape != array.shape[:2]:
             mask_size, image_size = (f"{a.shape[1]}x{a.shape[0]}" for a in (mask, array))
             raise EvalDataError(f"{mask_file}: mask is {mask_size}, its image {file.name} is "

@@ -130,6 +130,7 @@ def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto | None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(target)
+        options.log_severity_level = 3  # its warnings are about our copy, not the user's file
         try:
             ort.InferenceSession(
                 model.SerializeToString(),

@@ -7,11 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .analysis import Analysis, analyse
 from .errors import ImportFailed
 from .importers import detect_format, get_importer
+from .limits import LimitExceeded, bounded
+
+IMPORT_TIME_LIMIT_S = 300  # a 10,000-node graph imports in seconds; a hang never ends
 
 
 @dataclass
@@ -68,14 +72,19 @@ def load_teacher(
         input_shape = parse_shape(input_shape)
 
     file_format = detect_format(path)
-    imported = get_importer(file_format)(
-        path,
-        model_class=model_class,
-        model_kwargs=model_kwargs or {},
-        input_shape=tuple(input_shape) if input_shape else None,
-        trust_pickle=trust_pickle,
-    )
-    module = imported.module.eval()
+    try:
+        with bounded(IMPORT_TIME_LIMIT_S, None):
+            imported = get_importer(file_format)(
+                path,
+                model_class=model_class,
+                model_kwargs=model_kwargs or {},
+                input_shape=tuple(input_shape) if input_shape else None,
+                trust_pickle=trust_pickle,
+            )
+    except LimitExceeded as error:
+        raise ImportFailed(f"{path}: importing the {file_format} file {error} (the bound for "
+                           "one import); is the graph unusually large?") from None  # fmt: skip
+    module = in_float32(imported.module).eval()
     analysis = analyse(module, imported.input_shape)
     return Teacher(
         module=module,
@@ -88,6 +97,22 @@ def load_teacher(
         max_rel_diff=imported.max_rel_diff,
         details=imported.details,
     )
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def in_float32(module: nn.Module) -> nn.Module:
+    """``module`` computing in float32 when its weights or casts are float16/bfloat16: training
+    in half precision overflows at the first step (a NaN KD loss was measured on a float16 conv
+    net), and a float32 teacher is at least as accurate as its half-precision file."""
+    tensors = [*module.parameters(), *module.buffers()]
+    casts = [m for m in module.modules() if getattr(m, "torch_dtype", None) in LOW_PRECISION]
+    if not casts and all(t.dtype not in LOW_PRECISION for t in tensors):
+        return module
+    for cast in casts:  # onnx2torch's Cast(to=FLOAT16) modules
+        cast.torch_dtype = torch.float32
+    return module.float()
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ from ..onnx_cleanup import clean_up
 from ..onnx_compat import onnx_to_torch, opset_version, prepare_onnx_model
 from ..verification import tolerance_for
 from .base import FileHead, ImportedModel, register_importer, verify
+from .onnx_checks import check_model
 
 
 def _parse(path: Path, load_external_data: bool) -> onnx.ModelProto:
@@ -139,6 +140,7 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
     graph_input = _graph_input(model, path)
     _check_input_type(graph_input, path)
     shape, fixed_batch = _input_shape(graph_input, input_shape, path)
+    check_model(model, path, shape)
     prepared = clean_up(prepare_onnx_model(model))
     output = _pick_output(prepared, path)
     module = onnx_to_torch(prepared, path, shape).eval()
