@@ -43,11 +43,12 @@ class InputDomain:
         std: float | Sequence[float] | None,
         input_shape: tuple[int, ...] | None = None,
     ) -> InputDomain:
-        """Validate ``--mean``/``--std`` (finite; std non-zero; 1 or C values) for a teacher."""
+        """Validate ``--mean``/``--std`` (finite; std non-zero; 1 or C values) for a teacher
+        whose ``input_shape`` is known (the channel count is not checked without it)."""
         mean_t, std_t = _as_tuple("mean", mean), _as_tuple("std", std)
         channels = input_shape[0] if input_shape and len(input_shape) == 3 else 1
         for name, values in (("mean", mean_t), ("std", std_t)):
-            if values is not None and len(values) not in (1, channels):
+            if input_shape is not None and values is not None and len(values) not in (1, channels):
                 raise DaflError(
                     f"--{name} has {len(values)} values; the teacher's input has {channels} "
                     "channel(s): give 1 or one per channel"

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch.distributed as dist
@@ -40,11 +41,21 @@ def launch(nproc: int, argv: list[str]) -> int:
     store = dist.TCPStore(LOOPBACK, port, None, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=600),
                           master_listen_fd=listener.detach())  # fmt: skip
-    ranks = [_start_rank(rank, nproc, port, argv) for rank in range(nproc)]
+    # ranks > 0 repeat rank 0's lines, or report the closed connection when rank 0 stopped
+    # first: their stderr is shown only when one of them failed first
+    logs = [None] + [tempfile.TemporaryFile() for _ in range(1, nproc)]
+    ranks = [_start_rank(rank, nproc, port, argv, logs[rank]) for rank in range(nproc)]
     try:
-        return _wait(ranks)
+        code, first_failed = _wait(ranks)
+        log = logs[first_failed] if first_failed is not None else None
+        if log is not None:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+        return code
     finally:
         del store
+        for log in logs[1:]:
+            log.close()
 
 
 def _rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
@@ -69,12 +80,14 @@ def _loopback_interface() -> str | None:
     return next((name for name in ("lo", "lo0") if name in names), None)
 
 
-def _start_rank(rank: int, nproc: int, port: int, argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cli", *argv], env=_rank_env(rank, nproc, port))
+def _start_rank(rank: int, nproc: int, port: int, argv: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cli", *argv], stderr=log,
+                            env=_rank_env(rank, nproc, port))  # fmt: skip
 
 
-def _wait(ranks: list[subprocess.Popen]) -> int:
-    """Wait for every rank; on the first failure stop the others; pass Ctrl-C/SIGTERM on."""
+def _wait(ranks: list[subprocess.Popen]) -> tuple[int, int | None]:
+    """Wait for every rank; on the first failure stop the others; pass Ctrl-C/SIGTERM on.
+    Returns the exit code and the rank that failed first (None when none failed)."""
     stopped_by: list[int] = []
 
     def forward(signum, frame):
@@ -87,13 +100,13 @@ def _wait(ranks: list[subprocess.Popen]) -> int:
     try:
         while True:
             codes = [rank.poll() for rank in ranks]
-            failed = [code for code in codes if code not in (None, 0)]
+            failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
             if failed or stopped_by:
                 _stop(ranks, gently=bool(stopped_by) and not failed)
-                code = failed[0] if failed else 128 + int(stopped_by[0])
-                return 128 - code if code < 0 else code
+                code = codes[failed[0]] if failed else 128 + int(stopped_by[0])
+                return (128 - code if code < 0 else code), (failed[0] if failed else None)
             if all(code == 0 for code in codes):
-                return 0
+                return 0, None
             time.sleep(POLL_S)
     finally:
         for sig, handler in previous.items():

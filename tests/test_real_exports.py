@@ -1,0 +1,42 @@
+"""Teachers as users hold them: per-channel normalisation (three values for an RGB teacher)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compress_toolbox.errors import DaflError
+from compress_toolbox.pipeline import compress
+
+
+@pytest.fixture(scope="module")
+def rgb_teacher(tmp_path_factory):
+    """A 3x16x16 conv classifier exported as ONNX, and labelled images for it."""
+    root = tmp_path_factory.mktemp("rgb")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))  # fmt: skip
+    path = root / "rgb.onnx"
+    torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), path, dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    rng = np.random.default_rng(0)
+    np.savez(root / "eval.npz", x=rng.integers(0, 256, (20, 3, 16, 16), dtype=np.uint8),
+             y=rng.integers(0, 4, 20))  # fmt: skip
+    return path, root / "eval.npz"
+
+
+def test_three_channel_mean_and_std_are_accepted(rgb_teacher, tmp_path):
+    """`--mean 0.5,0.5,0.5 --std 0.5,0.5,0.5` on an RGB teacher was refused before the teacher
+    was loaded ("the teacher's input has 1 channel(s)")."""
+    path, data = rgb_teacher
+    result = compress(path, out=tmp_path / "out", dry_run=True, eval_data=data,
+                      mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])  # fmt: skip
+    assert result.teacher.input_shape == (3, 16, 16)
+
+
+def test_a_wrong_number_of_channel_values_is_still_refused(rgb_teacher, tmp_path):
+    path, data = rgb_teacher
+    with pytest.raises(DaflError, match="--mean has 2 values; the teacher's input has 3"):
+        compress(path, out=tmp_path / "out", dry_run=True, mean=[0.5, 0.5], std=[0.5])
