@@ -1,4 +1,5 @@
-"""Teachers as users hold them: per-channel normalisation (three values for an RGB teacher)."""
+"""Teachers as users hold them: per-channel normalisation (three values for an RGB teacher),
+outputs too small for a relative tolerance alone."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress_toolbox.errors import DaflError
+from compress_toolbox.errors import DaflError, VerificationFailed
 from compress_toolbox.pipeline import compress
+from compress_toolbox.verification import compare
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +42,21 @@ def test_a_wrong_number_of_channel_values_is_still_refused(rgb_teacher, tmp_path
     path, data = rgb_teacher
     with pytest.raises(DaflError, match="--mean has 2 values; the teacher's input has 3"):
         compress(path, out=tmp_path / "out", dry_run=True, mean=[0.5, 0.5], std=[0.5])
+
+
+def test_tiny_outputs_that_agree_to_float_rounding_verify():
+    """A sigmoid map of ~1e-6 whose copy differs by 4e-9 is 4e-3 off relatively: float32
+    rounding, not a disagreement (DBNet's student was refused for it); a real difference still
+    fails."""
+    reference = np.full((1, 1, 4, 4), 1e-6)
+
+    def close(x):
+        return reference + 4e-9
+
+    assert compare(close, lambda x: reference, (1, 4, 4), source="m.onnx", what="copy")[1] > 1e-4
+
+    def far(x):
+        return reference + 1e-3
+
+    with pytest.raises(VerificationFailed, match="m.onnx: the copy differs"):
+        compare(far, lambda x: reference, (1, 4, 4), source="m.onnx", what="copy")
