@@ -56,3 +56,11 @@ def test_readme_commands_exist():
                    "benchmarks/bench_suite.py", "benchmarks/teachers/make_suite.py"):  # fmt: skip
         assert script in README or script.split("/")[-1] in README, script
         assert (REPO / script).is_file(), script
+
+
+def test_every_relative_link_in_the_documents_resolves():
+    for document in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", document.read_text()):
+            if "://" in target:
+                continue
+            assert (document.parent / target).exists(), f"{document.name}: {target}"
