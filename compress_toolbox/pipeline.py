@@ -18,7 +18,7 @@ from .analysis import Analysis, analyse
 from .domain import InputDomain
 from .errors import DaflError
 from .outdir import OutputFolder, default_out_dir
-from .tasks import MainOutput, check_task, get_task, task_of_output
+from .tasks import MainOutput, Softmaxed, check_task, get_task, task_of_output
 from .teacher import Teacher, load_teacher
 
 if TYPE_CHECKING:
@@ -310,6 +310,14 @@ class _Measurements:
     segmentation: dict[str, Any] | None = None  # mean/per-class IoU, pixel accuracy of both
 
 
+def _as_shipped(student: nn.Module, teacher: Teacher) -> nn.Module:
+    """The student as the user's file answers: given back the Softmax that the teacher's file
+    ended in (distillation ran on the logits before it)."""
+    if teacher.details.get("distilled_output") == "logits before its Softmax":
+        return Softmaxed(student)
+    return student
+
+
 def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, *, opset, seed,
                    eval_data, task, command, timings: dict[str, float]) -> dict[str, Any]:
     """Export and verify the student, measure both models, write report and pictures."""
@@ -319,7 +327,8 @@ def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, *, opset,
 
     write_history_csv(result.history, work / "history.csv")
     start = time.perf_counter()
-    exported = export_student(result.student, inputs.teacher.input_shape, work, opset=opset)
+    exported = export_student(_as_shipped(result.student, inputs.teacher),
+                              inputs.teacher.input_shape, work, opset=opset)  # fmt: skip
     timings["export_verify_s"] = time.perf_counter() - start
     start = time.perf_counter()
     measured = _measure(inputs, result, exported.onnx_path, work / ".measure")

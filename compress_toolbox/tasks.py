@@ -127,3 +127,16 @@ class MainOutput(nn.Module):
         while isinstance(out, (list, tuple)):
             out = out[0]
         return out
+
+
+class Softmaxed(nn.Module):
+    """A logits model given back the Softmax its file ended in (over ``dim``): what the
+    student is exported as when the teacher's file outputs probabilities, so that
+    ``student.onnx`` answers like the teacher's file."""
+
+    def __init__(self, model: nn.Module, dim: int = 1) -> None:
+        super().__init__()
+        self.model, self.dim = model, dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=self.dim)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from compress_toolbox import load_teacher
 from compress_toolbox.errors import DaflError, VerificationFailed
 from compress_toolbox.pipeline import compress
 from compress_toolbox.verification import compare
@@ -60,3 +61,44 @@ def test_tiny_outputs_that_agree_to_float_rounding_verify():
 
     with pytest.raises(VerificationFailed, match="m.onnx: the copy differs"):
         compare(far, lambda x: reference, (1, 4, 4), source="m.onnx", what="copy")
+
+
+@pytest.fixture(scope="module")
+def softmax_teacher(tmp_path_factory):
+    """A 2-class classifier whose ONNX file ends in Softmax (as Paddle2ONNX writes them)."""
+    root = tmp_path_factory.mktemp("softmax")
+    torch.manual_seed(0)
+    logits = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                           nn.Flatten(), nn.Linear(8, 2))  # fmt: skip
+    path = root / "probabilities.onnx"
+    torch.onnx.export(nn.Sequential(logits, nn.Softmax(dim=1)), (torch.randn(2, 3, 12, 12),),
+                      path, dynamo=False, input_names=["x"], output_names=["probs"],
+                      dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    return path, logits
+
+
+def test_a_softmax_ended_teacher_is_distilled_on_its_logits(softmax_teacher):
+    path, logits = softmax_teacher
+    loaded = load_teacher(path)
+    assert loaded.details["distilled_output"] == "logits before its Softmax"
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), logits(x), atol=1e-5)  # logits, not probabilities
+
+
+def test_the_student_of_a_softmax_ended_teacher_answers_probabilities(softmax_teacher, tmp_path):
+    """student.onnx keeps the teacher file's signature: probabilities, like the teacher."""
+    import onnxruntime as ort
+
+    from compress_toolbox.health import StudentFailed
+
+    path, _ = softmax_teacher
+    try:
+        compress(path, out=tmp_path / "out", iters=3, batch_size=16, progress=False)
+    except StudentFailed:  # three iterations: the verdict is not what this test checks
+        pass
+    session = ort.InferenceSession(str(tmp_path / "out" / "student.onnx"))
+    probabilities = session.run(None, {session.get_inputs()[0].name:
+                                       np.random.rand(5, 3, 12, 12).astype(np.float32)})[0]
+    assert probabilities.shape == (5, 2) and (probabilities >= 0).all()
+    assert np.allclose(probabilities.sum(1), 1, atol=1e-5)

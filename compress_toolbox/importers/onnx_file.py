@@ -10,6 +10,7 @@ import onnx
 from ..errors import ImportFailed
 from ..onnx_cleanup import clean_up
 from ..onnx_compat import onnx_to_torch, opset_version, prepare_onnx_model
+from ..tasks import Softmaxed
 from ..verification import tolerance_for
 from .base import FileHead, ImportedModel, register_importer, verify
 from .onnx_checks import check_model
@@ -96,6 +97,31 @@ def _pick_output(model: onnx.ModelProto, path: Path) -> str:
     return keep.name
 
 
+def _logits_before_softmax(model: onnx.ModelProto, output: str) -> int | None:
+    """When ``output`` is a Softmax over the classes, make the Softmax's input the graph's
+    output (in place) and return the Softmax's axis: distillation needs logits, and the
+    probabilities of a confident teacher (0.994) read as logits say it is barely sure."""
+    node = next((n for n in model.graph.node if output in n.output), None)
+    if node is None or node.op_type != "Softmax":
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if _opset(model) >= 13 else 1)
+    declared = next(o for o in model.graph.output if o.name == output).type.tensor_type
+    rank = len(declared.shape.dim) if declared.HasField("shape") else None
+    if axis != 1 and not (axis == -1 and rank in (2, None)):
+        return None  # a Softmax over another axis than the classes'
+    if node.input[0] in {i.name for i in model.graph.input}:
+        return None
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0],
+                                                                 onnx.TensorProto.FLOAT, None))
+    model.graph.node.remove(node)
+    return axis
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
 def _weight_precision(model: onnx.ModelProto) -> str:
     """The lowest float precision among the initializers (the verification tolerance)."""
     kinds = {init.data_type for init in model.graph.initializer}
@@ -143,11 +169,14 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
     check_model(model, path, shape)
     prepared = clean_up(prepare_onnx_model(model))
     output = _pick_output(prepared, path)
+    softmax_axis = _logits_before_softmax(prepared, output)
     module = onnx_to_torch(prepared, path, shape).eval()
     runner = _onnxruntime_runner(path, graph_input.name, output, fixed_batch)
     precision = _weight_precision(model)
-    max_abs, max_rel = verify(module, runner, shape, path, rtol=tolerance_for(precision))
+    checked = module if softmax_axis is None else Softmaxed(module, softmax_axis)
+    max_abs, max_rel = verify(checked, runner, shape, path, rtol=tolerance_for(precision))
     details = {
+        "distilled_output": "logits" if softmax_axis is None else "logits before its Softmax",
         "opset": opset_version(model),
         "producer": model.producer_name,
         "verified_against": "onnxruntime",
