@@ -114,12 +114,14 @@ def export_onnx(
     return path
 
 
-def onnx_session(path: str | Path):
+def onnx_session(model: str | Path | bytes):
+    """An onnxruntime CPU session on a file (or a serialised model), its log kept quiet."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def verify_onnx(module: nn.Module, path: str | Path, input_shape: tuple[int, ...]) -> tuple:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compress_toolbox import load_teacher
-from compress_toolbox.errors import DaflError, VerificationFailed
+from compress_toolbox.errors import DaflError, ImportFailed, VerificationFailed
 from compress_toolbox.pipeline import compress
 from compress_toolbox.verification import compare
 
@@ -102,3 +102,30 @@ def test_the_student_of_a_softmax_ended_teacher_answers_probabilities(softmax_te
                                        np.random.rand(5, 3, 12, 12).astype(np.float32)})[0]
     assert probabilities.shape == (5, 2) and (probabilities >= 0).all()
     assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+
+
+def _export_at_batch_one(model: nn.Module, path):
+    torch.onnx.export(model.eval(), (torch.randn(1, 3, 8, 8),), path, dynamo=False,
+                      input_names=["x"])  # fmt: skip
+    return path
+
+
+class _ReshapesToBatchOne(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.head(self.conv(x).reshape(1, -1))
+
+
+def test_a_file_whose_graph_fixes_batch_one_is_refused_with_one_line(tmp_path):
+    path = _export_at_batch_one(_ReshapesToBatchOne(), tmp_path / "fixed.onnx")
+    with pytest.raises(ImportFailed, match="fixed.onnx: the file fixes batch 1"):
+        load_teacher(path)
+
+
+def test_a_file_that_only_declares_batch_one_imports(tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    loaded = load_teacher(_export_at_batch_one(net, tmp_path / "declared.onnx"))
+    assert loaded.module(torch.randn(7, 3, 8, 8)).shape == (7, 5)

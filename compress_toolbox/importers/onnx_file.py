@@ -158,6 +158,32 @@ def _onnxruntime_runner(path: Path, input_name: str, output_name: str, fixed_bat
     return run
 
 
+def _check_batch_not_fixed(path: Path, model: onnx.ModelProto, graph_input: onnx.ValueInfoProto,
+                           shape: tuple[int, ...]) -> None:  # fmt: skip
+    """A file that declares batch 1 may still compute any batch (then it is compared sample
+    by sample); one whose graph fixes batch 1 (reshapes to [1, ...]) cannot be trained on
+    batches, so it is refused here rather than failing deep in the conversion."""
+    from ..export import onnx_session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for value in (*probe.graph.input, *probe.graph.output):  # declared 1: let 2 through
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_value == 1:
+            dims[0].dim_param = "batch"
+    try:
+        session = onnx_session(probe.SerializeToString())
+        out = session.run(None, {graph_input.name: np.zeros((2, *shape), np.float32)})[0]
+        if out.shape[:1] == (2,):
+            return
+    except Exception:  # noqa: BLE001 - any failure at batch 2 means the same here
+        pass
+    raise ImportFailed(
+        f"{path}: the file fixes batch 1 (input '{graph_input.name}' is [1, ...] and the graph "
+        "does not compute a batch of 2); export it with a dynamic batch dimension"
+    )
+
+
 @register_importer("onnx", _sniff)
 def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
     """Convert with onnx2torch (plus our converters for newer opsets) after making the graph
@@ -167,6 +193,8 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
     _check_input_type(graph_input, path)
     shape, fixed_batch = _input_shape(graph_input, input_shape, path)
     check_model(model, path, shape)
+    if fixed_batch == 1:
+        _check_batch_not_fixed(path, model, graph_input, shape)
     prepared = clean_up(prepare_onnx_model(model))
     output = _pick_output(prepared, path)
     softmax_axis = _logits_before_softmax(prepared, output)
