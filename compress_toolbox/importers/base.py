@@ -101,7 +101,8 @@ def torch_output_as_warning(source: Path) -> Iterator[list[str]]:
     block fails, as one RuntimeWarning, which the CLI shows only with --debug. The list it
     yields receives that text on exit, for an error message to quote. Python warnings raised
     inside keep their category and are re-issued as they were."""
-    sys.stderr.flush()
+    if sys.stderr is not None:  # None in a windowed interpreter
+        sys.stderr.flush()
     caught: list[warnings.WarningMessage] = []
     said: list[str] = []
     try:
