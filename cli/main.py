@@ -74,10 +74,14 @@ def _add_teacher_options(parser: argparse.ArgumentParser) -> None:
         help="keyword arguments for --model-class, as JSON (e.g. '{\"num_classes\": 10}')",
     )
     group.add_argument(
+        "--trust-model-code",
         "--trust-pickle",
+        dest="trust_pickle",
         action="store_true",
-        help="allow unpickling a whole saved model object (runs code from the "
-        "file: only for files you trust)",
+        help="run the code a model file carries: a whole pickled model, pickled objects or "
+        "compiled code in a .pt2, TorchScript __setstate__ or operators that reach files or "
+        "the network, Keras Lambda layers (only for files you trust; --trust-pickle is its "
+        "old name)",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import zipfile
-from collections.abc import Callable
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +20,7 @@ from torch import nn
 from ..analysis import output_tensor
 from ..errors import ImportFailed, VerificationFailed
 from ..verification import TOLERANCE, compare, random_inputs
+from .archive_safety import checked_member_names, is_model_zip
 
 VERIFY_RTOL = TOLERANCE["float32"]  # max |imported - original| / max |original|
 VERIFY_BATCHES = (1, 3)
@@ -74,13 +80,8 @@ def detect_format(path: Path) -> str:
     if path.is_file():
         with open(path, "rb") as handle:
             head = handle.read(64)
-    zip_names: list[str] = []
-    if path.is_file() and zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                zip_names = archive.namelist()
-        except (zipfile.BadZipFile, OSError) as error:
-            raise ImportFailed(f"{path}: damaged zip archive ({error})") from None
+    # Zip archives are checked here, once for every format, before any importer reads a member.
+    zip_names = checked_member_names(path) if is_model_zip(path, head) else []
     info = FileHead(path, head, zip_names)
     for name, (sniff, _) in _IMPORTERS.items():
         if sniff(info):
@@ -91,6 +92,49 @@ def detect_format(path: Path) -> str:
         f"{path}: not a model file this tool reads (expected ONNX, TorchScript, "
         "torch.export .pt2, a PyTorch checkpoint, or a TensorFlow/Keras model)"
     )
+
+
+@contextlib.contextmanager
+def torch_output_as_warning(source: Path) -> Iterator[list[str]]:
+    """Hold back what torch prints while it reads ``source`` (C++ warnings written straight to
+    file descriptor 2, its Python log on ``sys.stderr``) and issue it afterwards, also when the
+    block fails, as one RuntimeWarning, which the CLI shows only with --debug. The list it
+    yields receives that text on exit, for an error message to quote. Python warnings raised
+    inside keep their category and are re-issued as they were."""
+    if sys.stderr is not None:  # None in a windowed interpreter
+        sys.stderr.flush()
+    caught: list[warnings.WarningMessage] = []
+    said: list[str] = []
+    try:
+        with tempfile.TemporaryFile() as native, warnings.catch_warnings(record=True) as caught:
+            saved = _redirect_fd(2, native.fileno())
+            logged = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(logged):
+                    yield said
+            finally:
+                if saved is not None:
+                    os.dup2(saved, 2)
+                    os.close(saved)
+                native.seek(0)
+                text = (native.read().decode(errors="replace") + logged.getvalue()).strip()
+                said.extend([text] if text else [])
+    finally:
+        for item in caught:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+        for text in said:
+            warnings.warn(f"{source}: torch printed while reading it:\n{text}", RuntimeWarning, 3)
+
+
+def _redirect_fd(fd: int, target: int) -> int | None:
+    """Point ``fd`` at ``target``; returns a copy of the old one to restore (None: no ``fd``,
+    as in a windowed interpreter, so there is nothing to redirect)."""
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        return None
+    os.dup2(target, fd)
+    return saved
 
 
 def verify(
