@@ -155,5 +155,6 @@ def test_trusted_tf1_graph_is_restored_without_running_its_restore_op(hostile, c
     teacher = load_teacher(files[case], input_shape=(1, 4, 4), trust_pickle=True)
     assert not list(markers.iterdir())
     x = torch.randn(2, 1, 4, 4)
-    with torch.no_grad():
-        assert torch.allclose(teacher.module(x), torch.cat([x, x], dim=1), atol=1e-6)
+    with torch.no_grad():  # the output stays NHWC: two copies of the input's one channel
+        expected = x.permute(0, 2, 3, 1).repeat(1, 1, 1, 2)
+        assert torch.allclose(teacher.module(x), expected, atol=1e-6)

@@ -294,20 +294,21 @@ def route_frozen(source: Path, args):
 
 def route_tf1(source: Path, args):
     """A TF1 checkpoint: the ``.meta`` graph, checked, its variables read and frozen."""
-    from google.protobuf import text_format
+    from google.protobuf import message, text_format
     from tensorflow.core.protobuf.meta_graph_pb2 import MetaGraphDef
 
     meta = MetaGraphDef()
     data = source.read_bytes()
     try:
+        meta.ParseFromString(data)
+    except message.DecodeError:  # import_meta_graph reads the text format too
         try:
-            meta.ParseFromString(data)
-        except Exception:  # import_meta_graph reads the text format too
-            text_format.Merge(data.decode(), meta)
-    except Exception as error:
-        raise UserError(f"cannot read the TF1 checkpoint's graph: {_first_line(error)}") from None
+            text_format.Merge(data.decode(errors="replace"), meta)
+        except text_format.ParseError as error:
+            raise UserError(f"cannot read the TF1 checkpoint's graph: "
+                            f"{_first_line(error)}") from None  # fmt: skip
     if not args.trust_code:
-        SAFETY.check_graph(meta.graph_def, "the checkpoint's graph", meta.saver_def)
+        SAFETY.check_graph(meta.graph_def, "the checkpoint's graph", runs_all=False)
     return _route_tf1_graph(meta, source.with_suffix(""), args, "the checkpoint's graph")
 
 
@@ -349,14 +350,14 @@ def _checkpoint_keys(graph_def) -> dict[str, str]:
                 break
             source = producer.input[0]
         restore, _, index = source.partition(":")
-        restore = nodes.get(restore)
+        restore, index = nodes.get(restore), int(index) if index.isdigit() else 0
         if restore is None or restore.op != "RestoreV2" or len(restore.input) < 2:
             continue
         names = nodes.get(restore.input[1].split(":")[0])
         if names is not None and names.op == "Const":
             values = tf.make_ndarray(names.attr["value"].tensor).reshape(-1)
-            if int(index or 0) < len(values):
-                keys[node.input[0].split(":")[0]] = values[int(index or 0)].decode()
+            if index < len(values):
+                keys[node.input[0].split(":")[0]] = values[index].decode()
     return keys
 
 
@@ -444,11 +445,14 @@ def _build_user_model(spec: str, kwargs: dict):
         raise UserError(f"--model-class: no such file {file}")
     module_spec = importlib.util.spec_from_file_location(f"_dafl_user_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(file.parent))  # its own modules beside it, as `python file.py` has
     try:
         module_spec.loader.exec_module(module)
         return getattr(module, name)(**kwargs)
     except Exception as error:
         raise UserError(f"--model-class {spec}: cannot build the model: {error}") from None
+    finally:
+        sys.path.remove(str(file.parent))
 
 
 def _tflite_quantisation(source: Path) -> str:

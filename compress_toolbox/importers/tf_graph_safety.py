@@ -9,10 +9,11 @@ every graph and function that can run must be one that only computes tensors (``
 ops tf2onnx converts, a few pure math ops it rewrites, variables and function calls); anything
 else is refused unless the user trusts the file.
 
-The only exception is a saver's own ops (``SAVER_OPS``), accepted inside the save and restore
-subgraphs that ``saver_def`` names, because dafl-compress never runs those: TensorFlow 2's
-loader restores variables from the object graph, and TF1 graphs get their variables read from
-the checkpoint by name (``_tf_convert.py``).
+The only exception is a saver's own ops (``SAVER_OPS``: SaveV2, RestoreV2...), accepted where
+dafl-compress never runs anything: outside the functions a TF2 SavedModel's object graph names
+(TensorFlow 2's loader restores variables through the object graph, not the saver's
+functions), and outside the part of a TF1 graph that computes its outputs (TF1 variables are
+read from the checkpoint by name, the file's restore op is never run: ``_tf_convert.py``).
 
 Used only by ``_tf_convert.py``, in the converter process: TensorFlow is imported inside the
 functions that need it, never by importing this file.
@@ -50,7 +51,7 @@ MatrixSetDiagV3 MatrixTriangularSolve Qr SelfAdjointEigV2 Svd
 """
 ARRAYS = """
 BatchToSpaceND BroadcastArgs BroadcastTo CheckNumerics CheckNumericsV2 Concat ConcatV2 Const
-Cross Diag DiagPart DynamicPartition DynamicStitch Empty EnsureShape ExpandDims Fill Gather
+Cross Diag DiagPart DynamicPartition DynamicStitch EnsureShape ExpandDims Fill Gather
 GatherNd GatherV2 HistogramFixedWidth Identity IdentityN InvertPermutation LinSpace LowerBound
 MirrorPad OneHot OnesLike Pack Pad PadV2 ParallelDynamicStitch Placeholder PlaceholderV2
 PlaceholderWithDefault PreventGradient Range Rank Reshape ReverseSequence ReverseV2 Roll
@@ -155,56 +156,38 @@ class _Walk:
         self.nodes(self.library[name].node_def, where, allowed)
 
 
-def _upstream(names: Iterable[str], nodes: dict) -> set[str]:
-    """``names`` and every node they depend on (data and control inputs)."""
-    seen, pending = set(), [name for name in names if name in nodes]
-    while pending:
-        name = pending.pop()
-        if name not in seen:
-            seen.add(name)
-            pending.extend(p for p in map(_producer, nodes[name].input) if p in nodes)
-    return seen
-
-
-def _saver_only(graph_def, saver_def) -> set[str]:
-    """Nodes that only the saver's save tensor or restore op depend on: what a saver runs
-    and nothing else can."""
-    nodes = {node.name: node for node in graph_def.node}
-    roots = {_producer(saver_def.save_tensor_name), _producer(saver_def.restore_op_name)}
-    saver = _upstream(roots - {""}, nodes)
-    others = _upstream(set(nodes) - saver, nodes)
-    return saver - others
-
-
-def check_graph(graph_def, what: str, saver_def=None, functions: Iterable[str] = ()) -> None:
-    """Refuse (UnsafeGraph) any node of ``graph_def``, or of a library function it calls, whose
-    op is outside SAFE_OPS; SAVER_OPS pass in the subgraphs only ``saver_def`` reaches.
-    ``functions`` are more roots (a SavedModel's object graph), checked like the nodes."""
+def check_graph(graph_def, what: str, *, runs_all: bool = True,
+                functions: Iterable[str] = ()) -> None:  # fmt: skip
+    """Refuse (UnsafeGraph) an op outside SAFE_OPS in what TensorFlow may run: ``functions``
+    (a SavedModel's object graph) and what they call, and the nodes and what they call when
+    ``runs_all``; elsewhere in the file only SAVER_OPS are also accepted (a saver's subgraphs
+    and functions, which dafl-compress never runs)."""
     library = {function.signature.name: function for function in graph_def.library.function}
-    saver = _saver_only(graph_def, saver_def) if saver_def is not None else set()
-    outside = [node for node in graph_def.node if node.name not in saver]
-    inside = [node for node in graph_def.node if node.name in saver]
-    # First any op that is not even a saver's (the one worth naming), then saver ops elsewhere.
-    for allowed in (SAFE_OPS | SAVER_OPS, SAFE_OPS):
+    lenient = SAFE_OPS | SAVER_OPS
+    # First any op that is not even a saver's (the one worth naming), then saver ops that may run.
+    for allowed_functions, allowed_nodes in (
+        (lenient, lenient), (SAFE_OPS, SAFE_OPS if runs_all else lenient)
+    ):  # fmt: skip
         walk = _Walk(library, what)
-        walk.nodes(outside, what, allowed)
-        for name in functions:
-            walk.function(name, allowed)
-        # last, so that a function the saver shares with the model was checked already
-        walk.nodes(inside, what, SAFE_OPS | SAVER_OPS)
+        for name in functions:  # first: a function the nodes also call is checked as these are
+            walk.function(name, allowed_functions)
+        walk.nodes(graph_def.node, what, allowed_nodes)
 
 
 def check_saved_model(saved_model, what: str = "the SavedModel") -> None:
-    """Every meta graph of a parsed SavedModel: its nodes, the functions they call and the
-    functions its object graph names (signatures, resource initialisers, restore functions:
-    what TensorFlow 2's loader may run)."""
+    """Every meta graph of a parsed SavedModel. What TensorFlow 2's loader may run is the
+    functions its object graph names (signatures, resource initialisers, restore functions)
+    and what they call: SAFE_OPS only. Its graph's nodes and the saver functions they call
+    (``__inference__traced_save``/``_restore``) are run only by the TF1 loader, which
+    dafl-compress does not use (a TF1 SavedModel's graph is checked again, strictly, where it
+    computes the outputs: _tf_convert.py)."""
     for meta_graph in saved_model.meta_graphs:
         roots = set(meta_graph.object_graph_def.concrete_functions)
         for obj in meta_graph.object_graph_def.nodes:
             roots.update(obj.function.concrete_functions)
             if obj.bare_concrete_function.concrete_function_name:
                 roots.add(obj.bare_concrete_function.concrete_function_name)
-        check_graph(meta_graph.graph_def, what, meta_graph.saver_def, sorted(roots))
+        check_graph(meta_graph.graph_def, what, runs_all=False, functions=sorted(roots))
 
 
 def check_tflite(data: bytes, what: str = "the TFLite model") -> None:
