@@ -1,8 +1,12 @@
-"""Small Keras teachers saved in every TensorFlow format, for tests/test_tensorflow.py.
+"""Small Keras teachers saved in every TensorFlow format, for tests/test_tensorflow.py, and
+hostile TensorFlow files for tests/test_tf_code_safety.py.
 
 Run as a script in its own process (TensorFlow and torch in one process segfault):
     python tests/tf_models.py OUT_DIR lenet [resnet mobilenet]
-writes OUT_DIR/<model>/<file> for each format and OUT_DIR/manifest.json ({model: {format: file}}).
+writes OUT_DIR/<model>/<file> for each format and OUT_DIR/manifest.json ({model: {format: file}});
+    python tests/tf_models.py OUT_DIR --hostile MARKER_DIR
+writes files whose graphs write a file into MARKER_DIR when TensorFlow runs them, and
+OUT_DIR/manifest.json ({case: file}).
 The build functions double as ``--model-class tf_models.py:lenet`` for TF2 checkpoints.
 """
 
@@ -159,9 +163,117 @@ def save_all(name: str, out: Path) -> dict[str, str]:
     return {key: str(path) for key, path in files.items()}
 
 
+class _WritesWhenServed(tf.Module):
+    """A 1x1 convolution whose serving function also writes a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+        self.kernel = tf.Variable(tf.ones((1, 1, 1, 2)))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 4, 4, 1), tf.float32)])
+    def __call__(self, x):
+        tf.io.write_file(self.marker, "written by the serving function")
+        return tf.nn.conv2d(x, self.kernel, 1, "VALID")
+
+
+class _WritingResource(tf.saved_model.experimental.TrackableResource):
+    """A resource whose initialiser, run by the SavedModel loader, writes a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+        super().__init__()
+
+    def _create_resource(self):
+        return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="dafl_resource")
+
+    def _initialize(self):
+        tf.io.write_file(self.marker, "written by a resource initialiser")
+        return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=1.0)
+
+
+class _Conv(tf.Module):
+    def __init__(self, marker: Path):
+        self.resource = _WritingResource(marker)
+        self.kernel = tf.Variable(tf.ones((1, 1, 1, 2)))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 4, 4, 1), tf.float32)])
+    def __call__(self, x):
+        return tf.nn.conv2d(x, self.kernel, 1, "VALID")
+
+
+def _tf1_graph_writing(marker: Path):
+    """A TF1 graph (input, one variable, 1x1 conv), a Saver, and a WriteFile op named 'write'."""
+    v1 = tf.compat.v1
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, (None, 4, 4, 1), name="input")
+        kernel = v1.Variable(tf.ones((1, 1, 1, 2)), name="kernel")
+        y = tf.nn.conv2d(x, kernel, 1, "VALID", name="output")
+        saver = v1.train.Saver()
+        tf.io.write_file(str(marker), "written by the restore op", name="write")
+    return graph, x, y, saver
+
+
+def _point_restore_at_write(meta_graph) -> None:
+    meta_graph.saver_def.restore_op_name = "write"
+
+
+def save_hostile(out: Path, markers: Path) -> dict[str, str]:
+    """Each case's file; each writes markers/<case> if TensorFlow runs its graph."""
+    from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {case: out / name for case, name in (
+        ("savedmodel_serving", "serving"), ("savedmodel_initialiser", "initialiser"),
+        ("tf1_restore", "tf1/model.ckpt.meta"), ("tf1_savedmodel_restore", "tf1_savedmodel"),
+        ("tflite_flex", "flex.tflite"),
+    )}  # fmt: skip
+    serving = _WritesWhenServed(markers / "savedmodel_serving")
+    tf.saved_model.save(serving, str(files["savedmodel_serving"]), signatures=serving.__call__)
+    conv = _Conv(markers / "savedmodel_initialiser")
+    tf.saved_model.save(conv, str(files["savedmodel_initialiser"]), signatures=conv.__call__)
+
+    v1 = tf.compat.v1
+    graph, _, _, saver = _tf1_graph_writing(markers / "tf1_restore")
+    with v1.Session(graph=graph) as session:
+        session.run(v1.global_variables_initializer())
+        saver.save(session, str(files["tf1_restore"].with_suffix("")))
+    meta = meta_graph_pb2.MetaGraphDef()
+    meta.ParseFromString(files["tf1_restore"].read_bytes())
+    _point_restore_at_write(meta)
+    files["tf1_restore"].write_bytes(meta.SerializeToString())
+
+    graph, x, y, _ = _tf1_graph_writing(markers / "tf1_savedmodel_restore")
+    with v1.Session(graph=graph) as session:
+        session.run(v1.global_variables_initializer())
+        builder = v1.saved_model.Builder(str(files["tf1_savedmodel_restore"]))
+        signature = v1.saved_model.predict_signature_def({"x": x}, {"y": y})
+        builder.add_meta_graph_and_variables(session, ["serve"], {"serving_default": signature})
+        builder.save()
+    proto_file = files["tf1_savedmodel_restore"] / "saved_model.pb"
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString(proto_file.read_bytes())
+    _point_restore_at_write(proto.meta_graphs[0])
+    proto_file.write_bytes(proto.SerializeToString())
+
+    @tf.function(input_signature=[tf.TensorSpec((1, 4, 4, 1), tf.float32)])
+    def flex(x):
+        tf.io.write_file(str(markers / "tflite_flex"), "written by a Select TensorFlow op")
+        return x * 2.0
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([flex.get_concrete_function()])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                           tf.lite.OpsSet.SELECT_TF_OPS]  # fmt: skip
+    files["tflite_flex"].write_bytes(converter.convert())
+    return {case: str(path) for case, path in files.items()}
+
+
 def main(argv: list[str]) -> None:
     out = Path(argv[0])
-    manifest = {name: save_all(name, out) for name in argv[1:]}
+    if argv[1:2] == ["--hostile"]:
+        manifest = save_hostile(out, Path(argv[2]))
+    else:
+        manifest = {name: save_all(name, out) for name in argv[1:]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 

@@ -11,6 +11,9 @@ and it writes into DIR: ``model.onnx`` (tf2onnx, opset 17, input as NCHW), ``ref
 outputs' order) and ``result.json`` (input name, NHWC shape, ONNX output names, notes). A problem
 the user can fix is written as one line to ``error.txt`` (exit 2); anything else as the
 exception's first line (exit 1).
+
+Unless --trust-code is given, every graph is checked by ``tf_graph_safety.py`` before TensorFlow
+loads it: an op that could touch files, processes or the network is refused (exit 2).
 """
 
 from __future__ import annotations
@@ -30,6 +33,17 @@ import onnx
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+
+def _load_sibling(name: str):
+    """A module beside this file, loaded by path: importing compress_toolbox would import torch."""
+    spec = importlib.util.spec_from_file_location(f"_dafl_{name}", Path(__file__).with_name(name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SAFETY = _load_sibling("tf_graph_safety.py")
+
 OPSET = 17
 REFERENCE_BATCHES = (1, 3)
 INPUT_NAME = "input"  # the placeholder name of the functions we trace (Keras, SavedModel, TF2)
@@ -39,6 +53,7 @@ NOT_OUTPUTS = {
     "VarHandleOp", "Assign", "AssignVariableOp", "SaveV2", "RestoreV2", "MergeV2Checkpoints",
     "ShardedFilename", "StringJoin", "IsVariableInitialized",
 }  # fmt: skip
+VARIABLE_OPS = {"Variable", "VariableV2", "VarHandleOp"}
 
 
 class UserError(Exception):
@@ -133,8 +148,37 @@ def route_keras(source: Path, args):
     return _keras_model(model, args.shape, "the Keras model")
 
 
+def _read_saved_model(source: Path):
+    """The SavedModel proto, read as TensorFlow's loader reads it (saved_model.pb, else .pbtxt)."""
+    from google.protobuf import text_format
+    from tensorflow.core.protobuf.saved_model_pb2 import SavedModel
+
+    proto = SavedModel()
+    try:
+        if (source / "saved_model.pb").is_file():
+            proto.ParseFromString((source / "saved_model.pb").read_bytes())
+        else:
+            text_format.Parse((source / "saved_model.pbtxt").read_text(), proto)
+    except Exception as error:  # e.g. "Error parsing message"
+        raise UserError(f"cannot read the SavedModel (truncated or corrupt?): "
+                        f"{_first_line(error)}") from None  # fmt: skip
+    return proto
+
+
 def route_savedmodel(source: Path, args):
-    """A SavedModel folder: its ``serving_default`` signature."""
+    """A SavedModel folder, its graphs checked first: a TF2 one through its ``serving_default``
+    signature; a TF1 one read like a TF1 checkpoint (TensorFlow's loader would run its restore
+    and init ops, which are graph ops from the file)."""
+    proto = _read_saved_model(source)
+    if not args.trust_code:
+        SAFETY.check_saved_model(proto)
+    metas = proto.meta_graphs
+    if len(metas) == 1 and metas[0].HasField("object_graph_def"):  # as tf.saved_model.load decides
+        return _route_tf2_savedmodel(source, args)
+    return _route_tf1_savedmodel(source, metas, args)
+
+
+def _route_tf2_savedmodel(source: Path, args):
     tf = _tf()
     try:
         loaded = tf.saved_model.load(str(source))
@@ -155,6 +199,26 @@ def route_savedmodel(source: Path, args):
         return loaded.signatures["serving_default"](**{key: x})
 
     return Route(shape, *_traced(serve, shape, _flat_numpy))
+
+
+def _route_tf1_savedmodel(source: Path, metas, args):
+    """A TF1 SavedModel: the serving meta graph's ``serving_default`` tensors, its variables
+    read from variables/variables."""
+    serving = [meta for meta in metas if "serve" in meta.meta_info_def.tags] or list(metas)
+    if len(serving) != 1:
+        raise UserError(f"the SavedModel has {len(serving)} meta graphs and none tagged 'serve'")
+    meta = serving[0]
+    signature = meta.signature_def.get("serving_default")
+    if signature is None:
+        names = ", ".join(meta.signature_def) or "none"
+        raise UserError(f"the SavedModel has no serving_default signature (it has: {names})")
+    if len(signature.inputs) != 1:
+        raise UserError(f"serving_default takes {len(signature.inputs)} inputs "
+                        f"({', '.join(signature.inputs)})")  # fmt: skip
+    input_name = next(iter(signature.inputs.values())).name
+    outputs = [signature.outputs[key].name for key in sorted(signature.outputs)]
+    prefix = source / "variables" / "variables"
+    return _route_tf1_graph(meta, prefix, args, "the SavedModel's graph", (input_name, outputs))
 
 
 def _graph_io(graph_def, what: str) -> tuple[str, list[str]]:
@@ -188,12 +252,13 @@ def _graph_io(graph_def, what: str) -> tuple[str, list[str]]:
     return f"{placeholders[0]}:0", [f"{name}:0" for name in sorted(sinks)]
 
 
-def _from_graph_def(graph_def, args, what: str):
-    """Convert a frozen GraphDef; a TF1 session runs it for the reference."""
+def _from_graph_def(graph_def, args, what: str, io: tuple[str, list[str]] | None = None):
+    """Convert a frozen GraphDef; a TF1 session runs it for the reference. ``io``: the input
+    and output tensor names, if not found from the graph's one placeholder."""
     import tf2onnx
 
     tf = _tf()
-    input_name, output_names = _graph_io(graph_def, what)
+    input_name, output_names = io or _graph_io(graph_def, what)
     with tf.Graph().as_default() as graph:
         tf.import_graph_def(graph_def, name="")
         static = graph.get_tensor_by_name(input_name).shape
@@ -222,25 +287,124 @@ def route_frozen(source: Path, args):
         raise UserError(f"not a frozen TensorFlow graph ({_first_line(error)})") from None
     if not graph_def.node:
         raise UserError("not a frozen TensorFlow graph (no nodes)")
+    if not args.trust_code:
+        SAFETY.check_graph(graph_def, "the graph")
     return _from_graph_def(graph_def, args, "the graph")
 
 
 def route_tf1(source: Path, args):
-    """A TF1 checkpoint: the ``.meta`` graph, its variables restored and frozen."""
-    tf = _tf()
-    v1 = tf.compat.v1
-    with tf.Graph().as_default() as graph, v1.Session(graph=graph) as session:
+    """A TF1 checkpoint: the ``.meta`` graph, checked, its variables read and frozen."""
+    from google.protobuf import message, text_format
+    from tensorflow.core.protobuf.meta_graph_pb2 import MetaGraphDef
+
+    meta = MetaGraphDef()
+    data = source.read_bytes()
+    try:
+        meta.ParseFromString(data)
+    except message.DecodeError:  # import_meta_graph reads the text format too
         try:
-            saver = v1.train.import_meta_graph(str(source), clear_devices=True)
-            saver.restore(session, str(source.with_suffix("")))
-        except Exception as error:
-            raise UserError(f"cannot restore the TF1 checkpoint: {_first_line(error)}") from None
-        graph_def = graph.as_graph_def()
-        _, output_names = _graph_io(graph_def, "the checkpoint's graph")
-        frozen = v1.graph_util.convert_variables_to_constants(
-            session, graph_def, [name.split(":")[0] for name in output_names]
+            text_format.Merge(data.decode(errors="replace"), meta)
+        except text_format.ParseError as error:
+            raise UserError(f"cannot read the TF1 checkpoint's graph: "
+                            f"{_first_line(error)}") from None  # fmt: skip
+    if not args.trust_code:
+        SAFETY.check_graph(meta.graph_def, "the checkpoint's graph", runs_all=False)
+    return _route_tf1_graph(meta, source.with_suffix(""), args, "the checkpoint's graph")
+
+
+def _route_tf1_graph(meta, prefix: Path, args, what: str, io=None):
+    """The part of a TF1 graph that computes the outputs, its variables replaced by their values
+    in the checkpoint at ``prefix``. The file's restore op is never run: a saver's restore op is
+    a graph op like any other, and a crafted file can make it anything."""
+    tf = _tf()
+    input_name, output_names = io or _graph_io(meta.graph_def, what)
+    try:
+        needed = tf.compat.v1.graph_util.extract_sub_graph(
+            meta.graph_def, [name.split(":")[0] for name in output_names]
         )
-    return _from_graph_def(frozen, args, "the checkpoint's graph")
+    except (AssertionError, TypeError, ValueError) as error:  # an output not in the graph
+        raise UserError(f"{what}: {_first_line(error)}") from None
+    if not args.trust_code:
+        SAFETY.check_graph(needed, what)  # all that runs: no saver op in it
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+    except Exception as error:
+        raise UserError(f"cannot read the checkpoint {prefix.name}: {_first_line(error)}") from None
+    frozen = _freeze(needed, reader, _checkpoint_keys(meta.graph_def), what)
+    return _from_graph_def(frozen, args, what, (input_name, output_names))
+
+
+def _checkpoint_keys(graph_def) -> dict[str, str]:
+    """{variable: its key in the checkpoint}, read (not run) from the saver's restore subgraph,
+    ``Assign(variable, RestoreV2:i)``: a Saver given a dict stores variables under other names."""
+    tf = _tf()
+    nodes = {node.name: node for node in graph_def.node}
+    keys = {}
+    for node in graph_def.node:
+        if node.op not in ("Assign", "AssignVariableOp") or len(node.input) < 2:
+            continue
+        source = node.input[1]
+        for _ in range(8):  # through the saver's Identity nodes
+            producer = nodes.get(source.split(":")[0])
+            if producer is None or producer.op != "Identity" or not producer.input:
+                break
+            source = producer.input[0]
+        restore, _, index = source.partition(":")
+        restore, index = nodes.get(restore), int(index) if index.isdigit() else 0
+        if restore is None or restore.op != "RestoreV2" or len(restore.input) < 2:
+            continue
+        names = nodes.get(restore.input[1].split(":")[0])
+        if names is not None and names.op == "Const":
+            values = tf.make_ndarray(names.attr["value"].tensor).reshape(-1)
+            if index < len(values):
+                keys[node.input[0].split(":")[0]] = values[index].decode()
+    return keys
+
+
+def _freeze(graph_def, reader, keys: dict[str, str], what: str):
+    """``graph_def`` with each variable a Const of its checkpoint value and each read of a
+    resource variable an Identity: what convert_variables_to_constants makes, without a session."""
+    tf = _tf()
+    frozen = type(graph_def)()
+    frozen.CopyFrom(graph_def)
+    resources = {}
+    for node in frozen.node:
+        node.device = ""
+        if node.op not in VARIABLE_OPS:
+            continue
+        dtype = tf.as_dtype(node.attr["dtype"].type)
+        value = _checkpoint_value(reader, keys.get(node.name, node.name), node, dtype, what)
+        if node.op == "VarHandleOp":
+            resources[node.name] = dtype
+        node.op = "Const"
+        del node.input[:]
+        node.attr.clear()
+        node.attr["dtype"].type = dtype.as_datatype_enum
+        node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value, dtype=dtype))
+    for node in frozen.node:
+        variable = next((i.split(":")[0] for i in node.input if i.split(":")[0] in resources), None)
+        if variable is None:
+            continue
+        if node.op != "ReadVariableOp":
+            raise UserError(f"{what}: variable '{variable}' is used by {node.op} node "
+                            f"'{node.name}', which dafl-compress cannot freeze")  # fmt: skip
+        node.op = "Identity"
+        node.attr["T"].type = node.attr["dtype"].type
+        del node.attr["dtype"]
+    return frozen
+
+
+def _checkpoint_value(reader, key: str, node, dtype, what: str):
+    if not reader.has_tensor(key):
+        raise UserError(f"{what}: the checkpoint has no value for variable '{node.name}'")
+    value = reader.get_tensor(key)
+    shape = _tf().TensorShape(node.attr["shape"].shape if "shape" in node.attr else None)
+    if value.dtype != dtype.as_numpy_dtype or not shape.is_compatible_with(value.shape):
+        raise UserError(
+            f"{what}: variable '{node.name}' is {dtype.name} {shape} in the graph, "
+            f"{value.dtype} {list(value.shape)} in the checkpoint"
+        )
+    return value
 
 
 def route_tf2(source: Path, args):
@@ -281,11 +445,14 @@ def _build_user_model(spec: str, kwargs: dict):
         raise UserError(f"--model-class: no such file {file}")
     module_spec = importlib.util.spec_from_file_location(f"_dafl_user_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(file.parent))  # its own modules beside it, as `python file.py` has
     try:
         module_spec.loader.exec_module(module)
         return getattr(module, name)(**kwargs)
     except Exception as error:
         raise UserError(f"--model-class {spec}: cannot build the model: {error}") from None
+    finally:
+        sys.path.remove(str(file.parent))
 
 
 def _tflite_quantisation(source: Path) -> str:
@@ -324,6 +491,8 @@ def route_tflite(source: Path, args):
 
     tf = _tf()
     quantisation = _tflite_quantisation(source)
+    if not args.trust_code:
+        SAFETY.check_tflite(source.read_bytes())
     if quantisation == "dynamic":
         raise UserError(
             "a dynamic-range quantised TFLite model (int8 weights, float arithmetic) cannot be "
@@ -419,7 +588,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         convert(args)
-    except UserError as error:
+    except (UserError, SAFETY.UnsafeGraph) as error:
         (Path(args.out) / "error.txt").write_text(str(error))
         return 2
     except Exception as error:  # tf2onnx or TensorFlow failed: the first line says why

@@ -114,25 +114,43 @@ def _check_extra(path: Path, kind: str) -> None:
         )
 
 
+def _absolute_spec(spec: str) -> str:
+    """``file.py:build_fn`` with the file's path made absolute (the converter runs elsewhere)."""
+    location, _, name = spec.rpartition(":")
+    return f"{Path(location).resolve()}:{name}" if location.endswith(".py") else spec
+
+
 def _converter_args(path: Path, kind: str, out: Path, options: dict) -> list[str]:
     args = ["--kind", kind, "--source", str(_source(path, kind)), "--out", str(out)]
     if options.get("input_shape"):
         shape = tuple(options["input_shape"])
         args += ["--shape", ",".join(map(str, (*shape[1:], shape[0])))]
     if kind == "tf2":
-        args += ["--model-class", options["model_class"]]
+        args += ["--model-class", _absolute_spec(options["model_class"])]
         args += ["--model-kwargs", json.dumps(options.get("model_kwargs") or {})]
     if options.get("trust_pickle"):
         args.append("--trust-code")
     return args
 
 
+def _converter_env() -> dict[str, str]:
+    """The user's environment, with PYTHONPATH made absolute (the converter's working folder is
+    not the user's) and the working folder kept off sys.path (Python 3.11+)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONSAFEPATH": "1"}
+    if env.get("PYTHONPATH"):
+        entries = env["PYTHONPATH"].split(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in entries if p)
+    return env
+
+
 def _run_converter(path: Path, kind: str, out: Path, options: dict) -> Conversion:
-    """Run _tf_convert.py in its own process; its one-line error becomes ours."""
+    """Run _tf_convert.py in its own process, in an empty working folder of its own (a relative
+    path in a graph resolves there, and it is deleted after); its one-line error becomes ours."""
     command = [sys.executable, "-c", LAUNCH, str(CONVERTER),
                *_converter_args(path, kind, out, options)]  # fmt: skip
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    with tempfile.TemporaryDirectory(prefix="dafl-tf-cwd-") as cwd:
+        done = subprocess.run(command, capture_output=True, text=True, env=_converter_env(),
+                              cwd=cwd)  # fmt: skip
     error = out / "error.txt"
     if done.returncode or not (out / "result.json").is_file():
         if error.is_file():
