@@ -334,7 +334,7 @@ def run_student(args: argparse.Namespace) -> int:
         try:
             if as_onnx:
                 export_onnx(plan.module, teacher.input_shape, partial)
-                max_abs, _ = verify_onnx(plan.module, partial, teacher.input_shape)
+                max_abs, _ = verify_onnx(plan.module, partial, teacher.input_shape, source=out)
             else:
                 export_pt2(plan.module, teacher.input_shape, partial)
             os.replace(partial, out)  # atomically: an old file is never half-replaced

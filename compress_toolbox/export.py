@@ -124,8 +124,10 @@ def onnx_session(model: str | Path | bytes):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def verify_onnx(module: nn.Module, path: str | Path, input_shape: tuple[int, ...]) -> tuple:
-    """Compare onnxruntime on ``path`` with ``module`` at batch 1 and 7; (abs, rel) diffs."""
+def verify_onnx(module: nn.Module, path: str | Path, input_shape: tuple[int, ...],
+                source: str | Path | None = None) -> tuple:  # fmt: skip
+    """Compare onnxruntime on ``path`` with ``module`` at batch 1 and 7; (abs, rel) diffs.
+    Messages name ``source`` (the file as the user will find it), else ``path``."""
     from .importers.base import torch_runner
 
     session = onnx_session(path)
@@ -134,7 +136,7 @@ def verify_onnx(module: nn.Module, path: str | Path, input_shape: tuple[int, ...
     def run_onnx(x: np.ndarray) -> np.ndarray:
         return session.run(None, {input_name: x})[0]
 
-    return compare(run_onnx, torch_runner(module.eval().cpu()), input_shape, source=path,
+    return compare(run_onnx, torch_runner(module.eval().cpu()), input_shape, source=source or path,
                    what="ONNX export (onnxruntime)", batches=VERIFY_BATCHES, seed=11)  # fmt: skip
 
 
@@ -166,7 +168,8 @@ def export_student(
         opset = opset or LEGACY_OPSET
     onnx_path = export_onnx(student, input_shape, out_dir / "student.onnx", opset=opset,
                             program=program)  # fmt: skip
-    max_abs, max_rel = verify_onnx(student, onnx_path, input_shape)
+    # written under a temporary folder name: messages name the file as the user will find it
+    max_abs, max_rel = verify_onnx(student, onnx_path, input_shape, source="student.onnx")
     torch.save(student.state_dict(), out_dir / "student_state_dict.pt")
     skipped = None
     if program is not None:

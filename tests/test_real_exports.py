@@ -129,3 +129,16 @@ def test_a_file_that_only_declares_batch_one_imports(tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
     loaded = load_teacher(_export_at_batch_one(net, tmp_path / "declared.onnx"))
     assert loaded.module(torch.randn(7, 3, 8, 8)).shape == (7, 5)
+
+
+def test_a_failed_student_check_names_the_user_s_file_not_a_temporary_one(tmp_path):
+    from compress_toolbox.export import export_onnx, verify_onnx
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    partial = tmp_path / ".s.partial-123.onnx"
+    export_onnx(net, (12,), partial)
+    with torch.no_grad():
+        net[1].bias += 1.0  # the module no longer computes what the file does
+    with pytest.raises(VerificationFailed, match=r"^s\.onnx: ") as info:
+        verify_onnx(net, partial, (12,), source="s.onnx")
+    assert "partial" not in str(info.value)
