@@ -18,7 +18,7 @@ from .analysis import Analysis, analyse
 from .domain import InputDomain
 from .errors import DaflError
 from .outdir import OutputFolder, default_out_dir
-from .tasks import MainOutput, Softmaxed, check_task, get_task, task_of_output
+from .tasks import FILE_OUTPUTS, MainOutput, check_task, get_task, task_of_output
 from .teacher import Teacher, load_teacher
 
 if TYPE_CHECKING:
@@ -311,11 +311,10 @@ class _Measurements:
 
 
 def _as_shipped(student: nn.Module, teacher: Teacher) -> nn.Module:
-    """The student as the user's file answers: given back the Softmax that the teacher's file
-    ended in (distillation ran on the logits before it)."""
-    if teacher.details.get("distilled_output") == "logits before its Softmax":
-        return Softmaxed(student)
-    return student
+    """The student as the user's file answers: given back the Softmax or Sigmoid that the
+    teacher's file ended in (distillation ran on the logits before it)."""
+    as_file = FILE_OUTPUTS.get(teacher.details.get("distilled_output"))
+    return as_file(student) if as_file else student
 
 
 def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, *, opset, seed,

@@ -140,3 +140,35 @@ class Softmaxed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(x), dim=self.dim)
+
+
+class SigmoidAsTwoClasses(nn.Module):
+    """A model whose file ends in a one-channel Sigmoid (a binary map or classifier), cut
+    before it, seen as two classes: logits (-z/2, z/2), whose softmax is (1 - p, p) with
+    p = sigmoid(z), so the teacher is distilled and scored as a 2-class one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.model(x) / 2
+        return torch.cat([-half, half], dim=1)
+
+
+class SigmoidMap(nn.Module):
+    """A 2-class logits model answering as a one-channel Sigmoid file does: p(class 1)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)[:, 1:2]
+
+
+# how the teacher's file answers -> the student as it is shipped (``distilled_output`` values)
+FILE_OUTPUTS = {
+    "logits before its Softmax": Softmaxed,
+    "the logit before its Sigmoid, as two classes": SigmoidMap,
+}

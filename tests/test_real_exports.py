@@ -142,3 +142,44 @@ def test_a_failed_student_check_names_the_user_s_file_not_a_temporary_one(tmp_pa
     with pytest.raises(VerificationFailed, match=r"^s\.onnx: ") as info:
         verify_onnx(net, partial, (12,), source="s.onnx")
     assert "partial" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def sigmoid_map_teacher(tmp_path_factory):
+    """A DBNet-like text map: (N, 1, H, W) after a Sigmoid, with 0/1 masks to score it."""
+    root = tmp_path_factory.mktemp("sigmoid")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.Conv2d(8, 1, 1), nn.Sigmoid())  # fmt: skip
+    path = root / "text_map.onnx"
+    torch.onnx.export(net.eval(), (torch.randn(2, 3, 16, 16),), path, dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    rng = np.random.default_rng(0)
+    np.savez(root / "masks.npz", x=rng.integers(0, 256, (6, 3, 16, 16), dtype=np.uint8),
+             y=rng.integers(0, 2, (6, 16, 16)))  # fmt: skip
+    return path, root / "masks.npz"
+
+
+def test_a_sigmoid_map_is_distilled_as_two_classes_and_shipped_as_a_map(sigmoid_map_teacher,
+                                                                        tmp_path):  # fmt: skip
+    import json
+
+    import onnxruntime as ort
+
+    from compress_toolbox.health import StudentFailed
+
+    path, masks = sigmoid_map_teacher
+    loaded = load_teacher(path)
+    assert loaded.num_outputs == 2  # seen as two classes
+    try:
+        compress(path, task="segmentation", out=tmp_path / "out", eval_data=masks, iters=3,
+                 batch_size=4, progress=False)  # fmt: skip
+    except StudentFailed:  # three iterations: the verdict is not what this test checks
+        pass
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["teacher"]["mean_iou"] is not None
+    session = ort.InferenceSession(str(tmp_path / "out" / "student.onnx"))
+    x = np.random.rand(3, 3, 16, 16).astype(np.float32)
+    probability = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert probability.shape == (3, 1, 16, 16)
+    assert (probability >= 0).all() and (probability <= 1).all()

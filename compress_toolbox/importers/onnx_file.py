@@ -10,7 +10,7 @@ import onnx
 from ..errors import ImportFailed
 from ..onnx_cleanup import clean_up
 from ..onnx_compat import onnx_to_torch, opset_version, prepare_onnx_model
-from ..tasks import Softmaxed
+from ..tasks import FILE_OUTPUTS, SigmoidAsTwoClasses
 from ..verification import tolerance_for
 from .base import FileHead, ImportedModel, register_importer, verify
 from .onnx_checks import check_model
@@ -97,25 +97,30 @@ def _pick_output(model: onnx.ModelProto, path: Path) -> str:
     return keep.name
 
 
-def _logits_before_softmax(model: onnx.ModelProto, output: str) -> int | None:
-    """When ``output`` is a Softmax over the classes, make the Softmax's input the graph's
-    output (in place) and return the Softmax's axis: distillation needs logits, and the
-    probabilities of a confident teacher (0.994) read as logits say it is barely sure."""
+def _cut_final_activation(model: onnx.ModelProto, output: str) -> str | None:
+    """When ``output`` is a Softmax over the classes or a one-channel Sigmoid, make the
+    activation's input the graph's output (in place) and return the op's name: distillation
+    needs logits, and the probabilities of a confident teacher (0.994) read as logits say it
+    is barely sure."""
     node = next((n for n in model.graph.node if output in n.output), None)
-    if node is None or node.op_type != "Softmax":
+    if node is None or node.op_type not in ("Softmax", "Sigmoid"):
         return None
-    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if _opset(model) >= 13 else 1)
-    declared = next(o for o in model.graph.output if o.name == output).type.tensor_type
-    rank = len(declared.shape.dim) if declared.HasField("shape") else None
-    if axis != 1 and not (axis == -1 and rank in (2, None)):
-        return None  # a Softmax over another axis than the classes'
     if node.input[0] in {i.name for i in model.graph.input}:
         return None
+    declared = next(o for o in model.graph.output if o.name == output).type.tensor_type
+    dims = list(declared.shape.dim) if declared.HasField("shape") else None
+    if node.op_type == "Softmax":
+        axis = next((a.i for a in node.attribute if a.name == "axis"),
+                    -1 if _opset(model) >= 13 else 1)  # fmt: skip
+        if axis != 1 and not (axis == -1 and (dims is None or len(dims) == 2)):
+            return None  # a Softmax over another axis than the classes'
+    elif not dims or len(dims) < 2 or dims[1].dim_value != 1:
+        return None  # a multi-label Sigmoid: its channels are not classes of one choice
     del model.graph.output[:]
     model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0],
                                                                  onnx.TensorProto.FLOAT, None))
     model.graph.node.remove(node)
-    return axis
+    return node.op_type
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -197,14 +202,19 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
         _check_batch_not_fixed(path, model, graph_input, shape)
     prepared = clean_up(prepare_onnx_model(model))
     output = _pick_output(prepared, path)
-    softmax_axis = _logits_before_softmax(prepared, output)
+    activation = _cut_final_activation(prepared, output)
     module = onnx_to_torch(prepared, path, shape).eval()
     runner = _onnxruntime_runner(path, graph_input.name, output, fixed_batch)
     precision = _weight_precision(model)
-    checked = module if softmax_axis is None else Softmaxed(module, softmax_axis)
+    distilled = {None: "logits", "Softmax": "logits before its Softmax",
+                 "Sigmoid": "the logit before its Sigmoid, as two classes"}[activation]  # fmt: skip
+    if activation == "Sigmoid":
+        module = SigmoidAsTwoClasses(module).eval()
+    as_file = FILE_OUTPUTS.get(distilled)
+    checked = as_file(module) if as_file else module
     max_abs, max_rel = verify(checked, runner, shape, path, rtol=tolerance_for(precision))
     details = {
-        "distilled_output": "logits" if softmax_axis is None else "logits before its Softmax",
+        "distilled_output": distilled,
         "opset": opset_version(model),
         "producer": model.producer_name,
         "verified_against": "onnxruntime",
