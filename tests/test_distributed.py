@@ -332,7 +332,7 @@ def test_nproc_listens_on_loopback_only(teacher, tmp_path):
     """--nproc on a laptop in a cafe must not accept connections from the network: every
     socket the launcher and its ranks listen on is bound to the loopback address."""
     command = [sys.executable, "-m", "cli", str(teacher["teacher"]), "--nproc", "2",
-               "--out", str(tmp_path / "out"), "--time-budget", "8", "--no-progress"]  # fmt: skip
+               "--out", str(tmp_path / "out"), "--time-budget", "3", "--no-progress"]  # fmt: skip
     run = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     seen: set[str] = set()
