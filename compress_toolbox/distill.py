@@ -429,6 +429,7 @@ class Trainer:
             remaining = self.stop.time_budget - elapsed
         self.recipe = size_recipe(self.recipe, generate_s, student_s, remaining,
                                   adapt=self.preset.size_to_budget)  # fmt: skip
+        self.recipe.sized_by = "timings (time budget)" if remaining is not None else "counts"
         if remaining is None and self.stop.total_iters is not None:
             self.recipe.expected_iterations = self.stop.total_iters
         self.recipe = self.world.broadcast_object(self.recipe)  # timings differ by rank
@@ -534,7 +535,8 @@ class Trainer:
             self._fit_memory()
         self.recipe = self.world.broadcast_object(self.recipe)  # free memory differs by rank
         self.world.seed_rank(self.options.seed, self.iteration)
-        self.threads = ThreadChooser(self.device, self.preset.cpu_threads, self.options.threads)
+        self.threads = ThreadChooser(self.device, self.preset.cpu_threads, self.options.threads,
+                                     race=self.stop.time_budget is not None)  # fmt: skip
         self.teacher_predictions = self.monitor = None
         if self.eval_data is not None:
             self.teacher_predictions = predict(self.teacher.module, self.eval_data,

@@ -61,6 +61,19 @@ def traceable_program(module: nn.Module, input_shape: tuple[int, ...]):
         return None
 
 
+def strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop what only a debugger reads (in place): the dynamo exporter writes each node's
+    Python stack trace, FX node and class path (paths of this machine, too) and every
+    intermediate shape. They made a 487-byte network a 6 kB file, larger than its teacher."""
+    graph = model.graph
+    for item in (*graph.node, *graph.input, *graph.output, *graph.initializer):
+        del item.metadata_props[:]
+        item.doc_string = ""
+    del graph.value_info[:]
+    del graph.metadata_props[:]
+    graph.doc_string = ""
+
+
 def export_onnx(
     module: nn.Module,
     input_shape: tuple[int, ...],
@@ -108,6 +121,7 @@ def export_onnx(
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].dim_param:  # torch.export names it "s6" or the like
             dims[0].dim_param = "batch"
+    strip_debug_info(model)
     onnx.save_model(model, str(path), save_as_external_data=False)
     for stray in path.parent.glob(path.name + ".data"):
         stray.unlink()

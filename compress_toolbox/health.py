@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TrainingFailed
+from .verdict import chance_agreement, falls_short
 
 COLLAPSE_ENTROPY = 0.3  # normalised entropy of the class histogram below this = collapsed
 # (two equally frequent classes out of ten give 0.30, one class gives 0)
@@ -32,6 +33,7 @@ class Health:
     teacher_confidence: float  # mean top-1 softmax probability (1.0 = saturated)
     agreement: float  # student-teacher top-1 agreement
     student_entropy: float  # normalised entropy of the student's class histogram
+    chance_agreement: float = 0.0  # agreement of a student blind to the input (verdict.py)
 
     def as_row(self) -> dict[str, float]:
         row = asdict(self)
@@ -75,6 +77,7 @@ def measure(
         teacher_confidence=float(F.softmax(t_logits, 1).max(1).values.mean()),
         agreement=float((t_pred == s_pred).float().mean()),
         student_entropy=class_entropy(s_pred, num_classes),
+        chance_agreement=chance_agreement(t_pred, s_pred, max(num_classes, 1)),
     )
 
 
@@ -127,16 +130,20 @@ def judge_student(
     health: Health | None,
     num_classes: int | None = None,
     figure: str = "accuracy",
+    trivial: float | None = None,
 ) -> list[str]:
-    """Why the finished student is unusable (empty: it is not). With evaluation data: below
-    half of the teacher's accuracy. Without: no iteration ran, the generated inputs had
-    collapsed at the end, or the student answers (almost) one class only or agrees with the
-    teacher hardly more than chance on generated inputs."""
+    """Why the finished student is unusable (empty: it is not). With evaluation data: it
+    recovers less than half of the teacher's margin over the ``trivial`` predictor
+    (verdict.py; 1/K when not given). Without: no iteration ran, the generated inputs had
+    collapsed at the end, or the student answers (almost) one class only or recovers less than
+    half of the way from chance agreement to full agreement on generated inputs."""
     if teacher_accuracy and student_accuracy is not None:
-        if student_accuracy < 0.5 * teacher_accuracy:
+        if trivial is None:
+            trivial = 1 / num_classes if num_classes else 0.0
+        if falls_short(teacher_accuracy, student_accuracy, trivial):
             return [
-                f"student {figure} {student_accuracy:.4f} is below half of the teacher's "
-                f"{teacher_accuracy:.4f}"
+                f"student {figure} {student_accuracy:.4f} recovers less than half of the "
+                f"teacher's {teacher_accuracy:.4f} over the trivial predictor's {trivial:.4f}"
             ]
         return []
     if health is None:
@@ -153,18 +160,12 @@ def judge_student(
             f"{health.student_entropy:.2f}) where the teacher's answers spread over "
             f"{health.classes} classes"
         )
-    if num_classes and health.agreement < _near_chance(num_classes):
+    if num_classes and falls_short(1.0, health.agreement, health.chance_agreement):
         problems.append(
             f"the student agrees with the teacher on only {health.agreement:.0%} of generated "
-            f"inputs (chance: {1 / num_classes:.0%})"
+            f"inputs (chance, with these class frequencies: {health.chance_agreement:.0%})"
         )
     return problems
-
-
-def _near_chance(num_classes: int) -> float:
-    """Agreement below this is hardly better than guessing: twice chance, at most halfway
-    between chance and certainty (0.2 for 10 classes, 0.75 for 2)."""
-    return min(2 / num_classes, (1 + 1 / num_classes) / 2)
 
 
 class StudentFailed(TrainingFailed):

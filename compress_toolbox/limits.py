@@ -9,17 +9,19 @@ can refuse with one clear line instead of hanging or taking the machine down.
 from __future__ import annotations
 
 import _thread
-import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from .recipe import available_memory
+from .recipe import available_memory, virtual_size
 
+POLL_S = 0.25
+WALL_FACTOR = 5  # a block that waits instead of computing is stopped at 5x its bound
 DEFAULT_MEMORY_CAP = 8 * 2**30  # bytes a bounded block may add, at most half of what is free
 
 
@@ -33,17 +35,35 @@ class LimitExceeded(Exception):
 
 @dataclass
 class _Deadline:
-    """A timer that interrupts the main thread once, unless the block finished first."""
+    """Interrupts the main thread once the block has done ``seconds`` of work, counted as this
+    process's CPU time per thread torch computes with: the same file trips it at the same point
+    on an idle and a busy machine (wall time would refuse it only when a neighbour is busy). A
+    block that waits rather than computes trips it at WALL_FACTOR times the bound."""
 
     seconds: float
-    fired: bool = False
+    fired: str = ""  # "" until it fires: then what tripped it, e.g. "120 s of CPU time"
     finished: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def fire(self) -> None:
+    def watch(self) -> None:
+        threads = max(torch.get_num_threads(), 1)
+        cpu_start, wall_start = time.process_time(), time.monotonic()
+        while True:
+            time.sleep(POLL_S)
+            work = (time.process_time() - cpu_start) / threads
+            wall = time.monotonic() - wall_start
+            if work > self.seconds:
+                self.fire(f"{work:.0f} s of work ({threads} thread(s); {wall:.0f} s wall)")
+            elif wall > WALL_FACTOR * self.seconds:
+                self.fire(f"{wall:.0f} s of wall time ({work:.0f} s of work)")
+            with self.lock:
+                if self.finished or self.fired:
+                    return
+
+    def fire(self, what: str) -> None:
         with self.lock:
-            if not self.finished:
-                self.fired = True
+            if not self.finished and not self.fired:
+                self.fired = what
                 _thread.interrupt_main()  # a KeyboardInterrupt in the main thread
 
     def finish(self) -> None:
@@ -58,14 +78,6 @@ def memory_cap(fraction_of_free: float = 0.5, at_most: int = DEFAULT_MEMORY_CAP)
     return None if free is None else min(at_most, int(free * fraction_of_free))
 
 
-def _virtual_size() -> int | None:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
 @contextmanager
 def _address_space_cap(extra_bytes: int | None) -> Iterator[None]:
     """Cap this process's address space at its current size plus ``extra_bytes`` (Linux and
@@ -74,7 +86,7 @@ def _address_space_cap(extra_bytes: int | None) -> Iterator[None]:
         import resource
     except ImportError:
         resource = None
-    size = _virtual_size()
+    size = virtual_size()
     if resource is None or extra_bytes is None or size is None:
         yield
         return
@@ -101,11 +113,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 @contextmanager
 def bounded(seconds: float | None, memory_bytes: int | None) -> Iterator[None]:
-    """Run the block within ``seconds`` of wall time and ``memory_bytes`` more address space;
+    """Run the block within ``seconds`` of work (_Deadline) and ``memory_bytes`` more address space;
     raise LimitExceeded otherwise. The time bound works in the main thread only (it interrupts
     it as Ctrl-C would, between Python bytecodes); a real Ctrl-C still propagates."""
     deadline = None
-    timer = None
     previous_handler = None
     if seconds is not None and threading.current_thread() is threading.main_thread():
         deadline = _Deadline(seconds)
@@ -114,15 +125,14 @@ def bounded(seconds: float | None, memory_bytes: int | None) -> Iterator[None]:
             # interrupt_main does nothing while SIGINT is ignored (a process started in the
             # background) or left to the OS: handle it in Python for the block's duration
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        timer = threading.Timer(seconds, deadline.fire)
-        timer.daemon = True
-        timer.start()
+        threading.Thread(target=deadline.watch, daemon=True).start()
     try:
         with _address_space_cap(memory_bytes):
             yield
     except KeyboardInterrupt:
         if deadline is not None and deadline.fired:
-            raise LimitExceeded("time", f"took over {seconds:.0f} s") from None
+            raise LimitExceeded("time", f"took over {seconds:.0f} s (after {deadline.fired})") \
+                from None
         raise
     except Exception as error:
         if is_out_of_memory(error):
@@ -131,7 +141,6 @@ def bounded(seconds: float | None, memory_bytes: int | None) -> Iterator[None]:
         raise
     finally:
         if deadline is not None:
-            deadline.finish()  # a timer firing from now on does nothing
-            timer.cancel()
+            deadline.finish()  # the watcher firing from now on does nothing
             if not callable(previous_handler):
                 signal.signal(signal.SIGINT, previous_handler)

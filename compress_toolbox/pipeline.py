@@ -20,6 +20,7 @@ from .errors import DaflError
 from .outdir import OutputFolder, default_out_dir
 from .tasks import FILE_OUTPUTS, MainOutput, check_task, get_task, task_of_output
 from .teacher import Teacher, load_teacher
+from .verdict import trivial_score
 
 if TYPE_CHECKING:
     from .distill import DistillResult
@@ -308,6 +309,7 @@ class _Measurements:
     agreement: float | None = None  # student-teacher top-1 agreement
     agreement_on: str | None = None  # on what: "eval data" or generated inputs
     segmentation: dict[str, Any] | None = None  # mean/per-class IoU, pixel accuracy of both
+    trivial: float | None = None  # the input-blind predictor's score (verdict.trivial_score)
 
 
 def _as_shipped(student: nn.Module, teacher: Teacher) -> nn.Module:
@@ -380,6 +382,7 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path,
         measured.student_accuracy = accuracy(student_pred, data.y)
         measured.agreement = accuracy(student_pred, teacher_pred)
         measured.agreement_on = "eval data"
+        measured.trivial = trivial_score(data.y, teacher.num_outputs)
         if data.y.dim() > 1:  # masks: pixel accuracy above, IoU here
             measured.segmentation = _segmentation_scores(teacher_pred, student_pred, data.y,
                                                          teacher.num_outputs)  # fmt: skip
@@ -390,6 +393,17 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path,
         measured.agreement = accuracy(onnx_predictions(student_onnx, x), teacher_pred)
         measured.agreement_on = "512 fresh generated inputs"
     return measured
+
+
+def _compression_problems(teacher: Teacher, plan: StudentPlan, exported: ExportResult,
+                          measured: _Measurements) -> list[str]:  # fmt: skip
+    """A student no smaller than its teacher in parameters, MACs or ONNX bytes failed the
+    point of the run, whatever its accuracy."""
+    pairs = (("parameters", teacher.analysis.params, plan.analysis.params),
+             ("MACs", teacher.analysis.macs, plan.analysis.macs),
+             ("ONNX bytes", measured.teacher_onnx_bytes, exported.onnx_bytes))  # fmt: skip
+    return [f"compression failed: the student has {s:,} {name}, the teacher {t:,} "
+            f"(ratio {s / t:.2f})" for name, t, s in pairs if t and s is not None and s >= t]
 
 
 def _segmentation_scores(teacher_pred: torch.Tensor, student_pred: torch.Tensor,
@@ -413,7 +427,9 @@ def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
     if seg is not None:  # a student segmenting only the background keeps a high pixel accuracy
         t_score, s_score = seg["teacher"]["mean_iou"], seg["student"]["mean_iou"]
         figure = "mean IoU"
-    problems = judge_student(t_score, s_score, result.health, result.num_classes, figure)
+    problems = judge_student(t_score, s_score, result.health, result.num_classes, figure,
+                             trivial=measured.trivial)  # fmt: skip
+    problems += _compression_problems(teacher, plan, exported, measured)
     return {
         "status": "failed" if problems else "ok",
         "problems": problems,
@@ -444,6 +460,9 @@ def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
             "widths": plan.analysis.widths,
         },
         "agreement": {"value": measured.agreement, "on": measured.agreement_on},
+        "trivial_predictor": {"figure": figure, "value": measured.trivial,
+                              "what": "the majority class of the eval data (at least 1/K)"
+                              + (", on every pixel" if seg else "")} if eval_data else None,
         "segmentation": seg,
         "health": asdict(result.health) if result.health else None,
         "generator_restarts": result.restarts,

@@ -32,6 +32,9 @@ class Recipe:
     student_step_s: float | None = None  # measured seconds of one student step
     expected_iterations: int | None = None
     warning: str | None = None
+    # "counts": an --iters/--epochs run, the same on any load; "timings": a time-budgeted run,
+    # whose student steps per generated batch follow the measured step times
+    sized_by: str = "counts"
 
     @classmethod
     def from_preset(cls, preset: Preset, batch_size: int | None = None) -> Recipe:
@@ -93,9 +96,18 @@ MEMORY_SHARE = 0.6  # of the memory free at the start, for one iteration's activ
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device`` now (None when the platform does not say)."""
+    """Bytes free on ``device`` now (None when the platform does not say); on the CPU, no more
+    than this process may still map under its own limit (``ulimit -v``, RLIMIT_AS)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    free = _free_system_memory()
+    left = address_space_left()
+    if left is None:
+        return free
+    return left if free is None else min(free, left)
+
+
+def _free_system_memory() -> int | None:
     try:  # MemAvailable counts reclaimable page cache, which MemFree (SC_AVPHYS_PAGES) omits
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -106,6 +118,28 @@ def available_memory(device: torch.device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # neither says (not Linux)
         return None
+
+
+def virtual_size() -> int | None:
+    """This process's mapped address space in bytes (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def address_space_left() -> int | None:
+    """Bytes this process may still map under its RLIMIT_AS soft limit; None when there is
+    no limit or the platform has none (Windows: no ``resource`` module)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(0, soft - (virtual_size() or 0))
 
 
 def activation_bytes(module: nn.Module, run: Callable[[], object], batch: int) -> int:

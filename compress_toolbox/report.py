@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .domain import InputDomain
+from .verdict import WARN_BELOW, falls_short, share_of_margin
 
 
 def _fmt(value: Any, kind: str = "") -> str:
@@ -42,10 +43,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     seg = report.get("segmentation")
     if seg:
         t_acc, s_acc = teacher.get("mean_iou"), student.get("mean_iou")
-    if report.get("status") != "failed" and t_acc and s_acc is not None and s_acc < 0.9 * t_acc:
+    trivial = (report.get("trivial_predictor") or {}).get("value")
+    if (report.get("status") != "failed" and t_acc and s_acc is not None and trivial is not None
+            and falls_short(t_acc, s_acc, trivial, below=WARN_BELOW)):  # fmt: skip
         figure = "mean IoU" if seg else "accuracy"
+        share = share_of_margin(t_acc, s_acc, trivial)
         lines += [f"**Warning: the student reaches only {100 * s_acc / t_acc:.1f}% of the "
-                  f"teacher's {figure}.**", ""]  # fmt: skip
+                  f"teacher's {figure} ({100 * share:.0f}% of its margin over the trivial "
+                  f"predictor's {100 * trivial:.2f}%).**", ""]  # fmt: skip
     if seg:
         rows[-1] = ("pixel accuracy on eval data (255 = ignored)", "accuracy", "pct")
         rows.append(("mean IoU on eval data", "mean_iou", "pct"))
@@ -58,6 +63,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         ratio = f"{s / t:.3f}" if isinstance(t, (int, float)) and t and s is not None else ""
         lines.append(f"| {label} | {_fmt(t, kind)} | {_fmt(s, kind)} | {ratio} |")
     agreement = report.get("agreement") or {}
+    if trivial is not None:
+        baseline = report["trivial_predictor"]
+        lines.append(f"| {baseline['figure']} of the trivial predictor ({baseline['what']}) | "
+                     f"{_fmt(trivial, 'pct')} | {_fmt(trivial, 'pct')} | |")  # fmt: skip
     lines += [
         "",
         f"- top-1 agreement student vs teacher: {_fmt(agreement.get('value'), 'pct')} "

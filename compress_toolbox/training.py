@@ -110,9 +110,12 @@ class ReplayPool:
 class ThreadChooser:
     """On a multi-core CPU with ``cpu_threads="auto"``: iterations 2-3 run on all cores, 4-5 on
     one, and the faster setting is kept. Measured: with another process busy on a 2-core
-    machine, 2 OpenMP threads were up to 5x slower than 1 for these small convolutions."""
+    machine, 2 OpenMP threads were up to 5x slower than 1 for these small convolutions.
+    Without ``race`` (an iteration-bound run, which must give the same student whatever the
+    machine's load) the setting is never decided by timings: all cores."""
 
-    def __init__(self, device: torch.device, setting: str | int, fixed: int | None) -> None:
+    def __init__(self, device: torch.device, setting: str | int, fixed: int | None,
+                 race: bool = True) -> None:  # fmt: skip
         cores = cores_per_rank()
         self.active = False
         self.times: dict[int, float] = {}
@@ -124,7 +127,7 @@ class ThreadChooser:
             torch.set_num_threads(int(setting))
         else:
             torch.set_num_threads(cores)
-            self.active = setting == "auto" and cores > 1
+            self.active = race and setting == "auto" and cores > 1
 
     def before(self, done: int) -> None:
         """Called before iteration ``done + 1`` of this session."""

@@ -45,7 +45,7 @@ def pick_student(task: str, teacher: Any, *, exclude: Iterable[str] = ()) -> tup
     ``macs`` (and ``params``). Candidates are measured with
     ``compress_toolbox.analysis.analyse`` at the teacher's input shape; the one whose MACs
     are closest in log ratio to ``COST_RATIO`` x the teacher's wins; models not smaller than
-    the teacher are never picked. Models whose MACs
+    the teacher (in MACs or in parameters) are never picked. Models whose MACs
     cannot be measured (e.g. detectors returning dicts) are compared by parameter count
     against ``COST_RATIO`` x the teacher's parameters instead. Models that fail to build,
     run, or give the wrong output shape are skipped.
@@ -100,7 +100,10 @@ def pick_student(task: str, teacher: Any, *, exclude: Iterable[str] = ()) -> tup
         else:
             skipped[name] = "neither MACs nor parameters of the teacher are known"
             continue
-        if cost >= target / COST_RATIO:  # a "student" must be smaller than its teacher
+        params = count_params(model)
+        if cost >= target / COST_RATIO or (teacher_params and params >= teacher_params):
+            # a "student" must be smaller than its teacher in cost and in parameters (the
+            # file's size follows them): a LeNet-5 half has 1.5x the params of a slim OCR net
             skipped[name] = "not smaller than the teacher"
             continue
         distance = abs(math.log(max(cost, 1) / target))

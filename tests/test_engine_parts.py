@@ -138,7 +138,7 @@ def test_collapse_guard_restarts_then_fails():
 
 def test_judge_student():
     assert judge_student(0.9, 0.8, None) == []
-    assert "below half" in judge_student(0.9, 0.4, None)[0]
+    assert "less than half" in judge_student(0.9, 0.4, None)[0]
     collapsed = Health(100, 10, 0.95, 0.9, 0.1, 0.0)
     assert "same class" in judge_student(None, None, collapsed)[0]
     assert judge_student(None, None, _health(100, 0.9)) == []

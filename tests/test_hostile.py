@@ -101,6 +101,15 @@ def corpus(tmp_path_factory):
     return files
 
 
+@pytest.fixture
+def verdict_aside(monkeypatch):
+    """For tests of the output folder: four iterations give a student far from its teacher,
+    which the verdict rightly fails (exit 3); what these tests check must not hang on it."""
+    from compress_toolbox import health
+
+    monkeypatch.setattr(health, "judge_student", lambda *args, **kwargs: [])
+
+
 def run_cli(*args) -> int:
     return main([str(a) for a in args])
 
@@ -279,7 +288,7 @@ def test_files_added_during_the_run_are_kept(corpus, tmp_path, capsys):
     assert (tmp_path / "out-1" / "student.onnx").is_file()
 
 
-def test_force_replaces_and_a_killed_swap_is_undone(corpus, tmp_path, capsys):
+def test_force_replaces_and_a_killed_swap_is_undone(corpus, tmp_path, capsys, verdict_aside):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -499,7 +508,7 @@ def test_out_holding_the_model_class_file_is_refused_even_with_force(corpus, tmp
     assert (code / "net.py").is_file()
 
 
-def test_successful_run_removes_only_its_own_checkpoint(corpus, tmp_path):
+def test_successful_run_removes_only_its_own_checkpoint(corpus, tmp_path, verdict_aside):
     mine = tmp_path / "out.checkpoint" / "notes.txt"
     mine.parent.mkdir()
     mine.write_text("keep me")
@@ -615,7 +624,7 @@ def test_student_far_below_its_teacher_is_a_failure_not_a_success(corpus, tmp_pa
                    "--init", "fresh", "--iters", "1", "--batch-size", "16", "--no-progress",
                    "--threads", "1") == 3  # fmt: skip
     err = capsys.readouterr().err
-    assert "below half of the teacher's" in err and "kept for inspection" in err
+    assert "less than half of the teacher's" in err and "kept for inspection" in err
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "failed" and "FAILED" in (out / "report.md").read_text()
     assert (tmp_path / "out.checkpoint" / "dafl_checkpoint.pt").is_file()  # --resume can go on
