@@ -16,13 +16,9 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import DaflError
+from filelock import FileLock, Timeout
 
-try:  # POSIX
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-    import msvcrt
+from .errors import DaflError
 
 
 def default_out_dir(teacher_path: str | Path) -> Path:
@@ -49,11 +45,14 @@ class OutputFolder:
     def __init__(self, path: str | Path, *, force: bool = False,
                  inputs: tuple[str | Path | None, ...] = ()) -> None:  # fmt: skip
         self.path = Path(path)
+        if self.path.is_symlink():  # write where the link points; the link then shows the result
+            self.path = self.path.resolve()
         self.force = force
         self.inputs = [Path(p) for p in inputs if p]
         self.name = self.path.name
         self.parent = self.path.parent
-        self._lock_fd: int | None = None
+        self._lock: FileLock | None = None
+        self._kept: Path | None = None  # finished work that could not be moved into place
 
     @property
     def work(self) -> Path:
@@ -63,6 +62,11 @@ class OutputFolder:
     @property
     def lock_path(self) -> Path:
         return self.parent / f".{self.name}.lock"
+
+    @property
+    def owner_path(self) -> Path:
+        """Names the process holding the lock (the lock file itself is filelock's)."""
+        return self.parent / f".{self.name}.lock.pid"
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -94,24 +98,22 @@ class OutputFolder:
 
     # -- the run ----------------------------------------------------------------------------
     def __enter__(self) -> OutputFolder:
+        lock = FileLock(self.lock_path, timeout=0)  # portable: POSIX flock, Windows locking
         try:
             self.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            lock.acquire()
+        except Timeout:
+            raise DaflError(
+                f"{self.path}: another dafl-compress run (pid {self._holder()}) is writing this "
+                "output folder; wait for it or choose another --out"
+            ) from None
         except OSError as error:
             raise DaflError(
                 f"--out {self.path}: cannot write in {self.parent} ({error.strerror})"
             ) from None
-        if not _try_lock(fd) or not _same_file(fd, self.lock_path):
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise DaflError(
-                f"{self.path}: another dafl-compress run (pid {holder}) is writing this output "
-                "folder; wait for it or choose another --out"
-            )
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        self._lock = lock
         try:
+            self.owner_path.write_text(str(os.getpid()))
             self._recover()
             self.work.mkdir()
         except OSError as error:
@@ -120,22 +122,46 @@ class OutputFolder:
                             f"({error.strerror})") from None  # fmt: skip
         return self
 
+    def _holder(self) -> str:
+        try:
+            return self.owner_path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
+        if self._kept is None:
+            shutil.rmtree(self.work, ignore_errors=True)
         self._unlock()
 
     def _recover(self) -> None:
-        """Clean up after killed runs (we hold the lock: no live run owns these)."""
-        for stale in self.parent.glob(f".{glob_escape(self.name)}.partial-*"):
+        """Clean up after killed runs: only folders this tool names (``.NAME.partial-PID`` and
+        ``.NAME.old-PID``, PID a number) of processes no longer alive. We hold the lock, so no
+        live run owns them; a folder of the user's with a similar name is never touched."""
+        for stale in self._ours("partial"):
             shutil.rmtree(stale, ignore_errors=True)
-        for old in self.parent.glob(f".{glob_escape(self.name)}.old-*"):
+        for old in self._ours("old"):
             if self.path.exists():  # the swap had finished: the old output was to be deleted
                 shutil.rmtree(old, ignore_errors=True)
             else:  # killed between the two renames: put the old output back
                 os.replace(old, self.path)
 
+    def _ours(self, kind: str) -> list[Path]:
+        pattern = re.compile(rf"\.{re.escape(self.name)}\.{kind}-(\d+)")
+        return [path for path in self.parent.glob(f".{glob_escape(self.name)}.{kind}-*")
+                if (match := pattern.fullmatch(path.name)) and path.is_dir()
+                and not path.is_symlink() and not _alive(int(match[1]))]  # fmt: skip
+
     def commit(self) -> Path:
-        """Move the finished work into place; return where it went."""
+        """Move the finished work into place; return where it went. Should the move fail, the
+        finished work is kept where it is and the error says so: it is never deleted."""
+        try:
+            return self._move_into_place()
+        except OSError as error:
+            self._kept = self.work
+            raise DaflError(f"--out {self.path}: cannot move the finished output into place "
+                            f"({error.strerror}); it is kept in {self.work}") from None  # fmt: skip
+
+    def _move_into_place(self) -> Path:
         if _is_nonempty_dir(self.path) and not self.force:
             # Something appeared in --out during the run: leave it alone, keep ours beside it.
             n = 1
@@ -163,34 +189,32 @@ class OutputFolder:
         return self.path
 
     def _unlock(self) -> None:
-        if self._lock_fd is None:
+        if self._lock is None:
             return
         try:
-            self.lock_path.unlink(missing_ok=True)
+            self.owner_path.unlink(missing_ok=True)
+            self.lock_path.unlink(missing_ok=True)  # filelock retries on an unlinked file
         finally:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            self._lock.release()
+            self._lock = None
 
 
 def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[\]])", r"[\1]", name)
 
 
-def _same_file(fd: int, path: Path) -> bool:
-    """The locked file is still the one at ``path`` (not one a finishing run just deleted)."""
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(path))
-    except OSError:
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (this one counts as alive). Where the platform has
+    no harmless probe (Windows: ``os.kill`` would terminate it), every other PID counts as
+    dead: the lock already guarantees that no run of ours is using the folder."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":
         return False
-
-
-def _try_lock(fd: int) -> bool:
-    """An exclusive, non-blocking lock on ``fd``, released when the process dies."""
     try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:  # pragma: no cover - Windows
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-    except OSError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+        return True
     return True

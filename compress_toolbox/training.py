@@ -3,6 +3,7 @@ progress output. distill.py composes them into the training loop."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -197,10 +198,16 @@ class Checkpointer:
     def save(self, state: dict[str, Any]) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-        os.replace(tmp, self.path)  # a crash never leaves a half-written checkpoint
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+            os.replace(tmp, self.path)  # a crash never leaves a half-written checkpoint
+        except (OSError, RuntimeError) as error:  # torch reports a full disk as RuntimeError
+            tmp.unlink(missing_ok=True)
+            full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
+            reason = "disk full" if full else (getattr(error, "strerror", None) or str(error))
+            raise DaflError(f"{self.path}: cannot save the checkpoint ({reason})") from None
         self.next_due = time.perf_counter() + self.every_s
 
     @staticmethod
