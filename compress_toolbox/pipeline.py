@@ -447,6 +447,7 @@ def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
             "mean_iou": seg["teacher"]["mean_iou"] if seg else None,
             "widths": teacher.analysis.widths,
             "import_max_rel_diff": teacher.max_rel_diff,
+            "distilled_output": teacher.details.get("distilled_output", "logits"),
         },
         "student": {
             "kind": plan.kind,

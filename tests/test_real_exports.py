@@ -178,6 +178,7 @@ def test_a_sigmoid_map_is_distilled_as_two_classes_and_shipped_as_a_map(sigmoid_
         pass
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["teacher"]["mean_iou"] is not None
+    assert report["teacher"]["distilled_output"] == "the logit before its Sigmoid, as two classes"
     session = ort.InferenceSession(str(tmp_path / "out" / "student.onnx"))
     x = np.random.rand(3, 3, 16, 16).astype(np.float32)
     probability = session.run(None, {session.get_inputs()[0].name: x})[0]
