@@ -395,6 +395,20 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path,
     return measured
 
 
+FAR_ABOVE_WIDTH_SQUARED = 0.40  # a half-width student keeps about 0.25 of the parameters
+
+
+def _layers_kept_whole(teacher: Analysis, plan: StudentPlan) -> list[str] | None:
+    """Why a derived student keeps far more than width^2 of the parameters: its conv/linear
+    layers (the output layer aside) that kept the teacher's width. None when it did shrink."""
+    shrunk = plan.analysis.params <= FAR_ABOVE_WIDTH_SQUARED * teacher.params
+    if shrunk or not plan.kind.startswith("derived"):
+        return None
+    widths = {layer.name: layer.out_width for layer in teacher.layers[:-1]}
+    return [f"{layer.name} ({layer.out_width})" for layer in plan.analysis.layers
+            if widths.get(layer.name) == layer.out_width]  # fmt: skip
+
+
 def _compression_problems(teacher: Teacher, plan: StudentPlan, exported: ExportResult,
                           measured: _Measurements) -> list[str]:  # fmt: skip
     """A student no smaller than its teacher in parameters, MACs or ONNX bytes failed the
@@ -459,6 +473,7 @@ def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
             "mean_iou": seg["student"]["mean_iou"] if seg else None,
             "accuracy_measured_on": "student.onnx (onnxruntime)",
             "widths": plan.analysis.widths,
+            "layers_kept_whole": _layers_kept_whole(teacher.analysis, plan),
         },
         "agreement": {"value": measured.agreement, "on": measured.agreement_on},
         "trivial_predictor": {"figure": figure, "value": measured.trivial,

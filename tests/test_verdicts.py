@@ -189,3 +189,19 @@ def test_health_records_chance_agreement():
     teacher = nn.Linear(4, 3)
     result = health.measure(teacher, teacher, torch.randn(64, 4), 1, 3)
     assert result.agreement == 1.0 and 0 < result.chance_agreement <= 1.0
+
+
+def test_a_derived_student_far_above_width_squared_names_the_layers_that_kept_their_width():
+    from compress_toolbox.analysis import Analysis, LayerInfo
+    from compress_toolbox.pipeline import _layers_kept_whole
+
+    def analysis(params, widths):
+        layers = [LayerInfo(f"l{i}", "Conv2d", 1, w, 0) for i, w in enumerate(widths)]
+        return Analysis(params, 0, (1, 8, 8), (10,), "classification", layers)
+
+    teacher = analysis(1000, [64, 64, 10])
+    kept = SimpleNamespace(kind="derived (width 0.5, init teacher)",
+                           analysis=analysis(790, [64, 32, 10]))  # fmt: skip
+    assert _layers_kept_whole(teacher, kept) == ["l0 (64)"]  # the output layer l2 aside
+    halved = SimpleNamespace(kind=kept.kind, analysis=analysis(250, [32, 32, 10]))
+    assert _layers_kept_whole(teacher, halved) is None
