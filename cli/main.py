@@ -529,6 +529,13 @@ def _report_error(error: Exception, argv: list[str]) -> int:
 
 
 def entry_point() -> None:
+    """The ``dafl-compress`` console script: ``main`` with its exit code."""
+    if getattr(sys, "frozen", False):
+        # A frozen executable (PyInstaller) is also what a spawned child process runs: let
+        # multiprocessing take over here in a child instead of starting the CLI again.
+        import multiprocessing
+
+        multiprocessing.freeze_support()
     try:
         code = main()
     except KeyboardInterrupt:  # between the handlers above (rare)

@@ -1,16 +1,20 @@
 """The output folder: users' folders are precious.
 
 A run writes into a hidden sibling (``.NAME.partial-PID``) and moves it into place at the end;
-it holds an exclusive lock on the output for its whole life (a second run on the same folder is
-refused); a non-empty folder is replaced only with ``--force``, by renaming the old one aside,
-moving the new one in and only then deleting the old one, so that a kill at any moment loses
-nothing (the next run on that folder finishes or undoes the swap). Folders that no run may write
-(``.``, ``..``, ``/``, the home folder, any ancestor of the working folder, a folder holding the
-inputs) are refused.
+it holds an exclusive lock on the output for its whole life (``filelock``: the same on Linux,
+macOS and Windows; a second run on the same folder is refused); a non-empty folder is replaced
+only with ``--force``, by renaming the old one aside (``.NAME.old-PID``), moving the new one in
+and only then deleting the old one, so that a kill at any moment loses nothing (the next run on
+that folder finishes or undoes the swap). Only those two names, with the numeric id of a process
+that no longer runs, are ever swept: a user's ``.NAME.partial-notes`` is never touched. A
+``--out`` that is a symbolic link is followed: the run writes into the folder it points to.
+Folders that no run may write (``.``, ``..``, ``/``, the home folder, any ancestor of the working
+folder, a folder holding the inputs) are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -19,6 +23,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import DaflError
+
+_PID = re.compile(r"[1-9][0-9]{0,9}")  # a process id as we write it: ASCII digits, no leading 0
 
 
 def default_out_dir(teacher_path: str | Path) -> Path:
@@ -44,9 +50,10 @@ class OutputFolder:
 
     def __init__(self, path: str | Path, *, force: bool = False,
                  inputs: tuple[str | Path | None, ...] = ()) -> None:  # fmt: skip
-        self.path = Path(path)
-        if self.path.is_symlink():  # write where the link points; the link then shows the result
-            self.path = self.path.resolve()
+        self.given = Path(path)
+        # A link is followed once, here: the lock, the work folder and the swap all happen
+        # beside the real folder, and the link keeps pointing at the finished output.
+        self.path = Path(os.path.realpath(self.given)) if self.given.is_symlink() else self.given
         self.force = force
         self.inputs = [Path(p) for p in inputs if p]
         self.name = self.path.name
@@ -64,45 +71,42 @@ class OutputFolder:
         return self.parent / f".{self.name}.lock"
 
     @property
-    def owner_path(self) -> Path:
-        """Names the process holding the lock (the lock file itself is filelock's)."""
-        return self.parent / f".{self.name}.lock.pid"
-
-    @property
     def checkpoint_dir(self) -> Path:
         return checkpoint_dir_for(self.path)
 
     # -- before any work --------------------------------------------------------------------
     def check(self) -> None:
         """Refuse folders no run may write, and a non-empty one without --force."""
+        if self.given.is_symlink() and not self.path.exists():
+            raise DaflError(f"--out {self.given}: is a link to {self.path}, which does not exist")
         target = self.path.expanduser().resolve()
         cwd = Path.cwd().resolve()
         forbidden = {Path(target.anchor), Path.home().resolve(), cwd, *cwd.parents}
         if not self.name or self.name in (".", "..") or target in forbidden:
             raise DaflError(
-                f"--out {self.path}: refusing to write the output into {target} (the root, home "
+                f"--out {self.given}: refusing to write the output into {target} (the root, home "
                 "or working folder or one of its parents); give a new folder such as "
                 "--out dafl-out/run1"
             )
         for source in self.inputs:
             resolved = source.expanduser().resolve()
             if resolved == target or target in resolved.parents:
-                raise DaflError(f"--out {self.path}: it holds the input {source}; choose another")
+                raise DaflError(f"--out {self.given}: it holds the input {source}; choose another")
         if self.path.exists() and not self.path.is_dir():
-            raise DaflError(f"--out {self.path}: is a file, not a folder")
+            raise DaflError(f"--out {self.given}: is a file, not a folder")
         if _is_nonempty_dir(self.path) and not self.force:
             raise DaflError(
-                f"{self.path}: output folder exists and is not empty (use --force to replace it, "
+                f"{self.given}: output folder exists and is not empty (use --force to replace it, "
                 "or --out DIR)"
             )
 
     # -- the run ----------------------------------------------------------------------------
     def __enter__(self) -> OutputFolder:
-        lock = FileLock(self.lock_path, timeout=0)  # portable: POSIX flock, Windows locking
+        lock = FileLock(self.lock_path, timeout=0)
         try:
             self.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
-        except Timeout:
+        except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
             raise DaflError(
                 f"{self.path}: another dafl-compress run (pid {self._holder()}) is writing this "
                 "output folder; wait for it or choose another --out"
@@ -113,7 +117,6 @@ class OutputFolder:
             ) from None
         self._lock = lock
         try:
-            self.owner_path.write_text(str(os.getpid()))
             self._recover()
             self.work.mkdir()
         except OSError as error:
@@ -122,34 +125,52 @@ class OutputFolder:
                             f"({error.strerror})") from None  # fmt: skip
         return self
 
-    def _holder(self) -> str:
-        try:
-            return self.owner_path.read_text().strip() or "unknown"
-        except OSError:
-            return "unknown"
-
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._kept is None:
             shutil.rmtree(self.work, ignore_errors=True)
         self._unlock()
 
+    def _ours(self, kind: str) -> list[tuple[int, Path]]:
+        """(pid, folder) for each ``.NAME.<kind>-PID`` folder (``kind``: partial or old) with a
+        numeric PID: the names this class makes; links and anything else are never ours."""
+        prefix = f".{self.name}.{kind}-"
+        found = []
+        for entry in self.parent.iterdir():
+            pid = entry.name[len(prefix) :]
+            if (entry.name.startswith(prefix) and _PID.fullmatch(pid)
+                    and entry.is_dir() and not entry.is_symlink()):  # fmt: skip
+                found.append((int(pid), entry))
+        return found
+
+    def _holder(self) -> str:
+        """The process id(s) of the run holding the lock, read from its work folder's name."""
+        try:
+            alive = sorted(pid for pid, _ in self._ours("partial") if _process_alive(pid))
+        except OSError:  # the folder cannot be listed: the message goes without the id
+            alive = []
+        return ", ".join(map(str, alive)) or "unknown"
+
     def _recover(self) -> None:
-        """Clean up after killed runs: only folders this tool names (``.NAME.partial-PID`` and
-        ``.NAME.old-PID``, PID a number) of processes no longer alive. We hold the lock, so no
-        live run owns them; a folder of the user's with a similar name is never touched."""
-        for stale in self._ours("partial"):
-            shutil.rmtree(stale, ignore_errors=True)
-        for old in self._ours("old"):
-            if self.path.exists():  # the swap had finished: the old output was to be deleted
-                shutil.rmtree(old, ignore_errors=True)
+        """Clean up after killed runs. We hold the lock, so no live run owns these folders;
+        a folder named for a process that still runs (an id reused since) is left alone all
+        the same, and this process's own id counts as dead (containers reuse ids)."""
+        for pid, stale in self._ours("partial"):
+            if _is_dead(pid):
+                shutil.rmtree(stale, ignore_errors=True)
+        for pid, old in self._ours("old"):
+            if not _is_dead(pid):
+                continue
+            if self.path.exists() or self.path.is_symlink():  # the swap had finished
+                shutil.rmtree(old, ignore_errors=True)  # the old output was to be deleted
             else:  # killed between the two renames: put the old output back
                 os.replace(old, self.path)
 
-    def _ours(self, kind: str) -> list[Path]:
-        pattern = re.compile(rf"\.{re.escape(self.name)}\.{kind}-(\d+)")
-        return [path for path in self.parent.glob(f".{glob_escape(self.name)}.{kind}-*")
-                if (match := pattern.fullmatch(path.name)) and path.is_dir()
-                and not path.is_symlink() and not _alive(int(match[1]))]  # fmt: skip
+    def _taken(self) -> bool:
+        """Something this run may not replace is at ``path`` now (it appeared during the run):
+        files without --force, a link or a file."""
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
+            return True
+        return _is_nonempty_dir(self.path) and not self.force
 
     def commit(self) -> Path:
         """Move the finished work into place; return where it went. Should the move fail, the
@@ -158,12 +179,11 @@ class OutputFolder:
             return self._move_into_place()
         except OSError as error:
             self._kept = self.work
-            raise DaflError(f"--out {self.path}: cannot move the finished output into place "
+            raise DaflError(f"--out {self.given}: cannot move the finished output into place "
                             f"({error.strerror}); it is kept in {self.work}") from None  # fmt: skip
 
     def _move_into_place(self) -> Path:
-        if _is_nonempty_dir(self.path) and not self.force:
-            # Something appeared in --out during the run: leave it alone, keep ours beside it.
+        if self._taken():  # leave it alone, keep ours beside it
             n = 1
             while self.parent.joinpath(f"{self.name}-{n}").exists():
                 n += 1
@@ -173,7 +193,7 @@ class OutputFolder:
                 f"{self.path}: files appeared in the output folder during the run; they were "
                 f"left alone and this run's output is in {elsewhere}"
             )
-        if self.path.is_dir() and _is_nonempty_dir(self.path):
+        if _is_nonempty_dir(self.path):
             aside = self.parent / f".{self.name}.old-{os.getpid()}"
             os.replace(self.path, aside)
             try:
@@ -192,29 +212,54 @@ class OutputFolder:
         if self._lock is None:
             return
         try:
-            self.owner_path.unlink(missing_ok=True)
-            self.lock_path.unlink(missing_ok=True)  # filelock retries on an unlinked file
+            # Removed while still held: a run that opened the file before sees it unlinked
+            # once it gets the lock and does not count it (filelock >= 4). Windows refuses
+            # to remove an open file; filelock removes it there on release.
+            with contextlib.suppress(OSError):
+                self.lock_path.unlink()
         finally:
             self._lock.release()
             self._lock = None
 
 
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[\]])", r"[\1]", name)
+def _is_dead(pid: int) -> bool:
+    """A folder named for ``pid`` belongs to no running process of ours."""
+    return pid == os.getpid() or not _process_alive(pid)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (this one counts as alive). Where the platform has
-    no harmless probe (Windows: ``os.kill`` would terminate it), every other PID counts as
-    dead: the lock already guarantees that no run of ours is using the folder."""
-    if pid == os.getpid():
-        return True
-    if os.name == "nt":
-        return False
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (True when the system will not say: folders are then
+    left alone)."""
+    if not 0 < pid < 2**31:
+        return False  # no process has this id
+    if os.name == "nt":  # pragma: no cover - Windows
+        return _windows_process_alive(pid)
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+    except OSError:  # PermissionError: it exists, under another user
         return True
     return True
+
+
+def _windows_process_alive(pid: int) -> bool:  # pragma: no cover - Windows
+    # os.kill(pid, 0) would terminate the process on Windows: ask the kernel instead
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.OpenProcess.restype = wintypes.HANDLE  # not the default int: handles are 64-bit
+    kernel32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
+    kernel32.GetExitCodeProcess.argtypes = [wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD)]
+    kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists
+    try:
+        code = wintypes.DWORD()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)

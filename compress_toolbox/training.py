@@ -3,6 +3,7 @@ progress output. distill.py composes them into the training loop."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import math
@@ -196,18 +197,22 @@ class Checkpointer:
         return self.path is not None and time.perf_counter() >= self.next_due
 
     def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` to a temporary file, then move it over the checkpoint: a crash or a
+        full disk never leaves a half-written checkpoint, and the previous one stays whole.
+        DaflError naming the file when it cannot be written ("disk full" on ENOSPC)."""
         if self.path is None:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-            os.replace(tmp, self.path)  # a crash never leaves a half-written checkpoint
-        except (OSError, RuntimeError) as error:  # torch reports a full disk as RuntimeError
-            tmp.unlink(missing_ok=True)
-            full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error)
-            reason = "disk full" if full else (getattr(error, "strerror", None) or str(error))
-            raise DaflError(f"{self.path}: cannot save the checkpoint ({reason})") from None
+            _write_durably(tmp, {"format": CHECKPOINT_FORMAT, **state})
+            os.replace(tmp, self.path)
+        except BaseException as error:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise DaflError(_write_failure(self.path, error)) from None
+            raise
         self.next_due = time.perf_counter() + self.every_s
 
     @staticmethod
@@ -246,6 +251,27 @@ class Checkpointer:
                     f"not {value}"
                 )
         return state
+
+
+def _write_durably(path: Path, obj: Any) -> None:
+    """``torch.save`` through a Python file, so that a failed write is an OSError with its
+    errno (torch's own writer, given a path, reports a full disk as "unexpected pos"), and on
+    disk before the caller renames it. A file left at ``path`` (a killed run's, or a link
+    planted there) is removed, not written through."""
+    path.unlink(missing_ok=True)
+    with open(path, "xb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_failure(path: Path, error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return (
+            f"disk full: cannot write the checkpoint {path}; free some space and run again "
+            "(--resume continues from the previous checkpoint, if one was written)"
+        )
+    return f"cannot write the checkpoint {path} ({error.strerror or error})"
 
 
 class Progress:
