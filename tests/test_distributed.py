@@ -339,6 +339,6 @@ def test_nproc_listens_on_loopback_only(teacher, tmp_path):
     while run.poll() is None:
         seen |= _listening_sockets(run.pid)
         time.sleep(0.3)
-    assert run.wait() == 0, run.stderr.read()
+    assert run.wait() in (0, 3), run.stderr.read()  # 3: a 3 s student may fail its verdict
     assert seen, "the ranks listened on no socket: nothing was checked"
     assert seen <= LOOPBACK_HEX, f"listening beyond loopback: {seen - LOOPBACK_HEX}"

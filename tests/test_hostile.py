@@ -540,6 +540,17 @@ def _wait_for(predicate, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+def assert_resume_finished(resumed: subprocess.CompletedProcess, tmp_path: Path) -> None:
+    """The resumed run trained to its end and wrote the output. Its verdict depends on how many
+    iterations the machine's load allowed before the signal: exit 3 (student failed) keeps the
+    checkpoint for another --resume, by design; exit 0 removes it."""
+    assert resumed.returncode in (0, 3), resumed.stderr
+    assert (tmp_path / "out" / "student.onnx").is_file(), resumed.stderr
+    if resumed.returncode == 3:
+        assert "the student failed" in resumed.stderr
+    assert (tmp_path / "out.checkpoint").exists() == (resumed.returncode == 3)
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_checkpoint_then_resume_finishes(corpus, tmp_path, sig, code):
     out = tmp_path / "out"
@@ -554,8 +565,7 @@ def test_signal_saves_a_checkpoint_then_resume_finishes(corpus, tmp_path, sig, c
     nothing_left(tmp_path)
     resumed = subprocess.run(command + ["--resume", "--time-budget", "5"], env=_env(),
                              capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    assert (out / "student.onnx").is_file() and not (tmp_path / "out.checkpoint").exists()
+    assert_resume_finished(resumed, tmp_path)
 
 
 def test_sigkill_then_resume_from_the_early_checkpoint(corpus, tmp_path):
@@ -568,9 +578,8 @@ def test_sigkill_then_resume_from_the_early_checkpoint(corpus, tmp_path):
     assert list(tmp_path.glob(".out.partial-*"))  # what a kill leaves ...
     resumed = subprocess.run(command + ["--resume", "--time-budget", "5"], env=_env(),
                              capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    nothing_left_but_out = not list(tmp_path.glob(".out.*"))  # ... is swept by the next run
-    assert nothing_left_but_out and (out / "student.onnx").is_file()
+    assert_resume_finished(resumed, tmp_path)
+    assert not list(tmp_path.glob(".out.*"))  # ... is swept by the next run
 
 
 @pytest.mark.parametrize("delay", [1.0, 1.5, 2.0])
