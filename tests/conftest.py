@@ -23,3 +23,22 @@ def ctrl_c_as_at_a_terminal() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_cli(*args) -> int:
+    """The command line in this process (so monkeypatches apply); its exit code."""
+    from cli.main import main
+
+    return main([str(a) for a in args])
+
+
+def one_error_line(capture, *needles: str) -> str:
+    """stderr (``capsys``, or ``capfd`` to include C++ messages) is one line holding every
+    needle, without a traceback."""
+    err = capture.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err

@@ -25,10 +25,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ctrl_c_as_at_a_terminal
+from conftest import ctrl_c_as_at_a_terminal, one_error_line, run_cli
 from torch import nn
 
-from cli.main import main
 from compress_toolbox.outdir import OutputFolder, default_out_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,18 +109,7 @@ def verdict_aside(monkeypatch):
     monkeypatch.setattr(health, "judge_student", lambda *args, **kwargs: [])
 
 
-def run_cli(*args) -> int:
-    return main([str(a) for a in args])
 
-
-def one_error_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def nothing_left(folder: Path, name: str = "out") -> None:

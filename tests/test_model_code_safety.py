@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_error_line, run_cli
 from torch import nn
 
-from cli.main import main
 from compress_toolbox import load_teacher
 from compress_toolbox.errors import ImportFailed
 
@@ -84,18 +84,7 @@ class Evil:
         return (Path.write_text, (Path(self.marker), "pwned"))
 
 
-def run_cli(*args) -> int:
-    return main([str(a) for a in args])
 
-
-def one_error_line(capfd, *needles: str) -> str:
-    """stderr at the file-descriptor level (torch's C++ messages included) is one line."""
-    err = capfd.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def _save_script(module: nn.Module, path: Path) -> Path:

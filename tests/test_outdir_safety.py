@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_error_line, run_cli
 from filelock import FileLock
 from torch import nn
 
-from cli.main import main
 from compress_toolbox.errors import DaflError
 from compress_toolbox.outdir import OutputFolder
 from compress_toolbox.training import Checkpointer
@@ -69,18 +69,7 @@ def teacher(tmp_path_factory) -> Path:
     return path
 
 
-def run_cli(*args) -> int:
-    return main([str(a) for a in args])
 
-
-def one_error_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def dead_pid() -> int:
