@@ -57,9 +57,9 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
     import warnings
 
     warnings.filterwarnings("ignore")
+    from compress_toolbox.distill.presets import PRESETS
     from compress_toolbox.errors import DaflError, TrainingFailed
     from compress_toolbox.pipeline import compress
-    from compress_toolbox.presets import PRESETS
 
     preset = PRESETS["fast"].with_options(**changes) if changes else "fast"
     name, _, init = method.partition("+")  # "dafl+fresh": method dafl, student init fresh

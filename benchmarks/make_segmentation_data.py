@@ -23,7 +23,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from compress_toolbox.evaldata import read_idx  # noqa: E402
+from compress_toolbox.tasks.evaldata import read_idx  # noqa: E402
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 SIZE = 64

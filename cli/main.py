@@ -87,8 +87,8 @@ def _add_teacher_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _compress_parser() -> argparse.ArgumentParser:
-    from compress_toolbox.evaldata import describe_preprocessing
-    from compress_toolbox.methods import method_names
+    from compress_toolbox.distill.methods import method_names
+    from compress_toolbox.tasks.evaldata import describe_preprocessing
 
     parser = _Parser(
         prog="dafl-compress",
@@ -310,10 +310,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_student(args: argparse.Namespace) -> int:
     from compress_toolbox import load_teacher
+    from compress_toolbox.distill.presets import PRESETS
     from compress_toolbox.errors import DaflError
-    from compress_toolbox.export import export_onnx, export_pt2, verify_onnx
+    from compress_toolbox.export.writer import export_onnx, export_pt2, verify_onnx
     from compress_toolbox.pipeline import plan_student
-    from compress_toolbox.presets import PRESETS
 
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -357,7 +357,7 @@ def _print_comparison(teacher, student) -> None:
 
 def run_zoo(args: argparse.Namespace) -> int:
     import model_zoo
-    from compress_toolbox.analysis import analyse, count_params
+    from compress_toolbox.load.analysis import analyse, count_params
 
     print(f"{'name':40}{'task':16}{'input':14}{'params':>14}{'MACs':>16}")
     for name in model_zoo.list_models(args.task):
@@ -373,7 +373,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    from compress_toolbox import distributed
+    from compress_toolbox.distill import distributed
     from compress_toolbox.pipeline import compress
 
     command = "dafl-compress " + shlex.join(sys.argv[1:])
@@ -504,12 +504,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_error(error, argv)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if "compress_toolbox.distributed" in sys.modules:  # leave the process group, if any
-            sys.modules["compress_toolbox.distributed"].shutdown()
+        if "compress_toolbox.distill.distributed" in sys.modules:  # leave the process group, if any
+            sys.modules["compress_toolbox.distill.distributed"].shutdown()
 
 
 def _report_error(error: Exception, argv: list[str]) -> int:
-    from compress_toolbox.distill import DistillInterrupted
+    from compress_toolbox.distill.trainer import DistillInterrupted
     from compress_toolbox.errors import DaflError, first_line
 
     if isinstance(error, DistillInterrupted):

@@ -6,11 +6,11 @@ distill (distill.py, methods/) -> export_student (export.py) -> write_report (re
 compress (pipeline.py) runs them all.
 """
 
-from .analysis import Analysis, analyse
-from .domain import InputDomain
-from .errors import DaflError, ImportFailed, TrainingFailed, VerificationFailed
-from .student import make_student
-from .teacher import Teacher, load_teacher
+from compress_toolbox.domain import InputDomain
+from compress_toolbox.errors import DaflError, ImportFailed, TrainingFailed, VerificationFailed
+from compress_toolbox.load.analysis import Analysis, analyse
+from compress_toolbox.load.teacher import Teacher, load_teacher
+from compress_toolbox.student.derive import make_student
 
 __all__ = [
     "Analysis",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DaflError
+from compress_toolbox.errors import DaflError
 
 
 def _as_tuple(name: str, value: float | Sequence[float] | None) -> tuple[float, ...] | None:

@@ -9,20 +9,68 @@ can refuse with one clear line instead of hanging or taking the machine down.
 from __future__ import annotations
 
 import _thread
+import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-
-from .recipe import available_memory, virtual_size
 
 POLL_S = 0.25
 WALL_FACTOR = 5  # a block that waits instead of computing is stopped at 5x its bound
 DEFAULT_MEMORY_CAP = 8 * 2**30  # bytes a bounded block may add, at most half of what is free
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now (None when the platform does not say); on the CPU, no more
+    than this process may still map under its own limit (``ulimit -v``, RLIMIT_AS)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = _free_system_memory()
+    left = address_space_left()
+    if left is None:
+        return free
+    return left if free is None else min(free, left)
+
+
+def _free_system_memory() -> int | None:
+    try:  # MemAvailable counts reclaimable page cache, which MemFree (SC_AVPHYS_PAGES) omits
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # neither says (not Linux)
+        return None
+
+
+def virtual_size() -> int | None:
+    """This process's mapped address space in bytes (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def address_space_left() -> int | None:
+    """Bytes this process may still map under its RLIMIT_AS soft limit; None when there is
+    no limit or the platform has none (Windows: no ``resource`` module)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(0, soft - (virtual_size() or 0))
+
 
 
 class LimitExceeded(Exception):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import DaflError
+from compress_toolbox.errors import DaflError
 
 _PID = re.compile(r"[1-9][0-9]{0,9}")  # a process id as we write it: ASCII digits, no leading 0
 

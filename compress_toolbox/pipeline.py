@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .analysis import Analysis, analyse
-from .domain import InputDomain
-from .errors import DaflError
-from .outdir import OutputFolder, default_out_dir
-from .tasks import FILE_OUTPUTS, MainOutput, check_task, get_task, task_of_output
-from .teacher import Teacher, load_teacher
-from .verdict import trivial_score
+from compress_toolbox.domain import InputDomain
+from compress_toolbox.errors import DaflError
+from compress_toolbox.load.analysis import Analysis, analyse
+from compress_toolbox.load.teacher import Teacher, load_teacher
+from compress_toolbox.outdir import OutputFolder, default_out_dir
+from compress_toolbox.tasks import FILE_OUTPUTS, MainOutput, check_task, get_task, task_of_output
+from compress_toolbox.tasks.verdict import trivial_score
 
 if TYPE_CHECKING:
-    from .distill import DistillResult
-    from .evaldata import EvalData
-    from .export import ExportResult
+    from compress_toolbox.distill.trainer import DistillResult
+    from compress_toolbox.export.writer import ExportResult
+    from compress_toolbox.tasks.evaldata import EvalData
 
 
 @dataclass
@@ -61,8 +61,7 @@ def plan_student(
     flatten, see ``student.channels_last_flatten``) starts fresh instead, and ``kind`` says so.
     """
     import model_zoo
-
-    from .student import ChannelOrderError, make_student
+    from compress_toolbox.student.derive import ChannelOrderError, make_student
 
     if student == "auto":
         example = torch.randn(2, *teacher.input_shape)
@@ -167,7 +166,7 @@ class _Inputs:
 
 def _load_inputs(teacher_path, *, task, student, width, init, init_fallback, eval_data, mean,
                  std, teacher_options: dict[str, Any]) -> _Inputs:  # fmt: skip
-    from .evaldata import load_eval_data
+    from compress_toolbox.tasks.evaldata import load_eval_data
 
     teacher = load_teacher(teacher_path, **teacher_options)
     _check_teacher_fits_task(teacher, task)
@@ -216,11 +215,11 @@ def compress(
     (``health.judge_student``) is still written, marked failed in the report, and
     ``StudentFailed`` is raised.
     """
-    from . import distributed
-    from .distill import CHECKPOINT_NAME, DistillOptions
-    from .export import check_opset
-    from .importers.checkpoint import model_class_file
-    from .training import Checkpointer
+    from compress_toolbox.distill import distributed
+    from compress_toolbox.distill.parts import Checkpointer
+    from compress_toolbox.distill.trainer import CHECKPOINT_NAME, DistillOptions
+    from compress_toolbox.export.writer import check_opset
+    from compress_toolbox.load.importers.checkpoint import model_class_file
 
     check_task(task)
     options = DistillOptions(task=task, **distill_options)
@@ -264,7 +263,7 @@ def compress(
                                 timings=timings)  # fmt: skip
         out_dir = folder.commit()
     if report["problems"]:  # the checkpoint stays: a failed run may --resume
-        from .health import StudentFailed
+        from compress_toolbox.distill.health import StudentFailed
 
         raise StudentFailed(
             f"the student failed: {'; '.join(report['problems'])}. The folder {out_dir} is kept "
@@ -279,8 +278,8 @@ def _distill(inputs: _Inputs, options, checkpoint_dir: Path | None, history: Pat
              resume: bool, on_iteration) -> DistillResult:  # fmt: skip
     """Train the planned student (on every rank; only rank 0 has a checkpoint folder). A rank
     restarted by ``torchrun --max-restarts`` resumes from rank 0's checkpoint when there is one."""
-    from . import distributed
-    from .distill import CHECKPOINT_NAME, distill
+    from compress_toolbox.distill import distributed
+    from compress_toolbox.distill.trainer import CHECKPOINT_NAME, distill
 
     if distributed.restarted() and checkpoint_dir is not None:
         resume = resume or (checkpoint_dir / CHECKPOINT_NAME).is_file()
@@ -322,9 +321,14 @@ def _as_shipped(student: nn.Module, teacher: Teacher) -> nn.Module:
 def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, *, opset, seed,
                    eval_data, task, command, timings: dict[str, float]) -> dict[str, Any]:
     """Export and verify the student, measure both models, write report and pictures."""
-    from .distill import write_history_csv
-    from .export import export_student
-    from .report import plot_curves, plot_samples, plot_segmentation_samples, write_report
+    from compress_toolbox.distill.trainer import write_history_csv
+    from compress_toolbox.export.writer import export_student
+    from compress_toolbox.report.render import (
+        plot_curves,
+        plot_samples,
+        plot_segmentation_samples,
+        write_report,
+    )
 
     write_history_csv(result.history, work / "history.csv")
     start = time.perf_counter()
@@ -353,8 +357,13 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path,
              scratch: Path) -> _Measurements:  # fmt: skip
     """Sizes and latencies of both models; accuracies on the eval data (the student as
     student.onnx), or agreement on fresh generated inputs without it."""
-    from .evaldata import accuracy, predict
-    from .export import LEGACY_OPSET, export_onnx, onnx_latency_ms, onnx_predictions
+    from compress_toolbox.export.writer import (
+        LEGACY_OPSET,
+        export_onnx,
+        onnx_latency_ms,
+        onnx_predictions,
+    )
+    from compress_toolbox.tasks.evaldata import accuracy, predict
 
     teacher, data = inputs.teacher, inputs.data
     scratch.mkdir()
@@ -423,7 +432,7 @@ def _compression_problems(teacher: Teacher, plan: StudentPlan, exported: ExportR
 def _segmentation_scores(teacher_pred: torch.Tensor, student_pred: torch.Tensor,
                          masks: torch.Tensor, num_classes: int) -> dict[str, Any]:  # fmt: skip
     """Mean IoU, pixel accuracy and per-class IoU of teacher and student on the masks."""
-    from .segmetrics import IGNORE_INDEX, score_masks
+    from compress_toolbox.tasks.segmetrics import IGNORE_INDEX, score_masks
 
     scores = {name: asdict(score_masks(pred, masks, num_classes))
               for name, pred in (("teacher", teacher_pred), ("student", student_pred))}  # fmt: skip
@@ -433,7 +442,7 @@ def _segmentation_scores(teacher_pred: torch.Tensor, student_pred: torch.Tensor,
 def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
             measured: _Measurements, *, seed, eval_data, task, command) -> dict[str, Any]:
     """report.json's content: status and problems first, then both models, the run, versions."""
-    from .health import judge_student
+    from compress_toolbox.distill.health import judge_student
 
     teacher, plan = inputs.teacher, inputs.plan
     t_score, s_score = measured.teacher_accuracy, measured.student_accuracy

@@ -43,14 +43,14 @@ def pick_student(task: str, teacher: Any, *, exclude: Iterable[str] = ()) -> tup
     ``teacher`` needs ``input_shape`` ((C, H, W), or (features,) for classification),
     ``num_outputs`` and ``analysis`` with
     ``macs`` (and ``params``). Candidates are measured with
-    ``compress_toolbox.analysis.analyse`` at the teacher's input shape; the one whose MACs
+    ``compress_toolbox.load.analysis.analyse`` at the teacher's input shape; the one whose MACs
     are closest in log ratio to ``COST_RATIO`` x the teacher's wins; models not smaller than
     the teacher (in MACs or in parameters) are never picked. Models whose MACs
     cannot be measured (e.g. detectors returning dicts) are compared by parameter count
     against ``COST_RATIO`` x the teacher's parameters instead. Models that fail to build,
     run, or give the wrong output shape are skipped.
     """
-    from compress_toolbox.analysis import analyse, count_params  # lazy: avoid import cycles
+    from compress_toolbox.load.analysis import analyse, count_params  # lazy: avoid import cycles
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(TASKS)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from compress_toolbox import distributed
+from compress_toolbox.distill import distributed
 from compress_toolbox.errors import DaflError
 from compress_toolbox.pipeline import compress
 

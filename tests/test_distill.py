@@ -18,7 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_toolbox.distill import (
+from compress_toolbox.distill.generator import make_generator
+from compress_toolbox.distill.health import GenerationCollapsed
+from compress_toolbox.distill.losses import (
+    activation_loss,
+    information_entropy_loss,
+    kd_loss,
+    one_hot_loss,
+)
+from compress_toolbox.distill.methods import method_names
+from compress_toolbox.distill.trainer import (
     CHECKPOINT_NAME,
     PRESETS,
     DistillInterrupted,
@@ -27,17 +36,8 @@ from compress_toolbox.distill import (
 )
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, TrainingFailed
-from compress_toolbox.evaldata import EvalData, evaluate
-from compress_toolbox.generator import make_generator
-from compress_toolbox.health import GenerationCollapsed
-from compress_toolbox.losses import (
-    activation_loss,
-    information_entropy_loss,
-    kd_loss,
-    one_hot_loss,
-)
-from compress_toolbox.methods import method_names
-from compress_toolbox.teacher import Teacher
+from compress_toolbox.load.teacher import Teacher
+from compress_toolbox.tasks.evaldata import EvalData, evaluate
 
 SHAPE = (1, 16, 16)
 MEAN, STD = 0.3, 0.4  # the digits teacher takes (pixels - 0.3) / 0.4: normalised outside

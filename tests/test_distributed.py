@@ -24,12 +24,12 @@ from models import fit
 from sklearn.datasets import load_digits
 from torch import nn
 
-from compress_toolbox import distributed
-from compress_toolbox.distill import PRESETS
+from compress_toolbox.distill import distributed
+from compress_toolbox.distill.losses import kd_loss
+from compress_toolbox.distill.methods import get_method
+from compress_toolbox.distill.methods.base import MethodContext
+from compress_toolbox.distill.trainer import PRESETS
 from compress_toolbox.domain import InputDomain
-from compress_toolbox.losses import kd_loss
-from compress_toolbox.methods import get_method
-from compress_toolbox.methods.base import MethodContext
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"

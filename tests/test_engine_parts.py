@@ -7,21 +7,25 @@ import pytest
 import torch
 from torch import nn
 
-from compress_toolbox.domain import InputDomain
-from compress_toolbox.errors import DaflError
-from compress_toolbox.evaldata import load_eval_data
-from compress_toolbox.generator import make_generator
-from compress_toolbox.health import (
+from compress_toolbox.distill.generator import make_generator
+from compress_toolbox.distill.health import (
     CollapseGuard,
     Health,
     class_entropy,
     judge_student,
 )
-from compress_toolbox.losses import BatchNormStatistics, adversarial_loss, bounded_activation_loss
-from compress_toolbox.methods import get_method, method_names
-from compress_toolbox.presets import PRESETS
-from compress_toolbox.recipe import MIN_USEFUL_ITERATIONS, Recipe, size_recipe
-from compress_toolbox.training import Checkpointer, ReplayPool, StopPolicy
+from compress_toolbox.distill.losses import (
+    BatchNormStatistics,
+    adversarial_loss,
+    bounded_activation_loss,
+)
+from compress_toolbox.distill.methods import get_method, method_names
+from compress_toolbox.distill.parts import Checkpointer, ReplayPool, StopPolicy
+from compress_toolbox.distill.presets import PRESETS
+from compress_toolbox.distill.recipe import MIN_USEFUL_ITERATIONS, Recipe, size_recipe
+from compress_toolbox.domain import InputDomain
+from compress_toolbox.errors import DaflError
+from compress_toolbox.tasks.evaldata import load_eval_data
 
 
 def test_domain_maps_pixels_per_channel_and_back():

@@ -13,7 +13,7 @@ from torch import nn
 
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
-from compress_toolbox.evaldata import (
+from compress_toolbox.tasks.evaldata import (
     EvalData,
     describe_preprocessing,
     evaluate,

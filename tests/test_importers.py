@@ -27,8 +27,8 @@ from torch import nn
 
 import model_zoo
 from compress_toolbox import DaflError, ImportFailed, VerificationFailed, load_teacher
-from compress_toolbox.analysis import analyse, count_params
-from compress_toolbox.teacher import Teacher
+from compress_toolbox.load.analysis import analyse, count_params
+from compress_toolbox.load.teacher import Teacher
 
 SMALL = ("lenet5", "mlp")
 TORCHVISION = ("resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "densenet121")
@@ -414,7 +414,7 @@ def test_onnx_without_input_shape(tmp_path):
 def test_onnx_that_disagrees_with_onnxruntime(tmp_path, monkeypatch):
     model, shape = build("mlp")
     path = export_legacy(model, shape, tmp_path / "mlp.onnx", opset=17)
-    import compress_toolbox.importers.onnx_file as onnx_file
+    import compress_toolbox.load.importers.onnx_file as onnx_file
 
     real = onnx_file.onnx_to_torch
 
@@ -445,7 +445,7 @@ def test_batchnorm_statistics_survive_onnx_import(exports):
 
 def test_batchnorm_statistics_after_shape_agnostic_rewrite():
     """The same bug, one level down: onnx_to_torch must not change the BatchNorm buffers."""
-    from compress_toolbox.onnx_compat import onnx_to_torch, prepare_onnx_model
+    from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, prepare_onnx_model
 
     model, shape = shared_model("bn_after_add")
     proto = onnx.load(str(exported("bn_after_add", "dynamo")))
@@ -546,7 +546,7 @@ class _Attention(nn.Module):
 def test_legacy_export_reshape_with_batch_folded_in_stays_correct():
     """Reshapes the legacy exporter computes from runtime sizes are made shape-agnostic only
     where that reproduces them at another batch size; attention's (L, N*heads, d) is not."""
-    from compress_toolbox.importers.torch_to_onnx import module_via_onnx
+    from compress_toolbox.load.importers.torch_to_onnx import module_via_onnx
 
     torch.manual_seed(0)
     model = _Attention().eval()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from models import example, lenet5
 
-from compress_toolbox import student as student_module
 from compress_toolbox.limits import LimitExceeded, bounded
-from compress_toolbox.student import StudentError, make_student
+from compress_toolbox.student import derive as student_module
+from compress_toolbox.student.derive import StudentError, make_student
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS")
 

@@ -229,7 +229,7 @@ def test_legacy_torchscript_layout_is_refused(scripted, tmp_path):
 def test_every_operator_that_names_a_file_or_machine_is_refused():
     """The names refused in any namespace cover every aten/prim operator of the installed torch
     that takes a file name or calls another machine (a new torch adding one fails here)."""
-    from compress_toolbox.importers.torchscript import OUTSIDE_WORLD
+    from compress_toolbox.load.importers.torchscript import OUTSIDE_WORLD
 
     reaching = set()
     for schema in torch._C._jit_get_all_schemas():
@@ -260,7 +260,7 @@ def test_ordinary_traced_and_scripted_models_import_quietly(tmp_path, capfd):
 
 def test_torchvision_archives_pass_the_code_check(tmp_path):
     torchvision = pytest.importorskip("torchvision")
-    from compress_toolbox.importers.torchscript import code_problem
+    from compress_toolbox.load.importers.torchscript import code_problem
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -273,7 +273,7 @@ def test_torchvision_archives_pass_the_code_check(tmp_path):
 
 
 def test_torch_output_is_held_back_and_reissued(capfd):
-    from compress_toolbox.importers.base import torch_output_as_warning
+    from compress_toolbox.load.importers.base import torch_output_as_warning
 
     capfd.readouterr()
     with pytest.warns(RuntimeWarning, match="native words(.|\\n)*python words"):
@@ -413,7 +413,7 @@ def test_hostile_archives_are_refused_even_when_trusted(pt2, tmp_path, capfd, ma
 
 
 def test_archive_larger_than_memory_is_refused(pt2, monkeypatch):
-    from compress_toolbox.importers import archive_safety
+    from compress_toolbox.load.importers import archive_safety
 
     monkeypatch.setattr(archive_safety, "available_memory", lambda device: 4096)
     with pytest.raises(ImportFailed, match="more than the 4.0 KiB of memory free"):

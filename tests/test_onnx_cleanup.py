@@ -17,11 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from compress_toolbox import load_teacher
-from compress_toolbox.analysis import analyse, count_params
-from compress_toolbox.export import export_onnx, verify_onnx
-from compress_toolbox.onnx_cleanup import clean_up
+from compress_toolbox.export.writer import export_onnx, verify_onnx
+from compress_toolbox.load.analysis import analyse, count_params
+from compress_toolbox.load.graph.onnx_cleanup import clean_up
 from compress_toolbox.pipeline import plan_student
-from compress_toolbox.student import ChannelOrderError, make_student
+from compress_toolbox.student.derive import ChannelOrderError, make_student
 
 
 class _Graph:

@@ -25,9 +25,9 @@ from conftest import one_error_line, run_cli
 from filelock import FileLock
 from torch import nn
 
+from compress_toolbox.distill.parts import Checkpointer
 from compress_toolbox.errors import DaflError
 from compress_toolbox.outdir import OutputFolder
-from compress_toolbox.training import Checkpointer
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--iters", "2", "--batch-size", "16", "--no-progress", "--threads", "1"]

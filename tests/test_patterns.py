@@ -14,10 +14,10 @@ from models import example, export_dynamo, export_legacy, save_torchscript
 from patterns import SHAPE, pattern
 from torch import nn
 
-from compress_toolbox.export import export_onnx, verify_onnx
-from compress_toolbox.shape_agnostic import EqualSplit, SizedSplit
-from compress_toolbox.student import make_student
-from compress_toolbox.teacher import load_teacher
+from compress_toolbox.export.writer import export_onnx, verify_onnx
+from compress_toolbox.load.graph.shape_agnostic import EqualSplit, SizedSplit
+from compress_toolbox.load.teacher import load_teacher
+from compress_toolbox.student.derive import make_student
 
 ROUTES = {
     "dynamo": ("model.onnx", export_dynamo),
@@ -158,7 +158,7 @@ def test_a_group_whose_pruning_breaks_the_network_is_put_back():
     longer works: every layer as it was, and the network runs as before."""
     import torch_pruning as tp
 
-    from compress_toolbox.shuffle_pruning import prune_or_restore
+    from compress_toolbox.student.shuffle_pruning import prune_or_restore
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
     model.eval()
@@ -216,7 +216,7 @@ def test_library_internals_we_adapt_are_where_we_expect():
     from onnx2torch.node_converters import registry
     from torch.onnx import symbolic_helper
 
-    from compress_toolbox import onnx_compat
+    from compress_toolbox.load.graph import onnx_compat
 
     def converter(op: str, version: int):
         return registry._CONVERTER_REGISTRY[registry.OperationDescription("", op, version)]
@@ -227,7 +227,7 @@ def test_library_internals_we_adapt_are_where_we_expect():
     # must still be rooted by its order
     import torch_pruning as tp
 
-    from compress_toolbox.shuffle_pruning import root_groups_at_narrowest_layer
+    from compress_toolbox.student.shuffle_pruning import root_groups_at_narrowest_layer
 
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1))
     graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 4, 4))
@@ -260,7 +260,7 @@ def test_torch_pruning_split_and_concat_bookkeeping_we_correct():
     second part) must land at 10 and 11 of the concatenation, and nowhere in the first part."""
     import torch_pruning as tp
 
-    from compress_toolbox.shuffle_pruning import ChannelPartitions
+    from compress_toolbox.student.shuffle_pruning import ChannelPartitions
 
     model = _SplitIntoConcat()
     partitions = ChannelPartitions(model)

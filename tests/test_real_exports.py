@@ -10,8 +10,8 @@ from torch import nn
 
 from compress_toolbox import load_teacher
 from compress_toolbox.errors import DaflError, ImportFailed, VerificationFailed
+from compress_toolbox.export.verification import compare
 from compress_toolbox.pipeline import compress
-from compress_toolbox.verification import compare
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_the_student_of_a_softmax_ended_teacher_answers_probabilities(softmax_te
     """student.onnx keeps the teacher file's signature: probabilities, like the teacher."""
     import onnxruntime as ort
 
-    from compress_toolbox.health import StudentFailed
+    from compress_toolbox.distill.health import StudentFailed
 
     path, _ = softmax_teacher
     try:
@@ -132,7 +132,7 @@ def test_a_file_that_only_declares_batch_one_imports(tmp_path):
 
 
 def test_a_failed_student_check_names_the_user_s_file_not_a_temporary_one(tmp_path):
-    from compress_toolbox.export import export_onnx, verify_onnx
+    from compress_toolbox.export.writer import export_onnx, verify_onnx
 
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     partial = tmp_path / ".s.partial-123.onnx"
@@ -166,7 +166,7 @@ def test_a_sigmoid_map_is_distilled_as_two_classes_and_shipped_as_a_map(sigmoid_
 
     import onnxruntime as ort
 
-    from compress_toolbox.health import StudentFailed
+    from compress_toolbox.distill.health import StudentFailed
 
     path, masks = sigmoid_map_teacher
     loaded = load_teacher(path)

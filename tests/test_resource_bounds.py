@@ -22,9 +22,10 @@ from onnx import TensorProto
 from onnx import helper as oh
 from torch import nn
 
-from compress_toolbox import load_teacher, teacher
+from compress_toolbox import load_teacher
 from compress_toolbox.errors import ImportFailed
-from compress_toolbox.evaldata import EvalDataError, load_eval_data
+from compress_toolbox.load import teacher
+from compress_toolbox.tasks.evaldata import EvalDataError, load_eval_data
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,12 +20,12 @@ from models import (
 from torch import fx, nn
 
 from compress_toolbox import DaflError, load_teacher
-from compress_toolbox.analysis import analyse
-from compress_toolbox.export import export_onnx, verify_onnx
-from compress_toolbox.importers.torch_to_onnx import module_via_onnx
-from compress_toolbox.shape_agnostic import ChannelShuffle, EqualSplit
-from compress_toolbox.shuffle_pruning import ChannelPermutation
-from compress_toolbox.student import StudentError, layer_widths, make_student
+from compress_toolbox.export.writer import export_onnx, verify_onnx
+from compress_toolbox.load.analysis import analyse
+from compress_toolbox.load.graph.shape_agnostic import ChannelShuffle, EqualSplit
+from compress_toolbox.load.importers.torch_to_onnx import module_via_onnx
+from compress_toolbox.student.derive import StudentError, layer_widths, make_student
+from compress_toolbox.student.shuffle_pruning import ChannelPermutation
 
 
 def _params(module: nn.Module) -> int:

@@ -25,9 +25,9 @@ from torch import nn
 from cli.main import main
 from compress_toolbox import ImportFailed, VerificationFailed, load_teacher, make_student
 from compress_toolbox.errors import DaflWarning
-from compress_toolbox.export import export_onnx, verify_onnx
-from compress_toolbox.importers import detect_format
-from compress_toolbox.importers import tensorflow as tf_importer
+from compress_toolbox.export.writer import export_onnx, verify_onnx
+from compress_toolbox.load.importers import detect_format
+from compress_toolbox.load.importers import tensorflow as tf_importer
 
 HERE = Path(__file__).parent
 HAS_TF = all(importlib.util.find_spec(name) for name in ("tensorflow", "tf2onnx"))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from models import export_dynamo, export_legacy, save_torchscript
 
-from compress_toolbox.export import export_onnx, verify_onnx
-from compress_toolbox.student import make_student
-from compress_toolbox.teacher import load_teacher
+from compress_toolbox.export.writer import export_onnx, verify_onnx
+from compress_toolbox.load.teacher import load_teacher
+from compress_toolbox.student.derive import make_student
 
 timm = pytest.importorskip("timm")  # a test dependency (setup.cfg [test]); never skipped in CI
 

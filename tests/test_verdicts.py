@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from compress_toolbox import health, recipe
-from compress_toolbox.health import Health, StudentFailed, judge_student
+from compress_toolbox import limits
+from compress_toolbox.distill import health
+from compress_toolbox.distill.health import Health, StudentFailed, judge_student
+from compress_toolbox.distill.parts import ThreadChooser
 from compress_toolbox.limits import LimitExceeded, bounded
 from compress_toolbox.pipeline import compress
-from compress_toolbox.training import ThreadChooser
-from compress_toolbox.verdict import chance_agreement, falls_short, trivial_score
+from compress_toolbox.tasks.verdict import chance_agreement, falls_short, trivial_score
 from model_zoo.student import pick_student
 
 
@@ -124,7 +125,7 @@ def test_the_exported_student_carries_no_debugging_weight(tmp_path):
     made a 487-byte network a 6 kB file, larger than its teacher's."""
     import onnx
 
-    from compress_toolbox.export import export_onnx
+    from compress_toolbox.export.writer import export_onnx
 
     path = export_onnx(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), (1, 8, 8),
                        tmp_path / "s.onnx")  # fmt: skip
@@ -137,7 +138,7 @@ def test_the_exported_student_carries_no_debugging_weight(tmp_path):
 def test_iteration_bound_runs_never_race_threads(monkeypatch):
     """An --iters run must give the same student on an idle and a busy machine: its thread
     count is not chosen by timing the first iterations."""
-    from compress_toolbox import training
+    from compress_toolbox.distill import parts as training
 
     monkeypatch.setattr(training, "cores_per_rank", lambda: 2)
     before = torch.get_num_threads()
@@ -181,8 +182,8 @@ def test_the_time_bound_counts_work_not_waiting_for_a_busy_machine():
 def test_the_process_s_own_memory_limit_counts_as_available_memory(monkeypatch):
     resource = pytest.importorskip("resource")
     monkeypatch.setattr(resource, "getrlimit",
-                        lambda what: (recipe.virtual_size() + 2**20, resource.RLIM_INFINITY))
-    assert recipe.available_memory(torch.device("cpu")) <= 2**20
+                        lambda what: (limits.virtual_size() + 2**20, resource.RLIM_INFINITY))
+    assert limits.available_memory(torch.device("cpu")) <= 2**20
 
 
 def test_health_records_chance_agreement():
@@ -192,7 +193,7 @@ def test_health_records_chance_agreement():
 
 
 def test_a_derived_student_far_above_width_squared_names_the_layers_that_kept_their_width():
-    from compress_toolbox.analysis import Analysis, LayerInfo
+    from compress_toolbox.load.analysis import Analysis, LayerInfo
     from compress_toolbox.pipeline import _layers_kept_whole
 
     def analysis(params, widths):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress_toolbox.analysis import analyse
+from compress_toolbox.load.analysis import analyse
 from model_zoo import ZooEntry, get_model, list_models, pick_student, register_model
 from model_zoo.registry import get_entry
 

@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from make_segmentation_data import NUM_CLASSES, fashion_garments, make_canvases  # noqa: E402
 
-from compress_toolbox.analysis import analyse  # noqa: E402
-from compress_toolbox.export import export_onnx, export_pt2  # noqa: E402
-from compress_toolbox.segmetrics import score_masks  # noqa: E402
+from compress_toolbox.export.writer import export_onnx, export_pt2  # noqa: E402
+from compress_toolbox.load.analysis import analyse  # noqa: E402
+from compress_toolbox.tasks.segmetrics import score_masks  # noqa: E402
 from model_zoo import get_model  # noqa: E402
 
 INPUT_SHAPE = (1, 64, 64)

@@ -40,8 +40,8 @@ sys.path.insert(0, str(HERE))
 
 from models import MLP, CifarResNet, MobileNetSmall, VGGSmall  # noqa: E402
 
-from compress_toolbox.analysis import analyse  # noqa: E402
-from compress_toolbox.evaldata import read_idx  # noqa: E402
+from compress_toolbox.load.analysis import analyse  # noqa: E402
+from compress_toolbox.tasks.evaldata import read_idx  # noqa: E402
 from model_zoo import get_model  # noqa: E402
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

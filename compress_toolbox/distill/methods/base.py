@@ -1,0 +1,207 @@
+"""The interface every distillation method implements, and the shared generator machinery.
+
+A method makes the inputs the student learns from: each call of ``generate`` returns one batch
+of inputs (in the teacher's input domain) with the teacher's logits on them, after updating its
+generator if it has one. The trainer (distill.py) owns the student's updates, the replay pool,
+the schedule and the health checks; a method owns only its generator and its losses.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from compress_toolbox.distill.generator import augment, make_generator
+from compress_toolbox.distill.presets import Preset
+from compress_toolbox.domain import InputDomain
+from compress_toolbox.tasks import get_task
+
+
+@dataclass
+class MethodContext:
+    """What a method may use: the frozen teacher, the student being trained, the input."""
+
+    teacher: nn.Module  # eval mode, no parameter gradients, on ``device``
+    student: nn.Module  # read (never updated) by adversarial terms
+    input_shape: tuple[int, ...]
+    num_classes: int
+    domain: InputDomain
+    preset: Preset
+    device: torch.device
+    final_layer: str | None = None  # the teacher's last Linear/1x1 conv (activation loss)
+    autocast: Any = field(default_factory=nullcontext)  # a context manager factory
+    channels_last: bool = False  # generators in channels-last memory format (faster on CPU)
+    task: str = "classification"  # tasks.py: segmentation logits are (N, K, H, W)
+
+    def batchnorm_layers(self) -> int:
+        """Number of BatchNorm layers with running statistics in the teacher."""
+        return sum(
+            isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None
+            for m in self.teacher.modules()
+        )
+
+
+@dataclass
+class GeneratedBatch:
+    """Inputs for the student (detached, in the teacher's domain) and the teacher's logits."""
+
+    x: torch.Tensor
+    teacher_logits: torch.Tensor
+    losses: dict[str, float]  # generator loss terms, unweighted (empty for generator-free)
+
+
+class Method(ABC):
+    """One way of making training inputs without data. Subclasses set ``name`` and ``summary``
+    and register with ``@register_method`` (methods/__init__.py)."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    loss_names: ClassVar[tuple[str, ...]] = ()  # the keys of GeneratedBatch.losses
+    generator: nn.Module | None = None
+
+    def __init__(self, ctx: MethodContext) -> None:
+        self.ctx = ctx
+
+    @classmethod
+    def unavailable_reason(cls, ctx: MethodContext) -> str | None:
+        """Why this method cannot run on this teacher (None: it can)."""
+        return None
+
+    @abstractmethod
+    def generate(self, batch_size: int) -> GeneratedBatch:
+        """One batch of training inputs, after one update of the generator (if any)."""
+
+    @abstractmethod
+    def sample(self, n: int) -> torch.Tensor:
+        """``n`` fresh inputs without gradients (health checks, pictures)."""
+
+    def restart(self) -> None:  # noqa: B027 - optional: methods without a generator
+        """Start the generator afresh (after a collapse of the generated classes)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional
+        """Restore what ``state_dict`` returned."""
+
+    def close(self) -> None:  # noqa: B027 - optional: only methods with hooks
+        """Remove any hooks this method put on the teacher."""
+
+
+@contextmanager
+def frozen(module: nn.Module):
+    """Gradients may flow through ``module`` to its input, but none accumulate in it."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for param, flag in zip(module.parameters(), flags):
+            param.requires_grad_(flag)
+
+
+class FeatureHook:
+    """Keeps the input of one teacher layer (DAFL's activation loss reads the final layer's)."""
+
+    def __init__(self, module: nn.Module, layer_name: str) -> None:
+        self.value: torch.Tensor | None = None
+        layer = module.get_submodule(layer_name)
+        self._handle = layer.register_forward_pre_hook(self._keep)
+
+    def _keep(self, _layer, inputs) -> None:
+        self.value = inputs[0]
+
+    def pop(self) -> torch.Tensor:
+        value, self.value = self.value, None
+        if value is None:
+            raise RuntimeError("the teacher's final layer did not run")
+        return value
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+class GeneratorMethod(Method):
+    """A method with a generator trained by a weighted sum of loss terms on the teacher's
+    answers (``loss_terms``). ``conditional`` generators take a class label per sample, drawn
+    so that every batch is balanced over the teacher's classes."""
+
+    conditional: ClassVar[bool] = False
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        # images only: a (F,) vector has no layout to move
+        images = len(ctx.input_shape) == 3
+        self.augmentations = get_task(ctx.task).generated_augmentations if images else ()
+        # the teacher's domain where the generator makes pixels in it (see restart)
+        self.pixel_domain = ctx.domain if ctx.preset.generator_output == "domain" else None
+        self.restart()
+
+    def restart(self) -> None:
+        preset = self.ctx.preset
+        self.generator = make_generator(
+            self.ctx.input_shape,
+            preset.latent_dim,
+            preset.gen_width,
+            num_classes=self.ctx.num_classes if self.conditional else 0,
+            domain=self.pixel_domain,
+        ).to(self.ctx.device)
+        if self.ctx.channels_last:
+            self.generator.to(memory_format=torch.channels_last)
+        lr = preset.gen_lr_conditional if self.conditional else preset.gen_lr
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr)
+
+    def _latent(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = torch.randn(n, self.ctx.preset.latent_dim, device=self.ctx.device)
+        if not self.conditional:
+            return z, None
+        classes = self.ctx.num_classes
+        labels = torch.arange(n, device=self.ctx.device) % classes  # balanced by construction
+        return z, labels[torch.randperm(n, device=self.ctx.device)]
+
+    @abstractmethod
+    def loss_terms(
+        self, x: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None
+    ) -> dict[str, tuple[float, torch.Tensor]]:
+        """name -> (weight, unweighted loss) for one generated batch (teacher already run)."""
+
+    def generate(self, batch_size: int) -> GeneratedBatch:
+        self.generator.train()
+        z, labels = self._latent(batch_size)
+        with self.ctx.autocast():
+            x = self._images(z, labels)
+            logits = self.ctx.teacher(x).float()
+            terms = self.loss_terms(x, logits, labels)
+        total = sum(weight * value for weight, value in terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        losses = {name: float(value.detach()) for name, (_, value) in terms.items()}
+        return GeneratedBatch(x.detach(), logits.detach(), losses)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        z, labels = self._latent(n)
+        with self.ctx.autocast():
+            return self._images(z, labels).float()
+
+    def _images(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The generator's output, augmented at random where the task asks for it."""
+        return augment(self.generator(z, labels), self.augmentations, self.pixel_domain)
+
+    def student_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's logits on ``x``, differentiable w.r.t. ``x`` only (adversarial terms)."""
+        with frozen(self.ctx.student):
+            return self.ctx.student(x).float()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])

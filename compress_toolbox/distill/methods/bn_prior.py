@@ -1,0 +1,65 @@
+"""The BatchNorm-statistics prior (DeepInversion, Yin et al. 2020; generative as in Fast-DFKD,
+Fang et al. 2022): a class-conditional generator whose images make every BatchNorm layer of the
+teacher see the mean and variance it recorded on its training data, plus adversarial
+exploration. Available when the teacher still has its BatchNorm layers (TorchScript, .pt2,
+checkpoints, ONNX exported without folding); torch's default ONNX export folds them away.
+
+For a segmentation teacher (as DFSS, 2025, guides sampling with BatchNorm statistics) the
+generator is unconditional, since one class per image means nothing when every pixel has one:
+the BatchNorm prior, plus DAFL's per-pixel one-hot and information-entropy terms (scenes the
+teacher segments confidently, covering every class) and pixel-wise adversarial exploration."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from compress_toolbox.distill.losses import (
+    BatchNormStatistics,
+    adversarial_loss,
+    information_entropy_loss,
+    one_hot_loss,
+)
+from compress_toolbox.distill.methods import register_method
+from compress_toolbox.distill.methods.base import GeneratorMethod, MethodContext
+
+
+@register_method
+class BatchNormPrior(GeneratorMethod):
+    name = "bn-prior"
+    summary = "BatchNorm-statistics prior + class-conditional generator + adversarial"
+    loss_names = ("ce", "bn", "adv")
+    conditional = True
+
+    def __init__(self, ctx: MethodContext) -> None:
+        self.statistics = BatchNormStatistics(ctx.teacher)
+        self.conditional = ctx.task == "classification"  # see the module's docstring
+        if not self.conditional:
+            self.loss_names = ("oh", "ie", "bn", "adv")
+        super().__init__(ctx)
+
+    @classmethod
+    def unavailable_reason(cls, ctx: MethodContext) -> str | None:
+        if ctx.batchnorm_layers() == 0:
+            return (
+                "the teacher has no BatchNorm layers (torch's default ONNX export folds them "
+                "into the convolutions; a .pt2, TorchScript or checkpoint file keeps them)"
+            )
+        return None
+
+    def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
+        preset = self.ctx.preset
+        if labels is not None:
+            terms = {"ce": (preset.w_ce, F.cross_entropy(logits, labels))}
+        else:
+            terms = {
+                "oh": (preset.w_oh, one_hot_loss(logits)),
+                "ie": (preset.w_ie, information_entropy_loss(logits, preset.entropy_base)),
+            }
+        terms["bn"] = (preset.w_bn, self.statistics.loss())
+        if preset.w_adv > 0:
+            terms["adv"] = (preset.w_adv, adversarial_loss(self.student_logits(x), logits))
+        return terms
+
+    def close(self) -> None:
+        self.statistics.close()

@@ -1,0 +1,164 @@
+"""Training recipes: the paper's (exactly as published) and ``fast`` (tuned on the suite)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+from compress_toolbox.errors import DaflError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Hyper-parameters of one training recipe (generator, student, loss weights, schedule)."""
+
+    name: str
+    latent_dim: int
+    batch_size: int
+    gen_width: int  # channels of the generator's first conv block (paper: 128)
+    gen_lr: float  # DAFL-family generators (dafl, adversarial); the paper: 0.2 (MNIST)
+    student_optimizer: str  # "adam" or "sgd"
+    student_lr: float  # a fresh student
+    w_oh: float  # DAFL one-hot loss weight
+    w_ie: float  # DAFL information-entropy loss weight
+    w_a: float  # DAFL activation loss weight
+    schedule: str  # "constant", "step" (x0.1 at 40% and 80%) or "cosine"
+    epochs: int | None = None  # paper schedule length (epochs x iters_per_epoch iterations)
+    iters_per_epoch: int = 120
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    entropy_base: float = math.e  # the authors' code uses log10
+    student_steps: int = 1  # student updates per generated batch (generator step)
+    pool_size: int = 1  # student steps draw from the last pool_size generated batches
+    kd_temperature: float = 1.0  # softmax temperature of the KD loss (the paper: 1)
+    student_lr_fine_tune: float | None = None  # a student from the teacher's weights (None:
+    # student_lr)
+    student_init: str = "fresh"  # what --init auto means: "fresh" (the paper) or "teacher"
+    # "paper": tanh + BatchNorm(affine=False) output (DAFL); "domain": pixels in [0, 1] mapped
+    # into the teacher's input domain (domain.py)
+    generator_output: str = "paper"
+    bounded_activation: bool = False  # scale-free, bounded activation loss (losses.py)
+    gen_lr_conditional: float = 1e-2  # class-conditional generators (conditional, bn-prior)
+    w_ce: float = 1.0  # class-conditional methods: cross-entropy to the drawn labels
+    w_bn: float = 5.0  # BatchNorm-statistics prior (mean over the BatchNorm layers)
+    w_adv: float = 1.0  # adversarial exploration (student-teacher discrepancy)
+    # CPU threads: "all" = os.cpu_count(), "auto" = time 1 vs all threads and keep the faster,
+    # or a number.
+    cpu_threads: str | int = "all"
+    channels_last: bool = True  # teacher and student in channels-last memory format
+    schedule_generator: bool = False  # apply the LR schedule to the generator too
+    fit_schedule_to_budget: bool = False  # schedule progress = max(iter/iters, elapsed/budget)
+    size_to_budget: bool = False  # choose batch / student steps from timed steps (recipe.py)
+    default_time_budget: float | None = None  # seconds, used when no budget/iters/epochs given
+    description: str = ""
+
+    def with_options(self, **changes) -> Preset:
+        """A copy with some fields changed (unknown names and bad values raise DaflError)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise DaflError(f"unknown preset field(s): {', '.join(unknown)}")
+        return replace(self, **changes).check()
+
+    def check(self) -> Preset:
+        """Raise DaflError naming the first field with an impossible value; return self."""
+        choices = {
+            "student_optimizer": ("adam", "sgd"),
+            "schedule": ("constant", "step", "cosine"),
+            "student_init": ("fresh", "teacher"),
+            "generator_output": ("paper", "domain"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise DaflError(f"preset {self.name}: {name} must be one of {', '.join(allowed)}")
+        positive = ("latent_dim", "batch_size", "gen_width", "gen_lr", "student_lr",
+                    "kd_temperature", "student_steps", "pool_size", "iters_per_epoch",
+                    "gen_lr_conditional")  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise DaflError(
+                    f"preset {self.name}: {name} must be a positive number, got {value!r}"
+                )
+        if self.batch_size < 2:
+            raise DaflError(f"preset {self.name}: batch size must be at least 2 (BatchNorm)")
+        return self
+
+
+PRESETS: dict[str, Preset] = {
+    "paper-mnist": Preset(
+        name="paper-mnist",
+        latent_dim=100,
+        batch_size=512,
+        gen_width=128,
+        gen_lr=0.2,
+        student_optimizer="adam",
+        student_lr=2e-3,
+        w_oh=1.0,
+        w_ie=5.0,
+        w_a=0.1,
+        entropy_base=10.0,
+        schedule="constant",  # the authors' code only decays the LR for non-MNIST datasets
+        epochs=200,
+        iters_per_epoch=120,
+        description="authors' MNIST recipe: 200 epochs x 120 iterations, batch 512, no LR decay",
+    ),
+    "paper-cifar": Preset(
+        name="paper-cifar",
+        latent_dim=1000,
+        batch_size=1024,
+        gen_width=128,
+        gen_lr=0.02,
+        student_optimizer="sgd",
+        student_lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        w_oh=0.05,
+        w_ie=5.0,
+        w_a=0.01,
+        entropy_base=10.0,
+        schedule="step",
+        epochs=2000,
+        iters_per_epoch=120,  # DAFL_train.py loops range(120) per epoch for every dataset
+        description="authors' CIFAR recipe: 2000 epochs x 120 iterations, student LR x0.1 at "
+        "epochs 800 and 1600",
+    ),
+    # Measured on the teacher suite on a 2-core CPU (benchmarks/RESULTS.md).
+    "fast": Preset(
+        name="fast",
+        latent_dim=100,
+        batch_size=128,
+        gen_width=16,
+        gen_lr=0.2,
+        student_optimizer="adam",
+        student_lr=5e-3,
+        w_oh=1.0,
+        w_ie=5.0,
+        w_a=0.1,
+        entropy_base=10.0,
+        schedule="cosine",
+        kd_temperature=4.0,
+        student_steps=12,
+        pool_size=24,
+        student_lr_fine_tune=1e-3,
+        student_init="teacher",
+        generator_output="domain",
+        bounded_activation=True,
+        fit_schedule_to_budget=True,
+        size_to_budget=True,
+        cpu_threads="auto",
+        default_time_budget=120.0,
+        description="tuned for speed on a 2-core CPU: batch 128, 16-channel generator, 12 student "
+        "steps per generated batch drawn from the last 24 batches, KD at temperature 4, cosine "
+        "LR fitted to the budget",
+    ),
+}
+
+
+def get_preset(preset: str | Preset) -> Preset:
+    """A preset by name (DaflError naming the known ones when unknown), or the preset itself."""
+    if isinstance(preset, Preset):
+        return preset
+    if preset not in PRESETS:
+        raise DaflError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]

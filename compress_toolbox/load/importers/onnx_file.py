@@ -1,0 +1,224 @@
+"""ONNX files (any producer, opsets 11-22, external data), verified against onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from compress_toolbox.errors import ImportFailed
+from compress_toolbox.export.verification import tolerance_for
+from compress_toolbox.load.graph.onnx_cleanup import clean_up
+from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, opset_version, prepare_onnx_model
+from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer, verify
+from compress_toolbox.load.importers.onnx_checks import check_model
+from compress_toolbox.tasks import FILE_OUTPUTS, SigmoidAsTwoClasses
+
+
+def _parse(path: Path, load_external_data: bool) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except FileNotFoundError as error:
+        raise ImportFailed(
+            f"{path}: external data file missing: {error.filename or error}"
+        ) from None
+    except onnx.checker.ValidationError as error:
+        if "external" in str(error) or "should be stored" in str(error):
+            raise ImportFailed(f"{path}: external data file missing: {error}") from None
+        raise ImportFailed(f"{path}: not a valid ONNX model: {error}") from None
+    except Exception as error:  # protobuf DecodeError and friends
+        raise ImportFailed(
+            f"{path}: not a valid ONNX model (truncated or corrupt: {type(error).__name__})"
+        ) from None
+    if model.ir_version <= 0 or not model.graph.node:
+        raise ImportFailed(f"{path}: not a valid ONNX model (no graph)")
+    return model
+
+
+def _sniff(info: FileHead) -> bool:
+    if info.zip_names or info.head[:1] == b"\x80":  # zip or pickle: a torch format
+        return False
+    if info.path.suffix.lower() == ".onnx":
+        return True
+    try:
+        _parse(info.path, load_external_data=False)
+    except ImportFailed:
+        return False
+    return True
+
+
+def _graph_input(model: onnx.ModelProto, path: Path) -> onnx.ValueInfoProto:
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [inp for inp in model.graph.input if inp.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(inp.name for inp in inputs)
+        raise ImportFailed(
+            f"{path}: the model has {len(inputs)} inputs ({names}); one is supported"
+        )
+    return inputs[0]
+
+
+def _input_shape(graph_input: onnx.ValueInfoProto, given, path: Path):
+    """(C, H, W) from the ONNX input, the batch dimension dropped; ``given`` wins if set."""
+    dims = graph_input.type.tensor_type.shape.dim
+    fixed_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    if given:
+        return tuple(given), fixed_batch
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+    if not dims or any(dim is None or dim <= 0 for dim in shape):
+        raise ImportFailed(
+            f"{path}: input '{graph_input.name}' has no fixed shape beyond the batch "
+            f"({[d.dim_param or d.dim_value for d in dims]}); give it with --input-shape C,H,W"
+        )
+    return tuple(shape), fixed_batch
+
+
+PROBABILITY_OPS = ("Softmax", "LogSoftmax", "Sigmoid", "ArgMax", "TopK")
+
+
+def _pick_output(model: onnx.ModelProto, path: Path) -> str:
+    """The output to distill: the only one, or the first not computed by a probability-like op
+    (a classifier exported with both logits and probabilities keeps its logits). Other outputs
+    are dropped from the (copied) graph."""
+    outputs = [out.name for out in model.graph.output]
+    if len(outputs) == 1:
+        return outputs[0]
+    producers = {name: node.op_type for node in model.graph.node for name in node.output}
+    logits = [name for name in outputs if producers.get(name) not in PROBABILITY_OPS]
+    if not logits:
+        raise ImportFailed(
+            f"{path}: all {len(outputs)} outputs ({', '.join(outputs)}) are probabilities or "
+            "indices; export the model with its logits as an output"
+        )
+    keep = next(out for out in model.graph.output if out.name == logits[0])
+    del model.graph.output[:]
+    model.graph.output.append(keep)
+    return keep.name
+
+
+def _cut_final_activation(model: onnx.ModelProto, output: str) -> str | None:
+    """When ``output`` is a Softmax over the classes or a one-channel Sigmoid, make the
+    activation's input the graph's output (in place) and return the op's name: distillation
+    needs logits, and the probabilities of a confident teacher (0.994) read as logits say it
+    is barely sure."""
+    node = next((n for n in model.graph.node if output in n.output), None)
+    if node is None or node.op_type not in ("Softmax", "Sigmoid"):
+        return None
+    if node.input[0] in {i.name for i in model.graph.input}:
+        return None
+    declared = next(o for o in model.graph.output if o.name == output).type.tensor_type
+    dims = list(declared.shape.dim) if declared.HasField("shape") else None
+    if node.op_type == "Softmax":
+        axis = next((a.i for a in node.attribute if a.name == "axis"),
+                    -1 if _opset(model) >= 13 else 1)  # fmt: skip
+        if axis != 1 and not (axis == -1 and (dims is None or len(dims) == 2)):
+            return None  # a Softmax over another axis than the classes'
+    elif not dims or len(dims) < 2 or dims[1].dim_value != 1:
+        return None  # a multi-label Sigmoid: its channels are not classes of one choice
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0],
+                                                                 onnx.TensorProto.FLOAT, None))
+    model.graph.node.remove(node)
+    return node.op_type
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
+def _weight_precision(model: onnx.ModelProto) -> str:
+    """The lowest float precision among the initializers (the verification tolerance)."""
+    kinds = {init.data_type for init in model.graph.initializer}
+    if onnx.TensorProto.BFLOAT16 in kinds:
+        return "bfloat16"
+    if onnx.TensorProto.FLOAT16 in kinds:
+        return "float16"
+    return "float32"
+
+
+def _check_input_type(graph_input: onnx.ValueInfoProto, path: Path) -> None:
+    elem = graph_input.type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        name = onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem else "unknown"
+        raise ImportFailed(
+            f"{path}: input '{graph_input.name}' is {name}; dafl-compress needs a float32 "
+            "input (weights may be float16): export the model with float32 inputs"
+        )
+
+
+def _onnxruntime_runner(path: Path, input_name: str, output_name: str, fixed_batch: int | None):
+    from compress_toolbox.export.writer import onnx_session
+
+    try:
+        session = onnx_session(path)
+    except Exception as error:
+        raise ImportFailed(f"{path}: onnxruntime cannot load it: {error}") from None
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if fixed_batch == 1 and x.shape[0] != 1:  # a fixed-batch file: compare sample by sample
+            return np.concatenate([run(x[i : i + 1]) for i in range(x.shape[0])])
+        return session.run([output_name], {input_name: x.astype(np.float32)})[0]
+
+    return run
+
+
+def _check_batch_not_fixed(path: Path, model: onnx.ModelProto, graph_input: onnx.ValueInfoProto,
+                           shape: tuple[int, ...]) -> None:  # fmt: skip
+    """A file that declares batch 1 may still compute any batch (then it is compared sample
+    by sample); one whose graph fixes batch 1 (reshapes to [1, ...]) cannot be trained on
+    batches, so it is refused here rather than failing deep in the conversion."""
+    from compress_toolbox.export.writer import onnx_session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for value in (*probe.graph.input, *probe.graph.output):  # declared 1: let 2 through
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_value == 1:
+            dims[0].dim_param = "batch"
+    try:
+        session = onnx_session(probe.SerializeToString())
+        out = session.run(None, {graph_input.name: np.zeros((2, *shape), np.float32)})[0]
+        if out.shape[:1] == (2,):
+            return
+    except Exception:  # noqa: BLE001 - any failure at batch 2 means the same here
+        pass
+    raise ImportFailed(
+        f"{path}: the file fixes batch 1 (input '{graph_input.name}' is [1, ...] and the graph "
+        "does not compute a batch of 2); export it with a dynamic batch dimension"
+    )
+
+
+@register_importer("onnx", _sniff)
+def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
+    """Convert with onnx2torch (plus our converters for newer opsets) after making the graph
+    prunable (onnx_cleanup.py); check against the original file with onnxruntime."""
+    model = _parse(path, load_external_data=True)
+    graph_input = _graph_input(model, path)
+    _check_input_type(graph_input, path)
+    shape, fixed_batch = _input_shape(graph_input, input_shape, path)
+    check_model(model, path, shape)
+    if fixed_batch == 1:
+        _check_batch_not_fixed(path, model, graph_input, shape)
+    prepared = clean_up(prepare_onnx_model(model))
+    output = _pick_output(prepared, path)
+    activation = _cut_final_activation(prepared, output)
+    module = onnx_to_torch(prepared, path, shape).eval()
+    runner = _onnxruntime_runner(path, graph_input.name, output, fixed_batch)
+    precision = _weight_precision(model)
+    distilled = {None: "logits", "Softmax": "logits before its Softmax",
+                 "Sigmoid": "the logit before its Sigmoid, as two classes"}[activation]  # fmt: skip
+    if activation == "Sigmoid":
+        module = SigmoidAsTwoClasses(module).eval()
+    as_file = FILE_OUTPUTS.get(distilled)
+    checked = as_file(module) if as_file else module
+    max_abs, max_rel = verify(checked, runner, shape, path, rtol=tolerance_for(precision))
+    details = {
+        "distilled_output": distilled,
+        "opset": opset_version(model),
+        "producer": model.producer_name,
+        "verified_against": "onnxruntime",
+        "output": output,
+        "weights": precision,
+    }
+    return ImportedModel(module, shape, max_abs, max_rel, details)

@@ -1,0 +1,252 @@
+"""TensorFlow and Keras teachers (.keras, .h5, SavedModel, frozen .pb, TF1/TF2 checkpoints,
+TFLite): converted to ONNX by tf2onnx in a subprocess, imported by the ONNX importer, and
+verified against TensorFlow's own outputs.
+
+TensorFlow is never imported here: importing it beside torch segfaults, so ``_tf_convert.py``
+runs in its own Python process and hands back an ONNX file plus TensorFlow's outputs on fixed
+NHWC inputs. The optional extra ``dafl-compress[tf]`` provides tensorflow-cpu and tf2onnx.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from compress_toolbox.errors import DaflError, DaflWarning, ImportFailed, VerificationFailed
+from compress_toolbox.export.verification import tolerance_for
+from compress_toolbox.load.analysis import output_tensor
+from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer
+from compress_toolbox.load.importers.onnx_file import import_onnx
+
+CONVERTER = Path(__file__).with_name("_tf_convert.py")
+# Run by path through runpy, not ``-m``: ``-m`` would import compress_toolbox (and torch), and a
+# script's own folder on sys.path would let this file shadow the real ``tensorflow``.
+LAUNCH = "import runpy, sys; sys.exit(runpy.run_path(sys.argv[1])['main'](sys.argv[2:]))"
+INSTALL_HINT = 'pip install "dafl-compress[tf]"'
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+# int8 TFLite: the ONNX model computes in float with the dequantised weights, the interpreter
+# rounds every activation to 8 bits; they agree to about 1e-2 (LeNet), not 1e-4.
+INT8_RTOL = 0.1
+KIND_NAMES = {
+    "keras": "Keras model",
+    "savedmodel": "SavedModel",
+    "frozen": "frozen graph",
+    "tf1": "TF1 checkpoint",
+    "tf2": "TF2 checkpoint",
+    "tflite": "TFLite model",
+}
+
+
+@dataclass
+class Conversion:
+    """What the converter process hands back."""
+
+    onnx_path: Path
+    input_name: str
+    nhwc: tuple[int, int, int]  # H, W, C of TensorFlow's input
+    outputs: list[str]  # ONNX output names, in TensorFlow's output order
+    references: list[tuple[np.ndarray, list[np.ndarray]]]  # (NHWC input, TF outputs)
+    notes: list[str]
+
+
+def tf_kind(path: Path) -> str | None:
+    """Which TensorFlow format ``path`` is (a KIND_NAMES key), from its name and first bytes."""
+    if path.is_dir():
+        has_graph = (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
+        return "savedmodel" if has_graph else None
+    suffix = path.suffix.lower()
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head == HDF5_MAGIC or (suffix == ".keras" and head.startswith(b"PK")):
+        return "keras"
+    if head[4:8] == b"TFL3":
+        return "tflite"
+    if suffix == ".meta" or (suffix == ".index" and path.with_suffix(".meta").is_file()):
+        return "tf1"
+    if suffix == ".index":
+        return "tf2"
+    if path.name == "saved_model.pb":
+        return "savedmodel"
+    return "frozen" if suffix == ".pb" else None
+
+
+def _sniff(info: FileHead) -> bool:
+    return tf_kind(info.path) is not None
+
+
+def _source(path: Path, kind: str) -> Path:
+    """The path the converter reads: the folder of a saved_model.pb, the .meta of a TF1 .index."""
+    if kind == "savedmodel" and path.is_file():
+        return path.parent.resolve()
+    if kind == "tf1":
+        return path.with_suffix(".meta").resolve()
+    return path.resolve()
+
+
+def _check_options(path: Path, kind: str, options: dict) -> None:
+    if kind == "tf2" and not options.get("model_class"):
+        raise ImportFailed(
+            f"{path}: a TF2 checkpoint holds only weights, not the model: give the code "
+            "that builds it with --model-class file.py:build_fn (returning the Keras model)"
+        )
+    shape = options.get("input_shape")
+    if shape and len(shape) != 3:
+        raise ImportFailed(f"--input-shape {tuple(shape)}: a TensorFlow image model needs C,H,W")
+
+
+def _check_extra(path: Path, kind: str) -> None:
+    missing = [name for name in ("tensorflow", "tf2onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportFailed(
+            f"{path}: reading a {KIND_NAMES[kind]} needs {' and '.join(missing)}: {INSTALL_HINT}"
+        )
+
+
+def _absolute_spec(spec: str) -> str:
+    """``file.py:build_fn`` with the file's path made absolute (the converter runs elsewhere)."""
+    location, _, name = spec.rpartition(":")
+    return f"{Path(location).resolve()}:{name}" if location.endswith(".py") else spec
+
+
+def _converter_args(path: Path, kind: str, out: Path, options: dict) -> list[str]:
+    args = ["--kind", kind, "--source", str(_source(path, kind)), "--out", str(out)]
+    if options.get("input_shape"):
+        shape = tuple(options["input_shape"])
+        args += ["--shape", ",".join(map(str, (*shape[1:], shape[0])))]
+    if kind == "tf2":
+        args += ["--model-class", _absolute_spec(options["model_class"])]
+        args += ["--model-kwargs", json.dumps(options.get("model_kwargs") or {})]
+    if options.get("trust_pickle"):
+        args.append("--trust-code")
+    return args
+
+
+def _converter_env() -> dict[str, str]:
+    """The user's environment, with PYTHONPATH made absolute (the converter's working folder is
+    not the user's) and the working folder kept off sys.path (Python 3.11+)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONSAFEPATH": "1"}
+    if env.get("PYTHONPATH"):
+        entries = env["PYTHONPATH"].split(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in entries if p)
+    return env
+
+
+def _run_converter(path: Path, kind: str, out: Path, options: dict) -> Conversion:
+    """Run _tf_convert.py in its own process, in an empty working folder of its own (a relative
+    path in a graph resolves there, and it is deleted after); its one-line error becomes ours."""
+    command = [sys.executable, "-c", LAUNCH, str(CONVERTER),
+               *_converter_args(path, kind, out, options)]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="dafl-tf-cwd-") as cwd:
+        done = subprocess.run(command, capture_output=True, text=True, env=_converter_env(),
+                              cwd=cwd)  # fmt: skip
+    error = out / "error.txt"
+    if done.returncode or not (out / "result.json").is_file():
+        if error.is_file():
+            message = error.read_text().strip()
+        else:  # the process died (a crash in TensorFlow): its last line of output
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            message = f"the TensorFlow converter failed: {lines[-1][:300]}"
+        raise ImportFailed(f"{path}: {message}")
+    result = json.loads((out / "result.json").read_text())
+    arrays = np.load(out / "reference.npz")
+    count = len(result["outputs"])
+    references = []
+    for i in range(len([key for key in arrays.files if key.startswith("x")])):
+        references.append((arrays[f"x{i}"], [arrays[f"y{i}_{k}"] for k in range(count)]))
+    return Conversion(out / "model.onnx", result["input"], tuple(result["nhwc"]),
+                      result["outputs"], references, result["notes"])  # fmt: skip
+
+
+def _check_nchw(conversion: Conversion, path: Path) -> tuple[int, int, int]:
+    """(C, H, W): the ONNX input must be [N,C,H,W] (a wrong inputs_as_nchw name is ignored)."""
+    model = onnx.load(str(conversion.onnx_path), load_external_data=False)
+    dims = [d.dim_value or d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    height, width, channels = conversion.nhwc
+    fixed = [dim for dim in dims[2:] if isinstance(dim, int)]
+    if len(dims) != 4 or dims[1] != channels or fixed not in ([], [height, width]):
+        raise ImportFailed(
+            f"{path}: the converted input '{conversion.input_name}' is {dims}, not "
+            f"[N,{channels},{height},{width}] (tf2onnx did not make it channels-first)"
+        )
+    return channels, height, width
+
+
+def _import_onnx(conversion: Conversion, shape: tuple[int, ...], path: Path) -> ImportedModel:
+    """The ONNX importer on the converted file, its messages naming the user's file."""
+    try:
+        return import_onnx(conversion.onnx_path, input_shape=shape)
+    except DaflError as error:
+        message = str(error).replace(str(conversion.onnx_path), f"{path} (converted to ONNX)")
+        raise type(error)(message) from None
+
+
+def _verify_against_tf(
+    module: nn.Module, conversion: Conversion, output: int, path: Path, rtol: float
+) -> tuple[float, float]:
+    """Max (abs, relative) difference of ``module`` on the NCHW inputs vs TensorFlow's output."""
+    max_abs = max_rel = 0.0
+    for x, outputs in conversion.references:
+        with torch.no_grad():
+            got = output_tensor(module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())))
+        got, expected = got.double().numpy(), outputs[output].astype(np.float64)
+        if got.shape != expected.shape or not np.isfinite(got).all():
+            raise VerificationFailed(
+                f"{path}: the imported model gives {got.shape} (finite: "
+                f"{bool(np.isfinite(got).all())}), TensorFlow {expected.shape}"
+            )
+        diff = float(np.abs(got - expected).max())
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / max(float(np.abs(expected).max()), 1e-6))
+    if max_rel > rtol:
+        raise VerificationFailed(
+            f"{path}: the imported model differs from TensorFlow by {max_rel:.2e} "
+            f"(relative max, limit {rtol:.0e}; abs {max_abs:.2e})"
+        )
+    return max_abs, max_rel
+
+
+@register_importer("tensorflow", _sniff)
+def import_tensorflow(path: Path, **options) -> ImportedModel:
+    """Convert with tf2onnx (opset 17, NCHW input) in a subprocess, import the ONNX, and check
+    the result against TensorFlow (and the ONNX file against onnxruntime)."""
+    kind = tf_kind(path)
+    _check_options(path, kind, options)
+    _check_extra(path, kind)
+    with tempfile.TemporaryDirectory(prefix="dafl-tf-") as folder:
+        conversion = _run_converter(path, kind, Path(folder), options)
+        shape = _check_nchw(conversion, path)
+        imported = _import_onnx(conversion, shape, path)
+    output = conversion.outputs.index(imported.details["output"])
+    int8 = "tflite-int8" in conversion.notes
+    rtol = INT8_RTOL if int8 else tolerance_for(imported.details["weights"])
+    max_abs, max_rel = _verify_against_tf(imported.module, conversion, output, path, rtol)
+    if int8:
+        warnings.warn(
+            DaflWarning(
+                f"{path}: int8 TFLite model: the teacher uses its dequantised weights in float "
+                f"arithmetic (differs from the int8 interpreter by {max_rel:.1e}); give the "
+                "float model if you have it"
+            ),
+            stacklevel=2,
+        )
+    details = {
+        "tf_format": KIND_NAMES[kind],
+        "verified_against": "TensorFlow (NHWC inputs transposed) and onnxruntime",
+        "converted_by": f"tf2onnx, opset {imported.details['opset']}",
+        "onnx_max_rel_diff": imported.max_rel_diff,
+        "output": imported.details["output"],
+        "weights": "int8 (dequantised)" if int8 else imported.details["weights"],
+    }
+    return ImportedModel(imported.module, shape, max_abs, max_rel, details)

@@ -1,0 +1,61 @@
+"""Rebuild ordinary layers from a ScriptModule or ExportedProgram by a round trip through ONNX.
+
+Not an importer itself (it registers nothing): torchscript.py and exported_program.py share it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from compress_toolbox.errors import ImportFailed
+from compress_toolbox.export.onnxscript_adapter import optimize_keeping_batchnorm
+from compress_toolbox.load.graph.decompositions import legacy_adaptive_pools
+from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, prepare_onnx_model
+from compress_toolbox.load.importers.base import random_inputs
+
+LEGACY_OPSET = 17
+
+
+def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: bool) -> nn.Module:
+    """Export ``model`` to ONNX in memory with a dynamic batch and convert it to a GraphModule.
+
+    BatchNorm layers are kept (not folded into the convolutions), so that the BatchNorm-
+    statistics prior can use them and students keep them.
+    """
+    example = random_inputs(input_shape, 2)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if dynamo:
+                program = torch.onnx.export(
+                    model, (example,), dynamo=True, verbose=False, optimize=False
+                )
+                proto = optimize_keeping_batchnorm(program.model_proto)
+            else:
+                with legacy_adaptive_pools(LEGACY_OPSET) as custom_opsets:
+                    torch.onnx.export(
+                        model,
+                        (example,),
+                        buffer,
+                        dynamo=False,
+                        opset_version=LEGACY_OPSET,
+                        custom_opsets=custom_opsets,
+                        # PRESERVE (the module is in eval mode) skips Conv+BatchNorm fusion
+                        training=torch.onnx.TrainingMode.PRESERVE,
+                        input_names=["input"],
+                        output_names=["output"],
+                        dynamic_axes={"input": {0: "batch"}},
+                    )
+                proto = onnx.load_from_string(buffer.getvalue())
+    except ImportFailed:
+        raise
+    except Exception as error:
+        raise ImportFailed(f"{source}: cannot rebuild editable layers via ONNX: {error}") from None
+    return onnx_to_torch(prepare_onnx_model(proto), source, input_shape).eval()

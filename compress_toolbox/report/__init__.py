@@ -1,0 +1,1 @@
+"""Stage 5, report: report.json, report.md and the plots (``render``)."""

@@ -1,0 +1,259 @@
+"""Stage 6: the report: report.json and report.md, loss/accuracy curves and generated samples."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress_toolbox.domain import InputDomain
+from compress_toolbox.tasks.verdict import WARN_BELOW, falls_short, share_of_margin
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if kind == "pct":
+        return f"{100 * value:.2f}%"
+    if kind == "int":
+        return f"{value:,}"
+    if kind == "ms":
+        return f"{value:.3f} ms"
+    return str(value)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: a teacher vs student table and how the student was made."""
+    teacher, student = report["teacher"], report["student"]
+    rows = [
+        ("parameters", "params", "int"),
+        ("MACs (batch 1)", "macs", "int"),
+        ("ONNX file size (bytes)", "onnx_bytes", "int"),
+        ("latency, onnxruntime CPU, batch 1 (median)", "latency_ms", "ms"),
+        ("accuracy on eval data", "accuracy", "pct"),
+    ]
+    lines = [f"# dafl-compress report: {Path(report['teacher']['source']).name}", ""]
+    if report.get("status") == "failed":
+        lines += [f"**FAILED: {'; '.join(report['problems'])}.**", ""]
+    t_acc, s_acc = teacher.get("accuracy"), student.get("accuracy")
+    seg = report.get("segmentation")
+    if seg:
+        t_acc, s_acc = teacher.get("mean_iou"), student.get("mean_iou")
+    trivial = (report.get("trivial_predictor") or {}).get("value")
+    if (report.get("status") != "failed" and t_acc and s_acc is not None and trivial is not None
+            and falls_short(t_acc, s_acc, trivial, below=WARN_BELOW)):  # fmt: skip
+        figure = "mean IoU" if seg else "accuracy"
+        share = share_of_margin(t_acc, s_acc, trivial)
+        lines += [f"**Warning: the student reaches only {100 * s_acc / t_acc:.1f}% of the "
+                  f"teacher's {figure} ({100 * share:.0f}% of its margin over the trivial "
+                  f"predictor's {100 * trivial:.2f}%).**", ""]  # fmt: skip
+    if seg:
+        rows[-1] = ("pixel accuracy on eval data (255 = ignored)", "accuracy", "pct")
+        rows.append(("mean IoU on eval data", "mean_iou", "pct"))
+    lines += [
+        "| | teacher | student | student / teacher |",
+        "|---|---|---|---|",
+    ]
+    for label, key, kind in rows:
+        t, s = teacher.get(key), student.get(key)
+        ratio = f"{s / t:.3f}" if isinstance(t, (int, float)) and t and s is not None else ""
+        lines.append(f"| {label} | {_fmt(t, kind)} | {_fmt(s, kind)} | {ratio} |")
+    agreement = report.get("agreement") or {}
+    if trivial is not None:
+        baseline = report["trivial_predictor"]
+        lines.append(f"| {baseline['figure']} of the trivial predictor ({baseline['what']}) | "
+                     f"{_fmt(trivial, 'pct')} | {_fmt(trivial, 'pct')} | |")  # fmt: skip
+    lines += [
+        "",
+        f"- top-1 agreement student vs teacher: {_fmt(agreement.get('value'), 'pct')} "
+        f"(on {agreement.get('on', 'n/a')})",
+        f"- student: {report['student'].get('kind')} (widths {report['student'].get('widths')})",
+        f"- method: {report['method']} ({report.get('method_reason', '')}), preset "
+        f"{report['preset']}, {report['iterations']} iterations in {report['elapsed_s']:.1f} s "
+        f"on {report['device']}{_ranks(report)}, seed {report['seed']}",
+        f"- health of the generated inputs at the end: {_health(report.get('health'))}; "
+        f"generator restarts after a collapse: {report.get('generator_restarts', 0)}",
+        f"- input domain: {teacher.get('input_domain', 'n/a')}",
+        f"- student.onnx input: float32 `[batch, {', '.join(map(str, teacher['input_shape']))}]`"
+        + (" (channels first, whereas the TensorFlow teacher took channels last)"
+           if teacher.get("format") == "tensorflow" and len(teacher["input_shape"]) == 3
+           else ""),  # fmt: skip
+        f"- student accuracy is measured on the exported student.onnx with onnxruntime; "
+        f"ONNX verified against PyTorch (max abs diff {report['onnx_check']['max_abs_diff']:.2e} "
+        f"at batch 1 and 7)"
+        + (f"; no student.pt2: {report['onnx_check']['pt2_skipped']}"
+           if report["onnx_check"].get("pt2_skipped") else ""),  # fmt: skip
+        f"- command: `{report['command']}`",
+        "",
+    ]
+    if seg:
+        lines += _per_class_iou(seg)
+    return "\n".join(lines)
+
+
+def _per_class_iou(seg: dict[str, Any]) -> list[str]:
+    """report.md's per-class IoU table (n/a: the class is in neither masks nor predictions)."""
+    lines = ["## Per-class IoU on the eval data", "", "| class | teacher | student |",
+             "|---|---|---|"]  # fmt: skip
+    for index, (t, s) in enumerate(zip(seg["teacher"]["per_class_iou"],
+                                       seg["student"]["per_class_iou"])):  # fmt: skip
+        lines.append(f"| {index} | {_fmt(t, 'pct')} | {_fmt(s, 'pct')} |")
+    return [*lines, "", f"Pixels labelled {seg['ignore_index']} are ignored; the mean IoU "
+            "averages the classes present in the masks or the predictions.", ""]
+
+
+def _health(health: dict[str, Any] | None) -> str:
+    if not health:
+        return "n/a"
+    return (
+        f"the teacher answers {health['classes']} classes (normalised entropy "
+        f"{health['class_entropy']:.2f}, mean confidence {health['teacher_confidence']:.2f}), "
+        f"student agrees on {100 * health['agreement']:.1f}%"
+    )
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """curves.png: each loss, and student accuracy when measured, against elapsed seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    seconds = [row["elapsed_s"] for row in history]
+    columns = dict.fromkeys(key for row in history for key in row)
+    keys = [key for key in columns if key.startswith("loss_")]
+    for key in keys:
+        values = [row.get(key) for row in history]
+        if any(v is not None for v in values):
+            ax_loss.plot(seconds, [float("nan") if v is None else v for v in values], label=key)
+    ax_loss.set(xlabel="seconds", ylabel="loss", title="losses")
+    ax_loss.legend()
+    points = [
+        (row["elapsed_s"], row["accuracy"]) for row in history if row.get("accuracy") is not None
+    ]
+    if points:
+        ax_acc.plot(*zip(*points), marker="o")
+        ax_acc.set(xlabel="seconds", ylabel="student accuracy", title="eval accuracy")
+    else:
+        ax_acc.text(0.5, 0.5, "no eval data given", ha="center", va="center")
+        ax_acc.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _displayable(images: torch.Tensor, domain: InputDomain) -> torch.Tensor:
+    """Model inputs -> [0, 1] pixels: back through the input domain; per-image min-max when
+    the inputs are not pixels (the paper's standardised generator output)."""
+    pixels = domain.to_pixels(images)
+    if pixels.min() >= -0.01 and pixels.max() <= 1.01:
+        return pixels.clamp(0, 1)
+    flat = pixels.flatten(1)
+    low = flat.min(1).values.view(-1, 1, 1, 1)
+    high = flat.max(1).values.view(-1, 1, 1, 1)
+    return (pixels - low) / (high - low + 1e-8)
+
+
+@torch.no_grad()
+def plot_samples(
+    sampler: Callable[[int], torch.Tensor] | None,
+    teacher: nn.Module,
+    domain: InputDomain,
+    path: Path,
+    per_class: int = 8,
+) -> None:
+    """samples.png: generated inputs grouped by the teacher's predicted class (images only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = sampler(256).cpu() if sampler is not None else None
+    if images is None or images.dim() != 4:
+        fig, ax = plt.subplots(figsize=(4, 2))
+        ax.text(0.5, 0.5, "no images to show (flat inputs)", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        labels = teacher.eval().cpu()(images).argmax(1)
+        images = _displayable(images, domain)
+        classes = sorted(set(labels.tolist()))[:20]
+        fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class, len(classes)),
+                                 squeeze=False)  # fmt: skip
+        for row, cls in enumerate(classes):
+            picked = images[labels == cls][:per_class]
+            for col in range(per_class):
+                ax = axes[row][col]
+                ax.set_axis_off()
+                if col < len(picked):
+                    img = picked[col]
+                    if img.shape[0] == 1:
+                        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+                    else:
+                        ax.imshow(img[:3].permute(1, 2, 0).numpy())
+            axes[row][0].set_title(f"class {cls}", fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_segmentation_samples(
+    sampler: Callable[[int], torch.Tensor] | None,
+    teacher: nn.Module,
+    student: nn.Module,
+    domain: InputDomain,
+    path: Path,
+    count: int = 8,
+) -> None:
+    """samples.png: generated inputs (top row) with the teacher's (middle) and the student's
+    (bottom) masks overlaid, one colour per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, count, figsize=(count * 1.3, 4.2), squeeze=False)
+    images = sampler(count).cpu() if sampler is not None else None
+    masks = {}
+    if images is not None:
+        masks = {"teacher": teacher.eval().cpu()(images).argmax(1),
+                 "student": student.eval().cpu()(images).argmax(1)}  # fmt: skip
+        images = _displayable(images, domain)
+    for col in range(count):
+        for row, name in enumerate(("input", "teacher", "student")):
+            ax = axes[row][col]
+            ax.set_axis_off()
+            if images is None:
+                continue
+            img = images[col]
+            shown = img[0].numpy() if img.shape[0] == 1 else img[:3].mean(0).numpy()
+            ax.imshow(shown, cmap="gray", vmin=0, vmax=1)
+            if name != "input":
+                ax.imshow(masks[name][col].numpy(), cmap="tab20", alpha=0.5,
+                          interpolation="nearest", vmin=0, vmax=19)  # fmt: skip
+            if col == 0:
+                ax.set_title(name if name == "input" else f"{name}'s masks", fontsize=7,
+                             loc="left")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """report.json and report.md."""
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out_dir / "report.md").write_text(render_markdown(report))
+
+
+def _ranks(report: dict) -> str:
+    """' x 2 ranks (global batch 64)' for a run of several processes, else nothing."""
+    ranks = report.get("world_size", 1)
+    if ranks <= 1:
+        return ""
+    return f" x {ranks} ranks (batch {report['batch_size']} each, global batch " \
+        f"{report['global_batch_size']})"
