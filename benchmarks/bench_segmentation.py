@@ -31,8 +31,8 @@ STUDENTS = {"unet-seg": "auto", "lraspp-seg": "zoo"}
 def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threads: int,
             batch_size: int | None = None, init: str = "auto") -> dict:  # fmt: skip
     """One ``compress`` run; its figures (a failed student keeps its figures, marked)."""
+    from compress_toolbox import CompressConfig, compress
     from compress_toolbox.errors import DaflError
-    from compress_toolbox.pipeline import compress
 
     path = DATA / f"{teacher}.{fmt}"
     row = {"teacher": teacher, "format": fmt, "method": method, "budget": budget, "seed": seed,
@@ -41,11 +41,22 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         try:
-            result = compress(path, task="segmentation", student=STUDENTS[teacher], out=out,
-                              eval_data=DATA / "seg_eval.npz", method=method,
-                              time_budget=budget, seed=seed, threads=threads,
-                              batch_size=batch_size, init=init,
-                              progress=False)  # fmt: skip
+            result = compress(
+                path,
+                CompressConfig.from_options(
+                    task="segmentation",
+                    student=STUDENTS[teacher],
+                    out=out,
+                    eval_data=DATA / "seg_eval.npz",
+                    method=method,
+                    time_budget=budget,
+                    seed=seed,
+                    threads=threads,
+                    batch_size=batch_size,
+                    init=init,
+                    progress=False,
+                ),
+            )
             report = result.report
         except DaflError as error:
             row["error"] = str(error)[:300]
@@ -68,8 +79,15 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
 def _table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["teacher"], row["format"], row["student"], row["method"], row["budget"],
-               row.get("batch_size"), row.get("init", "auto"))
+        key = (
+            row["teacher"],
+            row["format"],
+            row["student"],
+            row["method"],
+            row["budget"],
+            row.get("batch_size"),
+            row.get("init", "auto"),
+        )
         groups.setdefault(key, []).append(row)
     lines = ["| teacher | file | student | method (ran) | budget s | batch | teacher mIoU | "
              "student mIoU (median) | % of teacher | seeds | iterations | failed |",
@@ -100,15 +118,21 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["auto"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[600.0])
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--first-seed", type=int, default=0,
-                        help="run seeds first-seed .. first-seed+seeds-1")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed+seeds-1"
+    )
     parser.add_argument("--batch-size", type=int, help="default: the task's (16 for segmentation)")
     parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads per run (1: measured faster on a shared 2-core CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per run (1: measured faster on a shared 2-core CPU)",
+    )
     parser.add_argument("--json", type=Path, help="append every run's row to this JSON list")
-    parser.add_argument("--table", type=Path, nargs="*",
-                        help="only print the table of these JSON files' rows")
+    parser.add_argument(
+        "--table", type=Path, nargs="*", help="only print the table of these JSON files' rows"
+    )
     args = parser.parse_args()
     if args.table:
         print(_table([row for path in args.table for row in json.loads(path.read_text())]))

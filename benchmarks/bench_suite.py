@@ -57,9 +57,9 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
     import warnings
 
     warnings.filterwarnings("ignore")
+    from compress_toolbox import CompressConfig, compress
     from compress_toolbox.distill.presets import PRESETS
     from compress_toolbox.errors import DaflError, TrainingFailed
-    from compress_toolbox.pipeline import compress
 
     preset = PRESETS["fast"].with_options(**changes) if changes else "fast"
     name, _, init = method.partition("+")  # "dafl+fresh": method dafl, student init fresh
@@ -69,12 +69,25 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
     status, report = "ok", None
     try:
         try:
-            compress(SUITE / entry["file"], out=out, eval_data=SUITE / entry["eval"],
-                     mean=entry["mean"], std=entry["std"], model_class=entry["model_class"],
-                     model_kwargs=entry["model_kwargs"],
-                     input_shape=entry.get("input_shape_option"), init=init or "auto",
-                     method=name, preset=preset, seed=seed, threads=threads, progress=False,
-                     **budget_option)  # fmt: skip
+            compress(
+                SUITE / entry["file"],
+                CompressConfig.from_options(
+                    out=out,
+                    eval_data=SUITE / entry["eval"],
+                    mean=entry["mean"],
+                    std=entry["std"],
+                    model_class=entry["model_class"],
+                    model_kwargs=entry["model_kwargs"],
+                    input_shape=entry.get("input_shape_option"),
+                    init=init or "auto",
+                    method=name,
+                    preset=preset,
+                    seed=seed,
+                    threads=threads,
+                    progress=False,
+                    **budget_option,
+                ),
+            )
         except TrainingFailed as error:
             status = f"FAILED: {str(error)[:120]}"
         except DaflError as error:  # e.g. a method that cannot run on this teacher

@@ -234,7 +234,9 @@ def _student_parser() -> argparse.ArgumentParser:
     _add_teacher_options(parser)
     parser.add_argument("--width", type=float, default=0.5, help="default: %(default)s")
     parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto",
-                        help="auto: as compress does (the fast preset's choice)")  # fmt: skip
+                        help="auto: as compress does for the task")  # fmt: skip
+    parser.add_argument("--task", help="the teacher's task, for --init auto (default: the one "
+                        "its output fits)")  # fmt: skip
     parser.add_argument(
         "--out", metavar="FILE.onnx|FILE.pt2",
         help="save the (untrained) student: .onnx as ONNX, verified with onnxruntime; else a "
@@ -247,9 +249,9 @@ def _student_parser() -> argparse.ArgumentParser:
 def _zoo_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dafl-compress zoo", description="The model zoo.")
     parser.add_argument("action", choices=("list",))
-    from compress_toolbox.tasks import KNOWN_TASKS
+    from compress_toolbox.tasks import task_names
 
-    parser.add_argument("--task", choices=KNOWN_TASKS)
+    parser.add_argument("--task", choices=task_names())
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -309,11 +311,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_student(args: argparse.Namespace) -> int:
-    from compress_toolbox import load_teacher
-    from compress_toolbox.distill.presets import PRESETS
+    from compress_toolbox import CompressConfig, load_teacher, plan_student
     from compress_toolbox.errors import DaflError
     from compress_toolbox.export.writer import export_onnx, export_pt2, verify_onnx
-    from compress_toolbox.pipeline import plan_student
+    from compress_toolbox.tasks import task_of_output
 
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -322,10 +323,10 @@ def run_student(args: argparse.Namespace) -> int:
         if out.exists() and not args.force:
             raise DaflError(f"--out {out}: exists (use --force to replace it)")
     teacher = load_teacher(args.teacher, **_teacher_kwargs(args))
-    init = PRESETS["fast"].student_init if args.init == "auto" else args.init
-    plan = plan_student(
-        teacher, "auto", width=args.width, init=init, init_fallback=args.init == "auto"
-    )
+    task = args.task or getattr(task_of_output(teacher.analysis.output_shape), "name",
+                                "classification")  # fmt: skip
+    config = CompressConfig.from_options(task=task, width=args.width, init=args.init)
+    plan = plan_student(teacher, config)
     _print_comparison(teacher.analysis, plan.analysis)
     if out is not None:
         as_onnx = out.suffix.lower() == ".onnx"
@@ -373,44 +374,24 @@ def run_zoo(args: argparse.Namespace) -> int:
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    from compress_toolbox import CompressConfig, compress
     from compress_toolbox.distill import distributed
-    from compress_toolbox.pipeline import compress
 
     command = "dafl-compress " + shlex.join(sys.argv[1:])
     if args.nproc is not None and not distributed.launched():
         os.environ[LAUNCH_COMMAND] = command  # the ranks' report names the user's command
         return distributed.launch(args.nproc, distributed.strip_option(args.argv, "--nproc"))
 
-    options = {
-        "method": args.method,
-        "preset": args.preset,
-        "time_budget": args.time_budget,
-        "iters": args.iters,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "seed": args.seed,
-        "threads": args.threads,
-        "progress": not args.no_progress,
-    }
-    result = compress(
-        args.teacher,
-        task=args.task,
-        student=args.student,
-        out=args.out,
-        force=args.force,
-        dry_run=args.dry_run,
-        width=args.width,
-        init=args.init,
-        opset=args.opset,
-        eval_data=args.eval_data,
-        mean=args.mean,
-        std=args.std,
-        resume=args.resume,
+    config = CompressConfig.from_options(
+        task=args.task, student=args.student, width=args.width, init=args.init,
+        eval_data=args.eval_data, **_teacher_kwargs(args), mean=args.mean, std=args.std,
+        method=args.method, preset=args.preset, time_budget=args.time_budget, iters=args.iters,
+        epochs=args.epochs, batch_size=args.batch_size, device=args.device, seed=args.seed,
+        threads=args.threads, progress=not args.no_progress, resume=args.resume,
+        out=args.out, force=args.force, dry_run=args.dry_run, opset=args.opset,
         command=os.environ.get(LAUNCH_COMMAND, command),
-        **_teacher_kwargs(args),
-        **options,
-    )
+    )  # fmt: skip
+    result = compress(args.teacher, config)
     if not distributed.world().is_writer:  # rank 0 prints the report
         return 0
     if args.dry_run:

@@ -1,26 +1,54 @@
 """dafl-compress: data-free compression of a trained teacher into a verified ONNX student.
 
-The pipeline, one module per stage, data flowing one way:
-load_teacher (teacher.py) -> analyse (analysis.py) -> make_student (student.py) or model_zoo ->
-distill (distill.py, methods/) -> export_student (export.py) -> write_report (report.py);
-compress (pipeline.py) runs them all.
+One pipeline, one package per stage, data flowing one way:
+
+    load/     load_teacher -> Teacher          (importers, graph clean-ups, analysis)
+    student/  plan_student -> StudentPlan      (derived by shrinking widths, or from the zoo)
+    distill/  distill      -> DistillResult    (the loop, recipe, health, methods/)
+    export/   export_student -> ExportResult   (the ONNX writer, verification)
+    report/   report.json, report.md, plots
+    tasks/    what each task means (one plug-in file per task)
+
+``compress(teacher_path, CompressConfig(...))`` runs them all (pipeline.py).
 """
 
+from compress_toolbox.config import CompressConfig, OutputOptions, StudentOptions, TeacherOptions
+from compress_toolbox.distill.trainer import DistillOptions, DistillResult, distill
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, ImportFailed, TrainingFailed, VerificationFailed
+from compress_toolbox.export.writer import ExportResult, export_student
 from compress_toolbox.load.analysis import Analysis, analyse
 from compress_toolbox.load.teacher import Teacher, load_teacher
+from compress_toolbox.pipeline import CompressResult, compress
 from compress_toolbox.student.derive import make_student
+from compress_toolbox.student.plan import StudentPlan, plan_student
+from compress_toolbox.tasks import Task, get_task, register_task
 
 __all__ = [
     "Analysis",
+    "CompressConfig",
+    "CompressResult",
     "DaflError",
+    "DistillOptions",
+    "DistillResult",
+    "ExportResult",
     "ImportFailed",
     "InputDomain",
+    "OutputOptions",
+    "StudentOptions",
+    "StudentPlan",
+    "Task",
     "Teacher",
+    "TeacherOptions",
     "TrainingFailed",
     "VerificationFailed",
     "analyse",
+    "compress",
+    "distill",
+    "export_student",
+    "get_task",
     "load_teacher",
     "make_student",
+    "plan_student",
+    "register_task",
 ]

@@ -72,7 +72,6 @@ def address_space_left() -> int | None:
     return max(0, soft - (virtual_size() or 0))
 
 
-
 class LimitExceeded(Exception):
     """A bounded block ran past its time or memory; ``what`` is "time" or "memory"."""
 
@@ -179,8 +178,9 @@ def bounded(seconds: float | None, memory_bytes: int | None) -> Iterator[None]:
             yield
     except KeyboardInterrupt:
         if deadline is not None and deadline.fired:
-            raise LimitExceeded("time", f"took over {seconds:.0f} s (after {deadline.fired})") \
-                from None
+            raise LimitExceeded(
+                "time", f"took over {seconds:.0f} s (after {deadline.fired})"
+            ) from None
         raise
     except Exception as error:
         if is_out_of_memory(error):

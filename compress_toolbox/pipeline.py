@@ -1,4 +1,6 @@
-"""The whole job: load -> analyse -> derive or pick student -> distill -> export -> report."""
+"""The whole job, data flowing one way: load the teacher -> derive or pick the student ->
+distill -> export and verify -> report. ``compress(teacher_path, config)`` runs it; each stage
+is also usable alone (``load_teacher``, ``plan_student``, ``distill``, ``export_student``)."""
 
 from __future__ import annotations
 
@@ -9,141 +11,78 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import onnx
+import onnxruntime
 import torch
+import torch_pruning
+import torchvision
 from torch import nn
 
+from compress_toolbox.config import CompressConfig
+from compress_toolbox.distill import distributed
+from compress_toolbox.distill.health import StudentFailed, judge_student
+from compress_toolbox.distill.parts import Checkpointer
+from compress_toolbox.distill.trainer import (
+    CHECKPOINT_NAME,
+    DistillResult,
+    distill,
+    write_history_csv,
+)
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
-from compress_toolbox.load.analysis import Analysis, analyse
+from compress_toolbox.export.writer import (
+    LEGACY_OPSET,
+    ExportResult,
+    export_onnx,
+    export_student,
+    onnx_latency_ms,
+    onnx_predictions,
+)
+from compress_toolbox.load.analysis import Analysis
+from compress_toolbox.load.importers.checkpoint import model_class_file
 from compress_toolbox.load.teacher import Teacher, load_teacher
 from compress_toolbox.outdir import OutputFolder, default_out_dir
-from compress_toolbox.tasks import FILE_OUTPUTS, MainOutput, check_task, get_task, task_of_output
+from compress_toolbox.report.render import plot_curves, write_report
+from compress_toolbox.student.plan import StudentPlan, plan_student
+from compress_toolbox.tasks import FILE_OUTPUTS, MainOutput, Task, task_of_output
+from compress_toolbox.tasks.evaldata import EvalData, accuracy, predict
+from compress_toolbox.tasks.segmetrics import IGNORE_INDEX, score_masks
 from compress_toolbox.tasks.verdict import trivial_score
 
-if TYPE_CHECKING:
-    from compress_toolbox.distill.trainer import DistillResult
-    from compress_toolbox.export.writer import ExportResult
-    from compress_toolbox.tasks.evaldata import EvalData
 
-
-@dataclass
-class StudentPlan:
-    """Which student, how it was obtained, and its cost."""
-
-    kind: str  # "derived (width 0.5)" or "zoo:NAME"
-    module: nn.Module
-    analysis: Analysis
-    from_teacher: bool = False  # starts from the teacher's weights (fine-tuning)
-
-
-@dataclass
+@dataclass(frozen=True)
 class CompressResult:
-    out_dir: Path | None  # None for a dry run
+    """What a run made: the output folder (None for a dry run), the teacher as loaded, the
+    student plan, and report.json's content."""
+
+    out_dir: Path | None
     teacher: Teacher
     plan: StudentPlan
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def plan_student(
-    teacher: Teacher,
-    student: str = "auto",
-    *,
-    task: str = "classification",
-    width: float = 0.5,
-    init: str = "fresh",
-    init_fallback: bool = False,
-) -> StudentPlan:
-    """``auto``: derive by halving widths; ``zoo``: pick by task; ``zoo:NAME``: that zoo model.
-
-    ``init_fallback``: a derived student that cannot keep the teacher's weights (an H,W,C
-    flatten, see ``student.channels_last_flatten``) starts fresh instead, and ``kind`` says so.
-    """
-    import model_zoo
-    from compress_toolbox.student.derive import ChannelOrderError, make_student
-
-    if student == "auto":
-        example = torch.randn(2, *teacher.input_shape)
-        note = ""
-        try:
-            module = make_student(teacher.module, width=width, init=init, example_input=example)
-        except ChannelOrderError:
-            if not init_fallback or init != "teacher":
-                raise
-            init, note = "fresh", ", not from the teacher's weights: H,W,C flatten"
-            module = make_student(teacher.module, width=width, init=init, example_input=example)
-        kind = f"derived (width {width}, init {init}{note})"
-        if _batchnorms(module) > _batchnorms(teacher.module):
-            kind += f", {_batchnorms(module)} BatchNorm layers added for training"
-    elif student == "zoo":
-        try:
-            name, module = model_zoo.pick_student(task, teacher)
-        except ValueError as error:
-            raise DaflError(f"--student zoo: {error}") from None
-        kind = f"zoo:{name}"
-    elif student.startswith("zoo:"):
-        name = student[4:]
-        if name not in model_zoo.list_models():
-            raise DaflError(
-                f"--student {student}: unknown zoo model; known: "
-                f"{', '.join(model_zoo.list_models(task))}"
-            )
-        shape = teacher.input_shape
-        try:
-            module = model_zoo.get_model(
-                name,
-                num_classes=teacher.num_outputs,
-                in_channels=shape[0],
-                input_size=tuple(shape[1:]) or None,
-            )
-            module.eval()(torch.zeros(2, *shape))
-        except Exception as error:
-            raise DaflError(
-                f"--student {student}: does not fit the teacher's input {shape}: {error}"
-            ) from None
-        kind = student
-    else:
-        raise DaflError(f"--student {student!r}: expected auto, zoo or zoo:NAME")
-    module.eval()
-    analysis = analyse(module, teacher.input_shape)
-    if analysis.output_shape != teacher.analysis.output_shape:
-        raise DaflError(
-            f"student output {analysis.output_shape} does not match the teacher's "
-            f"{teacher.analysis.output_shape}"
-        )
-    return StudentPlan(kind, module, analysis, from_teacher=student == "auto" and init == "teacher")
-
-
-def _batchnorms(module: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def _check_teacher_fits_task(teacher: Teacher, task: str) -> None:
-    """A clear refusal when the teacher's output does not fit ``--task``, naming the task it
-    fits; a teacher returning a dict (``{"out": ...}``) or tuple is made to return its main
-    tensor."""
-    expected = get_task(task)
+def fit_teacher_to_task(teacher: Teacher, task: Task) -> Teacher:
+    """The teacher, checked against ``task`` (a clear refusal naming the task its output fits
+    when it does not); a teacher returning a dict (``{"out": ...}``) or tuple comes back as a
+    new Teacher returning its main tensor."""
     shape = teacher.analysis.output_shape
-    if not expected.fits(shape):
+    if not task.fits(shape):
         other = task_of_output(shape)
-        hint = f" (it looks like a {other} teacher: use --task {other})" if other else ""
+        hint = f" (it looks like a {other.name} teacher: use --task {other.name})" if other else ""
         raise DaflError(
             f"{teacher.source}: teacher output has shape (N, {', '.join(map(str, shape))}); "
-            f"--task {task} needs {expected.output_text}{hint}"
+            f"--task {task.name} needs {task.output_text}{hint}"
         )
     with torch.no_grad():
         out = teacher.module(torch.zeros(1, *teacher.input_shape))
-    if not isinstance(out, torch.Tensor):
-        teacher.module = MainOutput(teacher.module).eval()
+    if isinstance(out, torch.Tensor):
+        return teacher
+    return replace(teacher, module=MainOutput(teacher.module).eval())
 
 
 def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch_pruning
-    import torchvision
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -154,7 +93,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Inputs:
     """What the run works on, loaded and checked."""
 
@@ -164,107 +103,59 @@ class _Inputs:
     plan: StudentPlan
 
 
-def _load_inputs(teacher_path, *, task, student, width, init, init_fallback, eval_data, mean,
-                 std, teacher_options: dict[str, Any]) -> _Inputs:  # fmt: skip
-    from compress_toolbox.tasks.evaldata import load_eval_data
-
-    teacher = load_teacher(teacher_path, **teacher_options)
-    _check_teacher_fits_task(teacher, task)
-    domain = InputDomain.from_options(mean, std, teacher.input_shape)
+def _load_inputs(teacher_path: str | Path, config: CompressConfig, *, eval_data: bool) -> _Inputs:
+    """The teacher (fitted to the task), its input domain, the eval data (when asked) and the
+    student plan."""
+    options = config.teacher
+    teacher = load_teacher(teacher_path, model_class=options.model_class,
+                           model_kwargs=options.model_kwargs, input_shape=options.input_shape,
+                           trust_pickle=options.trust_pickle)  # fmt: skip
+    teacher = fit_teacher_to_task(teacher, config.task)
+    domain = InputDomain.from_options(options.mean, options.std, teacher.input_shape)
     data = None
-    if eval_data:
-        data = load_eval_data(eval_data, teacher.input_shape, domain, teacher.num_outputs,
-                              task=task)  # fmt: skip
-    plan = plan_student(teacher, student, task=task, width=width, init=init,
-                        init_fallback=init_fallback)  # fmt: skip
-    return _Inputs(teacher, domain, data, plan)
+    if eval_data and config.eval_data:
+        data = config.task.load_eval_data(Path(config.eval_data), teacher.input_shape, domain,
+                                          teacher.num_outputs)  # fmt: skip
+    return _Inputs(teacher, domain, data, plan_student(teacher, config))
 
 
-def compress(
-    teacher_path: str | Path,
-    *,
-    task: str = "classification",
-    student: str = "auto",
-    out: str | Path | None = None,
-    force: bool = False,
-    dry_run: bool = False,
-    width: float = 0.5,
-    init: str = "auto",
-    opset: int | None = None,
-    model_class: str | None = None,
-    model_kwargs: dict | str | None = None,
-    input_shape: tuple[int, ...] | str | None = None,
-    trust_pickle: bool = False,
-    eval_data: str | Path | None = None,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    resume: bool = False,
-    command: str | None = None,
-    on_iteration: Callable[[int], None] | None = None,
-    **distill_options: Any,
-) -> CompressResult:
+def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
+             on_iteration: Callable[[int], None] | None = None) -> CompressResult:  # fmt: skip
     """Run the whole pipeline on a teacher file and write a verified output folder.
 
-    ``init="auto"`` starts a derived student from the teacher's largest-L1 channels with the
-    ``fast`` preset (measured far better in short budgets) and fresh with the paper presets
-    (as in the paper). ``distill_options`` are ``DistillOptions`` fields (method, preset,
-    time_budget, iters, epochs, batch_size, device, seed, threads, progress, ...). Every
-    option is checked before any work. The output folder is locked for the run, written under
-    a temporary name and moved into place at the end (outdir.py), so a failed or interrupted
-    run leaves it as it was. A student that finishes far below its teacher
-    (``health.judge_student``) is still written, marked failed in the report, and
-    ``StudentFailed`` is raised.
+    ``config`` (a ``CompressConfig``, checked when it was built) says how; the default one
+    derives a half-width student and distils it with the fast preset. The output folder is
+    locked for the run, written under a temporary name and moved into place at the end
+    (outdir.py), so a failed or interrupted run leaves it as it was. A student that finishes
+    far below its teacher (``health.judge_student``) is still written, marked failed in the
+    report, and ``StudentFailed`` is raised. ``on_iteration`` is called after each training
+    iteration with its number.
     """
-    from compress_toolbox.distill import distributed
-    from compress_toolbox.distill.parts import Checkpointer
-    from compress_toolbox.distill.trainer import CHECKPOINT_NAME, DistillOptions
-    from compress_toolbox.export.writer import check_opset
-    from compress_toolbox.load.importers.checkpoint import model_class_file
-
-    check_task(task)
-    options = DistillOptions(task=task, **distill_options)
-    if options.batch_size is None:
-        options.batch_size = get_task(task).batch_size
-    preset = options.validate()
-    if init not in ("auto", "fresh", "teacher"):
-        raise DaflError(f"--init {init!r}: expected auto, fresh or teacher")
-    init_fallback = init == "auto"  # the preset's choice may give way; the user's may not
-    if init == "auto":
-        init = get_task(task).student_init or preset.student_init
-    check_opset(opset)
-    InputDomain.from_options(mean, std)  # values checked now, channels once the teacher is known
-    teacher_options = {"model_class": model_class, "model_kwargs": model_kwargs,
-                       "input_shape": input_shape, "trust_pickle": trust_pickle}  # fmt: skip
-    loading = {"task": task, "student": student, "width": width, "init": init,
-               "init_fallback": init_fallback,
-               "eval_data": eval_data, "mean": mean, "std": std,
-               "teacher_options": teacher_options}  # fmt: skip
-    world = distributed.init_from_env(options.device)  # under torchrun: join the others
-    if dry_run or not world.is_writer:  # other ranks train with rank 0, which alone writes
-        if not dry_run:  # and alone evaluates: the other machines need only the teacher
-            loading["eval_data"] = None
-        inputs = _load_inputs(teacher_path, **loading)
-        if not dry_run:
-            _distill(inputs, options, None, None, resume, on_iteration)
+    config = config or CompressConfig()
+    world = distributed.init_from_env(config.distill.device)  # under torchrun: join the others
+    if config.output.dry_run or not world.is_writer:
+        # other ranks train with rank 0, which alone writes and evaluates
+        inputs = _load_inputs(teacher_path, config, eval_data=config.output.dry_run)
+        if not config.output.dry_run:
+            _distill(inputs, config, None, None, on_iteration)
         return CompressResult(None, inputs.teacher, inputs.plan)
-    folder = OutputFolder(out if out is not None else default_out_dir(teacher_path), force=force,
-                          inputs=(teacher_path, eval_data, model_class_file(model_class)))
+    out = config.output.out
+    folder = OutputFolder(out if out is not None else default_out_dir(teacher_path),
+                          force=config.output.force,
+                          inputs=(teacher_path, config.eval_data,
+                                  model_class_file(config.teacher.model_class)))  # fmt: skip
     folder.check()
     with folder:
         start = time.perf_counter()
-        inputs = _load_inputs(teacher_path, **loading)
+        inputs = _load_inputs(teacher_path, config, eval_data=True)
         timings = {"load_verify_plan_s": time.perf_counter() - start}
         start = time.perf_counter()
-        result = _distill(inputs, options, folder.checkpoint_dir, folder.work / "history.csv",
-                          resume, on_iteration)  # fmt: skip
+        result = _distill(inputs, config, folder.checkpoint_dir, folder.work / "history.csv",
+                          on_iteration)  # fmt: skip
         timings["distill_s"] = time.perf_counter() - start  # training + its set-up
-        report = _write_outputs(folder.work, inputs, result, opset=opset, seed=options.seed,
-                                eval_data=eval_data, task=task, command=command,
-                                timings=timings)  # fmt: skip
+        report = _write_outputs(folder.work, inputs, result, config, timings)
         out_dir = folder.commit()
     if report["problems"]:  # the checkpoint stays: a failed run may --resume
-        from compress_toolbox.distill.health import StudentFailed
-
         raise StudentFailed(
             f"the student failed: {'; '.join(report['problems'])}. The folder {out_dir} is kept "
             "for inspection (report.md, curves.png, samples.png); try a longer --time-budget, "
@@ -274,13 +165,11 @@ def compress(
     return CompressResult(out_dir, inputs.teacher, inputs.plan, report)
 
 
-def _distill(inputs: _Inputs, options, checkpoint_dir: Path | None, history: Path | None,
-             resume: bool, on_iteration) -> DistillResult:  # fmt: skip
+def _distill(inputs: _Inputs, config: CompressConfig, checkpoint_dir: Path | None,
+             history: Path | None, on_iteration) -> DistillResult:  # fmt: skip
     """Train the planned student (on every rank; only rank 0 has a checkpoint folder). A rank
     restarted by ``torchrun --max-restarts`` resumes from rank 0's checkpoint when there is one."""
-    from compress_toolbox.distill import distributed
-    from compress_toolbox.distill.trainer import CHECKPOINT_NAME, distill
-
+    resume = config.distill.resume
     if distributed.restarted() and checkpoint_dir is not None:
         resume = resume or (checkpoint_dir / CHECKPOINT_NAME).is_file()
     resume = distributed.world().broadcast_object(resume)  # rank 0 knows the checkpoint
@@ -288,10 +177,16 @@ def _distill(inputs: _Inputs, options, checkpoint_dir: Path | None, history: Pat
     return distill(
         inputs.teacher,
         inputs.plan.module,
-        replace(options, domain=inputs.domain, checkpoint_dir=checkpoint_dir, resume=resume,
-                history_path=history, fine_tune=inputs.plan.from_teacher),  # fmt: skip
+        replace(
+            config.distill,
+            domain=inputs.domain,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            history_path=history,
+            fine_tune=inputs.plan.from_teacher,
+        ),  # fmt: skip
         # the curve in training on a subset; the full evaluation below, on student.onnx
-        eval_data=data.subset(get_task(options.task).monitor_samples) if data else None,
+        eval_data=data.subset(config.task.monitor_samples) if data else None,
         on_iteration=on_iteration,
     )
 
@@ -318,35 +213,24 @@ def _as_shipped(student: nn.Module, teacher: Teacher) -> nn.Module:
     return as_file(student) if as_file else student
 
 
-def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, *, opset, seed,
-                   eval_data, task, command, timings: dict[str, float]) -> dict[str, Any]:
+def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, config: CompressConfig,
+                   timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     """Export and verify the student, measure both models, write report and pictures."""
-    from compress_toolbox.distill.trainer import write_history_csv
-    from compress_toolbox.export.writer import export_student
-    from compress_toolbox.report.render import (
-        plot_curves,
-        plot_samples,
-        plot_segmentation_samples,
-        write_report,
-    )
 
     write_history_csv(result.history, work / "history.csv")
     start = time.perf_counter()
     exported = export_student(_as_shipped(result.student, inputs.teacher),
-                              inputs.teacher.input_shape, work, opset=opset)  # fmt: skip
+                              inputs.teacher.input_shape, work,
+                              opset=config.output.opset)  # fmt: skip
     timings["export_verify_s"] = time.perf_counter() - start
     start = time.perf_counter()
     measured = _measure(inputs, result, exported.onnx_path, work / ".measure")
     timings["measure_s"] = time.perf_counter() - start  # accuracy, agreement, latency, sizes
-    report = _report(inputs, result, exported, measured, seed=seed, eval_data=eval_data,
-                     task=task, command=command)  # fmt: skip
+    report = _report(inputs, result, exported, measured, config)
     start = time.perf_counter()
     plot_curves(result.history, work / "curves.png")
-    if task == "segmentation":
-        plot_segmentation_samples(result.sampler, inputs.teacher.module, result.student,
-                                  inputs.domain, work / "samples.png")  # fmt: skip
-    else:
-        plot_samples(result.sampler, inputs.teacher.module, inputs.domain, work / "samples.png")
+    config.task.plot_samples(result.sampler, inputs.teacher.module, result.student,
+                             inputs.domain, work / "samples.png")  # fmt: skip
     timings["plots_s"] = time.perf_counter() - start
     report["timings"] = {key: round(value, 2) for key, value in timings.items()}
     write_report(report, work)
@@ -357,14 +241,6 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path,
              scratch: Path) -> _Measurements:  # fmt: skip
     """Sizes and latencies of both models; accuracies on the eval data (the student as
     student.onnx), or agreement on fresh generated inputs without it."""
-    from compress_toolbox.export.writer import (
-        LEGACY_OPSET,
-        export_onnx,
-        onnx_latency_ms,
-        onnx_predictions,
-    )
-    from compress_toolbox.tasks.evaldata import accuracy, predict
-
     teacher, data = inputs.teacher, inputs.data
     scratch.mkdir()
     try:
@@ -425,25 +301,30 @@ def _compression_problems(teacher: Teacher, plan: StudentPlan, exported: ExportR
     pairs = (("parameters", teacher.analysis.params, plan.analysis.params),
              ("MACs", teacher.analysis.macs, plan.analysis.macs),
              ("ONNX bytes", measured.teacher_onnx_bytes, exported.onnx_bytes))  # fmt: skip
-    return [f"compression failed: the student has {s:,} {name}, the teacher {t:,} "
-            f"(ratio {s / t:.2f})" for name, t, s in pairs if t and s is not None and s >= t]
+    return [
+        f"compression failed: the student has {s:,} {name}, the teacher {t:,} (ratio {s / t:.2f})"
+        for name, t, s in pairs
+        if t and s is not None and s >= t
+    ]
 
 
 def _segmentation_scores(teacher_pred: torch.Tensor, student_pred: torch.Tensor,
                          masks: torch.Tensor, num_classes: int) -> dict[str, Any]:  # fmt: skip
     """Mean IoU, pixel accuracy and per-class IoU of teacher and student on the masks."""
-    from compress_toolbox.tasks.segmetrics import IGNORE_INDEX, score_masks
-
     scores = {name: asdict(score_masks(pred, masks, num_classes))
               for name, pred in (("teacher", teacher_pred), ("student", student_pred))}  # fmt: skip
     return {**scores, "num_classes": num_classes, "ignore_index": IGNORE_INDEX}
 
 
-def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
-            measured: _Measurements, *, seed, eval_data, task, command) -> dict[str, Any]:
+def _report(
+    inputs: _Inputs,
+    result: DistillResult,
+    exported: ExportResult,
+    measured: _Measurements,
+    config: CompressConfig,
+) -> dict[str, Any]:
     """report.json's content: status and problems first, then both models, the run, versions."""
-    from compress_toolbox.distill.health import judge_student
-
+    eval_data, command = config.eval_data, config.output.command
     teacher, plan = inputs.teacher, inputs.plan
     t_score, s_score = measured.teacher_accuracy, measured.student_accuracy
     seg, figure = measured.segmentation, "accuracy"
@@ -485,9 +366,14 @@ def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
             "layers_kept_whole": _layers_kept_whole(teacher.analysis, plan),
         },
         "agreement": {"value": measured.agreement, "on": measured.agreement_on},
-        "trivial_predictor": {"figure": figure, "value": measured.trivial,
-                              "what": "the majority class of the eval data (at least 1/K)"
-                              + (", on every pixel" if seg else "")} if eval_data else None,
+        "trivial_predictor": {
+            "figure": figure,
+            "value": measured.trivial,
+            "what": "the majority class of the eval data (at least 1/K)"
+            + (", on every pixel" if seg else ""),
+        }
+        if eval_data
+        else None,
         "segmentation": seg,
         "health": asdict(result.health) if result.health else None,
         "generator_restarts": result.restarts,
@@ -498,7 +384,7 @@ def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
             "pt2_skipped": exported.pt2_skipped,
             "batches": [1, 7],
         },
-        "task": task,
+        "task": config.task.name,
         "method": result.method,
         "method_reason": result.method_reason,
         "preset": result.preset,
@@ -509,7 +395,7 @@ def _report(inputs: _Inputs, result: DistillResult, exported: ExportResult,
         "world_size": result.world_size,  # ranks; the global batch is their product
         "global_batch_size": result.batch_size * result.world_size,
         "device": result.device,
-        "seed": seed,
+        "seed": config.distill.seed,
         "stop_reason": result.stop_reason,
         "eval_data": str(eval_data) if eval_data else None,
         "versions": _versions(),

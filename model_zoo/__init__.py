@@ -5,11 +5,10 @@
 """
 
 from . import detection, lenet, mlp, mobilenet, resnet, segmentation, vgg, wrn  # noqa: F401
-from .registry import TASKS, ZooEntry, get_entry, get_model, list_models, register_model
+from .registry import ZooEntry, get_entry, get_model, list_models, register_model
 from .student import pick_student
 
 __all__ = [
-    "TASKS",
     "ZooEntry",
     "get_entry",
     "get_model",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from compress_toolbox.tasks import KNOWN_TASKS as TASKS
+from compress_toolbox.tasks import task_names
 
 # builder(*, num_classes, in_channels=3, input_size=None) -> nn.Module
 Builder = Callable[..., nn.Module]
@@ -51,8 +51,8 @@ def register_model(
     name: str | None = None,
 ) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder`` under its function name (or ``name``)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(TASKS)}")
+    if task not in task_names():
+        raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(task_names())}")
     if len(default_input) != 3:
         raise ValueError(f"default_input must be (C, H, W), got {default_input!r}")
 
@@ -75,8 +75,8 @@ def register_model(
 
 def list_models(task: str | None = None) -> list[str]:
     """Sorted names of registered models, optionally only those of ``task``."""
-    if task is not None and task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(TASKS)}")
+    if task is not None and task not in task_names():
+        raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(task_names())}")
     return sorted(name for name, entry in _REGISTRY.items() if task is None or entry.task == task)
 
 

@@ -9,18 +9,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import TASKS, get_model, list_models
+from compress_toolbox.tasks import registered_task, task_names
+
+from .registry import get_model, list_models
 
 # Half the width of every layer costs about a quarter of the multiply-accumulates.
 COST_RATIO = 0.25
 
 
 def _expected_output(task: str, num_outputs: int, input_shape: tuple[int, ...]) -> tuple | None:
-    if task == "classification":
-        return (num_outputs,)
-    if task == "segmentation":
-        return (num_outputs, *input_shape[1:])
-    return None
+    spec = registered_task(task)
+    return spec.output_shape(num_outputs, input_shape) if spec else None
 
 
 @torch.no_grad()
@@ -52,12 +51,12 @@ def pick_student(task: str, teacher: Any, *, exclude: Iterable[str] = ()) -> tup
     """
     from compress_toolbox.load.analysis import analyse, count_params  # lazy: avoid import cycles
 
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(TASKS)}")
+    if task not in task_names():
+        raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(task_names())}")
     input_shape = tuple(int(d) for d in teacher.input_shape)
     if len(input_shape) == 3:
         in_channels, input_size = input_shape[0], input_shape[1:]
-    elif len(input_shape) == 1 and task == "classification":
+    elif len(input_shape) == 1 and getattr(registered_task(task), "flat_inputs", False):
         # Flat feature vectors: only models that flatten their input (the MLPs) will run.
         in_channels, input_size = 1, (1, input_shape[0])
     else:

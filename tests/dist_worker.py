@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from compress_toolbox import CompressConfig, compress
 from compress_toolbox.distill import distributed
 from compress_toolbox.errors import DaflError
-from compress_toolbox.pipeline import compress
 
 
 def main(spec: dict) -> int:
@@ -38,11 +38,19 @@ def main(spec: dict) -> int:
 
     try:
         result = compress(
-            spec["teacher"], out=spec["out"], iters=spec["iters"],
-            batch_size=spec.get("batch_size", 32), resume=spec.get("resume", False),
-            eval_data=spec.get("eval_data"), progress=False, threads=1,
-            time_budget=spec.get("time_budget"), on_iteration=on_iteration,
-        )  # fmt: skip
+            spec["teacher"],
+            CompressConfig.from_options(
+                out=spec["out"],
+                iters=spec["iters"],
+                batch_size=spec.get("batch_size", 32),
+                resume=spec.get("resume", False),
+                eval_data=spec.get("eval_data"),
+                progress=False,
+                threads=1,
+                time_budget=spec.get("time_budget"),
+            ),
+            on_iteration=on_iteration,
+        )
     except KeyboardInterrupt:
         return 130
     except DaflError as error:

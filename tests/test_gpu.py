@@ -69,12 +69,22 @@ def test_resume_on_cuda_continues(digits, tmp_path):  # noqa: F811
 def test_compress_on_cuda_writes_a_verified_folder(digits, tmp_path):  # noqa: F811
     from models import save_torchscript
 
-    from compress_toolbox.pipeline import compress
+    from compress_toolbox import CompressConfig, compress
 
     teacher, _ = digits["cnn"]
     path = save_torchscript(teacher.module, SHAPE, tmp_path / "cnn.pt")
-    result = compress(path, out=tmp_path / "out", iters=60, device="cuda", progress=False,
-                      mean=[MEAN], std=[STD], method="dafl")  # fmt: skip
+    result = compress(
+        path,
+        CompressConfig.from_options(
+            out=tmp_path / "out",
+            iters=60,
+            device="cuda",
+            progress=False,
+            mean=[MEAN],
+            std=[STD],
+            method="dafl",
+        ),
+    )
     assert (tmp_path / "out" / "student.onnx").exists()
     assert result.report["device"].startswith("cuda")
     assert result.report["onnx_check"]["max_abs_diff"] < 1e-3

@@ -109,9 +109,6 @@ def verdict_aside(monkeypatch):
     monkeypatch.setattr(health, "judge_student", lambda *args, **kwargs: [])
 
 
-
-
-
 def nothing_left(folder: Path, name: str = "out") -> None:
     assert not folder.joinpath(name).exists()
     assert not list(folder.glob(f".{name}.partial-*")) and not list(folder.glob(f".{name}.old-*"))
@@ -266,11 +263,14 @@ def test_files_added_during_the_run_are_kept(corpus, tmp_path, capsys):
             out.mkdir(exist_ok=True)
             (out / "theirs.txt").write_text("keep me")
 
-    from compress_toolbox.pipeline import compress
+    from compress_toolbox import CompressConfig, compress
 
     with pytest.raises(Exception, match="left alone") as error:
-        compress(corpus["onnx"], out=out, iters=4, batch_size=16, progress=False, threads=1,
-                 on_iteration=intruder)  # fmt: skip
+        compress(
+            corpus["onnx"],
+            CompressConfig.from_options(out=out, iters=4, batch_size=16, progress=False, threads=1),
+            on_iteration=intruder,
+        )
     assert "out-1" in str(error.value)
     assert (out / "theirs.txt").read_text() == "keep me"
     assert (tmp_path / "out-1" / "student.onnx").is_file()

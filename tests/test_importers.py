@@ -514,7 +514,7 @@ def test_analysis_of_imported_lenet(exports):
 def test_analysis_of_dense_output():
     model = TinyDense(num_classes=4).eval()
     teacher = Teacher.from_module(model, (3, 16, 16))
-    assert teacher.analysis.task == "dense"
+    assert teacher.analysis.task == "segmentation"
     assert teacher.analysis.output_shape == (4, 16, 16)
     assert teacher.num_outputs == 4
     assert teacher.analysis.macs == 8 * 16 * 16 * 27 + 4 * 16 * 16 * 8

@@ -16,11 +16,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from compress_toolbox import load_teacher
+from compress_toolbox import CompressConfig, load_teacher, plan_student
 from compress_toolbox.export.writer import export_onnx, verify_onnx
 from compress_toolbox.load.analysis import analyse, count_params
 from compress_toolbox.load.graph.onnx_cleanup import clean_up
-from compress_toolbox.pipeline import plan_student
 from compress_toolbox.student.derive import ChannelOrderError, make_student
 
 
@@ -267,8 +266,8 @@ def test_hwc_flatten_of_unknown_size_refuses_teacher_init(tmp_path):
 def test_hwc_flatten_of_unknown_size_falls_back_to_fresh_init_when_auto(tmp_path):
     teacher = load_teacher(_nhwc_lenet(tmp_path / "nhwc.onnx", True), input_shape=(3, 4, 4))
     with pytest.raises(ChannelOrderError):  # asked for by the user: refused
-        plan_student(teacher, init="teacher")
-    plan = plan_student(teacher, init="teacher", init_fallback=True)  # the preset's choice
+        plan_student(teacher, CompressConfig.from_options(init="teacher"))
+    plan = plan_student(teacher, CompressConfig())  # --init auto: the preset's choice
     assert not plan.from_teacher
     assert "init fresh, not from the teacher's weights: H,W,C flatten" in plan.kind
 

@@ -69,9 +69,6 @@ def teacher(tmp_path_factory) -> Path:
     return path
 
 
-
-
-
 def dead_pid() -> int:
     """The id of a process that has just ended."""
     process = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -155,11 +152,14 @@ def test_a_link_appearing_at_out_during_the_run_keeps_the_output(teacher, tmp_pa
         if iteration == 1:
             out.symlink_to(elsewhere, target_is_directory=True)
 
-    from compress_toolbox.pipeline import compress
+    from compress_toolbox import CompressConfig, compress
 
     with pytest.raises(DaflError, match="left alone") as error:
-        compress(teacher, out=out, iters=2, batch_size=16, progress=False, threads=1,
-                 on_iteration=intruder)  # fmt: skip
+        compress(
+            teacher,
+            CompressConfig.from_options(out=out, iters=2, batch_size=16, progress=False, threads=1),
+            on_iteration=intruder,
+        )
     assert "out-1" in str(error.value)
     assert out.is_symlink() and not any(elsewhere.iterdir())
     assert (tmp_path / "out-1" / "student.onnx").is_file()

@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress_toolbox import load_teacher
+from compress_toolbox import CompressConfig, compress, load_teacher
 from compress_toolbox.errors import DaflError, ImportFailed, VerificationFailed
 from compress_toolbox.export.verification import compare
-from compress_toolbox.pipeline import compress
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +33,28 @@ def test_three_channel_mean_and_std_are_accepted(rgb_teacher, tmp_path):
     """`--mean 0.5,0.5,0.5 --std 0.5,0.5,0.5` on an RGB teacher was refused before the teacher
     was loaded ("the teacher's input has 1 channel(s)")."""
     path, data = rgb_teacher
-    result = compress(path, out=tmp_path / "out", dry_run=True, eval_data=data,
-                      mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])  # fmt: skip
+    result = compress(
+        path,
+        CompressConfig.from_options(
+            out=tmp_path / "out",
+            dry_run=True,
+            eval_data=data,
+            mean=[0.485, 0.456, 0.406],
+            std=[0.229, 0.224, 0.225],
+        ),
+    )
     assert result.teacher.input_shape == (3, 16, 16)
 
 
 def test_a_wrong_number_of_channel_values_is_still_refused(rgb_teacher, tmp_path):
     path, data = rgb_teacher
     with pytest.raises(DaflError, match="--mean has 2 values; the teacher's input has 3"):
-        compress(path, out=tmp_path / "out", dry_run=True, mean=[0.5, 0.5], std=[0.5])
+        compress(
+            path,
+            CompressConfig.from_options(
+                out=tmp_path / "out", dry_run=True, mean=[0.5, 0.5], std=[0.5]
+            ),
+        )
 
 
 def test_tiny_outputs_that_agree_to_float_rounding_verify():
@@ -68,8 +80,9 @@ def softmax_teacher(tmp_path_factory):
     """A 2-class classifier whose ONNX file ends in Softmax (as Paddle2ONNX writes them)."""
     root = tmp_path_factory.mktemp("softmax")
     torch.manual_seed(0)
-    logits = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                           nn.Flatten(), nn.Linear(8, 2))  # fmt: skip
+    logits = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)
+    )
     path = root / "probabilities.onnx"
     torch.onnx.export(nn.Sequential(logits, nn.Softmax(dim=1)), (torch.randn(2, 3, 12, 12),),
                       path, dynamo=False, input_names=["x"], output_names=["probs"],
@@ -94,12 +107,18 @@ def test_the_student_of_a_softmax_ended_teacher_answers_probabilities(softmax_te
 
     path, _ = softmax_teacher
     try:
-        compress(path, out=tmp_path / "out", iters=3, batch_size=16, progress=False)
+        compress(
+            path,
+            CompressConfig.from_options(
+                out=tmp_path / "out", iters=3, batch_size=16, progress=False
+            ),
+        )
     except StudentFailed:  # three iterations: the verdict is not what this test checks
         pass
     session = ort.InferenceSession(str(tmp_path / "out" / "student.onnx"))
-    probabilities = session.run(None, {session.get_inputs()[0].name:
-                                       np.random.rand(5, 3, 12, 12).astype(np.float32)})[0]
+    probabilities = session.run(
+        None, {session.get_inputs()[0].name: np.random.rand(5, 3, 12, 12).astype(np.float32)}
+    )[0]
     assert probabilities.shape == (5, 2) and (probabilities >= 0).all()
     assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
 
@@ -172,8 +191,17 @@ def test_a_sigmoid_map_is_distilled_as_two_classes_and_shipped_as_a_map(sigmoid_
     loaded = load_teacher(path)
     assert loaded.num_outputs == 2  # seen as two classes
     try:
-        compress(path, task="segmentation", out=tmp_path / "out", eval_data=masks, iters=3,
-                 batch_size=4, progress=False)  # fmt: skip
+        compress(
+            path,
+            CompressConfig.from_options(
+                task="segmentation",
+                out=tmp_path / "out",
+                eval_data=masks,
+                iters=3,
+                batch_size=4,
+                progress=False,
+            ),
+        )
     except StudentFailed:  # three iterations: the verdict is not what this test checks
         pass
     report = json.loads((tmp_path / "out" / "report.json").read_text())

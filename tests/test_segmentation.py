@@ -15,12 +15,12 @@ from PIL import Image
 from torch import nn
 
 from cli.main import main
+from compress_toolbox import CompressConfig, compress, plan_student
 from compress_toolbox.distill.losses import information_entropy_loss, kd_loss, one_hot_loss
 from compress_toolbox.distill.trainer import distill
 from compress_toolbox.errors import DaflError
 from compress_toolbox.export.writer import export_onnx, export_pt2, export_student
 from compress_toolbox.load.teacher import Teacher, load_teacher
-from compress_toolbox.pipeline import compress, plan_student
 from compress_toolbox.tasks import as_samples
 from compress_toolbox.tasks.evaldata import EvalDataError, load_eval_data, score
 from compress_toolbox.tasks.segmetrics import score_masks
@@ -115,7 +115,7 @@ def test_pixel_losses_treat_each_pixel_as_a_sample():
 def test_formats_import_derive_and_export(files, tmp_path, name):
     teacher = load_teacher(files / name)
     assert teacher.analysis.output_shape == (CLASSES, 16, 16) and teacher.max_rel_diff < 1e-4
-    plan = plan_student(teacher, "auto", task="segmentation", init="teacher")
+    plan = plan_student(teacher, CompressConfig.from_options(task="segmentation", init="teacher"))
     assert plan.analysis.output_shape == (CLASSES, 16, 16)
     assert plan.analysis.params < 0.4 * teacher.analysis.params
     exported = export_student(plan.module, SHAPE, tmp_path)  # verified with onnxruntime
@@ -125,7 +125,9 @@ def test_formats_import_derive_and_export(files, tmp_path, name):
 @pytest.mark.parametrize("method", ["dafl", "adversarial", "dfad", "bn-prior", "noise"])
 def test_each_method_runs_per_pixel(unet, method):
     teacher = Teacher.from_module(unet, SHAPE)
-    student = plan_student(teacher, "auto", task="segmentation", init="fresh").module
+    student = plan_student(
+        teacher, CompressConfig.from_options(task="segmentation", init="fresh")
+    ).module
     result = distill(teacher, student, task="segmentation", method=method, iters=4,
                      batch_size=8, progress=False, threads=1, health_every=2)  # fmt: skip
     losses = [v for row in result.history for k, v in row.items() if k.startswith("loss_")]
@@ -135,7 +137,9 @@ def test_each_method_runs_per_pixel(unet, method):
 
 def test_class_conditional_method_is_refused_and_auto_picks_dafl(unet):
     teacher = Teacher.from_module(unet, SHAPE)  # keeps BatchNorm: bn-prior for a classifier
-    student = plan_student(teacher, "auto", task="segmentation", init="fresh").module
+    student = plan_student(
+        teacher, CompressConfig.from_options(task="segmentation", init="fresh")
+    ).module
     result = distill(teacher, student, task="segmentation", iters=2, batch_size=4, progress=False)
     assert result.method == "dafl" and "segmentation benchmark" in result.method_reason
     with pytest.raises(DaflError, match="every pixel"):
@@ -159,13 +163,17 @@ def test_dict_output_teacher_and_task_refusals(unet, files, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_pt2(DictOutput(unet).eval(), SHAPE, tmp_path / "dict.pt2")
-    result = compress(tmp_path / "dict.pt2", task="segmentation", dry_run=True)
+    result = compress(
+        tmp_path / "dict.pt2", CompressConfig.from_options(task="segmentation", dry_run=True)
+    )
     assert result.plan.analysis.output_shape == (CLASSES, 16, 16)
     assert isinstance(result.teacher.module(torch.rand(2, *SHAPE)), torch.Tensor)
     with pytest.raises(DaflError, match=r"--task classification needs \(N, K\).*--task segm"):
-        compress(files / "seg.onnx", task="classification", dry_run=True)
+        compress(
+            files / "seg.onnx", CompressConfig.from_options(task="classification", dry_run=True)
+        )
     with pytest.raises(DaflError, match="detection is not supported yet"):
-        compress(files / "seg.onnx", task="detection", dry_run=True)
+        compress(files / "seg.onnx", CompressConfig.from_options(task="detection", dry_run=True))
 
 
 def test_mask_folder_eval_data(files, tmp_path):
@@ -315,7 +323,9 @@ def test_health_checks_use_few_canvases(unet, monkeypatch):
 
     monkeypatch.setattr(GeneratorMethod, "sample", sample)
     teacher = Teacher.from_module(unet, SHAPE)
-    student = plan_student(teacher, "auto", task="segmentation", init="fresh").module
+    student = plan_student(
+        teacher, CompressConfig.from_options(task="segmentation", init="fresh")
+    ).module
     distill(teacher, student, task="segmentation", method="dafl", iters=2, batch_size=4,
             progress=False, threads=1, health_every=1)  # fmt: skip
     # sample(2) sizes the batch to memory; then two checks and the last one, of 32 canvases

@@ -12,12 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from compress_toolbox import limits
+from compress_toolbox import CompressConfig, compress, limits
 from compress_toolbox.distill import health
 from compress_toolbox.distill.health import Health, StudentFailed, judge_student
 from compress_toolbox.distill.parts import ThreadChooser
 from compress_toolbox.limits import LimitExceeded, bounded
-from compress_toolbox.pipeline import compress
 from compress_toolbox.tasks.verdict import chance_agreement, falls_short, trivial_score
 from model_zoo.student import pick_student
 
@@ -104,8 +103,12 @@ def test_a_student_answering_one_class_of_two_exits_3(tiny_classifier, tmp_path,
     path, data = tiny_classifier
     monkeypatch.setattr(pipeline, "_as_shipped", lambda student, teacher: _OneClass())
     with pytest.raises(StudentFailed, match="less than half of the teacher's"):
-        compress(path, out=tmp_path / "out", eval_data=data, iters=2, batch_size=8,
-                 progress=False)  # fmt: skip
+        compress(
+            path,
+            CompressConfig.from_options(
+                out=tmp_path / "out", eval_data=data, iters=2, batch_size=8, progress=False
+            ),
+        )
 
 
 def test_a_student_no_smaller_than_its_teacher_is_a_failed_compression(tmp_path):
@@ -155,8 +158,12 @@ def test_same_seed_and_iterations_give_the_same_student(tiny_classifier, tmp_pat
     states = []
     for run in range(2):
         try:
-            compress(path, out=tmp_path / f"out{run}", iters=6, batch_size=8, seed=3,
-                     progress=False)  # fmt: skip
+            compress(
+                path,
+                CompressConfig.from_options(
+                    out=tmp_path / f"out{run}", iters=6, batch_size=8, seed=3, progress=False
+                ),
+            )
         except StudentFailed:  # the verdict is not what this test checks
             pass
         states.append(torch.load(tmp_path / f"out{run}" / "student_state_dict.pt"))
@@ -181,8 +188,9 @@ def test_the_time_bound_counts_work_not_waiting_for_a_busy_machine():
 
 def test_the_process_s_own_memory_limit_counts_as_available_memory(monkeypatch):
     resource = pytest.importorskip("resource")
-    monkeypatch.setattr(resource, "getrlimit",
-                        lambda what: (limits.virtual_size() + 2**20, resource.RLIM_INFINITY))
+    monkeypatch.setattr(
+        resource, "getrlimit", lambda what: (limits.virtual_size() + 2**20, resource.RLIM_INFINITY)
+    )
     assert limits.available_memory(torch.device("cpu")) <= 2**20
 
 

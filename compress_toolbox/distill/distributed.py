@@ -220,8 +220,10 @@ def collective_errors() -> Iterator[None]:
     except (dist.DistError, RuntimeError) as error:
         # gloo reports a dead peer as a plain RuntimeError ("[...gloo/transport/tcp/pair.cc]
         # Read error ... Connection reset by peer"), seen with torch 2.14
-        if not _WORLD.active or not isinstance(error, dist.DistError) and not any(
-            word in str(error) for word in ("gloo", "NCCL", "Connection", "timed out")
+        if (
+            not _WORLD.active
+            or not isinstance(error, dist.DistError)
+            and not any(word in str(error) for word in ("gloo", "NCCL", "Connection", "timed out"))
         ):
             raise
         raise RankFailed(

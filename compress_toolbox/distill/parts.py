@@ -247,8 +247,7 @@ class Checkpointer:
         for key, value in expect.items():
             if state[key] != value:
                 raise DaflError(
-                    f"cannot resume: checkpoint {self.path} is for {key} {state[key]}, "
-                    f"not {value}"
+                    f"cannot resume: checkpoint {self.path} is for {key} {state[key]}, not {value}"
                 )
         return state
 

@@ -74,10 +74,7 @@ def size_recipe(
     if adapt:
         # Fewer student steps per generated batch when the generator would get too few
         # updates (an expensive teacher), but never fewer than 4.
-        while (
-            sized.student_steps > 4
-            and remaining_s / sized.iteration_s < TARGET_ITERATIONS
-        ):
+        while sized.student_steps > 4 and remaining_s / sized.iteration_s < TARGET_ITERATIONS:
             sized = replace(sized, student_steps=sized.student_steps - 2)
     sized.expected_iterations = int(remaining_s / sized.iteration_s)
     if sized.expected_iterations < MIN_USEFUL_ITERATIONS:

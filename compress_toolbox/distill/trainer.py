@@ -205,7 +205,8 @@ class Trainer:
         self.stop = self._stop_policy()
         self.checkpointer = Checkpointer(  # rank 0 alone reads and writes checkpoints
             Path(options.checkpoint_dir) / CHECKPOINT_NAME
-            if options.checkpoint_dir and self.world.is_writer else None,
+            if options.checkpoint_dir and self.world.is_writer
+            else None,
             options.checkpoint_every_s,
         )
         if options.resume and self.world.is_writer and (self.checkpointer.path is None
@@ -247,7 +248,7 @@ class Trainer:
             device=self.device,
             final_layer=analysis.final_layer if analysis else None,
             autocast=_autocast_factory(self.device),
-            task=self.options.task,
+            task=self.task,
         )
 
     def _make_method(self, ctx: MethodContext) -> tuple[Method, str]:
@@ -525,8 +526,9 @@ class Trainer:
         self.optimizer = _make_student_optimizer(self.preset, self.student, self.student_lr)
         distributed.average_gradients(self.optimizer)
         outputs = self.teacher.analysis.output_shape if self.teacher.analysis else ()
-        batch_bytes = self.recipe.batch_size * (math.prod(self.teacher.input_shape)
-                                                + math.prod(outputs)) * 4  # inputs and logits
+        batch_bytes = (
+            self.recipe.batch_size * (math.prod(self.teacher.input_shape) + math.prod(outputs)) * 4
+        )  # inputs and logits
         self.pool = ReplayPool(self.recipe.pool_size, batch_bytes)
         self.recipe = replace(self.recipe, pool_size=self.pool.size)
         if self.options.resume:

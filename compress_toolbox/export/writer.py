@@ -159,8 +159,10 @@ def export_pt2(module: nn.Module, input_shape: tuple[int, ...], path: str | Path
     """Save ``module`` (or its ``program``) as a torch.export archive with a dynamic batch."""
     program = program or traceable_program(module, input_shape)
     if program is None:
-        raise DaflError("cannot write a torch.export archive (.pt2) of this model: torch.export "
-                        "cannot trace it (an imported op reads constants); write .onnx instead")
+        raise DaflError(
+            "cannot write a torch.export archive (.pt2) of this model: torch.export "
+            "cannot trace it (an imported op reads constants); write .onnx instead"
+        )
     torch.export.save(program, path)
     return Path(path)
 

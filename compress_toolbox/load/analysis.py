@@ -1,4 +1,4 @@
-"""Stage 2: analyse a module: parameters, MACs, layer widths, output shape and a task guess."""
+"""Stage 2: analyse a module: parameters, MACs, layer widths, output shape and the task it fits."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
+from compress_toolbox.tasks import task_of_output
 
 # Layers whose widths we report and whose multiply-accumulates we count.
 _WIDTH_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
@@ -26,7 +28,7 @@ class Analysis:
     macs: int
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]  # without the batch dimension
-    task: str  # "classification", "dense" or "unknown"
+    task: str | None  # the registered task whose teachers give this output, if any
     layers: list[LayerInfo] = field(default_factory=list)
     final_layer: str | None = None  # name of the last Linear (or 1x1 conv) run: its input is the
     # feature vector DAFL's activation loss uses
@@ -76,15 +78,6 @@ def output_tensor(output) -> torch.Tensor:
     if isinstance(output, (list, tuple)) and output:
         return output_tensor(output[0])
     raise TypeError(f"model output of type {type(output).__name__} holds no tensor")
-
-
-def guess_task(output_shape: tuple[int, ...]) -> str:
-    """(K,) -> classification; (K, H, W) -> dense prediction (segmentation-like)."""
-    if len(output_shape) == 1:
-        return "classification"
-    if len(output_shape) == 3:
-        return "dense"
-    return "unknown"
 
 
 @torch.no_grad()
@@ -145,7 +138,7 @@ def analyse(module: nn.Module, input_shape: tuple[int, ...]) -> Analysis:
         macs=sum(info.macs for info in layers),
         input_shape=tuple(input_shape),
         output_shape=output_shape,
-        task=guess_task(output_shape),
+        task=getattr(task_of_output(output_shape), "name", None),
         layers=layers,
         final_layer=final_layer,
     )

@@ -79,14 +79,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"generator restarts after a collapse: {report.get('generator_restarts', 0)}",
         f"- input domain: {teacher.get('input_domain', 'n/a')}",
         f"- student.onnx input: float32 `[batch, {', '.join(map(str, teacher['input_shape']))}]`"
-        + (" (channels first, whereas the TensorFlow teacher took channels last)"
-           if teacher.get("format") == "tensorflow" and len(teacher["input_shape"]) == 3
-           else ""),  # fmt: skip
+        + (
+            " (channels first, whereas the TensorFlow teacher took channels last)"
+            if teacher.get("format") == "tensorflow" and len(teacher["input_shape"]) == 3
+            else ""
+        ),  # fmt: skip
         f"- student accuracy is measured on the exported student.onnx with onnxruntime; "
         f"ONNX verified against PyTorch (max abs diff {report['onnx_check']['max_abs_diff']:.2e} "
         f"at batch 1 and 7)"
-        + (f"; no student.pt2: {report['onnx_check']['pt2_skipped']}"
-           if report["onnx_check"].get("pt2_skipped") else ""),  # fmt: skip
+        + (
+            f"; no student.pt2: {report['onnx_check']['pt2_skipped']}"
+            if report["onnx_check"].get("pt2_skipped")
+            else ""
+        ),  # fmt: skip
         f"- command: `{report['command']}`",
         "",
     ]
@@ -102,8 +107,13 @@ def _per_class_iou(seg: dict[str, Any]) -> list[str]:
     for index, (t, s) in enumerate(zip(seg["teacher"]["per_class_iou"],
                                        seg["student"]["per_class_iou"])):  # fmt: skip
         lines.append(f"| {index} | {_fmt(t, 'pct')} | {_fmt(s, 'pct')} |")
-    return [*lines, "", f"Pixels labelled {seg['ignore_index']} are ignored; the mean IoU "
-            "averages the classes present in the masks or the predictions.", ""]
+    return [
+        *lines,
+        "",
+        f"Pixels labelled {seg['ignore_index']} are ignored; the mean IoU "
+        "averages the classes present in the masks or the predictions.",
+        "",
+    ]
 
 
 def _health(health: dict[str, Any] | None) -> str:
@@ -255,5 +265,7 @@ def _ranks(report: dict) -> str:
     ranks = report.get("world_size", 1)
     if ranks <= 1:
         return ""
-    return f" x {ranks} ranks (batch {report['batch_size']} each, global batch " \
+    return (
+        f" x {ranks} ranks (batch {report['batch_size']} each, global batch "
         f"{report['global_batch_size']})"
+    )

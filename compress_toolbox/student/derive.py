@@ -171,15 +171,22 @@ def attention_heads(module: nn.Module, example_input: torch.Tensor) -> dict[nn.L
         return {layer.qkv: layer.num_heads for layer in module.modules()
                 if isinstance(getattr(layer, "qkv", None), nn.Linear)
                 and isinstance(getattr(layer, "num_heads", None), int)}  # fmt: skip
-    reshapes = [node for node in module.graph.nodes if node.op == "call_module"
-                and isinstance(module.get_submodule(node.target), (FlexibleReshape, OnnxReshape))]
+    reshapes = [
+        node
+        for node in module.graph.nodes
+        if node.op == "call_module"
+        and isinstance(module.get_submodule(node.target), (FlexibleReshape, OnnxReshape))
+    ]
     shapes: dict[str, torch.Size] = {}
 
     def recorder(target):
         return lambda layer, args, output: shapes.__setitem__(target, output.shape)
 
-    run_with_hooks(module, example_input,
-                   [(module.get_submodule(n.target), recorder(n.target)) for n in reshapes])
+    run_with_hooks(
+        module,
+        example_input,
+        [(module.get_submodule(n.target), recorder(n.target)) for n in reshapes],
+    )
     heads = {}
     for node in reshapes:
         shape = shapes.get(node.target)

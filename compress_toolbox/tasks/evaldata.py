@@ -268,16 +268,23 @@ def load_eval_data(
     task: str = "classification",
 ) -> EvalData:
     """Load labelled evaluation data shaped for a teacher with ``input_shape``, mapped into its
-    input ``domain`` (see ``describe_preprocessing``). With ``num_classes`` the labels must lie
-    in [0, num_classes) (masks may also hold 255, ignored). ``task="segmentation"`` reads
-    masks (``load_mask_data``). Any problem raises ``EvalDataError`` naming the path."""
+    input ``domain`` (see ``describe_preprocessing``), as ``task`` reads it (labels for
+    classification, masks for segmentation). With ``num_classes`` the labels must lie in
+    [0, num_classes) (masks may also hold 255, ignored). Any problem raises ``EvalDataError``
+    naming the path."""
+    from compress_toolbox.tasks import get_task  # the task registry imports this module
+
     path = Path(path)
-    domain = domain or InputDomain()
-    input_shape = tuple(input_shape)
     if not path.exists():
         raise EvalDataError(f"{path}: no such file or directory")
-    if task == "segmentation":
-        return load_mask_data(path, input_shape, domain, num_classes)
+    return get_task(task).load_eval_data(path, tuple(input_shape), domain or InputDomain(),
+                                         num_classes)  # fmt: skip
+
+
+def load_label_data(path: Path, input_shape: tuple[int, ...], domain: InputDomain,
+                    num_classes: int | None) -> EvalData:  # fmt: skip
+    """Images (or features) and their class labels: a .npz with ``x`` and ``y``, a folder of
+    MNIST idx files or an ImageFolder."""
     if path.is_dir():
         if any(f.is_file() and re.search(r"idx[13]", f.name) for f in path.iterdir()):
             raw_x, raw_y = _load_idx_folder(path, input_shape)
@@ -426,8 +433,10 @@ def load_mask_data(path: Path, input_shape: tuple[int, ...], domain: InputDomain
                                 f"= {expected}, one per image of its size")  # fmt: skip
         masks = [masks]
     else:
-        raise EvalDataError(f"{path}: unsupported segmentation eval data (use a .npz with x and "
-                            "y masks, or a folder of images beside a folder of PNG masks)")
+        raise EvalDataError(
+            f"{path}: unsupported segmentation eval data (use a .npz with x and "
+            "y masks, or a folder of images beside a folder of PNG masks)"
+        )
     y = torch.cat([_checked_masks(m, num_classes, names[i] if names else path, IGNORE_INDEX)
                    for i, m in enumerate(masks)])  # fmt: skip
     if x.dim() != 4 or not torch.isfinite(x).all():
@@ -470,8 +479,9 @@ def _mask_folder(images: Path) -> Path:
                         f"{', '.join(MASK_FOLDERS)} next to {images.name})")  # fmt: skip
 
 
-def _load_mask_folder(folder: Path, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, list,
-                                                                     list]:
+def _load_mask_folder(
+    folder: Path, input_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, list, list]:
     """Images of ``folder`` (or ``folder/images``) as one (N, C, H, W) float tensor, their masks
     (one (H, W) array each) and the mask files."""
     if (folder / "images").is_dir():

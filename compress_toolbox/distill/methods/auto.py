@@ -1,5 +1,6 @@
 """``--method auto``: which method to run on a teacher, from the teacher's properties, as the
-teacher suite measured (benchmarks/RESULTS.md)."""
+teacher suite measured (benchmarks/RESULTS.md); a task may have its own rule
+(``Task.auto_method``)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,10 @@ from compress_toolbox.distill.methods.base import MethodContext
 
 def choose_method(ctx: MethodContext) -> tuple[str, str]:
     """(method name, the reason, for the report)."""
-    if ctx.task == "segmentation":
-        return "dafl", (
-            "per-pixel DAFL measured best on the segmentation benchmark, BatchNorm or not (at "
-            "300 s on the .pt2 teachers keeping BatchNorm: 68% and 53% of the teacher's mean "
-            "IoU against 49% and 46% with bn-prior; dfad behind or level)"
-        )
     layers = ctx.batchnorm_layers()
+    task_rule = ctx.task.auto_method(layers)
+    if task_rule is not None:
+        return task_rule
     if layers:
         return "bn-prior", (
             f"the teacher keeps {layers} BatchNorm layers, whose recorded statistics guide "

@@ -19,7 +19,7 @@ from torch import nn
 from compress_toolbox.distill.generator import augment, make_generator
 from compress_toolbox.distill.presets import Preset
 from compress_toolbox.domain import InputDomain
-from compress_toolbox.tasks import get_task
+from compress_toolbox.tasks import Task, get_task
 
 
 @dataclass
@@ -36,7 +36,10 @@ class MethodContext:
     final_layer: str | None = None  # the teacher's last Linear/1x1 conv (activation loss)
     autocast: Any = field(default_factory=nullcontext)  # a context manager factory
     channels_last: bool = False  # generators in channels-last memory format (faster on CPU)
-    task: str = "classification"  # tasks.py: segmentation logits are (N, K, H, W)
+    task: Task | str = "classification"  # a Task once built
+
+    def __post_init__(self) -> None:
+        self.task = get_task(self.task)
 
     def batchnorm_layers(self) -> int:
         """Number of BatchNorm layers with running statistics in the teacher."""
@@ -137,7 +140,7 @@ class GeneratorMethod(Method):
         super().__init__(ctx)
         # images only: a (F,) vector has no layout to move
         images = len(ctx.input_shape) == 3
-        self.augmentations = get_task(ctx.task).generated_augmentations if images else ()
+        self.augmentations = ctx.task.generated_augmentations if images else ()
         # the teacher's domain where the generator makes pixels in it (see restart)
         self.pixel_domain = ctx.domain if ctx.preset.generator_output == "domain" else None
         self.restart()

@@ -33,7 +33,7 @@ class BatchNormPrior(GeneratorMethod):
 
     def __init__(self, ctx: MethodContext) -> None:
         self.statistics = BatchNormStatistics(ctx.teacher)
-        self.conditional = ctx.task == "classification"  # see the module's docstring
+        self.conditional = ctx.task.one_class_per_input  # see the module's docstring
         if not self.conditional:
             self.loss_names = ("oh", "ie", "bn", "adv")
         super().__init__(ctx)

@@ -22,7 +22,7 @@ class Conditional(GeneratorMethod):
 
     @classmethod
     def unavailable_reason(cls, ctx: MethodContext) -> str | None:
-        if ctx.task != "classification":
+        if not ctx.task.one_class_per_input:
             return (
                 "it draws one class per generated image, whereas a segmentation teacher labels "
                 "every pixel; use dafl, dfad, adversarial or bn-prior"

@@ -193,8 +193,9 @@ class _Decomposition:
 _DECOMPOSITIONS = (
     _Decomposition(_transposes_channels_last, _pools, _pool_layer),
     _Decomposition(_flattens_whole, _is_same, lambda module, source, *_: source),
-    _Decomposition(_reshapes_to_groups, lambda s, v: _group_count(s, v) is not None,
-                   _group_norm_layer),  # fmt: skip
+    _Decomposition(
+        _reshapes_to_groups, lambda s, v: _group_count(s, v) is not None, _group_norm_layer
+    ),  # fmt: skip
 )
 
 

@@ -117,8 +117,9 @@ def _cut_final_activation(model: onnx.ModelProto, output: str) -> str | None:
     elif not dims or len(dims) < 2 or dims[1].dim_value != 1:
         return None  # a multi-label Sigmoid: its channels are not classes of one choice
     del model.graph.output[:]
-    model.graph.output.append(onnx.helper.make_tensor_value_info(node.input[0],
-                                                                 onnx.TensorProto.FLOAT, None))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None)
+    )
     model.graph.node.remove(node)
     return node.op_type
 

@@ -89,11 +89,29 @@ SAVER_OPS = frozenset(
 # Words in an op's name that say what it can reach, for the message (the allowlist decides).
 RISKS = (
     (("PyFunc", "Python"), "runs Python code"),
-    (("File", "Save", "Restore", "Reader", "Dataset", "Summary", "Snapshot", "ImmutableConst",
-      "Checkpoint", "LoadAndRemap", "Writer", "Iterator", "Vocab", "Proto"),
-     "can touch files"),  # fmt: skip
-    (("Send", "Recv", "Collective", "Rpc", "Remote", "Nccl"),
-     "can talk to other processes or the network"),  # fmt: skip
+    (
+        (
+            "File",
+            "Save",
+            "Restore",
+            "Reader",
+            "Dataset",
+            "Summary",
+            "Snapshot",
+            "ImmutableConst",
+            "Checkpoint",
+            "LoadAndRemap",
+            "Writer",
+            "Iterator",
+            "Vocab",
+            "Proto",
+        ),
+        "can touch files",
+    ),  # fmt: skip
+    (
+        ("Send", "Recv", "Collective", "Rpc", "Remote", "Nccl"),
+        "can talk to other processes or the network",
+    ),  # fmt: skip
     (("Print", "Debug"), "can write to the console or to files"),
 )
 CONSENT = "pass --trust-model-code if you trust the file"
@@ -222,6 +240,6 @@ def check_tflite(data: bytes, what: str = "the TFLite model") -> None:
                 node.ParseFromString(serialised)
             except Exception:
                 raise _refuse(what, code, f"operator {i}, its TensorFlow node unreadable") from None
-            for op in (code[len("Flex"):], name.decode(errors="replace"), node.op):
+            for op in (code[len("Flex") :], name.decode(errors="replace"), node.op):
                 if op not in SAFE_OPS:
                     raise _refuse(what, code, f"operator {i}, running TensorFlow's {op}")

@@ -1,0 +1,96 @@
+"""The student of a run: derived from the teacher (``derive.make_student``) or picked from the
+model zoo, as the run's configuration says; with its cost measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import model_zoo
+from compress_toolbox.config import CompressConfig
+from compress_toolbox.errors import DaflError
+from compress_toolbox.load.analysis import Analysis, analyse
+from compress_toolbox.load.teacher import Teacher
+from compress_toolbox.student.derive import ChannelOrderError, make_student
+from compress_toolbox.tasks import Task
+
+
+@dataclass
+class StudentPlan:
+    """Which student, how it was obtained, and its cost."""
+
+    kind: str  # "derived (width 0.5)" or "zoo:NAME"
+    module: nn.Module
+    analysis: Analysis
+    from_teacher: bool = False  # starts from the teacher's weights (fine-tuning)
+
+
+def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
+    """The student ``config.student`` asks for: ``auto`` derives one by shrinking the teacher's
+    widths, ``zoo`` picks the zoo model of the task whose cost is nearest a quarter of the
+    teacher's, ``zoo:NAME`` builds that one. Its output must be the teacher's."""
+    choice = config.student.student
+    if choice == "auto":
+        kind, module = _derived(teacher, config)
+    elif choice == "zoo":
+        try:
+            name, module = model_zoo.pick_student(config.task.name, teacher)
+        except ValueError as error:
+            raise DaflError(f"--student zoo: {error}") from None
+        kind = f"zoo:{name}"
+    elif choice.startswith("zoo:"):
+        kind, module = choice, _named_zoo_model(teacher, config.task, choice)
+    else:
+        raise DaflError(f"--student {choice!r}: expected auto, zoo or zoo:NAME")
+    module.eval()
+    analysis = analyse(module, teacher.input_shape)
+    if analysis.output_shape != teacher.analysis.output_shape:
+        raise DaflError(
+            f"student output {analysis.output_shape} does not match the teacher's "
+            f"{teacher.analysis.output_shape}"
+        )
+    from_teacher = choice == "auto" and "init teacher" in kind
+    return StudentPlan(kind, module, analysis, from_teacher=from_teacher)
+
+
+def _derived(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module]:
+    """The teacher with every width scaled by ``--width``. When ``--init auto`` chose the
+    teacher's weights and they cannot be kept (an H,W,C flatten, see
+    ``derive.channels_last_flatten``), the student starts fresh instead and its kind says so."""
+    width, init, note = config.student.width, config.init, ""
+    example = torch.randn(2, *teacher.input_shape)
+    try:
+        module = make_student(teacher.module, width=width, init=init, example_input=example)
+    except ChannelOrderError:
+        if not config.init_may_fall_back or init != "teacher":
+            raise
+        init, note = "fresh", ", not from the teacher's weights: H,W,C flatten"
+        module = make_student(teacher.module, width=width, init=init, example_input=example)
+    kind = f"derived (width {width}, init {init}{note})"
+    if _batchnorms(module) > _batchnorms(teacher.module):
+        kind += f", {_batchnorms(module)} BatchNorm layers added for training"
+    return kind, module
+
+
+def _named_zoo_model(teacher: Teacher, task: Task, choice: str) -> nn.Module:
+    """``zoo:NAME`` built for the teacher's input and classes; DaflError when unknown or it
+    does not fit."""
+    name, shape = choice[4:], teacher.input_shape
+    if name not in model_zoo.list_models():
+        raise DaflError(f"--student {choice}: unknown zoo model; known: "
+                        f"{', '.join(model_zoo.list_models(task.name))}")  # fmt: skip
+    try:
+        module = model_zoo.get_model(name, num_classes=teacher.num_outputs, in_channels=shape[0],
+                                     input_size=tuple(shape[1:]) or None)  # fmt: skip
+        module.eval()(torch.zeros(2, *shape))
+    except Exception as error:
+        raise DaflError(
+            f"--student {choice}: does not fit the teacher's input {shape}: {error}"
+        ) from None
+    return module
+
+
+def _batchnorms(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())

@@ -1,0 +1,80 @@
+"""What every task is: the ``Task`` a plug-in file (``classification.py``, ``segmentation.py``)
+fills in and registers. The pipeline, the trainer, the methods and the zoo ask the task, never
+its name.
+
+A task says which teacher outputs it accepts (``check_output``), how many classes they have, and
+how its logits become per-sample class scores (``outputs.as_samples``): a classifier's (N, K)
+logits are N samples; a segmentation teacher's (N, K, H, W) logits are N*H*W pixel samples, so
+that the one-hot, information-entropy, KD and adversarial losses and the collapse guard's class
+histogram all act per pixel, averaged over the batch's pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from compress_toolbox.errors import DaflError
+
+if TYPE_CHECKING:
+    from compress_toolbox.domain import InputDomain
+    from compress_toolbox.tasks.evaldata import EvalData
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task: what its teachers output (``output_dims`` dimensions after the batch) and how
+    the pipeline treats them. Subclasses override the methods whose behaviour differs."""
+
+    name: str
+    output_dims: int
+    output_text: str  # the expected output, for messages
+    batch_size: int | None = None  # generated batch when no --batch-size (None: the preset's)
+    student_init: str | None = None  # what --init auto means (None: the preset's choice)
+    health_samples: int = 256  # generated inputs per health check (the class histogram)
+    monitor_samples: int = 1000  # evaluation inputs for the curve during training
+    # what is done to each generated image before the teacher sees it (keys of
+    # generator.AUGMENTATIONS, in order; images only)
+    generated_augmentations: tuple[str, ...] = ()
+    one_class_per_input: bool = True  # a class-conditional generator can draw one per input
+    flat_inputs: bool = False  # teachers of (features,) inputs can do this task
+    figure: str = "accuracy"  # the pass/fail figure on --eval-data
+
+    def fits(self, output_shape: tuple[int, ...]) -> bool:
+        """Whether a teacher whose output is ``output_shape`` (no batch) does this task."""
+        return len(output_shape) == self.output_dims and output_shape[0] >= 2
+
+    def output_shape(self, num_outputs: int, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The output (no batch) a model of this task gives for ``input_shape``."""
+        raise NotImplementedError
+
+    def check_output(self, teacher: nn.Module, shape: tuple[int, ...], device) -> int:
+        """The number of classes of ``teacher``'s output on random inputs; DaflError when the
+        output does not fit this task or is not finite."""
+        with torch.no_grad():
+            out = teacher(torch.rand(2, *shape, device=device))
+        if not isinstance(out, torch.Tensor) or not self.fits(tuple(out.shape[1:])):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DaflError(f"teacher output is {got}; --task {self.name} needs {self.output_text}")
+        if not torch.isfinite(out).all():
+            raise DaflError("the teacher's output is NaN or infinite on random inputs")
+        return int(out.shape[1])
+
+    def auto_method(self, batchnorm_layers: int) -> tuple[str, str] | None:
+        """``--method auto`` for this task: (method, reason), or None for the general rule
+        (methods/auto.py)."""
+        return None
+
+    def load_eval_data(self, path: Path, input_shape: tuple[int, ...], domain: InputDomain,
+                       num_classes: int | None) -> EvalData:  # fmt: skip
+        """The labelled evaluation data at ``path`` shaped for the teacher."""
+        raise NotImplementedError
+
+    def plot_samples(self, sampler, teacher: nn.Module, student: nn.Module,
+                     domain: InputDomain, path: Path) -> None:  # fmt: skip
+        """samples.png: generated inputs and what the models make of them."""
+        raise NotImplementedError

@@ -1,0 +1,36 @@
+"""Classification: (N, K) logits, one class per input; accuracy on --eval-data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from compress_toolbox.domain import InputDomain
+from compress_toolbox.tasks import register_task
+from compress_toolbox.tasks.base import Task
+from compress_toolbox.tasks.evaldata import EvalData, load_label_data
+
+
+@dataclass(frozen=True)
+class Classification(Task):
+    """(N, K) logits; labelled data as .npz, MNIST idx or an ImageFolder."""
+
+    def output_shape(self, num_outputs: int, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (num_outputs,)
+
+    def load_eval_data(self, path: Path, input_shape: tuple[int, ...], domain: InputDomain,
+                       num_classes: int | None) -> EvalData:  # fmt: skip
+        return load_label_data(path, input_shape, domain, num_classes)
+
+    def plot_samples(self, sampler, teacher: nn.Module, student: nn.Module,
+                     domain: InputDomain, path: Path) -> None:  # fmt: skip
+        from compress_toolbox.report.render import plot_samples  # lazy: matplotlib
+
+        plot_samples(sampler, teacher, domain, path)
+
+
+CLASSIFICATION = register_task(
+    Classification("classification", 1, "(N, K) logits", flat_inputs=True)
+)
