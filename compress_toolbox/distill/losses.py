@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress_toolbox.distill.distributed import global_mean, global_moments
-from compress_toolbox.tasks import as_samples
+from compress_toolbox.tasks.outputs import as_samples
 
 
 def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:

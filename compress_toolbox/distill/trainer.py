@@ -22,7 +22,6 @@ from torch import nn
 
 from compress_toolbox.distill import distributed
 from compress_toolbox.distill.health import CollapseGuard, GenerationCollapsed, Health, measure
-from compress_toolbox.distill.losses import kd_loss
 from compress_toolbox.distill.methods import get_method
 from compress_toolbox.distill.methods.auto import choose_method
 from compress_toolbox.distill.methods.base import Method, MethodContext
@@ -318,7 +317,7 @@ class Trainer:
     def _student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> float:
         with self.autocast():
             out = self.student(x)
-        loss = kd_loss(out, teacher_logits, self.preset.kd_temperature)
+        loss = self.task.distillation_loss(out, teacher_logits, self.preset.kd_temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from compress_toolbox.distill.losses import kd_loss
 from compress_toolbox.errors import DaflError
 
 if TYPE_CHECKING:
@@ -63,6 +64,11 @@ class Task:
         if not torch.isfinite(out).all():
             raise DaflError("the teacher's output is NaN or infinite on random inputs")
         return int(out.shape[1])
+
+    def distillation_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor,
+                          temperature: float) -> torch.Tensor:  # fmt: skip
+        """What a student step minimises: KD on per-sample logits (``losses.kd_loss``)."""
+        return kd_loss(student_out, teacher_out, temperature)
 
     def auto_method(self, batchnorm_layers: int) -> tuple[str, str] | None:
         """``--method auto`` for this task: (method, reason), or None for the general rule
