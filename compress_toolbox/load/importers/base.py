@@ -55,6 +55,9 @@ _IMPORTERS: dict[str, tuple[Callable[[FileHead], bool], Importer]] = {}
 def register_importer(name: str, sniff: Callable[[FileHead], bool]):
     """Register ``importer(path, *, model_class, model_kwargs, input_shape, trust_pickle)``."""
 
+    if name in _IMPORTERS:
+        raise ValueError(f"importer {name!r} is already registered")
+
     def decorator(importer: Importer) -> Importer:
         _IMPORTERS[name] = (sniff, importer)
         return importer
