@@ -55,6 +55,10 @@ class OutputOptions:
     opset: int | None = None  # ONNX opset of student.onnx (None: the exporter's)
     command: str | None = None  # the command line, for the report
 
+    def __post_init__(self) -> None:
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+
 
 @dataclass(frozen=True)
 class CompressConfig:
@@ -81,6 +85,7 @@ class CompressConfig:
         check_opset(self.output.opset)
         InputDomain.from_options(self.teacher.mean, self.teacher.std)  # channels: at load
         values = {"task": task, "distill": distill, "preset": preset,
+                  "eval_data": Path(self.eval_data) if self.eval_data else None,
                   "init": task.student_init or preset.student_init if init == "auto" else init,
                   "init_may_fall_back": init == "auto"}  # fmt: skip
         for name, value in values.items():
