@@ -70,7 +70,7 @@ EXPANDED_SHARE_OF_FREE = 0.25  # the float32 set at the teacher's size may take 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def _require_regular_file(path: Path) -> None:
+def require_regular_file(path: Path) -> None:
     """Refuse FIFOs, devices and sockets (reading them can hang or never end)."""
     try:
         mode = os.stat(path).st_mode
@@ -88,7 +88,7 @@ def read_idx(path: str | Path, count: int | None = None) -> np.ndarray:
     decompressing anything more (a small gzip file can expand to gigabytes).
     """
     path = Path(path)
-    _require_regular_file(path)
+    require_regular_file(path)
     try:
         with open(path, "rb") as raw:
             gzipped = raw.read(2) == b"\x1f\x8b"
@@ -146,7 +146,7 @@ def open_image(file: Path, mode: str | None = None) -> np.ndarray:
     images over MAX_IMAGE_PIXELS before their pixels are decoded; errors name the file."""
     from PIL import Image, UnidentifiedImageError
 
-    _require_regular_file(file)  # a FIFO named a.png would block Image.open forever
+    require_regular_file(file)  # a FIFO named a.png would block Image.open forever
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -189,7 +189,7 @@ def _npy_shape(archive, key: str) -> tuple[int, ...]:
         return np.lib.format.read_array_header_2_0(member)[0]
 
 
-def _load_npz(path: Path, input_shape: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+def read_npz(path: Path, input_shape: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)
@@ -233,7 +233,7 @@ def _load_image_folder(folder: Path, input_shape: tuple[int, ...]) -> tuple[list
     return images, np.asarray(labels)
 
 
-def _to_float(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+def to_float(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     tensor = torch.as_tensor(np.array(x))  # copy: idx buffers are read-only
     if tensor.dtype == torch.uint8:
         return tensor.float() / 255.0
@@ -242,7 +242,7 @@ def _to_float(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return tensor.float()
 
 
-def _adapt(x: torch.Tensor, input_shape: tuple[int, ...], source: str) -> torch.Tensor:
+def fit_to_input(x: torch.Tensor, input_shape: tuple[int, ...], source: str) -> torch.Tensor:
     """(N, C, H, W) float -> teacher's channels and size."""
     channels, height, width = input_shape
     if x.shape[1] != channels:
@@ -292,18 +292,18 @@ def load_label_data(path: Path, input_shape: tuple[int, ...], domain: InputDomai
             images, raw_y = _load_image_folder(path, input_shape)
             shapes = {image.shape for image in images}
             if len(input_shape) == 3 and len(shapes) > 1:  # resize one by one to a common size
-                tensors = [_to_float(im).permute(2, 0, 1)[None] for im in images]
-                x = torch.cat([_adapt(t, input_shape, str(path)) for t in tensors])
+                tensors = [to_float(im).permute(2, 0, 1)[None] for im in images]
+                x = torch.cat([fit_to_input(t, input_shape, str(path)) for t in tensors])
                 return _finish(x, raw_y, input_shape, domain, num_classes, path)
             raw_x = np.stack(images).transpose(0, 3, 1, 2)
     elif path.suffix.lower() == ".npz":
-        _require_regular_file(path)
-        raw_x, raw_y = _load_npz(path, input_shape)
+        require_regular_file(path)
+        raw_x, raw_y = read_npz(path, input_shape)
     else:
         raise EvalDataError(
             f"{path}: unsupported eval data (use a .npz, a folder of idx files or an ImageFolder)"
         )
-    return _finish(_to_float_or_fail(raw_x, path), raw_y, input_shape, domain, num_classes, path)
+    return _finish(to_float_or_fail(raw_x, path), raw_y, input_shape, domain, num_classes, path)
 
 
 def _finish(x, raw_y, input_shape, domain: InputDomain, num_classes: int | None,
@@ -325,7 +325,7 @@ def _finish(x, raw_y, input_shape, domain: InputDomain, num_classes: int | None,
             raise EvalDataError(
                 f"{path}: images have shape {tuple(x.shape)}; expected (N, H, W) or (N, C, H, W)"
             )
-        x = _adapt(x, input_shape, str(path))
+        x = fit_to_input(x, input_shape, str(path))
     else:
         x = x.reshape(len(x), -1)
         if tuple(x.shape[1:]) != input_shape:
@@ -405,108 +405,8 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     return int((predictions == labels).sum()) / len(labels) if len(labels) else 0.0
 
 
-MASK_FOLDERS = ("masks", "labels", "annotations", "SegmentationClass")  # beside the images
-
-
-def load_mask_data(path: Path, input_shape: tuple[int, ...], domain: InputDomain,
-                   num_classes: int | None) -> EvalData:  # fmt: skip
-    """Images and their integer masks for a segmentation teacher: a .npz with ``x`` and ``y``
-    (N, H, W), or a folder of images whose masks are PNGs of the same stem in a sibling folder
-    (``masks``, ``labels``, ``annotations`` or VOC's ``SegmentationClass``), or a folder holding
-    ``images/`` and ``masks/``. Masks must have their image's size and hold classes in
-    [0, num_classes) or 255 (ignore); they are resized with the images (nearest)."""
-    from compress_toolbox.tasks.segmetrics import IGNORE_INDEX
-
-    if len(input_shape) != 3:
-        raise EvalDataError(f"{path}: a segmentation teacher takes images, not {input_shape}")
-    if path.is_dir():
-        x, masks, names = _load_mask_folder(path, input_shape)
-    elif path.suffix.lower() == ".npz":
-        _require_regular_file(path)
-        raw_x, raw_y = _load_npz(path, input_shape)
-        x = _to_float_or_fail(raw_x, path)
-        x = x[:, None] if x.dim() == 3 else x
-        masks, names = np.asarray(raw_y), None
-        if masks.ndim != 3 or len(masks) != len(x) or masks.shape[-2:] != tuple(x.shape[-2:]):
-            expected = (len(x), *x.shape[-2:])
-            raise EvalDataError(f"{path}: masks y have shape {masks.shape}; expected (N, H, W) "
-                                f"= {expected}, one per image of its size")  # fmt: skip
-        masks = [masks]
-    else:
-        raise EvalDataError(
-            f"{path}: unsupported segmentation eval data (use a .npz with x and "
-            "y masks, or a folder of images beside a folder of PNG masks)"
-        )
-    y = torch.cat([_checked_masks(m, num_classes, names[i] if names else path, IGNORE_INDEX)
-                   for i, m in enumerate(masks)])  # fmt: skip
-    if x.dim() != 4 or not torch.isfinite(x).all():
-        raise EvalDataError(f"{path}: images must be finite (N, H, W) or (N, C, H, W) arrays")
-    if tuple(x.shape[-2:]) != tuple(input_shape[1:]):
-        y = F.interpolate(y[:, None].float(), size=input_shape[1:], mode="nearest")[:, 0].long()
-    x = _adapt(x, input_shape, str(path))
-    return EvalData(x=domain.to_model(x).float().contiguous(), y=y, source=str(path))
-
-
-def _to_float_or_fail(raw: np.ndarray, path: Path) -> torch.Tensor:
+def to_float_or_fail(raw: np.ndarray, path: Path) -> torch.Tensor:
     try:
-        return _to_float(raw)
+        return to_float(raw)
     except EvalDataError as error:
         raise EvalDataError(f"{path}: {error}") from None
-
-
-def _checked_masks(masks: np.ndarray, num_classes: int | None, source, ignore: int) -> torch.Tensor:
-    """(N, H, W) long masks; one line naming ``source`` for a non-integer mask or a label
-    outside [0, num_classes) other than ``ignore``."""
-    masks = np.asarray(masks)
-    if not np.issubdtype(masks.dtype, np.integer):
-        raise EvalDataError(f"{source}: masks must hold integer class indices, got {masks.dtype}")
-    masks = masks.astype(np.int64)
-    if masks.ndim == 2:
-        masks = masks[None]
-    bad = masks[(masks != ignore) & ((masks < 0) | (masks >= (num_classes or 2**31)))]
-    if bad.size:
-        classes = f"{num_classes} classes (0..{num_classes - 1}, {ignore} = ignore)"
-        raise EvalDataError(f"{source}: mask label {int(bad.flat[0])} is outside the teacher's "
-                            f"{classes}")  # fmt: skip
-    return torch.from_numpy(masks)
-
-
-def _mask_folder(images: Path) -> Path:
-    for name in MASK_FOLDERS:
-        if (images.parent / name).is_dir() and (images.parent / name) != images:
-            return images.parent / name
-    raise EvalDataError(f"{images}: no mask folder beside it (expected one of "
-                        f"{', '.join(MASK_FOLDERS)} next to {images.name})")  # fmt: skip
-
-
-def _load_mask_folder(
-    folder: Path, input_shape: tuple[int, ...]
-) -> tuple[torch.Tensor, list, list]:
-    """Images of ``folder`` (or ``folder/images``) as one (N, C, H, W) float tensor, their masks
-    (one (H, W) array each) and the mask files."""
-    if (folder / "images").is_dir():
-        folder = folder / "images"
-    masks_dir = _mask_folder(folder)
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise EvalDataError(f"{folder}: no images found")
-    check_sample_count(len(files), folder, input_shape)
-    channels = input_shape[0]
-    images, masks, names = [], [], []
-    for file in files:
-        mask_file = masks_dir / f"{file.stem}.png"
-        if not mask_file.is_file():
-            raise EvalDataError(f"{mask_file}: missing (the mask of {file.name})")
-        array = open_image(file, "L" if channels == 1 else "RGB")
-        mask = open_image(mask_file)
-        if mask.shape != array.shape[:2]:
-            mask_size, image_size = (f"{a.shape[1]}x{a.shape[0]}" for a in (mask, array))
-            raise EvalDataError(f"{mask_file}: mask is {mask_size}, its image {file.name} is "
-                                f"{image_size}")  # fmt: skip
-        images.append(array if array.ndim == 3 else array[..., None])
-        masks.append(mask)
-        names.append(mask_file)
-    if len({image.shape for image in images}) > 1:
-        raise EvalDataError(f"{folder}: images of different sizes; give images of one size")
-    x = _to_float(np.stack(images)).permute(0, 3, 1, 2)
-    return x, masks, names

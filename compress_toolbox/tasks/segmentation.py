@@ -10,7 +10,8 @@ from torch import nn
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.tasks import register_task
 from compress_toolbox.tasks.base import Task
-from compress_toolbox.tasks.evaldata import EvalData, load_mask_data
+from compress_toolbox.tasks.evaldata import EvalData
+from compress_toolbox.tasks.mask_data import load_mask_data
 
 
 @dataclass(frozen=True)
