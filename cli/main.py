@@ -20,240 +20,17 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from cli.parsers import (
+    compress_parser,
+    inspect_parser,
+    student_parser,
+    zoo_parser,
+)
+
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 SUBCOMMANDS = ("inspect", "student", "zoo")
 LAUNCH_COMMAND = "DAFL_LAUNCH_COMMAND"  # set by --nproc for the ranks it starts
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block), exit code 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of numbers"
-        ) from None
-
-
-def _add_teacher_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("teacher file")
-    group.add_argument(
-        "teacher",
-        metavar="TEACHER",
-        help="ONNX (.onnx, external data beside it is fine), TorchScript, "
-        "torch.export (.pt2) or PyTorch checkpoint; the format is read from "
-        "the file's content. With the tf extra: Keras .keras/.h5, a SavedModel "
-        "folder, frozen .pb, TF1 checkpoint .meta, TF2 checkpoint .index "
-        "(with --model-class file.py:build_fn) or .tflite",
-    )
-    group.add_argument(
-        "--input-shape",
-        metavar="C,H,W",
-        help="input shape without batch, when the file does not record it "
-        "(checkpoints, some TorchScript files)",
-    )
-    group.add_argument(
-        "--model-class",
-        metavar="SPEC",
-        help="for a state_dict: package.module:Class, path/file.py:Class, "
-        "a model_zoo name or a torchvision model name; for a TF2 checkpoint: "
-        "path/file.py:build_fn returning the Keras model",
-    )
-    group.add_argument(
-        "--model-kwargs",
-        metavar="JSON",
-        default=None,
-        help="keyword arguments for --model-class, as JSON (e.g. '{\"num_classes\": 10}')",
-    )
-    group.add_argument(
-        "--trust-model-code",
-        "--trust-pickle",
-        dest="trust_pickle",
-        action="store_true",
-        help="run the code a model file carries: a whole pickled model, pickled objects or "
-        "compiled code in a .pt2, TorchScript __setstate__ or operators that reach files or "
-        "the network, Keras Lambda layers (only for files you trust; --trust-pickle is its "
-        "old name)",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
-
-
-def _compress_parser() -> argparse.ArgumentParser:
-    from compress_toolbox.distill.methods import method_names
-    from compress_toolbox.tasks.evaldata import describe_preprocessing
-
-    parser = _Parser(
-        prog="dafl-compress",
-        description="Compress a trained classifier or segmentation network (the teacher) into a "
-        "half-width student "
-        "without training data (DAFL, Chen et al. 2019), export it to ONNX, verify it with "
-        "onnxruntime and write a report.\n\nOther commands: dafl-compress inspect TEACHER | "
-        "student TEACHER | zoo list  (each has --help).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_teacher_options(parser)
-    parser.add_argument(
-        "--task",
-        default="classification",
-        help="what the teacher does: classification ((N, K) logits) or segmentation ((N, K, H, "
-        "W) per-pixel logits, or a dict with 'out'); detection is not supported yet "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--student",
-        default="auto",
-        metavar="auto|zoo|zoo:NAME",
-        help="auto: the teacher with every conv/linear width halved; zoo: the "
-        "zoo model for the task closest to 1/4 of the teacher's MACs; zoo:NAME: "
-        "that zoo model (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--width",
-        type=float,
-        default=0.5,
-        help="width multiplier for --student auto (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--init",
-        choices=("auto", "fresh", "teacher"),
-        default="auto",
-        help="derived student's start: the teacher's largest-L1 channels (teacher), fresh "
-        "weights as in DAFL (fresh); auto: teacher with the fast preset, fresh with the paper "
-        "presets (default: %(default)s)",
-    )
-    train = parser.add_argument_group("training")
-    train.add_argument(
-        "--method",
-        choices=("auto", *method_names()),
-        default="auto",
-        help="auto picks from the teacher (bn-prior when it keeps BatchNorm layers, else "
-        "dafl; dafl for segmentation); dafl is the paper's method (per pixel for "
-        "segmentation); noise its Gaussian-noise baseline; adversarial adds DFAD-style "
-        "exploration to DAFL; dfad is DFAD's adversarial generation (default: %(default)s)",
-    )
-    train.add_argument(
-        "--preset",
-        default="fast",
-        help="fast (tuned for speed), paper-mnist or paper-cifar (the paper's "
-        "recipes) (default: %(default)s)",
-    )
-    budget = train.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--time-budget",
-        type=float,
-        metavar="SEC",
-        help="train for this many seconds; the schedule is fitted to it "
-        "(fast preset default: 120 s)",
-    )
-    budget.add_argument("--iters", type=int, metavar="N", help="train for N iterations")
-    budget.add_argument(
-        "--epochs",
-        type=int,
-        metavar="N",
-        help="train for N epochs of the preset's iterations per epoch",
-    )
-    train.add_argument("--batch-size", type=int, metavar="N", help="override the preset's batch")
-    train.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
-    train.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    train.add_argument(
-        "--threads",
-        type=int,
-        metavar="N",
-        help="CPU threads (default: the preset's choice; fast times 1 against all)",
-    )
-    train.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint/"
-    )
-    train.add_argument(
-        "--nproc",
-        type=int,
-        metavar="N",
-        help="train with N processes on this machine (listening on 127.0.0.1 only; one GPU "
-        "each when there are GPUs); the global batch is N x --batch-size. Several machines: "
-        "torchrun --nnodes ... -m cli (see README)",
-    )
-    data = parser.add_argument_group(
-        "evaluation data (for the report only, never for training)", describe_preprocessing()
-    )
-    data.add_argument(
-        "--eval-data",
-        metavar="PATH",
-        help=".npz with x and y, a folder of MNIST-style idx files, or an ImageFolder directory; "
-        "segmentation: .npz with x and masks y (N,H,W; 255 = ignore), or a folder of images "
-        "beside a folder 'masks' of PNG masks",
-    )
-    data.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="normalisation mean")
-    data.add_argument("--std", type=_floats, metavar="S[,S,S]", help="normalisation std")
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--out",
-        metavar="DIR",
-        help="output folder (default: ./dafl-out/<teacher name>/); written whole "
-        "at the end; checkpoints for --resume live in DIR.checkpoint/",
-    )
-    output.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    output.add_argument(
-        "--opset",
-        type=int,
-        help="ONNX opset of student.onnx (default: 20, torch's exporter; "
-        "11-17 use the legacy exporter)",
-    )
-    output.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="load, analyse and show the student plan without training",
-    )
-    output.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def _inspect_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="dafl-compress inspect",
-        description="Load a teacher, verify the import against the original and describe it.",
-    )
-    _add_teacher_options(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    return parser
-
-
-def _student_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="dafl-compress student",
-        description="Derive a student by shrinking every conv/linear "
-        "width; print teacher vs student params, MACs and widths.",
-    )
-    _add_teacher_options(parser)
-    parser.add_argument("--width", type=float, default=0.5, help="default: %(default)s")
-    parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto",
-                        help="auto: as compress does for the task")  # fmt: skip
-    parser.add_argument("--task", help="the teacher's task, for --init auto (default: the one "
-                        "its output fits)")  # fmt: skip
-    parser.add_argument(
-        "--out", metavar="FILE.onnx|FILE.pt2",
-        help="save the (untrained) student: .onnx as ONNX, verified with onnxruntime; else a "
-        "torch.export archive",
-    )  # fmt: skip
-    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
-    return parser
-
-
-def _zoo_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dafl-compress zoo", description="The model zoo.")
-    parser.add_argument("action", choices=("list",))
-    from compress_toolbox.tasks import task_names
-
-    parser.add_argument("--task", choices=task_names())
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
 
 
 def _teacher_kwargs(args: argparse.Namespace) -> dict:
@@ -418,12 +195,12 @@ def _show_notice(message, category, filename, lineno, file=None, line=None) -> N
 def _parse(argv: list[str]):
     if argv and argv[0] in SUBCOMMANDS:
         command, argv = argv[0], argv[1:]
-        parser = {"inspect": _inspect_parser, "student": _student_parser, "zoo": _zoo_parser}[
+        parser = {"inspect": inspect_parser, "student": student_parser, "zoo": zoo_parser}[
             command
         ]()
         runner = {"inspect": run_inspect, "student": run_student, "zoo": run_zoo}[command]
     else:
-        parser, runner = _compress_parser(), run_compress
+        parser, runner = compress_parser(), run_compress
     args = parser.parse_args(argv)
     args.argv = argv  # --nproc relaunches the same command
     return args, runner
