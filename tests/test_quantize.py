@@ -1,0 +1,185 @@
+"""INT8 quantisation building block (compress_toolbox.quantize): a small digits CNN trained here,
+exported to ONNX with a dynamic batch axis, quantised from random inputs (what a data-free run
+has before its generator is good), then checked in onnxruntime."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from compress_toolbox.errors import DaflError
+from compress_toolbox.quantize import QuantizeError, compare_onnx, latency_ms, quantize_onnx
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = (data.images / 16.0).astype(np.float32)[:, None]  # 1x8x8 in [0, 1]
+    labels = data.target.astype(np.int64)
+    return images[:1400], labels[:1400], images[1400:], labels[1400:]
+
+
+def _cnn(middle: nn.Module | None = None) -> nn.Module:
+    """2 convs + BN + linear; ``middle`` goes between the convs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        middle or nn.Identity(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+    )  # fmt: skip
+
+
+def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 60) -> nn.Module:
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model.train()
+    for _ in range(steps):
+        pick = torch.randint(0, len(xt), (64,), generator=generator)
+        loss = nn.functional.cross_entropy(model(xt[pick]), yt[pick])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
+def _export(model: nn.Module, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.rand(2, 1, 8, 8),), str(path), dynamo=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+    return path
+
+
+def _random_inputs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 1, 8, 8), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return _digits()
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory, digits) -> Path:
+    torch.manual_seed(0)
+    x, y, _, _ = digits
+    return _export(_train(_cnn(), x, y), tmp_path_factory.mktemp("cnn") / "student.onnx")
+
+
+@pytest.fixture(scope="module")
+def quantised(float_model):
+    out = float_model.with_name("student.int8.onnx")
+    return quantize_onnx(float_model, out, _random_inputs(256), samples=256)
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_int8_runs_at_batch_1_and_7_and_is_smaller(float_model, quantised):
+    assert quantised.path.is_file() and quantised.samples == 256
+    for n in (1, 7):
+        assert _run(quantised.path, _random_inputs(n, seed=n)).shape == (n, 10)
+    assert quantised.size_bytes == quantised.path.stat().st_size
+    assert quantised.size_ratio < 0.5, quantised
+    assert quantised.float_ops == (), quantised.float_ops  # everything here has an int8 form
+    assert not [p for p in float_model.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_int8_agrees_with_float_on_digits(float_model, quantised, digits):
+    _, _, x_test, y_test = digits
+    float_accuracy = np.mean(_run(float_model, x_test).argmax(1) == y_test)
+    int8_accuracy = np.mean(_run(quantised.path, x_test).argmax(1) == y_test)
+    assert float_accuracy >= 0.85  # the model learned something, so agreement means something
+    agreement = compare_onnx(float_model, quantised.path, x_test, batch=50)
+    assert agreement.samples == len(x_test)
+    assert agreement.top1 is not None and agreement.top1 >= 0.9, agreement
+    assert int8_accuracy >= float_accuracy - 0.05, (float_accuracy, int8_accuracy)
+    assert 0 < agreement.mean_abs_diff <= agreement.max_abs_diff
+
+
+def test_latency_is_a_positive_median(quantised):
+    assert latency_ms(quantised.path, _random_inputs(1), runs=5, warmup=1) > 0
+
+
+class Sin(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x)
+
+
+# GELU is one Gelu op or Div/Erf/Add/Mul depending on the exporter's opset.
+@pytest.mark.parametrize(("middle", "ops"), [(Sin(), {"Sin"}), (nn.GELU(), {"Gelu", "Erf"})])
+def test_an_op_without_int8_form_stays_float_and_is_named(tmp_path, digits, middle, ops):
+    # Between two quantised convs the op is surrounded by Q/DQ, yet computes in float.
+    x, y, x_test, _ = digits
+    model = _export(_train(_cnn(middle), x, y, steps=10), tmp_path / "odd.onnx")
+    result = quantize_onnx(model, tmp_path / "odd.int8.onnx", lambda n: _random_inputs(n),
+                           method="MinMax", samples=64, batch=16)  # fmt: skip
+    assert ops & set(result.float_op_types), result.float_ops
+    assert not {"Conv", "Gemm", "MaxPool"} & set(result.float_op_types), result.float_ops
+    assert result.samples == 64
+    assert _run(result.path, x_test[:7]).shape == (7, 10)
+
+
+def test_calibration_from_an_iterable_of_batches_stops_at_samples(tmp_path, float_model,
+                                                                  capsys):
+    batches = (_random_inputs(30, seed=i) for i in range(10))
+    result = quantize_onnx(float_model, tmp_path / "it.int8.onnx", batches, method="entropy",
+                           samples=70, batch=16)  # fmt: skip
+    # whole batches of 16 across the 30-sample items (histogram calibrators need equal ones)
+    assert result.samples == 64 and result.method == "Entropy"
+    assert capsys.readouterr().out == ""  # onnxruntime's calibrator progress is not printed
+
+
+@pytest.mark.parametrize(("option", "needle"), [({"method": "KL"}, "'KL'"),
+                                               ({"mode": "int4"}, "'int4'")])  # fmt: skip
+def test_bad_options_raise_one_line_naming_the_file(tmp_path, float_model, option, needle):
+    out = tmp_path / "bad.int8.onnx"
+    with pytest.raises(QuantizeError) as raised:
+        quantize_onnx(float_model, out, _random_inputs(8), **option)
+    message = str(raised.value)
+    assert isinstance(raised.value, DaflError) and raised.value.exit_code == 2
+    assert "\n" not in message and str(float_model) in message and needle in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_quantiser_is_one_line_and_leaves_nothing(tmp_path, float_model):
+    out = tmp_path / "wrong.int8.onnx"
+    wrong_shape = np.zeros((8, 3, 8, 8), np.float32)  # 3 channels for a 1-channel model
+    with pytest.raises(QuantizeError) as raised:
+        quantize_onnx(float_model, out, wrong_shape, method="MinMax")
+    message = str(raised.value)
+    assert "\n" not in message and str(float_model) in message and "could not quantise" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_op_onnxruntime_cannot_run_fails_in_one_line_without_litter(tmp_path, float_model,
+                                                                         monkeypatch):
+    # onnxruntime's symbolic shape inference saves a partial model in the current folder when
+    # it meets an op it does not know: that must not land in the user's folder.
+    import onnx
+
+    graph = onnx.load(str(float_model))
+    relu = next(node for node in graph.graph.node if node.op_type == "Relu")
+    relu.op_type, relu.domain = "MyRelu", "my.ops"
+    graph.opset_import.append(onnx.helper.make_opsetid("my.ops", 1))
+    custom = tmp_path / "model" / "custom.onnx"
+    custom.parent.mkdir()
+    onnx.save(graph, str(custom))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(QuantizeError) as raised:
+        quantize_onnx(custom, custom.with_name("custom.int8.onnx"), _random_inputs(32))
+    assert "\n" not in str(raised.value) and str(custom) in str(raised.value)
+    assert list(work.iterdir()) == [] and list(custom.parent.iterdir()) == [custom]
