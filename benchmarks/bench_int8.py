@@ -1,4 +1,4 @@
-"""Which INT8 calibration should compress_toolbox.quantize use by default?
+"""Which INT8 calibration should compress_toolbox.export.quantize use by default?
 
     PYTHONPATH=. python benchmarks/bench_int8.py [--models cnn8 lenet5 wide16] [--steps 300]
 
@@ -32,7 +32,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from compress_toolbox.quantize import compare_onnx, latency_ms, quantize_onnx  # noqa: E402
+from compress_toolbox.export.quantize import compare_onnx, latency_ms, quantize_onnx  # noqa: E402
 
 METHODS = ("MinMax", "Entropy", "Percentile")
 SAMPLES = (256, 1024)

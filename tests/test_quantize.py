@@ -1,4 +1,4 @@
-"""INT8 quantisation building block (compress_toolbox.quantize): a small digits CNN trained here,
+"""INT8 quantisation building block (compress_toolbox.export.quantize): a small digits CNN trained here,
 exported to ONNX with a dynamic batch axis, quantised from random inputs (what a data-free run
 has before its generator is good), then checked in onnxruntime."""
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from compress_toolbox.errors import DaflError
-from compress_toolbox.quantize import QuantizeError, compare_onnx, latency_ms, quantize_onnx
+from compress_toolbox.export.quantize import QuantizeError, compare_onnx, latency_ms, quantize_onnx
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 the caller has: a tensor, an iterable of batches, or a function that makes ``n`` inputs (a
 DAFL generator). Usable alone::
 
-    from compress_toolbox.quantize import quantize_onnx, compare_onnx, latency_ms
+    from compress_toolbox.export.quantize import quantize_onnx, compare_onnx, latency_ms
     result = quantize_onnx(Path("student.onnx"), Path("student.int8.onnx"), generate)
     agreement = compare_onnx(Path("student.onnx"), result.path, inputs)
 
