@@ -36,9 +36,11 @@ from compress_toolbox.export.quantize import compare_onnx, latency_ms, quantize_
 
 METHODS = ("MinMax", "Entropy", "Percentile")
 SAMPLES = (256, 1024)
-HEADER = ("| model  | calib  | method     | n    | fp32 | int8 | delta | agree | dlogit   | size "
-          "| calib s |\n|--------|--------|------------|------|------|------|-------|-------|"
-          "----------|------|---------|")
+HEADER = (
+    "| model  | calib  | method     | n    | fp32 | int8 | delta | agree | dlogit   | size "
+    "| calib s |\n|--------|--------|------------|------|------|------|-------|-------|"
+    "----------|------|---------|"
+)
 
 
 def digits(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -67,8 +69,10 @@ def make_model(name: str) -> tuple[nn.Module, int]:
             nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
             nn.Linear(84, 10)), 32  # fmt: skip
     if name == "wide16":
+
         def block(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
         return nn.Sequential(
             *block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
             nn.MaxPool2d(2), *block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),

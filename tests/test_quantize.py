@@ -131,8 +131,7 @@ def test_an_op_without_int8_form_stays_float_and_is_named(tmp_path, digits, midd
     assert _run(result.path, x_test[:7]).shape == (7, 10)
 
 
-def test_calibration_from_an_iterable_of_batches_stops_at_samples(tmp_path, float_model,
-                                                                  capsys):
+def test_calibration_from_an_iterable_of_batches_stops_at_samples(tmp_path, float_model, capsys):
     batches = (_random_inputs(30, seed=i) for i in range(10))
     result = quantize_onnx(float_model, tmp_path / "it.int8.onnx", batches, method="entropy",
                            samples=70, batch=16)  # fmt: skip
@@ -163,8 +162,9 @@ def test_a_failing_quantiser_is_one_line_and_leaves_nothing(tmp_path, float_mode
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_op_onnxruntime_cannot_run_fails_in_one_line_without_litter(tmp_path, float_model,
-                                                                         monkeypatch):
+def test_an_op_onnxruntime_cannot_run_fails_in_one_line_without_litter(
+    tmp_path, float_model, monkeypatch
+):
     # onnxruntime's symbolic shape inference saves a partial model in the current folder when
     # it meets an op it does not know: that must not land in the user's folder.
     import onnx
