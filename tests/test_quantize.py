@@ -1,4 +1,4 @@
-"""INT8 quantisation building block (compress_toolbox.export.quantize): a small digits CNN trained here,
+"""INT8 quantisation (compress_toolbox.export.quantize): a small digits CNN trained here,
 exported to ONNX with a dynamic batch axis, quantised from random inputs (what a data-free run
 has before its generator is good), then checked in onnxruntime."""
 
