@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_error(error: Exception, argv: list[str]) -> int:
-    from compress_toolbox.distill.trainer import DistillInterrupted
+    from compress_toolbox.distill.options import DistillInterrupted
     from compress_toolbox.errors import DaflError, first_line
 
     if isinstance(error, DistillInterrupted):

@@ -13,7 +13,8 @@ One pipeline, one package per stage, data flowing one way:
 """
 
 from compress_toolbox.config import CompressConfig, OutputOptions, StudentOptions, TeacherOptions
-from compress_toolbox.distill.trainer import DistillOptions, DistillResult, distill
+from compress_toolbox.distill import distill
+from compress_toolbox.distill.options import DistillOptions, DistillResult
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, ImportFailed, TrainingFailed, VerificationFailed
 from compress_toolbox.export.writer import ExportResult, export_student

@@ -28,7 +28,7 @@ from compress_toolbox.distill import distributed
 from compress_toolbox.distill.losses import kd_loss
 from compress_toolbox.distill.methods import get_method
 from compress_toolbox.distill.methods.base import MethodContext
-from compress_toolbox.distill.trainer import PRESETS
+from compress_toolbox.distill.presets import PRESETS
 from compress_toolbox.domain import InputDomain
 
 REPO = Path(__file__).resolve().parent.parent

@@ -197,7 +197,7 @@ def test_checkpoint_with_missing_keys_or_from_another_teacher(corpus, tmp_path, 
     checkpoint.unlink()
     # interrupt a run of another teacher to leave its checkpoint, then resume with ours
     from compress_toolbox import load_teacher
-    from compress_toolbox.distill.trainer import distill
+    from compress_toolbox.distill import distill
     from compress_toolbox.student.derive import make_student
 
     teacher = load_teacher(other)

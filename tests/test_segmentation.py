@@ -16,8 +16,8 @@ from torch import nn
 
 from cli.main import main
 from compress_toolbox import CompressConfig, compress, plan_student
+from compress_toolbox.distill import distill
 from compress_toolbox.distill.losses import information_entropy_loss, kd_loss, one_hot_loss
-from compress_toolbox.distill.trainer import distill
 from compress_toolbox.errors import DaflError
 from compress_toolbox.export.writer import export_onnx, export_pt2, export_student
 from compress_toolbox.load.teacher import Teacher, load_teacher

@@ -6,13 +6,14 @@ stopping with ``GenerationCollapsed`` (exit code 3), never by a silent chance-le
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_toolbox.errors import TrainingFailed
+from compress_toolbox.errors import DaflWarning, TrainingFailed
 from compress_toolbox.tasks.verdict import chance_agreement, falls_short
 
 COLLAPSE_ENTROPY = 0.3  # normalised entropy of the class histogram below this = collapsed
@@ -45,6 +46,18 @@ class Health:
             f"classes {self.classes}, entropy {self.class_entropy:.2f}, "
             f"confidence {self.teacher_confidence:.2f}, agreement {self.agreement:.2f}"
         )
+
+
+def progress_figures(losses: dict[str, float], health: Health | None,
+                     accuracy: float | None) -> dict[str, str]:  # fmt: skip
+    """The progress line's figures: the losses, the last health check, the monitored accuracy."""
+    figures = {k[5:]: f"{v:.3f}" for k, v in losses.items()}
+    if health is not None:
+        figures["classes"] = str(health.classes)
+        figures["agree"] = f"{health.agreement:.2f}"
+    if accuracy is not None:
+        figures["acc"] = f"{accuracy:.4f}"
+    return figures
 
 
 def class_entropy(predictions: torch.Tensor, num_classes: int) -> float:
@@ -114,6 +127,24 @@ class CollapseGuard:
         self.restarts += 1
         self.started = health.iteration
         return "restart"
+
+    def respond(self, health: Health, iteration: int, num_classes: int) -> str:
+        """``judge``, said: a warning when the generator is to restart ("restart" returned),
+        ``GenerationCollapsed`` when restarts are spent; "ok" otherwise."""
+        verdict = self.judge(health)
+        if verdict == "restart":
+            warnings.warn(f"generated inputs collapsed at iteration {iteration} "
+                          f"({health.short()}): restarting the generator",
+                          category=DaflWarning, stacklevel=3)  # fmt: skip
+        elif verdict == "fail":
+            raise GenerationCollapsed(
+                f"the generated inputs collapsed onto {health.classes} of the teacher's "
+                f"{num_classes} classes (normalised entropy {health.class_entropy:.2f}) and "
+                f"stayed so after {self.restarts} generator restarts; no usable student. Check "
+                f"that the teacher is a working classifier (here it answers mean confidence "
+                f"{health.teacher_confidence:.2f}), or try another --method or --seed"
+            )
+        return verdict
 
     def state_dict(self) -> dict[str, int]:
         return {"strikes": self.strikes, "restarts": self.restarts, "started": self.started,

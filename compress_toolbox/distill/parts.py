@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from compress_toolbox.distill.distributed import cores_per_rank
+from compress_toolbox.distill.presets import Preset
 from compress_toolbox.errors import DaflError, first_line
 
 CHECKPOINT_FORMAT = "dafl-compress-checkpoint-v2"
@@ -46,6 +47,24 @@ class StopPolicy:
     schedule_length: int | None = None  # the paper's planned iterations (schedule progress)
     fit_to_budget: bool = False  # progress = max(iterations, time) fraction of the bounds
     iteration_seconds: float = 0.0
+
+    @classmethod
+    def for_run(cls, iters: int | None, epochs: int | None, time_budget: float | None,
+                preset: Preset) -> StopPolicy:  # fmt: skip
+        """The run's bound: iterations, epochs or seconds as given, else the preset's default
+        budget or its full schedule."""
+        total, budget = iters, time_budget
+        if total is None and epochs is not None:
+            total = epochs * preset.iters_per_epoch
+        if total is None and budget is None:
+            if preset.default_time_budget is not None:
+                budget = preset.default_time_budget
+            else:
+                total = (preset.epochs or 1) * preset.iters_per_epoch
+        # Paper presets follow their own schedule length (truncated by a budget); fast fits its
+        # schedule to whatever bounds the run.
+        length = (preset.epochs or 0) * preset.iters_per_epoch or total
+        return cls(total, budget, length, preset.fit_schedule_to_budget)
 
     def record(self, seconds: float, done_since_start: int) -> None:
         """Update the iteration-time estimate (the first iteration is a slow warm-up)."""

@@ -7,13 +7,11 @@ the inputs: methods/), the replay pool, the stop policy, threads, checkpoints an
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,25 @@ import torch
 from torch import nn
 
 from compress_toolbox.distill import distributed
-from compress_toolbox.distill.health import CollapseGuard, GenerationCollapsed, Health, measure
+from compress_toolbox.distill.environment import (
+    autocast_factory,
+    check_finite,
+    iteration_bytes_per_sample,
+    make_student_optimizer,
+    try_channels_last,
+)
+from compress_toolbox.distill.evaluation import Evaluation
+from compress_toolbox.distill.health import CollapseGuard, Health, measure, progress_figures
 from compress_toolbox.distill.methods import get_method
 from compress_toolbox.distill.methods.auto import choose_method
 from compress_toolbox.distill.methods.base import Method, MethodContext
+from compress_toolbox.distill.options import (
+    DistillOptions,
+    DistillResult,
+    interruption,
+    resolve_device,
+    write_history_csv,
+)
 from compress_toolbox.distill.parts import (
     Checkpointer,
     Progress,
@@ -36,152 +49,18 @@ from compress_toolbox.distill.parts import (
     rng_state,
     set_rng_state,
 )
-from compress_toolbox.distill.presets import PRESETS, Preset, get_preset
 from compress_toolbox.distill.recipe import (
     Recipe,
-    activation_bytes,
     fit_batch_to_memory,
     size_recipe,
 )
-from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, DaflWarning, TrainingFailed, first_line
 from compress_toolbox.limits import available_memory
 from compress_toolbox.load.teacher import Teacher
 from compress_toolbox.tasks import get_task
-from compress_toolbox.tasks.evaldata import EvalData, evaluate, predict, score
-
-__all__ = ["PRESETS", "DistillOptions", "DistillResult", "Preset", "distill", "lr_factor"]
+from compress_toolbox.tasks.evaldata import EvalData
 
 CHECKPOINT_NAME = "dafl_checkpoint.pt"
-
-
-class DistillInterrupted(DaflError):
-    """Training was interrupted (Ctrl-C or SIGTERM); a checkpoint was written if possible."""
-
-    exit_code = 130
-
-
-@dataclass
-class DistillOptions:
-    """How to train. Every field is checked by ``validate`` before any work starts."""
-
-    method: str = "auto"  # a registered method name (methods/) or "auto"
-    task: str = "classification"  # tasks.py: what the teacher's output means
-    preset: str | Preset = "fast"
-    device: str | None = None  # None/"auto": cuda when available, else cpu
-    time_budget: float | None = None  # seconds of training
-    iters: int | None = None
-    epochs: int | None = None  # x preset.iters_per_epoch iterations
-    batch_size: int | None = None
-    seed: int = 0
-    threads: int | None = None  # CPU threads; None: the preset's choice
-    fine_tune: bool = False  # the student starts from the teacher's weights
-    domain: InputDomain = field(default_factory=InputDomain)
-    checkpoint_dir: Path | None = None
-    checkpoint_every_s: float = 60.0
-    resume: bool = False
-    progress: bool = True
-    history_path: Path | None = None
-    eval_every: int | None = None  # evaluate every N iterations ...
-    eval_interval_s: float | None = None  # ... or every N seconds (default: ~10 per run)
-    health_every: int = 10  # iterations between health checks
-
-    def validate(self) -> Preset:
-        """Raise DaflError for any bad value; return the resolved preset."""
-        preset = get_preset(self.preset).check()
-        get_task(self.task)
-        if self.method != "auto":
-            get_method(self.method)
-        if self.batch_size is not None and self.batch_size < 2:
-            raise DaflError(f"batch size must be at least 2 (BatchNorm), got {self.batch_size}")
-        for name in ("time_budget", "iters", "epochs", "threads"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise DaflError(f"{name.replace('_', ' ')} must be a positive number, got {value}")
-        if sum(v is not None for v in (self.time_budget, self.iters, self.epochs)) > 1:
-            raise DaflError("give at most one of time budget, iterations and epochs")
-        resolve_device(self.device)
-        return preset
-
-
-@dataclass
-class DistillResult:
-    """What ``distill`` returns. ``student`` is the last one trained (never selected on labels)."""
-
-    student: nn.Module
-    history: list[dict[str, Any]]
-    iterations: int
-    elapsed_s: float
-    device: str
-    method: str
-    method_reason: str
-    preset: str
-    recipe: Recipe
-    generator: nn.Module | None = None
-    sampler: Callable[[int], torch.Tensor] | None = None  # fresh generated inputs
-    teacher_accuracy: float | None = None  # on the whole evaluation set
-    student_accuracy: float | None = None  # likewise (the curve in history uses a subset)
-    teacher_predictions: torch.Tensor | None = None  # top-1 classes on the evaluation set
-    stop_reason: str = ""
-    health: Health | None = None  # the last check
-    restarts: int = 0  # generator restarts after collapses
-    num_classes: int = 0  # the teacher's output classes
-    world_size: int = 1  # ranks that trained together (global batch = world_size x batch)
-
-    @property
-    def batch_size(self) -> int:
-        return self.recipe.batch_size
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None/"auto" -> cuda when available, else cpu; anything else must name a usable device."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DaflError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DaflError(f"device {device!r} requested but CUDA is not available")
-    if resolved.type not in ("cpu", "cuda"):
-        raise DaflError(f"device {device!r} is not supported; use auto, cpu or cuda[:N]")
-    return resolved
-
-
-def write_history_csv(history: list[dict[str, Any]], path: str | Path) -> None:
-    """One row per iteration: iteration, elapsed_s, the method's losses, loss_kd, accuracy and,
-    where a health check ran, its figures (empty cells elsewhere)."""
-    columns: list[str] = []
-    for row in history:
-        columns += [key for key in row if key not in columns]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({key: ("" if row.get(key) is None else row[key]) for key in columns})
-
-
-def _autocast_factory(dev: torch.device):
-    """bf16 autocast on CUDA when supported, else none (fp16 would need loss scaling; CPU
-    autocast measured slower for these small convs)."""
-    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext
-
-
-def _make_student_optimizer(preset: Preset, student: nn.Module, lr: float):
-    if preset.student_optimizer == "adam":
-        return torch.optim.Adam(student.parameters(), lr=lr, weight_decay=preset.weight_decay)
-    if preset.student_optimizer == "sgd":
-        return torch.optim.SGD(
-            student.parameters(),
-            lr=lr,
-            momentum=preset.momentum,
-            weight_decay=preset.weight_decay,
-        )
-    raise DaflError(f"unknown student optimizer {preset.student_optimizer!r}")
 
 
 class Trainer:
@@ -201,7 +80,8 @@ class Trainer:
         self.on_iteration = on_iteration
         self.world = distributed.init_from_env(options.device)
         self.device = self.world.device(resolve_device(options.device))
-        self.stop = self._stop_policy()
+        self.stop = StopPolicy.for_run(options.iters, options.epochs, options.time_budget,
+                                       self.preset)  # fmt: skip
         self.checkpointer = Checkpointer(  # rank 0 alone reads and writes checkpoints
             Path(options.checkpoint_dir) / CHECKPOINT_NAME
             if options.checkpoint_dir and self.world.is_writer
@@ -220,21 +100,6 @@ class Trainer:
         self.method: Method | None = None
 
     # -- set-up ------------------------------------------------------------------------------
-    def _stop_policy(self) -> StopPolicy:
-        options, preset = self.options, self.preset
-        total, budget = options.iters, options.time_budget
-        if total is None and options.epochs is not None:
-            total = options.epochs * preset.iters_per_epoch
-        if total is None and budget is None:
-            if preset.default_time_budget is not None:
-                budget = preset.default_time_budget
-            else:
-                total = (preset.epochs or 1) * preset.iters_per_epoch
-        # Paper presets follow their own schedule length (truncated by a budget); fast fits its
-        # schedule to whatever bounds the run.
-        length = (preset.epochs or 0) * preset.iters_per_epoch or total
-        return StopPolicy(total, budget, length, preset.fit_schedule_to_budget)
-
     def _context(self) -> MethodContext:
         analysis = self.teacher.analysis
         return MethodContext(
@@ -246,7 +111,7 @@ class Trainer:
             preset=self.preset,
             device=self.device,
             final_layer=analysis.final_layer if analysis else None,
-            autocast=_autocast_factory(self.device),
+            autocast=autocast_factory(self.device),
             task=self.task,
         )
 
@@ -354,73 +219,26 @@ class Trainer:
         return self.last_health
 
     def _check_health(self) -> Health:
-        """Measure, and answer a collapse by restarting the generator or giving up."""
+        """Measure, and answer a collapse by restarting the generator (or giving up)."""
         health = self._measure_health()
-        verdict = self.guard.judge(health)
-        if verdict == "restart":
-            warnings.warn(
-                f"generated inputs collapsed at iteration {self.iteration} "
-                f"({health.short()}): restarting the generator",
-                category=DaflWarning,
-                stacklevel=2,
-            )
+        if self.guard.respond(health, self.iteration, self.num_classes) == "restart":
             self.method.restart()
             self._share_generator()
-        elif verdict == "fail":
-            raise GenerationCollapsed(
-                f"the generated inputs collapsed onto {health.classes} of the teacher's "
-                f"{self.num_classes} classes (normalised entropy {health.class_entropy:.2f}) "
-                f"and stayed so after {self.guard.restarts} generator restarts; no usable "
-                f"student. Check that the teacher is a working classifier (here it answers "
-                f"mean confidence {health.teacher_confidence:.2f}), or try another --method "
-                "or --seed"
-            )
         return health
 
     def _fit_memory(self) -> None:
-        """Shrink the batch (or refuse) when one iteration would not fit the device's memory:
-        generator, teacher (with input gradients) and student activations, twice for the
-        backward pass."""
-        shape = tuple(self.teacher.input_shape)
-
-        def on(module):
-            x = torch.zeros(2, *shape, device=self.device)
-            return activation_bytes(module, lambda: module.eval()(x), 2)
-
-        student_mode = self.student.training
-        per_sample = 2 * (on(self.teacher.module) + on(self.student))
-        self.student.train(student_mode)
-        if self.method.generator is not None:
-            generator = self.method.generator
-            per_sample += 2 * activation_bytes(generator, lambda: self.method.sample(2), 2)
-        free = available_memory(self.device)
-        self.recipe = fit_batch_to_memory(self.recipe, per_sample, free, shape)
+        """Shrink the batch (or refuse) when one iteration would not fit the device's memory."""
+        per_sample = iteration_bytes_per_sample(self.teacher, self.student, self.method,
+                                                self.device)  # fmt: skip
+        self.recipe = fit_batch_to_memory(self.recipe, per_sample,
+                                          available_memory(self.device),
+                                          tuple(self.teacher.input_shape))  # fmt: skip
 
     def _try_channels_last(self) -> bool:
-        """Put teacher, student and generator in channels-last memory format (measured 18-33%
-        faster student steps on a CPU: benchmarks/bench_speedups.py); revert when either model
-        cannot run that way (a ``.view`` in user code) or computes anything else."""
-        if not self.preset.channels_last or len(self.teacher.input_shape) != 3:
+        """Channels-last memory format where the preset asks and the models allow it."""
+        if not self.preset.channels_last:
             return False
-        modules = (self.teacher.module, self.student)
-        x = torch.rand(2, *self.teacher.input_shape, device=self.device)
-        try:
-            with torch.no_grad():
-                before = [m.eval()(x) for m in modules]
-                for module in modules:
-                    module.to(memory_format=torch.channels_last)
-                after = [m(x.contiguous(memory_format=torch.channels_last)) for m in modules]
-            same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(before, after))
-        except Exception:  # noqa: BLE001 - any failure: stay with the default layout
-            same = False
-        self.student.train()
-        if not same:
-            for module in modules:
-                module.to(memory_format=torch.contiguous_format)
-        elif self.method.generator is not None:  # measured 17-38% faster generator steps too
-            self.method.ctx.channels_last = True
-            self.method.generator.to(memory_format=torch.channels_last)
-        return same
+        return try_channels_last(self.teacher, self.student, self.method, self.device)
 
     def _plan(self, generate_s: float, student_s: float, elapsed: float) -> None:
         """Size the recipe from measured step times (once the thread choice has settled)."""
@@ -518,11 +336,11 @@ class Trainer:
         """Student optimiser, replay pool, memory and thread choice, the teacher's answers on
         the evaluation data, the progress display: everything the loop needs."""
         self.student.to(self.device).train()
-        self.autocast = _autocast_factory(self.device)
+        self.autocast = autocast_factory(self.device)
         self.student_lr = self.preset.student_lr
         if self.options.fine_tune and self.preset.student_lr_fine_tune is not None:
             self.student_lr = self.preset.student_lr_fine_tune
-        self.optimizer = _make_student_optimizer(self.preset, self.student, self.student_lr)
+        self.optimizer = make_student_optimizer(self.preset, self.student, self.student_lr)
         distributed.average_gradients(self.optimizer)
         outputs = self.teacher.analysis.output_shape if self.teacher.analysis else ()
         batch_bytes = (
@@ -538,18 +356,13 @@ class Trainer:
         self.world.seed_rank(self.options.seed, self.iteration)
         self.threads = ThreadChooser(self.device, self.preset.cpu_threads, self.options.threads,
                                      race=self.stop.time_budget is not None)  # fmt: skip
-        self.teacher_predictions = self.monitor = None
-        if self.eval_data is not None:
-            self.teacher_predictions = predict(self.teacher.module, self.eval_data,
-                                               device=self.device)  # fmt: skip
-            self.monitor = self.eval_data.subset(self.task.monitor_samples)
-        self.eval_every, self.eval_interval_s = self._eval_schedule()
+        self.evaluation = Evaluation(self.eval_data, self.teacher.module, self.task, self.device,
+                                     self.options, self.stop, self.elapsed_before)  # fmt: skip
         self.progress = Progress(self.options.progress and self.world.is_writer,
                                  f"{self.method.name}/{self.preset.name}",
                                  self.stop.total_iters, self.iteration)  # fmt: skip
         self.first_iteration = self.iteration
         self.started = time.perf_counter()
-        self.last_eval = self.elapsed_before
         self.planned = False
 
     def elapsed(self) -> float:
@@ -583,71 +396,28 @@ class Trainer:
         row: dict[str, Any] = dict(losses)
         if self.iteration % self.options.health_every == 0:
             row.update(self._check_health().as_row())
-        monitored = self._monitor_accuracy()
+        monitored = self.evaluation.monitor(self.student, self.iteration, self.elapsed())
         elapsed = self.elapsed()
         self.history.append({"iteration": self.iteration, "elapsed_s": round(elapsed, 4), **row,
                              "accuracy": monitored})  # fmt: skip
-        self.progress.update(self.iteration, elapsed, self._figures(losses, monitored))
+        figures = progress_figures(losses, self.last_health, monitored)
+        self.progress.update(self.iteration, elapsed, figures)
         if self.on_iteration is not None:
             self.on_iteration(self.iteration)
 
-    def _monitor_accuracy(self) -> float | None:
-        """Student accuracy on the evaluation subset, when one is due (else None)."""
-        if self.monitor is None:
-            return None
-        elapsed = self.elapsed()
-        due = (self.eval_every is not None and self.iteration % self.eval_every == 0) or (
-            self.eval_interval_s is not None and elapsed - self.last_eval >= self.eval_interval_s
-        )
-        if not due:
-            return None
-        self.last_eval = elapsed
-        return evaluate(self.student, self.monitor, device=self.device)
-
     def _finish(self, stop_reason: str) -> DistillResult:
         """Last checkpoint, health and full evaluation; the result, student on the CPU."""
-        self._check_student_finite()
+        check_finite(self.student, self.iteration)
         elapsed = self.elapsed()
         self.checkpointer.save(self._state(elapsed))
         if self.history:
             self.history[-1].update(self._measure_health().as_row())
-        teacher_accuracy = student_accuracy = None
-        if self.eval_data is not None:
-            teacher_accuracy = score(self.teacher_predictions, self.eval_data.y)
-            student_accuracy = evaluate(self.student, self.eval_data, device=self.device)
-            if self.history and self.history[-1].get("accuracy") is None:
-                self.history[-1]["accuracy"] = student_accuracy
+        teacher_accuracy, student_accuracy = self.evaluation.final(self.student)
+        if self.history and self.history[-1].get("accuracy") is None:
+            self.history[-1]["accuracy"] = student_accuracy
         if self.options.history_path is not None and self.world.is_writer:
             write_history_csv(self.history, self.options.history_path)
         return self._result(elapsed, stop_reason, teacher_accuracy, student_accuracy)
-
-    def _check_student_finite(self) -> None:
-        """A last step can leave NaN weights behind finite losses: fail here, as training."""
-        for name, tensor in [*self.student.named_parameters(), *self.student.named_buffers()]:
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise TrainingFailed(
-                    f"the student's {name} became NaN or infinite by iteration "
-                    f"{self.iteration}; try a lower learning rate or another --method"
-                )
-
-    def _figures(self, losses: dict[str, float], accuracy: float | None) -> dict[str, str]:
-        figures = {k[5:]: f"{v:.3f}" for k, v in losses.items()}
-        if self.last_health is not None:
-            figures["classes"] = str(self.last_health.classes)
-            figures["agree"] = f"{self.last_health.agreement:.2f}"
-        if accuracy is not None:
-            figures["acc"] = f"{accuracy:.4f}"
-        return figures
-
-    def _eval_schedule(self) -> tuple[int | None, float | None]:
-        """Evaluate ~10 times per run: every N iterations when the length is known, else by
-        time; explicit options win."""
-        every, interval = self.options.eval_every, self.options.eval_interval_s
-        if self.eval_data is None or every is not None or interval is not None:
-            return every, interval
-        if self.stop.total_iters is not None:
-            return max(1, self.stop.total_iters // 10), None
-        return None, (self.stop.time_budget or 0) / 10 or None
 
     def _interrupted(self, elapsed: float, exit_code: int | None = None) -> None:
         # The interrupted iteration may be half applied; it is simply redone after --resume.
@@ -655,20 +425,7 @@ class Trainer:
             write_history_csv(self.history, self.options.history_path)
         if self.checkpointer.path is not None:
             self.checkpointer.save(self._state(elapsed))
-            error = DistillInterrupted(
-                f"interrupted at iteration {self.iteration}; checkpoint saved to "
-                f"{self.checkpointer.path}: rerun the same command with --resume to continue"
-            )
-        elif not self.world.is_writer:
-            error = DistillInterrupted(
-                f"interrupted at iteration {self.iteration} (rank {self.world.rank}; rank 0 "
-                "saves the checkpoint)"
-            )
-        else:
-            error = DistillInterrupted(
-                f"interrupted at iteration {self.iteration}; no checkpoint (give a checkpoint "
-                "folder to be able to resume)"
-            )
+        error = interruption(self.iteration, self.checkpointer.path, self.world)
         if exit_code is not None:  # SIGTERM agreed among ranks: 143, as a plain SIGTERM
             error.exit_code = exit_code
         raise error from None
@@ -693,37 +450,10 @@ class Trainer:
             sampler=self.method.sample,
             teacher_accuracy=teacher_accuracy,
             student_accuracy=student_accuracy,
-            teacher_predictions=self.teacher_predictions,
+            teacher_predictions=self.evaluation.teacher_predictions,
             stop_reason=stop_reason,
             health=self.last_health,
             restarts=self.guard.restarts,
             num_classes=self.num_classes,
             world_size=self.world.size,
         )
-
-
-def distill(
-    teacher: Teacher,
-    student: nn.Module,
-    options: DistillOptions | None = None,
-    *,
-    eval_data: EvalData | None = None,
-    on_iteration: Callable[[int], None] | None = None,
-    **changes: Any,
-) -> DistillResult:
-    """Train ``student`` (in place) to mimic ``teacher`` without data.
-
-    ``options`` (a ``DistillOptions``) or keyword arguments naming its fields (``method``,
-    ``preset``, ``time_budget``, ``iters``, ...) say how; with no budget the preset's default
-    (the full paper schedule, or the fast preset's 120 s). ``eval_data`` is for monitoring and
-    the result's accuracy only, never for training. ``on_iteration`` is called after each
-    iteration with its number. Raises DaflError for bad options, TrainingFailed when training
-    produces no usable student, DistillInterrupted on Ctrl-C (after saving a checkpoint).
-    """
-    options = options or DistillOptions()
-    known = {f.name for f in fields(DistillOptions)}
-    unknown = sorted(set(changes) - known)
-    if unknown:
-        raise TypeError(f"distill() got unknown option(s): {', '.join(unknown)}")
-    options = replace(options, **changes)
-    return Trainer(teacher, student, options, eval_data, on_iteration).run()

@@ -1,0 +1,92 @@
+"""How a run uses its device: autocast, the student's optimiser, the memory one iteration takes,
+channels-last memory format. The trainer asks; these functions only measure and set up."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from compress_toolbox.distill.methods.base import Method
+from compress_toolbox.distill.presets import Preset
+from compress_toolbox.distill.recipe import activation_bytes
+from compress_toolbox.errors import DaflError, TrainingFailed
+from compress_toolbox.load.teacher import Teacher
+
+
+def autocast_factory(dev: torch.device):
+    """bf16 autocast on CUDA when supported, else none (fp16 would need loss scaling; CPU
+    autocast measured slower for these small convs)."""
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
+def make_student_optimizer(preset: Preset, student: nn.Module, lr: float):
+    if preset.student_optimizer == "adam":
+        return torch.optim.Adam(student.parameters(), lr=lr, weight_decay=preset.weight_decay)
+    if preset.student_optimizer == "sgd":
+        return torch.optim.SGD(
+            student.parameters(),
+            lr=lr,
+            momentum=preset.momentum,
+            weight_decay=preset.weight_decay,
+        )
+    raise DaflError(f"unknown student optimizer {preset.student_optimizer!r}")
+
+
+def iteration_bytes_per_sample(teacher: Teacher, student: nn.Module, method: Method,
+                               device: torch.device) -> int:  # fmt: skip
+    """Memory one generated sample takes in an iteration: generator, teacher (with input
+    gradients) and student activations, twice for the backward pass."""
+    shape = tuple(teacher.input_shape)
+
+    def on(module):
+        x = torch.zeros(2, *shape, device=device)
+        return activation_bytes(module, lambda: module.eval()(x), 2)
+
+    student_mode = student.training
+    per_sample = 2 * (on(teacher.module) + on(student))
+    student.train(student_mode)
+    if method.generator is not None:
+        per_sample += 2 * activation_bytes(method.generator, lambda: method.sample(2), 2)
+    return per_sample
+
+
+def try_channels_last(teacher: Teacher, student: nn.Module, method: Method,
+                      device: torch.device) -> bool:  # fmt: skip
+    """Put teacher, student and generator in channels-last memory format (measured 18-33%
+    faster student steps on a CPU: benchmarks/bench_speedups.py); revert when either model
+    cannot run that way (a ``.view`` in user code) or computes anything else."""
+    if len(teacher.input_shape) != 3:
+        return False
+    modules = (teacher.module, student)
+    x = torch.rand(2, *teacher.input_shape, device=device)
+    try:
+        with torch.no_grad():
+            before = [m.eval()(x) for m in modules]
+            for module in modules:
+                module.to(memory_format=torch.channels_last)
+            after = [m(x.contiguous(memory_format=torch.channels_last)) for m in modules]
+        same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(before, after))
+    except Exception:  # noqa: BLE001 - any failure: stay with the default layout
+        same = False
+    student.train()
+    if not same:
+        for module in modules:
+            module.to(memory_format=torch.contiguous_format)
+    elif method.generator is not None:  # measured 17-38% faster generator steps too
+        method.ctx.channels_last = True
+        method.generator.to(memory_format=torch.channels_last)
+    return same
+
+
+def check_finite(student: nn.Module, iteration: int) -> None:
+    """A last step can leave NaN weights behind finite losses: fail here, as training."""
+    for name, tensor in [*student.named_parameters(), *student.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TrainingFailed(
+                f"the student's {name} became NaN or infinite by iteration {iteration}; try a "
+                "lower learning rate or another --method"
+            )

@@ -1,0 +1,58 @@
+"""The evaluation data during a run (never trained on): the teacher's answers once, the
+student's accuracy on a subset about ten times per run for the curve, both scores at the end."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compress_toolbox.distill.options import DistillOptions
+from compress_toolbox.distill.parts import StopPolicy
+from compress_toolbox.tasks import Task
+from compress_toolbox.tasks.evaldata import EvalData, evaluate, predict, score
+
+
+class Evaluation:
+    """Monitors a student on ``data`` (None: no evaluation, every figure None)."""
+
+    def __init__(self, data: EvalData | None, teacher: nn.Module, task: Task,
+                 device: torch.device, options: DistillOptions, stop: StopPolicy,
+                 elapsed_before: float) -> None:  # fmt: skip
+        self.data, self.device = data, device
+        self.teacher_predictions = self.subset = None
+        if data is not None:
+            self.teacher_predictions = predict(teacher, data, device=device)
+            self.subset = data.subset(task.monitor_samples)
+        self.every, self.interval_s = _schedule(data, options, stop)
+        self.last = elapsed_before
+
+    def monitor(self, student: nn.Module, iteration: int, elapsed: float) -> float | None:
+        """Student accuracy on the evaluation subset, when one is due (else None)."""
+        if self.subset is None:
+            return None
+        due = (self.every is not None and iteration % self.every == 0) or (
+            self.interval_s is not None and elapsed - self.last >= self.interval_s
+        )
+        if not due:
+            return None
+        self.last = elapsed
+        return evaluate(student, self.subset, device=self.device)
+
+    def final(self, student: nn.Module) -> tuple[float | None, float | None]:
+        """(teacher, student) scores on the whole evaluation data."""
+        if self.data is None:
+            return None, None
+        return (score(self.teacher_predictions, self.data.y),
+                evaluate(student, self.data, device=self.device))  # fmt: skip
+
+
+def _schedule(data: EvalData | None, options: DistillOptions,
+              stop: StopPolicy) -> tuple[int | None, float | None]:  # fmt: skip
+    """Evaluate ~10 times per run: every N iterations when the length is known, else by time;
+    explicit options win."""
+    every, interval = options.eval_every, options.eval_interval_s
+    if data is None or every is not None or interval is not None:
+        return every, interval
+    if stop.total_iters is not None:
+        return max(1, stop.total_iters // 10), None
+    return None, (stop.time_budget or 0) / 10 or None
