@@ -158,7 +158,7 @@ def test_a_group_whose_pruning_breaks_the_network_is_put_back():
     longer works: every layer as it was, and the network runs as before."""
     import torch_pruning as tp
 
-    from compress_toolbox.student.shuffle_pruning import prune_or_restore
+    from compress_toolbox.student.tp_adapter import prune_or_restore
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
     model.eval()
@@ -211,7 +211,7 @@ def test_group_norm_decomposition_becomes_group_norm(route, tmp_path):
 
 def test_library_internals_we_adapt_are_where_we_expect():
     """onnx_compat.py touches onnx2torch's converter registry and torch's legacy-exporter
-    globals, shuffle_pruning.py torch-pruning's graph: a version that moves them must fail
+    globals, student/tp_adapter.py torch-pruning's graph: a version that moves them must fail
     here, loudly, not in a user's run."""
     from onnx2torch.node_converters import registry
     from torch.onnx import symbolic_helper
@@ -223,11 +223,11 @@ def test_library_internals_we_adapt_are_where_we_expect():
 
     assert converter("LayerNormalization", 17) is onnx_compat._convert_layer_norm
     assert converter("MatMul", 13) is onnx_compat._convert_matmul
-    # shuffle_pruning.root_groups_at_narrowest_layer reorders the graph's module2node: groups
+    # tp_adapter.root_groups_at_narrowest_layer reorders the graph's module2node: groups
     # must still be rooted by its order
     import torch_pruning as tp
 
-    from compress_toolbox.student.shuffle_pruning import root_groups_at_narrowest_layer
+    from compress_toolbox.student.tp_adapter import root_groups_at_narrowest_layer
 
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1))
     graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 4, 4))
@@ -254,13 +254,13 @@ class _SplitIntoConcat(nn.Module):
 
 
 def test_torch_pruning_split_and_concat_bookkeeping_we_correct():
-    """shuffle_pruning.ChannelPartitions rewrites torch-pruning's index mappings around splits
+    """tp_adapter.ChannelPartitions rewrites torch-pruning's index mappings around splits
     and concatenations (its dependency slots, mapping classes, the update it reruns for each
     group): a version that changes them must fail here. Channels 6 and 7 of the conv (the
     second part) must land at 10 and 11 of the concatenation, and nowhere in the first part."""
     import torch_pruning as tp
 
-    from compress_toolbox.student.shuffle_pruning import ChannelPartitions
+    from compress_toolbox.student.tp_adapter import ChannelPartitions
 
     model = _SplitIntoConcat()
     partitions = ChannelPartitions(model)

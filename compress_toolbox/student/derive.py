@@ -24,10 +24,12 @@ from compress_toolbox.load.analysis import analyse, run_with_hooks
 from compress_toolbox.load.graph.shape_agnostic import FlexibleReshape
 from compress_toolbox.student.shuffle_pruning import (
     BalancedPruningError,
-    ChannelPartitions,
-    ignore_unmappable_groups,
     needs_balanced_pruning,
     prune_balanced,
+)
+from compress_toolbox.student.tp_adapter import (
+    ChannelPartitions,
+    ignore_unmappable_groups,
     prune_or_restore,
     root_groups_at_narrowest_layer,
 )

@@ -104,7 +104,7 @@ class EqualSplit(nn.Module):
     """Split into ``parts`` equal chunks along ``axis``, whatever the size (was: fixed sizes).
 
     Pruning may leave the parts of a channel split unequal; ``sizes`` then holds them (set by
-    ``shuffle_pruning.ChannelPartitions``)."""
+    ``tp_adapter.ChannelPartitions``)."""
 
     def __init__(self, axis: int, parts: int):
         super().__init__()
@@ -120,7 +120,7 @@ class EqualSplit(nn.Module):
 class SizedSplit(nn.Module):
     """Split the channels into consecutive parts of ``sizes`` (a dual-path block's residual
     and dense parts). Pruning changes the sizes: torch-pruning's split op counts what each
-    part loses, and ``shuffle_pruning.ChannelPartitions`` copies that here."""
+    part loses, and ``tp_adapter.ChannelPartitions`` copies that here."""
 
     def __init__(self, sizes: list[int]):
         super().__init__()
