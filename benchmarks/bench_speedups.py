@@ -25,8 +25,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from compress_toolbox import load_teacher, make_student  # noqa: E402
-from compress_toolbox.distill.generator import make_generator  # noqa: E402
-from compress_toolbox.distill.losses import kd_loss  # noqa: E402
+from compress_toolbox.distillation.generator import make_generator  # noqa: E402
+from compress_toolbox.distillation.losses import kd_loss  # noqa: E402
 
 SUITE = HERE / "teachers" / "out"
 

@@ -58,7 +58,7 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
 
     warnings.filterwarnings("ignore")
     from compress_toolbox import CompressConfig, compress
-    from compress_toolbox.distill.presets import PRESETS
+    from compress_toolbox.distillation.presets import PRESETS
     from compress_toolbox.errors import DaflError, TrainingFailed
 
     preset = PRESETS["fast"].with_options(**changes) if changes else "fast"

@@ -152,7 +152,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 
 def run_compress(args: argparse.Namespace) -> int:
     from compress_toolbox import CompressConfig, compress
-    from compress_toolbox.distill import distributed
+    from compress_toolbox.distillation import distributed
 
     command = "dafl-compress " + shlex.join(sys.argv[1:])
     if args.nproc is not None and not distributed.launched():
@@ -262,12 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_error(error, argv)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if "compress_toolbox.distill.distributed" in sys.modules:  # leave the process group, if any
-            sys.modules["compress_toolbox.distill.distributed"].shutdown()
+        ranks = sys.modules.get("compress_toolbox.distillation.distributed")
+        if ranks is not None:  # leave the process group, if any
+            ranks.shutdown()
 
 
 def _report_error(error: Exception, argv: list[str]) -> int:
-    from compress_toolbox.distill.options import DistillInterrupted
+    from compress_toolbox.distillation.options import DistillInterrupted
     from compress_toolbox.errors import DaflError, first_line
 
     if isinstance(error, DistillInterrupted):

@@ -119,7 +119,7 @@ def _add_student_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    from compress_toolbox.distill.methods import method_names
+    from compress_toolbox.distillation.methods import method_names
 
     train = parser.add_argument_group("training")
     train.add_argument(

@@ -2,19 +2,19 @@
 
 One pipeline, one package per stage, data flowing one way:
 
-    load/     load_teacher -> Teacher          (importers, graph clean-ups, analysis)
-    student/  plan_student -> StudentPlan      (derived by shrinking widths, or from the zoo)
-    distill/  distill      -> DistillResult    (the loop, recipe, health, methods/)
-    export/   export_student -> ExportResult   (the ONNX writer, verification)
-    report/   report.json, report.md, plots
-    tasks/    what each task means (one plug-in file per task)
+    load/          load_teacher -> Teacher         (importers, graph clean-ups, analysis)
+    student/       plan_student -> StudentPlan     (derived by shrinking widths, or the zoo's)
+    distillation/  distill -> DistillResult        (the loop, recipe, health, methods/)
+    export/        export_student -> ExportResult  (the ONNX writer, verification)
+    report/        report.json, report.md, plots
+    tasks/         what each task means (one plug-in file per task)
 
 ``compress(teacher_path, CompressConfig(...))`` runs them all (pipeline.py).
 """
 
 from compress_toolbox.config import CompressConfig, OutputOptions, StudentOptions, TeacherOptions
-from compress_toolbox.distill import distill
-from compress_toolbox.distill.options import DistillOptions, DistillResult
+from compress_toolbox.distillation import distill
+from compress_toolbox.distillation.options import DistillOptions, DistillResult
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, ImportFailed, TrainingFailed, VerificationFailed
 from compress_toolbox.export.writer import ExportResult, export_student

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from compress_toolbox.distill.options import DistillOptions
-from compress_toolbox.distill.presets import Preset
+from compress_toolbox.distillation.options import DistillOptions
+from compress_toolbox.distillation.presets import Preset
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
 from compress_toolbox.export.writer import check_opset

@@ -21,11 +21,11 @@ import torchvision
 from torch import nn
 
 from compress_toolbox.config import CompressConfig
-from compress_toolbox.distill import distill, distributed
-from compress_toolbox.distill.health import StudentFailed, judge_student
-from compress_toolbox.distill.options import DistillResult, write_history_csv
-from compress_toolbox.distill.parts import Checkpointer
-from compress_toolbox.distill.trainer import CHECKPOINT_NAME
+from compress_toolbox.distillation import distill, distributed
+from compress_toolbox.distillation.health import StudentFailed, judge_student
+from compress_toolbox.distillation.options import DistillResult, write_history_csv
+from compress_toolbox.distillation.parts import Checkpointer
+from compress_toolbox.distillation.trainer import CHECKPOINT_NAME
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
 from compress_toolbox.export.writer import (

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from compress_toolbox import CompressConfig, compress
-from compress_toolbox.distill import distributed
+from compress_toolbox.distillation import distributed
 from compress_toolbox.errors import DaflError
 
 

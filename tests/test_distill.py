@@ -18,20 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_toolbox.distill import distill
-from compress_toolbox.distill.generator import make_generator
-from compress_toolbox.distill.health import GenerationCollapsed
-from compress_toolbox.distill.losses import (
+from compress_toolbox.distillation import distill
+from compress_toolbox.distillation.generator import make_generator
+from compress_toolbox.distillation.health import GenerationCollapsed
+from compress_toolbox.distillation.losses import (
     activation_loss,
     information_entropy_loss,
     kd_loss,
     one_hot_loss,
 )
-from compress_toolbox.distill.methods import method_names
-from compress_toolbox.distill.options import DistillInterrupted
-from compress_toolbox.distill.parts import lr_factor
-from compress_toolbox.distill.presets import PRESETS
-from compress_toolbox.distill.trainer import CHECKPOINT_NAME
+from compress_toolbox.distillation.methods import method_names
+from compress_toolbox.distillation.options import DistillInterrupted
+from compress_toolbox.distillation.parts import lr_factor
+from compress_toolbox.distillation.presets import PRESETS
+from compress_toolbox.distillation.trainer import CHECKPOINT_NAME
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, TrainingFailed
 from compress_toolbox.load.teacher import Teacher

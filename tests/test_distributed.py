@@ -24,11 +24,11 @@ from models import fit
 from sklearn.datasets import load_digits
 from torch import nn
 
-from compress_toolbox.distill import distributed
-from compress_toolbox.distill.losses import kd_loss
-from compress_toolbox.distill.methods import get_method
-from compress_toolbox.distill.methods.base import MethodContext
-from compress_toolbox.distill.presets import PRESETS
+from compress_toolbox.distillation import distributed
+from compress_toolbox.distillation.losses import kd_loss
+from compress_toolbox.distillation.methods import get_method
+from compress_toolbox.distillation.methods.base import MethodContext
+from compress_toolbox.distillation.presets import PRESETS
 from compress_toolbox.domain import InputDomain
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,22 +7,22 @@ import pytest
 import torch
 from torch import nn
 
-from compress_toolbox.distill.generator import make_generator
-from compress_toolbox.distill.health import (
+from compress_toolbox.distillation.generator import make_generator
+from compress_toolbox.distillation.health import (
     CollapseGuard,
     Health,
     class_entropy,
     judge_student,
 )
-from compress_toolbox.distill.losses import (
+from compress_toolbox.distillation.losses import (
     BatchNormStatistics,
     adversarial_loss,
     bounded_activation_loss,
 )
-from compress_toolbox.distill.methods import get_method, method_names
-from compress_toolbox.distill.parts import Checkpointer, ReplayPool, StopPolicy
-from compress_toolbox.distill.presets import PRESETS
-from compress_toolbox.distill.recipe import MIN_USEFUL_ITERATIONS, Recipe, size_recipe
+from compress_toolbox.distillation.methods import get_method, method_names
+from compress_toolbox.distillation.parts import Checkpointer, ReplayPool, StopPolicy
+from compress_toolbox.distillation.presets import PRESETS
+from compress_toolbox.distillation.recipe import MIN_USEFUL_ITERATIONS, Recipe, size_recipe
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks.evaldata import load_eval_data

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_distill import MEAN, SHAPE, STD, TINY, digits, run, small_cnn  # noqa: F401 (digits is a fixture)
 
-from compress_toolbox.distill.trainer import CHECKPOINT_NAME
+from compress_toolbox.distillation.trainer import CHECKPOINT_NAME
 from compress_toolbox.errors import DaflWarning
 from compress_toolbox.tasks.evaldata import evaluate
 

@@ -104,7 +104,7 @@ def corpus(tmp_path_factory):
 def verdict_aside(monkeypatch):
     """For tests of the output folder: four iterations give a student far from its teacher,
     which the verdict rightly fails (exit 3); what these tests check must not hang on it."""
-    from compress_toolbox.distill import health
+    from compress_toolbox.distillation import health
 
     monkeypatch.setattr(health, "judge_student", lambda *args, **kwargs: [])
 
@@ -197,7 +197,7 @@ def test_checkpoint_with_missing_keys_or_from_another_teacher(corpus, tmp_path, 
     checkpoint.unlink()
     # interrupt a run of another teacher to leave its checkpoint, then resume with ours
     from compress_toolbox import load_teacher
-    from compress_toolbox.distill import distill
+    from compress_toolbox.distillation import distill
     from compress_toolbox.student.derive import make_student
 
     teacher = load_teacher(other)
@@ -393,7 +393,7 @@ def test_two_output_classifier_distils_its_logits(corpus, tmp_path, capsys):
 
 
 def test_huge_declared_input_is_refused_before_allocating(corpus, tmp_path, capsys, monkeypatch):
-    import compress_toolbox.distill.trainer as distill_module
+    import compress_toolbox.distillation.trainer as distill_module
 
     monkeypatch.setattr(distill_module, "available_memory", lambda device: 64 * 2**20)
     any_size = _onnx(Tiny(), tmp_path / "any_size.onnx",

@@ -25,7 +25,7 @@ from conftest import one_error_line, run_cli
 from filelock import FileLock
 from torch import nn
 
-from compress_toolbox.distill.parts import Checkpointer
+from compress_toolbox.distillation.parts import Checkpointer
 from compress_toolbox.errors import DaflError
 from compress_toolbox.outdir import OutputFolder
 

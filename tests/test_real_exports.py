@@ -103,7 +103,7 @@ def test_the_student_of_a_softmax_ended_teacher_answers_probabilities(softmax_te
     """student.onnx keeps the teacher file's signature: probabilities, like the teacher."""
     import onnxruntime as ort
 
-    from compress_toolbox.distill.health import StudentFailed
+    from compress_toolbox.distillation.health import StudentFailed
 
     path, _ = softmax_teacher
     try:
@@ -185,7 +185,7 @@ def test_a_sigmoid_map_is_distilled_as_two_classes_and_shipped_as_a_map(sigmoid_
 
     import onnxruntime as ort
 
-    from compress_toolbox.distill.health import StudentFailed
+    from compress_toolbox.distillation.health import StudentFailed
 
     path, masks = sigmoid_map_teacher
     loaded = load_teacher(path)

@@ -16,8 +16,8 @@ from torch import nn
 
 from cli.main import main
 from compress_toolbox import CompressConfig, compress, plan_student
-from compress_toolbox.distill import distill
-from compress_toolbox.distill.losses import information_entropy_loss, kd_loss, one_hot_loss
+from compress_toolbox.distillation import distill
+from compress_toolbox.distillation.losses import information_entropy_loss, kd_loss, one_hot_loss
 from compress_toolbox.errors import DaflError
 from compress_toolbox.export.writer import export_onnx, export_pt2, export_student
 from compress_toolbox.load.teacher import Teacher, load_teacher
@@ -244,7 +244,7 @@ def test_cli_segmentation_end_to_end(files, tmp_path, capsys):
 
 def test_shift_and_flip_moves_each_image_by_its_own_offset():
     """Each image comes back rolled (and maybe mirrored) by its own offset, nothing else."""
-    from compress_toolbox.distill.generator import shift_and_flip
+    from compress_toolbox.distillation.generator import shift_and_flip
 
     torch.manual_seed(0)
     raw = torch.rand(16, 1, *SHAPE[1:])
@@ -263,7 +263,7 @@ def test_photometric_jitter_gives_mid_tones_in_the_domain():
     """Black-and-white images (what a DAFL generator makes) come back with mid-tones, blur or
     noise, each image its own, inside the teacher's domain, with gradients to the input; a
     generator whose output is not pixels (domain None) is left alone."""
-    from compress_toolbox.distill.generator import jitter_photometric
+    from compress_toolbox.distillation.generator import jitter_photometric
     from compress_toolbox.domain import InputDomain
 
     torch.manual_seed(0)
@@ -283,9 +283,9 @@ def test_photometric_jitter_gives_mid_tones_in_the_domain():
 def test_generated_images_are_augmented_for_segmentation_only(unet):
     """A segmentation teacher sees each generated image moved about and jittered (the task's
     augmentations); a classifier sees the generator's output as it is."""
-    from compress_toolbox.distill.methods import get_method
-    from compress_toolbox.distill.methods.base import MethodContext
-    from compress_toolbox.distill.presets import get_preset
+    from compress_toolbox.distillation.methods import get_method
+    from compress_toolbox.distillation.methods.base import MethodContext
+    from compress_toolbox.distillation.presets import get_preset
     from compress_toolbox.domain import InputDomain
 
     def method(task):
@@ -311,7 +311,7 @@ def test_generated_images_are_augmented_for_segmentation_only(unet):
 def test_health_checks_use_few_canvases(unet, monkeypatch):
     """A health check judges the class histogram of whole canvases (H*W pixel samples each):
     the task's 32 canvases, not a classifier's 256 images."""
-    from compress_toolbox.distill.methods.base import GeneratorMethod
+    from compress_toolbox.distillation.methods.base import GeneratorMethod
     from compress_toolbox.tasks import get_task
 
     sizes = []

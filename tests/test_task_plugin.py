@@ -3,13 +3,24 @@ is accepted by the configuration, plans a student and distils with its own loss 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
-from toy_regression_task import REGRESSION
 
 from compress_toolbox import CompressConfig, DaflError, Teacher, distill, get_task, plan_student
+from compress_toolbox import tasks as task_registry
 from compress_toolbox.tasks import task_names
+
+
+@pytest.fixture(scope="module")
+def regression():
+    """The toy task, registered by importing its file, and unregistered afterwards so that the
+    rest of the suite sees the built-in tasks only."""
+    module = importlib.import_module("toy_regression_task")
+    yield module.REGRESSION
+    task_registry._TASKS.pop("regression", None)
 
 
 class Regressor(nn.Module):
@@ -21,12 +32,12 @@ class Regressor(nn.Module):
         return self.body(x)
 
 
-def test_a_task_from_one_file_runs_a_short_distillation():
+def test_a_task_from_one_file_runs_a_short_distillation(regression):
     torch.manual_seed(0)
     teacher = Teacher.from_module(Regressor(), (6,))
     config = CompressConfig.from_options(task="regression", iters=30, batch_size=64,
                                          progress=False, threads=1)  # fmt: skip
-    assert config.task is REGRESSION and "regression" in task_names()
+    assert config.task is regression and "regression" in task_names()
     plan = plan_student(teacher, config)
     assert plan.analysis.params < teacher.analysis.params
     x = torch.rand(256, 6)
@@ -39,11 +50,9 @@ def test_a_task_from_one_file_runs_a_short_distillation():
     assert after < before / 2  # its own loss (MSE) taught the student the teacher's values
 
 
-def test_a_task_name_is_registered_once():
+def test_a_task_name_is_registered_once(regression):
     with pytest.raises(ValueError, match="already registered"):
-        from compress_toolbox import register_task
-
-        register_task(REGRESSION)
+        task_registry.register_task(regression)
 
 
 def test_unknown_and_planned_tasks_are_refused_in_one_line():

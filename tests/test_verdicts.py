@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from compress_toolbox import CompressConfig, compress, limits
-from compress_toolbox.distill import health
-from compress_toolbox.distill.health import Health, StudentFailed, judge_student
-from compress_toolbox.distill.parts import ThreadChooser
+from compress_toolbox.distillation import health
+from compress_toolbox.distillation.health import Health, StudentFailed, judge_student
+from compress_toolbox.distillation.parts import ThreadChooser
 from compress_toolbox.limits import LimitExceeded, bounded
 from compress_toolbox.tasks.verdict import chance_agreement, falls_short, trivial_score
 from model_zoo.student import pick_student
@@ -141,7 +141,7 @@ def test_the_exported_student_carries_no_debugging_weight(tmp_path):
 def test_iteration_bound_runs_never_race_threads(monkeypatch):
     """An --iters run must give the same student on an idle and a busy machine: its thread
     count is not chosen by timing the first iterations."""
-    from compress_toolbox.distill import parts as training
+    from compress_toolbox.distillation import parts as training
 
     monkeypatch.setattr(training, "cores_per_rank", lambda: 2)
     before = torch.get_num_threads()

@@ -76,7 +76,7 @@ def test_unknown_model_and_task_errors_are_clear():
     with pytest.raises(ValueError, match="unknown zoo model"):
         get_entry("nope")
     with pytest.raises(ValueError, match="unknown task"):
-        list_models("regression")
+        list_models("captioning")
 
 
 def test_entry_fields():
@@ -286,4 +286,4 @@ def test_pick_student_none_works():
     with pytest.raises(ValueError, match="no classification zoo model works"):
         pick_student("classification", teacher, exclude=set(CLASSIFICATION))
     with pytest.raises(ValueError, match="unknown task"):
-        pick_student("regression", teacher)
+        pick_student("captioning", teacher)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from compress_toolbox.distill.losses import kd_loss
+from compress_toolbox.distillation.losses import kd_loss
 from compress_toolbox.errors import DaflError
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress_toolbox.distill.options import DistillOptions
-from compress_toolbox.distill.parts import StopPolicy
+from compress_toolbox.distillation.options import DistillOptions
+from compress_toolbox.distillation.parts import StopPolicy
 from compress_toolbox.tasks import Task
 from compress_toolbox.tasks.evaldata import EvalData, evaluate, predict, score
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from compress_toolbox.distill.options import DistillOptions, DistillResult
-from compress_toolbox.distill.trainer import Trainer
+from compress_toolbox.distillation.options import DistillOptions, DistillResult
+from compress_toolbox.distillation.trainer import Trainer
 from compress_toolbox.load.teacher import Teacher
 from compress_toolbox.tasks.evaldata import EvalData
 

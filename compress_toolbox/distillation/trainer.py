@@ -18,27 +18,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress_toolbox.distill import distributed
-from compress_toolbox.distill.environment import (
+from compress_toolbox.distillation import distributed
+from compress_toolbox.distillation.environment import (
     autocast_factory,
     check_finite,
     iteration_bytes_per_sample,
     make_student_optimizer,
     try_channels_last,
 )
-from compress_toolbox.distill.evaluation import Evaluation
-from compress_toolbox.distill.health import CollapseGuard, Health, measure, progress_figures
-from compress_toolbox.distill.methods import get_method
-from compress_toolbox.distill.methods.auto import choose_method
-from compress_toolbox.distill.methods.base import Method, MethodContext
-from compress_toolbox.distill.options import (
+from compress_toolbox.distillation.evaluation import Evaluation
+from compress_toolbox.distillation.health import CollapseGuard, Health, measure, progress_figures
+from compress_toolbox.distillation.methods import get_method
+from compress_toolbox.distillation.methods.auto import choose_method
+from compress_toolbox.distillation.methods.base import Method, MethodContext
+from compress_toolbox.distillation.options import (
     DistillOptions,
     DistillResult,
     interruption,
     resolve_device,
     write_history_csv,
 )
-from compress_toolbox.distill.parts import (
+from compress_toolbox.distillation.parts import (
     Checkpointer,
     Progress,
     ReplayPool,
@@ -49,7 +49,7 @@ from compress_toolbox.distill.parts import (
     rng_state,
     set_rng_state,
 )
-from compress_toolbox.distill.recipe import (
+from compress_toolbox.distillation.recipe import (
     Recipe,
     fit_batch_to_memory,
     size_recipe,

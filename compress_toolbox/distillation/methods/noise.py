@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from compress_toolbox.distill.methods import register_method
-from compress_toolbox.distill.methods.base import GeneratedBatch, Method
+from compress_toolbox.distillation.methods import register_method
+from compress_toolbox.distillation.methods.base import GeneratedBatch, Method
 
 
 @register_method

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_toolbox.distill.distributed import global_mean, global_moments
+from compress_toolbox.distillation.distributed import global_mean, global_moments
 from compress_toolbox.tasks.outputs import as_samples
 
 

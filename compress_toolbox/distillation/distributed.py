@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from compress_toolbox.distill.local_launch import launch  # noqa: F401 - the --nproc shortcut, re-exported
+from compress_toolbox.distillation.local_launch import launch  # noqa: F401 - the --nproc shortcut, re-exported
 from compress_toolbox.errors import DaflError, first_line
 
 # A rank that stops answering (killed, hung) ends the collectives of the others after this long

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from compress_toolbox.distill.presets import Preset
+from compress_toolbox.distillation.presets import Preset
 from compress_toolbox.errors import DaflError, DaflWarning
 
 MIN_USEFUL_ITERATIONS = 200  # below this no suite teacher got a usable student (RESULTS.md)

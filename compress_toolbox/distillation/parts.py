@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress_toolbox.distill.distributed import cores_per_rank
-from compress_toolbox.distill.presets import Preset
+from compress_toolbox.distillation.distributed import cores_per_rank
+from compress_toolbox.distillation.presets import Preset
 from compress_toolbox.errors import DaflError, first_line
 
 CHECKPOINT_FORMAT = "dafl-compress-checkpoint-v2"

@@ -8,9 +8,9 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from compress_toolbox.distill.methods.base import Method
-from compress_toolbox.distill.presets import Preset
-from compress_toolbox.distill.recipe import activation_bytes
+from compress_toolbox.distillation.methods.base import Method
+from compress_toolbox.distillation.presets import Preset
+from compress_toolbox.distillation.recipe import activation_bytes
 from compress_toolbox.errors import DaflError, TrainingFailed
 from compress_toolbox.load.teacher import Teacher
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress_toolbox.distill.health import Health
-from compress_toolbox.distill.methods import get_method
-from compress_toolbox.distill.presets import Preset, get_preset
-from compress_toolbox.distill.recipe import Recipe
+from compress_toolbox.distillation.health import Health
+from compress_toolbox.distillation.methods import get_method
+from compress_toolbox.distillation.presets import Preset, get_preset
+from compress_toolbox.distillation.recipe import Recipe
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks import get_task

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from compress_toolbox.distill.losses import information_entropy_loss, logit_discrepancy
-from compress_toolbox.distill.methods import register_method
-from compress_toolbox.distill.methods.base import GeneratorMethod
+from compress_toolbox.distillation.losses import information_entropy_loss, logit_discrepancy
+from compress_toolbox.distillation.methods import register_method
+from compress_toolbox.distillation.methods.base import GeneratorMethod
 
 
 @register_method

@@ -4,7 +4,7 @@ teacher suite measured (benchmarks/RESULTS.md); a task may have its own rule
 
 from __future__ import annotations
 
-from compress_toolbox.distill.methods.base import MethodContext
+from compress_toolbox.distillation.methods.base import MethodContext
 
 
 def choose_method(ctx: MethodContext) -> tuple[str, str]:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from compress_toolbox.distill.losses import (
+from compress_toolbox.distillation.losses import (
     BatchNormStatistics,
     adversarial_loss,
     information_entropy_loss,
     one_hot_loss,
 )
-from compress_toolbox.distill.methods import register_method
-from compress_toolbox.distill.methods.base import GeneratorMethod, MethodContext
+from compress_toolbox.distillation.methods import register_method
+from compress_toolbox.distillation.methods.base import GeneratorMethod, MethodContext
 
 
 @register_method

@@ -9,15 +9,15 @@ from typing import Any
 
 import torch
 
-from compress_toolbox.distill.distributed import global_mean
-from compress_toolbox.distill.losses import (
+from compress_toolbox.distillation.distributed import global_mean
+from compress_toolbox.distillation.losses import (
     activation_loss,
     bounded_activation_loss,
     information_entropy_loss,
     one_hot_loss,
 )
-from compress_toolbox.distill.methods import register_method
-from compress_toolbox.distill.methods.base import FeatureHook, GeneratorMethod, MethodContext
+from compress_toolbox.distillation.methods import register_method
+from compress_toolbox.distillation.methods.base import FeatureHook, GeneratorMethod, MethodContext
 from compress_toolbox.errors import DaflWarning
 
 

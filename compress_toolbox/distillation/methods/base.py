@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from compress_toolbox.distill.generator import augment, make_generator
-from compress_toolbox.distill.presets import Preset
+from compress_toolbox.distillation.generator import augment, make_generator
+from compress_toolbox.distillation.presets import Preset
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.tasks import Task, get_task
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from compress_toolbox.distill.losses import adversarial_loss
-from compress_toolbox.distill.methods import register_method
-from compress_toolbox.distill.methods.dafl import DAFL
+from compress_toolbox.distillation.losses import adversarial_loss
+from compress_toolbox.distillation.methods import register_method
+from compress_toolbox.distillation.methods.dafl import DAFL
 
 
 @register_method

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from compress_toolbox.distill.losses import adversarial_loss
-from compress_toolbox.distill.methods import register_method
-from compress_toolbox.distill.methods.base import GeneratorMethod, MethodContext
+from compress_toolbox.distillation.losses import adversarial_loss
+from compress_toolbox.distillation.methods import register_method
+from compress_toolbox.distillation.methods.base import GeneratorMethod, MethodContext
 
 
 @register_method
