@@ -104,9 +104,9 @@ def corpus(tmp_path_factory):
 def verdict_aside(monkeypatch):
     """For tests of the output folder: four iterations give a student far from its teacher,
     which the verdict rightly fails (exit 3); what these tests check must not hang on it."""
-    from compress_toolbox.distillation import health
+    from compress_toolbox import pipeline
 
-    monkeypatch.setattr(health, "judge_student", lambda *args, **kwargs: [])
+    monkeypatch.setattr(pipeline, "judge_student", lambda *args, **kwargs: [])
 
 
 def nothing_left(folder: Path, name: str = "out") -> None:
