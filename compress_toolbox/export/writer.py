@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from compress_toolbox.errors import DaflError
-from compress_toolbox.export.verification import compare, random_inputs
+from compress_toolbox.export.verification import EXPORT_BATCHES, compare, random_inputs
 
 DEFAULT_OPSET = 20  # what torch 2.14's default (dynamo) exporter writes
 LEGACY_OPSET = 17  # the TorchScript-based exporter: on request, and for quick measurements
-VERIFY_BATCHES = (1, 7)
 
 
 @dataclass
@@ -151,7 +150,7 @@ def verify_onnx(module: nn.Module, path: str | Path, input_shape: tuple[int, ...
         return session.run(None, {input_name: x})[0]
 
     return compare(run_onnx, torch_runner(module.eval().cpu()), input_shape, source=source or path,
-                   what="ONNX export (onnxruntime)", batches=VERIFY_BATCHES, seed=11)  # fmt: skip
+                   what="ONNX export (onnxruntime)", batches=EXPORT_BATCHES, seed=11)  # fmt: skip
 
 
 def export_pt2(module: nn.Module, input_shape: tuple[int, ...], path: str | Path,

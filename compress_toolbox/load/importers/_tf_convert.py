@@ -45,7 +45,6 @@ def _load_sibling(name: str):
 SAFETY = _load_sibling("tf_graph_safety.py")
 
 OPSET = 17
-REFERENCE_BATCHES = (1, 3)
 INPUT_NAME = "input"  # the placeholder name of the functions we trace (Keras, SavedModel, TF2)
 # Ops that end a graph without computing a model output (variables, savers, initialisers).
 NOT_OUTPUTS = {
@@ -561,7 +560,7 @@ def convert(args) -> None:
     onnx.save(model, str(out / "model.onnx"))
     rng = np.random.default_rng(0)
     arrays = {}
-    for i, batch in enumerate(REFERENCE_BATCHES):
+    for i, batch in enumerate(args.batches):  # the importer's verification batches
         x = rng.standard_normal((batch, *route.shape)).astype(np.float32)
         arrays[f"x{i}"] = x
         for k, y in enumerate(route.run(x)):
@@ -585,6 +584,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model-class")
     parser.add_argument("--model-kwargs")
     parser.add_argument("--trust-code", action="store_true")
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 3])
     args = parser.parse_args(argv)
     try:
         convert(args)

@@ -18,13 +18,17 @@ import torch
 from torch import nn
 
 from compress_toolbox.errors import ImportFailed, VerificationFailed
-from compress_toolbox.export.verification import TOLERANCE, compare, random_inputs
+from compress_toolbox.export.verification import (
+    IMPORT_BATCHES,
+    TOLERANCE,
+    compare,
+    random_inputs,
+)
 from compress_toolbox.load.analysis import output_tensor
 from compress_toolbox.load.importers.archive_safety import checked_member_names, is_model_zip
 
 VERIFY_RTOL = TOLERANCE["float32"]  # max |imported - original| / max |original|
-VERIFY_BATCHES = (1, 3)
-DYNAMIC_BATCH_CHECK = 7
+DYNAMIC_BATCH_CHECK = 7  # an import must run at a batch it was not compared at
 
 
 @dataclass
@@ -152,7 +156,7 @@ def verify(
     imported.eval()
     max_abs, max_rel = compare(
         torch_runner(imported), original, input_shape,
-        source=source, what="imported model", batches=VERIFY_BATCHES, rtol=rtol,
+        source=source, what="imported model", batches=IMPORT_BATCHES, rtol=rtol,
     )  # fmt: skip
     try:
         with torch.no_grad():

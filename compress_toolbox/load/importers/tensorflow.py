@@ -24,8 +24,8 @@ import onnx
 import torch
 from torch import nn
 
-from compress_toolbox.errors import DaflError, DaflWarning, ImportFailed, VerificationFailed
-from compress_toolbox.export.verification import tolerance_for
+from compress_toolbox.errors import DaflError, DaflWarning, ImportFailed
+from compress_toolbox.export.verification import IMPORT_BATCHES, compare_to_outputs, tolerance_for
 from compress_toolbox.load.analysis import output_tensor
 from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer
 from compress_toolbox.load.importers.onnx_file import import_onnx
@@ -121,7 +121,8 @@ def _absolute_spec(spec: str) -> str:
 
 
 def _converter_args(path: Path, kind: str, out: Path, options: dict) -> list[str]:
-    args = ["--kind", kind, "--source", str(_source(path, kind)), "--out", str(out)]
+    args = ["--kind", kind, "--source", str(_source(path, kind)), "--out", str(out),
+            "--batches", ",".join(map(str, IMPORT_BATCHES))]  # fmt: skip
     if options.get("input_shape"):
         shape = tuple(options["input_shape"])
         args += ["--shape", ",".join(map(str, (*shape[1:], shape[0])))]
@@ -195,26 +196,17 @@ def _import_onnx(conversion: Conversion, shape: tuple[int, ...], path: Path) -> 
 def _verify_against_tf(
     module: nn.Module, conversion: Conversion, output: int, path: Path, rtol: float
 ) -> tuple[float, float]:
-    """Max (abs, relative) difference of ``module`` on the NCHW inputs vs TensorFlow's output."""
-    max_abs = max_rel = 0.0
-    for x, outputs in conversion.references:
+    """Max (abs, relative) difference of ``module`` on TensorFlow's own inputs (NHWC, given
+    NCHW) against the outputs TensorFlow recorded for them (verification.compare_to_outputs)."""
+
+    def imported(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            got = output_tensor(module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())))
-        got, expected = got.double().numpy(), outputs[output].astype(np.float64)
-        if got.shape != expected.shape or not np.isfinite(got).all():
-            raise VerificationFailed(
-                f"{path}: the imported model gives {got.shape} (finite: "
-                f"{bool(np.isfinite(got).all())}), TensorFlow {expected.shape}"
-            )
-        diff = float(np.abs(got - expected).max())
-        max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / max(float(np.abs(expected).max()), 1e-6))
-    if max_rel > rtol:
-        raise VerificationFailed(
-            f"{path}: the imported model differs from TensorFlow by {max_rel:.2e} "
-            f"(relative max, limit {rtol:.0e}; abs {max_abs:.2e})"
-        )
-    return max_abs, max_rel
+            out = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+        return output_tensor(out).numpy()
+
+    pairs = [(x, outputs[output]) for x, outputs in conversion.references]
+    return compare_to_outputs(imported, pairs, source=path, what="imported model", rtol=rtol,
+                              original="TensorFlow")
 
 
 @register_importer("tensorflow", _sniff)
