@@ -212,3 +212,22 @@ def test_a_sigmoid_map_is_distilled_as_two_classes_and_shipped_as_a_map(sigmoid_
     probability = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert probability.shape == (3, 1, 16, 16)
     assert (probability >= 0).all() and (probability <= 1).all()
+
+
+class _DataDependent(nn.Module):
+    """A branch on a tensor's value: torch.export refuses it (as it refuses onnx2torch's
+    Resize reading its scales) and prints the partial graph it traced on stderr."""
+
+    def forward(self, x):
+        y = x * 2
+        return y if y.sum().item() > 0 else -y
+
+
+def test_an_untraceable_student_is_written_without_torch_s_graph_dump(tmp_path, capfd):
+    """A text detector's student printed ~1,200 lines of graph before it was written."""
+    from compress_toolbox.export.writer import export_onnx
+
+    with pytest.warns(RuntimeWarning, match="torch.export cannot trace"):
+        export_onnx(_DataDependent(), (3,), tmp_path / "student.onnx")
+    assert (tmp_path / "student.onnx").is_file()
+    assert "def forward" not in capfd.readouterr().err

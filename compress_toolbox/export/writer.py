@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import statistics
 import time
 import warnings
@@ -53,10 +55,16 @@ def export_program(module: nn.Module, input_shape: tuple[int, ...]):
 def traceable_program(module: nn.Module, input_shape: tuple[int, ...]):
     """``export_program``, or None when torch.export cannot trace ``module`` (some imported
     ops read their constant inputs with ``.tolist()``/``.numpy()``, which torch.export's
-    symbolic tracing refuses: onnx2torch's Slice and Resize)."""
+    symbolic tracing refuses: onnx2torch's Slice and Resize). torch prints the partial graph
+    of a failed trace on stderr (1,200 lines for a text detector): it is held back and issued
+    as a RuntimeWarning, which the CLI shows only with --debug."""
+    held = io.StringIO()
     try:
-        return export_program(module, input_shape)
-    except Exception:
+        with contextlib.redirect_stderr(held):
+            return export_program(module, input_shape)
+    except Exception as error:
+        warnings.warn(f"torch.export cannot trace the model ({type(error).__name__}); "
+                      f"what torch printed:\n{held.getvalue()}", RuntimeWarning, 2)  # fmt: skip
         return None
 
 

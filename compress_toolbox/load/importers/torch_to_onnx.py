@@ -15,11 +15,10 @@ from torch import nn
 
 from compress_toolbox.errors import ImportFailed
 from compress_toolbox.export.onnxscript_adapter import optimize_keeping_batchnorm
+from compress_toolbox.export.writer import LEGACY_OPSET
 from compress_toolbox.load.graph.decompositions import legacy_adaptive_pools
 from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, prepare_onnx_model
 from compress_toolbox.load.importers.base import random_inputs
-
-LEGACY_OPSET = 17
 
 
 def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: bool) -> nn.Module:
