@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import one_error_line, run_cli
 from torch import nn
 
 from compress_toolbox import CompressConfig, compress, load_teacher
@@ -231,3 +232,20 @@ def test_an_untraceable_student_is_written_without_torch_s_graph_dump(tmp_path, 
         export_onnx(_DataDependent(), (3,), tmp_path / "student.onnx")
     assert (tmp_path / "student.onnx").is_file()
     assert "def forward" not in capfd.readouterr().err
+
+
+def test_a_model_that_fails_on_the_given_shape_says_so_in_one_line(tmp_path, capfd):
+    """onnxruntime's own log line (in colour, before our message) made it two."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    bias = numpy_helper.from_array(np.zeros((1, 3, 4, 4), np.float32), "bias")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["y"])], "fixed_map",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 4, 4])], [bias])
+    path = tmp_path / "map.onnx"
+    import onnx
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    assert run_cli("inspect", path, "--input-shape", "3,5,5") == 2
+    one_error_line(capfd, "map.onnx", "does not run on inputs of shape (3, 5, 5)")

@@ -140,7 +140,7 @@ def onnx_session(model: str | Path | bytes):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures come back as exceptions, which we word ourselves
     model = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
