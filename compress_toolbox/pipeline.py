@@ -220,7 +220,8 @@ def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, config: C
                               opset=config.output.opset)  # fmt: skip
     timings["export_verify_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    measured = _measure(inputs, result, exported.onnx_path, work / ".measure")
+    measured = _measure(inputs, result, exported.onnx_path, work / ".measure",
+                        _measuring_seconds(config.distill.time_budget))
     timings["measure_s"] = time.perf_counter() - start  # accuracy, agreement, latency, sizes
     report = _report(inputs, result, exported, measured, config)
     start = time.perf_counter()
@@ -233,10 +234,16 @@ def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, config: C
     return report
 
 
-def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path,
-             scratch: Path) -> _Measurements:  # fmt: skip
+def _measuring_seconds(time_budget: float | None) -> float:
+    """What measuring may add to a run (latencies, agreement on generated inputs): a twentieth
+    of the training budget, at least 4 s; the eval data, when given, is always measured whole."""
+    return max(4.0, 0.05 * (time_budget or 0.0))
+
+
+def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path, scratch: Path,
+             seconds: float) -> _Measurements:  # fmt: skip
     """Sizes and latencies of both models; accuracies on the eval data (the student as
-    student.onnx), or agreement on fresh generated inputs without it."""
+    student.onnx), or agreement on fresh generated inputs without it, for about ``seconds``."""
     teacher, data = inputs.teacher, inputs.data
     scratch.mkdir()
     try:
@@ -250,10 +257,10 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path,
         teacher_onnx = None  # reported as n/a: a measurement never fails the run
     measured = _Measurements(
         teacher_onnx_bytes=_onnx_size(teacher_onnx) if teacher_onnx else None,
-        teacher_latency_ms=onnx_latency_ms(teacher_onnx, teacher.input_shape)
+        teacher_latency_ms=onnx_latency_ms(teacher_onnx, teacher.input_shape, seconds=seconds / 4)
         if teacher_onnx
         else None,
-        student_latency_ms=onnx_latency_ms(student_onnx, teacher.input_shape),
+        student_latency_ms=onnx_latency_ms(student_onnx, teacher.input_shape, seconds=seconds / 4),
     )
     shutil.rmtree(scratch)
     if data is not None:
@@ -268,12 +275,26 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path,
             measured.segmentation = _segmentation_scores(teacher_pred, student_pred, data.y,
                                                          teacher.num_outputs)  # fmt: skip
     elif result.sampler is not None:
-        x = result.sampler(512)
-        with torch.no_grad():
-            teacher_pred = teacher.module.eval()(x).argmax(1)
+        x, teacher_pred = _generated_with_answers(teacher.module, result.sampler, seconds)
         measured.agreement = accuracy(onnx_predictions(student_onnx, x), teacher_pred)
-        measured.agreement_on = "512 fresh generated inputs"
+        measured.agreement_on = f"{len(x)} fresh generated inputs"
     return measured
+
+
+def _generated_with_answers(teacher: nn.Module, sampler, seconds: float, most: int = 512,
+                            least: int = 64) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Fresh generated inputs and the teacher's top-1 answers, 32 at a time, until ``most`` of
+    them or ``seconds`` have passed (but at least ``least``): a large teacher on a busy CPU
+    took 197 s for 512 inputs after a 60 s budget."""
+    inputs, answers, start = [], [], time.perf_counter()
+    while len(inputs) * 32 < most and (
+        len(inputs) * 32 < least or time.perf_counter() - start < seconds
+    ):
+        x = sampler(32)
+        with torch.no_grad():
+            answers.append(teacher.eval()(x).argmax(1))
+        inputs.append(x)
+    return torch.cat(inputs), torch.cat(answers)
 
 
 FAR_ABOVE_WIDTH_SQUARED = 0.40  # a half-width student keeps about 0.25 of the parameters

@@ -249,3 +249,24 @@ def test_a_model_that_fails_on_the_given_shape_says_so_in_one_line(tmp_path, cap
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
     assert run_cli("inspect", path, "--input-shape", "3,5,5") == 2
     one_error_line(capfd, "map.onnx", "does not run on inputs of shape (3, 5, 5)")
+
+
+def test_agreement_on_generated_inputs_is_measured_within_its_time():
+    """512 generated inputs through a large teacher took 197 s after a 60 s budget; now the
+    measurement stops at its share of the budget (but never below 64 inputs)."""
+    import time
+
+    from compress_toolbox.pipeline import _generated_with_answers, _measuring_seconds
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return x
+
+    start = time.perf_counter()
+    x, answers = _generated_with_answers(Slow(), lambda n: torch.randn(n, 4), seconds=0.0)
+    assert len(x) == len(answers) == 64
+    assert time.perf_counter() - start < 1.0
+    x, _ = _generated_with_answers(nn.Identity(), lambda n: torch.randn(n, 4), seconds=60.0)
+    assert len(x) == 512
+    assert _measuring_seconds(60) == 4.0 and _measuring_seconds(600) == 30.0

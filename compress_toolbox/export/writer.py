@@ -205,14 +205,17 @@ def export_student(
                         pt2_skipped=skipped)  # fmt: skip
 
 
-def onnx_latency_ms(path: str | Path, input_shape: tuple[int, ...], repeats: int = 50) -> float:
-    """Median onnxruntime CPU latency at batch 1, in milliseconds (after a short warm-up)."""
+def onnx_latency_ms(path: str | Path, input_shape: tuple[int, ...], repeats: int = 50,
+                    seconds: float | None = None) -> float:  # fmt: skip
+    """Median onnxruntime CPU latency at batch 1, in milliseconds (after a short warm-up), over
+    ``repeats`` runs, or fewer (at least 5) once ``seconds`` have passed."""
     session = onnx_session(path)
     feed = {session.get_inputs()[0].name: random_inputs(input_shape, 1).numpy()}
-    for _ in range(5):
+    for _ in range(3):
         session.run(None, feed)
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds if seconds is not None else float("inf")
+    while len(times) < repeats and (len(times) < 5 or time.perf_counter() < deadline):
         start = time.perf_counter()
         session.run(None, feed)
         times.append((time.perf_counter() - start) * 1000.0)
