@@ -344,3 +344,38 @@ def test_balanced_pruning_of_a_plain_module():
     x5 = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(student(x5), _mask_removed_channels(model, student)(x5))
+
+
+def _refused_derivation(monkeypatch) -> str:
+    """The message of a run whose student cannot be derived (torch-pruning failing as on a
+    real YOLOv8 graph), for the LeNet-5 teacher."""
+    import compress_toolbox.student.plan as plan_module
+    from compress_toolbox import CompressConfig, plan_student
+
+    def fails(*args, **kwargs):
+        raise StudentError("cannot derive a consistent half-width student from this "
+                           "architecture (IndexError: list index out of range)")  # fmt: skip
+
+    monkeypatch.setattr(plan_module, "make_student", fails)
+    teacher = load_teacher(exported("lenet5", "dynamo"))
+    with pytest.raises(StudentError) as refused:
+        plan_student(teacher, CompressConfig.from_options(task="classification"))
+    return str(refused.value)
+
+
+def test_a_refused_derivation_names_the_zoo_model_that_fits(monkeypatch):
+    message = _refused_derivation(monkeypatch)
+    assert "IndexError" in message and "--student zoo would take" in message
+
+
+def test_a_refused_derivation_never_suggests_a_zoo_that_cannot_serve(monkeypatch):
+    """A detector's derivation failed with 'pick one from the zoo instead', which no zoo
+    model of its task could follow."""
+    import model_zoo
+
+    def no_fit(task, teacher, **kwargs):
+        raise ValueError("no zoo model fits")
+
+    monkeypatch.setattr(model_zoo, "pick_student", no_fit)
+    message = _refused_derivation(monkeypatch)
+    assert "--student zoo" not in message and "no classification model of the zoo" in message

@@ -374,15 +374,13 @@ def _first_valid_student(attempts, teacher_module, width, example_input, round_t
             return best[1]
         raise StudentError(
             f"deriving a half-width student from this architecture {error} (torch-pruning's "
-            "channel mapping runs away on some graphs) and was stopped; pick one from the zoo "
-            "instead (--student zoo)"
+            "channel mapping runs away on some graphs) and was stopped"
         ) from error
     if best is not None:
         return best[1]
     raise StudentError(
         "cannot derive a consistent half-width student from this architecture "
-        f"({type(last_error).__name__}: {str(last_error)[:200]}); pick one from the zoo "
-        "instead (--student zoo)"
+        f"({type(last_error).__name__}: {str(last_error)[:200]})"
     ) from last_error
 
 
@@ -428,8 +426,7 @@ def make_student(
     after = sum(p.numel() for p in student.parameters())
     if after >= before:
         raise StudentError(
-            "nothing to shrink: the teacher has no conv/linear layer besides its output layer; "
-            "pick a student from the zoo instead (--student zoo)"
+            "nothing to shrink: the teacher has no conv/linear layer besides its output layer"
         )
     if init == "fresh":
         _reinitialise(student)

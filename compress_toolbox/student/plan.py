@@ -13,7 +13,7 @@ from compress_toolbox.config import CompressConfig
 from compress_toolbox.errors import DaflError
 from compress_toolbox.load.analysis import Analysis, analyse
 from compress_toolbox.load.teacher import Teacher
-from compress_toolbox.student.derive import ChannelOrderError, make_student
+from compress_toolbox.student.derive import ChannelOrderError, StudentError, make_student
 from compress_toolbox.tasks import Task
 
 
@@ -56,6 +56,26 @@ def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
 
 
 def _derived(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module]:
+    """``_derive``, its refusal completed with what can help this teacher."""
+    try:
+        return _derive(teacher, config)
+    except StudentError as error:
+        raise StudentError(f"{error}; {_instead_of_deriving(teacher, config.task)}") from error
+
+
+def _instead_of_deriving(teacher: Teacher, task: Task) -> str:
+    """A zoo model where one of the task gives the teacher's output (never advice that cannot
+    help, as `--student zoo` for a detector whose output no zoo model gives)."""
+    try:
+        name, _ = model_zoo.pick_student(task.name, teacher)
+    except ValueError:
+        return (f"no {task.name} model of the zoo gives this teacher's output "
+                f"{tuple(teacher.analysis.output_shape)} either: try another --width, or rerun "
+                "with --debug and report the traceback with the model's architecture")  # fmt: skip
+    return f"pick one from the zoo instead (--student zoo would take {name})"
+
+
+def _derive(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module]:
     """The teacher with every width scaled by ``--width``. When ``--init auto`` chose the
     teacher's weights and they cannot be kept (an H,W,C flatten, see
     ``derive.channels_last_flatten``), the student starts fresh instead and its kind says so."""
