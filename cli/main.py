@@ -166,7 +166,8 @@ def run_compress(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, device=args.device, seed=args.seed,
         threads=args.threads, progress=not args.no_progress, resume=args.resume,
         out=args.out, force=args.force, dry_run=args.dry_run, opset=args.opset,
-        command=os.environ.get(LAUNCH_COMMAND, command),
+        quantize=args.quantize, quantize_samples=args.quantize_samples,
+        quantize_teacher=args.quantize_teacher, command=os.environ.get(LAUNCH_COMMAND, command),
     )  # fmt: skip
     result = compress(args.teacher, config)
     if not distributed.world().is_writer:  # rank 0 prints the report

@@ -83,7 +83,35 @@ def compress_parser() -> argparse.ArgumentParser:
     _add_training_options(parser)
     _add_data_options(parser)
     _add_output_options(parser)
+    _add_quantize_options(parser)
     return parser
+
+
+def _add_quantize_options(parser: argparse.ArgumentParser) -> None:
+    from compress_toolbox.export.quantize import DEFAULT_SAMPLES
+
+    group = parser.add_argument_group(
+        "INT8", "after the float student is verified, also write student.int8.onnx, calibrated "
+        "on the trained generator's inputs (docs/int8.md)"
+    )  # fmt: skip
+    group.add_argument(
+        "--quantize",
+        metavar="int8",
+        help="int8: onnxruntime static quantisation (QDQ, per-channel int8 weights); an INT8 "
+        "student that loses more than 2 points of accuracy (or agrees with the float one on "
+        "less than 95%% of generated inputs) is written as student.int8.rejected.onnx",
+    )
+    group.add_argument(
+        "--quantize-samples",
+        type=int,
+        metavar="N",
+        help=f"generated inputs to calibrate on (default: {DEFAULT_SAMPLES})",
+    )
+    group.add_argument(
+        "--quantize-teacher",
+        action="store_true",
+        help="also quantise the teacher the same way (teacher.int8.onnx, a row in the report)",
+    )
 
 
 def _add_student_options(parser: argparse.ArgumentParser) -> None:
