@@ -273,6 +273,39 @@ def student_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quantize_parser() -> argparse.ArgumentParser:
+    """``dafl-compress quantize MODEL.onnx``: INT8 for an existing float ONNX model."""
+    from compress_toolbox.export.quantize import DEFAULT_SAMPLES
+
+    parser = Parser(
+        prog="dafl-compress quantize",
+        description="Quantise a float ONNX model (e.g. student.onnx of an output folder) to "
+        "INT8 with onnxruntime (static, QDQ, per-channel int8 weights), calibrated on the inputs "
+        "of --calibration-data; verify it, compare it with the float model and write "
+        "MODEL.int8.onnx, or MODEL.int8.rejected.onnx when it loses more than the margin "
+        "(docs/int8.md). A run with --quantize int8 does this from its trained generator.",
+    )  # fmt: skip
+    parser.add_argument("model", metavar="MODEL.onnx", help="the float ONNX model")
+    parser.add_argument(
+        "--calibration-data", metavar="FILE", required=True,
+        help=".npy array, or .npz with an array x, of inputs as the model takes them "
+        "(already normalised), first axis = samples; cycled when fewer than --samples",
+    )  # fmt: skip
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
+                        help="calibration inputs fed (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--out", metavar="FILE", help="default: MODEL.int8.onnx beside MODEL")
+    parser.add_argument("--force", action="store_true", help="replace an existing INT8 file")
+    parser.add_argument("--eval-data", metavar="PATH", help="labelled data, as for compress: "
+                        "the margin is then 2 points of accuracy (mean IoU)")  # fmt: skip
+    parser.add_argument("--task", help="classification or segmentation (default: from the "
+                        "model's output)")  # fmt: skip
+    parser.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="normalisation mean")
+    parser.add_argument("--std", type=_floats, metavar="S[,S,S]", help="normalisation std")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
 def zoo_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dafl-compress zoo", description="The model zoo.")
     parser.add_argument("action", choices=("list",))

@@ -319,3 +319,53 @@ def quantize_step(work: Path, student_onnx: Path, inputs: Any, result: DistillRe
     return quantize_outputs(work, student_onnx, inputs.plan.analysis.params, teacher, source,
                             inputs.data, samples=config.quantize.samples,
                             with_teacher=config.quantize.teacher)  # fmt: skip
+
+
+def quantize_file(model: Path, calibration: Path, *, out: Path | None = None,
+                  samples: int = DEFAULT_SAMPLES, eval_data: Path | None = None,
+                  task: str | None = None, mean: Any = None, std: Any = None,
+                  force: bool = False) -> tuple[Int8Result, list[ModelRow]]:  # fmt: skip
+    """``dafl-compress quantize``: an existing float ONNX model (``student.onnx`` of an output
+    folder) quantised from the inputs in ``calibration`` (.npy, or .npz with ``x``; fed as the
+    model takes them) to ``out`` (default ``MODEL.int8.onnx`` beside it), judged on the eval
+    data when given (read as ``--eval-data`` is, with ``mean``/``std``). Returns the result and
+    the float/INT8 rows. Refuses to replace an existing INT8 file without ``force``."""
+    from compress_toolbox.domain import InputDomain
+    from compress_toolbox.export.calibration import from_file
+    from compress_toolbox.tasks import get_task, task_of_output
+
+    model = Path(model)
+    out = Path(out) if out else model.with_name(f"{model.stem}.int8.onnx")
+    for existing in (out, rejected_path(out)):
+        if existing.exists() and not force:
+            raise DaflError(f"{existing}: exists (use --force to replace it)")
+    source = from_file(calibration)
+    shape = _input_shape(model, None)
+    data = None
+    if eval_data is not None:
+        output = _output_shape(model, shape)
+        kind = get_task(task) if task else task_of_output(output) or get_task("classification")
+        data = kind.load_eval_data(Path(eval_data), shape, InputDomain.from_options(mean, std,
+                                   shape), output[0])  # fmt: skip
+    for stale in (out, rejected_path(out)):
+        stale.unlink(missing_ok=True)
+    result = quantize_model(model, out, source, samples=samples, eval_data=data, input_shape=shape)
+    params = onnx_params(model)
+    return result, [float_row("fp32", model, params, shape, data),
+                    int8_row("int8", result, params, shape)]  # fmt: skip
+
+
+def onnx_params(model: Path) -> int:
+    """Parameters of a float ONNX model: the elements of its floating-point weights."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    return int(sum(np.prod(t.dims) for t in graph.initializer if t.data_type in floats))
+
+
+def _output_shape(model: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The first output's shape without the batch, from one run."""
+    session = onnx_session(model)
+    x = random_inputs(shape, 1).numpy()
+    return tuple(session.run(None, {session.get_inputs()[0].name: x})[0].shape[1:])
