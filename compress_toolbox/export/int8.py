@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from compress_toolbox.errors import DaflError, VerificationFailed
+from compress_toolbox.errors import DaflError, VerificationFailed, first_line
 from compress_toolbox.export.calibration import CalibrationSource, from_array, from_sampler
 from compress_toolbox.export.quantize import (
     DEFAULT_SAMPLES,
@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 SCORE_MARGIN = 0.02  # an INT8 model losing more accuracy (or mean IoU) than this is rejected
 MIN_AGREEMENT = 0.95  # without eval data: top-1 agreement with the float model at least this
 CHECK_SAMPLES = 512  # fresh generated inputs the agreement is measured on
+# Ops that only move or reshape data: left in float (e.g. a Flatten on the float input) they
+# compute nothing, so the report lists them apart from the ops onnxruntime cannot quantise.
+LAYOUT_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                        "Shape", "Cast", "Slice", "Gather", "Expand", "Split", "Concat"})
 LATENCY_BATCHES = (1, 32)
 LATENCY_RUNS = 20
 
@@ -92,13 +96,14 @@ def rejected_path(out: Path) -> Path:
 def quantize_model(model: Path, out: Path, calibration: Calibration, *,
                    samples: int = DEFAULT_SAMPLES, check_inputs: np.ndarray | None = None,
                    eval_data: EvalData | None = None, input_shape: tuple[int, ...] | None = None,
-                   score_margin: float = SCORE_MARGIN,
-                   min_agreement: float = MIN_AGREEMENT) -> Int8Result:  # fmt: skip
+                   score_margin: float | None = None,
+                   min_agreement: float | None = None) -> Int8Result:  # fmt: skip
     """Quantise the float ONNX ``model`` to INT8 at ``out``, calibrated on ``samples`` inputs
     from ``calibration`` (inputs, or a generator ``n -> inputs``), verify it in onnxruntime at
     the export batches, compare it with ``model`` on ``check_inputs`` (default: fresh draws from
     ``calibration``) and on ``eval_data``. Loses more than ``score_margin`` of accuracy / mean
-    IoU on ``eval_data`` (without it: top-1 agreement below ``min_agreement``): renamed
+    IoU on ``eval_data`` (default SCORE_MARGIN; without eval data: top-1 agreement below
+    ``min_agreement``, default MIN_AGREEMENT): renamed
     ``*.rejected.onnx`` and returned with status "rejected". Raises DaflError (one line; ``out``
     not left behind) when it cannot be quantised or does not run."""
     model, out = Path(model), Path(out)
@@ -115,7 +120,9 @@ def quantize_model(model: Path, out: Path, calibration: Calibration, *,
     if eval_data is not None:
         float_score, int8_score = _score(model, eval_data), _score(out, eval_data)
         figure = "mean IoU" if eval_data.y.dim() > 1 else "accuracy"
-    reason = _verdict(agreement, float_score, int8_score, figure, score_margin, min_agreement)
+    reason = _verdict(agreement, float_score, int8_score, figure,
+                      SCORE_MARGIN if score_margin is None else score_margin,
+                      MIN_AGREEMENT if min_agreement is None else min_agreement)  # fmt: skip
     path = out
     if reason:
         path = rejected_path(out)
@@ -244,7 +251,8 @@ def describe(result: Int8Result | str) -> dict[str, Any]:
         "calibration_samples": q.samples,
         "activations": q.activations,
         "reduce_range": q.reduce_range,
-        "float_op_types": list(q.float_op_types),
+        "float_op_types": sorted({op for _, op in q.float_ops} - LAYOUT_OPS),
+        "float_layout_ops": sorted({op for _, op in q.float_ops} & LAYOUT_OPS),
         "float_ops": [list(node) for node in q.float_ops],
         "size_ratio": round(q.size_ratio, 4),
         "quantize_s": round(q.seconds, 3),
@@ -289,12 +297,16 @@ def quantize_outputs(work: Path, student_onnx: Path, student_params: int, teache
 
 def _attempt(model: Path, out: Path, source: CalibrationSource, samples: int, check: np.ndarray,
              data: EvalData | None, shape: tuple[int, ...]) -> Int8Result | str:  # fmt: skip
-    """``quantize_model``, or the one-line reason it failed."""
+    """``quantize_model``, or the one-line reason it failed (nothing left at ``out``): an INT8
+    copy that cannot be made is reported, never fails the run."""
     try:
         return quantize_model(model, out, source, samples=samples, check_inputs=check,
                               eval_data=data, input_shape=shape)  # fmt: skip
     except DaflError as error:
         return str(error)
+    except Exception as error:  # onnxruntime's own errors while comparing or scoring
+        out.unlink(missing_ok=True)
+        return f"{out.name}: {type(error).__name__}: {first_line(error)}"
 
 
 def _margin_text(data: EvalData | None) -> str:
@@ -335,11 +347,13 @@ def quantize_file(model: Path, calibration: Path, *, out: Path | None = None,
     from compress_toolbox.tasks import get_task, task_of_output
 
     model = Path(model)
+    if not model.is_file():
+        raise DaflError(f"{model}: no such file")
     out = Path(out) if out else model.with_name(f"{model.stem}.int8.onnx")
+    source = from_file(calibration)
     for existing in (out, rejected_path(out)):
         if existing.exists() and not force:
             raise DaflError(f"{existing}: exists (use --force to replace it)")
-    source = from_file(calibration)
     shape = _input_shape(model, None)
     data = None
     if eval_data is not None:

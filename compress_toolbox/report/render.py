@@ -132,9 +132,11 @@ def _int8_verdict(entry: dict[str, Any]) -> str:
             f"verified at batch {' and '.join(map(str, entry['verified_batches']))}")  # fmt: skip
     if entry["size_ratio"] >= 1:
         text += " (no smaller: its quantisation scales outweigh so few weights)"
-    floats = entry["float_op_types"]
+    floats, layout = entry["float_op_types"], entry.get("float_layout_ops") or []
     text += (f"; left in float (onnxruntime cannot quantise them): {', '.join(floats)}"
-             if floats else "; every op quantised")  # fmt: skip
+             if floats else "; every computing op quantised")  # fmt: skip
+    if layout:
+        text += f" (data-movement ops on float tensors: {', '.join(layout)})"
     if entry["status"] == "rejected":
         return (f"**REJECTED, written as {entry['file']}, not equivalent**: {entry['reason']}; "
                 f"{text}")
