@@ -174,3 +174,25 @@ def test_quantize_model_from_a_generator_or_a_tensor(workspace, tmp_path):
     assert from_generator.status == "rejected"
     assert from_generator.path == tmp_path / "b.int8.rejected.onnx"
     assert from_generator.path.is_file() and not (tmp_path / "b.int8.onnx").exists()
+
+
+def test_quantize_model_judges_a_segmentation_model_on_mean_iou(tmp_path):
+    from models import TinyDense
+
+    from compress_toolbox.tasks.evaldata import EvalData
+
+    torch.manual_seed(0)
+    model = TinyDense(num_classes=4).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.rand(2, 3, 8, 8),), str(tmp_path / "seg.onnx"),
+                          dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    x = torch.rand(32, 3, 8, 8)
+    with torch.no_grad():
+        masks = model(x).argmax(1)  # the float model's own masks: its mean IoU is 1
+    result = quantize_model(tmp_path / "seg.onnx", tmp_path / "seg.int8.onnx", x, samples=32,
+                            eval_data=EvalData(x, masks))  # fmt: skip
+    assert result.figure == "mean IoU" and result.float_score == pytest.approx(1.0)
+    assert result.score is not None and result.agreement.top1 is not None  # per pixel
+    assert result.status == ("ok" if result.score >= 0.98 else "rejected")
+    assert result.verified_batches == (1, 7)

@@ -116,20 +116,26 @@ def quantize_model(model: Path, out: Path, calibration: Calibration, *,
         raise
     check = check_inputs if check_inputs is not None else source.draw(CHECK_SAMPLES)
     agreement = compare_onnx(model, out, check)
-    float_score = int8_score = figure = None
-    if eval_data is not None:
-        float_score, int8_score = _score(model, eval_data), _score(out, eval_data)
-        figure = "mean IoU" if eval_data.y.dim() > 1 else "accuracy"
-    reason = _verdict(agreement, float_score, int8_score, figure,
+    scores = _scores(model, out, eval_data)
+    reason = _verdict(agreement, *scores,
                       SCORE_MARGIN if score_margin is None else score_margin,
                       MIN_AGREEMENT if min_agreement is None else min_agreement)  # fmt: skip
-    path = out
-    if reason:
-        path = rejected_path(out)
-        os.replace(out, path)
-    what = f"{len(check)} draws of {source.what}"
-    return Int8Result("rejected" if reason else "ok", path, quantized, agreement, what,
-                      float_score, int8_score, figure, reason, batches)  # fmt: skip
+    path = rejected_path(out) if reason else out
+    os.replace(out, path)
+    if not reason:  # an earlier verdict on the same name must not linger beside this one
+        rejected_path(out).unlink(missing_ok=True)
+    return Int8Result("rejected" if reason else "ok", path, quantized, agreement,
+                      f"{len(check)} draws of {source.what}", *scores, reason,
+                      batches)  # fmt: skip
+
+
+def _scores(model: Path, int8: Path, data: EvalData | None
+            ) -> tuple[float | None, float | None, str | None]:  # fmt: skip
+    """(float score, INT8 score, figure) on the eval data; Nones without it."""
+    if data is None:
+        return None, None, None
+    figure = "mean IoU" if data.y.dim() > 1 else "accuracy"
+    return _score(model, data), _score(int8, data), figure
 
 
 def _score(model: Path, data: EvalData) -> float:
