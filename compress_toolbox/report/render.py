@@ -117,6 +117,9 @@ def _int8_section(int8: dict[str, Any]) -> list[str]:
                      f"{_fmt(latency.get('batch 32'), 'ms')} | {_fmt(row['score'], 'pct')} | "
                      f"{_fmt(row['agreement'], 'pct')} |")  # fmt: skip
     lines += ["", f"- calibrated on {int8['calibrated_on']}; kept only when {int8['margin']}"]
+    check = (int8.get("student") or {}).get("agreement")
+    if check:
+        lines.append(f"- agreement with fp32: top-1 (per pixel for masks) on {check['on']}")
     for side in ("student", "teacher"):
         if int8.get(side):
             lines.append(f"- {side} int8: {_int8_verdict(int8[side])}")
