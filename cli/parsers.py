@@ -75,7 +75,7 @@ def compress_parser() -> argparse.ArgumentParser:
         "half-width student "
         "without training data (DAFL, Chen et al. 2019), export it to ONNX, verify it with "
         "onnxruntime and write a report.\n\nOther commands: dafl-compress inspect TEACHER | "
-        "student TEACHER | zoo list  (each has --help).",
+        "student TEACHER | zoo list | quantize MODEL.onnx  (each has --help).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_teacher_options(parser)

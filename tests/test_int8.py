@@ -196,3 +196,12 @@ def test_quantize_model_judges_a_segmentation_model_on_mean_iou(tmp_path):
     assert result.score is not None and result.agreement.top1 is not None  # per pixel
     assert result.status == ("ok" if result.score >= 0.98 else "rejected")
     assert result.verified_batches == (1, 7)
+
+
+def test_help_names_the_int8_options(capsys):
+    assert run_cli("--help") == 0
+    text = capsys.readouterr().out
+    for option in ("--quantize", "--quantize-samples", "--quantize-teacher", "quantize MODEL"):
+        assert option in text, option
+    assert run_cli("quantize", "--help") == 0
+    assert "--calibration-data" in capsys.readouterr().out
