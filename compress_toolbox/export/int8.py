@@ -99,24 +99,24 @@ def quantize_model(model: Path, out: Path, calibration: Calibration, *,
                    score_margin: float | None = None,
                    min_agreement: float | None = None) -> Int8Result:  # fmt: skip
     """Quantise the float ONNX ``model`` to INT8 at ``out``, calibrated on ``samples`` inputs
-    from ``calibration`` (inputs, or a generator ``n -> inputs``), verify it in onnxruntime at
-    the export batches, compare it with ``model`` on ``check_inputs`` (default: fresh draws from
-    ``calibration``) and on ``eval_data``. Loses more than ``score_margin`` of accuracy / mean
-    IoU on ``eval_data`` (default SCORE_MARGIN; without eval data: top-1 agreement below
-    ``min_agreement``, default MIN_AGREEMENT): renamed
-    ``*.rejected.onnx`` and returned with status "rejected". Raises DaflError (one line; ``out``
-    not left behind) when it cannot be quantised or does not run."""
+    from ``calibration`` (inputs, or a generator ``n -> inputs``); verify it in onnxruntime at
+    the export batches; compare it with ``model`` on ``check_inputs`` (default: further draws
+    from ``calibration``) and on ``eval_data``. One that loses more than ``score_margin``
+    (default SCORE_MARGIN) of accuracy / mean IoU on ``eval_data``, or without eval data agrees
+    on less than ``min_agreement`` (default MIN_AGREEMENT), is renamed ``*.rejected.onnx`` and
+    returned with status "rejected". Raises DaflError (one line) when it cannot be quantised or
+    does not run; nothing is then left at ``out``."""
     model, out = Path(model), Path(out)
     source = as_source(calibration)
     quantized = quantize_onnx(model, out, source.draw, samples=samples)
     try:
         batches = verify_int8(model, out, input_shape)
-    except DaflError:
+        check = check_inputs if check_inputs is not None else source.draw(CHECK_SAMPLES)
+        agreement = compare_onnx(model, out, check)
+        scores = _scores(model, out, eval_data)
+    except BaseException:
         out.unlink(missing_ok=True)
         raise
-    check = check_inputs if check_inputs is not None else source.draw(CHECK_SAMPLES)
-    agreement = compare_onnx(model, out, check)
-    scores = _scores(model, out, eval_data)
     reason = _verdict(agreement, *scores,
                       SCORE_MARGIN if score_margin is None else score_margin,
                       MIN_AGREEMENT if min_agreement is None else min_agreement)  # fmt: skip
@@ -139,7 +139,17 @@ def _scores(model: Path, int8: Path, data: EvalData | None
 
 
 def _score(model: Path, data: EvalData) -> float:
-    return score(onnx_predictions(model, data.x), data.y)
+    """Accuracy (mean IoU for masks) of an ONNX model on ``data``, at its fixed batch if any."""
+    return score(onnx_predictions(model, data.x, batch=_fixed_batch(model) or 256), data.y)
+
+
+def _score_or_none(model: Path, data: EvalData | None) -> float | None:
+    if data is None:
+        return None
+    try:
+        return _score(model, data)
+    except Exception:  # a measurement never fails the run (reported as n/a)
+        return None
 
 
 def _verdict(agreement: Agreement, float_score: float | None, int8_score: float | None,
@@ -226,7 +236,7 @@ def float_row(name: str, path: Path, params: int | None, input_shape: tuple[int,
     """The row of a float model (its score recomputed in onnxruntime)."""
     size = path.stat().st_size + _external_bytes(path)
     return ModelRow(name, path.name, "ok", params, size, measure_latency(path, input_shape),
-                    _score(path, data) if data is not None else None)  # fmt: skip
+                    _score_or_none(path, data))  # fmt: skip
 
 
 def int8_row(name: str, result: Int8Result | str, params: int | None,
@@ -311,7 +321,6 @@ def _attempt(model: Path, out: Path, source: CalibrationSource, samples: int, ch
     except DaflError as error:
         return str(error)
     except Exception as error:  # onnxruntime's own errors while comparing or scoring
-        out.unlink(missing_ok=True)
         return f"{out.name}: {type(error).__name__}: {first_line(error)}"
 
 
