@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -293,8 +293,7 @@ def quantize_outputs(work: Path, student_onnx: Path, student_params: int, teache
     scratch.mkdir()
     try:
         t_float = teacher_onnx(teacher, scratch)
-        rows = [float_row("teacher fp32", t_float, teacher.analysis.params, shape, data)] \
-            if t_float else []  # fmt: skip
+        rows = [_teacher_row(teacher, t_float, data)] if t_float else []
         entry: dict[str, Any] = {"teacher": None}
         if with_teacher and t_float:
             t_int8 = _attempt(t_float, work / "teacher.int8.onnx", source, samples, check, data,
@@ -309,6 +308,14 @@ def quantize_outputs(work: Path, student_onnx: Path, student_params: int, teache
         shutil.rmtree(scratch, ignore_errors=True)
     return {"mode": "int8", "calibrated_on": source.what, "student": describe(s_int8), **entry,
             "margin": _margin_text(data), "rows": [asdict(row) for row in rows]}  # fmt: skip
+
+
+def _teacher_row(teacher: Teacher, path: Path, data: EvalData | None) -> ModelRow:
+    """The teacher fp32 row; a teacher given in another format is measured as exported."""
+    row = float_row("teacher fp32", path, teacher.analysis.params, teacher.input_shape, data)
+    if teacher.format == "onnx":
+        return row
+    return replace(row, file=f"{Path(teacher.source).name} (as ONNX)")
 
 
 def _attempt(model: Path, out: Path, source: CalibrationSource, samples: int, check: np.ndarray,
