@@ -4,6 +4,7 @@ dafl-compress TEACHER --task classification [options]   the whole job
 dafl-compress inspect TEACHER [--json]                    load, verify and describe a teacher
 dafl-compress student TEACHER [--width 0.5]               derive a student, compare sizes
 dafl-compress zoo list [--task TASK]                      the model zoo
+dafl-compress quantize MODEL.onnx --calibration-data X.npz  INT8 for an existing ONNX model
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from pathlib import Path
 from cli.parsers import (
     compress_parser,
     inspect_parser,
+    quantize_parser,
     student_parser,
     zoo_parser,
 )
 
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
-SUBCOMMANDS = ("inspect", "student", "zoo")
+SUBCOMMANDS = ("inspect", "student", "zoo", "quantize")
 LAUNCH_COMMAND = "DAFL_LAUNCH_COMMAND"  # set by --nproc for the ranks it starts
 
 
@@ -150,6 +152,32 @@ def run_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_quantize(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from compress_toolbox.export.int8 import describe, quantize_file
+
+    result, rows = quantize_file(
+        Path(args.model), Path(args.calibration_data), out=args.out, samples=args.samples,
+        eval_data=args.eval_data, task=args.task, mean=args.mean, std=args.std, force=args.force,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({"int8": describe(result), "rows": [asdict(r) for r in rows]}))
+        return 0
+    print(f"{'':6}{'file':>28}{'bytes':>10}{'ms, batch 1':>13}{'ms, batch 32':>14}{'score':>9}")
+    for row in rows:
+        score = "n/a" if row.score is None else f"{100 * row.score:.2f}%"
+        ms = [f"{v:.3f}" if v is not None else "n/a" for v in row.latency_ms.values()]
+        print(f"{row.model:6}{row.file:>28}{row.onnx_bytes:>10,}{ms[0]:>13}{ms[1]:>14}{score:>9}")
+    agreement = result.agreement.top1
+    verdict = "REJECTED (not equivalent): " + result.reason if result.reason else "kept"
+    print(f"top-1 agreement with fp32: {'n/a' if agreement is None else f'{100 * agreement:.2f}%'}"
+          f" on {result.agreement_on}; float ops: "
+          f"{', '.join(result.quantized.float_op_types) or 'none'}")  # fmt: skip
+    print(f"{result.path}: {verdict}")
+    return 0
+
+
 def run_compress(args: argparse.Namespace) -> int:
     from compress_toolbox import CompressConfig, compress
     from compress_toolbox.distillation import distributed
@@ -166,7 +194,8 @@ def run_compress(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, device=args.device, seed=args.seed,
         threads=args.threads, progress=not args.no_progress, resume=args.resume,
         out=args.out, force=args.force, dry_run=args.dry_run, opset=args.opset,
-        command=os.environ.get(LAUNCH_COMMAND, command),
+        quantize=args.quantize, quantize_samples=args.quantize_samples,
+        quantize_teacher=args.quantize_teacher, command=os.environ.get(LAUNCH_COMMAND, command),
     )  # fmt: skip
     result = compress(args.teacher, config)
     if not distributed.world().is_writer:  # rank 0 prints the report
@@ -195,10 +224,10 @@ def _show_notice(message, category, filename, lineno, file=None, line=None) -> N
 def _parse(argv: list[str]):
     if argv and argv[0] in SUBCOMMANDS:
         command, argv = argv[0], argv[1:]
-        parser = {"inspect": inspect_parser, "student": student_parser, "zoo": zoo_parser}[
-            command
-        ]()
-        runner = {"inspect": run_inspect, "student": run_student, "zoo": run_zoo}[command]
+        parser = {"inspect": inspect_parser, "student": student_parser, "zoo": zoo_parser,
+                  "quantize": quantize_parser}[command]()  # fmt: skip
+        runner = {"inspect": run_inspect, "student": run_student, "zoo": run_zoo,
+                  "quantize": run_quantize}[command]  # fmt: skip
     else:
         parser, runner = compress_parser(), run_compress
     args = parser.parse_args(argv)

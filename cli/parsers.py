@@ -75,7 +75,7 @@ def compress_parser() -> argparse.ArgumentParser:
         "half-width student "
         "without training data (DAFL, Chen et al. 2019), export it to ONNX, verify it with "
         "onnxruntime and write a report.\n\nOther commands: dafl-compress inspect TEACHER | "
-        "student TEACHER | zoo list  (each has --help).",
+        "student TEACHER | zoo list | quantize MODEL.onnx  (each has --help).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_teacher_options(parser)
@@ -83,7 +83,35 @@ def compress_parser() -> argparse.ArgumentParser:
     _add_training_options(parser)
     _add_data_options(parser)
     _add_output_options(parser)
+    _add_quantize_options(parser)
     return parser
+
+
+def _add_quantize_options(parser: argparse.ArgumentParser) -> None:
+    from compress_toolbox.export.quantize import DEFAULT_SAMPLES
+
+    group = parser.add_argument_group(
+        "INT8", "after the float student is verified, also write student.int8.onnx, calibrated "
+        "on the trained generator's inputs (docs/int8.md)"
+    )  # fmt: skip
+    group.add_argument(
+        "--quantize",
+        metavar="int8",
+        help="int8: onnxruntime static quantisation (QDQ, per-channel int8 weights); an INT8 "
+        "student that loses more than 2 points of accuracy (or agrees with the float one on "
+        "less than 95%% of generated inputs) is written as student.int8.rejected.onnx",
+    )
+    group.add_argument(
+        "--quantize-samples",
+        type=int,
+        metavar="N",
+        help=f"generated inputs to calibrate on (default: {DEFAULT_SAMPLES})",
+    )
+    group.add_argument(
+        "--quantize-teacher",
+        action="store_true",
+        help="also quantise the teacher the same way (teacher.int8.onnx, a row in the report)",
+    )
 
 
 def _add_student_options(parser: argparse.ArgumentParser) -> None:
@@ -242,6 +270,39 @@ def student_parser() -> argparse.ArgumentParser:
         "torch.export archive",
     )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
+    return parser
+
+
+def quantize_parser() -> argparse.ArgumentParser:
+    """``dafl-compress quantize MODEL.onnx``: INT8 for an existing float ONNX model."""
+    from compress_toolbox.export.quantize import DEFAULT_SAMPLES
+
+    parser = Parser(
+        prog="dafl-compress quantize",
+        description="Quantise a float ONNX model (e.g. student.onnx of an output folder) to "
+        "INT8 with onnxruntime (static, QDQ, per-channel int8 weights), calibrated on the inputs "
+        "of --calibration-data; verify it, compare it with the float model and write "
+        "MODEL.int8.onnx, or MODEL.int8.rejected.onnx when it loses more than the margin "
+        "(docs/int8.md). A run with --quantize int8 does this from its trained generator.",
+    )  # fmt: skip
+    parser.add_argument("model", metavar="MODEL.onnx", help="the float ONNX model")
+    parser.add_argument(
+        "--calibration-data", metavar="FILE", required=True,
+        help=".npy array, or .npz with an array x, of inputs as the model takes them "
+        "(already normalised), first axis = samples; cycled when fewer than --samples",
+    )  # fmt: skip
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
+                        help="calibration inputs fed (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--out", metavar="FILE", help="default: MODEL.int8.onnx beside MODEL")
+    parser.add_argument("--force", action="store_true", help="replace an existing INT8 file")
+    parser.add_argument("--eval-data", metavar="PATH", help="labelled data, as for compress: "
+                        "the margin is then 2 points of accuracy (mean IoU)")  # fmt: skip
+    parser.add_argument("--task", help="classification or segmentation (default: from the "
+                        "model's output)")  # fmt: skip
+    parser.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="normalisation mean")
+    parser.add_argument("--std", type=_floats, metavar="S[,S,S]", help="normalisation std")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 

@@ -18,6 +18,7 @@ from compress_toolbox.distillation.options import DistillOptions
 from compress_toolbox.distillation.presets import Preset
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
+from compress_toolbox.export.quantize import DEFAULT_SAMPLES, MODES
 from compress_toolbox.export.writer import check_opset
 from compress_toolbox.tasks import Task, get_task
 
@@ -61,6 +62,37 @@ class OutputOptions:
 
 
 @dataclass(frozen=True)
+class QuantizeOptions:
+    """INT8 copies of the exported models (export/int8.py): ``mode`` None (none) or "int8";
+    ``samples`` generated inputs to calibrate on; ``teacher`` also quantises the teacher (the
+    report's "teacher int8" row). Flat names: ``quantize``, ``quantize_samples``,
+    ``quantize_teacher``."""
+
+    mode: str | None = None
+    samples: int = DEFAULT_SAMPLES
+    teacher: bool = False
+
+    FLAT = {"quantize": "mode", "quantize_samples": "samples", "quantize_teacher": "teacher"}
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and str(self.mode).lower() not in MODES:
+            raise DaflError(f"--quantize {self.mode!r}: supported: {', '.join(MODES)}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) \
+                or self.samples < 1:  # fmt: skip
+            raise DaflError(f"--quantize-samples {self.samples!r}: expected a positive integer")
+        if self.teacher and self.mode is None:
+            raise DaflError("--quantize-teacher needs --quantize int8")
+        if self.mode is not None:
+            object.__setattr__(self, "mode", str(self.mode).lower())
+
+    @classmethod
+    def from_flat(cls, options: dict[str, Any]) -> QuantizeOptions:
+        """Takes (pops) the flat names from ``options``; None values keep the defaults."""
+        values = {cls.FLAT[key]: options.pop(key) for key in list(options) if key in cls.FLAT}
+        return cls(**{key: value for key, value in values.items() if value is not None})
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """Everything a ``compress`` run needs besides the teacher file; checked when built."""
 
@@ -69,6 +101,7 @@ class CompressConfig:
     student: StudentOptions = field(default_factory=StudentOptions)
     distill: DistillOptions = field(default_factory=DistillOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
+    quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
     eval_data: Path | None = None  # labelled data to measure both models (never trained on)
     preset: Preset = field(init=False)  # resolved from distill.preset
     init: str = field(init=False)  # the student's start: fresh or teacher
@@ -94,10 +127,11 @@ class CompressConfig:
     @classmethod
     def from_options(cls, **options: Any) -> CompressConfig:
         """A config from flat option names, the CLI's long options with ``_`` for ``-``
-        (``task``, ``eval_data``, ``student``, ``out``, ``time_budget``, ``mean``, ...), each
+        (``task``, ``eval_data``, ``student``, ``out``, ``time_budget``, ``mean``, ``quantize``,
+        ...), each
         sorted into its stage's dataclass. An unknown name raises DaflError."""
         top = {key: options.pop(key) for key in ("task", "eval_data") if key in options}
-        parts = {}
+        parts: dict[str, Any] = {"quantize": QuantizeOptions.from_flat(options)}
         for name, kind in (("teacher", TeacherOptions), ("student", StudentOptions),
                            ("distill", DistillOptions), ("output", OutputOptions)):  # fmt: skip
             names = {f.name for f in fields(kind)}

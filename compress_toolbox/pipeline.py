@@ -28,14 +28,14 @@ from compress_toolbox.distillation.parts import Checkpointer
 from compress_toolbox.distillation.trainer import CHECKPOINT_NAME
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
+from compress_toolbox.export.int8 import quantize_step
 from compress_toolbox.export.writer import (
-    LEGACY_OPSET,
     ExportResult,
-    export_onnx,
     export_student,
     onnx_latency_ms,
     onnx_predictions,
 )
+from compress_toolbox.export.writer import teacher_onnx as as_onnx
 from compress_toolbox.load.analysis import Analysis
 from compress_toolbox.load.importers.checkpoint import model_class_file
 from compress_toolbox.load.teacher import Teacher, load_teacher
@@ -229,6 +229,10 @@ def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, config: C
     config.task.plot_samples(result.sampler, inputs.teacher.module, result.student,
                              inputs.domain, work / "samples.png")  # fmt: skip
     timings["plots_s"] = time.perf_counter() - start
+    if config.quantize.mode:  # after the float student is verified (export/int8.py)
+        start = time.perf_counter()
+        report["int8"] = quantize_step(work, exported.onnx_path, inputs, result, config)
+        timings["quantize_s"] = time.perf_counter() - start
     report["timings"] = {key: round(value, 2) for key, value in timings.items()}
     write_report(report, work)
     return report
@@ -246,15 +250,7 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path, scratch
     student.onnx), or agreement on fresh generated inputs without it, for about ``seconds``."""
     teacher, data = inputs.teacher, inputs.data
     scratch.mkdir()
-    try:
-        if teacher.format == "onnx":
-            teacher_onnx = teacher.source
-        else:  # measured only (size, latency): the legacy exporter is ~30x faster than dynamo
-            teacher_onnx = export_onnx(teacher.module, teacher.input_shape,
-                                       scratch / "teacher.onnx", opset=LEGACY_OPSET,
-                                       what="the teacher (to measure it)")  # fmt: skip
-    except DaflError:
-        teacher_onnx = None  # reported as n/a: a measurement never fails the run
+    teacher_onnx = as_onnx(teacher, scratch)  # None: reported as n/a
     measured = _Measurements(
         teacher_onnx_bytes=_onnx_size(teacher_onnx) if teacher_onnx else None,
         teacher_latency_ms=onnx_latency_ms(teacher_onnx, teacher.input_shape, seconds=seconds / 4)

@@ -97,7 +97,53 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if seg:
         lines += _per_class_iou(seg)
+    if report.get("int8"):
+        lines += _int8_section(report["int8"])
     return "\n".join(lines)
+
+
+def _int8_section(int8: dict[str, Any]) -> list[str]:
+    """report.md's INT8 table (teacher fp32 / teacher int8 / student fp32 / student int8) and
+    each INT8 model's verdict, calibration and the ops left in float."""
+    figure = (int8["student"].get("figure") or "accuracy") if int8.get("student") else "accuracy"
+    lines = ["## INT8", "",
+             f"| model | file | params | size (bytes) | latency batch 1 | latency batch 32 | "
+             f"{figure} | agreement with fp32 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in int8["rows"]:
+        name = row["model"] + ("" if row["status"] == "ok" else f" ({row['status'].upper()})")
+        latency = row["latency_ms"]
+        lines.append(f"| {name} | {row['file'] or 'none'} | {_fmt(row['params'], 'int')} | "
+                     f"{_fmt(row['onnx_bytes'], 'int')} | {_fmt(latency.get('batch 1'), 'ms')} | "
+                     f"{_fmt(latency.get('batch 32'), 'ms')} | {_fmt(row['score'], 'pct')} | "
+                     f"{_fmt(row['agreement'], 'pct')} |")  # fmt: skip
+    lines += ["", f"- calibrated on {int8['calibrated_on']}; kept only when {int8['margin']}"]
+    check = (int8.get("student") or {}).get("agreement")
+    if check:
+        lines.append(f"- agreement with fp32: top-1 (per pixel for masks) on {check['on']}")
+    for side in ("student", "teacher"):
+        if int8.get(side):
+            lines.append(f"- {side} int8: {_int8_verdict(int8[side])}")
+    return [*lines, "- latency: onnxruntime CPU, one thread, median of 20 runs", ""]
+
+
+def _int8_verdict(entry: dict[str, Any]) -> str:
+    """One line on an INT8 model: kept, rejected (and why) or failed, its ops left in float."""
+    if entry["status"] == "failed":
+        return f"**FAILED, none written**: {entry['reason']}"
+    text = (f"{entry['calibration_method']} calibration on {entry['calibration_samples']} "
+            f"inputs, {entry['activations']} activations, size {entry['size_ratio']:.2f}x fp32, "
+            f"verified at batch {' and '.join(map(str, entry['verified_batches']))}")  # fmt: skip
+    if entry["size_ratio"] >= 1:
+        text += " (no smaller: its quantisation scales outweigh so few weights)"
+    floats, layout = entry["float_op_types"], entry.get("float_layout_ops") or []
+    text += (f"; left in float (onnxruntime cannot quantise them): {', '.join(floats)}"
+             if floats else "; every computing op quantised")  # fmt: skip
+    if layout:
+        text += f" (data-movement ops on float tensors: {', '.join(layout)})"
+    if entry["status"] == "rejected":
+        return (f"**REJECTED, written as {entry['file']}, not equivalent**: {entry['reason']}; "
+                f"{text}")
+    return text
 
 
 def _per_class_iou(seg: dict[str, Any]) -> list[str]:
