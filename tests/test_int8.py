@@ -205,3 +205,21 @@ def test_help_names_the_int8_options(capsys):
         assert option in text, option
     assert run_cli("quantize", "--help") == 0
     assert "--calibration-data" in capsys.readouterr().out
+
+
+def test_calibration_sources(tmp_path):
+    from compress_toolbox.export.calibration import from_array, from_file, from_sampler
+
+    balanced = from_sampler(lambda n: torch.zeros(n, 1, 8, 8), (1, 8, 8), conditional=True)
+    assert "class-balanced" in balanced.what and balanced.draw(5).shape == (5, 1, 8, 8)
+    assert "noise" in from_sampler(None, (1, 8, 8)).what
+    cycled = from_array(np.arange(3, dtype=np.float32).reshape(3, 1))
+    assert cycled.draw(4)[:, 0].tolist() == [0, 1, 2, 0] and cycled.draw(2)[:, 0].tolist() == [1, 2]
+    np.save(tmp_path / "x.npy", np.zeros((4, 1, 8, 8), np.float32))
+    assert from_file(tmp_path / "x.npy").draw(2).shape == (2, 1, 8, 8)
+    np.savez(tmp_path / "two.npz", a=np.zeros((2, 2)), b=np.zeros((2, 2)))
+    with pytest.raises(DaflError, match="array named x"):
+        from_file(tmp_path / "two.npz")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(DaflError, match="not a readable"):
+        from_file(tmp_path / "objects.npy")  # pickles are never loaded
