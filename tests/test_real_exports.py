@@ -139,10 +139,30 @@ class _ReshapesToBatchOne(nn.Module):
         return self.head(self.conv(x).reshape(1, -1))
 
 
+class _MixesTheBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):  # at batch 1 the sum over the batch is the identity
+        return self.head(self.conv(x).flatten(1).sum(0, keepdim=True))
+
+
 def test_a_file_whose_graph_fixes_batch_one_is_refused_with_one_line(tmp_path):
-    path = _export_at_batch_one(_ReshapesToBatchOne(), tmp_path / "fixed.onnx")
+    path = _export_at_batch_one(_MixesTheBatch(), tmp_path / "fixed.onnx")
     with pytest.raises(ImportFailed, match="fixed.onnx: the file fixes batch 1"):
         load_teacher(path)
+
+
+def test_a_file_that_reshapes_to_batch_one_is_freed_and_verified(tmp_path):
+    """ultralytics' default export (batch 1, reshapes to [1, ...] in the head) was refused."""
+    net = _ReshapesToBatchOne().eval()
+    teacher = load_teacher(_export_at_batch_one(net, tmp_path / "yolo_like.onnx"))
+    assert teacher.details["batch_freed"].startswith("1 reshape")
+    x = torch.randn(7, 3, 8, 8)
+    with torch.no_grad():
+        expected = torch.cat([net(x[i : i + 1]) for i in range(7)])
+        assert torch.allclose(teacher.module(x), expected, atol=1e-5)
 
 
 def test_a_file_that_only_declares_batch_one_imports(tmp_path):

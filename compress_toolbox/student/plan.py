@@ -67,8 +67,11 @@ def _instead_of_deriving(teacher: Teacher, task: Task) -> str:
     """A zoo model where one of the task gives the teacher's output (never advice that cannot
     help, as `--student zoo` for a detector whose output no zoo model gives)."""
     try:
-        name, _ = model_zoo.pick_student(task.name, teacher)
-    except ValueError:
+        name, module = model_zoo.pick_student(task.name, teacher)
+        fits = analyse(module, teacher.input_shape).output_shape == teacher.analysis.output_shape
+    except Exception:  # noqa: BLE001 - no zoo model, or one that does not run: none fits
+        fits = False
+    if not fits:
         return (f"no {task.name} model of the zoo gives this teacher's output "
                 f"{tuple(teacher.analysis.output_shape)} either: try another --width, or rerun "
                 "with --debug and report the traceback with the model's architecture")  # fmt: skip

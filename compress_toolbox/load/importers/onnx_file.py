@@ -9,6 +9,7 @@ import onnx
 
 from compress_toolbox.errors import ImportFailed
 from compress_toolbox.export.verification import tolerance_for
+from compress_toolbox.load.graph.fixed_batch import free_batch
 from compress_toolbox.load.graph.onnx_cleanup import clean_up
 from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, opset_version, prepare_onnx_model
 from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer, verify
@@ -164,30 +165,42 @@ def _onnxruntime_runner(path: Path, input_name: str, output_name: str, fixed_bat
     return run
 
 
-def _check_batch_not_fixed(path: Path, model: onnx.ModelProto, graph_input: onnx.ValueInfoProto,
-                           shape: tuple[int, ...]) -> None:  # fmt: skip
+def _free_fixed_batch(path: Path, model: onnx.ModelProto, graph_input: onnx.ValueInfoProto,
+                      shape: tuple[int, ...]) -> tuple[onnx.ModelProto, int]:  # fmt: skip
     """A file that declares batch 1 may still compute any batch (then it is compared sample
-    by sample); one whose graph fixes batch 1 (reshapes to [1, ...]) cannot be trained on
-    batches, so it is refused here rather than failing deep in the conversion."""
+    by sample). One whose graph fixes batch 1 (reshapes to [1, ...], as ultralytics' default
+    export does) is freed (``fixed_batch.free_batch``) when the freed graph gives, at batch 2,
+    what the file gives sample by sample; else it is refused here rather than failing deep in
+    the conversion. Returns the model to import and the number of reshapes rewritten."""
     from compress_toolbox.export.writer import onnx_session
 
+    x = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+    original = onnx_session(model.SerializeToString())
+    name = graph_input.name
+    expected = [original.run(None, {name: x[i : i + 1]})[0] for i in range(2)]
+    for freed, rewritten in (_declared_only(model), free_batch(model)):
+        try:
+            out = onnx_session(freed.SerializeToString()).run(None, {name: x})[0]
+        except Exception:  # noqa: BLE001 - any failure at batch 2 means the same here
+            continue
+        if out.shape[:1] == (2,) and all(np.allclose(out[i : i + 1], expected[i], rtol=1e-4,
+                                                     atol=1e-5) for i in range(2)):  # fmt: skip
+            return freed, rewritten
+    raise ImportFailed(
+        f"{path}: the file fixes batch 1 (input '{name}' is [1, ...] and the graph "
+        "does not compute a batch of 2); export it with a dynamic batch dimension"
+    )
+
+
+def _declared_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``model`` with only its declared batch of 1 made symbolic."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    for value in (*probe.graph.input, *probe.graph.output):  # declared 1: let 2 through
+    for value in (*probe.graph.input, *probe.graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].dim_value == 1:
             dims[0].dim_param = "batch"
-    try:
-        session = onnx_session(probe.SerializeToString())
-        out = session.run(None, {graph_input.name: np.zeros((2, *shape), np.float32)})[0]
-        if out.shape[:1] == (2,):
-            return
-    except Exception:  # noqa: BLE001 - any failure at batch 2 means the same here
-        pass
-    raise ImportFailed(
-        f"{path}: the file fixes batch 1 (input '{graph_input.name}' is [1, ...] and the graph "
-        "does not compute a batch of 2); export it with a dynamic batch dimension"
-    )
+    return probe, 0
 
 
 @register_importer("onnx", _sniff)
@@ -199,8 +212,9 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
     _check_input_type(graph_input, path)
     shape, fixed_batch = _input_shape(graph_input, input_shape, path)
     check_model(model, path, shape)
+    batch_freed = 0
     if fixed_batch == 1:
-        _check_batch_not_fixed(path, model, graph_input, shape)
+        model, batch_freed = _free_fixed_batch(path, model, graph_input, shape)
     prepared = clean_up(prepare_onnx_model(model))
     output = _pick_output(prepared, path)
     activation = _cut_final_activation(prepared, output)
@@ -222,4 +236,6 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
         "output": output,
         "weights": precision,
     }
+    if batch_freed:
+        details["batch_freed"] = f"{batch_freed} reshape(s) of the batch-1 file rewritten"
     return ImportedModel(module, shape, max_abs, max_rel, details)
