@@ -109,6 +109,32 @@ class _ConcatMappingFirst(list):
         return reversed(list(super().__iter__()))
 
 
+@contextmanager
+def _concat_mapping_that_gives_up() -> Iterator[None]:
+    """torch-pruning's mapping of a concatenation while the graph is built, leaving the
+    concatenation unmapped (for ``attach`` to map from the widths it recorded) where its
+    recursive guess of the input widths fails.
+
+    That guess takes a split's i-th consumer for its i-th part, so a split with more consumers
+    than parts (YOLOv8's C2f: the second part feeds a bottleneck and the concatenation) raised
+    inside ``build_dependency``, before ``attach`` could help: no student could be derived from
+    any YOLOv8 export."""
+    index_mapping = tp.dependency.index_mapping
+    original = index_mapping.update_concat_index_mapping
+
+    def gives_up(graph, cat_node):
+        try:
+            original(graph, cat_node)
+        except (IndexError, TypeError):
+            cat_node.module.concat_sizes = None  # half-guessed: not to be read back
+
+    index_mapping.update_concat_index_mapping = gives_up
+    try:
+        yield
+    finally:
+        index_mapping.update_concat_index_mapping = original
+
+
 class ChannelPartitions:
     """Keeps torch-pruning's view of channel splits and concatenations right.
 
@@ -148,7 +174,7 @@ class ChannelPartitions:
 
         handles = [layer.register_forward_hook(record) for layer in self.splits]
         try:
-            with self._concats:
+            with self._concats, _concat_mapping_that_gives_up():
                 yield
         finally:
             for handle in handles:
