@@ -236,6 +236,32 @@ def test_library_internals_we_adapt_are_where_we_expect():
     roots = [g[0].dep.target.module for g in graph.get_all_groups()]
     assert roots == [model[1], model[0]]
     assert isinstance(symbolic_helper.GLOBALS.export_onnx_opset_version, int)
+    # tp_adapter._concat_mapping_that_gives_up replaces this module global while a graph is
+    # built: update_index_mapping must still call it by that name
+    import inspect
+
+    source = inspect.getsource(tp.dependency.index_mapping.update_index_mapping)
+    assert "update_concat_index_mapping(" in source
+
+
+def test_a_concatenation_torch_pruning_cannot_map_is_left_unmapped(monkeypatch):
+    """Its guess of a concatenation's widths raised inside build_dependency on YOLOv8's C2f
+    (a split with more consumers than parts); the concatenation is now left for
+    ChannelPartitions, with no half-guessed widths on it."""
+    import torch_pruning as tp
+
+    from compress_toolbox.student.tp_adapter import _concat_mapping_that_gives_up
+
+    def raises(graph, cat_node):
+        cat_node.module.concat_sizes = [64, None]
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(tp.dependency.index_mapping, "update_concat_index_mapping", raises)
+    node = type("Node", (), {"module": type("Op", (), {"concat_sizes": None})()})()
+    with _concat_mapping_that_gives_up():
+        tp.dependency.index_mapping.update_concat_index_mapping(None, node)
+    assert node.module.concat_sizes is None
+    assert tp.dependency.index_mapping.update_concat_index_mapping is raises
 
 
 class _SplitIntoConcat(nn.Module):
