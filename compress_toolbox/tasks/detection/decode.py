@@ -29,8 +29,9 @@ class Detections:
 
 
 @torch.no_grad()
-def decode(out: torch.Tensor, layout: HeadLayout, score_threshold: float = EVAL_SCORE_THRESHOLD,
-           iou: float = NMS_IOU, max_detections: int = MAX_DETECTIONS) -> list[Detections]:  # fmt: skip
+def decode(out: torch.Tensor, layout: HeadLayout,
+           score_threshold: float = EVAL_SCORE_THRESHOLD, iou: float = NMS_IOU,
+           max_detections: int = MAX_DETECTIONS) -> list[Detections]:  # fmt: skip
     """Every image's detections from a raw output: each location's best class, kept above
     ``score_threshold``, then class-wise NMS at ``iou``, best ``max_detections`` kept."""
     boxes = cxcywh_to_xyxy(layout.boxes(out).float())

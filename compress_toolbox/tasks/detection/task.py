@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
 import torch
 from torch import nn
 
@@ -34,19 +33,21 @@ def layout_of(out: torch.Tensor) -> HeadLayout:
     return layout
 
 
-def _outputs_seen(teacher) -> str:
-    """The teacher's outputs as 'name (N, ...)' (names from an ONNX file, else by position)."""
-    with torch.no_grad():
-        out = teacher.module.eval()(torch.zeros(1, *teacher.input_shape))
-    values = list(out.values()) if isinstance(out, dict) else out
-    values = list(values) if isinstance(values, (list, tuple)) else [values]
-    names = [f"output {i}" for i in range(len(values))]
+def _outputs_seen(teacher) -> tuple[str, int]:
+    """The teacher's outputs as 'name (N, ...)' (from the file for an ONNX teacher, whose
+    import keeps the first output only) and how many there are."""
     if teacher.format == "onnx":
-        file_names = [o.name for o in onnx.load(str(teacher.source), load_external_data=False)
-                      .graph.output]  # fmt: skip
-        names = file_names if len(file_names) == len(values) else names
-    shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
-    return ", ".join(f"{n} {s}" for n, s in zip(names, shapes)), len(values)
+        outputs = signature.signature(teacher.source, tuple(teacher.input_shape)).outputs
+        shapes = [(spec.name, spec.at_probe[1:]) for spec in outputs]
+    else:
+        with torch.no_grad():
+            out = teacher.module.eval()(torch.zeros(1, *teacher.input_shape))
+        values = list(out.values()) if isinstance(out, dict) else out
+        values = list(values) if isinstance(values, (list, tuple)) else [values]
+        shapes = [(f"output {i}", tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else ())
+                  for i, v in enumerate(values)]  # fmt: skip
+    text = ", ".join(f"{name} (N, {', '.join(map(str, shape))})" for name, shape in shapes)
+    return text, len(shapes)
 
 
 @dataclass(frozen=True)

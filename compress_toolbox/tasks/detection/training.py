@@ -5,15 +5,20 @@ object is learnt at the locations near its centre on the level that fits its siz
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss
 
+from compress_toolbox.tasks.detection.data import save_detection_npz
+from compress_toolbox.tasks.detection.decode import decode
 from compress_toolbox.tasks.detection.heads import HeadLayout, cxcywh_to_xyxy
-from compress_toolbox.tasks.detection.scenes import Scenes
+from compress_toolbox.tasks.detection.metrics import GroundTruth, mean_average_precision
+from compress_toolbox.tasks.detection.scenes import Scenes, SceneSpec, compose_scenes, digit_objects
 from compress_toolbox.tasks.detection.tiny_model import STRIDES, TinyYolo
 
 LEVEL_SPLIT = 20.0  # objects whose longest side is below this are learnt at stride 8
@@ -49,7 +54,8 @@ def assign(boxes: torch.Tensor, points: torch.Tensor, strides: torch.Tensor) -> 
         size = float((box[2:] - box[:2]).max())
         level = STRIDES[0] if size < LEVEL_SPLIT else STRIDES[1]
         centre = (box[:2] + box[2:]) / 2
-        near = ((points - centre).abs().max(1).values < CENTRE_RADIUS * strides) & (strides == level)
+        offset = (points - centre).abs().max(1).values
+        near = (offset < CENTRE_RADIUS * strides) & (strides == level)
         inside = (points >= box[:2]).all(1) & (points <= box[2:]).all(1)
         chosen = near & inside
         if not chosen.any():
@@ -111,3 +117,53 @@ def train_detector(scenes: Scenes, num_classes: int, options: TrainOptions = Tra
         loss.backward()
         optimiser.step()
     return model.eval()
+
+
+def export_detector(model: torch.nn.Module, path: str | Path, image_size: int,
+                    channels: int = 3) -> Path:  # fmt: skip
+    """``model`` as a user ships it: torch.onnx.export (opset 17), input ``images`` and output
+    ``output0`` with a dynamic batch, as ultralytics names them."""
+    example = torch.rand(2, channels, image_size, image_size)
+    axes = {"images": {0: "batch"}, "output0": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=17,
+                          input_names=["images"], output_names=["output0"],
+                          dynamic_axes=axes)  # fmt: skip
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class BenchmarkFiles:
+    """What ``make_benchmark`` wrote: the teacher, its eval scenes, its mAP on them."""
+
+    teacher: Path
+    eval_data: Path
+    teacher_map_50: float | None
+    num_classes: int
+
+
+def make_benchmark(out_dir: str | Path, options: TrainOptions = TrainOptions(),
+                   spec: SceneSpec = SceneSpec(), train_scenes: int = 4000,
+                   eval_scenes: int = 300, width: int = 16) -> BenchmarkFiles:  # fmt: skip
+    """Compose digit scenes (seeded), train a TinyYolo on them, export it as teacher.onnx and
+    the held-out scenes as scenes.npz (the --eval-data format) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    objects, labels = digit_objects()
+    cut = int(len(objects) * 0.8)  # held-out digits for the eval scenes
+    train = compose_scenes(objects[:cut], labels[:cut], train_scenes, spec, seed=options.seed)
+    held_out = compose_scenes(objects[cut:], labels[cut:], eval_scenes, spec,
+                              seed=options.seed + 1)  # fmt: skip
+    num_classes = int(labels.max()) + 1
+    model = train_detector(train, num_classes, options, width)
+    teacher = export_detector(model, out_dir / "teacher.onnx", spec.size, spec.channels)
+    eval_data = save_detection_npz(out_dir / "scenes.npz", held_out.images, held_out.boxes,
+                                   held_out.labels)  # fmt: skip
+    x = torch.from_numpy(held_out.images).float() / 255.0
+    with torch.no_grad():
+        found = decode(model(x), HeadLayout("yolov8", num_classes))
+    truths = [GroundTruth(torch.from_numpy(b), torch.from_numpy(k))
+              for b, k in zip(held_out.boxes, held_out.labels)]  # fmt: skip
+    score = mean_average_precision(found, truths, num_classes).map_50
+    return BenchmarkFiles(teacher, eval_data, score, num_classes)
