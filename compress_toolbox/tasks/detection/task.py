@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from compress_toolbox.domain import InputDomain
-from compress_toolbox.errors import DaflError
+from compress_toolbox.errors import DaflError, VerificationFailed
 from compress_toolbox.tasks import register_task
 from compress_toolbox.tasks.base import Task, TaskScores
 from compress_toolbox.tasks.detection import evaluation, signature
@@ -124,7 +124,7 @@ class Detection(Task):
         got = signature.signature(student_onnx, shape)
         problems = signature.compare(got, wanted)
         if problems:
-            raise DaflError(f"student.onnx does not have the teacher's signature: "
+            raise VerificationFailed(f"student.onnx does not have the teacher's signature: "
                             f"{'; '.join(problems)}")  # fmt: skip
         return {"signature": got.as_dict(), "same_as_teacher": True}
 
