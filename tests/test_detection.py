@@ -139,13 +139,19 @@ def test_bad_eval_data_exits_2_naming_the_file(files, tmp_path, capsys, change, 
     one_error_line(capsys, str(bad), needle)
 
 
-def test_a_tiny_yolo_teacher_distils_into_a_drop_in_student(files, tmp_path):
+@pytest.mark.parametrize("layout", ["yolov8", "yolov5"])
+def test_a_tiny_yolo_teacher_distils_into_a_drop_in_student(files, tmp_path, layout):
     folder, _ = files
+    teacher_path = folder / "det.onnx"
+    if layout == "yolov5":  # (N, A, 5 + K): objectness, locations before channels
+        torch.manual_seed(0)
+        teacher_path = export_detector(TinyYolo(CLASSES, 3, 8, SIZE, yolov5=True),
+                                       tmp_path / "det5.onnx", SIZE)  # fmt: skip
     out = tmp_path / "out"
-    code = run_cli(folder / "det.onnx", "--task", "detection", "--eval-data",
+    code = run_cli(teacher_path, "--task", "detection", "--eval-data",
                    folder / "scenes.npz", "--iters", 6, "--threads", 1, "--out", out)  # fmt: skip
     assert code in (0, 3)  # an untrained teacher: the verdict may go either way
-    teacher, student = (signature(p, (3, SIZE, SIZE)) for p in (folder / "det.onnx",
+    teacher, student = (signature(p, (3, SIZE, SIZE)) for p in (teacher_path,
                                                                  out / "student.onnx"))  # fmt: skip
     assert student == teacher  # names, dtypes, declared ranks and symbolic dims, shapes at batch 2
     assert [o.name for o in onnx.load(str(out / "student.onnx")).graph.output] == ["output0"]
@@ -154,5 +160,5 @@ def test_a_tiny_yolo_teacher_distils_into_a_drop_in_student(files, tmp_path):
     for who in ("teacher", "student"):
         assert 0.0 <= report[who]["map_50"] <= 1.0 and report[who]["map_50_95"] is not None
     assert report["student"]["params"] <= 0.30 * report["teacher"]["params"]
-    assert report["detection"]["head"] == "yolov8" and report["exported_as"]["same_as_teacher"]
+    assert report["detection"]["head"] == layout and report["exported_as"]["same_as_teacher"]
     assert "mAP@0.5 on eval data" in (out / "report.md").read_text()

@@ -107,8 +107,10 @@ class Detection(Task):
         return logit(teacher_out), logit(student_out)
 
     def measure(self, teacher: nn.Module, student_onnx: Path, data, sampler) -> TaskScores | None:
-        layout = layout_of(evaluation.torch_outputs(teacher, data.x[:1] if data is not None
-                                                    else sampler(1)))  # fmt: skip
+        if data is None and sampler is None:
+            return None
+        probe = data.x[:1] if data is not None else sampler(1)
+        layout = layout_of(evaluation.torch_outputs(teacher, probe))
         if isinstance(data, DetectionEvalData):
             return evaluation.measure_on_data(teacher, student_onnx, data, layout)
         return evaluation.measure_fidelity(teacher, student_onnx, sampler, layout)
