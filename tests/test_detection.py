@@ -162,3 +162,16 @@ def test_a_tiny_yolo_teacher_distils_into_a_drop_in_student(files, tmp_path, lay
     assert report["student"]["params"] <= 0.30 * report["teacher"]["params"]
     assert report["detection"]["head"] == layout and report["exported_as"]["same_as_teacher"]
     assert "mAP@0.5 on eval data" in (out / "report.md").read_text()
+
+
+def test_without_eval_data_the_figure_is_fidelity_on_generated_inputs(files, tmp_path):
+    folder, _ = files
+    out = tmp_path / "out"
+    code = run_cli(folder / "det.onnx", "--task", "detection", "--iters", 4, "--threads", 1,
+                   "--out", out)  # fmt: skip
+    assert code in (0, 3)
+    report = json.loads((out / "report.json").read_text())
+    fidelity = report["detection"]["fidelity_map_50"]
+    assert fidelity is None or 0.0 <= fidelity <= 1.0
+    assert report["student"]["fidelity_map_50"] == fidelity and "map_50" not in report["student"]
+    assert "generated inputs" in report["detection"]["measured_on"]
