@@ -108,24 +108,60 @@ def _output_layer_names(module: nn.Module, example_input: torch.Tensor) -> list[
     another conv/linear (a detection head's box and class convolutions)."""
     final = analyse(module, tuple(example_input.shape[1:])).final_layer
     names = [] if final is None else [final]
-    return names + [name for name in _sink_layers(module) if name not in names]
+    return names + [name for name in _sink_layers(module, example_input) if name not in names]
 
 
-def _sink_layers(module: nn.Module) -> list[str]:
-    """Conv/linear layers of an fx graph that reach its output through no other conv/linear."""
+_FREE, _AFTER_ONE, _DEAD = 0, 1, 2  # _sink_layers' states, walking back from the output
+
+
+def _sink_layers(module: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Conv/linear layers of an fx graph whose output channels are the model's output: they
+    reach it through no other conv/linear, or through one output layer only after a reshape
+    has cut their channels into new axes (YOLOv8's box convolutions: their 4 x 16 channels
+    become coordinates and bins before the fixed DFL convolution)."""
     if not isinstance(module, fx.GraphModule):
         return []
+    splitting = _channel_splitting_reshapes(module, example_input)
 
     def weighted(node: fx.Node) -> bool:
         return node.op == "call_module" and isinstance(module.get_submodule(node.target),
                                                        _WEIGHTED)  # fmt: skip
 
-    reaches: set[fx.Node] = set()  # nodes from which the output is reached without a layer
+    def through(user: fx.Node, state: int) -> int:  # the state of a node that ``user`` reads
+        if state == _FREE:
+            return _AFTER_ONE if weighted(user) else _FREE
+        if state == _AFTER_ONE and not weighted(user):
+            return _FREE if user.target in splitting else _AFTER_ONE
+        return _DEAD
+
+    states: dict[fx.Node, int] = {}
     for node in reversed(list(module.graph.nodes)):
-        if node.op == "output" or any(user in reaches and not weighted(user)
-                                      for user in node.users):  # fmt: skip
-            reaches.add(node)
-    return [str(node.target) for node in module.graph.nodes if weighted(node) and node in reaches]
+        states[node] = _FREE if node.op == "output" else min(
+            (through(user, states.get(user, _DEAD)) for user in node.users), default=_DEAD)
+    return [str(node.target) for node in module.graph.nodes
+            if weighted(node) and states[node] == _FREE]  # fmt: skip
+
+
+def _channel_splitting_reshapes(module: nn.Module, example_input: torch.Tensor) -> set[str]:
+    """Names of the reshape modules that cut the channel axis (axis 1) into several."""
+    found: set[str] = set()
+    handles = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, (OnnxReshape, FlexibleReshape)):
+            def hook(_layer, args, output, name=name):
+                x = args[0]
+                if isinstance(output, torch.Tensor) and min(x.dim(), output.dim()) >= 2 \
+                        and output.shape[1] < x.shape[1]:  # fmt: skip
+                    found.add(name)
+
+            handles.append(layer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            module.eval()(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 def _reinitialise(module: nn.Module) -> None:
