@@ -45,15 +45,17 @@ def _declared(value: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
                  for d in value.type.tensor_type.shape.dim)  # fmt: skip
 
 
-def _probe_shape(declared: tuple, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    dims = (PROBE_BATCH, *input_shape)
+def _probe_shape(declared: tuple, input_shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
+    dims = (batch, *input_shape)
     return tuple(d if isinstance(d, int) and d > 0 else dims[i]
                  for i, d in enumerate(declared))  # fmt: skip
 
 
-def signature(path: str | Path, input_shape: tuple[int, ...]) -> Signature:
-    """The inputs and outputs of the ONNX file at ``path``, run once at ``PROBE_BATCH`` on
-    zeros of ``input_shape`` (no batch) to learn the output shapes."""
+def signature(path: str | Path, input_shape: tuple[int, ...],
+              batch: int = PROBE_BATCH) -> Signature:  # fmt: skip
+    """The inputs and outputs of the ONNX file at ``path``, run once at ``batch`` (where the
+    file does not fix its own, as ultralytics' batch-1 exports do) on zeros of
+    ``input_shape`` (no batch) to learn the output shapes."""
     from compress_toolbox.export.writer import onnx_session
 
     model = onnx.load(str(path), load_external_data=False)
@@ -63,7 +65,7 @@ def signature(path: str | Path, input_shape: tuple[int, ...]) -> Signature:
     feed = {}
     for value, meta in zip(graph_inputs, session.get_inputs()):
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        feed[meta.name] = np.zeros(_probe_shape(_declared(value), input_shape), dtype=dtype)
+        feed[meta.name] = np.zeros(_probe_shape(_declared(value), input_shape, batch), dtype=dtype)
     results = session.run(None, feed)
     inputs = tuple(TensorSpec(v.name, _type_name(v), _declared(v), feed[v.name].shape)
                    for v in graph_inputs)  # fmt: skip

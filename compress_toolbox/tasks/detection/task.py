@@ -123,7 +123,8 @@ class Detection(Task):
         shape = tuple(teacher.input_shape)
         wanted = signature.signature(teacher.source, shape)
         signature.adopt_names(student_onnx, wanted)
-        got = signature.signature(student_onnx, shape)
+        # the student takes any batch: probed at the teacher's (1 for a batch-1 export)
+        got = signature.signature(student_onnx, shape, batch=wanted.inputs[0].at_probe[0])
         problems = signature.compare(got, wanted)
         if problems:
             raise VerificationFailed(f"student.onnx does not have the teacher's signature: "
