@@ -119,8 +119,8 @@ def _add_student_options(parser: argparse.ArgumentParser) -> None:
         "--task",
         default="classification",
         help="what the teacher does: classification ((N, K) logits) or segmentation ((N, K, H, "
-        "W) per-pixel logits, or a dict with 'out'); detection is not supported yet "
-        "(default: %(default)s)",
+        "W) per-pixel logits, or a dict with 'out') or detection (one raw YOLOv8 (N, 4+K, A) "
+        "or YOLOv5 (N, A, 5+K) head output; docs/detection.md) (default: %(default)s)",
     )
     parser.add_argument(
         "--student",

@@ -43,6 +43,7 @@ from compress_toolbox.outdir import OutputFolder, default_out_dir
 from compress_toolbox.report.render import plot_curves, write_report
 from compress_toolbox.student.plan import StudentPlan, plan_student
 from compress_toolbox.tasks import FILE_OUTPUTS, MainOutput, Task, task_of_output
+from compress_toolbox.tasks.base import TaskScores
 from compress_toolbox.tasks.evaldata import EvalData, accuracy, predict
 from compress_toolbox.tasks.segmetrics import IGNORE_INDEX, score_masks
 from compress_toolbox.tasks.verdict import trivial_score
@@ -63,6 +64,7 @@ def fit_teacher_to_task(teacher: Teacher, task: Task) -> Teacher:
     """The teacher, checked against ``task`` (a clear refusal naming the task its output fits
     when it does not); a teacher returning a dict (``{"out": ...}``) or tuple comes back as a
     new Teacher returning its main tensor."""
+    task.check_teacher(teacher)
     shape = teacher.analysis.output_shape
     if not task.fits(shape):
         other = task_of_output(shape)
@@ -110,8 +112,9 @@ def _load_inputs(teacher_path: str | Path, config: CompressConfig, *, eval_data:
     domain = InputDomain.from_options(options.mean, options.std, teacher.input_shape)
     data = None
     if eval_data and config.eval_data:
+        classes = config.task.classes_of(teacher.analysis.output_shape)
         data = config.task.load_eval_data(Path(config.eval_data), teacher.input_shape, domain,
-                                          teacher.num_outputs)  # fmt: skip
+                                          classes)  # fmt: skip
     return _Inputs(teacher, domain, data, plan_student(teacher, config))
 
 
@@ -182,7 +185,9 @@ def _distill(inputs: _Inputs, config: CompressConfig, checkpoint_dir: Path | Non
             fine_tune=inputs.plan.from_teacher,
         ),  # fmt: skip
         # the curve in training on a subset; the full evaluation below, on student.onnx
-        eval_data=data.subset(config.task.monitor_samples) if data else None,
+        eval_data=data.subset(config.task.monitor_samples)
+        if data and config.task.monitor_samples
+        else None,
         on_iteration=on_iteration,
     )
 
@@ -200,6 +205,7 @@ class _Measurements:
     agreement_on: str | None = None  # on what: "eval data" or generated inputs
     segmentation: dict[str, Any] | None = None  # mean/per-class IoU, pixel accuracy of both
     trivial: float | None = None  # the input-blind predictor's score (verdict.trivial_score)
+    task_scores: TaskScores | None = None  # the task's own measurement (Task.measure)
 
 
 def _as_shipped(student: nn.Module, teacher: Teacher) -> nn.Module:
@@ -218,12 +224,15 @@ def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, config: C
     exported = export_student(_as_shipped(result.student, inputs.teacher),
                               inputs.teacher.input_shape, work,
                               opset=config.output.opset)  # fmt: skip
+    exported_as = config.task.finish_export(exported.onnx_path, inputs.teacher)
     timings["export_verify_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    measured = _measure(inputs, result, exported.onnx_path, work / ".measure",
+    measured = _measure(inputs, result, exported.onnx_path, work / ".measure", config.task,
                         _measuring_seconds(config.distill.time_budget))
     timings["measure_s"] = time.perf_counter() - start  # accuracy, agreement, latency, sizes
     report = _report(inputs, result, exported, measured, config)
+    if exported_as is not None:
+        report["exported_as"] = exported_as
     start = time.perf_counter()
     plot_curves(result.history, work / "curves.png")
     config.task.plot_samples(result.sampler, inputs.teacher.module, result.student,
@@ -245,9 +254,10 @@ def _measuring_seconds(time_budget: float | None) -> float:
 
 
 def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path, scratch: Path,
-             seconds: float) -> _Measurements:  # fmt: skip
-    """Sizes and latencies of both models; accuracies on the eval data (the student as
-    student.onnx), or agreement on fresh generated inputs without it, for about ``seconds``."""
+             task: Task, seconds: float) -> _Measurements:  # fmt: skip
+    """Sizes and latencies of both models; the task's own scores (``Task.measure``), else
+    accuracies on the eval data (the student as student.onnx), or agreement on fresh
+    generated inputs without it (for about ``seconds``)."""
     teacher, data = inputs.teacher, inputs.data
     scratch.mkdir()
     teacher_onnx = as_onnx(teacher, scratch)  # None: reported as n/a
@@ -259,7 +269,12 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path, scratch
         student_latency_ms=onnx_latency_ms(student_onnx, teacher.input_shape, seconds=seconds / 4),
     )
     shutil.rmtree(scratch)
-    if data is not None:
+    measured.task_scores = task.measure(teacher.module, student_onnx, data, result.sampler)
+    if measured.task_scores is not None:
+        scores = measured.task_scores
+        measured.agreement, measured.agreement_on = scores.agreement, scores.agreement_on
+        measured.trivial = scores.trivial
+    elif data is not None:
         teacher_pred = predict(teacher.module, data)
         student_pred = onnx_predictions(student_onnx, data.x)
         measured.teacher_accuracy = accuracy(teacher_pred, data.y)
@@ -344,10 +359,13 @@ def _report(
     if seg is not None:  # a student segmenting only the background keeps a high pixel accuracy
         t_score, s_score = seg["teacher"]["mean_iou"], seg["student"]["mean_iou"]
         figure = "mean IoU"
+    scores = measured.task_scores
+    if scores is not None:
+        t_score, s_score, figure = scores.teacher, scores.student, scores.figure
     problems = judge_student(t_score, s_score, result.health, result.num_classes, figure,
                              trivial=measured.trivial)  # fmt: skip
     problems += _compression_problems(teacher, plan, exported, measured)
-    return {
+    report = {
         "status": "failed" if problems else "ok",
         "problems": problems,
         "teacher": {
@@ -414,6 +432,20 @@ def _report(
         "versions": _versions(),
         "command": command or " ".join(sys.argv),
     }
+    if scores is not None:
+        _add_task_scores(report, scores)
+    return report
+
+
+def _add_task_scores(report: dict[str, Any], scores: TaskScores) -> None:
+    """The task's own figures in report.json (and the rows report.md shows them in)."""
+    report["teacher"].update(scores.teacher_fields)
+    report["student"].update(scores.student_fields)
+    report.update(scores.report)
+    report["score_rows"] = [list(row) for row in scores.rows]
+    if report["trivial_predictor"] is not None:
+        report["trivial_predictor"].update(figure=scores.figure, value=scores.trivial,
+                                           what=scores.trivial_what)  # fmt: skip
 
 
 def _onnx_size(path: Path) -> int:

@@ -290,7 +290,7 @@ def _bad_inputs(root: Path, tmp: Path) -> dict[str, tuple[list, str]]:
         "unknown student": ([cnn, "--student", "bogus"], "--student"),
         "unknown zoo student": ([cnn, "--student", "zoo:bogus"], "unknown zoo model"),
         "segmentation task": ([cnn, "--task", "segmentation"], "segmentation needs (N, K, H, W)"),
-        "detection task": ([cnn, "--task", "detection"], "not supported yet"),
+        "detection task": ([cnn, "--task", "detection"], "fit no detection head layout"),
         "unknown preset": ([cnn, "--preset", "turbo"], "unknown preset"),
     }
 

@@ -379,3 +379,43 @@ def test_a_refused_derivation_never_suggests_a_zoo_that_cannot_serve(monkeypatch
     monkeypatch.setattr(model_zoo, "pick_student", no_fit)
     message = _refused_derivation(monkeypatch)
     assert "--student zoo" not in message and "no classification model of the zoo" in message
+
+
+class _DflHead(nn.Module):
+    """YOLOv8's head in miniature: box convolutions give 4 x 8 distribution bins, which a
+    reshape cuts into coordinates and bins before the fixed DFL convolution; the class
+    convolution goes straight to the output."""
+
+    def __init__(self, bins: int = 8, classes: int = 3):
+        super().__init__()
+        self.bins = bins
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1),
+                                  nn.ReLU())  # fmt: skip
+        self.box = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, 4 * bins, 1))
+        self.cls = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU(), nn.Conv2d(16, classes, 1))
+        self.dfl = nn.Conv2d(bins, 1, 1, bias=False).requires_grad_(False)
+        self.dfl.weight.data[:] = torch.arange(bins, dtype=torch.float32).view(1, bins, 1, 1)
+
+    def forward(self, x):
+        features = self.stem(x)
+        box, cls = self.box(features), self.cls(features)
+        n, _, h, w = box.shape
+        bins = box.view(n, 4, self.bins, h * w).transpose(2, 1).softmax(1)
+        distances = self.dfl(bins).view(n, 4, h * w)
+        return torch.cat([distances, cls.view(n, -1, h * w).sigmoid()], 1)
+
+
+def test_a_yolov8_style_head_keeps_its_box_bins(tmp_path):
+    """Derivation failed on every YOLOv8 export: the box convolutions were pruned through the
+    reshape into bins (only the DFL and class convolutions were kept whole)."""
+    path = tmp_path / "dfl.onnx"
+    torch.onnx.export(_DflHead().eval(), (torch.randn(2, 3, 32, 32),), path, dynamo=False,
+                      input_names=["images"], dynamic_axes={"images": {0: "batch"}})  # fmt: skip
+    teacher = load_teacher(path)
+    student = make_student(teacher.module, example_input=torch.randn(2, 3, 32, 32))
+    convs = {name: layer.out_channels for name, layer in student.named_modules()
+             if isinstance(layer, nn.Conv2d)}  # fmt: skip
+    assert sorted(convs.values()).count(32) == 1  # the box convolution: 4 x 8 bins
+    with torch.no_grad():
+        assert student(torch.randn(3, 3, 32, 32)).shape == (3, 7, 256)
+    assert _params(student) < 0.5 * _params(teacher.module)

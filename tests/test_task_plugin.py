@@ -55,8 +55,7 @@ def test_a_task_name_is_registered_once(regression):
         task_registry.register_task(regression)
 
 
-def test_unknown_and_planned_tasks_are_refused_in_one_line():
+def test_unknown_tasks_are_refused_in_one_line_and_detection_is_registered():
     with pytest.raises(DaflError, match="unknown task"):
         get_task("captioning")
-    with pytest.raises(DaflError, match="detection is not supported yet"):
-        CompressConfig(task="detection")
+    assert CompressConfig(task="detection").task.name == "detection"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,9 +73,11 @@ def class_entropy(predictions: torch.Tensor, num_classes: int) -> float:
 
 @torch.no_grad()
 def measure(
-    teacher: nn.Module, student: nn.Module, x: torch.Tensor, iteration: int, num_classes: int
+    teacher: nn.Module, student: nn.Module, x: torch.Tensor, iteration: int, num_classes: int,
+    as_logits: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
 ) -> Health:
-    """Health figures of the teacher and the student on inputs ``x``."""
+    """Health figures of the teacher and the student on inputs ``x``; ``as_logits`` turns both
+    outputs into class logits first (``Task.health_logits``)."""
     was_training = student.training
     student.eval()
     try:
@@ -82,6 +85,8 @@ def measure(
         s_logits = student(x).float()
     finally:
         student.train(was_training)
+    if as_logits is not None:
+        t_logits, s_logits = as_logits(t_logits, s_logits)
     t_pred, s_pred = t_logits.argmax(1), s_logits.argmax(1)
     return Health(
         iteration=iteration,

@@ -54,6 +54,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if seg:
         rows[-1] = ("pixel accuracy on eval data (255 = ignored)", "accuracy", "pct")
         rows.append(("mean IoU on eval data", "mean_iou", "pct"))
+    if report.get("score_rows"):  # the task's own figures (Task.measure)
+        rows[-1:] = [tuple(row) for row in report["score_rows"]]
     lines += [
         "| | teacher | student | student / teacher |",
         "|---|---|---|---|",

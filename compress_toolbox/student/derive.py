@@ -46,6 +46,8 @@ class ChannelOrderError(StudentError):
     """The teacher's weights cannot be kept: its dense layer reads features in H,W,C order."""
 
 
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
+
 # Modules that only flatten or reshape between a transpose and a dense layer.
 _FLATTENS = (nn.Flatten, OnnxFlatten, OnnxReshape, FlexibleReshape)
 
@@ -101,9 +103,65 @@ def _transposes_of_pooled_maps(module: fx.GraphModule,
 
 
 def _output_layer_names(module: nn.Module, example_input: torch.Tensor) -> list[str]:
-    """The last conv/linear layer: its output width is the model's output and must not change."""
+    """The conv/linear layers whose widths are the model's output and must not change: the
+    last one run, and in an imported graph every one from which the output is reached without
+    another conv/linear (a detection head's box and class convolutions)."""
     final = analyse(module, tuple(example_input.shape[1:])).final_layer
-    return [] if final is None else [final]
+    names = [] if final is None else [final]
+    return names + [name for name in _sink_layers(module, example_input) if name not in names]
+
+
+_FREE, _AFTER_ONE, _DEAD = 0, 1, 2  # _sink_layers' states, walking back from the output
+
+
+def _sink_layers(module: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """Conv/linear layers of an fx graph whose output channels are the model's output: they
+    reach it through no other conv/linear, or through one output layer only after a reshape
+    has cut their channels into new axes (YOLOv8's box convolutions: their 4 x 16 channels
+    become coordinates and bins before the fixed DFL convolution)."""
+    if not isinstance(module, fx.GraphModule):
+        return []
+    splitting = _channel_splitting_reshapes(module, example_input)
+
+    def weighted(node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(module.get_submodule(node.target),
+                                                       _WEIGHTED)  # fmt: skip
+
+    def through(user: fx.Node, state: int) -> int:  # the state of a node that ``user`` reads
+        if state == _FREE:
+            return _AFTER_ONE if weighted(user) else _FREE
+        if state == _AFTER_ONE and not weighted(user):
+            return _FREE if user.target in splitting else _AFTER_ONE
+        return _DEAD
+
+    states: dict[fx.Node, int] = {}
+    for node in reversed(list(module.graph.nodes)):
+        states[node] = _FREE if node.op == "output" else min(
+            (through(user, states.get(user, _DEAD)) for user in node.users), default=_DEAD)
+    return [str(node.target) for node in module.graph.nodes
+            if weighted(node) and states[node] == _FREE]  # fmt: skip
+
+
+def _channel_splitting_reshapes(module: nn.Module, example_input: torch.Tensor) -> set[str]:
+    """Names of the reshape modules that cut the channel axis (axis 1) into several."""
+    found: set[str] = set()
+    handles = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, (OnnxReshape, FlexibleReshape)):
+            def hook(_layer, args, output, name=name):
+                x = args[0]
+                if isinstance(output, torch.Tensor) and min(x.dim(), output.dim()) >= 2 \
+                        and output.shape[1] < x.shape[1]:  # fmt: skip
+                    found.add(name)
+
+            handles.append(layer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            module.eval()(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 def _reinitialise(module: nn.Module) -> None:
@@ -300,6 +358,35 @@ def _strategies(module: nn.Module) -> list:
     return [_prune_by_magnitude, _prune_balanced, *last_resorts]
 
 
+def _trunk(module: nn.Module, outputs: list[str]) -> fx.GraphModule | None:
+    """For an imported graph with several output layers (a detection head's box and class
+    convolutions), the graph up to those layers' outputs, sharing the module's layers; None
+    otherwise. torch-pruning then never follows the decoding after them (its channel slices
+    and concatenations of the box coordinates broke its shape inference)."""
+    if not isinstance(module, fx.GraphModule) or len(outputs) < 2:
+        return None
+    graph, copied = fx.Graph(), {}
+    graph.graph_copy(module.graph, copied)
+    ends = [copied[n] for n in module.graph.nodes if n.op == "call_module" and n.target in outputs]
+    graph.output(tuple(ends))
+    trunk = fx.GraphModule(module, graph)
+    trunk.graph.eliminate_dead_code()
+    trunk.recompile()
+    return trunk
+
+
+def _prune_up_to_outputs(strategy, module: nn.Module, width: float, example_input: torch.Tensor,
+                         round_to, protected: list[str]) -> nn.Module:  # fmt: skip
+    """``strategy`` on the module, or on its trunk (``_trunk``) whose layers it shares."""
+    trunk = _trunk(module, protected)
+    student = strategy(trunk or module, width, example_input, round_to, protected)
+    if trunk is None:
+        return student
+    if student is not trunk:
+        raise StudentError("the pruning strategy rebuilt the graph of a multi-output head")
+    return module
+
+
 def _check_student(student: nn.Module, teacher: nn.Module, example_input: torch.Tensor) -> None:
     """The student must run at batch 1 and 5 and give the teacher's output shape."""
     student.eval()
@@ -357,7 +444,8 @@ def _first_valid_student(attempts, teacher_module, width, example_input, round_t
                         module.requires_grad_(True)
                         _constants_as_parameters(module)
                         protected = _output_layer_names(module, example_input)
-                        student = strategy(module, width, example_input, round_to, protected)
+                        student = _prune_up_to_outputs(strategy, module, width, example_input,
+                                                       round_to, protected)  # fmt: skip
                         _check_student(student, teacher_module, example_input)
                     except Exception as error:  # torch-pruning raises all sorts: try the next
                         if is_out_of_memory(error):

@@ -1,4 +1,5 @@
-"""Tasks as plug-ins: one file per task (``classification.py``, ``segmentation.py``) defines a
+"""Tasks as plug-ins: one file per task (``classification.py``, ``segmentation.py``; a package
+for ``detection``) defines a
 ``Task`` (``base.py``) and registers it here. Everything else asks the registry for the task's
 object and never compares task names.
 
@@ -21,7 +22,7 @@ from compress_toolbox.tasks.outputs import (
 )
 
 _TASKS: dict[str, Task] = {}
-PLANNED_TASKS = ("detection",)  # named by --task and the zoo; not distilled yet
+PLANNED_TASKS: tuple[str, ...] = ()  # named by --task and the zoo; not distilled yet
 
 
 def register_task(task: Task) -> Task:
@@ -78,4 +79,4 @@ __all__ = [
 ]
 
 # the built-in tasks register themselves (last: they import the names above)
-from compress_toolbox.tasks import classification, segmentation  # noqa: E402, F401
+from compress_toolbox.tasks import classification, detection, segmentation  # noqa: E402, F401

@@ -11,9 +11,10 @@ histogram all act per pixel, averaged over the batch's pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,7 +24,29 @@ from compress_toolbox.errors import DaflError
 
 if TYPE_CHECKING:
     from compress_toolbox.domain import InputDomain
+    from compress_toolbox.load.teacher import Teacher
     from compress_toolbox.tasks.evaldata import EvalData
+
+
+@dataclass
+class TaskScores:
+    """A task's own measurement of teacher and student (``Task.measure``): the pass/fail
+    ``figure`` of both, the input-blind predictor's, the student's agreement with the teacher,
+    and what the task adds to report.json (``report``), to the teacher's and student's entries
+    (``teacher_fields``, ``student_fields``) and to report.md's table (``rows``: label, key of
+    those fields, format)."""
+
+    figure: str
+    teacher: float | None
+    student: float | None
+    trivial: float | None = None
+    trivial_what: str = ""  # what the input-blind predictor answers
+    agreement: float | None = None
+    agreement_on: str | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    teacher_fields: dict[str, Any] = field(default_factory=dict)
+    student_fields: dict[str, Any] = field(default_factory=dict)
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -37,7 +60,7 @@ class Task:
     batch_size: int | None = None  # generated batch when no --batch-size (None: the preset's)
     student_init: str | None = None  # what --init auto means (None: the preset's choice)
     health_samples: int = 256  # generated inputs per health check (the class histogram)
-    monitor_samples: int = 1000  # evaluation inputs for the curve during training
+    monitor_samples: int = 1000  # evaluation inputs for the curve during training (0: none)
     # what is done to each generated image before the teacher sees it (keys of
     # generator.AUGMENTATIONS, in order; images only)
     generated_augmentations: tuple[str, ...] = ()
@@ -49,9 +72,17 @@ class Task:
         """Whether a teacher whose output is ``output_shape`` (no batch) does this task."""
         return len(output_shape) == self.output_dims and output_shape[0] >= 2
 
+    def classes_of(self, output_shape: tuple[int, ...]) -> int:
+        """The number of classes of a teacher whose output is ``output_shape`` (no batch)."""
+        return output_shape[0] if output_shape else 0
+
     def output_shape(self, num_outputs: int, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The output (no batch) a model of this task gives for ``input_shape``."""
         raise NotImplementedError
+
+    def check_teacher(self, teacher: Teacher) -> None:
+        """Refuse, with one line, a loaded teacher this task cannot read (before ``fits``);
+        by default every teacher is judged by its main output's shape alone."""
 
     def check_output(self, teacher: nn.Module, shape: tuple[int, ...], device) -> int:
         """The number of classes of ``teacher``'s output on random inputs; DaflError when the
@@ -69,6 +100,24 @@ class Task:
                           temperature: float) -> torch.Tensor:  # fmt: skip
         """What a student step minimises: KD on per-sample logits (``losses.kd_loss``)."""
         return kd_loss(student_out, teacher_out, temperature)
+
+    def health_logits(self, teacher_out: torch.Tensor, student_out: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Teacher's and student's outputs as class logits (classes on dim 1) for the health
+        checks' class histogram and agreement; by default the outputs themselves."""
+        return teacher_out, student_out
+
+    def measure(self, teacher: nn.Module, student_onnx: Path, data: EvalData | None,
+                sampler: Callable[[int], torch.Tensor] | None) -> TaskScores | None:  # fmt: skip
+        """Teacher (PyTorch) and student (``student_onnx`` in onnxruntime) measured the task's
+        own way; None: the pipeline's accuracy / mean IoU measurement."""
+        return None
+
+    def finish_export(self, student_onnx: Path, teacher: Teacher) -> dict[str, Any] | None:
+        """Adjust the exported ``student_onnx`` in place for this task's users (it was
+        verified against the PyTorch student); what report.json should say about it, or None
+        when nothing is done."""
+        return None
 
     def auto_method(self, batchnorm_layers: int) -> tuple[str, str] | None:
         """``--method auto`` for this task: (method, reason), or None for the general rule

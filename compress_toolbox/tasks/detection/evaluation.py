@@ -1,0 +1,108 @@
+"""Measuring a detection teacher and its student: the teacher in PyTorch, the student
+as shipped (``student.onnx`` in onnxruntime), both decoded and NMSed the same way, scored by
+COCOeval: mAP on the eval data, and fidelity (the student's mAP against the teacher's own
+detections) on the eval images or, without eval data, on generated inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress_toolbox.tasks.base import TaskScores
+from compress_toolbox.tasks.detection.data import DetectionEvalData
+from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD, Detections, decode
+from compress_toolbox.tasks.detection.heads import HeadLayout
+from compress_toolbox.tasks.detection.metrics import GroundTruth, MapScores, mean_average_precision
+
+GENERATED_SCENES = 256  # generated inputs for the fidelity figure without eval data
+BATCH = 64
+FIGURE = "mAP@0.5"
+
+
+@torch.no_grad()
+def torch_outputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Raw outputs of ``module`` (eval mode, on the CPU) for every image of ``x``."""
+    module = module.eval().cpu()
+    return torch.cat([module(x[i : i + BATCH].cpu()).float() for i in range(0, len(x), BATCH)])
+
+
+def onnx_outputs(path: Path, x: torch.Tensor) -> torch.Tensor:
+    """Raw first output of the ONNX model at ``path`` (onnxruntime) for every image of ``x``."""
+    from compress_toolbox.export.writer import onnx_session
+
+    session = onnx_session(path)
+    name = session.get_inputs()[0].name
+    chunks = [session.run(None, {name: x[i : i + BATCH].numpy()})[0]
+              for i in range(0, len(x), BATCH)]  # fmt: skip
+    return torch.from_numpy(np.concatenate(chunks)).float()
+
+
+def as_truths(detections: list[Detections]) -> list[GroundTruth]:
+    """Detections taken as ground truth (fidelity: the teacher's answers are the reference)."""
+    return [GroundTruth(d.boxes, d.labels) for d in detections]
+
+
+def _fields(scores: MapScores) -> dict:
+    return {"map_50": scores.map_50, "map_50_95": scores.map_50_95}
+
+
+def _fidelity(teacher_out, student_out, layout: HeadLayout) -> MapScores:
+    reference = as_truths(decode(teacher_out, layout, DETECTION_THRESHOLD))
+    return mean_average_precision(decode(student_out, layout), reference, layout.num_classes)
+
+
+def measure_on_data(teacher: nn.Module, student_onnx: Path, data: DetectionEvalData,
+                    layout: HeadLayout) -> TaskScores:  # fmt: skip
+    """mAP of both on the eval data; fidelity on its images."""
+    t_out, s_out = torch_outputs(teacher, data.x), onnx_outputs(student_onnx, data.x)
+    k = layout.num_classes
+    t_map = mean_average_precision(decode(t_out, layout), data.truths, k)
+    s_map = mean_average_precision(decode(s_out, layout), data.truths, k)
+    fidelity = _fidelity(t_out, s_out, layout)
+    return TaskScores(
+        figure=FIGURE, teacher=t_map.map_50, student=s_map.map_50, trivial=0.0,
+        trivial_what="no detection at all", agreement=fidelity.map_50,
+        agreement_on="eval images: student mAP@0.5 against the teacher's detections",
+        report={"detection": {"head": layout.name, "num_classes": k,
+                              "teacher_per_class_ap_50": t_map.per_class_ap_50,
+                              "student_per_class_ap_50": s_map.per_class_ap_50,
+                              "fidelity_map_50": fidelity.map_50,
+                              "fidelity_map_50_95": fidelity.map_50_95,
+                              "measured_on": f"{len(data)} eval images; student as student.onnx "
+                                             "(onnxruntime); COCOeval (pycocotools)"}},
+        teacher_fields=_fields(t_map), student_fields=_fields(s_map),
+        rows=[("mAP@0.5 on eval data", "map_50", "pct"),
+              ("mAP@[.5:.95] on eval data", "map_50_95", "pct")],
+    )  # fmt: skip
+
+
+def measure_fidelity(teacher: nn.Module, student_onnx: Path,
+                     sampler: Callable[[int], torch.Tensor] | None,
+                     layout: HeadLayout) -> TaskScores | None:  # fmt: skip
+    """Without eval data: the student's mAP against the teacher's detections on generated
+    inputs (the teacher scores 1.0 against itself); None figures when it detects nothing."""
+    if sampler is None:
+        return None
+    x = sampler(GENERATED_SCENES).cpu()
+    t_out, s_out = torch_outputs(teacher, x), onnx_outputs(student_onnx, x)
+    fidelity = _fidelity(t_out, s_out, layout)
+    teacher_score = None if fidelity.map_50 is None else 1.0
+    return TaskScores(
+        figure="fidelity mAP@0.5", teacher=teacher_score, student=fidelity.map_50, trivial=0.0,
+        trivial_what="no detection at all", agreement=fidelity.map_50,
+        agreement_on=f"{GENERATED_SCENES} generated inputs: student mAP@0.5 against the "
+                     "teacher's detections",
+        report={"detection": {"head": layout.name, "num_classes": layout.num_classes,
+                              "fidelity_map_50": fidelity.map_50,
+                              "fidelity_map_50_95": fidelity.map_50_95,
+                              "measured_on": "generated inputs (no eval data); student as "
+                                             "student.onnx (onnxruntime); COCOeval"}},
+        teacher_fields={"fidelity_map_50": teacher_score},
+        student_fields={"fidelity_map_50": fidelity.map_50},
+        rows=[("mAP@0.5 against the teacher's detections (generated inputs)",
+               "fidelity_map_50", "pct")],
+    )  # fmt: skip

@@ -1,0 +1,55 @@
+"""samples.png for detection: generated scenes with the teacher's boxes (green) and the
+student's (red, dashed) drawn on them, class and score written by each box."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress_toolbox.domain import InputDomain
+from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD, Detections, decode
+from compress_toolbox.tasks.detection.heads import recognise
+
+SHOWN = 8
+
+
+def _draw(ax, found: Detections, colour: str, style: str) -> None:
+    from matplotlib.patches import Rectangle
+
+    for box, score, label in zip(found.boxes.tolist(), found.scores.tolist(),
+                                 found.labels.tolist()):  # fmt: skip
+        x1, y1, x2, y2 = box
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour,
+                               linestyle=style, linewidth=1))  # fmt: skip
+        ax.text(x1, y1, f"{label}:{score:.2f}", color=colour, fontsize=5, va="bottom")
+
+
+@torch.no_grad()
+def plot_detections(sampler, teacher: nn.Module, student: nn.Module, domain: InputDomain,
+                    path: Path) -> None:  # fmt: skip
+    """Draw ``SHOWN`` generated scenes with both models' detections into ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from compress_toolbox.report.render import _displayable
+
+    x = sampler(SHOWN).cpu()
+    t_out, s_out = teacher.eval().cpu()(x), student.eval().cpu()(x)
+    layout = recognise(tuple(t_out.shape[1:]))
+    found = [decode(out, layout, DETECTION_THRESHOLD) for out in (t_out, s_out)]
+    pixels = _displayable(x, domain)
+    fig, axes = plt.subplots(1, SHOWN, figsize=(2 * SHOWN, 2.3), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        image = pixels[i].permute(1, 2, 0).squeeze(-1).numpy()
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        _draw(ax, found[0][i], "lime", "-")
+        _draw(ax, found[1][i], "red", "--")
+        ax.set_axis_off()
+    fig.suptitle("generated scenes: teacher's boxes (green), student's (red, dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

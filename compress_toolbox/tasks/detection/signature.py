@@ -1,0 +1,128 @@
+"""A drop-in student: ``student.onnx`` takes and gives tensors of exactly the teacher file's
+names, ranks, dtypes and shapes, so the user's own decoding and NMS keep working on it.
+
+``signature`` reads a file's inputs and outputs (onnxruntime, with the shapes each gives at a
+probe batch); ``adopt_names`` renames the student's inputs and outputs after the teacher's and
+gives them its symbolic dimension names; ``compare`` lists every difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+PROBE_BATCH = 2
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: name, element type, declared shape (str: symbolic), and the shape
+    it has when the model runs at ``PROBE_BATCH``."""
+
+    name: str
+    dtype: str
+    declared: tuple[int | str | None, ...]
+    at_probe: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model file's inputs and outputs."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def as_dict(self) -> dict:
+        """For report.json."""
+        return asdict(self)
+
+
+def _declared(value: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
+    return tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+                 for d in value.type.tensor_type.shape.dim)  # fmt: skip
+
+
+def _probe_shape(declared: tuple, input_shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
+    dims = (batch, *input_shape)
+    return tuple(d if isinstance(d, int) and d > 0 else dims[i]
+                 for i, d in enumerate(declared))  # fmt: skip
+
+
+def signature(path: str | Path, input_shape: tuple[int, ...],
+              batch: int = PROBE_BATCH) -> Signature:  # fmt: skip
+    """The inputs and outputs of the ONNX file at ``path``, run once at ``batch`` (where the
+    file does not fix its own, as ultralytics' batch-1 exports do) on zeros of
+    ``input_shape`` (no batch) to learn the output shapes."""
+    from compress_toolbox.export.writer import onnx_session
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    graph_inputs = [v for v in model.graph.input if v.name not in initializers]
+    session = onnx_session(path)
+    feed = {}
+    for value, meta in zip(graph_inputs, session.get_inputs()):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        feed[meta.name] = np.zeros(_probe_shape(_declared(value), input_shape, batch), dtype=dtype)
+    results = session.run(None, feed)
+    inputs = tuple(TensorSpec(v.name, _type_name(v), _declared(v), feed[v.name].shape)
+                   for v in graph_inputs)  # fmt: skip
+    outputs = tuple(TensorSpec(v.name, _type_name(v), _declared(v), tuple(r.shape))
+                    for v, r in zip(model.graph.output, results))  # fmt: skip
+    return Signature(inputs, outputs)
+
+
+def _type_name(value: onnx.ValueInfoProto) -> str:
+    return onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type).lower()
+
+
+def _rename_everywhere(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in (*graph.input, *graph.output):
+        if value.name == old:
+            value.name = new
+
+
+def _copy_symbolic_dims(value: onnx.ValueInfoProto, like: TensorSpec) -> None:
+    for dim, wanted in zip(value.type.tensor_type.shape.dim, like.declared):
+        if isinstance(wanted, str) and dim.dim_param:
+            dim.dim_param = wanted
+
+
+def adopt_names(student_path: str | Path, teacher: Signature) -> None:
+    """Rename the student file's inputs and outputs (in order) after the teacher's, with its
+    symbolic dimension names, in place."""
+    model = onnx.load(str(student_path))
+    graph = model.graph
+    pairs = [*zip(graph.input, teacher.inputs), *zip(graph.output, teacher.outputs)]
+    taken = {name for node in graph.node for name in (*node.input, *node.output)}
+    for value, spec in pairs:  # a name the student already uses elsewhere moves aside first
+        if spec.name in taken and spec.name != value.name:
+            _rename_everywhere(graph, spec.name, f"{spec.name}__student_internal")
+    for value, spec in pairs:
+        _rename_everywhere(graph, value.name, spec.name)
+        _copy_symbolic_dims(value, spec)
+    onnx.save_model(model, str(student_path))
+
+
+def compare(student: Signature, teacher: Signature) -> list[str]:
+    """Every way the student's signature differs from the teacher's (empty: identical)."""
+    problems = []
+    for kind in ("inputs", "outputs"):
+        mine, theirs = getattr(student, kind), getattr(teacher, kind)
+        if len(mine) != len(theirs):
+            problems.append(f"{len(mine)} {kind} where the teacher has {len(theirs)}")
+            continue
+        for s, t in zip(mine, theirs):
+            for field_name in ("name", "dtype", "at_probe"):
+                if getattr(s, field_name) != getattr(t, field_name):
+                    problems.append(f"{kind[:-1]} {t.name}: {field_name} "
+                                    f"{getattr(s, field_name)} != {getattr(t, field_name)}")
+            if len(s.declared) != len(t.declared):
+                problems.append(f"{kind[:-1]} {t.name}: rank {len(s.declared)} != "
+                                f"{len(t.declared)}")  # fmt: skip
+    return problems

@@ -1,0 +1,71 @@
+"""A tiny YOLOv8-style anchor-free detector (the benchmark's and the tests' teacher): a strided
+conv backbone, a top-down neck (upsample + concatenation) and a decoupled head at strides 8 and
+16, whose output is already decoded as ultralytics exports it: (N, 4 + K, A) with boxes
+(cx, cy, w, h) in input pixels and sigmoid class scores."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STRIDES = (8, 16)
+
+
+def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))  # fmt: skip
+
+
+class _Head(nn.Module):
+    """One level's decoupled head: a box branch (4 distances, and an objectness logit for the
+    YOLOv5 layout) and a class branch (K logits)."""
+
+    def __init__(self, channels: int, num_classes: int, objectness: bool = False) -> None:
+        super().__init__()
+        box = 5 if objectness else 4
+        self.box = nn.Sequential(_conv(channels, channels), nn.Conv2d(channels, box, 1))
+        self.cls = nn.Sequential(_conv(channels, channels), nn.Conv2d(channels, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.box(x), self.cls(x)
+
+
+class TinyYolo(nn.Module):
+    """(N, C, S, S) images -> (N, 4 + K, A) with A = (S/8)^2 + (S/16)^2 locations; with
+    ``yolov5=True`` the YOLOv5 layout instead, (N, A, 5 + K) with an objectness score."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16,
+                 image_size: int = 64, yolov5: bool = False) -> None:  # fmt: skip
+        super().__init__()
+        c, self.yolov5 = width, yolov5
+        self.stem = nn.Sequential(_conv(in_channels, c, 2), _conv(c, 2 * c, 2))
+        self.p3 = _conv(2 * c, 4 * c, 2)
+        self.p4 = _conv(4 * c, 8 * c, 2)
+        self.fuse = _conv(12 * c, 4 * c)
+        self.heads = nn.ModuleList([_Head(4 * c, num_classes, yolov5),
+                                    _Head(8 * c, num_classes, yolov5)])  # fmt: skip
+        for stride in STRIDES:  # (1, 2, H*W): the location centres (x, y) in pixels
+            side = image_size // stride
+            ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+            grid = (torch.stack([xs, ys]).reshape(1, 2, -1).float() + 0.5) * stride
+            self.register_buffer(f"grid{stride}", grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p3 = self.p3(self.stem(x))
+        p4 = self.p4(p3)
+        p3 = self.fuse(torch.cat([p3, F.interpolate(p4, scale_factor=2.0, mode="nearest")], 1))
+        levels = [self._decode(*head(p), stride)
+                  for head, p, stride in zip(self.heads, (p3, p4), STRIDES)]  # fmt: skip
+        out = torch.cat(levels, dim=2)
+        return out.transpose(1, 2) if self.yolov5 else out
+
+    def _decode(self, box: torch.Tensor, cls: torch.Tensor, stride: int) -> torch.Tensor:
+        box = box.flatten(2)
+        scores = [torch.sigmoid(cls.flatten(2))]
+        if self.yolov5:  # objectness before the class scores
+            box, scores = box[:, :4], [torch.sigmoid(box[:, 4:]), *scores]
+        ltrb = F.softplus(box) * (2 * stride)
+        centre = getattr(self, f"grid{stride}") + (ltrb[:, 2:] - ltrb[:, :2]) / 2
+        size = ltrb[:, :2] + ltrb[:, 2:]
+        return torch.cat([centre, size, *scores], dim=1)
