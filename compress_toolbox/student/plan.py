@@ -59,6 +59,8 @@ def _derived(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module]:
     """``_derive``, its refusal completed with what can help this teacher."""
     try:
         return _derive(teacher, config)
+    except ChannelOrderError:
+        raise  # its message names the one fix: --init fresh
     except StudentError as error:
         raise StudentError(f"{error}; {_instead_of_deriving(teacher, config.task)}") from error
 
