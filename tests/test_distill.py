@@ -31,6 +31,7 @@ from compress_toolbox.distillation.methods import method_names
 from compress_toolbox.distillation.options import DistillInterrupted
 from compress_toolbox.distillation.parts import lr_factor
 from compress_toolbox.distillation.presets import PRESETS
+from compress_toolbox.distillation.recipe import RateWatch, Recipe
 from compress_toolbox.distillation.trainer import CHECKPOINT_NAME
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, TrainingFailed
@@ -289,6 +290,51 @@ def test_time_budget_stops_on_time(digits):
     assert result.recipe.expected_iterations is not None  # the plan was made and printed
     # ~10 evaluations are planned (every budget/10 s); slow warm-up iterations merge some
     assert sum(r["accuracy"] is not None for r in result.history) >= 2
+
+
+class _SlowsDown(nn.Module):
+    """``module``, taking ``delay`` seconds more per call after its first ``calls`` calls (a
+    machine that another job starts to share)."""
+
+    def __init__(self, module: nn.Module, calls: int, delay: float) -> None:
+        super().__init__()
+        self.module, self.calls_left, self.delay = module, calls, delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls_left -= 1
+        if self.calls_left < 0:
+            time.sleep(self.delay)
+        return self.module(x)
+
+
+def test_a_run_that_slows_down_is_replanned(digits, capsys):
+    """The plan is made from the first iterations' times; when later iterations take far
+    longer, the run re-plans (fewer student steps per generated batch, a new total) and says
+    so on its progress output."""
+    teacher, _ = digits["cnn"]
+    slow = Teacher.from_module(_SlowsDown(teacher.module, calls=30, delay=0.15), SHAPE)
+    preset = replace(TINY, size_to_budget=True, student_steps=8)
+    result = run(slow, preset=preset, time_budget=6, progress=True)
+    err = capsys.readouterr().err
+    assert result.recipe.replans >= 1, err
+    assert "re-plan (iterations took" in err
+    assert result.recipe.student_steps < 8  # the budget buys too few generator steps now
+
+
+def test_rate_watch_waits_for_a_full_window_and_a_real_drift():
+    recipe = Recipe(batch_size=8, student_steps=2, pool_size=4, generate_s=0.1,
+                    student_step_s=0.05)  # fmt: skip
+    watch = RateWatch(window=3)
+    for _ in range(2):
+        watch.add(1.0, 1.0)
+    assert watch.drifted(recipe) is None  # not a full window yet
+    watch.clear()
+    for _ in range(3):
+        watch.add(0.11, 0.055)  # 10% slower: noise, not a drift
+    assert watch.drifted(recipe) is None
+    for _ in range(3):
+        watch.add(0.05, 0.02)  # much faster: re-plan with these times
+    assert watch.drifted(recipe) == pytest.approx((0.05, 0.02))
 
 
 def test_bad_teacher_output_is_a_clear_error():

@@ -4,7 +4,9 @@ that the budget buys enough iterations; warns, with the budget needed, when it c
 
 from __future__ import annotations
 
+import statistics
 import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -33,6 +35,7 @@ class Recipe:
     # "counts": an --iters/--epochs run, the same on any load; "timings": a time-budgeted run,
     # whose student steps per generated batch follow the measured step times
     sized_by: str = "counts"
+    replans: int = 0  # times the measured iteration time drifted from the plan (RateWatch)
 
     @classmethod
     def from_preset(cls, preset: Preset, batch_size: int | None = None) -> Recipe:
@@ -85,6 +88,37 @@ def size_recipe(
             f"{needed:.0f} s of training here"
         )
     return sized
+
+
+DRIFT = 1.25  # a measured iteration time this many times the plan's (or its inverse): re-plan
+DRIFT_WINDOW = 10  # iterations whose median step times are compared with the plan
+
+
+class RateWatch:
+    """The step times of a time-budgeted run's last ``window`` iterations, to notice when the
+    machine got slower or faster than the plan assumed (another job started or ended)."""
+
+    def __init__(self, window: int = DRIFT_WINDOW) -> None:
+        self.generate_s: deque[float] = deque(maxlen=window)
+        self.student_step_s: deque[float] = deque(maxlen=window)
+
+    def add(self, generate_s: float, student_step_s: float) -> None:
+        self.generate_s.append(generate_s)
+        self.student_step_s.append(student_step_s)
+
+    def drifted(self, recipe: Recipe) -> tuple[float, float] | None:
+        """The window's median (generator, student step) seconds when a whole window's
+        iteration time is more than DRIFT times from ``recipe``'s either way, else None."""
+        if len(self.generate_s) < (self.generate_s.maxlen or 0) or not recipe.iteration_s:
+            return None
+        generate_s = statistics.median(self.generate_s)
+        student_step_s = statistics.median(self.student_step_s)
+        ratio = (generate_s + recipe.student_steps * student_step_s) / recipe.iteration_s
+        return (generate_s, student_step_s) if not 1 / DRIFT <= ratio <= DRIFT else None
+
+    def clear(self) -> None:
+        self.generate_s.clear()
+        self.student_step_s.clear()
 
 
 MEMORY_SHARE = 0.6  # of the memory free at the start, for one iteration's activations

@@ -50,6 +50,8 @@ from compress_toolbox.distillation.parts import (
     set_rng_state,
 )
 from compress_toolbox.distillation.recipe import (
+    DRIFT_WINDOW,
+    RateWatch,
     Recipe,
     fit_batch_to_memory,
     size_recipe,
@@ -96,6 +98,7 @@ class Trainer:
         self.iteration = 0
         self.elapsed_before = 0.0
         self.guard = CollapseGuard()
+        self.rate = RateWatch()
         self.last_health: Health | None = None
         self.method: Method | None = None
 
@@ -250,13 +253,38 @@ class Trainer:
         self.recipe.sized_by = "timings (time budget)" if remaining is not None else "counts"
         if remaining is None and self.stop.total_iters is not None:
             self.recipe.expected_iterations = self.stop.total_iters
-        self.recipe = self.world.broadcast_object(self.recipe)  # timings differ by rank
-        self.progress.line(self.iteration, elapsed, {"plan": self.recipe.describe()})
+        self._announce_plan("plan", elapsed)
+
+    def _announce_plan(self, label: str, elapsed: float) -> None:
+        """Rank 0's recipe on every rank (timings differ by rank), on the progress output."""
+        self.recipe = self.world.broadcast_object(self.recipe)
+        self.progress.line(self.iteration, elapsed, {label: self.recipe.describe()})
         if self.recipe.expected_iterations:
             self.progress.set_total(self.iteration + self.recipe.expected_iterations)
             self.guard.set_warmup(self.iteration + self.recipe.expected_iterations)
         if self.recipe.warning:
             warnings.warn(self.recipe.warning, DaflWarning, stacklevel=2)
+
+    def _replan_if_drifted(self, elapsed: float) -> None:
+        """Re-size a time-budgeted run whose last iterations took far more or less time than
+        planned: student steps per generated batch follow the new step times (from the preset's
+        number again), and the progress total the iterations the rest of the budget buys."""
+        if self.iteration % DRIFT_WINDOW:  # the same iterations on every rank: they agree
+            return
+        budget = self.stop.time_budget or 0.0
+        times = self.rate.drifted(self.recipe) if elapsed < 0.95 * budget else None
+        times, remaining = self.world.broadcast_object((times, budget - elapsed))  # rank 0's
+        if times is None:
+            return
+        planned_s, took_s = self.recipe.iteration_s, times[0] + self.recipe.student_steps * times[1]
+        base = replace(self.recipe, student_steps=self.preset.student_steps)
+        self.recipe = size_recipe(base, *times, remaining, adapt=self.preset.size_to_budget)
+        self.recipe.replans += 1
+        self.recipe.warning = None  # said once, at the first plan
+        why = f"iterations took {took_s:.2f} s, not the planned {planned_s:.2f} s"
+        self._announce_plan(f"re-plan ({why})", elapsed)
+        self.progress.set_total(self.iteration + self.recipe.expected_iterations)
+        self.rate.clear()
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> DistillResult:
@@ -393,6 +421,9 @@ class Trainer:
         if not self.planned and self.threads.settled and done >= 2:
             self._plan(generate_s, student_s, self.elapsed())
             self.planned = True
+        elif self.planned and self.stop.time_budget is not None:
+            self.rate.add(generate_s, student_s)
+            self._replan_if_drifted(self.elapsed())
         row: dict[str, Any] = dict(losses)
         if self.iteration % self.options.health_every == 0:
             row.update(self._check_health().as_row())
