@@ -32,7 +32,8 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from compress_toolbox.export.quantize import compare_onnx, latency_ms, quantize_onnx  # noqa: E402
+from compress_toolbox.export.onnx_compare import compare_onnx, latency_ms  # noqa: E402
+from compress_toolbox.export.quantize import quantize_onnx  # noqa: E402
 
 METHODS = ("MinMax", "Entropy", "Percentile")
 SAMPLES = (256, 1024)

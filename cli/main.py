@@ -5,6 +5,10 @@ dafl-compress inspect TEACHER [--json]                    load, verify and descr
 dafl-compress student TEACHER [--width 0.5]               derive a student, compare sizes
 dafl-compress zoo list [--task TASK]                      the model zoo
 dafl-compress quantize MODEL.onnx --calibration-data X.npz  INT8 for an existing ONNX model
+
+The library (and so torch) is imported inside each command, after the arguments are parsed and
+with Ctrl-C and SIGTERM handled: ``--help`` and usage errors answer at once, and an interrupt
+during torch's seconds-long import ends as one line, not a half-initialised numpy's traceback.
 """
 
 from __future__ import annotations

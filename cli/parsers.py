@@ -1,5 +1,7 @@
 """The command line's parsers: one per subcommand, the main command's options in groups
-(teacher, student, training, evaluation data, output). Parsing only: no stage runs here."""
+(teacher, student, training, evaluation data, output). Parsing only: no stage runs here. The
+library's names a parser lists (methods, tasks, defaults) are imported where that parser is
+built: importing them imports torch, which main.py does only under its Ctrl-C guard."""
 
 from __future__ import annotations
 

@@ -4,25 +4,19 @@ is also usable alone (``load_teacher``, ``plan_student``, ``distill``, ``export_
 
 from __future__ import annotations
 
-import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import onnx
-import onnxruntime
 import torch
-import torch_pruning
-import torchvision
 from torch import nn
 
 from compress_toolbox.config import CompressConfig
 from compress_toolbox.distillation import distill, distributed
-from compress_toolbox.distillation.health import StudentFailed, judge_student
+from compress_toolbox.distillation.health import StudentFailed
 from compress_toolbox.distillation.options import DistillResult, write_history_csv
 from compress_toolbox.distillation.parts import Checkpointer
 from compress_toolbox.distillation.trainer import CHECKPOINT_NAME
@@ -30,20 +24,18 @@ from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
 from compress_toolbox.export.int8 import quantize_step
 from compress_toolbox.export.writer import (
-    ExportResult,
     export_student,
     onnx_latency_ms,
     onnx_predictions,
 )
 from compress_toolbox.export.writer import teacher_onnx as as_onnx
-from compress_toolbox.load.analysis import Analysis
 from compress_toolbox.load.importers.checkpoint import model_class_file
 from compress_toolbox.load.teacher import Teacher, load_teacher
 from compress_toolbox.outdir import OutputFolder, default_out_dir
+from compress_toolbox.report.build import Measurements, build_report
 from compress_toolbox.report.render import plot_curves, write_report
 from compress_toolbox.student.plan import StudentPlan, plan_student
 from compress_toolbox.tasks import FILE_OUTPUTS, MainOutput, Task, task_of_output
-from compress_toolbox.tasks.base import TaskScores
 from compress_toolbox.tasks.evaldata import EvalData, accuracy, predict
 from compress_toolbox.tasks.segmetrics import IGNORE_INDEX, score_masks
 from compress_toolbox.tasks.verdict import trivial_score
@@ -78,17 +70,6 @@ def fit_teacher_to_task(teacher: Teacher, task: Task) -> Teacher:
     if isinstance(out, torch.Tensor):
         return teacher
     return replace(teacher, module=MainOutput(teacher.module).eval())
-
-
-def _versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "torch_pruning": torch_pruning.__version__,
-    }
 
 
 @dataclass(frozen=True)
@@ -192,22 +173,6 @@ def _distill(inputs: _Inputs, config: CompressConfig, checkpoint_dir: Path | Non
     )
 
 
-@dataclass
-class _Measurements:
-    """Both models measured as shipped (ONNX in onnxruntime)."""
-
-    teacher_onnx_bytes: int | None  # None: the teacher could not be exported to measure it
-    teacher_latency_ms: float | None
-    student_latency_ms: float
-    teacher_accuracy: float | None = None  # on --eval-data
-    student_accuracy: float | None = None
-    agreement: float | None = None  # student-teacher top-1 agreement
-    agreement_on: str | None = None  # on what: "eval data" or generated inputs
-    segmentation: dict[str, Any] | None = None  # mean/per-class IoU, pixel accuracy of both
-    trivial: float | None = None  # the input-blind predictor's score (verdict.trivial_score)
-    task_scores: TaskScores | None = None  # the task's own measurement (Task.measure)
-
-
 def _as_shipped(student: nn.Module, teacher: Teacher) -> nn.Module:
     """The student as the user's file answers: given back the Softmax or Sigmoid that the
     teacher's file ended in (distillation ran on the logits before it)."""
@@ -230,7 +195,8 @@ def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, config: C
     measured = _measure(inputs, result, exported.onnx_path, work / ".measure", config.task,
                         _measuring_seconds(config.distill.time_budget))
     timings["measure_s"] = time.perf_counter() - start  # accuracy, agreement, latency, sizes
-    report = _report(inputs, result, exported, measured, config)
+    report = build_report(inputs.teacher, inputs.domain, inputs.plan, result, exported,
+                          measured, config)  # fmt: skip
     if exported_as is not None:
         report["exported_as"] = exported_as
     start = time.perf_counter()
@@ -254,14 +220,14 @@ def _measuring_seconds(time_budget: float | None) -> float:
 
 
 def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path, scratch: Path,
-             task: Task, seconds: float) -> _Measurements:  # fmt: skip
+             task: Task, seconds: float) -> Measurements:  # fmt: skip
     """Sizes and latencies of both models; the task's own scores (``Task.measure``), else
     accuracies on the eval data (the student as student.onnx), or agreement on fresh
     generated inputs without it (for about ``seconds``)."""
     teacher, data = inputs.teacher, inputs.data
     scratch.mkdir()
     teacher_onnx = as_onnx(teacher, scratch)  # None: reported as n/a
-    measured = _Measurements(
+    measured = Measurements(
         teacher_onnx_bytes=_onnx_size(teacher_onnx) if teacher_onnx else None,
         teacher_latency_ms=onnx_latency_ms(teacher_onnx, teacher.input_shape, seconds=seconds / 4)
         if teacher_onnx
@@ -308,144 +274,12 @@ def _generated_with_answers(teacher: nn.Module, sampler, seconds: float, most: i
     return torch.cat(inputs), torch.cat(answers)
 
 
-FAR_ABOVE_WIDTH_SQUARED = 0.40  # a half-width student keeps about 0.25 of the parameters
-
-
-def _layers_kept_whole(teacher: Analysis, plan: StudentPlan) -> list[str] | None:
-    """Why a derived student keeps far more than width^2 of the parameters: its conv/linear
-    layers (the output layer aside) that kept the teacher's width. None when it did shrink."""
-    shrunk = plan.analysis.params <= FAR_ABOVE_WIDTH_SQUARED * teacher.params
-    if shrunk or not plan.kind.startswith("derived"):
-        return None
-    widths = {layer.name: layer.out_width for layer in teacher.layers[:-1]}
-    return [f"{layer.name} ({layer.out_width})" for layer in plan.analysis.layers
-            if widths.get(layer.name) == layer.out_width]  # fmt: skip
-
-
-def _compression_problems(teacher: Teacher, plan: StudentPlan, exported: ExportResult,
-                          measured: _Measurements) -> list[str]:  # fmt: skip
-    """A student no smaller than its teacher in parameters, MACs or ONNX bytes failed the
-    point of the run, whatever its accuracy."""
-    pairs = (("parameters", teacher.analysis.params, plan.analysis.params),
-             ("MACs", teacher.analysis.macs, plan.analysis.macs),
-             ("ONNX bytes", measured.teacher_onnx_bytes, exported.onnx_bytes))  # fmt: skip
-    return [
-        f"compression failed: the student has {s:,} {name}, the teacher {t:,} (ratio {s / t:.2f})"
-        for name, t, s in pairs
-        if t and s is not None and s >= t
-    ]
-
-
 def _segmentation_scores(teacher_pred: torch.Tensor, student_pred: torch.Tensor,
                          masks: torch.Tensor, num_classes: int) -> dict[str, Any]:  # fmt: skip
     """Mean IoU, pixel accuracy and per-class IoU of teacher and student on the masks."""
     scores = {name: asdict(score_masks(pred, masks, num_classes))
               for name, pred in (("teacher", teacher_pred), ("student", student_pred))}  # fmt: skip
     return {**scores, "num_classes": num_classes, "ignore_index": IGNORE_INDEX}
-
-
-def _report(
-    inputs: _Inputs,
-    result: DistillResult,
-    exported: ExportResult,
-    measured: _Measurements,
-    config: CompressConfig,
-) -> dict[str, Any]:
-    """report.json's content: status and problems first, then both models, the run, versions."""
-    eval_data, command = config.eval_data, config.output.command
-    teacher, plan = inputs.teacher, inputs.plan
-    t_score, s_score = measured.teacher_accuracy, measured.student_accuracy
-    seg, figure = measured.segmentation, "accuracy"
-    if seg is not None:  # a student segmenting only the background keeps a high pixel accuracy
-        t_score, s_score = seg["teacher"]["mean_iou"], seg["student"]["mean_iou"]
-        figure = "mean IoU"
-    scores = measured.task_scores
-    if scores is not None:
-        t_score, s_score, figure = scores.teacher, scores.student, scores.figure
-    problems = judge_student(t_score, s_score, result.health, result.num_classes, figure,
-                             trivial=measured.trivial)  # fmt: skip
-    problems += _compression_problems(teacher, plan, exported, measured)
-    report = {
-        "status": "failed" if problems else "ok",
-        "problems": problems,
-        "teacher": {
-            "source": str(teacher.source),
-            "format": teacher.format,
-            "input_shape": list(teacher.input_shape),
-            "input_domain": inputs.domain.describe(),
-            "num_outputs": teacher.num_outputs,
-            "params": teacher.analysis.params,
-            "macs": teacher.analysis.macs,
-            "onnx_bytes": measured.teacher_onnx_bytes,
-            "latency_ms": measured.teacher_latency_ms,
-            "accuracy": measured.teacher_accuracy,
-            "mean_iou": seg["teacher"]["mean_iou"] if seg else None,
-            "widths": teacher.analysis.widths,
-            "import_max_rel_diff": teacher.max_rel_diff,
-            "distilled_output": teacher.details.get("distilled_output", "logits"),
-        },
-        "student": {
-            "kind": plan.kind,
-            "params": plan.analysis.params,
-            "macs": plan.analysis.macs,
-            "onnx_bytes": exported.onnx_bytes,
-            "latency_ms": measured.student_latency_ms,
-            "accuracy": measured.student_accuracy,
-            "mean_iou": seg["student"]["mean_iou"] if seg else None,
-            "accuracy_measured_on": "student.onnx (onnxruntime)",
-            "widths": plan.analysis.widths,
-            "layers_kept_whole": _layers_kept_whole(teacher.analysis, plan),
-        },
-        "agreement": {"value": measured.agreement, "on": measured.agreement_on},
-        "trivial_predictor": {
-            "figure": figure,
-            "value": measured.trivial,
-            "what": "the majority class of the eval data (at least 1/K)"
-            + (", on every pixel" if seg else ""),
-        }
-        if eval_data
-        else None,
-        "segmentation": seg,
-        "health": asdict(result.health) if result.health else None,
-        "generator_restarts": result.restarts,
-        "onnx_check": {
-            "opset": exported.opset,
-            "max_abs_diff": exported.max_abs_diff,
-            "max_rel_diff": exported.max_rel_diff,
-            "pt2_skipped": exported.pt2_skipped,
-            "batches": [1, 7],
-        },
-        "task": config.task.name,
-        "method": result.method,
-        "method_reason": result.method_reason,
-        "preset": result.preset,
-        "recipe": asdict(result.recipe),
-        "iterations": result.iterations,
-        "elapsed_s": result.elapsed_s,
-        "batch_size": result.batch_size,
-        "world_size": result.world_size,  # ranks; the global batch is their product
-        "global_batch_size": result.batch_size * result.world_size,
-        "device": result.device,
-        "seed": config.distill.seed,
-        "stop_reason": result.stop_reason,
-        "eval_data": str(eval_data) if eval_data else None,
-        "versions": _versions(),
-        "command": command or " ".join(sys.argv),
-    }
-    if scores is not None:
-        _add_task_scores(report, scores)
-    return report
-
-
-def _add_task_scores(report: dict[str, Any], scores: TaskScores) -> None:
-    """The task's own figures in report.json (and the rows report.md shows them in)."""
-    report["teacher"].update(scores.teacher_fields)
-    report["student"].update(scores.student_fields)
-    report.update(scores.report)
-    report["score_rows"] = [list(row) for row in scores.rows]
-    if report["trivial_predictor"] is not None:
-        report["trivial_predictor"].update(figure=scores.figure, value=scores.trivial,
-                                           what=scores.trivial_what)  # fmt: skip
 
 
 def _onnx_size(path: Path) -> int:

@@ -112,13 +112,13 @@ def test_a_student_answering_one_class_of_two_exits_3(tiny_classifier, tmp_path,
 
 
 def test_a_student_no_smaller_than_its_teacher_is_a_failed_compression(tmp_path):
-    from compress_toolbox.pipeline import _compression_problems
+    from compress_toolbox.report.build import compression_problems
 
     teacher = SimpleNamespace(analysis=SimpleNamespace(params=1000, macs=5000))
     plan = SimpleNamespace(analysis=SimpleNamespace(params=790, macs=2000))
     exported = SimpleNamespace(onnx_bytes=683_000)
     measured = SimpleNamespace(teacher_onnx_bytes=585_000)
-    problems = _compression_problems(teacher, plan, exported, measured)
+    problems = compression_problems(teacher, plan, exported, measured)
     assert problems == ["compression failed: the student has 683,000 ONNX bytes, the teacher "
                         "585,000 (ratio 1.17)"]  # fmt: skip
 
@@ -202,7 +202,7 @@ def test_health_records_chance_agreement():
 
 def test_a_derived_student_far_above_width_squared_names_the_layers_that_kept_their_width():
     from compress_toolbox.load.analysis import Analysis, LayerInfo
-    from compress_toolbox.pipeline import _layers_kept_whole
+    from compress_toolbox.report.build import layers_kept_whole
 
     def analysis(params, widths):
         layers = [LayerInfo(f"l{i}", "Conv2d", 1, w, 0) for i, w in enumerate(widths)]
@@ -211,6 +211,6 @@ def test_a_derived_student_far_above_width_squared_names_the_layers_that_kept_th
     teacher = analysis(1000, [64, 64, 10])
     kept = SimpleNamespace(kind="derived (width 0.5, init teacher)",
                            analysis=analysis(790, [64, 32, 10]))  # fmt: skip
-    assert _layers_kept_whole(teacher, kept) == ["l0 (64)"]  # the output layer l2 aside
+    assert layers_kept_whole(teacher, kept) == ["l0 (64)"]  # the output layer l2 aside
     halved = SimpleNamespace(kind=kept.kind, analysis=analysis(250, [32, 32, 10]))
-    assert _layers_kept_whole(teacher, halved) is None
+    assert layers_kept_whole(teacher, halved) is None

@@ -22,18 +22,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from compress_toolbox.distillation.methods import get_method
+from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, VerificationFailed, first_line
-from compress_toolbox.export.calibration import CalibrationSource, from_array, from_sampler
-from compress_toolbox.export.quantize import (
-    DEFAULT_SAMPLES,
-    Agreement,
-    QuantizeResult,
-    compare_onnx,
-    latency_ms,
-    quantize_onnx,
+from compress_toolbox.export.calibration import (
+    CalibrationSource,
+    from_array,
+    from_file,
+    from_sampler,
 )
+from compress_toolbox.export.onnx_compare import Agreement, compare_onnx, latency_ms
+from compress_toolbox.export.quantize import DEFAULT_SAMPLES, QuantizeResult, quantize_onnx
 from compress_toolbox.export.verification import EXPORT_BATCHES, random_inputs
 from compress_toolbox.export.writer import onnx_predictions, onnx_session, teacher_onnx
+from compress_toolbox.tasks import get_task, task_of_output
 from compress_toolbox.tasks.evaldata import EvalData, score
 
 if TYPE_CHECKING:
@@ -344,8 +346,6 @@ def quantize_step(work: Path, student_onnx: Path, inputs: Any, result: DistillRe
     """``quantize_outputs`` for a finished run, as ``config.quantize`` says: ``inputs`` the
     pipeline's (teacher, eval data, student plan), calibrated on fresh inputs of ``result``'s
     trained generator (class-balanced when the generator is class-conditional)."""
-    from compress_toolbox.distillation.methods import get_method
-
     teacher = inputs.teacher
     conditional = getattr(get_method(result.method), "conditional", False)
     source = from_sampler(result.sampler, teacher.input_shape,
@@ -364,10 +364,6 @@ def quantize_file(model: Path, calibration: Path, *, out: Path | None = None,
     model takes them) to ``out`` (default ``MODEL.int8.onnx`` beside it), judged on the eval
     data when given (read as ``--eval-data`` is, with ``mean``/``std``). Returns the result and
     the float/INT8 rows. Refuses to replace an existing INT8 file without ``force``."""
-    from compress_toolbox.domain import InputDomain
-    from compress_toolbox.export.calibration import from_file
-    from compress_toolbox.tasks import get_task, task_of_output
-
     model = Path(model)
     if not model.is_file():
         raise DaflError(f"{model}: no such file")

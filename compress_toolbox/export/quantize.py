@@ -2,7 +2,8 @@
 the caller has: a tensor, an iterable of batches, or a function that makes ``n`` inputs (a
 DAFL generator). Usable alone::
 
-    from compress_toolbox.export.quantize import quantize_onnx, compare_onnx, latency_ms
+    from compress_toolbox.export.quantize import quantize_onnx
+    from compress_toolbox.export.onnx_compare import compare_onnx
     result = quantize_onnx(Path("student.onnx"), Path("student.int8.onnx"), generate)
     agreement = compare_onnx(Path("student.onnx"), result.path, inputs)
 
@@ -21,7 +22,6 @@ import logging
 import os
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,7 +31,6 @@ from typing import Union
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -105,16 +104,6 @@ class QuantizeResult:
     def float_op_types(self) -> tuple[str, ...]:
         """The sorted op types of the nodes left float (e.g. ``("Erf", "Sin")``)."""
         return tuple(sorted({op for _, op in self.float_ops}))
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How closely an INT8 model reproduces its float model on the same inputs (first output)."""
-
-    samples: int
-    top1: float | None  # argmax agreement over axis 1; None when the output has no class axis
-    max_abs_diff: float
-    mean_abs_diff: float
 
 
 class _BatchReader(CalibrationDataReader):
@@ -342,7 +331,7 @@ def _onnxruntime_quiet(notes: list[str]) -> Iterator[None]:
         logger.propagate = propagate
 
 
-def _as_feed(batch: Batch, inputs: list[tuple[str, np.dtype]],
+def as_feed(batch: Batch, inputs: list[tuple[str, np.dtype]],
              where: Path) -> dict[str, np.ndarray]:  # fmt: skip
     """One caller batch as an onnxruntime feed dict, in each input's dtype."""
     if isinstance(batch, Mapping):
@@ -366,7 +355,7 @@ def _numpy(array) -> np.ndarray:
     return np.asarray(array)
 
 
-def _slice(feed: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+def slice_feed(feed: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
     return {name: array[start:stop] for name, array in feed.items()}
 
 
@@ -389,7 +378,7 @@ def _feeds(calibration: Calibration, inputs: list[tuple[str, np.dtype]], samples
     pending: list[dict[str, np.ndarray]] = []
     fed = held = 0
     for item in batches:
-        feed = _as_feed(item, inputs, where)
+        feed = as_feed(item, inputs, where)
         size = len(next(iter(feed.values())))
         if size == 0:
             break  # an exhausted generator must not spin forever
@@ -397,9 +386,9 @@ def _feeds(calibration: Calibration, inputs: list[tuple[str, np.dtype]], samples
         held += size
         while held >= batch and fed + batch <= samples:
             joined = _concat(pending)
-            yield _slice(joined, 0, batch)
+            yield slice_feed(joined, 0, batch)
             fed, held = fed + batch, held - batch
-            pending = [_slice(joined, batch, len(next(iter(joined.values()))))]
+            pending = [slice_feed(joined, batch, len(next(iter(joined.values()))))]
         if fed + batch > samples:
             return
     if fed == 0 and held:
@@ -472,63 +461,3 @@ def _float_nodes(quantised: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
         if node.op_type not in quantisable or not through_dq:
             left.append((node.name or node.output[0], node.op_type))
     return tuple(left)
-
-
-def _session(model: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # onnxruntime's warnings are not the caller's to read
-    try:
-        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    except Exception as error:
-        raise QuantizeError(f"{model}: onnxruntime cannot load it ({first_line(error)})") from error
-
-
-def _run(model: Path, inputs: Batch, batch: int, threads: int) -> np.ndarray:
-    """``model``'s first output over ``inputs``, ``batch`` samples per call."""
-    session = _session(model, threads)
-    names = [(i.name, _ORT_TYPES.get(i.type, np.float32)) for i in session.get_inputs()]
-    feed = _as_feed(inputs, names, model)
-    fixed = session.get_inputs()[0].shape[0]
-    batch = fixed if isinstance(fixed, int) and fixed > 0 else batch  # exported at one size
-    size = len(next(iter(feed.values())))
-    parts = [session.run(None, _slice(feed, s, s + batch))[0] for s in range(0, size, batch)]
-    return np.concatenate(parts)
-
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-              "tensor(double)": np.float64, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
-
-
-def compare_onnx(float_model: Path, int8_model: Path, inputs: Batch, *, batch: int = 64,
-                 threads: int = 1) -> Agreement:  # fmt: skip
-    """Run both models on ``inputs`` (all samples, ``batch`` at a time) and compare their first
-    outputs: argmax agreement over axis 1 (classes; per pixel for segmentation maps) when that
-    axis has more than one entry, and the largest and mean absolute differences."""
-    reference = _run(Path(float_model), inputs, batch, threads).astype(np.float64)
-    quantised = _run(Path(int8_model), inputs, batch, threads).astype(np.float64)
-    difference = np.abs(reference - quantised)
-    top1 = None
-    if reference.ndim >= 2 and reference.shape[1] > 1:
-        top1 = float(np.mean(reference.argmax(axis=1) == quantised.argmax(axis=1)))
-    return Agreement(len(reference), top1, float(difference.max(initial=0.0)),
-                     float(difference.mean()) if difference.size else 0.0)  # fmt: skip
-
-
-def latency_ms(model: Path, batch: Batch, *, runs: int = 20, threads: int = 1,
-               warmup: int = 3) -> float:  # fmt: skip
-    """Median wall time in milliseconds of one onnxruntime CPU run of ``model`` on ``batch``
-    (``warmup`` runs first, not counted)."""
-    session = _session(Path(model), threads)
-    names = [(i.name, _ORT_TYPES.get(i.type, np.float32)) for i in session.get_inputs()]
-    feed = _as_feed(batch, names, model)
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(max(runs, 1)):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)

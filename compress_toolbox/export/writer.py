@@ -153,7 +153,7 @@ def verify_onnx(module: nn.Module, path: str | Path, input_shape: tuple[int, ...
                 source: str | Path | None = None) -> tuple:  # fmt: skip
     """Compare onnxruntime on ``path`` with ``module`` at batch 1 and 7; (abs, rel) diffs.
     Messages name ``source`` (the file as the user will find it), else ``path``."""
-    from compress_toolbox.load.importers.base import torch_runner
+    from compress_toolbox.load.importers.base import torch_runner  # lazy: importers/ import this
 
     session = onnx_session(path)
     input_name = session.get_inputs()[0].name

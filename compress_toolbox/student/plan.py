@@ -83,7 +83,8 @@ def _instead_of_deriving(teacher: Teacher, task: Task) -> str:
 def _derive(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module]:
     """The teacher with every width scaled by ``--width``. When ``--init auto`` chose the
     teacher's weights and they cannot be kept (an H,W,C flatten, see
-    ``derive.channels_last_flatten``), the student starts fresh instead and its kind says so."""
+    ``graph_facts.channels_last_flatten``), the student starts fresh instead and its kind says
+    so."""
     width, init, note = config.student.width, config.init, ""
     example = torch.randn(2, *teacher.input_shape)
     try:

@@ -21,6 +21,7 @@ from torch import nn
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, DaflWarning
 from compress_toolbox.limits import available_memory
+from compress_toolbox.tasks.segmetrics import IGNORE_INDEX, score_masks
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -387,8 +388,6 @@ def score(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     IoU for masks (N, H, W)."""
     if labels.dim() == 1:
         return accuracy(predictions, labels)
-    from compress_toolbox.tasks.segmetrics import IGNORE_INDEX, score_masks
-
     valid = labels[labels != IGNORE_INDEX]
     classes = 1 + max(int(predictions.max()), int(valid.max()) if valid.numel() else 0)
     return score_masks(predictions, labels, classes).mean_iou
@@ -398,8 +397,6 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of ``predictions`` equal to ``labels`` (exact: a count over a length); for masks,
     of the pixels not labelled 255 (ignore)."""
     if labels.dim() > 1:
-        from compress_toolbox.tasks.segmetrics import IGNORE_INDEX
-
         keep = labels != IGNORE_INDEX
         return int((predictions[keep] == labels[keep]).sum()) / max(int(keep.sum()), 1)
     return int((predictions == labels).sum()) / len(labels) if len(labels) else 0.0

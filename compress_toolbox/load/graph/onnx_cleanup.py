@@ -351,7 +351,7 @@ def channels_first_flatten(model: onnx.ModelProto) -> int:
     for transpose in transposes:
         shape = shapes.get(transpose.input[0], [])
         if len(shape) != 4 or None in shape[1:]:
-            continue  # sizes unknown: student.channels_last_flatten refuses teacher init
+            continue  # sizes unknown: graph_facts.channels_last_flatten refuses teacher init
         for flatten in users.get(transpose.output[0], []):
             gemm = _dense_after_flatten(flatten, users, initializers, outputs)
             if gemm is not None and _permute_rows(gemm, graph, initializers, tuple(shape[1:])):

@@ -3,7 +3,7 @@
 Adding a format means adding one file here that defines a ``sniff`` function (does this file look
 like my format?) and an importer decorated with ``@register_importer(name, sniff)``; every module in
 this package is imported automatically, except private helpers (a leading underscore, such as
-``_tf_convert``, which runs in its own process).
+``_tf_process/``, the TensorFlow converter, which runs in its own process).
 """
 
 from __future__ import annotations

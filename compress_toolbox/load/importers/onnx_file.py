@@ -9,6 +9,7 @@ import onnx
 
 from compress_toolbox.errors import ImportFailed
 from compress_toolbox.export.verification import tolerance_for
+from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.load.graph.fixed_batch import free_batch
 from compress_toolbox.load.graph.onnx_cleanup import clean_up
 from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, opset_version, prepare_onnx_model
@@ -150,8 +151,6 @@ def _check_input_type(graph_input: onnx.ValueInfoProto, path: Path) -> None:
 
 
 def _onnxruntime_runner(path: Path, input_name: str, output_name: str, fixed_batch: int | None):
-    from compress_toolbox.export.writer import onnx_session
-
     try:
         session = onnx_session(path)
     except Exception as error:
@@ -172,8 +171,6 @@ def _free_fixed_batch(path: Path, model: onnx.ModelProto, graph_input: onnx.Valu
     export does) is freed (``fixed_batch.free_batch``) when the freed graph gives, at batch 2,
     what the file gives sample by sample; else it is refused here rather than failing deep in
     the conversion. Returns the model to import and the number of reshapes rewritten."""
-    from compress_toolbox.export.writer import onnx_session
-
     x = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
     original = onnx_session(model.SerializeToString())
     name = graph_input.name

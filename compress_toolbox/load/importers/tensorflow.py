@@ -2,9 +2,10 @@
 TFLite): converted to ONNX by tf2onnx in a subprocess, imported by the ONNX importer, and
 verified against TensorFlow's own outputs.
 
-TensorFlow is never imported here: importing it beside torch segfaults, so ``_tf_convert.py``
-runs in its own Python process and hands back an ONNX file plus TensorFlow's outputs on fixed
-NHWC inputs. The optional extra ``dafl-compress[tf]`` provides tensorflow-cpu and tf2onnx.
+TensorFlow is never imported here: importing it beside torch segfaults, so the converter
+(``_tf_process/convert.py``) runs in its own Python process and hands back an ONNX file plus
+TensorFlow's outputs on fixed NHWC inputs. The optional extra ``dafl-compress[tf]`` provides
+tensorflow-cpu and tf2onnx.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from compress_toolbox.load.analysis import output_tensor
 from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer
 from compress_toolbox.load.importers.onnx_file import import_onnx
 
-CONVERTER = Path(__file__).with_name("_tf_convert.py")
+CONVERTER = Path(__file__).with_name("_tf_process") / "convert.py"
 # Run by path through runpy, not ``-m``: ``-m`` would import compress_toolbox (and torch), and a
 # script's own folder on sys.path would let this file shadow the real ``tensorflow``.
 LAUNCH = "import runpy, sys; sys.exit(runpy.run_path(sys.argv[1])['main'](sys.argv[2:]))"
@@ -145,7 +146,7 @@ def _converter_env() -> dict[str, str]:
 
 
 def _run_converter(path: Path, kind: str, out: Path, options: dict) -> Conversion:
-    """Run _tf_convert.py in its own process, in an empty working folder of its own (a relative
+    """Run the converter in its own process, in an empty working folder of its own (a relative
     path in a graph resolves there, and it is deleted after); its one-line error becomes ours."""
     command = [sys.executable, "-c", LAUNCH, str(CONVERTER),
                *_converter_args(path, kind, out, options)]  # fmt: skip

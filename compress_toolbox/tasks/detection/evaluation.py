@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.tasks.base import TaskScores
 from compress_toolbox.tasks.detection.data import DetectionEvalData
 from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD, Detections, decode
@@ -32,8 +33,6 @@ def torch_outputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def onnx_outputs(path: Path, x: torch.Tensor) -> torch.Tensor:
     """Raw first output of the ONNX model at ``path`` (onnxruntime) for every image of ``x``."""
-    from compress_toolbox.export.writer import onnx_session
-
     session = onnx_session(path)
     name = session.get_inputs()[0].name
     chunks = [session.run(None, {name: x[i : i + BATCH].numpy()})[0]

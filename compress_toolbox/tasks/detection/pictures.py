@@ -35,7 +35,7 @@ def plot_detections(sampler, teacher: nn.Module, student: nn.Module, domain: Inp
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from compress_toolbox.report.render import _displayable
+    from compress_toolbox.report.render import _displayable  # lazy: matplotlib
 
     x = sampler(SHOWN).cpu()
     t_out, s_out = teacher.eval().cpu()(x), student.eval().cpu()(x)

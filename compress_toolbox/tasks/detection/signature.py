@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from compress_toolbox.export.writer import onnx_session
+
 PROBE_BATCH = 2
 
 
@@ -56,8 +58,6 @@ def signature(path: str | Path, input_shape: tuple[int, ...],
     """The inputs and outputs of the ONNX file at ``path``, run once at ``batch`` (where the
     file does not fix its own, as ultralytics' batch-1 exports do) on zeros of
     ``input_shape`` (no batch) to learn the output shapes."""
-    from compress_toolbox.export.writer import onnx_session
-
     model = onnx.load(str(path), load_external_data=False)
     initializers = {i.name for i in model.graph.initializer}
     graph_inputs = [v for v in model.graph.input if v.name not in initializers]

@@ -13,9 +13,9 @@ The only exception is a saver's own ops (``SAVER_OPS``: SaveV2, RestoreV2...), a
 dafl-compress never runs anything: outside the functions a TF2 SavedModel's object graph names
 (TensorFlow 2's loader restores variables through the object graph, not the saver's
 functions), and outside the part of a TF1 graph that computes its outputs (TF1 variables are
-read from the checkpoint by name, the file's restore op is never run: ``_tf_convert.py``).
+read from the checkpoint by name, the file's restore op is never run: ``convert.py``).
 
-Used only by ``_tf_convert.py``, in the converter process: TensorFlow is imported inside the
+Used only in the converter process (``convert.py``): TensorFlow is imported inside the
 functions that need it, never by importing this file.
 """
 
@@ -198,7 +198,7 @@ def check_saved_model(saved_model, what: str = "the SavedModel") -> None:
     and what they call: SAFE_OPS only. Its graph's nodes and the saver functions they call
     (``__inference__traced_save``/``_restore``) are run only by the TF1 loader, which
     dafl-compress does not use (a TF1 SavedModel's graph is checked again, strictly, where it
-    computes the outputs: _tf_convert.py)."""
+    computes the outputs: tf1_graphs.py)."""
     for meta_graph in saved_model.meta_graphs:
         roots = set(meta_graph.object_graph_def.concrete_functions)
         for obj in meta_graph.object_graph_def.nodes:
