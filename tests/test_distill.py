@@ -337,6 +337,32 @@ def test_rate_watch_waits_for_a_full_window_and_a_real_drift():
     assert watch.drifted(recipe) == pytest.approx((0.05, 0.02))
 
 
+def test_a_late_replan_asks_only_for_the_iterations_the_run_lacks():
+    """Past the target number of iterations, a re-plan keeps the preset's student steps even
+    when the rest of the budget buys few iterations; early in a run it trades them away."""
+    from compress_toolbox.distillation import distributed
+    from compress_toolbox.distillation.health import CollapseGuard
+    from compress_toolbox.distillation.parts import Progress, StopPolicy
+    from compress_toolbox.distillation.planning import Planner
+    from compress_toolbox.distillation.recipe import DRIFT_WINDOW, TARGET_ITERATIONS
+
+    preset = replace(TINY, size_to_budget=True, student_steps=12)
+    stop = StopPolicy.for_run(None, None, 100.0, preset)
+
+    def replanned(iteration: int) -> Recipe:
+        planner = Planner(preset, stop, distributed.world(), Progress(False, "t", None, 0),
+                          CollapseGuard())  # fmt: skip
+        recipe = Recipe(batch_size=8, student_steps=12, pool_size=4, generate_s=0.01,
+                        student_step_s=0.001)  # fmt: skip
+        for i in range(DRIFT_WINDOW):  # 10x slower: 1.2 s per iteration, 20 s left
+            recipe = planner.watch(recipe, iteration + i + 1, 0.1, 0.01, 80.0)
+        assert recipe.replans == 1
+        return recipe
+
+    assert replanned(TARGET_ITERATIONS + 100).student_steps == 12
+    assert replanned(0).student_steps == 4  # 20 s buy 142 iterations of the 390 still lacking
+
+
 def test_bad_teacher_output_is_a_clear_error():
     teacher = Teacher.from_module(nn.Sequential(nn.Conv2d(1, 3, 1)), SHAPE)
     with pytest.raises(DaflError, match=r"teacher output is \(2, 3, 16, 16\)"):

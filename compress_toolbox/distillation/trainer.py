@@ -2,7 +2,8 @@
 
 ``distill`` builds a ``Trainer``: one loop over a training state, with the method (which makes
 the inputs: methods/), the replay pool, the stop policy, threads, checkpoints and progress
-(training.py), the recipe sized to the device (recipe.py) and the health checks (health.py).
+(parts.py), the recipe sized to the device (recipe.py; planning.py decides when) and the
+health checks (health.py).
 """
 
 from __future__ import annotations
@@ -49,13 +50,8 @@ from compress_toolbox.distillation.parts import (
     rng_state,
     set_rng_state,
 )
-from compress_toolbox.distillation.recipe import (
-    DRIFT_WINDOW,
-    RateWatch,
-    Recipe,
-    fit_batch_to_memory,
-    size_recipe,
-)
+from compress_toolbox.distillation.planning import Planner
+from compress_toolbox.distillation.recipe import Recipe, fit_batch_to_memory
 from compress_toolbox.errors import DaflError, DaflWarning, TrainingFailed, first_line
 from compress_toolbox.limits import available_memory
 from compress_toolbox.load.teacher import Teacher
@@ -98,7 +94,6 @@ class Trainer:
         self.iteration = 0
         self.elapsed_before = 0.0
         self.guard = CollapseGuard()
-        self.rate = RateWatch()
         self.last_health: Health | None = None
         self.method: Method | None = None
 
@@ -243,49 +238,6 @@ class Trainer:
             return False
         return try_channels_last(self.teacher, self.student, self.method, self.device)
 
-    def _plan(self, generate_s: float, student_s: float, elapsed: float) -> None:
-        """Size the recipe from measured step times (once the thread choice has settled)."""
-        remaining = None
-        if self.stop.time_budget is not None:
-            remaining = self.stop.time_budget - elapsed
-        self.recipe = size_recipe(self.recipe, generate_s, student_s, remaining,
-                                  adapt=self.preset.size_to_budget)  # fmt: skip
-        self.recipe.sized_by = "timings (time budget)" if remaining is not None else "counts"
-        if remaining is None and self.stop.total_iters is not None:
-            self.recipe.expected_iterations = self.stop.total_iters
-        self._announce_plan("plan", elapsed)
-
-    def _announce_plan(self, label: str, elapsed: float) -> None:
-        """Rank 0's recipe on every rank (timings differ by rank), on the progress output."""
-        self.recipe = self.world.broadcast_object(self.recipe)
-        self.progress.line(self.iteration, elapsed, {label: self.recipe.describe()})
-        if self.recipe.expected_iterations:
-            self.progress.set_total(self.iteration + self.recipe.expected_iterations)
-            self.guard.set_warmup(self.iteration + self.recipe.expected_iterations)
-        if self.recipe.warning:
-            warnings.warn(self.recipe.warning, DaflWarning, stacklevel=2)
-
-    def _replan_if_drifted(self, elapsed: float) -> None:
-        """Re-size a time-budgeted run whose last iterations took far more or less time than
-        planned: student steps per generated batch follow the new step times (from the preset's
-        number again), and the progress total the iterations the rest of the budget buys."""
-        if self.iteration % DRIFT_WINDOW:  # the same iterations on every rank: they agree
-            return
-        budget = self.stop.time_budget or 0.0
-        times = self.rate.drifted(self.recipe) if elapsed < 0.95 * budget else None
-        times, remaining = self.world.broadcast_object((times, budget - elapsed))  # rank 0's
-        if times is None:
-            return
-        planned_s, took_s = self.recipe.iteration_s, times[0] + self.recipe.student_steps * times[1]
-        base = replace(self.recipe, student_steps=self.preset.student_steps)
-        self.recipe = size_recipe(base, *times, remaining, adapt=self.preset.size_to_budget)
-        self.recipe.replans += 1
-        self.recipe.warning = None  # said once, at the first plan
-        why = f"iterations took {took_s:.2f} s, not the planned {planned_s:.2f} s"
-        self._announce_plan(f"re-plan ({why})", elapsed)
-        self.progress.set_total(self.iteration + self.recipe.expected_iterations)
-        self.rate.clear()
-
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> DistillResult:
         """Train until the stop policy says so; return the result (student on the CPU)."""
@@ -389,9 +341,9 @@ class Trainer:
         self.progress = Progress(self.options.progress and self.world.is_writer,
                                  f"{self.method.name}/{self.preset.name}",
                                  self.stop.total_iters, self.iteration)  # fmt: skip
+        self.planner = Planner(self.preset, self.stop, self.world, self.progress, self.guard)
         self.first_iteration = self.iteration
         self.started = time.perf_counter()
-        self.planned = False
 
     def elapsed(self) -> float:
         """Seconds of training so far, over every session of a resumed run."""
@@ -418,12 +370,11 @@ class Trainer:
                 f"({', '.join(f'{k} {v:.3g}' for k, v in losses.items())}); try a "
                 "lower learning rate, a smaller --batch-size or another --method"
             )
-        if not self.planned and self.threads.settled and done >= 2:
-            self._plan(generate_s, student_s, self.elapsed())
-            self.planned = True
-        elif self.planned and self.stop.time_budget is not None:
-            self.rate.add(generate_s, student_s)
-            self._replan_if_drifted(self.elapsed())
+        times = (self.recipe, self.iteration, generate_s, student_s, self.elapsed())
+        if not self.planner.planned and self.threads.settled and done >= 2:
+            self.recipe = self.planner.plan(*times)
+        elif self.planner.planned and self.stop.time_budget is not None:
+            self.recipe = self.planner.watch(*times)
         row: dict[str, Any] = dict(losses)
         if self.iteration % self.options.health_every == 0:
             row.update(self._check_health().as_row())
