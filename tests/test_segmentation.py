@@ -259,6 +259,30 @@ def test_shift_and_flip_moves_each_image_by_its_own_offset():
     assert len(offsets) > 8  # each image its own offset, not one for the batch
 
 
+def test_crop_and_flip_moves_each_image_a_little_without_wrapping():
+    """Each image comes back moved by at most 1/8 of its size (edge pixels repeated into the
+    gap, nothing wrapped round) and maybe mirrored, each by its own offset."""
+    from compress_toolbox.distillation.generator import crop_and_flip
+
+    torch.manual_seed(0)
+    raw = torch.rand(32, 1, 16, 16)
+    moved = crop_and_flip(raw)
+    index = torch.arange(16)
+
+    def shifted(image, dy, dx, flip):
+        cols = (index - dx).clamp(0, 15)
+        cols = 15 - cols if flip else cols
+        return image[:, (index - dy).clamp(0, 15)][:, :, cols]
+
+    offsets = set()
+    for i in range(32):
+        found = [(dy, dx, flip) for dy in range(-2, 3) for dx in range(-2, 3) for flip in (0, 1)
+                 if torch.equal(moved[i], shifted(raw[i], dy, dx, flip))]  # fmt: skip
+        assert found, i
+        offsets.add(found[0])
+    assert len(offsets) > 10  # each image its own offset, not one for the batch
+
+
 def test_photometric_jitter_gives_mid_tones_in_the_domain():
     """Black-and-white images (what a DAFL generator makes) come back with mid-tones, blur or
     noise, each image its own, inside the teacher's domain, with gradients to the input; a
@@ -280,9 +304,9 @@ def test_photometric_jitter_gives_mid_tones_in_the_domain():
     assert torch.equal(jitter_photometric(pixels, None), pixels)
 
 
-def test_generated_images_are_augmented_for_segmentation_only(unet):
+def test_generated_images_are_augmented_as_the_task_asks(unet):
     """A segmentation teacher sees each generated image moved about and jittered (the task's
-    augmentations); a classifier sees the generator's output as it is."""
+    augmentations); a classifier sees it moved a little and mirrored, not jittered."""
     from compress_toolbox.distillation.methods import get_method
     from compress_toolbox.distillation.methods.base import MethodContext
     from compress_toolbox.distillation.presets import get_preset
@@ -303,9 +327,28 @@ def test_generated_images_are_augmented_for_segmentation_only(unet):
     assert seen.shape == raw.shape and not torch.equal(seen, raw)
     assert seen.min() >= 0 and seen.max() <= 1
     classifier = method("classification")
-    assert classifier.augmentations == ()
+    assert classifier.augmentations == ("crop_and_flip",)
     classifier.generator.eval()
-    assert torch.equal(classifier._images(z, None), classifier.generator(z))
+    raw, seen = classifier.generator(z), classifier._images(z, None)
+    assert seen.shape == raw.shape and not torch.equal(seen, raw)
+    assert set(seen.unique().tolist()) <= set(raw.unique().tolist())  # moved, not jittered
+
+
+def test_a_preset_may_choose_the_augmentations(unet):
+    """``Preset.augmentations`` replaces the task's choice; an unknown name is refused."""
+    from compress_toolbox.distillation.methods import get_method
+    from compress_toolbox.distillation.methods.base import MethodContext
+    from compress_toolbox.distillation.presets import get_preset
+    from compress_toolbox.domain import InputDomain
+    from compress_toolbox.errors import DaflError
+
+    preset = get_preset("fast").with_options(augmentations=["crop_and_flip"])
+    ctx = MethodContext(teacher=unet, student=unet, input_shape=SHAPE, num_classes=CLASSES,
+                        domain=InputDomain(), preset=preset, device=torch.device("cpu"),
+                        final_layer="head", task="segmentation")  # fmt: skip
+    assert get_method("dafl")(ctx).augmentations == ("crop_and_flip",)
+    with pytest.raises(DaflError, match="unknown augmentation"):
+        get_preset("fast").with_options(augmentations=("rotate",))
 
 
 def test_health_checks_use_few_canvases(unet, monkeypatch):

@@ -185,6 +185,27 @@ def shift_and_flip(x: torch.Tensor) -> torch.Tensor:
     return x.gather(3, col_index[:, None, None, :].expand_as(x))
 
 
+def crop_and_flip(x: torch.Tensor, fraction: float = 0.125) -> torch.Tensor:
+    """Each image of ``x`` (N, C, H, W) moved by its own random offset of up to ``fraction`` of
+    its size (the edge pixels repeated into the gap) and mirrored left-right with probability
+    1/2: the random crop and flip of classification training, differentiable.
+
+    Unlike ``shift_and_flip`` nothing wraps round, so an object stays whole (for classifiers).
+    """
+    n, _, height, width = x.shape
+    rows = torch.arange(height, device=x.device)
+    cols = torch.arange(width, device=x.device)
+    reach_y, reach_x = max(1, int(height * fraction)), max(1, int(width * fraction))
+    dy = torch.randint(-reach_y, reach_y + 1, (n, 1), device=x.device)
+    dx = torch.randint(-reach_x, reach_x + 1, (n, 1), device=x.device)
+    row_index = (rows - dy).clamp(0, height - 1)  # (N, H): output row r takes input row r - dy
+    col_index = (cols - dx).clamp(0, width - 1)
+    mirror = torch.rand(n, 1, device=x.device) < 0.5
+    col_index = torch.where(mirror, width - 1 - col_index, col_index)
+    x = x.gather(2, row_index[:, None, :, None].expand_as(x))
+    return x.gather(3, col_index[:, None, None, :].expand_as(x))
+
+
 def jitter_photometric(x: torch.Tensor, domain: InputDomain | None) -> torch.Tensor:
     """Each image of ``x`` (N, C, H, W, in the teacher's input domain) with its own contrast
     (x0.4 to x1 about mid-grey), brightness (-0.3 to +0.3), a 3x3 blur with probability 1/2
@@ -216,6 +237,7 @@ def jitter_photometric(x: torch.Tensor, domain: InputDomain | None) -> torch.Ten
 # domain, or None when the generator's output is not pixels.
 AUGMENTATIONS: dict[str, Callable[[torch.Tensor, InputDomain | None], torch.Tensor]] = {
     "shift_and_flip": lambda x, domain: shift_and_flip(x),
+    "crop_and_flip": lambda x, domain: crop_and_flip(x),
     "photometric": jitter_photometric,
 }
 

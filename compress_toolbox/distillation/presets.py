@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+from compress_toolbox.distillation.generator import AUGMENTATIONS
 from compress_toolbox.errors import DaflError
 
 
@@ -50,6 +51,9 @@ class Preset:
     fit_schedule_to_budget: bool = False  # schedule progress = max(iter/iters, elapsed/budget)
     size_to_budget: bool = False  # choose batch / student steps from timed steps (recipe.py)
     default_time_budget: float | None = None  # seconds, used when no budget/iters/epochs given
+    # what is done to each generated image before the teacher sees it (generator.AUGMENTATIONS
+    # names, in order); None: what the task asks for (tasks.Task.generated_augmentations)
+    augmentations: tuple[str, ...] | None = None
     description: str = ""
 
     def with_options(self, **changes) -> Preset:
@@ -58,6 +62,8 @@ class Preset:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise DaflError(f"unknown preset field(s): {', '.join(unknown)}")
+        if isinstance(changes.get("augmentations"), list):  # e.g. parsed from JSON
+            changes["augmentations"] = tuple(changes["augmentations"])
         return replace(self, **changes).check()
 
     def check(self) -> Preset:
@@ -80,6 +86,10 @@ class Preset:
                 raise DaflError(
                     f"preset {self.name}: {name} must be a positive number, got {value!r}"
                 )
+        unknown = sorted(set(self.augmentations or ()) - set(AUGMENTATIONS))
+        if unknown:
+            raise DaflError(f"preset {self.name}: unknown augmentation(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(AUGMENTATIONS)}")  # fmt: skip
         if self.batch_size < 2:
             raise DaflError(f"preset {self.name}: batch size must be at least 2 (BatchNorm)")
         return self

@@ -140,7 +140,9 @@ class GeneratorMethod(Method):
         super().__init__(ctx)
         # images only: a (F,) vector has no layout to move
         images = len(ctx.input_shape) == 3
-        self.augmentations = ctx.task.generated_augmentations if images else ()
+        chosen = ctx.preset.augmentations
+        self.augmentations = () if not images else (
+            ctx.task.generated_augmentations if chosen is None else chosen)  # fmt: skip
         # the teacher's domain where the generator makes pixels in it (see restart)
         self.pixel_domain = ctx.domain if ctx.preset.generator_output == "domain" else None
         self.restart()
