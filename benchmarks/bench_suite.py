@@ -9,6 +9,9 @@ distillation, ONNX export, evaluation of student.onnx on the teacher's evaluatio
 
 The default compares the default (``auto``: method and student start chosen by the tool) with
 plain DAFL (``dafl+fresh``: the DAFL method from a freshly initialised student, as in the paper).
+``--quantize`` adds ``--quantize int8 --quantize-teacher`` to every run and prints the INT8 table
+(teacher fp32 / teacher int8 / student fp32 / student int8: accuracy, size, latency, medians over
+seeds) and the share of the wall time spent quantising.
 Budgets: 180 s for teachers of at most 5 M MACs, 600 s up to 50 M (the targets' budgets),
 unless --budget. ``--jobs 2`` runs two at a time with one thread each (faster, but each run then
 has one core: say so when quoting). Prints one line per run and a table of medians.
@@ -51,7 +54,7 @@ def parse_sets(pairs: list[str]) -> dict:
 
 
 def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
-            threads: int | None, iters: int | None) -> dict:  # fmt: skip
+            threads: int | None, iters: int | None, quantize: bool = False) -> dict:  # fmt: skip
     """One compress run in this (worker) process; returns the figures of its report."""
     sys.path.insert(0, str(REPO))
     import warnings
@@ -65,6 +68,8 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
     name, _, init = method.partition("+")  # "dafl+fresh": method dafl, student init fresh
     out = Path(tempfile.mkdtemp(prefix="suite-")) / "out"
     budget_option = {"iters": iters} if iters else {"time_budget": budget}
+    if quantize:
+        budget_option.update(quantize="int8", quantize_teacher=True)
     start = time.perf_counter()
     status, report = "ok", None
     try:
@@ -98,7 +103,8 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
     finally:  # whatever happens, no suite-* folder is left in the temporary folder
         shutil.rmtree(out.parent, ignore_errors=True)
     row = {"teacher": entry["name"], "requested": method, "seed": seed, "status": status,
-           "wall_s": wall, "budget": budget, "iters": iters, "set": changes}  # fmt: skip
+           "wall_s": wall, "budget": budget, "iters": iters, "set": changes,
+           "quantize": quantize}  # fmt: skip
     if report:
         row.update(
             method=report["method"], accuracy=report["student"]["accuracy"],
@@ -107,14 +113,18 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
             restarts=report["generator_restarts"], health=report["health"],
             timings=report["timings"], student_kind=report["student"]["kind"],
         )  # fmt: skip
+        if report.get("int8"):
+            row["int8"] = [{key: r[key] for key in ("model", "status", "score", "onnx_bytes",
+                                                     "latency_ms", "agreement")}
+                           for r in report["int8"]["rows"]]  # fmt: skip
     return row
 
 
 def _key(teacher: str, method: str, seed: int, budget: float, changes: dict,
-         iters: int | None) -> tuple:  # fmt: skip
+         iters: int | None, quantize: bool = False) -> tuple:  # fmt: skip
     """What makes two runs the same run (a resumed benchmark reuses only those)."""
     settings = json.dumps(changes, sort_keys=True)
-    return teacher, method, seed, None if iters else budget, iters, settings
+    return teacher, method, seed, None if iters else budget, iters, settings, quantize
 
 
 def summarise(rows: list[dict], entries: list[dict], methods: list[str]) -> str:
@@ -146,6 +156,41 @@ def summarise(rows: list[dict], entries: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def summarise_int8(rows: list[dict], entries: list[dict]) -> str:
+    """The INT8 table: per teacher, each model's median accuracy, file size and latency over
+    the seeds, the INT8 student against the float one, and the time spent quantising."""
+    lines = [
+        "| teacher | model | accuracy (median) | size (bytes) | latency batch 1 ms | "
+        "latency batch 32 ms | agreement with fp32 | status | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    shares = []
+    for entry in entries:
+        runs = [r for r in rows if r["teacher"] == entry["name"] and r.get("int8")]
+        for model in ("teacher fp32", "teacher int8", "student fp32", "student int8"):
+            found = [m for r in runs for m in r["int8"] if m["model"] == model]
+            if not found:
+                continue
+
+            def median(get, items=found):
+                values = [v for v in map(get, items) if v is not None]
+                return statistics.median(values) if values else None
+
+            figures = (median(lambda m: m["score"]), median(lambda m: m["onnx_bytes"]),
+                       median(lambda m: m["latency_ms"].get("batch 1")),
+                       median(lambda m: m["latency_ms"].get("batch 32")),
+                       median(lambda m: m["agreement"]))  # fmt: skip
+            text = " | ".join("-" if v is None else f"{v:.4g}" for v in figures)
+            status = ",".join(sorted({m["status"] for m in found}))
+            lines.append(f"| {entry['name']} | {model} | {text} | {status} | {len(found)} |")
+        shares += [r["timings"]["quantize_s"] / r["wall_s"] for r in runs]
+    if shares:
+        share = 100 * statistics.median(shares)
+        lines.append(f"\nquantising (student and teacher): median {share:.1f}% of a run's wall "
+                     f"time (max {100 * max(shares):.1f}%)")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teachers", nargs="*", help="names from suite.json (default: all)")
@@ -157,6 +202,11 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="fast-preset fields to change")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (1 thread each)")
+    parser.add_argument("--threads", type=int,
+                        help="threads per run (default: 1 with --jobs > 1, else the tool's choice; "
+                        "1 for two invocations side by side)")  # fmt: skip
+    parser.add_argument("--quantize", action="store_true",
+                        help="also write and measure INT8 student and teacher")  # fmt: skip
     parser.add_argument(
         "--json",
         type=Path,
@@ -172,13 +222,13 @@ def main() -> int:
     if args.teachers:
         entries = [e for e in entries if e["name"] in args.teachers]
     changes = parse_sets(args.set)
-    threads = 1 if args.jobs > 1 else None
+    threads = args.threads or (1 if args.jobs > 1 else None)
     rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
     done = {_key(r["teacher"], r["requested"], r["seed"], r["budget"], r.get("set", {}),
-                 r.get("iters")) for r in rows}  # fmt: skip
-    jobs = [(e, m, s, budget_for(e, args.budget), changes, threads, args.iters)
+                 r.get("iters"), r.get("quantize", False)) for r in rows}  # fmt: skip
+    jobs = [(e, m, s, budget_for(e, args.budget), changes, threads, args.iters, args.quantize)
             for e in entries for m in args.methods for s in range(args.seeds)]  # fmt: skip
-    jobs = [job for job in jobs if _key(job[0]["name"], *job[1:5], job[6]) not in done]
+    jobs = [job for job in jobs if _key(job[0]["name"], *job[1:5], *job[6:]) not in done]
     print(f"{len(jobs)} runs ({len(rows)} already in {args.json}), {args.jobs} at a time; "
           f"preset changes: {changes or 'none'}", flush=True)  # fmt: skip
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
@@ -198,6 +248,9 @@ def main() -> int:
                   f"{row['status']}", flush=True)  # fmt: skip
     print()
     print(summarise(rows, entries, args.methods))
+    if args.quantize:
+        print()
+        print(summarise_int8(rows, entries))
     return 0
 
 
