@@ -104,9 +104,9 @@ def corpus(tmp_path_factory):
 def verdict_aside(monkeypatch):
     """For tests of the output folder: four iterations give a student far from its teacher,
     which the verdict rightly fails (exit 3); what these tests check must not hang on it."""
-    from compress_toolbox import pipeline
+    from compress_toolbox.report import build
 
-    monkeypatch.setattr(pipeline, "judge_student", lambda *args, **kwargs: [])
+    monkeypatch.setattr(build, "judge_student", lambda *args, **kwargs: [])
 
 
 def nothing_left(folder: Path, name: str = "out") -> None:
