@@ -171,7 +171,7 @@ def _build_user_model(spec: str, kwargs: dict):
     if not file.is_file():
         raise common.UserError(f"--model-class: no such file {file}")
     module_spec = importlib.util.spec_from_file_location(f"_dafl_user_{file.stem}", file)
-    module = importlib.util.module_fromspec(module_spec)
+    module = importlib.util.module_from_spec(module_spec)
     sys.path.insert(0, str(file.parent))  # its own modules beside it, as `python file.py` has
     try:
         module_spec.loader.exec_module(module)
