@@ -163,6 +163,17 @@ def make_generator(
     )
 
 
+def _mirror_and_gather(x: torch.Tensor, row_index: torch.Tensor,
+                       col_index: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``x`` (N, C, H, W) with output row r of image i taken from input row ``row_index[i, r]``
+    (likewise columns), each image mirrored left-right with probability 1/2."""
+    width = x.shape[3]
+    mirror = torch.rand(x.shape[0], 1, device=x.device) < 0.5
+    col_index = torch.where(mirror, width - 1 - col_index, col_index)
+    x = x.gather(2, row_index[:, None, :, None].expand_as(x))
+    return x.gather(3, col_index[:, None, None, :].expand_as(x))
+
+
 def shift_and_flip(x: torch.Tensor) -> torch.Tensor:
     """Each image of ``x`` (N, C, H, W) rolled by its own random offset (wrapping round) and
     mirrored left-right with probability 1/2; differentiable, so a generator learns through it.
@@ -179,10 +190,7 @@ def shift_and_flip(x: torch.Tensor) -> torch.Tensor:
     dx = torch.randint(width, (n, 1), device=x.device)
     row_index = (rows - dy) % height  # (N, H): output row r takes input row r - dy
     col_index = (cols - dx) % width
-    mirror = torch.rand(n, 1, device=x.device) < 0.5
-    col_index = torch.where(mirror, width - 1 - col_index, col_index)
-    x = x.gather(2, row_index[:, None, :, None].expand_as(x))
-    return x.gather(3, col_index[:, None, None, :].expand_as(x))
+    return _mirror_and_gather(x, row_index, col_index)
 
 
 def crop_and_flip(x: torch.Tensor, fraction: float = 0.125) -> torch.Tensor:
@@ -200,10 +208,7 @@ def crop_and_flip(x: torch.Tensor, fraction: float = 0.125) -> torch.Tensor:
     dx = torch.randint(-reach_x, reach_x + 1, (n, 1), device=x.device)
     row_index = (rows - dy).clamp(0, height - 1)  # (N, H): output row r takes input row r - dy
     col_index = (cols - dx).clamp(0, width - 1)
-    mirror = torch.rand(n, 1, device=x.device) < 0.5
-    col_index = torch.where(mirror, width - 1 - col_index, col_index)
-    x = x.gather(2, row_index[:, None, :, None].expand_as(x))
-    return x.gather(3, col_index[:, None, None, :].expand_as(x))
+    return _mirror_and_gather(x, row_index, col_index)
 
 
 def jitter_photometric(x: torch.Tensor, domain: InputDomain | None) -> torch.Tensor:

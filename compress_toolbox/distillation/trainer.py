@@ -370,11 +370,11 @@ class Trainer:
                 f"({', '.join(f'{k} {v:.3g}' for k, v in losses.items())}); try a "
                 "lower learning rate, a smaller --batch-size or another --method"
             )
-        times = (self.recipe, self.iteration, generate_s, student_s, self.elapsed())
+        step = (self.recipe, self.iteration, generate_s, student_s, self.elapsed())
         if not self.planner.planned and self.threads.settled and done >= 2:
-            self.recipe = self.planner.plan(*times)
+            self.recipe = self.planner.plan(*step)
         elif self.planner.planned and self.stop.time_budget is not None:
-            self.recipe = self.planner.watch(*times)
+            self.recipe = self.planner.watch(*step)
         row: dict[str, Any] = dict(losses)
         if self.iteration % self.options.health_every == 0:
             row.update(self._check_health().as_row())

@@ -216,7 +216,7 @@ def convert(args) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tf_process/convert.py")
+    parser = argparse.ArgumentParser(prog="_tf_process/convert.py")
     parser.add_argument("--kind", choices=ROUTES, required=True)
     parser.add_argument("--source", required=True)
     parser.add_argument("--out", required=True)
