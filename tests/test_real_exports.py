@@ -290,3 +290,113 @@ def test_agreement_on_generated_inputs_is_measured_within_its_time():
     x, _ = _generated_with_answers(nn.Identity(), lambda n: torch.randn(n, 4), seconds=60.0)
     assert len(x) == 512
     assert _measuring_seconds(60) == 4.0 and _measuring_seconds(600) == 30.0
+
+
+def _paddle_style(path, output_name: str = "probs") -> None:
+    """Rewrite an exported ONNX file as Paddle2ONNX writes one: each conv's bias added after it
+    as ``Add(conv, Reshape(bias, [1, C, 1, 1]))``, and an Identity after the final Softmax."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(path)
+    graph = model.graph
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        if node.op_type != "Conv" or len(node.input) < 3:
+            continue
+        bias, conv_out = node.input[2], node.output[0]
+        del node.input[2]
+        node.output[0] = conv_out + "_nobias"
+        shape = numpy_helper.from_array(np.array([1, -1, 1, 1], np.int64), bias + "_shape")
+        graph.initializer.append(shape)
+        nodes.append(helper.make_node("Reshape", [bias, shape.name], [bias + "_4d"]))
+        nodes.append(helper.make_node("Add", [node.output[0], bias + "_4d"], [conv_out]))
+    nodes.append(helper.make_node("Identity", [output_name], [output_name + "_out"]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.output[0].name = output_name + "_out"
+    onnx.save(model, path)
+
+
+class _SqueezeExcite(nn.Module):
+    """MobileNetV3's squeeze-and-excite block, as PaddleOCR's text-direction classifier has."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, channels // 4, 1)
+        self.expand = nn.Conv2d(channels // 4, channels, 1)
+
+    def forward(self, x):
+        scale = self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True))))
+        return x * nn.functional.hardsigmoid(scale)
+
+
+def test_a_paddle_style_classifier_is_distilled_on_logits_and_shrinks(tmp_path):
+    """PaddleOCR's classifier (Paddle2ONNX) was distilled on its probabilities (an Identity
+    after the Softmax hid it) and its student kept 0.79 of the parameters (the biases added
+    through a Reshape coupled the squeeze-and-excite convs wrongly)."""
+    from compress_toolbox import make_student
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), _SqueezeExcite(16), nn.Conv2d(16, 32, 3),
+                        nn.ReLU(), _SqueezeExcite(32), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(32, 2), nn.Softmax(dim=1))  # fmt: skip
+    path = tmp_path / "paddle_cls.onnx"
+    torch.onnx.export(net.eval(), (torch.randn(2, 3, 12, 24),), path, dynamo=False,
+                      input_names=["x"], output_names=["probs"],
+                      dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    _paddle_style(path)
+    teacher = load_teacher(path)
+    assert teacher.details["distilled_output"] == "logits before its Softmax"
+    x = torch.randn(4, 3, 12, 24)
+    with torch.no_grad():
+        assert torch.allclose(teacher.module(x), net[:-1](x), atol=1e-5)
+    student = make_student(teacher.module, example_input=x[:2])
+    ratio = sum(p.numel() for p in student.parameters()) / sum(
+        p.numel() for p in teacher.module.parameters())
+    assert ratio <= 0.4, ratio
+
+
+class _PaddedShortcuts(nn.Module):
+    """BlazeFace's blocks: the shortcut appends zero channels to reach the block's width."""
+
+    def __init__(self, widths=(8, 12, 16, 24)):
+        super().__init__()
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1)
+                                    for a, b in zip(widths, widths[1:]))  # fmt: skip
+        self.head = nn.Conv2d(widths[-1], 6, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for block in self.blocks:
+            grow = block.out_channels - block.in_channels
+            x = torch.relu(block(x) + nn.functional.pad(x, (0, 0, 0, 0, 0, grow)))
+        return self.head(x)
+
+
+def test_zero_padded_shortcuts_are_pruned_and_the_student_exports(tmp_path):
+    """BlazeFace's student kept 0.74 of the parameters (the pad coupled each block's input with
+    its output) and took over ten minutes to write (the pad's amounts read on every call)."""
+    import time
+
+    from compress_toolbox import make_student
+    from compress_toolbox.export.writer import export_onnx, verify_onnx
+    from compress_toolbox.load.graph.pads import ZeroChannels
+
+    torch.manual_seed(0)
+    path = tmp_path / "blaze.onnx"
+    torch.onnx.export(_PaddedShortcuts().eval(), (torch.randn(2, 3, 16, 16),), path,
+                      dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    teacher = load_teacher(path)
+    assert sum(isinstance(m, ZeroChannels) for m in teacher.module.modules()) == 3
+    student = make_student(teacher.module, example_input=torch.randn(2, 3, 16, 16))
+    ratio = sum(p.numel() for p in student.parameters()) / sum(
+        p.numel() for p in teacher.module.parameters())
+    assert ratio <= 0.4, ratio
+    start = time.perf_counter()
+    export_onnx(student, (3, 16, 16), tmp_path / "student.onnx")
+    verify_onnx(student, tmp_path / "student.onnx", (3, 16, 16), source="student.onnx")
+    assert time.perf_counter() - start < 120

@@ -32,6 +32,7 @@ from compress_toolbox.student.shuffle_pruning import (
     prune_balanced,
 )
 from compress_toolbox.student.tp_adapter import (
+    CUSTOM_PRUNERS,
     ChannelPartitions,
     ignore_unmappable_groups,
     prune_or_restore,
@@ -80,6 +81,7 @@ def _magnitude_pruner(
             num_heads=num_heads,
             prune_head_dims=True,
             prune_num_heads=False,
+            customized_pruners=CUSTOM_PRUNERS,
         )
     partitions.attach(pruner.DG)
     root_groups_at_narrowest_layer(pruner.DG, module)

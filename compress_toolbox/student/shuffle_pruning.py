@@ -34,7 +34,7 @@ from torch_pruning.dependency.node import Node
 from compress_toolbox.errors import DaflError
 from compress_toolbox.load.analysis import run_with_hooks
 from compress_toolbox.load.graph.shape_agnostic import ChannelShuffle
-from compress_toolbox.student.tp_adapter import ChannelPartitions
+from compress_toolbox.student.tp_adapter import CUSTOM_PRUNERS, ChannelPartitions
 
 # (split node, part index): one part of a channel split
 Part = tuple[Node, int]
@@ -339,7 +339,7 @@ def prune_balanced(
         graph.build_dependency(
             module,
             example_input,
-            customized_pruners={ChannelPermutation: _PermutationPruner()},
+            customized_pruners={**CUSTOM_PRUNERS, ChannelPermutation: _PermutationPruner()},
             verbose=False,
         )
     partitions.attach(graph)

@@ -23,7 +23,31 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning.dependency.node import Node
 
+from compress_toolbox.load.graph.pads import ZeroChannels
 from compress_toolbox.load.graph.shape_agnostic import EqualSplit, SizedSplit
+
+
+class _ZeroChannelsPruner(tp.pruner.BasePruningFunc):
+    """``ZeroChannels``' input and output widths, pruned separately: torch-pruning couples a
+    layer's input with its output only where one function prunes both."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+        layer.out_channels -= len(idxs)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+        layer.in_channels -= len(idxs)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.in_channels
+
+
+# Layers of ours that torch-pruning must be told how to prune (``customized_pruners``).
+CUSTOM_PRUNERS: dict[type, tp.pruner.BasePruningFunc] = {ZeroChannels: _ZeroChannelsPruner()}
 
 
 def _part_number(consumer: Node, split: Node) -> int:

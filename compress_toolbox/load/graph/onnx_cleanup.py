@@ -97,26 +97,40 @@ def _is_per_channel(tensor: onnx.TensorProto) -> bool:
     return len(dims) in (3, 4) and all(d == 1 for d in dims[-2:]) and dims[:-3] in ([], [1])
 
 
+def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Names of the tensors that are initializers or computed from constants alone (Paddle2ONNX
+    writes a conv's bias as ``Reshape(initializer, shape)`` added after the conv)."""
+    constant = {init.name for init in graph.initializer}
+    graph_inputs = {inp.name for inp in graph.input} - constant
+    for node in graph.node:  # ONNX nodes are in topological order
+        inputs = [name for name in node.input if name]
+        if all(name in constant and name not in graph_inputs for name in inputs):
+            constant.update(node.output)
+    return constant
+
+
 def needs_folding(model: onnx.ModelProto) -> bool:
-    """True when a conv is followed by a per-channel constant Mul/Add, or preceded by a Pad."""
+    """True when a conv is followed by a constant Mul/Add (per channel, or computed from
+    constants) or preceded by a Pad, or a Pad's amounts are computed from constants (torch's
+    exporter writes them so; pads.py makes only constant amounts static)."""
     graph = model.graph
     initializers = _initializers(graph)
+    constants = _constant_tensors(graph)
     producers = _producers(graph)
     for node in graph.node:
         if node.op_type in ("Mul", "Add") and len(node.input) == 2:
             data, const = node.input
-            if data in initializers:
+            if data in constants:
                 data, const = const, data
             producer = producers.get(data)
-            if (
-                producer is not None
-                and producer.op_type == "Conv"
-                and const in initializers
-                and _is_per_channel(initializers[const])
-            ):
+            folds = const in constants and (const not in initializers
+                                            or _is_per_channel(initializers[const]))  # fmt: skip
+            if producer is not None and producer.op_type == "Conv" and folds:
                 return True
         if node.op_type == "Conv" and getattr(producers.get(node.input[0]), "op_type", "") == "Pad":
             return True
+        if node.op_type == "Pad" and len(node.input) > 1 and node.input[1] in constants:
+            return node.input[1] not in initializers  # amounts computed: fold to constants
     return False
 
 

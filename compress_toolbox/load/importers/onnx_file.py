@@ -103,8 +103,13 @@ def _cut_final_activation(model: onnx.ModelProto, output: str) -> str | None:
     """When ``output`` is a Softmax over the classes or a one-channel Sigmoid, make the
     activation's input the graph's output (in place) and return the op's name: distillation
     needs logits, and the probabilities of a confident teacher (0.994) read as logits say it
-    is barely sure."""
-    node = next((n for n in model.graph.node if output in n.output), None)
+    is barely sure. Identity nodes after the activation (Paddle2ONNX writes one) are looked
+    through and removed with it."""
+    producers = {name: n for n in model.graph.node for name in n.output}
+    node, passed = producers.get(output), []
+    while node is not None and node.op_type == "Identity":
+        passed.append(node)
+        node = producers.get(node.input[0])
     if node is None or node.op_type not in ("Softmax", "Sigmoid"):
         return None
     if node.input[0] in {i.name for i in model.graph.input}:
@@ -122,7 +127,8 @@ def _cut_final_activation(model: onnx.ModelProto, output: str) -> str | None:
     model.graph.output.append(
         onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None)
     )
-    model.graph.node.remove(node)
+    for removed in (node, *passed):
+        model.graph.node.remove(removed)
     return node.op_type
 
 

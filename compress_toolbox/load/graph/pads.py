@@ -1,0 +1,129 @@
+"""Constant ``Pad`` nodes of imported graphs, made static and, where they only append zero
+channels, prunable.
+
+ONNX (opset 11 on) gives a Pad's amounts as a tensor; onnx2torch then reads them with
+``pads.tolist()`` on every call, which torch.export treats as data-dependent (a BlazeFace
+student took over ten minutes to export). Amounts held in the file as constants are read once.
+
+BlazeFace-style shortcuts widen their input by appending zero channels before the residual add
+(24 channels padded to the block's 28). torch-pruning takes that pad for an element-wise op and
+couples the narrower input with the block's output, so both keep most of their channels (a
+derived BlazeFace student kept 0.74 of the parameters). ``ZeroChannels`` names the op: its input
+and output widths are pruned separately (``student/tp_adapter.py`` registers how).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from onnx2torch.node_converters.pad import OnnxPadDynamic, OnnxPadStatic
+from torch import fx, nn
+
+from compress_toolbox.load.analysis import run_with_hooks
+
+
+class ZeroChannels(nn.Module):
+    """Append ``out_channels - in_channels`` zero channels to an (N, C, ...) tensor."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = (0, 0) * (x.dim() - 2)
+        return F.pad(x, (*spatial, 0, self.out_channels - self.in_channels))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels} -> {self.out_channels}"
+
+
+def _attribute(module: nn.Module, target: str) -> torch.Tensor:
+    """The tensor a ``get_attr`` node reads (a dotted path)."""
+    return functools.reduce(getattr, target.split("."), module)
+
+
+def _torch_pads(module: fx.GraphModule, node: fx.Node, layer: nn.Module) -> list[int] | None:
+    """The pad amounts in torch's order (last dimension first), when the file fixes them."""
+    if isinstance(layer, OnnxPadStatic):
+        return list(layer.pads)
+    if len(node.args) < 2 or getattr(node.args[1], "op", None) != "get_attr":
+        return None
+    onnx_pads = [int(v) for v in _attribute(module, node.args[1].target).tolist()]
+    half = len(onnx_pads) // 2
+    pairs = zip(onnx_pads[:half][::-1], onnx_pads[half:][::-1])
+    return [amount for pair in pairs for amount in pair]
+
+
+def _constant_value(module: fx.GraphModule, node: fx.Node, layer: nn.Module) -> float | None:
+    if isinstance(layer, OnnxPadStatic):
+        return float(layer.constant_value)
+    if len(node.args) < 3 or node.args[2] is None:
+        return 0.0
+    if getattr(node.args[2], "op", None) == "get_attr":
+        return float(_attribute(module, node.args[2].target))
+    return None
+
+
+def _replacement(module: fx.GraphModule, node: fx.Node, layer: nn.Module,
+                 channels: dict[str, int]) -> nn.Module | None:  # fmt: skip
+    """A static equivalent of the Pad ``node``: ZeroChannels for zeros appended to the channels
+    of a 3-D or wider tensor, else OnnxPadStatic; None when the amounts are not constants."""
+    pads, value = _torch_pads(module, node, layer), _constant_value(module, node, layer)
+    if pads is None or value is None:
+        return None
+    rank = len(pads) // 2
+    channel_end = 2 * (rank - 2) + 1  # index of the channel dim's end amount (rank >= 3)
+    only_channels = (rank >= 3 and layer.mode == "constant" and value == 0.0
+                     and pads[channel_end] > 0 and node.target in channels
+                     and all(a == 0 for i, a in enumerate(pads) if i != channel_end))  # fmt: skip
+    if only_channels:
+        width = channels[node.target]
+        return ZeroChannels(width, width + pads[channel_end])
+    return OnnxPadStatic(pads=pads, mode=layer.mode, constant_value=value)
+
+
+def _input_channels(module: fx.GraphModule, targets: list[str],
+                    input_shape: tuple[int, ...]) -> dict[str, int]:  # fmt: skip
+    """Channels (dim 1) of each target layer's input, from one run at batch 2."""
+    seen: dict[str, int] = {}
+
+    def recorder(name: str):
+        def record(layer, inputs):
+            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 3:
+                seen[name] = inputs[0].shape[1]
+
+        return record
+
+    hooks = [(module.get_submodule(name), recorder(name)) for name in targets]
+    try:
+        with torch.no_grad():
+            run_with_hooks(module.eval(), torch.randn(2, *input_shape), hooks, pre=True)
+    except Exception:  # noqa: BLE001 - a graph that fails here fails verification, named there
+        return {}
+    return seen
+
+
+def static_pads(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
+    """Replace, in place, each Pad whose amounts are constants with a static module
+    (``ZeroChannels`` where it only appends zero channels); return how many."""
+    layers = {node: module.get_submodule(node.target) for node in module.graph.nodes
+              if node.op == "call_module"}  # fmt: skip
+    found = [(node, layer) for node, layer in layers.items()
+             if isinstance(layer, (OnnxPadDynamic, OnnxPadStatic))]  # fmt: skip
+    if not found:
+        return 0
+    channels = _input_channels(module, [node.target for node, _ in found], input_shape)
+    replaced = 0
+    for node, layer in found:
+        new = _replacement(module, node, layer, channels)
+        if new is None:
+            continue
+        module.add_submodule(node.target, new)
+        node.args = node.args[:1]
+        replaced += 1
+    if replaced:
+        module.graph.eliminate_dead_code()
+        module.recompile()
+    return replaced
