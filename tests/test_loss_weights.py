@@ -90,30 +90,28 @@ def test_a_wrong_weight_is_one_clear_line(changes, message):
     assert "\n" not in str(error.value)
 
 
-def test_the_registry_knows_each_methods_weights_and_refuses_inconsistent_ones():
+def test_the_registry_knows_each_methods_weights():
     assert get_method("dafl").weights_type().oh == 1.0
     assert get_method("dafl-det").weights_type is get_method("dafl").weights_type
     assert get_method("noise").weights_type is LossWeights
 
-    @dataclass(frozen=True)
-    class Other(LossWeights):
-        x: float = 1.0
 
-    class NotDafl(DAFL):
-        name = "not-dafl-test"
-        weights_type = Other
+@dataclass(frozen=True)
+class _Unrelated(LossWeights):  # not DAFL's weights
+    x: float = 1.0
 
-    with pytest.raises(ValueError, match="must extend those of 'dafl'"):
-        register_method(NotDafl)
 
-    @dataclass(frozen=True)
-    class Foreign:
-        x: float = 1.0
+@dataclass(frozen=True)
+class _Foreign:  # not LossWeights at all
+    x: float = 1.0
 
-    class Loose(DAFL):
-        name = "loose-test"
-        weights_type = Foreign
 
-    with pytest.raises(ValueError, match="frozen LossWeights"):
-        register_method(Loose)
-    assert "not-dafl-test" not in method_names() and "loose-test" not in method_names()
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [(_Unrelated, "must extend those of 'dafl'"), (_Foreign, "frozen LossWeights")],
+)
+def test_the_registry_refuses_inconsistent_weights(weights, message):
+    odd = type("Odd", (DAFL,), {"name": "odd-test", "weights_type": weights})
+    with pytest.raises(ValueError, match=message):
+        register_method(odd)
+    assert "odd-test" not in method_names()
