@@ -69,6 +69,7 @@ def test_a_method_takes_the_weights_set_for_the_method_it_derives_from():
     assert loss_weights(get_method("dfad"), preset.loss_weights).adv == 1.0  # not derived
     assert preset.with_weights("dafl", a=0.0).loss_weights["dafl"]["oh"] == 2  # others kept
     assert PRESETS["fast"].loss_weights == {"dafl": {"bounded_activation": True}}  # unchanged
+    assert hash(preset) == hash(PRESETS["fast"]) and preset != PRESETS["fast"]  # hashable
 
 
 @pytest.mark.parametrize(

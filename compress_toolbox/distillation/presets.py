@@ -44,7 +44,7 @@ class Preset:
     gen_lr_conditional: float = 1e-2  # class-conditional generators (conditional, bn-prior)
     # method name -> {loss weight: value}, changing that method's own weights (its
     # ``weights_type``) and those of the methods derived from it (dafl's reach adversarial)
-    loss_weights: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    loss_weights: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     # CPU threads: "all" = os.cpu_count(), "auto" = time 1 vs all threads and keep the faster,
     # or a number.
     cpu_threads: str | int = "all"
