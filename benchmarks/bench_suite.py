@@ -200,7 +200,8 @@ def main() -> int:
     parser.add_argument("--budget", type=float, help="seconds per run (default: by MACs)")
     parser.add_argument("--iters", type=int, help="iterations per run instead of a budget")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="fast-preset fields to change")  # fmt: skip
+                        help="fast-preset fields to change, and loss weights as "
+                        "METHOD.WEIGHT (e.g. dafl.oh=0.5)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (1 thread each)")
     parser.add_argument("--threads", type=int,
                         help="threads per run (default: 1 with --jobs > 1, else the tool's choice; "

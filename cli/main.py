@@ -141,18 +141,13 @@ def _print_comparison(teacher, student) -> None:
 
 def run_zoo(args: argparse.Namespace) -> int:
     import model_zoo
-    from compress_toolbox.load.analysis import analyse, count_params
 
     print(f"{'name':40}{'task':16}{'input':14}{'params':>14}{'MACs':>16}")
     for name in model_zoo.list_models(args.task):
-        entry = model_zoo.get_entry(name)
-        module = entry.build().eval()
-        try:
-            macs = f"{analyse(module, entry.default_input).macs:,}"
-        except Exception:  # detection models return lists of boxes: MACs not counted
-            macs = "n/a"
+        entry = model_zoo.get_entry(name)  # its cost metadata: no model is built
+        macs = "n/a" if entry.meta.macs is None else f"{entry.meta.macs:,}"
         shape = "x".join(map(str, entry.default_input))
-        print(f"{name:40}{entry.task:16}{shape:14}{count_params(module):>14,}{macs:>16}")
+        print(f"{name:40}{entry.task:16}{shape:14}{entry.meta.params:>14,}{macs:>16}")
     return 0
 
 

@@ -5,10 +5,11 @@
 """
 
 from . import detection, lenet, mlp, mobilenet, resnet, segmentation, vgg, wrn  # noqa: F401
-from .registry import ZooEntry, get_entry, get_model, list_models, register_model
+from .registry import ZooCost, ZooEntry, get_entry, get_model, list_models, register_model
 from .student import pick_student
 
 __all__ = [
+    "ZooCost",
     "ZooEntry",
     "get_entry",
     "get_model",

@@ -16,10 +16,15 @@ from torchvision.models.detection import (
 )
 
 from ._utils import replace_first_conv
-from .registry import register_model
+from .registry import CostRule, ZooCost, register_model
 
 _DEFAULT_INPUT = (3, 320, 320)
 _DEFAULT_CLASSES = 91  # COCO, background included
+
+
+def _fixed(meta: ZooCost) -> CostRule:
+    """A cost rule for torchvision detectors: they resize every image to 320 px themselves."""
+    return lambda **_: meta
 
 
 def _adapt_channels(model: nn.Module, in_channels: int) -> nn.Module:
@@ -38,6 +43,7 @@ def _adapt_channels(model: nn.Module, in_channels: int) -> nn.Module:
     family="ssdlite",
     default_input=_DEFAULT_INPUT,
     default_num_classes=_DEFAULT_CLASSES,
+    cost=_fixed(ZooCost(params=3_440_060, macs=583_171_904)),
 )
 def ssdlite320_mobilenet_v3_large(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
@@ -54,6 +60,7 @@ def ssdlite320_mobilenet_v3_large(
     family="fasterrcnn",
     default_input=_DEFAULT_INPUT,
     default_num_classes=_DEFAULT_CLASSES,
+    cost=_fixed(ZooCost(params=19_410_754, macs=733_357_952)),
 )
 def fasterrcnn_mobilenet_v3_large_320_fpn(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None

@@ -5,7 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from ._utils import hw
-from .registry import register_model
+from .registry import CostRule, ZooCost, register_model
+
+
+def _features(height: int, width: int) -> tuple[int, int]:
+    """(H, W) of the feature map LeNet-5 flattens; ValueError below 14x14."""
+    feat_h, feat_w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
+    if feat_h < 1 or feat_w < 1:
+        raise ValueError(f"LeNet-5 needs inputs of at least 14x14, got {height}x{width}")
+    return feat_h, feat_w
 
 
 class LeNet5(nn.Module):
@@ -20,10 +28,7 @@ class LeNet5(nn.Module):
     ) -> None:
         super().__init__()
         c1, c2, f1, f2 = widths
-        height, width = input_size
-        feat_h, feat_w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2
-        if feat_h < 1 or feat_w < 1:
-            raise ValueError(f"LeNet-5 needs inputs of at least 14x14, got {height}x{width}")
+        feat_h, feat_w = _features(*input_size)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, c1, kernel_size=5),
             nn.ReLU(inplace=True),
@@ -45,8 +50,26 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
+def lenet_cost(widths: tuple[int, int, int, int]) -> CostRule:
+    """The exact cost rule of a LeNet-5 of these widths (``register_model``'s ``cost``)."""
+    c1, c2, f1, f2 = widths
+
+    def cost(*, num_classes: int, in_channels: int, input_size: tuple[int, int]) -> ZooCost:
+        height, width = input_size
+        feat_h, feat_w = _features(height, width)
+        flat = c2 * feat_h * feat_w
+        conv1 = (height - 4) * (width - 4) * c1 * in_channels * 25
+        conv2 = ((height - 4) // 2 - 4) * ((width - 4) // 2 - 4) * c2 * c1 * 25
+        weights = (in_channels * 25 * c1 + c1 * 25 * c2 + flat * f1 + f1 * f2 + f2 * num_classes)
+        return ZooCost(params=weights + c1 + c2 + f1 + f2 + num_classes,
+                       macs=conv1 + conv2 + flat * f1 + f1 * f2 + f2 * num_classes)  # fmt: skip
+
+    return cost
+
+
 @register_model(
-    task="classification", family="lenet", default_input=(1, 32, 32), default_num_classes=10
+    task="classification", family="lenet", default_input=(1, 32, 32), default_num_classes=10,
+    cost=lenet_cost((6, 16, 120, 84)),
 )
 def lenet5(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
@@ -56,7 +79,8 @@ def lenet5(
 
 
 @register_model(
-    task="classification", family="lenet", default_input=(1, 32, 32), default_num_classes=10
+    task="classification", family="lenet", default_input=(1, 32, 32), default_num_classes=10,
+    cost=lenet_cost((3, 8, 60, 42)),
 )
 def lenet5_half(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None

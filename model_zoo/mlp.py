@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._utils import hw
-from .registry import register_model
+from .registry import CostRule, ZooCost, register_model
 
 
 class HintonMLP(nn.Module):
@@ -33,8 +33,20 @@ class HintonMLP(nn.Module):
         return self.net(x)
 
 
+def mlp_cost(hidden: int) -> CostRule:
+    """The exact cost rule of a ``HintonMLP`` of ``hidden`` units (``register_model``'s cost)."""
+
+    def cost(*, num_classes: int, in_channels: int, input_size: tuple[int, int]) -> ZooCost:
+        features = in_channels * input_size[0] * input_size[1]
+        macs = features * hidden + hidden * hidden + hidden * num_classes
+        return ZooCost(params=macs + 2 * hidden + num_classes, macs=macs)
+
+    return cost
+
+
 @register_model(
-    task="classification", family="mlp", default_input=(1, 28, 28), default_num_classes=10
+    task="classification", family="mlp", default_input=(1, 28, 28), default_num_classes=10,
+    cost=mlp_cost(1200),
 )
 def hinton_mlp(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
@@ -44,7 +56,8 @@ def hinton_mlp(
 
 
 @register_model(
-    task="classification", family="mlp", default_input=(1, 28, 28), default_num_classes=10
+    task="classification", family="mlp", default_input=(1, 28, 28), default_num_classes=10,
+    cost=mlp_cost(800),
 )
 def hinton_mlp_half(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None

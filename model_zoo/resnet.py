@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import register_model
+from .registry import ZooCost, register_model
 
 
 class BasicBlock(nn.Module):
@@ -58,7 +58,8 @@ class CifarResNet(nn.Module):
 
 
 @register_model(
-    task="classification", family="resnet", default_input=(3, 32, 32), default_num_classes=10
+    task="classification", family="resnet", default_input=(3, 32, 32), default_num_classes=10,
+    meta=ZooCost(params=11_173_962, macs=555_422_720),
 )
 def resnet18(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
@@ -68,7 +69,8 @@ def resnet18(
 
 
 @register_model(
-    task="classification", family="resnet", default_input=(3, 32, 32), default_num_classes=10
+    task="classification", family="resnet", default_input=(3, 32, 32), default_num_classes=10,
+    meta=ZooCost(params=21_282_122, macs=1_159_402_496),
 )
 def resnet34(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None

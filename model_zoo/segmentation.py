@@ -14,16 +14,18 @@ from torchvision.models.segmentation import lraspp_mobilenet_v3_large as tv_lras
 from torchvision.models.segmentation.lraspp import LRASPP
 
 from ._utils import replace_first_conv
-from .registry import register_model
+from .registry import ZooCost, register_model
 
 _DEFAULT_INPUT = (3, 128, 128)
 _DEFAULT_CLASSES = 21  # Pascal VOC
 
 
-def _segmentation_model(family: str):
-    """``register_model`` for a segmentation family, with the zoo's default input and classes."""
+def _segmentation_model(family: str, params: int, macs: int):
+    """``register_model`` for a segmentation family, with the zoo's default input and classes
+    and the model's cost there."""
     return register_model(task="segmentation", family=family, default_input=_DEFAULT_INPUT,
-                          default_num_classes=_DEFAULT_CLASSES)  # fmt: skip
+                          default_num_classes=_DEFAULT_CLASSES,
+                          meta=ZooCost(params=params, macs=macs))  # fmt: skip
 
 
 class OutputOnly(nn.Module):
@@ -94,7 +96,7 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-@_segmentation_model("lraspp")
+@_segmentation_model("lraspp", params=3_221_538, macs=124_944_768)
 def lraspp_mobilenet_v3_large(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
 ) -> nn.Module:
@@ -103,7 +105,7 @@ def lraspp_mobilenet_v3_large(
     return OutputOnly(replace_first_conv(model, in_channels))
 
 
-@_segmentation_model("lraspp")
+@_segmentation_model("lraspp", params=1_077_954, macs=40_169_984)
 def lraspp_mobilenet_v3_small(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
 ) -> nn.Module:
@@ -118,7 +120,7 @@ def lraspp_mobilenet_v3_small(
     return OutputOnly(replace_first_conv(model, in_channels))
 
 
-@_segmentation_model("deeplabv3")
+@_segmentation_model("deeplabv3", params=11_025_477, macs=615_766_400)
 def deeplabv3_mobilenet_v3_large(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
 ) -> nn.Module:
@@ -132,7 +134,7 @@ def deeplabv3_mobilenet_v3_large(
     return OutputOnly(replace_first_conv(model, in_channels))
 
 
-@_segmentation_model("unet")
+@_segmentation_model("unet", params=483_077, macs=585_105_408)
 def unet_small(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
 ) -> nn.Module:
@@ -140,7 +142,7 @@ def unet_small(
     return UNet(num_classes, in_channels, (16, 32, 64, 128))
 
 
-@_segmentation_model("unet")
+@_segmentation_model("unet", params=121_357, macs=149_422_080)
 def unet_tiny(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
 ) -> nn.Module:
@@ -148,7 +150,7 @@ def unet_tiny(
     return UNet(num_classes, in_channels, (8, 16, 32, 64))
 
 
-@_segmentation_model("unet")
+@_segmentation_model("unet", params=30_641, macs=38_928_384)
 def unet_micro(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
 ) -> nn.Module:

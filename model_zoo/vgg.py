@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import register_model
+from .registry import ZooCost, register_model
 
 _VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -35,7 +35,8 @@ class CifarVGG(nn.Module):
 
 
 @register_model(
-    task="classification", family="vgg", default_input=(3, 32, 32), default_num_classes=10
+    task="classification", family="vgg", default_input=(3, 32, 32), default_num_classes=10,
+    meta=ZooCost(params=9_228_362, macs=152_769_536),
 )
 def vgg11_bn(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import register_model
+from .registry import ZooCost, register_model
 
 
 class WideBasic(nn.Module):
@@ -62,7 +62,8 @@ class WideResNet(nn.Module):
 
 
 @register_model(
-    task="classification", family="wrn", default_input=(3, 32, 32), default_num_classes=10
+    task="classification", family="wrn", default_input=(3, 32, 32), default_num_classes=10,
+    meta=ZooCost(params=691_674, macs=101_106_944),
 )
 def wrn_16_2(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
@@ -72,7 +73,8 @@ def wrn_16_2(
 
 
 @register_model(
-    task="classification", family="wrn", default_input=(3, 32, 32), default_num_classes=10
+    task="classification", family="wrn", default_input=(3, 32, 32), default_num_classes=10,
+    meta=ZooCost(params=2_243_546, macs=327_599_360),
 )
 def wrn_40_2(
     *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from compress_toolbox.load.analysis import analyse
-from model_zoo import ZooEntry, get_model, list_models, pick_student, register_model
-from model_zoo.registry import get_entry
+from compress_toolbox.load.analysis import analyse, count_params
+from model_zoo import ZooEntry, get_model, list_models, pick_student, register_model, registry
+from model_zoo.registry import ESTIMATE_SLACK, ZooCost, get_entry
 
 CLASSIFICATION = list_models("classification")
 SEGMENTATION = list_models("segmentation")
@@ -94,13 +95,76 @@ def test_register_model_rejects_duplicates_and_bad_tasks():
     with pytest.raises(ValueError, match="already registered"):
 
         @register_model(
-            task="classification", family="x", default_input=(1, 8, 8), default_num_classes=2
+            task="classification", family="x", default_input=(1, 8, 8), default_num_classes=2,
+            meta=ZooCost(params=1, macs=1),
         )
         def lenet5(*, num_classes, in_channels=3, input_size=None):
             return nn.Identity()
 
     with pytest.raises(ValueError, match="unknown task"):
         register_model(task="nope", family="x", default_input=(1, 8, 8), default_num_classes=2)
+    with pytest.raises(ValueError, match="needs its cost"):
+        register_model(task="classification", family="x", default_input=(1, 8, 8),
+                       default_num_classes=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_cost_metadata_is_what_the_model_measures(name):
+    """Each entry's ``meta`` is its model's parameter count and MACs at its default input (a
+    changed builder must update its metadata)."""
+    entry = get_entry(name)
+    model = entry.build()
+    assert count_params(model) == entry.meta.params
+    assert analyse(model, entry.default_input).macs == entry.meta.macs
+
+
+def _within(estimate: int, measured: int) -> bool:
+    return measured / ESTIMATE_SLACK <= estimate <= measured * ESTIMATE_SLACK
+
+
+_OTHER_INPUTS = [(1, 28, 28), (3, 64, 48), (3, 96, 96)]
+
+
+@pytest.mark.parametrize("name", CLASSIFICATION + SEGMENTATION)
+def test_cost_estimates_hold_at_other_inputs(name):
+    """``estimate`` (no model built) is within ESTIMATE_SLACK of the measured cost at other
+    inputs and class counts (exact for the rules of LeNet-5 and the MLPs), as pick_student
+    assumes."""
+    entry = get_entry(name)
+    for shape in _OTHER_INPUTS:
+        model = entry.build(num_classes=7, in_channels=shape[0], input_size=shape[1:])
+        measured = ZooCost(count_params(model), analyse(model, shape).macs)
+        estimate = entry.estimate(num_classes=7, in_channels=shape[0], input_size=shape[1:])
+        if entry.family in ("lenet", "mlp"):
+            assert estimate == measured
+        assert _within(estimate.params, measured.params), (shape, estimate, measured)
+        assert _within(estimate.macs, measured.macs), (shape, estimate, measured)
+
+
+@pytest.fixture
+def builds(monkeypatch) -> list[str]:
+    """The names of the zoo models built from now on, in order."""
+    built: list[str] = []
+    for name in list_models():
+        entry = get_entry(name)
+
+        def counting(*, _builder=entry.builder, _name=name, **kwargs):
+            built.append(_name)
+            return _builder(**kwargs)
+
+        monkeypatch.setitem(registry._REGISTRY, name, replace(entry, builder=counting))
+    return built
+
+
+def test_pick_student_builds_only_the_model_it_picks(builds):
+    teacher = _teacher("lenet5", (1, 32, 32), 10)
+    builds.clear()
+    assert pick_student("classification", teacher)[0] == "lenet5_half"
+    assert builds == ["lenet5_half"]  # not the ResNets, WRNs, VGG, MobileNet, MLPs, LeNet-5
+    teacher = _teacher("lraspp_mobilenet_v3_large", (1, 64, 64), 11)
+    builds.clear()
+    assert pick_student("segmentation", teacher)[0] == "unet_micro"
+    assert builds == ["unet_micro", "lraspp_mobilenet_v3_small"]  # the two close to 1/4
 
 
 @pytest.mark.parametrize("name", CLASSIFICATION)

@@ -1,17 +1,24 @@
-"""Training recipes: the paper's (exactly as published) and ``fast`` (tuned on the suite)."""
+"""Training recipes: the paper's (exactly as published) and ``fast`` (tuned on the suite).
+
+Loss weights belong to the methods (``weights_type`` in methods/): a preset only lists, by
+method name, the weights it sets otherwise (``Preset.loss_weights``)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from compress_toolbox.distillation.generator import AUGMENTATIONS
+from compress_toolbox.distillation.methods import check_loss_weights
 from compress_toolbox.errors import DaflError
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Hyper-parameters of one training recipe (generator, student, loss weights, schedule)."""
+    """Hyper-parameters of one training recipe (generator, student, schedule), and the loss
+    weights it sets otherwise than the methods do."""
 
     name: str
     latent_dim: int
@@ -20,15 +27,11 @@ class Preset:
     gen_lr: float  # DAFL-family generators (dafl, adversarial); the paper: 0.2 (MNIST)
     student_optimizer: str  # "adam" or "sgd"
     student_lr: float  # a fresh student
-    w_oh: float  # DAFL one-hot loss weight
-    w_ie: float  # DAFL information-entropy loss weight
-    w_a: float  # DAFL activation loss weight
     schedule: str  # "constant", "step" (x0.1 at 40% and 80%) or "cosine"
     epochs: int | None = None  # paper schedule length (epochs x iters_per_epoch iterations)
     iters_per_epoch: int = 120
     momentum: float = 0.9
     weight_decay: float = 0.0
-    entropy_base: float = math.e  # the authors' code uses log10
     student_steps: int = 1  # student updates per generated batch (generator step)
     pool_size: int = 1  # student steps draw from the last pool_size generated batches
     kd_temperature: float = 1.0  # softmax temperature of the KD loss (the paper: 1)
@@ -38,11 +41,10 @@ class Preset:
     # "paper": tanh + BatchNorm(affine=False) output (DAFL); "domain": pixels in [0, 1] mapped
     # into the teacher's input domain (domain.py)
     generator_output: str = "paper"
-    bounded_activation: bool = False  # scale-free, bounded activation loss (losses.py)
     gen_lr_conditional: float = 1e-2  # class-conditional generators (conditional, bn-prior)
-    w_ce: float = 1.0  # class-conditional methods: cross-entropy to the drawn labels
-    w_bn: float = 5.0  # BatchNorm-statistics prior (mean over the BatchNorm layers)
-    w_adv: float = 1.0  # adversarial exploration (student-teacher discrepancy)
+    # method name -> {loss weight: value}, changing that method's own weights (its
+    # ``weights_type``) and those of the methods derived from it (dafl's reach adversarial)
+    loss_weights: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, hash=False)
     # CPU threads: "all" = os.cpu_count(), "auto" = time 1 vs all threads and keep the faster,
     # or a number.
     cpu_threads: str | int = "all"
@@ -57,14 +59,28 @@ class Preset:
     description: str = ""
 
     def with_options(self, **changes) -> Preset:
-        """A copy with some fields changed (unknown names and bad values raise DaflError)."""
+        """A copy with some fields changed, and loss weights given as ``METHOD.WEIGHT``
+        (``**{"dafl.oh": 0.5}``, as bench_suite.py's ``--set dafl.oh=0.5``); unknown names and
+        bad values raise DaflError."""
+        weights = {key: changes.pop(key) for key in list(changes) if "." in key}
         known = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise DaflError(f"unknown preset field(s): {', '.join(unknown)}")
+            raise DaflError(f"unknown preset field(s): {', '.join(unknown)} (loss weights are "
+                            "set per method as METHOD.WEIGHT, e.g. dafl.oh)")  # fmt: skip
         if isinstance(changes.get("augmentations"), list):  # e.g. parsed from JSON
             changes["augmentations"] = tuple(changes["augmentations"])
-        return replace(self, **changes).check()
+        preset = replace(self, **changes)
+        for key, value in weights.items():
+            method, _, name = key.partition(".")
+            preset = preset.with_weights(method, **{name: value})
+        return preset.check()
+
+    def with_weights(self, method: str, **weights: Any) -> Preset:
+        """A copy whose loss weights of ``method`` are changed (``with_weights("dafl", oh=0.5)``;
+        the others are kept); unknown names and bad values raise DaflError."""
+        merged = {**self.loss_weights.get(method, {}), **weights}
+        return replace(self, loss_weights={**self.loss_weights, method: merged}).check()
 
     def check(self) -> Preset:
         """Raise DaflError naming the first field with an impossible value; return self."""
@@ -92,6 +108,8 @@ class Preset:
                             f"known: {', '.join(AUGMENTATIONS)}")  # fmt: skip
         if self.batch_size < 2:
             raise DaflError(f"preset {self.name}: batch size must be at least 2 (BatchNorm)")
+        for method, weights in self.loss_weights.items():
+            check_loss_weights(method, weights)
         return self
 
 
@@ -104,10 +122,7 @@ PRESETS: dict[str, Preset] = {
         gen_lr=0.2,
         student_optimizer="adam",
         student_lr=2e-3,
-        w_oh=1.0,
-        w_ie=5.0,
-        w_a=0.1,
-        entropy_base=10.0,
+        loss_weights={},  # DAFL's own weights (methods/dafl.py) are this recipe's
         schedule="constant",  # the authors' code only decays the LR for non-MNIST datasets
         epochs=200,
         iters_per_epoch=120,
@@ -123,10 +138,9 @@ PRESETS: dict[str, Preset] = {
         student_lr=0.1,
         momentum=0.9,
         weight_decay=5e-4,
-        w_oh=0.05,
-        w_ie=5.0,
-        w_a=0.01,
-        entropy_base=10.0,
+        # DAFL's own weights are the MNIST recipe's; bn-prior's one-hot term (segmentation
+        # teachers) has always taken the recipe's DAFL value
+        loss_weights={"dafl": {"oh": 0.05, "a": 0.01}, "bn-prior": {"oh": 0.05}},
         schedule="step",
         epochs=2000,
         iters_per_epoch=120,  # DAFL_train.py loops range(120) per epoch for every dataset
@@ -142,10 +156,7 @@ PRESETS: dict[str, Preset] = {
         gen_lr=0.2,
         student_optimizer="adam",
         student_lr=5e-3,
-        w_oh=1.0,
-        w_ie=5.0,
-        w_a=0.1,
-        entropy_base=10.0,
+        loss_weights={"dafl": {"bounded_activation": True}},
         schedule="cosine",
         kd_temperature=4.0,
         student_steps=12,
@@ -153,7 +164,6 @@ PRESETS: dict[str, Preset] = {
         student_lr_fine_tune=1e-3,
         student_init="teacher",
         generator_output="domain",
-        bounded_activation=True,
         fit_schedule_to_budget=True,
         size_to_budget=True,
         cpu_threads="auto",

@@ -1,23 +1,47 @@
 """Distillation methods by name: one file each, registered with ``@register_method``.
 
 Adding a method: a new module in this package with a ``Method`` subclass decorated by
-``@register_method``; every module here is imported when the registry is first used.
+``@register_method``; every module here is imported when the registry is first used. A method
+with loss terms declares their weights as a frozen ``LossWeights`` dataclass in its own file
+(``weights_type``), whose defaults are the method's own values; a preset changes them by method
+name (``Preset.loss_weights``), so adding a method never edits presets.py.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
 
 from compress_toolbox.errors import DaflError
 
 _REGISTRY: dict[str, type] = {}
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """Base of each method's loss weights (and loss settings): a frozen dataclass whose every
+    field has a default, the method's own value; fields holding a bool are switches, the others
+    non-negative numbers."""
+
+
 def register_method(cls: type) -> type:
     """Class decorator: make ``cls`` (a ``Method`` subclass) available as ``cls.name``."""
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} registered twice")
+    weights = getattr(cls, "weights_type", None)
+    frozen = is_dataclass(weights) and weights.__dataclass_params__.frozen
+    if not (frozen and issubclass(weights, LossWeights)):
+        raise ValueError(f"method {cls.name!r}: weights_type must be a frozen LossWeights "
+                         "dataclass")  # fmt: skip
+    for parent in _lineage(cls):
+        if not issubclass(weights, parent.weights_type):
+            raise ValueError(f"method {cls.name!r}: its weights must extend those of "
+                             f"{parent.name!r} ({parent.weights_type.__name__})")  # fmt: skip
+    weights()  # every field has a default (TypeError otherwise)
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -40,3 +64,49 @@ def get_method(name: str) -> type:
     if name not in _REGISTRY:
         raise DaflError(f"unknown method {name!r}; choose one of auto, {', '.join(method_names())}")
     return _REGISTRY[name]
+
+
+def _lineage(cls: type) -> list[type]:
+    """The registered methods ``cls`` derives from (itself included), the most general first."""
+    return [c for c in reversed(cls.__mro__)
+            if "name" in vars(c) and _REGISTRY.get(c.name) is c]  # fmt: skip
+
+
+def _checked_value(method: str, default: Any, name: str, value: Any) -> Any:
+    """``value`` for weight ``name`` of ``method`` (numbers as float); DaflError when its type
+    differs from the default's or a number is negative or not finite."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise DaflError(f"loss weight {method}.{name} must be true or false, got {value!r}")
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value >= 0):
+        raise DaflError(f"loss weight {method}.{name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_loss_weights(method: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (weight name -> value) checked against the weights of method ``method``;
+    DaflError, one line, naming an unknown method or weight or a bad value."""
+    _load_all()
+    if method not in _REGISTRY:
+        raise DaflError(f"loss weights for unknown method {method!r}; choose one of "
+                        f"{', '.join(method_names())}")  # fmt: skip
+    defaults = _REGISTRY[method].weights_type()
+    known = [f.name for f in fields(defaults)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DaflError(f"unknown loss weight(s) {', '.join(f'{method}.{n}' for n in unknown)}; "
+                        f"{method} has: {', '.join(known) or 'none'}")  # fmt: skip
+    return {name: _checked_value(method, getattr(defaults, name), name, value)
+            for name, value in values.items()}  # fmt: skip
+
+
+def loss_weights(cls: type, overrides: Mapping[str, Mapping[str, Any]]) -> LossWeights:
+    """The weights method class ``cls`` trains with: its ``weights_type``'s defaults, changed
+    by ``overrides`` (method name -> {weight: value}) given for each registered method it
+    derives from, the most general first (a preset's ``dafl`` values reach ``adversarial``)."""
+    values: dict[str, Any] = {}
+    for method in _lineage(cls):
+        values.update(check_loss_weights(method.name, overrides.get(method.name, {})))
+    return cls.weights_type(**values)

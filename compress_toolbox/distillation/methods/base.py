@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compress_toolbox.distillation.generator import augment, make_generator
+from compress_toolbox.distillation.methods import LossWeights, loss_weights
 from compress_toolbox.distillation.presets import Preset
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.tasks import Task, get_task
@@ -60,15 +61,19 @@ class GeneratedBatch:
 
 class Method(ABC):
     """One way of making training inputs without data. Subclasses set ``name`` and ``summary``
-    and register with ``@register_method`` (methods/__init__.py)."""
+    (and ``weights_type`` when they have loss terms) and register with ``@register_method``
+    (methods/__init__.py)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     loss_names: ClassVar[tuple[str, ...]] = ()  # the keys of GeneratedBatch.losses
+    weights_type: ClassVar[type[LossWeights]] = LossWeights  # its loss weights, with defaults
     generator: nn.Module | None = None
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
+        # the weights type's defaults, changed where the preset says (methods/__init__.py)
+        self.weights = loss_weights(type(self), ctx.preset.loss_weights)
 
     @classmethod
     def unavailable_reason(cls, ctx: MethodContext) -> str | None:

@@ -11,6 +11,8 @@ teacher segments confidently, covering every class) and pixel-wise adversarial e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -20,8 +22,20 @@ from compress_toolbox.distillation.losses import (
     information_entropy_loss,
     one_hot_loss,
 )
-from compress_toolbox.distillation.methods import register_method
+from compress_toolbox.distillation.methods import LossWeights, register_method
 from compress_toolbox.distillation.methods.base import GeneratorMethod, MethodContext
+
+
+@dataclass(frozen=True)
+class BnPriorWeights(LossWeights):
+    """The BatchNorm prior's loss weights (oh, ie: unconditional, for segmentation)."""
+
+    ce: float = 1.0  # cross-entropy to the drawn labels
+    bn: float = 5.0  # BatchNorm statistics (mean over the BatchNorm layers)
+    adv: float = 1.0  # adversarial exploration (0: none)
+    oh: float = 1.0  # DAFL's one-hot loss
+    ie: float = 5.0  # DAFL's information entropy
+    entropy_base: float = 10.0  # of the information entropy
 
 
 @register_method
@@ -30,6 +44,8 @@ class BatchNormPrior(GeneratorMethod):
     summary = "BatchNorm-statistics prior + class-conditional generator + adversarial"
     loss_names = ("ce", "bn", "adv")
     conditional = True
+    weights_type = BnPriorWeights
+    weights: BnPriorWeights
 
     def __init__(self, ctx: MethodContext) -> None:
         self.statistics = BatchNormStatistics(ctx.teacher)
@@ -48,17 +64,17 @@ class BatchNormPrior(GeneratorMethod):
         return None
 
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
-        preset = self.ctx.preset
+        weights = self.weights
         if labels is not None:
-            terms = {"ce": (preset.w_ce, F.cross_entropy(logits, labels))}
+            terms = {"ce": (weights.ce, F.cross_entropy(logits, labels))}
         else:
             terms = {
-                "oh": (preset.w_oh, one_hot_loss(logits)),
-                "ie": (preset.w_ie, information_entropy_loss(logits, preset.entropy_base)),
+                "oh": (weights.oh, one_hot_loss(logits)),
+                "ie": (weights.ie, information_entropy_loss(logits, weights.entropy_base)),
             }
-        terms["bn"] = (preset.w_bn, self.statistics.loss())
-        if preset.w_adv > 0:
-            terms["adv"] = (preset.w_adv, adversarial_loss(self.student_logits(x), logits))
+        terms["bn"] = (weights.bn, self.statistics.loss())
+        if weights.adv > 0:
+            terms["adv"] = (weights.adv, adversarial_loss(self.student_logits(x), logits))
         return terms
 
     def close(self) -> None:

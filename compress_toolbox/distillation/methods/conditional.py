@@ -5,12 +5,22 @@ teachers whose BatchNorm layers were folded away (torch's default ONNX export)."
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from compress_toolbox.distillation.losses import adversarial_loss
-from compress_toolbox.distillation.methods import register_method
+from compress_toolbox.distillation.methods import LossWeights, register_method
 from compress_toolbox.distillation.methods.base import GeneratorMethod, MethodContext
+
+
+@dataclass(frozen=True)
+class ConditionalWeights(LossWeights):
+    """The class-conditional generator's loss weights."""
+
+    ce: float = 1.0  # cross-entropy to the drawn labels
+    adv: float = 1.0  # adversarial exploration (0: none)
 
 
 @register_method
@@ -19,6 +29,8 @@ class Conditional(GeneratorMethod):
     summary = "class-conditional generator (balanced labels, cross-entropy) + adversarial"
     loss_names = ("ce", "adv")
     conditional = True
+    weights_type = ConditionalWeights
+    weights: ConditionalWeights
 
     @classmethod
     def unavailable_reason(cls, ctx: MethodContext) -> str | None:
@@ -30,8 +42,8 @@ class Conditional(GeneratorMethod):
         return None
 
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
-        preset = self.ctx.preset
-        terms = {"ce": (preset.w_ce, F.cross_entropy(logits, labels))}
-        if preset.w_adv > 0:
-            terms["adv"] = (preset.w_adv, adversarial_loss(self.student_logits(x), logits))
+        weights = self.weights
+        terms = {"ce": (weights.ce, F.cross_entropy(logits, labels))}
+        if weights.adv > 0:
+            terms["adv"] = (weights.adv, adversarial_loss(self.student_logits(x), logits))
         return terms

@@ -5,6 +5,7 @@ entropy). With the paper presets this is the paper's method exactly."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,9 +17,20 @@ from compress_toolbox.distillation.losses import (
     information_entropy_loss,
     one_hot_loss,
 )
-from compress_toolbox.distillation.methods import register_method
+from compress_toolbox.distillation.methods import LossWeights, register_method
 from compress_toolbox.distillation.methods.base import FeatureHook, GeneratorMethod, MethodContext
 from compress_toolbox.errors import DaflWarning
+
+
+@dataclass(frozen=True)
+class DaflWeights(LossWeights):
+    """DAFL's loss weights: the paper's MNIST recipe (the CIFAR one: oh 0.05, a 0.01)."""
+
+    oh: float = 1.0  # one-hot: the teacher answers confidently
+    ie: float = 5.0  # information entropy: balanced classes
+    a: float = 0.1  # activation: strong features before the teacher's last layer
+    entropy_base: float = 10.0  # of the information entropy (the authors' code: log10)
+    bounded_activation: bool = False  # scale-free, bounded activation loss (losses.py)
 
 
 @register_method
@@ -26,23 +38,25 @@ class DAFL(GeneratorMethod):
     name = "dafl"
     summary = "DAFL: one-hot, activation and information-entropy losses (Chen et al. 2019)"
     loss_names = ("oh", "ie", "a")
+    weights_type = DaflWeights
+    weights: DaflWeights
 
     def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
         self.features: FeatureHook | None = None
         self.activation_reference: float | None = None
-        if ctx.preset.w_a > 0 and ctx.final_layer is not None:
+        if self.weights.a > 0 and ctx.final_layer is not None:
             self.features = FeatureHook(ctx.teacher, ctx.final_layer)
-        elif ctx.preset.w_a > 0:
+        elif self.weights.a > 0:
             warnings.warn(
                 "teacher has no final Linear/1x1-conv layer: activation loss disabled",
                 DaflWarning,
                 stacklevel=2,
             )
-        super().__init__(ctx)
 
     def _activation(self) -> torch.Tensor:
         features = self.features.pop().float()
-        if not self.ctx.preset.bounded_activation:
+        if not self.weights.bounded_activation:
             return activation_loss(features)
         if self.activation_reference is None:
             level = global_mean(features.detach().abs().flatten())  # the same on every rank
@@ -50,13 +64,13 @@ class DAFL(GeneratorMethod):
         return bounded_activation_loss(features, self.activation_reference)
 
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
-        preset = self.ctx.preset
+        weights = self.weights
         terms = {
-            "oh": (preset.w_oh, one_hot_loss(logits)),
-            "ie": (preset.w_ie, information_entropy_loss(logits, preset.entropy_base)),
+            "oh": (weights.oh, one_hot_loss(logits)),
+            "ie": (weights.ie, information_entropy_loss(logits, weights.entropy_base)),
         }
         if self.features is not None:
-            terms["a"] = (preset.w_a, self._activation())
+            terms["a"] = (weights.a, self._activation())
         return terms
 
     def state_dict(self) -> dict[str, Any]:

@@ -119,13 +119,13 @@ class DAFLDetection(DAFL):
                               batch.losses)  # fmt: skip
 
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
-        preset, layout = self.ctx.preset, self.layout_of(logits)
+        weights, layout = self.weights, self.layout_of(logits)
         scores = layout.class_scores(logits)
         confident = scores[confident_locations(layout.confidence(logits).detach())]
         terms = {
-            "oh": (preset.w_oh, location_one_hot_loss(confident)),
-            "ie": (preset.w_ie, location_entropy_loss(confident)),
+            "oh": (weights.oh, location_one_hot_loss(confident)),
+            "ie": (weights.ie, location_entropy_loss(confident)),
         }
         if self.features is not None:
-            terms["a"] = (preset.w_a, self._activation())
+            terms["a"] = (weights.a, self._activation())
         return terms

@@ -1,0 +1,118 @@
+"""Each method owns its loss weights (a frozen dataclass next to it); presets change them by
+method name and still give exactly the numbers they gave when ``Preset`` held every weight."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+
+import pytest
+import torch
+from torch import nn
+
+from compress_toolbox.distillation.methods import (
+    LossWeights,
+    get_method,
+    loss_weights,
+    method_names,
+    register_method,
+)
+from compress_toolbox.distillation.methods.base import MethodContext
+from compress_toolbox.distillation.methods.dafl import DAFL
+from compress_toolbox.distillation.presets import PRESETS, get_preset
+from compress_toolbox.domain import InputDomain
+from compress_toolbox.errors import DaflError
+
+# Preset's w_* fields (and entropy_base, bounded_activation) before the weights moved into the
+# methods: every method read these, whatever its name.
+_SHARED = {"ie": 5.0, "entropy_base": 10.0, "ce": 1.0, "bn": 5.0, "adv": 1.0}
+BEFORE = {
+    "paper-mnist": {**_SHARED, "oh": 1.0, "a": 0.1, "bounded_activation": False},
+    "paper-cifar": {**_SHARED, "oh": 0.05, "a": 0.01, "bounded_activation": False},
+    "fast": {**_SHARED, "oh": 1.0, "a": 0.1, "bounded_activation": True},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(BEFORE))
+@pytest.mark.parametrize("method", method_names())
+def test_every_preset_gives_every_method_the_numbers_it_gave_before(preset, method):
+    weights = loss_weights(get_method(method), PRESETS[preset].loss_weights)
+    for field in fields(weights):
+        assert getattr(weights, field.name) == BEFORE[preset][field.name], field.name
+
+
+def _context(preset, input_shape=(1, 8, 8), classes=3) -> MethodContext:
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, classes))
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, classes))
+    return MethodContext(teacher=teacher, student=student, input_shape=input_shape,
+                         num_classes=classes, domain=InputDomain(), preset=preset,
+                         device=torch.device("cpu"), final_layer="3",
+                         autocast=nullcontext)  # fmt: skip
+
+
+def test_the_weights_reach_the_loss_terms():
+    torch.manual_seed(0)
+    method = get_method("adversarial")(_context(get_preset("paper-cifar")))
+    x = method.sample(4)
+    terms = method.loss_terms(x, method.ctx.teacher(x), None)
+    assert {name: weight for name, (weight, _) in terms.items()} == {
+        "oh": 0.05, "ie": 5.0, "a": 0.01, "adv": 1.0}  # fmt: skip
+    method.close()
+
+
+def test_a_method_takes_the_weights_set_for_the_method_it_derives_from():
+    preset = get_preset("fast").with_options(**{"dafl.oh": 2, "adversarial.adv": 0.5})
+    assert preset.loss_weights["dafl"] == {"bounded_activation": True, "oh": 2}
+    adversarial = loss_weights(get_method("adversarial"), preset.loss_weights)
+    assert (adversarial.oh, adversarial.adv, adversarial.bounded_activation) == (2.0, 0.5, True)
+    assert loss_weights(get_method("dafl"), preset.loss_weights).oh == 2.0
+    assert loss_weights(get_method("dfad"), preset.loss_weights).adv == 1.0  # not derived
+    assert preset.with_weights("dafl", a=0.0).loss_weights["dafl"]["oh"] == 2  # others kept
+    assert PRESETS["fast"].loss_weights == {"dafl": {"bounded_activation": True}}  # unchanged
+    assert hash(preset) == hash(PRESETS["fast"]) and preset != PRESETS["fast"]  # hashable
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"w_oh": 1.0}, r"unknown preset field\(s\): w_oh \(loss weights are set per method as "
+                        r"METHOD.WEIGHT, e.g. dafl.oh\)"),
+        ({"dafl.ohh": 1.0}, "unknown loss weight.* dafl.ohh; dafl has: oh, ie, a, entropy_base"),
+        ({"daf.oh": 1.0}, "loss weights for unknown method 'daf'; choose one of adversarial"),
+        ({"dafl.oh": -1}, "dafl.oh must be a number >= 0, got -1"),
+        ({"dafl.a": float("nan")}, "dafl.a must be a number >= 0"),
+        ({"dafl.bounded_activation": 1}, "dafl.bounded_activation must be true or false"),
+        ({"noise.oh": 1.0}, "noise has: none"),
+    ],
+)
+def test_a_wrong_weight_is_one_clear_line(changes, message):
+    with pytest.raises(DaflError, match=message) as error:
+        get_preset("fast").with_options(**changes)
+    assert "\n" not in str(error.value)
+
+
+def test_the_registry_knows_each_methods_weights():
+    assert get_method("dafl").weights_type().oh == 1.0
+    assert get_method("dafl-det").weights_type is get_method("dafl").weights_type
+    assert get_method("noise").weights_type is LossWeights
+
+
+@dataclass(frozen=True)
+class _Unrelated(LossWeights):  # not DAFL's weights
+    x: float = 1.0
+
+
+@dataclass(frozen=True)
+class _Foreign:  # not LossWeights at all
+    x: float = 1.0
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [(_Unrelated, "must extend those of 'dafl'"), (_Foreign, "frozen LossWeights")],
+)
+def test_the_registry_refuses_inconsistent_weights(weights, message):
+    odd = type("Odd", (DAFL,), {"name": "odd-test", "weights_type": weights})
+    with pytest.raises(ValueError, match=message):
+        register_method(odd)
+    assert "odd-test" not in method_names()
