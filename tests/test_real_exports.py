@@ -400,3 +400,22 @@ def test_zero_padded_shortcuts_are_pruned_and_the_student_exports(tmp_path):
     export_onnx(student, (3, 16, 16), tmp_path / "student.onnx")
     verify_onnx(student, tmp_path / "student.onnx", (3, 16, 16), source="student.onnx")
     assert time.perf_counter() - start < 120
+
+
+def test_a_dynamic_image_size_comes_from_ultralytics_imgsz_metadata(tmp_path):
+    """A YOLOv8 export with dynamic height and width was refused without --input-shape,
+    although the file says its size (``imgsz`` in its metadata)."""
+    import onnx
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 1))
+    path = tmp_path / "dynamic.onnx"
+    torch.onnx.export(net.eval(), (torch.randn(1, 3, 32, 32),), path, dynamo=False,
+                      input_names=["images"],
+                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}})  # fmt: skip
+    with pytest.raises(ImportFailed, match="no fixed shape beyond the batch"):
+        load_teacher(path)
+    model = onnx.load(path)
+    onnx.helper.set_model_props(model, {"imgsz": "[24, 40]", "task": "detect"})
+    onnx.save(model, path)
+    assert load_teacher(path).input_shape == (3, 24, 40)
+    assert load_teacher(path, input_shape=(3, 16, 16)).input_shape == (3, 16, 16)

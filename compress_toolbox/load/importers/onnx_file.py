@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import numpy as np
@@ -61,13 +62,31 @@ def _graph_input(model: onnx.ModelProto, path: Path) -> onnx.ValueInfoProto:
     return inputs[0]
 
 
-def _input_shape(graph_input: onnx.ValueInfoProto, given, path: Path):
-    """(C, H, W) from the ONNX input, the batch dimension dropped; ``given`` wins if set."""
+def _image_size_in_metadata(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """(H, W) from ultralytics' ``imgsz`` metadata ("[320, 320]" or "640"), else None."""
+    text = next((p.value for p in model.metadata_props if p.key == "imgsz"), None)
+    try:
+        value = ast.literal_eval(text) if text else None
+    except (ValueError, SyntaxError):
+        return None
+    sizes = [value, value] if isinstance(value, int) else value
+    if isinstance(sizes, (list, tuple)) and len(sizes) == 2 and all(
+            isinstance(v, int) and v > 0 for v in sizes):  # fmt: skip
+        return int(sizes[0]), int(sizes[1])
+    return None
+
+
+def _input_shape(model: onnx.ModelProto, graph_input: onnx.ValueInfoProto, given, path: Path):
+    """(C, H, W) from the ONNX input, the batch dimension dropped; ``given`` wins if set, and a
+    dynamic height and width come from the file's ``imgsz`` metadata (ultralytics) if any."""
     dims = graph_input.type.tensor_type.shape.dim
     fixed_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
     if given:
         return tuple(given), fixed_batch
     shape = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+    image_size = _image_size_in_metadata(model)
+    if len(shape) == 3 and shape[0] and image_size and not any(shape[1:]):
+        shape[1:] = image_size
     if not dims or any(dim is None or dim <= 0 for dim in shape):
         raise ImportFailed(
             f"{path}: input '{graph_input.name}' has no fixed shape beyond the batch "
@@ -213,7 +232,7 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
     model = _parse(path, load_external_data=True)
     graph_input = _graph_input(model, path)
     _check_input_type(graph_input, path)
-    shape, fixed_batch = _input_shape(graph_input, input_shape, path)
+    shape, fixed_batch = _input_shape(model, graph_input, input_shape, path)
     check_model(model, path, shape)
     batch_freed = 0
     if fixed_batch == 1:

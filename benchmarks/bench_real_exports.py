@@ -1,0 +1,135 @@
+"""Real exports as users hold them (issue 28): models fetched the ordinary way, from public
+Python packages, then imported, described and given a verified half-width student.
+
+    python benchmarks/bench_real_exports.py                 # fetch (pip download) and run
+    python benchmarks/bench_real_exports.py --only ocr_cls   # one model
+
+The models (cached under benchmarks/real_models/, not in git):
+- ``ocr_cls``: PaddleOCR's text-direction classifier (Paddle2ONNX, 2 classes, ends in Softmax),
+  from the ``rapidocr_onnxruntime==1.3.24`` wheel; input 3x48x192.
+- ``ocr_det``: PaddleOCR's PP-OCRv4 DBNet text detector (one-channel Sigmoid map), same wheel;
+  input 3x160x160 (fully convolutional; 640 is its usual size).
+- ``blazeface``: MediaPipe's short-range face detector (TFLite, batch 1 in the file), from the
+  ``mediapipe==0.10.14`` wheel; needs the ``[tf]`` extra.
+- ``yolov8n``: ultralytics' YOLOv8n architecture exported by ultralytics itself (ONNX, opset 17,
+  dynamic axes, ``imgsz`` 320 in its metadata); its weights are untrained (no download), which
+  does not matter to import and derivation. ultralytics goes into its own virtual environment
+  (``--no-deps`` beside this torch).
+
+For each: the import (verified), what ``inspect`` finds, and the derived student's parameter
+ratio and seconds to derive, export and verify it (``dafl-compress student --out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "real_models"
+
+RAPIDOCR = "rapidocr_onnxruntime==1.3.24"
+MEDIAPIPE = "mediapipe==0.10.14"
+MODELS = {  # name: (wheel, member of the wheel or None, file name, input shape)
+    "ocr_cls": (RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                "ocr_cls.onnx", "3,48,192"),
+    "ocr_det": (RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+                "ocr_det.onnx", "3,160,160"),
+    "blazeface": (MEDIAPIPE, "mediapipe/modules/face_detection/face_detection_short_range.tflite",
+                  "blazeface.tflite", "3,128,128"),
+    "yolov8n": (None, None, "yolov8n.onnx", "3,320,320"),
+}  # fmt: skip
+
+
+def _pip_download(requirement: str) -> Path:
+    """The wheel of ``requirement`` in the cache, downloaded with pip if it is not there."""
+    name = requirement.split("==")[0]
+    found = sorted(CACHE.glob(f"{name}-*.whl"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                        str(CACHE), requirement], check=True)  # fmt: skip
+        found = sorted(CACHE.glob(f"{name}-*.whl"))
+    return found[-1]
+
+
+def _yolov8n(target: Path) -> None:
+    """Export ultralytics' YOLOv8n (architecture only) with ultralytics, in its own venv."""
+    venv = CACHE / "venv-ultralytics"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                       check=True)  # fmt: skip
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "ultralytics",
+                        "opencv-python-headless"], check=True)  # fmt: skip
+    script = ("from ultralytics import YOLO; YOLO('yolov8n.yaml').export(format='onnx', "
+              "imgsz=320, opset=17, dynamic=True, simplify=False)")  # fmt: skip
+    subprocess.run([str(python), "-c", script], cwd=CACHE, check=True, capture_output=True)
+    (CACHE / "yolov8n.onnx").replace(target)
+
+
+def fetch(name: str) -> Path:
+    """The model file of ``name``, fetched into the cache on first use."""
+    CACHE.mkdir(exist_ok=True)
+    wheel, member, file_name, _ = MODELS[name]
+    target = CACHE / file_name
+    if target.exists():
+        return target
+    if wheel is None:
+        _yolov8n(target)
+    else:
+        with zipfile.ZipFile(_pip_download(wheel)) as archive:
+            target.write_bytes(archive.read(member))
+    return target
+
+
+def _cli(*args: str) -> tuple[int, str, float]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
+                          text=True, cwd=HERE.parent)  # fmt: skip
+    return done.returncode, done.stdout + done.stderr, time.perf_counter() - start
+
+
+def measure(name: str) -> dict:
+    """inspect and derive (with --out: export and verify) the student of one model."""
+    path = fetch(name)
+    shape = MODELS[name][3]
+    code, text, _ = _cli("inspect", str(path), "--input-shape", shape, "--json")
+    row: dict = {"model": name, "inspect_rc": code}
+    if code == 0:
+        facts = json.loads(text[text.index("{"):])
+        row.update(output=facts.get("output_shape"), task=facts.get("task"),
+                   distilled=facts.get("details", {}).get("distilled_output"))  # fmt: skip
+    out = CACHE / f"{name}.student.onnx"
+    code, text, seconds = _cli("student", str(path), "--input-shape", shape, "--out", str(out),
+                               "--force")  # fmt: skip
+    row.update(student_rc=code, student_s=round(seconds, 1))
+    ratio = [line.split()[-1] for line in text.splitlines() if line.startswith("params")]
+    row["param_ratio"] = float(ratio[0]) if code == 0 and ratio else None
+    if code != 0:
+        row["error"] = text.strip().splitlines()[-1][:200]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(MODELS), default=sorted(MODELS))
+    args = parser.parse_args()
+    rows = []
+    for name in args.only:
+        row = measure(name)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| model | inspect | output | task | distilled | student ratio | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | rc {r['inspect_rc']} | {r.get('output')} | {r.get('task')} "
+              f"| {r.get('distilled')} | {r['param_ratio']} | {r['student_s']} |")
+
+
+if __name__ == "__main__":
+    main()
