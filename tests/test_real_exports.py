@@ -10,7 +10,7 @@ from conftest import one_error_line, run_cli
 from torch import nn
 
 from compress_toolbox import CompressConfig, compress, load_teacher
-from compress_toolbox.errors import DaflError, ImportFailed, VerificationFailed
+from compress_toolbox.errors import DaflError, DaflWarning, ImportFailed, VerificationFailed
 from compress_toolbox.export.verification import compare
 
 
@@ -419,3 +419,27 @@ def test_a_dynamic_image_size_comes_from_ultralytics_imgsz_metadata(tmp_path):
     onnx.save(model, path)
     assert load_teacher(path).input_shape == (3, 24, 40)
     assert load_teacher(path, input_shape=(3, 16, 16)).input_shape == (3, 16, 16)
+
+
+class _TwoHeads(nn.Module):
+    """BlazeFace's outputs: box regressors and scores, two tensors, neither a probability."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.boxes = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 1)
+        self.scores = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        features = torch.relu(self.body(x))
+        return self.boxes(features).flatten(2), self.scores(features).flatten(2)
+
+
+def test_a_second_head_that_the_student_will_lack_is_named(tmp_path):
+    """BlazeFace's scores output was dropped without a word; the student had its boxes only."""
+    path = tmp_path / "two_heads.onnx"
+    torch.onnx.export(_TwoHeads().eval(), (torch.randn(2, 3, 12, 12),), path, dynamo=False,
+                      input_names=["x"], output_names=["regressors", "classificators"],
+                      dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    with pytest.warns(DaflWarning, match="only output 'regressors' is distilled; classificators"):
+        teacher = load_teacher(path)
+    assert teacher.details["outputs_not_distilled"] == ["classificators"]

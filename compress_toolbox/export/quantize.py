@@ -11,7 +11,8 @@ The recipe is onnxruntime's own (its ``quantize_static`` docstring, "Choosing pa
 CPU inference"): ``quant_pre_process`` (shape inference, fusion), then ``quantize_static`` in
 QDQ format with per-channel, symmetric int8 weights; activations uint8 on x86-64 (with
 ``reduce_range`` where the CPU lacks VNNI) and int8 on ARM. Operators onnxruntime cannot
-quantise stay float and are listed in the result; they never fail the quantisation.
+quantise stay float and are listed in the result; they never fail the quantisation. The file
+is then compacted (onnx_compact.py: zero zero points dropped, short internal names).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from onnxruntime.quantization import (
 )
 
 from compress_toolbox.errors import DaflError, first_line
+from compress_toolbox.export.onnx_compact import compact
 
 # A batch for a one-input model is an array; for several inputs, a tuple in the model's input
 # order or a dict by input name.
@@ -190,6 +192,7 @@ def quantize_onnx(
                              {**_CALIB_OPTIONS, "CalibPercentile": percentile},
                              nodes_to_exclude, notes)  # fmt: skip
             float_ops = _float_nodes(_load(staged))
+            _compact_file(staged, keep_nodes=[name for name, _ in float_ops])
             _move_into_place(staged, out)
     except OSError as error:
         raise QuantizeError(f"{out}: cannot write the INT8 model ({error.strerror or error})"
@@ -197,6 +200,18 @@ def quantize_onnx(
     return QuantizeResult(out, canonical, reader.samples, act_type, reduce_range, float_ops,
                           out.stat().st_size, model.stat().st_size, time.perf_counter() - start,
                           tuple(notes))  # fmt: skip
+
+
+COMPACT_LIMIT_BYTES = 1 << 30  # larger files keep onnxruntime's names (one protobuf: < 2 GiB)
+
+
+def _compact_file(path: Path, keep_nodes: Sequence[str]) -> None:
+    """The QDQ file at ``path`` rewritten smaller (onnx_compact.py), same computation."""
+    if path.stat().st_size > COMPACT_LIMIT_BYTES:
+        return
+    model = onnx.load(str(path))
+    if compact(model, keep_nodes):
+        onnx.save(model, str(path))
 
 
 def _quantize_static(model: Path, prepared: Path, staged: Path, reader: _BatchReader,

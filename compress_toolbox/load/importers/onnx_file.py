@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ast
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from compress_toolbox.errors import ImportFailed
+from compress_toolbox.errors import DaflWarning, ImportFailed
 from compress_toolbox.export.verification import tolerance_for
 from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.load.graph.fixed_batch import free_batch
@@ -98,13 +99,14 @@ def _input_shape(model: onnx.ModelProto, graph_input: onnx.ValueInfoProto, given
 PROBABILITY_OPS = ("Softmax", "LogSoftmax", "Sigmoid", "ArgMax", "TopK")
 
 
-def _pick_output(model: onnx.ModelProto, path: Path) -> str:
+def _pick_output(model: onnx.ModelProto, path: Path) -> tuple[str, list[str]]:
     """The output to distill: the only one, or the first not computed by a probability-like op
-    (a classifier exported with both logits and probabilities keeps its logits). Other outputs
-    are dropped from the (copied) graph."""
+    (a classifier exported with both logits and probabilities keeps its logits); and the other
+    outputs that are not probabilities either (a detector's second head), which the student
+    will not have. Other outputs are dropped from the (copied) graph."""
     outputs = [out.name for out in model.graph.output]
     if len(outputs) == 1:
-        return outputs[0]
+        return outputs[0], []
     producers = {name: node.op_type for node in model.graph.node for name in node.output}
     logits = [name for name in outputs if producers.get(name) not in PROBABILITY_OPS]
     if not logits:
@@ -115,7 +117,11 @@ def _pick_output(model: onnx.ModelProto, path: Path) -> str:
     keep = next(out for out in model.graph.output if out.name == logits[0])
     del model.graph.output[:]
     model.graph.output.append(keep)
-    return keep.name
+    if logits[1:]:
+        warnings.warn(DaflWarning(
+            f"{path}: only output '{logits[0]}' is distilled; {', '.join(logits[1:])} will not "
+            "be in the student (several outputs are not supported yet)"), stacklevel=3)
+    return keep.name, logits[1:]
 
 
 def _cut_final_activation(model: onnx.ModelProto, output: str) -> str | None:
@@ -238,7 +244,7 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
     if fixed_batch == 1:
         model, batch_freed = _free_fixed_batch(path, model, graph_input, shape)
     prepared = clean_up(prepare_onnx_model(model))
-    output = _pick_output(prepared, path)
+    output, not_distilled = _pick_output(prepared, path)
     activation = _cut_final_activation(prepared, output)
     module = onnx_to_torch(prepared, path, shape).eval()
     runner = _onnxruntime_runner(path, graph_input.name, output, fixed_batch)
@@ -258,6 +264,8 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
         "output": output,
         "weights": precision,
     }
+    if not_distilled:
+        details["outputs_not_distilled"] = not_distilled
     if batch_freed:
         details["batch_freed"] = f"{batch_freed} reshape(s) of the batch-1 file rewritten"
     return ImportedModel(module, shape, max_abs, max_rel, details)

@@ -186,12 +186,24 @@ def _check_nchw(conversion: Conversion, path: Path) -> tuple[int, int, int]:
 
 
 def _import_onnx(conversion: Conversion, shape: tuple[int, ...], path: Path) -> ImportedModel:
-    """The ONNX importer on the converted file, its messages naming the user's file."""
+    """The ONNX importer on the converted file, its messages (errors and warnings) naming the
+    user's file."""
+
+    def renamed(text: str) -> str:
+        return text.replace(str(conversion.onnx_path), f"{path} (converted to ONNX)")
+
     try:
-        return import_onnx(conversion.onnx_path, input_shape=shape)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            imported = import_onnx(conversion.onnx_path, input_shape=shape)
     except DaflError as error:
-        message = str(error).replace(str(conversion.onnx_path), f"{path} (converted to ONNX)")
-        raise type(error)(message) from None
+        raise type(error)(renamed(str(error))) from None
+    for warning in caught:  # given again, ours naming the user's file
+        message = warning.message
+        if isinstance(message, DaflWarning):
+            message = type(message)(renamed(str(message)))
+        warnings.warn_explicit(message, warning.category, warning.filename, warning.lineno)
+    return imported
 
 
 def _verify_against_tf(
@@ -242,4 +254,6 @@ def import_tensorflow(path: Path, **options) -> ImportedModel:
         "output": imported.details["output"],
         "weights": "int8 (dequantised)" if int8 else imported.details["weights"],
     }
+    if "outputs_not_distilled" in imported.details:
+        details["outputs_not_distilled"] = imported.details["outputs_not_distilled"]
     return ImportedModel(imported.module, shape, max_abs, max_rel, details)
