@@ -10,7 +10,7 @@ from conftest import one_error_line, run_cli
 from torch import nn
 
 from compress_toolbox import CompressConfig, compress, load_teacher
-from compress_toolbox.errors import DaflError, DaflWarning, ImportFailed, VerificationFailed
+from compress_toolbox.errors import DaflError, ImportFailed, VerificationFailed
 from compress_toolbox.export.verification import compare
 
 
@@ -383,7 +383,7 @@ def test_zero_padded_shortcuts_are_pruned_and_the_student_exports(tmp_path):
 
     from compress_toolbox import make_student
     from compress_toolbox.export.writer import export_onnx, verify_onnx
-    from compress_toolbox.load.graph.pads import ZeroChannels
+    from compress_toolbox.load.graph.constant_args import ZeroChannels
 
     torch.manual_seed(0)
     path = tmp_path / "blaze.onnx"
@@ -434,12 +434,45 @@ class _TwoHeads(nn.Module):
         return self.boxes(features).flatten(2), self.scores(features).flatten(2)
 
 
-def test_a_second_head_that_the_student_will_lack_is_named(tmp_path):
+def test_a_second_head_that_the_student_will_lack_is_named(tmp_path, capsys):
     """BlazeFace's scores output was dropped without a word; the student had its boxes only."""
     path = tmp_path / "two_heads.onnx"
     torch.onnx.export(_TwoHeads().eval(), (torch.randn(2, 3, 12, 12),), path, dynamo=False,
                       input_names=["x"], output_names=["regressors", "classificators"],
                       dynamic_axes={"x": {0: "batch"}})  # fmt: skip
-    with pytest.warns(DaflWarning, match="only output 'regressors' is distilled; classificators"):
-        teacher = load_teacher(path)
+    teacher = load_teacher(path)
+    assert teacher.details["output"] == "regressors"
     assert teacher.details["outputs_not_distilled"] == ["classificators"]
+    assert run_cli("inspect", path) == 0
+    assert "outputs_not_distilled': ['classificators']" in capsys.readouterr().out
+
+
+class _Upsampling(nn.Module):
+    """A YOLO neck's step: a coarse map upsampled (Resize by constant scales) and concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine, self.coarse = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.up, self.head = nn.Upsample(scale_factor=2.0), nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        fine = torch.relu(self.fine(x))
+        return self.head(torch.cat([fine, self.up(torch.relu(self.coarse(fine)))], 1))
+
+
+def test_constant_resize_scales_are_static_and_the_student_exports_quietly(tmp_path, capfd):
+    """onnx2torch read a Resize's scales with tolist() on every call: torch.export printed its
+    partial graph to stderr while writing the detection benchmark's student."""
+    from compress_toolbox import make_student
+    from compress_toolbox.export.writer import export_onnx
+    from compress_toolbox.load.graph.constant_args import StaticResize
+
+    path = tmp_path / "neck.onnx"
+    torch.onnx.export(_Upsampling().eval(), (torch.randn(2, 3, 16, 16),), path, dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    teacher = load_teacher(path)
+    assert sum(isinstance(m, StaticResize) for m in teacher.module.modules()) == 1
+    student = make_student(teacher.module, example_input=torch.randn(2, 3, 16, 16))
+    capfd.readouterr()
+    export_onnx(student, (3, 16, 16), tmp_path / "student.onnx")
+    assert "Sym(" not in capfd.readouterr().err

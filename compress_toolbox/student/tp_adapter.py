@@ -23,7 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning.dependency.node import Node
 
-from compress_toolbox.load.graph.pads import ZeroChannels
+from compress_toolbox.load.graph.constant_args import ZeroChannels
 from compress_toolbox.load.graph.shape_agnostic import EqualSplit, SizedSplit
 
 

@@ -112,7 +112,7 @@ def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
 def needs_folding(model: onnx.ModelProto) -> bool:
     """True when a conv is followed by a constant Mul/Add (per channel, or computed from
     constants) or preceded by a Pad, or a Pad's amounts are computed from constants (torch's
-    exporter writes them so; pads.py makes only constant amounts static)."""
+    exporter writes them so; constant_args.py makes only constant amounts static)."""
     graph = model.graph
     initializers = _initializers(graph)
     constants = _constant_tensors(graph)

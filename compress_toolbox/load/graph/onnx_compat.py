@@ -31,8 +31,8 @@ from onnx2torch.utils.common import OnnxMapping, OperationConverterResult, get_c
 from torch import nn
 
 from compress_toolbox.errors import ImportFailed
+from compress_toolbox.load.graph.constant_args import static_pads, static_resizes
 from compress_toolbox.load.graph.decompositions import fuse_decompositions
-from compress_toolbox.load.graph.pads import static_pads
 from compress_toolbox.load.graph.shape_agnostic import make_shape_agnostic
 
 _REDUCE_OPS = (
@@ -344,8 +344,8 @@ def onnx_to_torch(
     """Convert a (prepared) ONNX model to a torch.fx GraphModule, with clear errors.
 
     Hard-coded reshape/split sizes are then made to follow the actual input (shape_agnostic.py),
-    so the module runs at any batch size and survives channel pruning; constant pads are made
-    static (pads.py).
+    so the module runs at any batch size and survives channel pruning; constant pads and resize
+    scales are made static (constant_args.py).
     """
     from onnx2torch import convert
 
@@ -355,6 +355,7 @@ def onnx_to_torch(
     except NotImplementedError as error:
         raise ImportFailed(f"{source}: cannot convert to PyTorch: {error}") from error
     static_pads(module, input_shape)
+    static_resizes(module)
     fuse_decompositions(module, input_shape)
     make_shape_agnostic(module, input_shape)
     return module

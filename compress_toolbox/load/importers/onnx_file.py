@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import ast
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from compress_toolbox.errors import DaflWarning, ImportFailed
+from compress_toolbox.errors import ImportFailed
 from compress_toolbox.export.verification import tolerance_for
 from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.load.graph.fixed_batch import free_batch
@@ -117,10 +116,6 @@ def _pick_output(model: onnx.ModelProto, path: Path) -> tuple[str, list[str]]:
     keep = next(out for out in model.graph.output if out.name == logits[0])
     del model.graph.output[:]
     model.graph.output.append(keep)
-    if logits[1:]:
-        warnings.warn(DaflWarning(
-            f"{path}: only output '{logits[0]}' is distilled; {', '.join(logits[1:])} will not "
-            "be in the student (several outputs are not supported yet)"), stacklevel=3)
     return keep.name, logits[1:]
 
 

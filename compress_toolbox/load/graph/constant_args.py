@@ -1,9 +1,10 @@
-"""Constant ``Pad`` nodes of imported graphs, made static and, where they only append zero
-channels, prunable.
+"""Ops of imported graphs whose arguments the file holds as constants, made static: ``Pad``
+(and, where it only appends zero channels, prunable) and ``Resize``.
 
-ONNX (opset 11 on) gives a Pad's amounts as a tensor; onnx2torch then reads them with
-``pads.tolist()`` on every call, which torch.export treats as data-dependent (a BlazeFace
-student took over ten minutes to export). Amounts held in the file as constants are read once.
+ONNX (opset 11 on) gives a Pad's amounts and a Resize's scales as tensors; onnx2torch reads them
+with ``tolist()`` on every call, which torch.export treats as data-dependent: a BlazeFace student
+took over ten minutes to export, and a YOLO-style student's export printed torch's partial graph
+and fell back to the legacy exporter. Values held in the file as constants are read once.
 
 BlazeFace-style shortcuts widen their input by appending zero channels before the residual add
 (24 channels padded to the block's 28). torch-pruning takes that pad for an element-wise op and
@@ -19,6 +20,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from onnx2torch.node_converters.pad import OnnxPadDynamic, OnnxPadStatic
+from onnx2torch.node_converters.resize import OnnxResize, OnnxResizeV10
 from torch import fx, nn
 
 from compress_toolbox.load.analysis import run_with_hooks
@@ -44,13 +46,22 @@ def _attribute(module: nn.Module, target: str) -> torch.Tensor:
     return functools.reduce(getattr, target.split("."), module)
 
 
+def _arguments(node: fx.Node, names: tuple[str, ...]) -> dict:
+    """A call's arguments by name (onnx2torch passes constants by position or by name)."""
+    return {**dict(zip(names, node.args)), **node.kwargs}
+
+
+_PAD_ARGUMENTS = ("input_tensor", "pads", "constant_value")
+
+
 def _torch_pads(module: fx.GraphModule, node: fx.Node, layer: nn.Module) -> list[int] | None:
     """The pad amounts in torch's order (last dimension first), when the file fixes them."""
     if isinstance(layer, OnnxPadStatic):
         return list(layer.pads)
-    if len(node.args) < 2 or getattr(node.args[1], "op", None) != "get_attr":
+    pads = _arguments(node, _PAD_ARGUMENTS).get("pads")
+    if getattr(pads, "op", None) != "get_attr":
         return None
-    onnx_pads = [int(v) for v in _attribute(module, node.args[1].target).tolist()]
+    onnx_pads = [int(v) for v in _attribute(module, pads.target).tolist()]
     half = len(onnx_pads) // 2
     pairs = zip(onnx_pads[:half][::-1], onnx_pads[half:][::-1])
     return [amount for pair in pairs for amount in pair]
@@ -59,10 +70,11 @@ def _torch_pads(module: fx.GraphModule, node: fx.Node, layer: nn.Module) -> list
 def _constant_value(module: fx.GraphModule, node: fx.Node, layer: nn.Module) -> float | None:
     if isinstance(layer, OnnxPadStatic):
         return float(layer.constant_value)
-    if len(node.args) < 3 or node.args[2] is None:
+    value = _arguments(node, _PAD_ARGUMENTS).get("constant_value")
+    if value is None:
         return 0.0
-    if getattr(node.args[2], "op", None) == "get_attr":
-        return float(_attribute(module, node.args[2].target))
+    if getattr(value, "op", None) == "get_attr":
+        return float(_attribute(module, value.target))
     return None
 
 
@@ -121,7 +133,65 @@ def static_pads(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
         if new is None:
             continue
         module.add_submodule(node.target, new)
-        node.args = node.args[:1]
+        node.args, node.kwargs = node.args[:1], {}
+        replaced += 1
+    if replaced:
+        module.graph.eliminate_dead_code()
+        module.recompile()
+    return replaced
+
+
+class StaticResize(nn.Module):
+    """``F.interpolate`` by constant scale factors of the spatial dims (an ONNX Resize whose
+    scales the file fixes)."""
+
+    def __init__(self, scale_factor: tuple[float, ...], mode: str, align_corners: bool | None):
+        super().__init__()
+        self.scale_factor, self.mode, self.align_corners = scale_factor, mode, align_corners
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode,
+                             align_corners=self.align_corners)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"scale_factor={self.scale_factor}, mode={self.mode!r}"
+
+
+_TORCH_MODES = {("nearest", 1): "nearest", ("nearest", 2): "nearest", ("nearest", 3): "nearest",
+                ("linear", 1): "linear", ("linear", 2): "bilinear", ("linear", 3): "trilinear",
+                ("cubic", 2): "bicubic"}  # fmt: skip
+
+
+def _constant_scales(module: fx.GraphModule, node: fx.Node, layer: nn.Module) -> list | None:
+    """The Resize's constant scales (batch and channel first), when it has them and no sizes
+    (onnx2torch passes them by position or by name)."""
+    names = ("x", "scales") if isinstance(layer, OnnxResizeV10) else ("x", "roi", "scales", "sizes")
+    given = _arguments(node, names)
+    scales, sizes = given.get("scales"), given.get("sizes")
+    if getattr(scales, "op", None) != "get_attr":
+        return None
+    if sizes is not None and (getattr(sizes, "op", None) != "get_attr"
+                              or _attribute(module, sizes.target).numel()):  # fmt: skip
+        return None
+    values = [float(v) for v in _attribute(module, scales.target).tolist()]
+    return values if len(values) >= 3 and values[:2] == [1.0, 1.0] else None
+
+
+def static_resizes(module: fx.GraphModule) -> int:
+    """Replace, in place, each Resize by constant scales with ``StaticResize``; how many."""
+    replaced = 0
+    for node in list(module.graph.nodes):
+        layer = module.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, (OnnxResize, OnnxResizeV10)):
+            continue
+        scales = _constant_scales(module, node, layer)
+        inner = layer._resize if isinstance(layer, OnnxResizeV10) else layer
+        mode = _TORCH_MODES.get((inner.onnx_mode, len(scales or ()) - 2))
+        if scales is None or mode is None:
+            continue
+        align = inner.align_corners if mode != "nearest" else None
+        module.add_submodule(node.target, StaticResize(tuple(scales[2:]), mode, align))
+        node.args, node.kwargs = node.args[:1], {}
         replaced += 1
     if replaced:
         module.graph.eliminate_dead_code()
