@@ -87,15 +87,20 @@ def _rename_everywhere(graph: onnx.GraphProto, old: str, new: str) -> None:
             value.name = new
 
 
-def _copy_symbolic_dims(value: onnx.ValueInfoProto, like: TensorSpec) -> None:
+def _copy_declared_dims(value: onnx.ValueInfoProto, like: TensorSpec) -> None:
+    """The teacher's declared dims on the student's: its symbolic names (also where the
+    student's exporter proved a size constant), and its fixed sizes where the student's is
+    symbolic. Sizes that differ at run time are left for ``compare`` to report."""
     for dim, wanted in zip(value.type.tensor_type.shape.dim, like.declared):
-        if isinstance(wanted, str) and dim.dim_param:
-            dim.dim_param = wanted
+        if isinstance(wanted, str) and wanted:
+            dim.dim_param = wanted  # one of the two: this clears dim_value
+        elif isinstance(wanted, int) and wanted > 0 and dim.dim_param:
+            dim.dim_value = wanted  # one of the two: this clears dim_param
 
 
 def adopt_names(student_path: str | Path, teacher: Signature) -> None:
     """Rename the student file's inputs and outputs (in order) after the teacher's, with its
-    symbolic dimension names, in place."""
+    declared dimensions (symbolic names, fixed sizes), in place."""
     model = onnx.load(str(student_path))
     graph = model.graph
     pairs = [*zip(graph.input, teacher.inputs), *zip(graph.output, teacher.outputs)]
@@ -105,7 +110,7 @@ def adopt_names(student_path: str | Path, teacher: Signature) -> None:
             _rename_everywhere(graph, spec.name, f"{spec.name}__student_internal")
     for value, spec in pairs:
         _rename_everywhere(graph, value.name, spec.name)
-        _copy_symbolic_dims(value, spec)
+        _copy_declared_dims(value, spec)
     onnx.save_model(model, str(student_path))
 
 
