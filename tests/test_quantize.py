@@ -117,7 +117,7 @@ def test_the_int8_file_is_compacted_and_computes_the_same(float_model, quantised
 
     from compress_toolbox.export import quantize
 
-    monkeypatch.setattr(quantize, "_compact_file", lambda path, keep_nodes: None)
+    monkeypatch.setattr(quantize, "_compact_file", lambda path, model, keep_nodes: None)
     as_written = quantize_onnx(float_model, tmp_path / "plain.int8.onnx", _random_inputs(256),
                                samples=256)  # fmt: skip
     assert quantised.size_bytes < 0.85 * as_written.size_bytes, (quantised, as_written)

@@ -191,8 +191,9 @@ def quantize_onnx(
             _quantize_static(model, prepared, staged, reader, canonical, act_type, reduce_range,
                              {**_CALIB_OPTIONS, "CalibPercentile": percentile},
                              nodes_to_exclude, notes)  # fmt: skip
-            float_ops = _float_nodes(_load(staged))
-            _compact_file(staged, keep_nodes=[name for name, _ in float_ops])
+            quantised = _load(staged)
+            float_ops = _float_nodes(quantised)
+            _compact_file(staged, quantised, keep_nodes=[name for name, _ in float_ops])
             _move_into_place(staged, out)
     except OSError as error:
         raise QuantizeError(f"{out}: cannot write the INT8 model ({error.strerror or error})"
@@ -205,12 +206,10 @@ def quantize_onnx(
 COMPACT_LIMIT_BYTES = 1 << 30  # larger files keep onnxruntime's names (one protobuf: < 2 GiB)
 
 
-def _compact_file(path: Path, keep_nodes: Sequence[str]) -> None:
-    """The QDQ file at ``path`` rewritten smaller (onnx_compact.py), same computation."""
-    if path.stat().st_size > COMPACT_LIMIT_BYTES:
-        return
-    model = onnx.load(str(path))
-    if compact(model, keep_nodes):
+def _compact_file(path: Path, model: onnx.ModelProto, keep_nodes: Sequence[str]) -> None:
+    """The QDQ file at ``path`` (holding ``model``, changed in place) rewritten smaller
+    (onnx_compact.py), same computation."""
+    if path.stat().st_size <= COMPACT_LIMIT_BYTES and compact(model, keep_nodes):
         onnx.save(model, str(path))
 
 

@@ -23,7 +23,7 @@ from onnx2torch.node_converters.pad import OnnxPadDynamic, OnnxPadStatic
 from onnx2torch.node_converters.resize import OnnxResize, OnnxResizeV10
 from torch import fx, nn
 
-from compress_toolbox.load.analysis import run_with_hooks
+from compress_toolbox.load.graph.shape_agnostic import record_shapes
 
 
 class ZeroChannels(nn.Module):
@@ -98,23 +98,25 @@ def _replacement(module: fx.GraphModule, node: fx.Node, layer: nn.Module,
 
 def _input_channels(module: fx.GraphModule, targets: list[str],
                     input_shape: tuple[int, ...]) -> dict[str, int]:  # fmt: skip
-    """Channels (dim 1) of each target layer's input, from one run at batch 2."""
-    seen: dict[str, int] = {}
-
-    def recorder(name: str):
-        def record(layer, inputs):
-            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 3:
-                seen[name] = inputs[0].shape[1]
-
-        return record
-
-    hooks = [(module.get_submodule(name), recorder(name)) for name in targets]
+    """Channels (dim 1) of each target layer's input of rank 3 or more, from one run at
+    batch 2."""
     try:
-        with torch.no_grad():
-            run_with_hooks(module.eval(), torch.randn(2, *input_shape), hooks, pre=True)
+        shapes = record_shapes(module.eval(), targets, torch.randn(2, *input_shape))
     except Exception:  # noqa: BLE001 - a graph that fails here fails verification, named there
         return {}
-    return seen
+    return {name: shape[0][1] for name, shape in shapes.items() if len(shape[0]) >= 3}
+
+
+def _install(module: fx.GraphModule, replacements: list[tuple[fx.Node, nn.Module]]) -> int:
+    """Each node's layer swapped for its static replacement, the constant arguments it no
+    longer reads dropped; how many."""
+    for node, layer in replacements:
+        module.add_submodule(node.target, layer)
+        node.args, node.kwargs = node.args[:1], {}
+    if replacements:
+        module.graph.eliminate_dead_code()
+        module.recompile()
+    return len(replacements)
 
 
 def static_pads(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
@@ -127,18 +129,8 @@ def static_pads(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
     if not found:
         return 0
     channels = _input_channels(module, [node.target for node, _ in found], input_shape)
-    replaced = 0
-    for node, layer in found:
-        new = _replacement(module, node, layer, channels)
-        if new is None:
-            continue
-        module.add_submodule(node.target, new)
-        node.args, node.kwargs = node.args[:1], {}
-        replaced += 1
-    if replaced:
-        module.graph.eliminate_dead_code()
-        module.recompile()
-    return replaced
+    replacements = [(node, _replacement(module, node, layer, channels)) for node, layer in found]
+    return _install(module, [(node, new) for node, new in replacements if new is not None])
 
 
 class StaticResize(nn.Module):
@@ -179,7 +171,7 @@ def _constant_scales(module: fx.GraphModule, node: fx.Node, layer: nn.Module) ->
 
 def static_resizes(module: fx.GraphModule) -> int:
     """Replace, in place, each Resize by constant scales with ``StaticResize``; how many."""
-    replaced = 0
+    replacements = []
     for node in list(module.graph.nodes):
         layer = module.get_submodule(node.target) if node.op == "call_module" else None
         if not isinstance(layer, (OnnxResize, OnnxResizeV10)):
@@ -190,10 +182,5 @@ def static_resizes(module: fx.GraphModule) -> int:
         if scales is None or mode is None:
             continue
         align = inner.align_corners if mode != "nearest" else None
-        module.add_submodule(node.target, StaticResize(tuple(scales[2:]), mode, align))
-        node.args, node.kwargs = node.args[:1], {}
-        replaced += 1
-    if replaced:
-        module.graph.eliminate_dead_code()
-        module.recompile()
-    return replaced
+        replacements.append((node, StaticResize(tuple(scales[2:]), mode, align)))
+    return _install(module, replacements)

@@ -101,10 +101,8 @@ def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
     """Names of the tensors that are initializers or computed from constants alone (Paddle2ONNX
     writes a conv's bias as ``Reshape(initializer, shape)`` added after the conv)."""
     constant = {init.name for init in graph.initializer}
-    graph_inputs = {inp.name for inp in graph.input} - constant
     for node in graph.node:  # ONNX nodes are in topological order
-        inputs = [name for name in node.input if name]
-        if all(name in constant and name not in graph_inputs for name in inputs):
+        if all(name in constant for name in node.input if name):
             constant.update(node.output)
     return constant
 

@@ -355,7 +355,9 @@ def fuse_unbinds(module: fx.GraphModule, input_shape: tuple[int, ...]) -> int:
     return len(by_source)
 
 
-def _record_shapes(module: nn.Module, targets: list[str], example: torch.Tensor) -> dict:
+def record_shapes(module: nn.Module, targets: list[str], example: torch.Tensor) -> dict:
+    """(input shape, first output's shape, number of outputs) of each target layer on one run
+    of ``example``."""
     shapes: dict[str, tuple] = {}
     hooks = []
     for target in targets:
@@ -378,7 +380,7 @@ def _shapes_at_another_batch(module: nn.Module, targets: list[str],
     dimensions (MobileViT's patch unfolding) matches its dimensions at batch 2 by chance and
     breaks at any other batch."""
     try:
-        return _record_shapes(module, targets, torch.randn(3, *input_shape))
+        return record_shapes(module, targets, torch.randn(3, *input_shape))
     except Exception:  # noqa: BLE001 - sizes fixed at the export batch: nothing to learn
         return {}
 
@@ -407,10 +409,10 @@ def make_shape_agnostic(module: fx.GraphModule, input_shape: tuple[int, ...]) ->
     example = torch.randn(2, *input_shape)  # batch 2: a batch of 1 is ambiguous with unit dims
     if not candidates:
         return fuse_channel_slices(module, input_shape) + fuse_unbinds(module, input_shape)
-    shapes = _record_shapes(module, list(candidates), example)
+    shapes = record_shapes(module, list(candidates), example)
     shapes_at_3 = _shapes_at_another_batch(module, list(candidates), input_shape)
     if computed and not shapes_at_3:
-        shapes_at_3 = _record_shapes(module, sorted(computed), torch.randn(3, *input_shape))
+        shapes_at_3 = record_shapes(module, sorted(computed), torch.randn(3, *input_shape))
     checked = computed | set(shapes_at_3)
     replaced = 0
     for target, node in candidates.items():
