@@ -130,6 +130,42 @@ def test_the_int8_file_is_compacted_and_computes_the_same(float_model, quantised
                    if node.op_type == "DequantizeLinear" and len(node.input) == 3}  # fmt: skip
     assert all(onnx.numpy_helper.to_array(init).any() for init in model.graph.initializer
                if init.name in zero_points)  # only the ones that are not all zeros are left
+    assert {opset.domain for opset in model.opset_import} <= {node.domain for node in
+                                                              model.graph.node} | {""}
+    assert not any(attr.name == "group" and attr.i == 1 for node in model.graph.node
+                   for attr in node.attribute)  # Conv's default group  # fmt: skip
+
+
+def _optimised_ops(path: Path, tmp_path: Path) -> dict[str, int]:
+    """The op counts of ``path`` as onnxruntime's CPU EP runs it (its fusions applied)."""
+    import collections
+
+    import onnx
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / f"{path.stem}.optimised.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(options.optimized_model_filepath).graph.node
+    return dict(collections.Counter(node.op_type for node in nodes))
+
+
+def test_biases_stay_float_and_onnxruntime_fuses_them_as_int32_ones(float_model, quantised,
+                                                                     monkeypatch, tmp_path):  # fmt: skip
+    """No int32 bias (its scale and DequantizeLinear cost file size): the CPU EP runs the same
+    integer ops as it does for onnxruntime's default int32 biases."""
+    import onnx
+
+    from compress_toolbox.export import quantize
+
+    model = onnx.load(str(quantised.path))
+    assert not any(init.data_type == onnx.TensorProto.INT32 for init in model.graph.initializer)
+    monkeypatch.setitem(quantize._CALIB_OPTIONS, "QuantizeBias", True)
+    int32_biases = quantize_onnx(float_model, tmp_path / "int32.int8.onnx", _random_inputs(256),
+                                 samples=256)  # fmt: skip
+    assert int32_biases.size_bytes > quantised.size_bytes
+    ops = _optimised_ops(quantised.path, tmp_path)
+    assert ops == _optimised_ops(int32_biases.path, tmp_path) and "QLinearConv" in ops, ops
 
 
 def test_latency_is_a_positive_median(quantised):

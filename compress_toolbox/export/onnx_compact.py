@@ -4,9 +4,10 @@ onnxruntime's QDQ models of small students are mostly bookkeeping: every weight 
 a per-channel zero point that is all zeros, and every tensor and node a long name
 (``/features/features.0/Conv_output_0_QuantizeLinear``). On the suite's students that put the
 INT8 file at 0.35-0.48 of the float file where the weights alone are 0.25. ``compact`` drops
-the zero zero points (DequantizeLinear's default) and the shape annotations, and renames the
-internal tensors with short ids; the graph's inputs and outputs keep their names, and nodes
-keep theirs where asked (those the report names).
+the zero zero points (DequantizeLinear's default), attributes set to their schema default,
+opset imports no node uses and the shape annotations, and renames the internal tensors with
+short ids; the graph's inputs and outputs keep their names, and nodes keep theirs where asked
+(those the report names).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import onnx
-from onnx import numpy_helper
+from onnx import defs, helper, numpy_helper
 
 
 def _drop_zero_points(graph: onnx.GraphProto) -> None:
@@ -29,6 +30,29 @@ def _drop_zero_points(graph: onnx.GraphProto) -> None:
     used |= {value.name for value in graph.input}
     for init in [init for init in graph.initializer if init.name not in used]:
         graph.initializer.remove(init)
+
+
+def _drop_default_attributes(model: onnx.ModelProto) -> None:
+    """Attributes equal to the default their op's schema declares (at the model's opset)."""
+    versions = {opset.domain: opset.version for opset in model.opset_import}
+    for node in model.graph.node:
+        try:
+            schema = defs.get_schema(node.op_type, versions.get(node.domain, 1), node.domain)
+        except defs.SchemaError:  # an op onnx does not know (a runtime's contrib op)
+            continue
+        for attr in list(node.attribute):
+            default = schema.attributes.get(attr.name)
+            default = default.default_value if default is not None else None
+            if (default is not None and default.type == attr.type
+                    and helper.get_attribute_value(default) == helper.get_attribute_value(attr)):
+                node.attribute.remove(attr)
+
+
+def _drop_unused_opsets(model: onnx.ModelProto) -> None:
+    """Opset imports of domains no node uses (onnxruntime's quantiser adds eight)."""
+    used = {node.domain for node in model.graph.node} | {""}
+    for opset in [opset for opset in model.opset_import if opset.domain not in used]:
+        model.opset_import.remove(opset)
 
 
 def _short_names(graph: onnx.GraphProto, keep_nodes: Collection[str]) -> None:
@@ -67,5 +91,7 @@ def compact(model: onnx.ModelProto, keep_nodes: Collection[str] = ()) -> bool:
            for node in graph.node for attr in node.attribute):  # fmt: skip
         return False
     _drop_zero_points(graph)
+    _drop_default_attributes(model)
+    _drop_unused_opsets(model)
     _short_names(graph, set(keep_nodes))
     return True
