@@ -292,6 +292,36 @@ def test_time_budget_stops_on_time(digits):
     assert sum(r["accuracy"] is not None for r in result.history) >= 2
 
 
+class _CountsTrainingCalls(nn.Module):
+    """``module``, counting its forward calls in training mode (the student's steps)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module, self.calls = module, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += self.training
+        return self.module(x)
+
+
+def test_a_time_budgeted_run_probes_with_one_student_step_until_its_plan(digits):
+    """Before the plan a time-budgeted iteration's cost is unknown: one student step each (a
+    full iteration of a large teacher on a busy CPU once ate a whole budget); the plan then
+    restores the preset's student steps. An iteration-bound run takes them from the start."""
+    teacher, _ = digits["cnn"]
+    preset = replace(TINY, student_steps=6)
+    for bounds, first_steps in (({"time_budget": 4}, 1), ({"iters": 3}, 6)):
+        student = _CountsTrainingCalls(small_cnn(8))
+        steps: list[int] = []
+
+        def count(_iteration: int, student=student, steps=steps) -> None:
+            steps.append(student.calls - sum(steps))
+
+        result = run(teacher, student=student, preset=preset, on_iteration=count, **bounds)
+        assert steps[0] == first_steps, (bounds, steps)
+        assert result.recipe.student_steps == 6 and steps[-1] == 6, (bounds, steps)
+
+
 class _SlowsDown(nn.Module):
     """``module``, taking ``delay`` seconds more per call after its first ``calls`` calls (a
     machine that another job starts to share)."""

@@ -333,6 +333,12 @@ class Trainer:
         else:
             self._fit_memory()
         self.recipe = self.world.broadcast_object(self.recipe)  # free memory differs by rank
+        self.planned_steps = self.recipe.student_steps
+        if self.stop.time_budget is not None:
+            # Until the plan, iterations are probes with one student step: their cost is
+            # unknown (a 16 M-MAC teacher's first full iteration took 173 s of a 180 s budget
+            # on a busy 2-core CPU), and a plan needs only one step of each kind.
+            self.recipe = replace(self.recipe, student_steps=1)
         self.world.seed_rank(self.options.seed, self.iteration)
         self.threads = ThreadChooser(self.device, self.preset.cpu_threads, self.options.threads,
                                      race=self.stop.time_budget is not None)  # fmt: skip
@@ -370,11 +376,12 @@ class Trainer:
                 f"({', '.join(f'{k} {v:.3g}' for k, v in losses.items())}); try a "
                 "lower learning rate, a smaller --batch-size or another --method"
             )
-        step = (self.recipe, self.iteration, generate_s, student_s, self.elapsed())
+        step = (self.iteration, generate_s, student_s, self.elapsed())
         if not self.planner.planned and self.threads.settled and done >= 2:
-            self.recipe = self.planner.plan(*step)
+            unprobed = replace(self.recipe, student_steps=self.planned_steps)
+            self.recipe = self.planner.plan(unprobed, *step)
         elif self.planner.planned and self.stop.time_budget is not None:
-            self.recipe = self.planner.watch(*step)
+            self.recipe = self.planner.watch(self.recipe, *step)
         row: dict[str, Any] = dict(losses)
         if self.iteration % self.options.health_every == 0:
             row.update(self._check_health().as_row())
