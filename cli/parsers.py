@@ -148,24 +148,28 @@ def _add_student_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    from compress_toolbox.distillation.methods import method_names
+def _listing(summaries: dict[str, str]) -> str:
+    """``name: summary; ...`` for an option's help (``%`` escaped for argparse)."""
+    return "; ".join(f"{name}: {text}" for name, text in summaries.items()).replace("%", "%%")
 
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    from compress_toolbox.distillation.methods import method_summaries
+    from compress_toolbox.distillation.methods.auto import SUMMARY as AUTO_SUMMARY
+    from compress_toolbox.distillation.presets import PRESETS
+
+    methods = method_summaries()
     train = parser.add_argument_group("training")
     train.add_argument(
         "--method",
-        choices=("auto", *method_names()),
+        choices=("auto", *methods),
         default="auto",
-        help="auto picks from the teacher (bn-prior when it keeps BatchNorm layers, else "
-        "dafl; dafl for segmentation); dafl is the paper's method (per pixel for "
-        "segmentation); noise its Gaussian-noise baseline; adversarial adds DFAD-style "
-        "exploration to DAFL; dfad is DFAD's adversarial generation (default: %(default)s)",
+        help=f"{_listing({'auto': AUTO_SUMMARY, **methods})} (default: %(default)s)",
     )
     train.add_argument(
         "--preset",
         default="fast",
-        help="fast (tuned for speed), paper-mnist or paper-cifar (the paper's "
-        "recipes) (default: %(default)s)",
+        help=f"{_listing({n: p.description for n, p in PRESETS.items()})} (default: %(default)s)",
     )
     budget = train.add_mutually_exclusive_group()
     budget.add_argument(

@@ -17,6 +17,10 @@ class VerificationFailed(DaflError):
     """An imported or exported model does not compute what the original computes."""
 
 
+class QuantizeError(DaflError):
+    """A model could not be quantised, or the options asked for something unsupported."""
+
+
 class TrainingFailed(DaflError):
     """Training ran but produced no usable student (collapse, far below the teacher, NaN)."""
 

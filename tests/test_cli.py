@@ -369,6 +369,48 @@ def test_help_explains_options(capsys):
         assert option in text, option
 
 
+def _help_text(capsys) -> str:
+    """``dafl-compress --help`` without whitespace (argparse wraps lines, also at hyphens)."""
+    assert main(["--help"]) == 0
+    return "".join(capsys.readouterr().out.split())
+
+
+def test_help_lists_every_method_and_preset_from_their_registries(capsys):
+    from compress_toolbox.distillation.methods import method_summaries
+    from compress_toolbox.distillation.methods.auto import SUMMARY
+    from compress_toolbox.distillation.presets import PRESETS
+
+    text = _help_text(capsys)
+    listed = {"auto": SUMMARY, **method_summaries()}
+    listed.update({name: preset.description for name, preset in PRESETS.items()})
+    for name, summary in listed.items():
+        assert "".join(f"{name}: {summary}".split()) in text, name
+
+
+def test_a_registered_method_appears_in_the_help(capsys, monkeypatch):
+    from compress_toolbox.distillation import methods
+    from compress_toolbox.distillation.methods.base import Method
+
+    methods.method_names()  # every method module imported before the registry is copied
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # restored afterwards
+    summary = "a throwaway method, 100% for this test"
+    methods.register_method(type("Throwaway", (Method,), {"name": "throwaway", "summary": summary}))
+    assert "throwaway:athrowawaymethod,100%forthistest" in _help_text(capsys)
+    monkeypatch.undo()
+    assert "throwaway" not in _help_text(capsys)
+
+
+def test_a_method_without_a_one_line_summary_is_refused(monkeypatch):
+    from compress_toolbox.distillation import methods
+    from compress_toolbox.distillation.methods.base import Method
+
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+    for attrs in ({}, {"summary": ""}, {"summary": "two\nlines"}):
+        odd = type("Odd", (Method,), {"name": "odd-summary", **attrs})
+        with pytest.raises(ValueError, match="summary must be one line"):
+            methods.register_method(odd)
+
+
 def test_sigint_then_resume_finishes(workspace, tmp_path):
     out = tmp_path / "out"
     command = [

@@ -379,14 +379,22 @@ def test_a_late_replan_asks_only_for_the_iterations_the_run_lacks():
     preset = replace(TINY, size_to_budget=True, student_steps=12)
     stop = StopPolicy.for_run(None, None, 100.0, preset)
 
+    class Totals(Progress):  # the totals the planner set, in order
+        def set_total(self, total: int) -> None:
+            super().set_total(total)
+            self.totals.append(total)
+
     def replanned(iteration: int) -> Recipe:
-        planner = Planner(preset, stop, distributed.world(), Progress(False, "t", None, 0),
-                          CollapseGuard())  # fmt: skip
+        progress = Totals(False, "t", None, 0)
+        progress.totals = []
+        planner = Planner(preset, stop, distributed.world(), progress, CollapseGuard())
         recipe = Recipe(batch_size=8, student_steps=12, pool_size=4, generate_s=0.01,
                         student_step_s=0.001)  # fmt: skip
         for i in range(DRIFT_WINDOW):  # 10x slower: 1.2 s per iteration, 20 s left
             recipe = planner.watch(recipe, iteration + i + 1, 0.1, 0.01, 80.0)
         assert recipe.replans == 1
+        # set once per re-plan: the iterations so far and those the rest of the budget buys
+        assert progress.totals == [iteration + DRIFT_WINDOW + recipe.expected_iterations]
         return recipe
 
     assert replanned(TARGET_ITERATIONS + 100).student_steps == 12

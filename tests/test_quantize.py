@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress_toolbox.errors import DaflError
+from compress_toolbox.errors import DaflError, QuantizeError
 from compress_toolbox.export.onnx_compare import compare_onnx, latency_ms
-from compress_toolbox.export.quantize import QuantizeError, quantize_onnx
+from compress_toolbox.export.quantize import quantize_onnx
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

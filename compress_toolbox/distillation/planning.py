@@ -71,13 +71,13 @@ class Planner:
         new.replans = recipe.replans + 1
         new.warning = None  # said once, at the first plan
         why = f"iterations took {took_s:.2f} s, not the planned {planned_s:.2f} s"
-        new = self._announce(new, f"re-plan ({why})", iteration, elapsed)
-        self.progress.set_total(iteration + new.expected_iterations)
+        new = self._announce(new, f"re-plan ({why})", iteration, elapsed)  # sets the total
         self.rate.clear()
         return new
 
     def _announce(self, recipe: Recipe, label: str, iteration: int, elapsed: float) -> Recipe:
-        """Rank 0's recipe on every rank (timings differ by rank), on the progress output."""
+        """Rank 0's recipe on every rank (timings differ by rank), on the progress output, its
+        expected iterations the progress total and the collapse guard's warm-up."""
         recipe = self.world.broadcast_object(recipe)
         self.progress.line(iteration, elapsed, {label: recipe.describe()})
         if recipe.expected_iterations:

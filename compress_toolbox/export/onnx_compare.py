@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from compress_toolbox.errors import first_line
-from compress_toolbox.export.quantize import Batch, QuantizeError, as_feed, slice_feed
+from compress_toolbox.errors import QuantizeError, first_line
+from compress_toolbox.export.onnx_feed import Batch, as_feed, slice_feed
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ The recipe is onnxruntime's own (its ``quantize_static`` docstring, "Choosing pa
 CPU inference"): ``quant_pre_process`` (shape inference, fusion), then ``quantize_static`` in
 QDQ format with per-channel, symmetric int8 weights; activations uint8 on x86-64 (with
 ``reduce_range`` where the CPU lacks VNNI) and int8 on ARM. Operators onnxruntime cannot
-quantise stay float and are listed in the result; they never fail the quantisation. The file
-is then compacted (onnx_compact.py: zero zero points dropped, short internal names).
+quantise stay float and are listed in the result (onnx_inspect.py); they never fail the
+quantisation. The file is then compacted (onnx_compact.py: zero zero points dropped, short
+internal names). The calibration inputs reach onnxruntime through onnx_feed.py.
 """
 
 from __future__ import annotations
@@ -25,15 +26,12 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
-import numpy as np
 import onnx
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
@@ -41,13 +39,10 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from compress_toolbox.errors import DaflError, first_line
+from compress_toolbox.errors import DaflError, QuantizeError, first_line
 from compress_toolbox.export.onnx_compact import compact
-
-# A batch for a one-input model is an array; for several inputs, a tuple in the model's input
-# order or a dict by input name.
-Batch = Union[np.ndarray, Sequence[np.ndarray], Mapping[str, np.ndarray]]  # noqa: UP007
-Calibration = Union[np.ndarray, Iterable[Batch], Callable[[int], Batch]]  # noqa: UP007
+from compress_toolbox.export.onnx_feed import BatchReader, Calibration, calibration_feeds
+from compress_toolbox.export.onnx_inspect import fixed_batch, float_nodes, load_model, model_inputs
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 MODES = ("int8",)
@@ -83,10 +78,6 @@ DEFAULT_BATCH = 32
 _CALIB_OPTIONS = {"WeightSymmetric": True, "QuantizeBias": False}
 
 
-class QuantizeError(DaflError):
-    """A model could not be quantised, or the options asked for something unsupported."""
-
-
 @dataclass(frozen=True)
 class QuantizeResult:
     """What ``quantize_onnx`` wrote and how."""
@@ -111,30 +102,6 @@ class QuantizeResult:
     def float_op_types(self) -> tuple[str, ...]:
         """The sorted op types of the nodes left float (e.g. ``("Erf", "Sin")``)."""
         return tuple(sorted({op for _, op in self.float_ops}))
-
-
-class _BatchReader(CalibrationDataReader):
-    """Feeds onnxruntime's calibrator one batch (a feed dict) at a time and counts samples."""
-
-    def __init__(self, feeds: Iterator[dict[str, np.ndarray]], model: Path):
-        self._feeds = feeds
-        self._model = model
-        self.samples = 0
-        self.exhausted = False  # the caller's data ran out (rather than onnxruntime stopping)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        try:
-            feed = next(self._feeds, None)
-        except DaflError:
-            raise
-        except Exception as error:  # the caller's generator, not onnxruntime
-            raise QuantizeError(f"{self._model}: the calibration inputs failed "
-                                f"({type(error).__name__}: {first_line(error)})") from error
-        if feed is None:
-            self.exhausted = True
-        else:
-            self.samples += len(next(iter(feed.values())))
-        return feed
 
 
 def cpu_recommended_activations() -> tuple[str, bool]:
@@ -183,21 +150,22 @@ def quantize_onnx(
     model, out = Path(model), Path(out)
     canonical, act_type, reduce_range = _check_options(model, out, method, samples, batch, mode,
                                                        activations, percentile)  # fmt: skip
-    float_model = _load(model)
-    inputs = _model_inputs(model, float_model)
+    float_model = load_model(model)
+    inputs = model_inputs(model, float_model)
     start = time.perf_counter()
     try:  # everything is written in a hidden folder next to ``out``, moved in at the end
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
             prepared, notes = _preprocess(model, Path(work) / "prepared.onnx")
-            batch = _fixed_batch(float_model) or batch
-            reader = _BatchReader(_feeds(calibration, inputs, samples, batch, model), model)
+            batch = fixed_batch(float_model) or batch
+            feeds = calibration_feeds(calibration, inputs, samples, batch, model)
+            reader = BatchReader(feeds, model)
             staged = Path(work) / out.name
             _quantize_static(model, prepared, staged, reader, canonical, act_type, reduce_range,
                              {**_CALIB_OPTIONS, "CalibPercentile": percentile},
                              nodes_to_exclude, notes)  # fmt: skip
-            quantised = _load(staged)
-            float_ops = _float_nodes(quantised)
+            quantised = load_model(staged)
+            float_ops = float_nodes(quantised)
             _compact_file(staged, quantised, keep_nodes=[name for name, _ in float_ops])
             _move_into_place(staged, out)
     except OSError as error:
@@ -218,7 +186,7 @@ def _compact_file(path: Path, model: onnx.ModelProto, keep_nodes: Sequence[str])
         onnx.save(model, str(path))
 
 
-def _quantize_static(model: Path, prepared: Path, staged: Path, reader: _BatchReader,
+def _quantize_static(model: Path, prepared: Path, staged: Path, reader: BatchReader,
                      method: str, act_type: str, reduce_range: bool, options: dict,
                      nodes_to_exclude: Sequence[str], notes: list[str]) -> None:  # fmt: skip
     """onnxruntime's ``quantize_static`` (QDQ, per-channel symmetric int8 weights), its failures
@@ -268,35 +236,6 @@ def _check_options(model: Path, out: Path, method: str, samples: int, batch: int
     else:
         act_type, reduce_range = activations, False
     return canonical, act_type, reduce_range
-
-
-def _load(path: Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path))
-    except Exception as error:
-        raise QuantizeError(f"{path}: not a readable ONNX model ({first_line(error)})") from error
-
-
-def _model_inputs(path: Path, model: onnx.ModelProto) -> list[tuple[str, np.dtype]]:
-    """(name, numpy dtype) of the inputs the caller feeds: graph inputs that are not weights."""
-    if any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node):
-        raise QuantizeError(f"{path}: already quantised (it has QuantizeLinear/DequantizeLinear)")
-    weights = {init.name for init in model.graph.initializer}
-    inputs = []
-    for value in model.graph.input:
-        if value.name not in weights:
-            elem = value.type.tensor_type.elem_type
-            inputs.append((value.name, onnx.helper.tensor_dtype_to_np_dtype(elem)))
-    return inputs
-
-
-def _fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size a model was exported with when its first axis is not dynamic."""
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return None
 
 
 def _preprocess(model: Path, prepared: Path) -> tuple[Path, list[str]]:
@@ -350,76 +289,6 @@ def _onnxruntime_quiet(notes: list[str]) -> Iterator[None]:
         logger.propagate = propagate
 
 
-def as_feed(batch: Batch, inputs: list[tuple[str, np.dtype]],
-             where: Path) -> dict[str, np.ndarray]:  # fmt: skip
-    """One caller batch as an onnxruntime feed dict, in each input's dtype."""
-    if isinstance(batch, Mapping):
-        arrays = [batch[name] for name, _ in inputs if name in batch]
-    elif len(inputs) == 1 and not isinstance(batch, (tuple, list)):
-        arrays = [batch]
-    else:
-        arrays = list(batch)
-    if len(arrays) != len(inputs):
-        names = ", ".join(name for name, _ in inputs)
-        raise QuantizeError(f"{where}: a batch of {len(arrays)} arrays for a model that takes "
-                            f"{len(inputs)} inputs ({names})")  # fmt: skip
-    return {name: np.ascontiguousarray(_numpy(a), dtype=dtype)
-            for (name, dtype), a in zip(inputs, arrays)}  # fmt: skip
-
-
-def _numpy(array) -> np.ndarray:
-    # torch tensors (a generator's output) without importing torch here
-    if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
-def slice_feed(feed: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
-    return {name: array[start:stop] for name, array in feed.items()}
-
-
-def _feeds(calibration: Calibration, inputs: list[tuple[str, np.dtype]], samples: int,
-           batch: int, where: Path) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
-    """Feed dicts of exactly ``batch`` samples, ``samples`` in all at most, re-chunked across
-    the caller's batches: onnxruntime's histogram calibrators (Entropy, Percentile) stack every
-    batch's activations into one array and fail on unequal batches. A remainder smaller than
-    ``batch`` is dropped unless it is all there is."""
-    batch = min(batch, samples)
-    if callable(calibration):
-        def source() -> Iterator[Batch]:
-            while True:
-                yield calibration(batch)
-        batches: Iterable[Batch] = source()
-    elif isinstance(calibration, np.ndarray) or hasattr(calibration, "detach"):
-        batches = [calibration]
-    else:
-        batches = calibration
-    pending: list[dict[str, np.ndarray]] = []
-    fed = held = 0
-    for item in batches:
-        feed = as_feed(item, inputs, where)
-        size = len(next(iter(feed.values())))
-        if size == 0:
-            break  # an exhausted generator must not spin forever
-        pending.append(feed)
-        held += size
-        while held >= batch and fed + batch <= samples:
-            joined = _concat(pending)
-            yield slice_feed(joined, 0, batch)
-            fed, held = fed + batch, held - batch
-            pending = [slice_feed(joined, batch, len(next(iter(joined.values()))))]
-        if fed + batch > samples:
-            return
-    if fed == 0 and held:
-        yield _concat(pending)
-
-
-def _concat(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(feeds) == 1:
-        return feeds[0]
-    return {name: np.concatenate([feed[name] for feed in feeds]) for name in feeds[0]}
-
-
 def _move_into_place(staged: Path, out: Path) -> None:
     """Rename the finished file over ``out`` (same folder: atomic); copy if rename fails."""
     try:
@@ -430,53 +299,3 @@ def _move_into_place(staged: Path, out: Path) -> None:
         os.replace(partial, out)
 
 
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-           onnx.TensorProto.BFLOAT16)  # fmt: skip
-
-
-def _maybe_float(elem_type: int) -> bool:
-    return elem_type in _FLOATS or elem_type == onnx.TensorProto.UNDEFINED
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor ONNX shape inference can type (weights included)."""
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # custom ops: keep what the file declares
-        pass
-    graph = model.graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in [*graph.input, *graph.value_info, *graph.output]}  # fmt: skip
-    return types | {t.name: t.data_type for t in graph.initializer}
-
-
-def _quantisable_op_types() -> frozenset[str]:
-    """The op types ``quantize_static`` quantises by default in QDQ format (its own default
-    ``op_types_to_quantize``: the QOperator and QDQ registries)."""
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    return frozenset(QDQRegistry) | frozenset(QLinearOpsRegistry)
-
-
-def _float_nodes(quantised: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
-    """(name, op type) of the nodes of the QDQ model that compute in float: they read a float
-    activation, and either onnxruntime has no quantised form of their op type or none of their
-    float activations comes through a DequantizeLinear. Being surrounded by Q/DQ is not enough:
-    an unsupported op between two quantised ones (DQ -> Sin -> Q) still computes in float."""
-    types = _tensor_types(quantised)
-    weights = {t.name for t in quantised.graph.initializer}
-    producer = {out: node.op_type for node in quantised.graph.node for out in node.output}
-    quantisable = _quantisable_op_types()
-    left = []
-    for node in quantised.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        # activations: not weights, and float (or of unknown type, e.g. after a custom op)
-        acts = [name for name in node.input if name and name not in weights
-                and producer.get(name) != "Constant" and _maybe_float(types.get(name, 0))]
-        if not acts or not any(_maybe_float(types.get(out, 0)) for out in node.output):
-            continue  # shape arithmetic on int64, Shape of a float tensor and the like
-        through_dq = any(producer.get(name) == "DequantizeLinear" for name in acts)
-        if node.op_type not in quantisable or not through_dq:
-            left.append((node.name or node.output[0], node.op_type))
-    return tuple(left)

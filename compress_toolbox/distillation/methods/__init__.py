@@ -1,11 +1,11 @@
 """Distillation methods by name: one file each, registered with ``@register_method``.
 
 Adding a method: a new module in this package with a ``Method`` subclass decorated by
-``@register_method``; every module here is imported when the registry is first used. A method
-with loss terms declares their weights as a frozen ``LossWeights`` dataclass in its own file
-(``weights_type``), whose defaults are the method's own values; a preset changes them by method
-name (``Preset.loss_weights``), so adding a method never edits presets.py.
-"""
+``@register_method`` (its one-line ``summary`` is what ``--method``'s help says of it); every
+module here is imported when the registry is first used. A method with loss terms declares its
+weights as a frozen ``LossWeights`` dataclass in its own file (``weights_type``), whose defaults
+are the method's own values; a preset changes them by method name (``Preset.loss_weights``), so
+adding a method never edits presets.py."""
 
 from __future__ import annotations
 
@@ -29,9 +29,13 @@ class LossWeights:
 
 
 def register_method(cls: type) -> type:
-    """Class decorator: make ``cls`` (a ``Method`` subclass) available as ``cls.name``."""
+    """Class decorator: make ``cls`` (a ``Method`` subclass) available as ``cls.name``, its
+    ``summary`` (one line) listed in ``--method``'s help."""
     if cls.name in _REGISTRY:
         raise ValueError(f"method {cls.name!r} registered twice")
+    summary = getattr(cls, "summary", None)
+    if not (isinstance(summary, str) and summary.strip() and "\n" not in summary):
+        raise ValueError(f"method {cls.name!r}: summary must be one line of text")
     weights = getattr(cls, "weights_type", None)
     frozen = is_dataclass(weights) and weights.__dataclass_params__.frozen
     if not (frozen and issubclass(weights, LossWeights)):
@@ -56,6 +60,12 @@ def method_names() -> list[str]:
     """Registered method names (``auto`` is not one: it chooses among them)."""
     _load_all()
     return sorted(_REGISTRY)
+
+
+def method_summaries() -> dict[str, str]:
+    """Registered method name -> its one-line ``summary``, by name."""
+    _load_all()
+    return {name: _REGISTRY[name].summary for name in sorted(_REGISTRY)}
 
 
 def get_method(name: str) -> type:

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from compress_toolbox.distillation.methods.base import MethodContext
 
+# what ``--method``'s help says of auto (the rule below and the tasks' own)
+SUMMARY = ("picks from the teacher: bn-prior when it keeps BatchNorm layers, else dafl (a task "
+           "may choose otherwise: dafl for segmentation)")  # fmt: skip
+
 
 def choose_method(ctx: MethodContext) -> tuple[str, str]:
     """(method name, the reason, for the report)."""
