@@ -150,8 +150,7 @@ def _optimised_ops(path: Path, tmp_path: Path) -> dict[str, int]:
     return dict(collections.Counter(node.op_type for node in nodes))
 
 
-def test_biases_stay_float_and_onnxruntime_fuses_them_as_int32_ones(float_model, quantised,
-                                                                     monkeypatch, tmp_path):  # fmt: skip
+def test_float_biases_run_as_int32_ones(float_model, quantised, monkeypatch, tmp_path):
     """No int32 bias (its scale and DequantizeLinear cost file size): the CPU EP runs the same
     integer ops as it does for onnxruntime's default int32 biases."""
     import onnx
