@@ -172,6 +172,8 @@ def test_stop_policy():
     timed.record(2.0, 2)
     assert timed.reason_to_stop(3, 7.0) is None and timed.reason_to_stop(3, 8.5) == "time budget"
     assert timed.progress(3, 5.0) == pytest.approx(0.5)
+    timed.reserve_s = 1.0  # the final evaluation's expected seconds
+    assert timed.reason_to_stop(3, 6.5) is None and timed.reason_to_stop(3, 7.5) == "time budget"
 
 
 def test_replay_pool_caps_memory_and_rebatches():

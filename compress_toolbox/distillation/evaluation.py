@@ -3,6 +3,8 @@ student's accuracy on a subset about ten times per run for the curve, both score
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -20,8 +22,11 @@ class Evaluation:
                  elapsed_before: float) -> None:  # fmt: skip
         self.data, self.device = data, device
         self.teacher_predictions = self.subset = None
+        self.teacher_s = 0.0  # seconds the teacher took on the whole data
         if data is not None:
+            start = time.perf_counter()
             self.teacher_predictions = predict(teacher, data, device=device)
+            self.teacher_s = time.perf_counter() - start
             self.subset = data.subset(task.monitor_samples)
         self.every, self.interval_s = _schedule(data, options, stop)
         self.last = elapsed_before

@@ -47,6 +47,7 @@ class StopPolicy:
     schedule_length: int | None = None  # the paper's planned iterations (schedule progress)
     fit_to_budget: bool = False  # progress = max(iterations, time) fraction of the bounds
     iteration_seconds: float = 0.0
+    reserve_s: float = 0.0  # of the budget, for the run's work outside its iterations
 
     @classmethod
     def for_run(cls, iters: int | None, epochs: int | None, time_budget: float | None,
@@ -78,7 +79,8 @@ class StopPolicy:
     def reason_to_stop(self, iteration: int, elapsed: float) -> str | None:
         if self.total_iters is not None and iteration >= self.total_iters:
             return "iterations"
-        if self.time_budget is not None and elapsed + self.iteration_seconds > self.time_budget:
+        needed = elapsed + self.iteration_seconds + self.reserve_s
+        if self.time_budget is not None and needed > self.time_budget:
             return "time budget"
         return None
 
