@@ -127,7 +127,8 @@ def test_the_int8_file_is_compacted_and_computes_the_same(float_model, quantised
     assert [v.name for v in model.graph.input] == ["input"]
     assert [v.name for v in model.graph.output] == ["logits"]
     zero_points = {node.input[2] for node in model.graph.node
-                   if node.op_type == "DequantizeLinear" and len(node.input) == 3}  # fmt: skip
+                   if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   and len(node.input) == 3}  # fmt: skip
     assert all(onnx.numpy_helper.to_array(init).any() for init in model.graph.initializer
                if init.name in zero_points)  # only the ones that are not all zeros are left
     assert {opset.domain for opset in model.opset_import} <= {node.domain for node in

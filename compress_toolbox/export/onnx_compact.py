@@ -4,10 +4,10 @@ onnxruntime's QDQ models of small students are mostly bookkeeping: every weight 
 a per-channel zero point that is all zeros, and every tensor and node a long name
 (``/features/features.0/Conv_output_0_QuantizeLinear``). On the suite's students that put the
 INT8 file at 0.35-0.48 of the float file where the weights alone are 0.25. ``compact`` drops
-the zero zero points (DequantizeLinear's default), attributes set to their schema default,
-opset imports no node uses and the shape annotations, and renames the internal tensors with
-short ids; the graph's inputs and outputs keep their names, and nodes keep theirs where asked
-(those the report names).
+the zero points equal to their op's default (all zeros; of uint8 for QuantizeLinear),
+attributes set to their schema default, opset imports no node uses and the shape
+annotations, and renames the internal tensors with short ids; the graph's inputs and outputs
+keep their names, and nodes keep theirs where asked (those the report names).
 """
 
 from __future__ import annotations
@@ -18,13 +18,21 @@ import onnx
 from onnx import defs, helper, numpy_helper
 
 
+def _is_default_zero_point(node: onnx.NodeProto, zero_point: onnx.TensorProto | None) -> bool:
+    """Whether ``zero_point`` (a constant, or None) is what ``node`` assumes without one: all
+    zeros for DequantizeLinear; all zeros of uint8 for QuantizeLinear (its type sets the
+    output's)."""
+    if zero_point is None or numpy_helper.to_array(zero_point).any():
+        return False
+    return node.op_type == "DequantizeLinear" or zero_point.data_type == onnx.TensorProto.UINT8
+
+
 def _drop_zero_points(graph: onnx.GraphProto) -> None:
-    """DequantizeLinear's all-zero zero points, which equal its default."""
+    """Zero points equal to the default of their QuantizeLinear/DequantizeLinear."""
     initializers = {init.name: init for init in graph.initializer}
     for node in graph.node:
-        if node.op_type == "DequantizeLinear" and len(node.input) == 3:
-            zero_point = initializers.get(node.input[2])
-            if zero_point is not None and not numpy_helper.to_array(zero_point).any():
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) == 3:
+            if _is_default_zero_point(node, initializers.get(node.input[2])):
                 del node.input[2]
     used = {name for node in graph.node for name in node.input}
     used |= {value.name for value in graph.input}
