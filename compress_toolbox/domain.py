@@ -17,10 +17,16 @@ import torch
 from compress_toolbox.errors import DaflError
 
 
-def _as_tuple(name: str, value: float | Sequence[float] | None) -> tuple[float, ...] | None:
+def _as_tuple(name: str, value: float | str | Sequence[float] | None) -> tuple[float, ...] | None:
+    """``value`` as floats: a number, a sequence of them, or text as the CLI takes it
+    (``"0.5,0.5,0.5"``); DaflError naming the option otherwise."""
     if value is None:
         return None
-    values = (float(value),) if isinstance(value, (int, float)) else tuple(map(float, value))
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        values = (float(parts),) if isinstance(parts, (int, float)) else tuple(map(float, parts))
+    except (TypeError, ValueError):
+        values = ()
     if not values or not all(math.isfinite(v) for v in values):
         raise DaflError(f"--{name} must be finite numbers, got {value!r}")
     return values

@@ -40,6 +40,14 @@ def test_domain_maps_pixels_per_channel_and_back():
     assert torch.equal(flat, torch.ones(3, 7))
 
 
+def test_domain_options_take_the_clis_text_and_refuse_bad_text_in_one_line():
+    """The Python API takes --mean/--std as the CLI writes them; a bad one is a DaflError."""
+    text = InputDomain.from_options("0.5,0.25,0", "0.5,0.25,2", (3, 4, 4))
+    assert text == InputDomain.from_options([0.5, 0.25, 0.0], [0.5, 0.25, 2.0], (3, 4, 4))
+    with pytest.raises(DaflError, match="--mean must be finite numbers, got '0.5,x'"):
+        InputDomain.from_options("0.5,x", None)
+
+
 @pytest.mark.parametrize(
     ("mean", "std", "message"),
     [([0.1, 0.2], None, "has 2 values"), (None, [0.0], "must not be zero"),
