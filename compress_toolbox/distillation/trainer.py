@@ -334,7 +334,7 @@ class Trainer:
         else:
             self._fit_memory()
         self.recipe = self.world.broadcast_object(self.recipe)  # free memory differs by rank
-        self.planned_steps = self.recipe.student_steps
+        self.steps_after_probes = self.recipe.student_steps  # what the plan starts from
         if self.stop.time_budget is not None:
             # Until the plan, iterations are probes with one student step: their cost is
             # unknown (a 16 M-MAC teacher's first full iteration took 173 s of a 180 s budget
@@ -385,7 +385,7 @@ class Trainer:
             )
         step = (self.iteration, generate_s, student_s, self.elapsed())
         if not self.planner.planned and self.threads.settled and done >= 2:
-            unprobed = replace(self.recipe, student_steps=self.planned_steps)
+            unprobed = replace(self.recipe, student_steps=self.steps_after_probes)
             self.recipe = self.planner.plan(unprobed, *step)
         elif self.planner.planned and self.stop.time_budget is not None:
             self.recipe = self.planner.watch(self.recipe, *step)

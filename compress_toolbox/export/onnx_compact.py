@@ -49,8 +49,8 @@ def _drop_default_attributes(model: onnx.ModelProto) -> None:
         except defs.SchemaError:  # an op onnx does not know (a runtime's contrib op)
             continue
         for attr in list(node.attribute):
-            default = schema.attributes.get(attr.name)
-            default = default.default_value if default is not None else None
+            declared = schema.attributes.get(attr.name)
+            default = declared.default_value if declared is not None else None
             if (default is not None and default.type == attr.type
                     and helper.get_attribute_value(default) == helper.get_attribute_value(attr)):
                 node.attribute.remove(attr)

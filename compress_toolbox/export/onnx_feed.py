@@ -48,8 +48,9 @@ def slice_feed(feed: dict[str, np.ndarray], start: int, stop: int) -> dict[str, 
     return {name: array[start:stop] for name, array in feed.items()}
 
 
-def calibration_feeds(calibration: Calibration, inputs: list[tuple[str, np.dtype]], samples: int,
-           batch: int, where: Path) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+def calibration_feeds(calibration: Calibration, inputs: list[tuple[str, np.dtype]],
+                      samples: int, batch: int,
+                      where: Path) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
     """Feed dicts of exactly ``batch`` samples, ``samples`` in all at most, re-chunked across
     the caller's batches: onnxruntime's histogram calibrators (Entropy, Percentile) stack every
     batch's activations into one array and fail on unequal batches. A remainder smaller than
