@@ -4,11 +4,14 @@ student, distillation, ONNX export, mean IoU of student.onnx on 1,000 evaluation
 
     python benchmarks/teachers/make_segmentation.py     # once: data and teachers (~10 min)
     python benchmarks/bench_segmentation.py --budgets 120 600 --methods auto dafl dfad
+    python benchmarks/bench_segmentation.py --budgets 180 --seeds 3 --quantize   # INT8 too
 
 Teachers: ``unet-seg`` with a derived student, ``lraspp-seg`` with ``--student zoo``; each file
 as torch's default ONNX (BatchNorm folded) or ``.pt2`` (BatchNorm kept: ``--formats pt2``).
 Prints one line per run and a table of medians over seeds: teacher and student mean IoU and
-their ratio (the target: >= 0.85 within 600 s on an idle 2-core CPU).
+their ratio (the target: >= 0.85 within 600 s on an idle 2-core CPU). ``--quantize`` adds
+``--quantize int8 --quantize-teacher`` to each run and a second table: the INT8 student's mean IoU
+against the float student's (issue 27's target: within 2 points), file sizes, status.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ STUDENTS = {"unet-seg": "auto", "lraspp-seg": "zoo"}
 
 
 def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threads: int,
-            batch_size: int | None = None, init: str = "auto") -> dict:  # fmt: skip
+            batch_size: int | None = None, init: str = "auto", quantize: bool = False
+            ) -> dict:  # fmt: skip
     """One ``compress`` run; its figures (a failed student keeps its figures, marked)."""
     from compress_toolbox import CompressConfig, compress
     from compress_toolbox.errors import DaflError
 
     path = DATA / f"{teacher}.{fmt}"
     row = {"teacher": teacher, "format": fmt, "method": method, "budget": budget, "seed": seed,
-           "student": STUDENTS[teacher], "batch_size": batch_size, "init": init}  # fmt: skip
+           "student": STUDENTS[teacher], "batch_size": batch_size, "init": init,
+           "quantize": quantize}  # fmt: skip
+    int8_options = {"quantize": "int8", "quantize_teacher": True} if quantize else {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
@@ -55,6 +61,7 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
                     batch_size=batch_size,
                     init=init,
                     progress=False,
+                    **int8_options,
                 ),
             )
             report = result.report
@@ -72,6 +79,10 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
                        iterations=report["iterations"], train_s=report["elapsed_s"],
                        macs_ratio=report["student"]["macs"] / report["teacher"]["macs"],
                        )  # fmt: skip
+            if report.get("int8"):
+                row["int8"] = [{key: r[key] for key in ("model", "status", "score", "onnx_bytes")}
+                               for r in report["int8"]["rows"]]  # fmt: skip
+                row["quantize_s"] = report["timings"]["quantize_s"]
     row["wall_s"] = round(time.perf_counter() - start, 1)
     return row
 
@@ -111,6 +122,36 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _int8_table(rows: list[dict]) -> str:
+    """Per teacher, each model's median mean IoU and file size over the seeds, and the INT8
+    student's median loss against the float student of the same run."""
+    lines = ["| teacher | model | mean IoU (median) | size (bytes, median) | status | seeds |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for teacher in dict.fromkeys(r["teacher"] for r in rows if r.get("int8")):
+        runs = [r for r in rows if r["teacher"] == teacher and r.get("int8")]
+        for model in ("teacher fp32", "teacher int8", "student fp32", "student int8"):
+            found = [m for r in runs for m in r["int8"] if m["model"] == model]
+            if not found:
+                continue
+            scores = [m["score"] for m in found if m["score"] is not None]
+            score = f"{statistics.median(scores):.4f}" if scores else "-"
+            size = statistics.median(m["onnx_bytes"] for m in found)
+            status = ",".join(sorted({m["status"] for m in found}))
+            lines.append(f"| {teacher} | {model} | {score} | {size:.0f} | {status} | "
+                         f"{len(found)} |")  # fmt: skip
+        losses = [_score(r, "student fp32") - _score(r, "student int8") for r in runs
+                  if _score(r, "student int8") is not None]  # fmt: skip
+        if losses:
+            lines.append(f"\n{teacher}: INT8 student loses {100 * statistics.median(losses):.2f} "
+                         f"points of mean IoU (median; per seed "
+                         f"{', '.join(f'{100 * x:+.2f}' for x in losses)})\n")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _score(row: dict, model: str) -> float | None:
+    return next((m["score"] for m in row["int8"] if m["model"] == model), None)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teachers", nargs="+", default=list(STUDENTS))
@@ -129,13 +170,18 @@ def main() -> int:
         default=1,
         help="CPU threads per run (1: measured faster on a shared 2-core CPU)",
     )
+    parser.add_argument("--quantize", action="store_true",
+                        help="also write and judge INT8 student and teacher")  # fmt: skip
     parser.add_argument("--json", type=Path, help="append every run's row to this JSON list")
     parser.add_argument(
         "--table", type=Path, nargs="*", help="only print the table of these JSON files' rows"
     )
     args = parser.parse_args()
     if args.table:
-        print(_table([row for path in args.table for row in json.loads(path.read_text())]))
+        rows = [row for path in args.table for row in json.loads(path.read_text())]
+        print(_table(rows))
+        if any(row.get("int8") for row in rows):
+            print(_int8_table(rows))
         return 0
     if not (DATA / "seg_eval.npz").exists():
         print(f"no {DATA}/seg_eval.npz: run benchmarks/teachers/make_segmentation.py first")
@@ -148,12 +194,14 @@ def main() -> int:
                 for method in args.methods:
                     for seed in range(args.first_seed, args.first_seed + args.seeds):
                         row = run_one(teacher, fmt, method, budget, seed, args.threads,
-                                      args.batch_size, args.init)  # fmt: skip
+                                      args.batch_size, args.init, args.quantize)  # fmt: skip
                         mine.append(row)
                         print(json.dumps(row), flush=True)
                         if args.json:
                             args.json.write_text(json.dumps(rows + mine, indent=1) + "\n")
     print(_table(mine))
+    if args.quantize:
+        print(_int8_table(mine))
     return 0
 
 

@@ -221,3 +221,20 @@ def test_onnxscript_internals_the_adapter_relies_on():
 
     rules = {id(rule) for rule in _fuse_batchnorm.rules.rules}
     assert rules and rules <= {id(rule) for rule in rewriter._DEFAULT_REWRITE_RULES}
+
+
+def test_generator_losses_are_read_as_numbers_in_one_go():
+    from compress_toolbox.distillation.methods.base import as_floats
+
+    terms = {"oh": (1.0, torch.tensor(0.25, requires_grad=True) * 2),
+             "a": (0.1, torch.tensor([3.0]))}  # fmt: skip
+    assert as_floats(terms) == {"oh": 0.5, "a": 3.0}
+    assert as_floats({}) == {}
+
+
+def test_adam_is_fused_only_for_parameters_on_cuda():
+    from compress_toolbox.distillation.optimizers import adam
+
+    optimizer = adam(nn.Linear(2, 2).parameters(), 0.1)
+    assert optimizer.defaults["fused"] is None  # the CPU keeps the measured default
+    assert optimizer.param_groups[0]["lr"] == 0.1

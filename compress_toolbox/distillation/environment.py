@@ -1,4 +1,4 @@
-"""How a run uses its device: autocast, the student's optimiser, the memory one iteration takes,
+"""How a run uses its device: autocast, the memory one iteration takes,
 channels-last memory format. The trainer asks; these functions only measure and set up."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from compress_toolbox.distillation.methods.base import Method
-from compress_toolbox.distillation.presets import Preset
 from compress_toolbox.distillation.recipe import activation_bytes
-from compress_toolbox.errors import DaflError, TrainingFailed
+from compress_toolbox.errors import TrainingFailed
 from compress_toolbox.load.teacher import Teacher
 
 
@@ -21,19 +20,6 @@ def autocast_factory(dev: torch.device):
     if dev.type == "cuda" and torch.cuda.is_bf16_supported():
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext
-
-
-def make_student_optimizer(preset: Preset, student: nn.Module, lr: float):
-    if preset.student_optimizer == "adam":
-        return torch.optim.Adam(student.parameters(), lr=lr, weight_decay=preset.weight_decay)
-    if preset.student_optimizer == "sgd":
-        return torch.optim.SGD(
-            student.parameters(),
-            lr=lr,
-            momentum=preset.momentum,
-            weight_decay=preset.weight_decay,
-        )
-    raise DaflError(f"unknown student optimizer {preset.student_optimizer!r}")
 
 
 def iteration_bytes_per_sample(teacher: Teacher, student: nn.Module, method: Method,

@@ -24,7 +24,6 @@ from compress_toolbox.distillation.environment import (
     autocast_factory,
     check_finite,
     iteration_bytes_per_sample,
-    make_student_optimizer,
     try_channels_last,
 )
 from compress_toolbox.distillation.evaluation import Evaluation
@@ -32,6 +31,7 @@ from compress_toolbox.distillation.health import CollapseGuard, Health, measure,
 from compress_toolbox.distillation.methods import get_method
 from compress_toolbox.distillation.methods.auto import choose_method
 from compress_toolbox.distillation.methods.base import Method, MethodContext
+from compress_toolbox.distillation.optimizers import make_student_optimizer
 from compress_toolbox.distillation.options import (
     DistillOptions,
     DistillResult,
@@ -178,14 +178,14 @@ class Trainer:
                 group.setdefault("initial_lr", group["lr"])
                 group["lr"] = group["initial_lr"] * factor
 
-    def _student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+    def _student_step(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             out = self.student(x)
         loss = self.task.distillation_loss(out, teacher_logits, self.preset.kd_temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach())
+        return loss.detach()  # a tensor: reading it would wait for the device at every step
 
     def _iteration(self) -> tuple[dict[str, float], float, float]:
         """One generator step and the student steps: (losses, generator s, student s)."""
@@ -195,10 +195,10 @@ class Trainer:
         t1 = time.perf_counter()
         kd = self._student_step(*self.pool.newest())  # the newest batch first, then the pool
         for _ in range(self.recipe.student_steps - 1):
-            kd += self._student_step(*self.pool.draw())
-        t2 = time.perf_counter()
+            kd = kd + self._student_step(*self.pool.draw())
         losses = {f"loss_{name}": value for name, value in batch.losses.items()}
-        losses["loss_kd"] = kd / self.recipe.student_steps
+        losses["loss_kd"] = float(kd) / self.recipe.student_steps  # the one wait for the device
+        t2 = time.perf_counter()
         return losses, t1 - t0, (t2 - t1) / self.recipe.student_steps
 
     def _on_out_of_memory(self) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from compress_toolbox.distillation.generator import augment, make_generator
 from compress_toolbox.distillation.methods import LossWeights, loss_weights
+from compress_toolbox.distillation.optimizers import adam
 from compress_toolbox.distillation.presets import Preset
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.tasks import Task, get_task
@@ -101,6 +102,15 @@ class Method(ABC):
         """Remove any hooks this method put on the teacher."""
 
 
+def as_floats(terms: dict[str, tuple[float, torch.Tensor]]) -> dict[str, float]:
+    """Each term's unweighted loss as a number, read from the device in one wait (a GPU
+    otherwise stalls once per term)."""
+    if not terms:
+        return {}
+    values = torch.stack([value.detach().float().reshape(()) for _, value in terms.values()])
+    return dict(zip(terms, values.tolist()))
+
+
 @contextmanager
 def frozen(module: nn.Module):
     """Gradients may flow through ``module`` to its input, but none accumulate in it."""
@@ -164,7 +174,7 @@ class GeneratorMethod(Method):
         if self.ctx.channels_last:
             self.generator.to(memory_format=torch.channels_last)
         lr = preset.gen_lr_conditional if self.conditional else preset.gen_lr
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr)
+        self.optimizer = adam(self.generator.parameters(), lr)
 
     def _latent(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = torch.randn(n, self.ctx.preset.latent_dim, device=self.ctx.device)
@@ -191,8 +201,7 @@ class GeneratorMethod(Method):
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
-        losses = {name: float(value.detach()) for name, (_, value) in terms.items()}
-        return GeneratedBatch(x.detach(), logits.detach(), losses)
+        return GeneratedBatch(x.detach(), logits.detach(), as_floats(terms))
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
