@@ -5,6 +5,7 @@ student, distillation, ONNX export, mean IoU of student.onnx on 1,000 evaluation
     python benchmarks/teachers/make_segmentation.py     # once: data and teachers (~10 min)
     python benchmarks/bench_segmentation.py --budgets 120 600 --methods auto dafl dfad
     python benchmarks/bench_segmentation.py --budgets 180 --seeds 3 --quantize   # INT8 too
+    python benchmarks/bench_segmentation.py --set gen_lr=0.02    # a fast-preset field changed
 
 Teachers: ``unet-seg`` with a derived student, ``lraspp-seg`` with ``--student zoo``; each file
 as torch's default ONNX (BatchNorm folded) or ``.pt2`` (BatchNorm kept: ``--formats pt2``).
@@ -28,20 +29,25 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 DATA = HERE / "teachers" / "out" / "segmentation"
+
+from bench_suite import parse_sets  # noqa: E402 (this folder is on the path)
+
 STUDENTS = {"unet-seg": "auto", "lraspp-seg": "zoo"}
 
 
 def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threads: int,
-            batch_size: int | None = None, init: str = "auto", quantize: bool = False
-            ) -> dict:  # fmt: skip
+            batch_size: int | None = None, init: str = "auto", quantize: bool = False,
+            changes: dict | None = None) -> dict:  # fmt: skip
     """One ``compress`` run; its figures (a failed student keeps its figures, marked)."""
     from compress_toolbox import CompressConfig, compress
+    from compress_toolbox.distillation.presets import PRESETS
     from compress_toolbox.errors import DaflError
 
     path = DATA / f"{teacher}.{fmt}"
     row = {"teacher": teacher, "format": fmt, "method": method, "budget": budget, "seed": seed,
            "student": STUDENTS[teacher], "batch_size": batch_size, "init": init,
-           "quantize": quantize}  # fmt: skip
+           "quantize": quantize, "set": changes or {}}  # fmt: skip
+    preset = PRESETS["fast"].with_options(**changes) if changes else "fast"
     int8_options = {"quantize": "int8", "quantize_teacher": True} if quantize else {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,6 +61,7 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
                     out=out,
                     eval_data=DATA / "seg_eval.npz",
                     method=method,
+                    preset=preset,
                     time_budget=budget,
                     seed=seed,
                     threads=threads,
@@ -98,13 +105,16 @@ def _table(rows: list[dict]) -> str:
             row["budget"],
             row.get("batch_size"),
             row.get("init", "auto"),
+            json.dumps(row.get("set", {}), sort_keys=True),
         )
         groups.setdefault(key, []).append(row)
     lines = ["| teacher | file | student | method (ran) | budget s | batch | teacher mIoU | "
              "student mIoU (median) | % of teacher | seeds | iterations | failed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (teacher, fmt, student, method, budget, batch, init), group in groups.items():
+    for (teacher, fmt, student, method, budget, batch, init, changes), group in groups.items():
         batch = batch or "default"
+        if changes != "{}":
+            method = f"{method} {changes}"
         done = [r for r in group if "student_miou" in r]
         if not done:
             lines.append(f"| {teacher} | {fmt} | {student} | {method} | {budget:.0f} | {batch} "
@@ -127,6 +137,7 @@ def _int8_table(rows: list[dict]) -> str:
     student's median loss against the float student of the same run."""
     lines = ["| teacher | model | mean IoU (median) | size (bytes, median) | status | seeds |",
              "|---|---|---|---|---|---|"]  # fmt: skip
+    notes = []
     for teacher in dict.fromkeys(r["teacher"] for r in rows if r.get("int8")):
         runs = [r for r in rows if r["teacher"] == teacher and r.get("int8")]
         for model in ("teacher fp32", "teacher int8", "student fp32", "student int8"):
@@ -142,10 +153,10 @@ def _int8_table(rows: list[dict]) -> str:
         losses = [_score(r, "student fp32") - _score(r, "student int8") for r in runs
                   if _score(r, "student int8") is not None]  # fmt: skip
         if losses:
-            lines.append(f"\n{teacher}: INT8 student loses {100 * statistics.median(losses):.2f} "
+            notes.append(f"{teacher}: the INT8 student loses {100 * statistics.median(losses):.2f} "
                          f"points of mean IoU (median; per seed "
-                         f"{', '.join(f'{100 * x:+.2f}' for x in losses)})\n")  # fmt: skip
-    return "\n".join(lines)
+                         f"{', '.join(f'{100 * x:+.2f}' for x in losses)})")  # fmt: skip
+    return "\n".join([*lines, "", *notes])
 
 
 def _score(row: dict, model: str) -> float | None:
@@ -170,6 +181,8 @@ def main() -> int:
         default=1,
         help="CPU threads per run (1: measured faster on a shared 2-core CPU)",
     )
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="fast-preset fields to change, as bench_suite.py's")  # fmt: skip
     parser.add_argument("--quantize", action="store_true",
                         help="also write and judge INT8 student and teacher")  # fmt: skip
     parser.add_argument("--json", type=Path, help="append every run's row to this JSON list")
@@ -194,7 +207,8 @@ def main() -> int:
                 for method in args.methods:
                     for seed in range(args.first_seed, args.first_seed + args.seeds):
                         row = run_one(teacher, fmt, method, budget, seed, args.threads,
-                                      args.batch_size, args.init, args.quantize)  # fmt: skip
+                                      args.batch_size, args.init, args.quantize,
+                                      parse_sets(args.set))  # fmt: skip
                         mine.append(row)
                         print(json.dumps(row), flush=True)
                         if args.json:
