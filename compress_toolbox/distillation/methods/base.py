@@ -173,7 +173,7 @@ class GeneratorMethod(Method):
         ).to(self.ctx.device)
         if self.ctx.channels_last:
             self.generator.to(memory_format=torch.channels_last)
-        lr = preset.gen_lr_conditional if self.conditional else preset.gen_lr
+        lr = preset.generator_lr(self.ctx.task.name, self.conditional)
         self.optimizer = adam(self.generator.parameters(), lr)
 
     def _latent(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -20,7 +20,6 @@ The head's layout comes from the task (``tasks/detection``), whose KD loss train
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from compress_toolbox.distillation.distributed import global_mean
 from compress_toolbox.distillation.methods import register_method
 from compress_toolbox.distillation.methods.base import GeneratedBatch, MethodContext
-from compress_toolbox.distillation.methods.dafl import DAFL, DaflWeights
+from compress_toolbox.distillation.methods.dafl import DAFL
 
 SCENE_SHARE = 0.5  # of each student batch: multi-object scenes composed of generated images
 SCENE_OBJECTS = (1, 3)
@@ -87,20 +86,11 @@ def compose_scenes(images: torch.Tensor, pixels: bool) -> torch.Tensor:
     return canvas
 
 
-@dataclass(frozen=True)
-class DetectionWeights(DaflWeights):
-    """DAFL's weights, and how fast the generator learns (see ``DAFLDetection.restart``)."""
-
-    gen_lr_scale: float = 0.1  # the generator's learning rate, as a share of the preset's
-
-
 @register_method
 class DAFLDetection(DAFL):
     name = "dafl-det"
     summary = "DAFL per location of a detection head: one-hot, class balance, activation"
     loss_names = ("oh", "ie", "a")
-    weights_type = DetectionWeights
-    weights: DetectionWeights
 
     @classmethod
     def unavailable_reason(cls, ctx: MethodContext) -> str | None:
@@ -111,17 +101,6 @@ class DAFLDetection(DAFL):
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.layout_of = ctx.task.layout_of
-
-    def restart(self) -> None:
-        """A new generator whose learning rate is ``gen_lr_scale`` of the preset's. At the
-        preset's rate (fast: 0.2, tuned on classifiers) the generator's sigmoid output
-        saturated within a few hundred iterations into flat grey and black patches on which the
-        teacher finds nothing; on the benchmark's teachers 1 and 2 (600 iterations each) the
-        student kept 0.22 and 0.12 of the teacher's mAP@0.5 there, and 0.79 and 0.68 at 0.02,
-        its one-hot loss steady at ~0.08 all run long."""
-        super().restart()
-        for group in self.optimizer.param_groups:
-            group["lr"] *= self.weights.gen_lr_scale
 
     def generate(self, batch_size: int) -> GeneratedBatch:
         """One generator step (DAFL's losses on whole generated images), then a student batch
