@@ -168,9 +168,9 @@ PRESETS: dict[str, Preset] = {
         batch_size=128,
         gen_width=16,
         # 0.2 (the paper's) saturated the pixel-domain generator into flat patches on detectors
-        # and cost BatchNorm-folded classifiers 8-11 points at 180 s; segmentation measured
-        # worse at 0.02 on unet-seg (-6 points) and better on lraspp-seg, so it keeps 0.2
-        # (benchmarks/RESULTS.md)
+        # and cost BatchNorm-folded classifiers 8-11 points of the teacher's accuracy at 180 s;
+        # segmentation lost 12 points of the teacher's mean IoU at 0.02 on unet-seg (gained 10
+        # on lraspp-seg), so it keeps 0.2 (benchmarks/RESULTS.md)
         gen_lr=0.02,
         gen_lr_by_task={"segmentation": 0.2},
         student_optimizer="adam",
