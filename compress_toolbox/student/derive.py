@@ -160,6 +160,9 @@ def _trunk(module: nn.Module, outputs: list[str]) -> fx.GraphModule | None:
     and concatenations of the box coordinates broke its shape inference)."""
     if not isinstance(module, fx.GraphModule) or len(outputs) < 2:
         return None
+    convolutions = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    if not all(isinstance(module.get_submodule(name), convolutions) for name in outputs):
+        return None  # linear heads (EfficientFormer's head and head_dist, averaged) prune whole
     graph, copied = fx.Graph(), {}
     graph.graph_copy(module.graph, copied)
     ends = [copied[n] for n in module.graph.nodes if n.op == "call_module" and n.target in outputs]
