@@ -106,16 +106,14 @@ class Preset:
         positive = ("latent_dim", "batch_size", "gen_width", "gen_lr", "student_lr",
                     "kd_temperature", "student_steps", "pool_size", "iters_per_epoch",
                     "gen_lr_conditional")  # fmt: skip
-        for name in positive:
-            value = getattr(self, name)
+        numbers = {name: getattr(self, name) for name in positive}
+        numbers.update({f"gen_lr_by_task[{task!r}]": rate
+                        for task, rate in self.gen_lr_by_task.items()})  # fmt: skip
+        for name, value in numbers.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise DaflError(
                     f"preset {self.name}: {name} must be a positive number, got {value!r}"
                 )
-        for task, rate in self.gen_lr_by_task.items():
-            if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
-                raise DaflError(f"preset {self.name}: gen_lr_by_task[{task!r}] must be a "
-                                f"positive number, got {rate!r}")  # fmt: skip
         unknown = sorted(set(self.augmentations or ()) - set(AUGMENTATIONS))
         if unknown:
             raise DaflError(f"preset {self.name}: unknown augmentation(s) {', '.join(unknown)}; "
