@@ -69,8 +69,15 @@ def _describe_teacher(teacher) -> dict:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from compress_toolbox import load_teacher
+    from compress_toolbox.tasks import get_task
 
-    info = _describe_teacher(load_teacher(args.teacher, **_teacher_kwargs(args)))
+    task = get_task(args.task or "classification").with_head(args.head) if (
+        args.task or args.head) else None  # fmt: skip
+    teacher = load_teacher(args.teacher, **_teacher_kwargs(args),
+                           join_outputs=bool(task and task.joins_outputs))  # fmt: skip
+    info = _describe_teacher(teacher)
+    if task is not None:
+        info["read_as"] = task.bound_to(teacher).describe_teacher()
     if args.json:
         print(json.dumps(info, default=str))
         return 0
@@ -79,6 +86,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"  input {tuple(info['input_shape'])} -> output {tuple(info['output_shape'])}, "
         f"task guess: {info['task']}"
     )
+    if "read_as" in info:
+        print(f"  --task {args.task or 'classification'} reads it as: {info['read_as']}")
     print(f"  params {info['params']:,}  MACs {info['macs']:,}")
     print(
         f"  verified: max abs diff {info['max_abs_diff']:.2e} "
@@ -187,7 +196,7 @@ def run_compress(args: argparse.Namespace) -> int:
         return distributed.launch(args.nproc, distributed.strip_option(args.argv, "--nproc"))
 
     config = CompressConfig.from_options(
-        task=args.task, student=args.student, width=args.width, init=args.init,
+        task=args.task, head=args.head, student=args.student, width=args.width, init=args.init,
         eval_data=args.eval_data, **_teacher_kwargs(args), mean=args.mean, std=args.std,
         method=args.method, preset=args.preset, time_budget=args.time_budget, iters=args.iters,
         epochs=args.epochs, batch_size=args.batch_size, device=args.device, seed=args.seed,

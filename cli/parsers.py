@@ -121,9 +121,11 @@ def _add_student_options(parser: argparse.ArgumentParser) -> None:
         "--task",
         default="classification",
         help="what the teacher does: classification ((N, K) logits) or segmentation ((N, K, H, "
-        "W) per-pixel logits, or a dict with 'out') or detection (one raw YOLOv8 (N, 4+K, A) "
-        "or YOLOv5 (N, A, 5+K) head output; docs/detection.md) (default: %(default)s)",
+        "W) per-pixel logits, or a dict with 'out') or detection (raw head outputs: one YOLOv8 "
+        "(N, 4+K, A) or YOLOv5 (N, A, 5+K), or boxes (N, A, 4+) and scores (N, A, K); "
+        "docs/detection.md) (default: %(default)s)",
     )
+    _add_head_option(parser)
     parser.add_argument(
         "--student",
         default="auto",
@@ -248,12 +250,25 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_head_option(parser: argparse.ArgumentParser) -> None:
+    from compress_toolbox.tasks.detection.heads import HEAD_NAMES
+
+    parser.add_argument(
+        "--head", choices=HEAD_NAMES,
+        help="--task detection: the head layout, where the outputs' shapes and names do not "
+        "tell it (boxes+scores: the first output is the boxes)",
+    )  # fmt: skip
+
+
 def inspect_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="dafl-compress inspect",
         description="Load a teacher, verify the import against the original and describe it.",
     )
     _add_teacher_options(parser)
+    parser.add_argument("--task", help="also say how this task reads the teacher (detection: "
+                        "its head layout, several outputs joined)")  # fmt: skip
+    _add_head_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 

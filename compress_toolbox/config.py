@@ -109,7 +109,7 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         task = get_task(self.task)
-        distill = replace(self.distill, task=task.name,
+        distill = replace(self.distill, task=task,
                           batch_size=self.distill.batch_size or task.batch_size)  # fmt: skip
         preset = distill.validate()
         init = self.student.init
@@ -131,6 +131,9 @@ class CompressConfig:
         ...), each
         sorted into its stage's dataclass. An unknown name raises DaflError."""
         top = {key: options.pop(key) for key in ("task", "eval_data") if key in options}
+        head = options.pop("head", None)
+        if head is not None:
+            top["task"] = get_task(top.get("task", "classification")).with_head(head)
         parts: dict[str, Any] = {"quantize": QuantizeOptions.from_flat(options)}
         for name, kind in (("teacher", TeacherOptions), ("student", StudentOptions),
                            ("distill", DistillOptions), ("output", OutputOptions)):  # fmt: skip

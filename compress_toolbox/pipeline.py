@@ -56,7 +56,6 @@ def fit_teacher_to_task(teacher: Teacher, task: Task) -> Teacher:
     """The teacher, checked against ``task`` (a clear refusal naming the task its output fits
     when it does not); a teacher returning a dict (``{"out": ...}``) or tuple comes back as a
     new Teacher returning its main tensor."""
-    task.check_teacher(teacher)
     shape = teacher.analysis.output_shape
     if not task.fits(shape):
         other = task_of_output(shape)
@@ -80,15 +79,18 @@ class _Inputs:
     domain: InputDomain
     data: EvalData | None
     plan: StudentPlan
+    config: CompressConfig  # the run's, its task bound to the teacher (``Task.bound_to``)
 
 
 def _load_inputs(teacher_path: str | Path, config: CompressConfig, *, eval_data: bool) -> _Inputs:
-    """The teacher (fitted to the task), its input domain, the eval data (when asked) and the
-    student plan."""
+    """The teacher (fitted to the task), its input domain, the eval data (when asked), the
+    student plan and the config whose task reads this teacher."""
     options = config.teacher
     teacher = load_teacher(teacher_path, model_class=options.model_class,
                            model_kwargs=options.model_kwargs, input_shape=options.input_shape,
-                           trust_pickle=options.trust_pickle)  # fmt: skip
+                           trust_pickle=options.trust_pickle,
+                           join_outputs=config.task.joins_outputs)  # fmt: skip
+    config = replace(config, task=config.task.bound_to(teacher))
     teacher = fit_teacher_to_task(teacher, config.task)
     domain = InputDomain.from_options(options.mean, options.std, teacher.input_shape)
     data = None
@@ -96,7 +98,7 @@ def _load_inputs(teacher_path: str | Path, config: CompressConfig, *, eval_data:
         classes = config.task.classes_of(teacher.analysis.output_shape)
         data = config.task.load_eval_data(Path(config.eval_data), teacher.input_shape, domain,
                                           classes)  # fmt: skip
-    return _Inputs(teacher, domain, data, plan_student(teacher, config))
+    return _Inputs(teacher, domain, data, plan_student(teacher, config), config)
 
 
 def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
@@ -116,6 +118,7 @@ def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
     if config.output.dry_run or not world.is_writer:
         # other ranks train with rank 0, which alone writes and evaluates
         inputs = _load_inputs(teacher_path, config, eval_data=config.output.dry_run)
+        config = inputs.config
         if not config.output.dry_run:
             _distill(inputs, config, None, None, on_iteration)
         return CompressResult(None, inputs.teacher, inputs.plan)
@@ -128,6 +131,7 @@ def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
     with folder:
         start = time.perf_counter()
         inputs = _load_inputs(teacher_path, config, eval_data=True)
+        config = inputs.config
         timings = {"load_verify_plan_s": time.perf_counter() - start}
         start = time.perf_counter()
         result = _distill(inputs, config, folder.checkpoint_dir, folder.work / "history.csv",

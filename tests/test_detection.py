@@ -13,14 +13,18 @@ import torch
 from conftest import one_error_line, run_cli
 from torch import nn
 
-from compress_toolbox.tasks.detection.data import save_detection_npz
+from compress_toolbox.domain import InputDomain
+from compress_toolbox.errors import DaflError
+from compress_toolbox.tasks.detection import evaluation
+from compress_toolbox.tasks.detection.coco_data import save_detection_coco
+from compress_toolbox.tasks.detection.data import load_detection_data, save_detection_npz
 from compress_toolbox.tasks.detection.decode import Detections, decode
-from compress_toolbox.tasks.detection.heads import HeadLayout, recognise
+from compress_toolbox.tasks.detection.heads import HeadLayout, joined, recognise
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 from compress_toolbox.tasks.detection.metrics import GroundTruth, mean_average_precision
 from compress_toolbox.tasks.detection.scenes import SceneSpec, compose_scenes, digit_objects
 from compress_toolbox.tasks.detection.signature import signature
-from compress_toolbox.tasks.detection.tiny_model import TinyYolo
+from compress_toolbox.tasks.detection.tiny_model import TinyBoxesScores, TinyYolo
 from compress_toolbox.tasks.detection.training import export_detector
 
 SIZE, CLASSES = 32, 3  # (N, 7, 20) outputs: 16 locations at stride 8, 4 at stride 16
@@ -95,24 +99,93 @@ def test_the_kd_loss_is_lowest_for_the_teacher_itself_and_weighs_confident_locat
 
 
 class TwoOutputs(nn.Module):
-    """An SSD-style head: boxes and scores as separate outputs (not read yet)."""
+    """Two outputs (N, 64, 4) whose names say nothing: boxes or scores, nobody can tell."""
 
-    def __init__(self) -> None:
+    def __init__(self, other_locations: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, 4, 1)
+        self.other_locations = other_locations
 
     def forward(self, x):
         y = self.conv(x).flatten(2)
-        return y[:, :4].transpose(1, 2), torch.sigmoid(y[:, 4:]).transpose(1, 2)
+        second = y[:, 4:, :32] if self.other_locations else y[:, 4:]
+        return y[:, :4].transpose(1, 2), torch.sigmoid(second).transpose(1, 2)
 
 
-def test_an_unknown_head_is_refused_in_one_line_naming_its_outputs(tmp_path, capsys):
+@pytest.mark.parametrize("other_locations, needles", [
+    (False, ("cannot tell the boxes from the scores", "a (.., 4)", "b (.., 4)", "--head")),
+    (True, ("a (N, 64, 4), b (N, 32, 4)", "cannot be read as one detection head")),
+], ids=["ambiguous", "different locations"])  # fmt: skip
+def test_an_unreadable_head_is_refused_in_one_line_naming_its_outputs(tmp_path, capsys,
+                                                                      other_locations, needles):
     path = tmp_path / "ssd.onnx"
-    torch.onnx.export(TwoOutputs().eval(), (torch.rand(1, 3, SIZE, SIZE),), str(path),
-                      dynamo=False, opset_version=17, input_names=["images"],
-                      output_names=["boxes", "scores"])  # fmt: skip
+    torch.onnx.export(TwoOutputs(other_locations).eval(), (torch.rand(1, 3, SIZE, SIZE),),
+                      str(path), dynamo=False, opset_version=17, input_names=["images"],
+                      output_names=["a", "b"])  # fmt: skip
     assert run_cli(path, "--task", "detection", "--dry-run", "--out", tmp_path / "o") == 2
-    one_error_line(capsys, "boxes (N, 64, 4)", "scores (N, 64, 4)", "no detection head layout")
+    one_error_line(capsys, *needles)
+
+
+def test_two_outputs_are_told_apart_by_name_then_by_four_channels_or_by_head():
+    assert joined([("boxes", 4), ("scores", 4)], False).scores_first is False
+    assert joined([("classificators", 1), ("regressors", 16)], True).scores_first is True
+    by_channels = joined([("out_a", 3), ("out_b", 4)], False)
+    assert by_channels.scores_first and by_channels.box_channels == 4
+    assert joined([("a", 4), ("b", 4)], False, head="boxes+scores").scores_first is False
+    with pytest.raises(DaflError, match="cannot tell"):
+        joined([("a", 4), ("b", 4)], False)
+    with pytest.raises(DaflError, match="--head yolov8 reads one output"):
+        joined([("boxes", 4), ("scores", 2)], False, head="yolov8")
+
+
+def test_encoded_boxes_are_compared_location_by_location():
+    """A boxes+scores head's fidelity: the teacher against itself 1.0; a student whose boxes
+    moved far at every location, or whose confident locations moved, much less."""
+    layout = joined([("regressors", 4), ("classificators", 1)], True)
+    torch.manual_seed(0)
+    teacher = torch.cat([torch.randn(4, 30, 4), torch.full((4, 30, 1), -9.0)], -1)
+    teacher[:, ::5, 4] = 6.0  # 6 confident locations per image
+    moved, elsewhere = teacher.clone(), teacher.clone()
+    moved[..., :2] += 5.0
+    elsewhere[..., 4] = teacher[..., 4].roll(1, dims=1)  # the same boxes, at other locations
+    fidelity = lambda student: evaluation._fidelity(teacher, student, layout).map_50  # noqa: E731
+    assert fidelity(teacher) == pytest.approx(1.0)
+    assert fidelity(moved) < 0.2 and fidelity(elsewhere) < 0.2
+
+
+def test_a_two_output_teacher_distils_into_a_student_with_both_outputs(files, tmp_path):
+    """BlazeFace-style: encoded box values (4 + 2 keypoints x 2) and class logits as two
+    outputs, joined for distillation and split again in student.onnx."""
+    folder, _ = files
+    torch.manual_seed(0)
+    teacher_path = export_detector(TinyBoxesScores(CLASSES, 3, 8), tmp_path / "face.onnx", SIZE,
+                                   outputs=("regressors", "classificators"))  # fmt: skip
+    out = tmp_path / "out"
+    code = run_cli(teacher_path, "--task", "detection", "--eval-data", folder / "scenes.npz",
+                   "--iters", 4, "--threads", 1, "--out", out)  # fmt: skip
+    assert code in (0, 3)  # an untrained teacher: the verdict may go either way
+    teacher, student = (signature(p, (3, SIZE, SIZE)) for p in (teacher_path,
+                                                                out / "student.onnx"))  # fmt: skip
+    assert student == teacher and [o.name for o in student.outputs] == ["regressors",
+                                                                        "classificators"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["detection"]["head"] == "boxes+scores"
+    assert "8 box values and 3 class logits" in report["detection"]["layout"]
+    assert "labels unused" in report["detection"]["measured_on"]  # encoded boxes: fidelity
+    assert report["teacher"]["joined_outputs"] == [["regressors", 8], ["classificators", 3]]
+
+
+def test_head_names_a_layout_and_needs_the_detection_task(files, tmp_path, capsys):
+    folder, _ = files
+    assert run_cli(folder / "det.onnx", "--task", "detection", "--head", "boxes+scores",
+                   "--dry-run", "--out", tmp_path / "o") == 2  # fmt: skip
+    one_error_line(capsys, "--head boxes+scores", "(N, 7, 20) cannot be read as boxes+scores")
+    assert run_cli(folder / "det.onnx", "--head", "yolov8", "--dry-run",
+                   "--out", tmp_path / "o") == 2  # fmt: skip
+    one_error_line(capsys, "--head yolov8", "needs --task detection")
+    assert run_cli(folder / "det.onnx", "--task", "detection", "--head", "yolov8",
+                   "--dry-run", "--out", tmp_path / "o") == 0  # fmt: skip
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize(
@@ -175,3 +248,86 @@ def test_without_eval_data_the_figure_is_fidelity_on_generated_inputs(files, tmp
     assert fidelity is None or 0.0 <= fidelity <= 1.0
     assert report["student"]["fidelity_map_50"] == fidelity and "map_50" not in report["student"]
     assert "generated inputs" in report["detection"]["measured_on"]
+
+
+@pytest.fixture(scope="module")
+def coco(files, tmp_path_factory):
+    """The scenes of ``files`` as a COCO JSON with PNG images beside it."""
+    _, scenes = files
+    folder = tmp_path_factory.mktemp("coco")
+    return save_detection_coco(folder / "instances.json", scenes.images, scenes.boxes,
+                               scenes.labels)  # fmt: skip
+
+
+def test_coco_json_eval_data_reads_as_the_npz_does(files, coco):
+    folder, _ = files
+    shape, domain = (3, 48, 48), InputDomain()  # resized: boxes scale with the images
+    from_npz = load_detection_data(folder / "scenes.npz", shape, domain, CLASSES)
+    from_json = load_detection_data(coco, shape, domain, CLASSES)
+    assert torch.equal(from_json.x, from_npz.x) and len(from_json.truths) == len(from_npz.truths)
+    for a, b in zip(from_json.truths, from_npz.truths):
+        assert torch.allclose(a.boxes, b.boxes, atol=1e-4) and torch.equal(a.labels, b.labels)
+
+
+def _edit_coco(coco, tmp_path, change):
+    """A copy of the COCO file (images shared) with ``change`` applied to its JSON."""
+    data = json.loads(coco.read_text())
+    change(data)
+    bad = coco.parent / f"bad-{tmp_path.name}.json"
+    bad.write_text(json.dumps(data))
+    return bad
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda d: d.pop("categories"), "not a COCO annotation file"),
+        (lambda d: d["annotations"][0].update(category_id=42), "has category_id 42"),
+        (lambda d: d["annotations"][0].update(image_id=999), "refers to image_id 999"),
+        (lambda d: d["annotations"][0].update(bbox=[20, 20, 30, 5]), "outside its 32x32 image"),
+        (lambda d: d["images"][0].update(file_name="images/gone.png"), "gone.png not found"),
+        (lambda d: d.update(annotations=[]), "zero annotations"),
+        (lambda d: d["categories"].extend({"id": 50 + i} for i in range(3)), "6 categories"),
+    ],
+    ids=["not coco", "unknown category", "unknown image", "box outside", "missing image",
+         "no annotation", "too many categories"],
+)  # fmt: skip
+def test_bad_coco_eval_data_exits_2_naming_the_file(files, coco, tmp_path, capsys, change,
+                                                    needle):
+    folder, _ = files
+    bad = _edit_coco(coco, tmp_path, change)
+    code = run_cli(folder / "det.onnx", "--task", "detection", "--eval-data", bad, "--iters", 1,
+                   "--out", tmp_path / "o")  # fmt: skip
+    assert code == 2
+    one_error_line(capsys, bad.name, needle)
+
+
+def test_the_teacher_scores_the_same_on_the_coco_json_as_on_the_npz(files, coco, tmp_path):
+    folder, _ = files
+    maps = []
+    for data in (folder / "scenes.npz", coco):
+        out = tmp_path / data.stem
+        code = run_cli(folder / "det.onnx", "--task", "detection", "--eval-data", data,
+                       "--iters", 1, "--threads", 1, "--out", out)  # fmt: skip
+        assert code in (0, 3)
+        report = json.loads((out / "report.json").read_text())
+        maps.append((report["teacher"]["map_50"], report["teacher"]["map_50_95"]))
+    assert maps[0] == maps[1] and maps[0][0] is not None
+
+
+def test_a_torchscript_teacher_returning_boxes_and_scores_is_joined_and_split(tmp_path):
+    torch.manual_seed(0)
+    model = TinyBoxesScores(2, 3, 8).eval()
+    teacher_path = tmp_path / "face.ts"
+    torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, SIZE, SIZE)), str(teacher_path))
+    out = tmp_path / "out"
+    code = run_cli(teacher_path, "--task", "detection", "--input-shape", f"3,{SIZE},{SIZE}",
+                   "--head", "boxes+scores",  # the names output0, output1 do not tell
+                   "--iters", 2, "--threads", 1, "--out", out)  # fmt: skip
+    assert code in (0, 3)
+    report = json.loads((out / "report.json").read_text())
+    assert report["teacher"]["joined_outputs"] == [["output0", 8], ["output1", 2]]
+    assert report["exported_as"] == {"outputs": ["output0", "output1"]}
+    student = signature(out / "student.onnx", (3, SIZE, SIZE))
+    assert [(o.name, o.at_probe) for o in student.outputs] == [("output0", (2, 20, 8)),
+                                                               ("output1", (2, 20, 2))]

@@ -197,10 +197,10 @@ def _conversion(module: nn.Module, layout_bug: bool) -> tf_importer.Conversion:
 
 def test_verification_against_tensorflow_catches_a_layout_mistake():
     module = _flat_linear()
-    good = tf_importer._verify_against_tf(module, _conversion(module, False), 0, Path("m"), 1e-4)
+    good = tf_importer._verify_against_tf(module, _conversion(module, False), [0], Path("m"), 1e-4)
     assert good[1] < 1e-6
     with pytest.raises(VerificationFailed, match="m: the imported model differs from TensorFlow"):
-        tf_importer._verify_against_tf(module, _conversion(module, True), 0, Path("m"), 1e-4)
+        tf_importer._verify_against_tf(module, _conversion(module, True), [0], Path("m"), 1e-4)
 
 
 @needs_tf

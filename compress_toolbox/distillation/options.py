@@ -19,7 +19,7 @@ from compress_toolbox.distillation.presets import Preset, get_preset
 from compress_toolbox.distillation.recipe import Recipe
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
-from compress_toolbox.tasks import get_task
+from compress_toolbox.tasks import Task, get_task
 
 
 class DistillInterrupted(DaflError):
@@ -33,7 +33,7 @@ class DistillOptions:
     """How to train. Every field is checked by ``validate`` before any work starts."""
 
     method: str = "auto"  # a registered method name (methods/) or "auto"
-    task: str = "classification"  # tasks.py: what the teacher's output means
+    task: str | Task = "classification"  # tasks/: what the teacher's output means
     preset: str | Preset = "fast"
     device: str | None = None  # None/"auto": cuda when available, else cpu
     time_budget: float | None = None  # seconds of training

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from compress_toolbox.errors import ImportFailed
 from compress_toolbox.limits import LimitExceeded, bounded
 from compress_toolbox.load.analysis import Analysis, analyse
 from compress_toolbox.load.importers import detect_format, get_importer
+from compress_toolbox.load.importers.base import ImportedModel
+from compress_toolbox.tasks.outputs import JoinedOutputs, tensors_of
 
 IMPORT_TIME_LIMIT_S = 300  # a 10,000-node graph imports in seconds; a hang never ends
 
@@ -49,6 +51,7 @@ def load_teacher(
     model_kwargs: dict[str, Any] | str | None = None,
     input_shape: tuple[int, ...] | str | None = None,
     trust_pickle: bool = False,
+    join_outputs: bool = False,
 ) -> Teacher:
     """Load ``path`` (ONNX, TorchScript, torch.export ``.pt2``, a PyTorch checkpoint, or a
     TensorFlow/Keras model: ``.keras``, ``.h5``, SavedModel folder, frozen ``.pb``, checkpoint
@@ -57,6 +60,8 @@ def load_teacher(
     The file's format is detected from its content. The imported module is compared with the
     original on random inputs at batch 1 and 3; a relative difference above 1e-4 raises
     ``VerificationFailed``. Any problem with the file raises ``ImportFailed`` naming it.
+    A file with several outputs gives its main one; with ``join_outputs`` (a detection head's
+    boxes and scores) several (N, A, C) outputs are joined along their last axis instead.
     """
     path = Path(path)
     if not path.exists():
@@ -80,10 +85,13 @@ def load_teacher(
                 model_kwargs=model_kwargs or {},
                 input_shape=tuple(input_shape) if input_shape else None,
                 trust_pickle=trust_pickle,
+                **({"join_outputs": True} if join_outputs else {}),
             )
     except LimitExceeded as error:
         raise ImportFailed(f"{path}: importing the {file_format} file {error} (the bound for "
                            "one import); is the graph unusually large?") from None  # fmt: skip
+    if join_outputs and "joined_outputs" not in imported.details:
+        imported = _joined(imported)
     module = in_float32(imported.module).eval()
     analysis = analyse(module, imported.input_shape)
     return Teacher(
@@ -97,6 +105,21 @@ def load_teacher(
         max_rel_diff=imported.max_rel_diff,
         details=imported.details,
     )
+
+
+@torch.no_grad()
+def _joined(imported: ImportedModel) -> ImportedModel:
+    """A module returning several (N, A, C) tensors with one A (a tuple, list or dict: boxes
+    and scores) made to return them joined along the last axis (``JoinedOutputs``); any other
+    module as it is."""
+    out = imported.module.eval()(torch.zeros(1, *imported.input_shape))
+    tensors = tensors_of(out) if isinstance(out, (dict, list, tuple)) else {}
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else () for t in tensors.values()]
+    if len(shapes) < 2 or any(len(s) != 3 or s[:2] != shapes[0][:2] for s in shapes):
+        return imported
+    details = {**imported.details, "joined_outputs": [[name, s[-1]] for name, s in
+                                                      zip(tensors, shapes)]}  # fmt: skip
+    return replace(imported, module=JoinedOutputs(imported.module).eval(), details=details)
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)

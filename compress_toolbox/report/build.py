@@ -168,6 +168,7 @@ def _teacher_section(teacher: Teacher, domain: InputDomain,
         "widths": teacher.analysis.widths,
         "import_max_rel_diff": teacher.max_rel_diff,
         "distilled_output": teacher.details.get("distilled_output", "logits"),
+        "joined_outputs": teacher.details.get("joined_outputs"),
     }
 
 

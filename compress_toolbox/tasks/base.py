@@ -67,6 +67,7 @@ class Task:
     one_class_per_input: bool = True  # a class-conditional generator can draw one per input
     flat_inputs: bool = False  # teachers of (features,) inputs can do this task
     figure: str = "accuracy"  # the pass/fail figure on --eval-data
+    joins_outputs: bool = False  # a teacher's several outputs are read as one (joined) tensor
 
     def fits(self, output_shape: tuple[int, ...]) -> bool:
         """Whether a teacher whose output is ``output_shape`` (no batch) does this task."""
@@ -80,9 +81,21 @@ class Task:
         """The output (no batch) a model of this task gives for ``input_shape``."""
         raise NotImplementedError
 
-    def check_teacher(self, teacher: Teacher) -> None:
-        """Refuse, with one line, a loaded teacher this task cannot read (before ``fits``);
-        by default every teacher is judged by its main output's shape alone."""
+    def with_head(self, name: str | None) -> Task:
+        """This task reading heads of the layout ``name`` (``--head``; detection only)."""
+        if name is not None:
+            raise DaflError(f"--head {name}: --head names a detection head layout; it needs "
+                            "--task detection")  # fmt: skip
+        return self
+
+    def bound_to(self, teacher: Teacher) -> Task:
+        """This task as it reads ``teacher`` (detection: its head layout); by default itself.
+        DaflError, with one line, when the teacher's outputs cannot be read."""
+        return self
+
+    def describe_teacher(self) -> str:
+        """How this task reads the teacher it is bound to, in words (``inspect --task``)."""
+        return self.output_text
 
     def check_output(self, teacher: nn.Module, shape: tuple[int, ...], device) -> int:
         """The number of classes of ``teacher``'s output on random inputs; DaflError when the

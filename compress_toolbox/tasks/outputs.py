@@ -1,5 +1,6 @@
 """How a model's output is seen by every task: per-sample logits (``as_samples``), the main
-tensor of a dict or tuple output (``MainOutput``), and the activations a teacher's file ends in,
+tensor of a dict or tuple output (``MainOutput``), or all of them joined (``JoinedOutputs``,
+a detection head's boxes and scores), and the activations a teacher's file ends in,
 taken off for distillation and given back to the shipped student (``FILE_OUTPUTS``)."""
 
 from __future__ import annotations
@@ -36,6 +37,29 @@ class MainOutput(nn.Module):
         while isinstance(out, (list, tuple)):
             out = out[0]
         return out
+
+
+class JoinedOutputs(nn.Module):
+    """A model returning several (N, A, C_i) tensors (a tuple, list or dict: a detection
+    head's boxes and scores) made to return them joined along the last axis, (N, A, sum C_i),
+    in their order."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(list(tensors_of(self.model(x)).values()), dim=-1)
+
+
+def tensors_of(out) -> dict[str, torch.Tensor]:
+    """A model's tensors by name: a dict's keys, ``output0``, ``output1``, ... for a tuple or
+    list, ``output0`` for a lone tensor."""
+    if isinstance(out, dict):
+        return dict(out)
+    if isinstance(out, (list, tuple)):
+        return {f"output{i}": value for i, value in enumerate(out)}
+    return {"output0": out}
 
 
 class Softmaxed(nn.Module):

@@ -57,7 +57,9 @@ _IMPORTERS: dict[str, tuple[Callable[[FileHead], bool], Importer]] = {}
 
 
 def register_importer(name: str, sniff: Callable[[FileHead], bool]):
-    """Register ``importer(path, *, model_class, model_kwargs, input_shape, trust_pickle)``."""
+    """Register ``importer(path, *, model_class, model_kwargs, input_shape, trust_pickle)``;
+    ``join_outputs=True`` is added when a task reads several outputs as one (an importer that
+    cannot join them keeps its main output and ignores it)."""
 
     if name in _IMPORTERS:
         raise ValueError(f"importer {name!r} is already registered")

@@ -169,7 +169,8 @@ def _describe_mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> str
 
 @register_importer("pytorch-checkpoint", _sniff)
 def import_checkpoint(
-    path: Path, *, model_class=None, model_kwargs=None, input_shape=None, trust_pickle=False
+    path: Path, *, model_class=None, model_kwargs=None, input_shape=None, trust_pickle=False,
+    **_unused,
 ) -> ImportedModel:
     """Build ``model_class(**model_kwargs)``, load the state_dict strictly (or a trusted pickle)."""
     loaded = _load(path, trust_pickle)

@@ -119,6 +119,32 @@ def _pick_output(model: onnx.ModelProto, path: Path) -> tuple[str, list[str]]:
     return keep.name, logits[1:]
 
 
+JOINED_OUTPUT = "joined_outputs"
+
+
+def _join_outputs(model: onnx.ModelProto, path: Path,
+                  shape: tuple[int, ...]) -> tuple[str, list[list]]:  # fmt: skip
+    """Join every output of ``model`` (in place) into one along the last axis: a detection
+    head's boxes (N, A, B) and scores (N, A, K) as (N, A, B + K). Returns the joined output's
+    name and each output's [name, channels]; ImportFailed, naming the outputs, when they do
+    not share their batch and locations."""
+    session = onnx_session(model.SerializeToString())
+    x = np.zeros((1, *shape), dtype=np.float32)
+    results = session.run(None, {session.get_inputs()[0].name: x})
+    names = [out.name for out in model.graph.output]
+    shapes = [tuple(r.shape) for r in results]
+    if any(len(s) != 3 or s[:2] != shapes[0][:2] for s in shapes):
+        seen = ", ".join(f"{n} (N, {', '.join(map(str, s[1:]))})" for n, s in zip(names, shapes))
+        raise ImportFailed(f"{path}: outputs {seen} cannot be read as one detection head: "
+                           "several outputs must each be (N, A, C) with the same A")  # fmt: skip
+    model.graph.node.append(onnx.helper.make_node("Concat", names, [JOINED_OUTPUT], axis=-1,
+                                                  name=JOINED_OUTPUT))
+    del model.graph.output[:]
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(JOINED_OUTPUT, onnx.TensorProto.FLOAT, None))
+    return JOINED_OUTPUT, [[n, int(s[-1])] for n, s in zip(names, shapes)]
+
+
 def _cut_final_activation(model: onnx.ModelProto, output: str) -> str | None:
     """When ``output`` is a Softmax over the classes or a one-channel Sigmoid, make the
     activation's input the graph's output (in place) and return the op's name: distillation
@@ -176,7 +202,10 @@ def _check_input_type(graph_input: onnx.ValueInfoProto, path: Path) -> None:
         )
 
 
-def _onnxruntime_runner(path: Path, input_name: str, output_name: str, fixed_batch: int | None):
+def _onnxruntime_runner(path: Path, input_name: str, output_names: list[str],
+                        fixed_batch: int | None):  # fmt: skip
+    """The file run by onnxruntime: ``output_names``' values (several joined along their last
+    axis, as ``_join_outputs`` joins them)."""
     try:
         session = onnx_session(path)
     except Exception as error:
@@ -185,7 +214,8 @@ def _onnxruntime_runner(path: Path, input_name: str, output_name: str, fixed_bat
     def run(x: np.ndarray) -> np.ndarray:
         if fixed_batch == 1 and x.shape[0] != 1:  # a fixed-batch file: compare sample by sample
             return np.concatenate([run(x[i : i + 1]) for i in range(x.shape[0])])
-        return session.run([output_name], {input_name: x.astype(np.float32)})[0]
+        return np.concatenate(session.run(output_names, {input_name: x.astype(np.float32)}),
+                              axis=-1)  # fmt: skip
 
     return run
 
@@ -227,9 +257,11 @@ def _declared_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 @register_importer("onnx", _sniff)
-def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
+def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
+                **_unused) -> ImportedModel:  # fmt: skip
     """Convert with onnx2torch (plus our converters for newer opsets) after making the graph
-    prunable (onnx_cleanup.py); check against the original file with onnxruntime."""
+    prunable (onnx_cleanup.py); check against the original file with onnxruntime. Of several
+    outputs the main one is kept, or, ``join_outputs``, all of them joined (_join_outputs)."""
     model = _parse(path, load_external_data=True)
     graph_input = _graph_input(model, path)
     _check_input_type(graph_input, path)
@@ -239,10 +271,16 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
     if fixed_batch == 1:
         model, batch_freed = _free_fixed_batch(path, model, graph_input, shape)
     prepared = clean_up(prepare_onnx_model(model))
-    output, not_distilled = _pick_output(prepared, path)
-    activation = _cut_final_activation(prepared, output)
+    file_outputs = [out.name for out in prepared.graph.output]
+    joined, activation, not_distilled = None, None, []
+    if join_outputs and len(file_outputs) > 1:
+        output, joined = _join_outputs(prepared, path, shape)
+    else:
+        output, not_distilled = _pick_output(prepared, path)
+        activation = _cut_final_activation(prepared, output)
+        file_outputs = [output]
     module = onnx_to_torch(prepared, path, shape).eval()
-    runner = _onnxruntime_runner(path, graph_input.name, output, fixed_batch)
+    runner = _onnxruntime_runner(path, graph_input.name, file_outputs, fixed_batch)
     precision = _weight_precision(model)
     distilled = {None: "logits", "Softmax": "logits before its Softmax",
                  "Sigmoid": "the logit before its Sigmoid, as two classes"}[activation]  # fmt: skip
@@ -261,6 +299,9 @@ def import_onnx(path: Path, *, input_shape=None, **_unused) -> ImportedModel:
     }
     if not_distilled:
         details["outputs_not_distilled"] = not_distilled
+    if joined:
+        details["joined_outputs"] = joined
+        details["distilled_output"] = "every output, joined along the last axis"
     if batch_freed:
         details["batch_freed"] = f"{batch_freed} reshape(s) of the batch-1 file rewritten"
     return ImportedModel(module, shape, max_abs, max_rel, details)

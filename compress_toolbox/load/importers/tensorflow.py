@@ -185,7 +185,8 @@ def _check_nchw(conversion: Conversion, path: Path) -> tuple[int, int, int]:
     return channels, height, width
 
 
-def _import_onnx(conversion: Conversion, shape: tuple[int, ...], path: Path) -> ImportedModel:
+def _import_onnx(conversion: Conversion, shape: tuple[int, ...], path: Path,
+                 join_outputs: bool) -> ImportedModel:  # fmt: skip
     """The ONNX importer on the converted file, its messages (errors and warnings) naming the
     user's file."""
 
@@ -195,7 +196,8 @@ def _import_onnx(conversion: Conversion, shape: tuple[int, ...], path: Path) -> 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            imported = import_onnx(conversion.onnx_path, input_shape=shape)
+            imported = import_onnx(conversion.onnx_path, input_shape=shape,
+                                   join_outputs=join_outputs)  # fmt: skip
     except DaflError as error:
         raise type(error)(renamed(str(error))) from None
     for warning in caught:  # given again, ours naming the user's file
@@ -207,17 +209,19 @@ def _import_onnx(conversion: Conversion, shape: tuple[int, ...], path: Path) -> 
 
 
 def _verify_against_tf(
-    module: nn.Module, conversion: Conversion, output: int, path: Path, rtol: float
+    module: nn.Module, conversion: Conversion, outputs: list[int], path: Path, rtol: float
 ) -> tuple[float, float]:
     """Max (abs, relative) difference of ``module`` on TensorFlow's own inputs (NHWC, given
-    NCHW) against the outputs TensorFlow recorded for them (verification.compare_to_outputs)."""
+    NCHW) against the outputs TensorFlow recorded for them (verification.compare_to_outputs);
+    several ``outputs`` (indices) joined along their last axis, as the import joined them."""
 
     def imported(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             out = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
         return output_tensor(out).numpy()
 
-    pairs = [(x, outputs[output]) for x, outputs in conversion.references]
+    pairs = [(x, np.concatenate([recorded[i] for i in outputs], axis=-1))
+             for x, recorded in conversion.references]  # fmt: skip
     return compare_to_outputs(imported, pairs, source=path, what="imported model", rtol=rtol,
                               original="TensorFlow")
 
@@ -232,11 +236,13 @@ def import_tensorflow(path: Path, **options) -> ImportedModel:
     with tempfile.TemporaryDirectory(prefix="dafl-tf-") as folder:
         conversion = _run_converter(path, kind, Path(folder), options)
         shape = _check_nchw(conversion, path)
-        imported = _import_onnx(conversion, shape, path)
-    output = conversion.outputs.index(imported.details["output"])
+        imported = _import_onnx(conversion, shape, path, options.get("join_outputs", False))
+    joined = imported.details.get("joined_outputs")
+    names = [name for name, _ in joined] if joined else [imported.details["output"]]
+    outputs = [conversion.outputs.index(name) for name in names]
     int8 = "tflite-int8" in conversion.notes
     rtol = INT8_RTOL if int8 else tolerance_for(imported.details["weights"])
-    max_abs, max_rel = _verify_against_tf(imported.module, conversion, output, path, rtol)
+    max_abs, max_rel = _verify_against_tf(imported.module, conversion, outputs, path, rtol)
     if int8:
         warnings.warn(
             DaflWarning(
@@ -254,6 +260,7 @@ def import_tensorflow(path: Path, **options) -> ImportedModel:
         "output": imported.details["output"],
         "weights": "int8 (dequantised)" if int8 else imported.details["weights"],
     }
-    if "outputs_not_distilled" in imported.details:
-        details["outputs_not_distilled"] = imported.details["outputs_not_distilled"]
+    for key in ("outputs_not_distilled", "joined_outputs"):
+        if key in imported.details:
+            details[key] = imported.details[key]
     return ImportedModel(imported.module, shape, max_abs, max_rel, details)

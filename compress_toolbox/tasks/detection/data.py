@@ -1,6 +1,7 @@
-"""Detection evaluation data: an ``.npz`` of images with their boxes and labels.
+"""Detection evaluation data: an ``.npz`` of images with their boxes and labels, or a COCO
+annotation JSON beside its images (``coco_data.py``).
 
-Format (all arrays, ``allow_pickle=False``):
+The ``.npz`` format (all arrays, ``allow_pickle=False``):
 
 - ``images``: (N, H, W) or (N, C, H, W), uint8 pixels or floats in [0, 1];
 - ``boxes``: (M, 4) float, every object of every image, image after image, as x1, y1, x2, y2
@@ -118,10 +119,16 @@ def _check_objects(path: Path, boxes: np.ndarray, labels: np.ndarray, image_of: 
 
 def load_detection_data(path: Path, input_shape: tuple[int, ...], domain: InputDomain,
                         num_classes: int | None) -> DetectionEvalData:  # fmt: skip
-    """Images, boxes and labels of a detection .npz, shaped for the teacher (see above)."""
+    """Images, boxes and labels of a detection .npz (see above) or COCO JSON (coco_data.py),
+    shaped for the teacher."""
+    if path.suffix.lower() == ".json" and not path.is_dir():
+        from compress_toolbox.tasks.detection.coco_data import load_coco
+
+        x, boxes, labels = load_coco(path, input_shape, num_classes)
+        return _as_eval_data(x, boxes, labels, domain, path)
     if path.suffix.lower() != ".npz" or path.is_dir():
         raise EvalDataError(f"{path}: detection eval data must be an .npz with arrays "
-                            f"{', '.join(KEYS)}")  # fmt: skip
+                            f"{', '.join(KEYS)} or a COCO annotation .json")  # fmt: skip
     arrays = _read_arrays(path)
     images = arrays["images"]
     if images.ndim not in (3, 4):
@@ -139,8 +146,17 @@ def load_detection_data(path: Path, input_shape: tuple[int, ...], domain: InputD
     scale = np.array([input_shape[2] / x.shape[3], input_shape[1] / x.shape[2]] * 2)
     x = fit_to_input(x, input_shape, str(path))
     starts = np.concatenate([[0], np.cumsum(counts)])
-    truths = [GroundTruth(torch.as_tensor(boxes[a:b] * scale, dtype=torch.float32),
-                          torch.as_tensor(arrays["labels"][a:b].astype(np.int64)))
-              for a, b in zip(starts[:-1], starts[1:])]  # fmt: skip
+    return _as_eval_data(x, [boxes[a:b] * scale for a, b in zip(starts[:-1], starts[1:])],
+                         [arrays["labels"][a:b] for a, b in zip(starts[:-1], starts[1:])],
+                         domain, path)  # fmt: skip
+
+
+def _as_eval_data(x: torch.Tensor, boxes: list[np.ndarray], labels: list, domain: InputDomain,
+                  path: Path) -> DetectionEvalData:  # fmt: skip
+    """(N, C, H, W) images in [0, 1] at the teacher's size, with each image's boxes (pixels of
+    that size) and labels, as the teacher's eval data."""
+    truths = [GroundTruth(torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4),
+                          torch.as_tensor(np.asarray(k, dtype=np.int64).reshape(-1)))
+              for b, k in zip(boxes, labels)]  # fmt: skip
     return DetectionEvalData(domain.to_model(x).float().contiguous(), torch.arange(len(x)),
                              str(path), truths)  # fmt: skip

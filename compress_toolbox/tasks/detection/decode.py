@@ -14,6 +14,7 @@ EVAL_SCORE_THRESHOLD = 0.001  # as ultralytics' validation: mAP needs the low-sc
 DETECTION_THRESHOLD = 0.25  # "the teacher's detections" (fidelity ground truth), as predict
 NMS_IOU = 0.6
 MAX_DETECTIONS = 100  # COCOeval's largest maxDets
+SIDE, SPREAD = 4.0, 1000.0  # encoded boxes: a location's side and the gap between locations
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,35 @@ class Detections:
 @torch.no_grad()
 def decode(out: torch.Tensor, layout: HeadLayout,
            score_threshold: float = EVAL_SCORE_THRESHOLD, iou: float = NMS_IOU,
-           max_detections: int = MAX_DETECTIONS) -> list[Detections]:  # fmt: skip
+           max_detections: int = MAX_DETECTIONS, box_scale: float | None = None
+           ) -> list[Detections]:  # fmt: skip
     """Every image's detections from a raw output: each location's best class, kept above
-    ``score_threshold``, then class-wise NMS at ``iou``, best ``max_detections`` kept."""
-    boxes = cxcywh_to_xyxy(layout.boxes(out).float())
+    ``score_threshold``, then class-wise NMS at ``iou``, best ``max_detections`` kept. Boxes
+    encoded per location are placed apart (``per_location_boxes``, at ``box_scale``)."""
+    boxes = layout.boxes(out).float()
+    if not layout.boxes_in_pixels:
+        boxes = per_location_boxes(boxes, box_scale or encoded_scale(boxes))
+    boxes = cxcywh_to_xyxy(boxes)
     scores, labels = layout.class_scores(out).float().max(dim=-1)
     return [_one_image(b, s, c, score_threshold, iou, max_detections)
             for b, s, c in zip(boxes, scores, labels)]  # fmt: skip
+
+
+def encoded_scale(boxes: torch.Tensor) -> float:
+    """The typical size of encoded box values: their mean absolute value."""
+    return float(boxes.abs().mean().clamp_min(1e-6))
+
+
+def per_location_boxes(values: torch.Tensor, scale: float) -> torch.Tensor:
+    """(N, A, 4) box values encoded per location (anchors not in the file) as comparable
+    centre/size boxes: each location's own box, of side ``SIDE * scale`` plus its size values,
+    centred at its centre values, the locations set far apart. Two models' boxes (decoded at
+    the same ``scale``) then overlap only at one location, and their IoU falls as their values
+    part: about 0.5 when the centre values differ by 1.3 ``scale``."""
+    locations = torch.arange(values.shape[1], dtype=values.dtype, device=values.device)
+    centre_x = values[..., 0] + locations * (SPREAD * scale)
+    sizes = (values[..., 2:4] + SIDE * scale).clamp_min(0.1 * scale)
+    return torch.stack([centre_x, values[..., 1], sizes[..., 0], sizes[..., 1]], dim=-1)
 
 
 def _one_image(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,

@@ -5,7 +5,6 @@ detections) on the eval images or, without eval data, on generated inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,12 @@ from torch import nn
 from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.tasks.base import TaskScores
 from compress_toolbox.tasks.detection.data import DetectionEvalData
-from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD, Detections, decode
+from compress_toolbox.tasks.detection.decode import (
+    DETECTION_THRESHOLD,
+    Detections,
+    decode,
+    encoded_scale,
+)
 from compress_toolbox.tasks.detection.heads import HeadLayout
 from compress_toolbox.tasks.detection.metrics import GroundTruth, MapScores, mean_average_precision
 
@@ -32,10 +36,12 @@ def torch_outputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def onnx_outputs(path: Path, x: torch.Tensor) -> torch.Tensor:
-    """Raw first output of the ONNX model at ``path`` (onnxruntime) for every image of ``x``."""
+    """Raw output of the ONNX model at ``path`` (onnxruntime) for every image of ``x``; a
+    file with several outputs (boxes, scores) has them joined along their last axis, in its
+    order, as the teacher's import joins them."""
     session = onnx_session(path)
     name = session.get_inputs()[0].name
-    chunks = [session.run(None, {name: x[i : i + BATCH].numpy()})[0]
+    chunks = [np.concatenate(session.run(None, {name: x[i : i + BATCH].numpy()}), axis=-1)
               for i in range(0, len(x), BATCH)]  # fmt: skip
     return torch.from_numpy(np.concatenate(chunks)).float()
 
@@ -50,8 +56,10 @@ def _fields(scores: MapScores) -> dict:
 
 
 def _fidelity(teacher_out, student_out, layout: HeadLayout) -> MapScores:
-    reference = as_truths(decode(teacher_out, layout, DETECTION_THRESHOLD))
-    return mean_average_precision(decode(student_out, layout), reference, layout.num_classes)
+    scale = None if layout.boxes_in_pixels else encoded_scale(layout.boxes(teacher_out))
+    reference = as_truths(decode(teacher_out, layout, DETECTION_THRESHOLD, box_scale=scale))
+    return mean_average_precision(decode(student_out, layout, box_scale=scale), reference,
+                                  layout.num_classes)  # fmt: skip
 
 
 def measure_on_data(teacher: nn.Module, student_onnx: Path, data: DetectionEvalData,
@@ -66,7 +74,7 @@ def measure_on_data(teacher: nn.Module, student_onnx: Path, data: DetectionEvalD
         figure=FIGURE, teacher=t_map.map_50, student=s_map.map_50, trivial=0.0,
         trivial_what="no detection at all", agreement=fidelity.map_50,
         agreement_on="eval images: student mAP@0.5 against the teacher's detections",
-        report={"detection": {"head": layout.name, "num_classes": k,
+        report={"detection": {"head": layout.name, "layout": layout.describe(), "num_classes": k,
                               "teacher_per_class_ap_50": t_map.per_class_ap_50,
                               "student_per_class_ap_50": s_map.per_class_ap_50,
                               "fidelity_map_50": fidelity.map_50,
@@ -79,29 +87,26 @@ def measure_on_data(teacher: nn.Module, student_onnx: Path, data: DetectionEvalD
     )  # fmt: skip
 
 
-def measure_fidelity(teacher: nn.Module, student_onnx: Path,
-                     sampler: Callable[[int], torch.Tensor] | None,
-                     layout: HeadLayout) -> TaskScores | None:  # fmt: skip
-    """Without eval data: the student's mAP against the teacher's detections on generated
-    inputs (the teacher scores 1.0 against itself); None figures when it detects nothing."""
-    if sampler is None:
-        return None
-    x = sampler(GENERATED_SCENES).cpu()
+def measure_fidelity(teacher: nn.Module, student_onnx: Path, x: torch.Tensor,
+                     layout: HeadLayout, inputs: str) -> TaskScores:  # fmt: skip
+    """The student's mAP against the teacher's detections on images ``x`` (described by
+    ``inputs``; the teacher scores 1.0 against itself): the figure without eval data, and the
+    only one for heads whose boxes are encoded against anchors the file does not hold."""
     t_out, s_out = torch_outputs(teacher, x), onnx_outputs(student_onnx, x)
     fidelity = _fidelity(t_out, s_out, layout)
     teacher_score = None if fidelity.map_50 is None else 1.0
     return TaskScores(
         figure="fidelity mAP@0.5", teacher=teacher_score, student=fidelity.map_50, trivial=0.0,
         trivial_what="no detection at all", agreement=fidelity.map_50,
-        agreement_on=f"{GENERATED_SCENES} generated inputs: student mAP@0.5 against the "
-                     "teacher's detections",
-        report={"detection": {"head": layout.name, "num_classes": layout.num_classes,
+        agreement_on=f"{len(x)} {inputs}: student mAP@0.5 against the teacher's detections",
+        report={"detection": {"head": layout.name, "layout": layout.describe(),
+                              "num_classes": layout.num_classes,
                               "fidelity_map_50": fidelity.map_50,
                               "fidelity_map_50_95": fidelity.map_50_95,
-                              "measured_on": "generated inputs (no eval data); student as "
-                                             "student.onnx (onnxruntime); COCOeval"}},
+                              "measured_on": f"{len(x)} {inputs}; student as student.onnx "
+                                             "(onnxruntime); COCOeval"}},
         teacher_fields={"fidelity_map_50": teacher_score},
         student_fields={"fidelity_map_50": fidelity.map_50},
-        rows=[("mAP@0.5 against the teacher's detections (generated inputs)",
+        rows=[(f"mAP@0.5 against the teacher's detections ({inputs})",
                "fidelity_map_50", "pct")],
     )  # fmt: skip

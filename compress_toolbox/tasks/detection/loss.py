@@ -4,7 +4,9 @@
   for yolov5) against the teacher's, once averaged over every location (the background must
   stay background) and once weighted by the teacher's confidence at each location;
 - boxes: L1 (in units of the teacher's mean box size) plus GIoU (``torchvision.ops``), in
-  decoded pixel space, weighted by the teacher's confidence.
+  decoded pixel space, weighted by the teacher's confidence; a boxes+scores head's box values
+  (encoded against anchors the file does not hold, keypoints too) by L1 alone, in units of the
+  teacher's mean absolute value.
 
 Weighting by confidence keeps the thousands of background locations, whose boxes mean nothing,
 from drowning the few that hold objects.
@@ -36,7 +38,7 @@ def score_loss(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tens
 
 
 def box_loss(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """L1 + GIoU of (N, A, 4) centre/size boxes, weighted by (N, A) ``weights``."""
+    """L1 + GIoU of (N, A, 4) centre/size boxes in pixels, weighted by (N, A) ``weights``."""
     scale = teacher[..., 2:].abs().mean().detach().clamp_min(1.0)
     l1 = (student.float() - teacher.float()).abs().sum(-1) / scale
     s_xyxy, t_xyxy = cxcywh_to_xyxy(student.float()), cxcywh_to_xyxy(teacher.float())
@@ -45,10 +47,20 @@ def box_loss(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor
     return weighted_mean(l1 + giou, weights)
 
 
+def encoded_box_loss(student: torch.Tensor, teacher: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """L1 of (N, A, B) box values as the head encodes them, weighted by (N, A) ``weights``."""
+    scale = teacher.abs().mean().detach().clamp_min(EPS)
+    return weighted_mean((student.float() - teacher.float()).abs().sum(-1) / scale, weights)
+
+
 def detection_kd_loss(student_out: torch.Tensor, teacher_out: torch.Tensor,
                       layout: HeadLayout) -> torch.Tensor:  # fmt: skip
     """The KD loss of a raw detection output against the teacher's (see the module)."""
     weights = layout.confidence(teacher_out).detach().float()
     scores = score_loss(layout.probabilities(student_out), layout.probabilities(teacher_out),
                         weights)  # fmt: skip
+    if not layout.boxes_in_pixels:
+        return scores + encoded_box_loss(layout.box_values(student_out),
+                                         layout.box_values(teacher_out), weights)  # fmt: skip
     return scores + box_loss(layout.boxes(student_out), layout.boxes(teacher_out), weights)

@@ -2,8 +2,10 @@
 names, ranks, dtypes and shapes, so the user's own decoding and NMS keep working on it.
 
 ``signature`` reads a file's inputs and outputs (onnxruntime, with the shapes each gives at a
-probe batch); ``adopt_names`` renames the student's inputs and outputs after the teacher's and
-gives them its symbolic dimension names; ``compare`` lists every difference.
+probe batch); ``split_outputs`` gives a student distilled on a teacher's joined outputs (boxes
+and scores) the teacher's separate outputs back; ``adopt_names`` renames the student's inputs
+and outputs after the teacher's and gives them its symbolic dimension names; ``compare`` lists
+every difference.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import onnx
 
 from compress_toolbox.export.writer import onnx_session
+from compress_toolbox.tasks.detection.heads import HeadLayout
 
 PROBE_BATCH = 2
 
@@ -111,6 +114,41 @@ def adopt_names(student_path: str | Path, teacher: Signature) -> None:
     for value, spec in pairs:
         _rename_everywhere(graph, value.name, spec.name)
         _copy_declared_dims(value, spec)
+    onnx.save_model(model, str(student_path))
+
+
+def split_outputs(student_path: str | Path, layout: HeadLayout) -> None:
+    """Split the student file's one output, the teacher's outputs joined along their last axis
+    (``layout``: how many channels each had, in the file's order), back into that many outputs
+    (ONNX Split), in place, named as the teacher's (``layout.outputs``); ``adopt_names`` then
+    gives them the rest of an ONNX teacher's signature."""
+    model = onnx.load(str(student_path))
+    graph = model.graph
+    (whole,) = graph.output
+    sizes = ([layout.num_classes, layout.box_channels] if layout.scores_first
+             else [layout.box_channels, layout.num_classes])  # fmt: skip
+    taken = {name for node in graph.node for name in (*node.input, *node.output)}
+    names = [name if name not in taken else f"{name}__part{i}"
+             for i, name in enumerate(layout.outputs)]  # fmt: skip
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= 13:  # the sizes became an input at opset 13
+        graph.initializer.append(onnx.numpy_helper.from_array(
+            np.array(sizes, dtype=np.int64), f"{whole.name}_split_sizes"))  # fmt: skip
+        node = onnx.helper.make_node("Split", [whole.name, f"{whole.name}_split_sizes"], names,
+                                     axis=-1)  # fmt: skip
+    else:
+        node = onnx.helper.make_node("Split", [whole.name], names, axis=-1, split=sizes)
+    graph.node.append(node)
+    parts = []
+    for name, size in zip(names, sizes):
+        part = onnx.ValueInfoProto()
+        part.CopyFrom(whole)
+        part.name = name
+        part.type.tensor_type.shape.dim[-1].Clear()
+        part.type.tensor_type.shape.dim[-1].dim_value = size
+        parts.append(part)
+    del graph.output[:]
+    graph.output.extend(parts)
     onnx.save_model(model, str(student_path))
 
 

@@ -1,10 +1,10 @@
-"""Detection: a YOLO-style head's raw output (heads.py), distilled as it is so that the
-student is a drop-in replacement (signature.py); mAP by COCOeval on --eval-data (data.py,
-evaluation.py)."""
+"""Detection: a detector's raw head output (heads.py: one YOLO output, or boxes and scores as
+two outputs that the import joins), distilled as it is so that the student is a drop-in
+replacement (signature.py); mAP by COCOeval on --eval-data (data.py, evaluation.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +18,30 @@ from compress_toolbox.tasks.base import Task, TaskScores
 from compress_toolbox.tasks.detection import evaluation, signature
 from compress_toolbox.tasks.detection.data import DetectionEvalData, load_detection_data
 from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD
-from compress_toolbox.tasks.detection.heads import HeadLayout, recognise
+from compress_toolbox.tasks.detection.heads import (
+    HEAD_NAMES,
+    LAYOUTS_TEXT,
+    HeadLayout,
+    describe_layouts,
+    forced,
+    joined,
+    recognise,
+)
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
-
-LAYOUTS_TEXT = "one output (N, 4 + K, A) (YOLOv8/v11) or (N, A, 5 + K) (YOLOv5)"
 
 
 def layout_of(out: torch.Tensor) -> HeadLayout:
-    """The head layout of a raw output tensor (batch first); DaflError when none fits."""
+    """The head layout of a single raw output tensor (batch first); DaflError when none fits."""
     layout = recognise(tuple(out.shape[1:]))
     if layout is None:
         raise DaflError(f"detection output {tuple(out.shape)} fits no head layout; "
-                        f"--task detection reads {LAYOUTS_TEXT}")  # fmt: skip
+                        f"{describe_layouts()}")  # fmt: skip
     return layout
 
 
 def _outputs_seen(teacher) -> tuple[str, int]:
-    """The teacher's outputs as 'name (N, ...)' (from the file for an ONNX teacher, whose
-    import keeps the first output only) and how many there are."""
+    """The teacher file's outputs as 'name (N, ...)' (from the file for an ONNX teacher, whose
+    import keeps one output or joins them) and how many there are."""
     if teacher.format == "onnx":
         outputs = signature.signature(teacher.source, tuple(teacher.input_shape)).outputs
         shapes = [(spec.name, spec.at_probe[1:]) for spec in outputs]
@@ -50,23 +56,54 @@ def _outputs_seen(teacher) -> tuple[str, int]:
     return text, len(shapes)
 
 
+@torch.no_grad()
+def _answers_logits(module: nn.Module, layout: HeadLayout, input_shape: tuple[int, ...]) -> bool:
+    """Whether a boxes+scores teacher's scores leave [0, 1] on random inputs (logits)."""
+    scores = layout.probabilities(module.eval()(torch.rand(4, *input_shape)))
+    return bool(((scores < 0) | (scores > 1)).any())
+
+
 @dataclass(frozen=True)
 class Detection(Task):
-    """YOLO-style raw head outputs; eval data as an .npz of images, boxes and labels."""
+    """Raw detection head outputs (``head``: the teacher's layout, once bound to it; else read
+    from each output's shape); eval data as an .npz of images, boxes and labels."""
 
-    @staticmethod
-    def layout_of(out: torch.Tensor) -> HeadLayout:
+    head_name: str | None = None  # --head: the layout the user named
+    head: HeadLayout | None = None  # the teacher's layout (``bound_to``)
+    joins_outputs: bool = True  # several outputs are one head: boxes and scores
+
+    def layout_of(self, out: torch.Tensor) -> HeadLayout:
         """The head layout of a raw output (methods read detection heads through it)."""
-        return layout_of(out)
+        return self.head if self.head is not None else layout_of(out)
+
+    def with_head(self, name: str | None) -> Detection:
+        if name is not None and name not in HEAD_NAMES:
+            raise DaflError(f"--head {name}: unknown layout; choose one of {', '.join(HEAD_NAMES)}")
+        return replace(self, head_name=name)
+
+    def bound_to(self, teacher) -> Detection:
+        """This task reading ``teacher``'s head: its layout from the outputs the import joined
+        (boxes and scores), from ``--head``, or from its one output's shape."""
+        outputs = teacher.details.get("joined_outputs")
+        shape = tuple(teacher.analysis.output_shape)
+        if outputs:
+            layout = joined([(name, int(c)) for name, c in outputs], False, self.head_name)
+            layout = replace(layout, logits=_answers_logits(teacher.module, layout,
+                                                            teacher.input_shape))  # fmt: skip
+        elif self.head_name is not None:
+            layout = forced(self.head_name, shape)
+        else:
+            layout, (seen, count) = recognise(shape), _outputs_seen(teacher)
+            if count != 1 or layout is None:
+                raise DaflError(f"{teacher.source}: outputs {seen} fit no detection head layout; "
+                                f"{describe_layouts()}")  # fmt: skip
+        return replace(self, head=layout)
+
+    def describe_teacher(self) -> str:
+        return self.head.describe() if self.head is not None else self.output_text
 
     def fits(self, output_shape: tuple[int, ...]) -> bool:
-        return recognise(tuple(output_shape)) is not None
-
-    def check_teacher(self, teacher) -> None:
-        seen, count = _outputs_seen(teacher)
-        if count != 1 or not self.fits(teacher.analysis.output_shape):
-            raise DaflError(f"{teacher.source}: outputs {seen} fit no detection head layout; "
-                            f"--task detection reads {LAYOUTS_TEXT}")  # fmt: skip
+        return self.head is not None or recognise(tuple(output_shape)) is not None
 
     def output_shape(self, num_outputs: int,
                      input_shape: tuple[int, ...]) -> tuple[int, ...] | None:  # fmt: skip
@@ -78,16 +115,15 @@ class Detection(Task):
         with torch.no_grad():
             out = teacher(torch.rand(2, *shape, device=device))
         if not isinstance(out, torch.Tensor):
-            raise DaflError(f"teacher output is {type(out).__name__}; --task detection reads "
-                            f"{LAYOUTS_TEXT}")  # fmt: skip
-        layout = layout_of(out)
+            raise DaflError(f"teacher output is {type(out).__name__}; {describe_layouts()}")
+        layout = self.layout_of(out)
         if not torch.isfinite(out).all():
             raise DaflError("the teacher's output is NaN or infinite on random inputs")
         return layout.num_classes
 
     def distillation_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor,
                           temperature: float) -> torch.Tensor:  # fmt: skip
-        return detection_kd_loss(student_out, teacher_out, layout_of(teacher_out))
+        return detection_kd_loss(student_out, teacher_out, self.layout_of(teacher_out))
 
     def auto_method(self, batchnorm_layers: int) -> tuple[str, str] | None:
         return "dafl-det", (
@@ -99,7 +135,7 @@ class Detection(Task):
     def health_logits(self, teacher_out: torch.Tensor, student_out: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Class logits at the teacher's confident locations (its best one per image at least)."""
-        layout = layout_of(teacher_out)
+        layout = self.layout_of(teacher_out)
         confidence = layout.confidence(teacher_out)
         keep = confidence >= DETECTION_THRESHOLD
         keep[torch.arange(len(keep)), confidence.argmax(1)] = True
@@ -110,16 +146,26 @@ class Detection(Task):
         if data is None and sampler is None:
             return None
         probe = data.x[:1] if data is not None else sampler(1)
-        layout = layout_of(evaluation.torch_outputs(teacher, probe))
-        if isinstance(data, DetectionEvalData):
+        layout = self.layout_of(evaluation.torch_outputs(teacher, probe))
+        if isinstance(data, DetectionEvalData) and layout.boxes_in_pixels:
             return evaluation.measure_on_data(teacher, student_onnx, data, layout)
-        return evaluation.measure_fidelity(teacher, student_onnx, sampler, layout)
+        if data is not None:  # boxes encoded against anchors: not comparable to the labels
+            return evaluation.measure_fidelity(
+                teacher, student_onnx, data.x, layout,
+                "eval images (boxes encoded against anchors: labels unused)")  # fmt: skip
+        return evaluation.measure_fidelity(teacher, student_onnx,
+                                           sampler(evaluation.GENERATED_SCENES).cpu(), layout,
+                                           "generated inputs")  # fmt: skip
 
     def finish_export(self, student_onnx: Path, teacher) -> dict[str, Any] | None:
-        """student.onnx given the teacher file's input and output names; its signature then
-        compared with the teacher's (a difference fails the run)."""
+        """student.onnx given the teacher's outputs (split again where the import joined them)
+        and, for an ONNX teacher, its input and output names; its signature then compared with
+        the teacher file's (a difference fails the run)."""
+        several = self.head is not None and len(self.head.outputs) > 1
+        if several:
+            signature.split_outputs(student_onnx, self.head)
         if teacher.format != "onnx":
-            return None
+            return {"outputs": list(self.head.outputs)} if several else None
         shape = tuple(teacher.input_shape)
         wanted = signature.signature(teacher.source, shape)
         signature.adopt_names(student_onnx, wanted)
@@ -132,7 +178,7 @@ class Detection(Task):
         return {"signature": got.as_dict(), "same_as_teacher": True}
 
     def classes_of(self, output_shape: tuple[int, ...]) -> int:
-        layout = recognise(tuple(output_shape))
+        layout = self.head or recognise(tuple(output_shape))
         return layout.num_classes if layout else 0
 
     def load_eval_data(self, path: Path, input_shape: tuple[int, ...], domain: InputDomain,
@@ -143,7 +189,9 @@ class Detection(Task):
                      domain: InputDomain, path: Path) -> None:  # fmt: skip
         from compress_toolbox.tasks.detection.pictures import plot_detections  # matplotlib
 
-        plot_detections(sampler, teacher, student, domain, path)
+        probe = sampler(1).cpu()
+        plot_detections(sampler, teacher, student, domain, path,
+                        self.layout_of(evaluation.torch_outputs(teacher, probe)))  # fmt: skip
 
 
 # Batch 16 and the segmentation task's augmentations (moves, flips, photometric jitter): a

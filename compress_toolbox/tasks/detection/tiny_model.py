@@ -31,18 +31,33 @@ class _Head(nn.Module):
         return self.box(x), self.cls(x)
 
 
-class TinyYolo(nn.Module):
+class _Features(nn.Module):
+    """The tiny detectors' strided conv backbone and top-down neck: (4c, S/8, S/8) and
+    (8c, S/16, S/16) feature maps for c = ``width``."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        c = width
+        self.stem = nn.Sequential(_conv(in_channels, c, 2), _conv(c, 2 * c, 2))
+        self.p3 = _conv(2 * c, 4 * c, 2)
+        self.p4 = _conv(4 * c, 8 * c, 2)
+        self.fuse = _conv(12 * c, 4 * c)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p3 = self.p3(self.stem(x))
+        p4 = self.p4(p3)
+        p3 = self.fuse(torch.cat([p3, F.interpolate(p4, scale_factor=2.0, mode="nearest")], 1))
+        return p3, p4
+
+
+class TinyYolo(_Features):
     """(N, C, S, S) images -> (N, 4 + K, A) with A = (S/8)^2 + (S/16)^2 locations; with
     ``yolov5=True`` the YOLOv5 layout instead, (N, A, 5 + K) with an objectness score."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16,
                  image_size: int = 64, yolov5: bool = False) -> None:  # fmt: skip
-        super().__init__()
+        super().__init__(in_channels, width)
         c, self.yolov5 = width, yolov5
-        self.stem = nn.Sequential(_conv(in_channels, c, 2), _conv(c, 2 * c, 2))
-        self.p3 = _conv(2 * c, 4 * c, 2)
-        self.p4 = _conv(4 * c, 8 * c, 2)
-        self.fuse = _conv(12 * c, 4 * c)
         self.heads = nn.ModuleList([_Head(4 * c, num_classes, yolov5),
                                     _Head(8 * c, num_classes, yolov5)])  # fmt: skip
         for stride in STRIDES:  # (1, 2, H*W): the location centres (x, y) in pixels
@@ -52,11 +67,8 @@ class TinyYolo(nn.Module):
             self.register_buffer(f"grid{stride}", grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p3 = self.p3(self.stem(x))
-        p4 = self.p4(p3)
-        p3 = self.fuse(torch.cat([p3, F.interpolate(p4, scale_factor=2.0, mode="nearest")], 1))
         levels = [self._decode(*head(p), stride)
-                  for head, p, stride in zip(self.heads, (p3, p4), STRIDES)]  # fmt: skip
+                  for head, p, stride in zip(self.heads, self.features(x), STRIDES)]  # fmt: skip
         out = torch.cat(levels, dim=2)
         return out.transpose(1, 2) if self.yolov5 else out
 
@@ -69,3 +81,25 @@ class TinyYolo(nn.Module):
         centre = getattr(self, f"grid{stride}") + (ltrb[:, 2:] - ltrb[:, :2]) / 2
         size = ltrb[:, :2] + ltrb[:, 2:]
         return torch.cat([centre, size, *scores], dim=1)
+
+
+class TinyBoxesScores(_Features):
+    """A BlazeFace/SSD-style detector with two outputs, as TFLite face detectors give them:
+    box values (N, A, 4 + 2 * keypoints) left encoded per location (the anchors are the
+    user's) and class logits (N, A, K), at strides 8 and 16 on the same backbone and neck as
+    ``TinyYolo``."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16,
+                 keypoints: int = 2) -> None:  # fmt: skip
+        super().__init__(in_channels, width)
+        c = width
+        self.boxes = nn.ModuleList([nn.Conv2d(4 * c, 4 + 2 * keypoints, 1),
+                                    nn.Conv2d(8 * c, 4 + 2 * keypoints, 1)])  # fmt: skip
+        self.scores = nn.ModuleList([nn.Conv2d(4 * c, num_classes, 1),
+                                     nn.Conv2d(8 * c, num_classes, 1)])  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        levels = self.features(x)
+        rows = lambda convs: torch.cat([conv(p).flatten(2).transpose(1, 2)  # noqa: E731
+                                        for conv, p in zip(convs, levels)], dim=1)  # fmt: skip
+        return rows(self.boxes), rows(self.scores)

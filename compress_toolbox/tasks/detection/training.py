@@ -120,15 +120,17 @@ def train_detector(scenes: Scenes, num_classes: int, options: TrainOptions = Tra
 
 
 def export_detector(model: torch.nn.Module, path: str | Path, image_size: int,
-                    channels: int = 3) -> Path:  # fmt: skip
+                    channels: int = 3,
+                    outputs: tuple[str, ...] = ("output0",)) -> Path:  # fmt: skip
     """``model`` as a user ships it: torch.onnx.export (opset 17), input ``images`` and output
-    ``output0`` with a dynamic batch, as ultralytics names them."""
+    ``output0`` (or ``outputs``, one per tensor the model returns) with a dynamic batch, as
+    ultralytics names them."""
     example = torch.rand(2, channels, image_size, image_size)
-    axes = {"images": {0: "batch"}, "output0": {0: "batch"}}
+    axes = {name: {0: "batch"} for name in ("images", *outputs)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, opset_version=17,
-                          input_names=["images"], output_names=["output0"],
+                          input_names=["images"], output_names=list(outputs),
                           dynamic_axes=axes)  # fmt: skip
     return Path(path)
 
