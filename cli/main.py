@@ -177,9 +177,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         score = "n/a" if row.score is None else f"{100 * row.score:.2f}%"
         ms = [f"{v:.3f}" if v is not None else "n/a" for v in row.latency_ms.values()]
         print(f"{row.model:6}{row.file:>28}{row.onnx_bytes:>10,}{ms[0]:>13}{ms[1]:>14}{score:>9}")
-    agreement = result.agreement.top1
+    agreement, measure = result.agreement.value, result.agreement.task_measure or "top-1 agreement"
     verdict = "REJECTED (not equivalent): " + result.reason if result.reason else "kept"
-    print(f"top-1 agreement with fp32: {'n/a' if agreement is None else f'{100 * agreement:.2f}%'}"
+    print(f"{measure} with fp32: {'n/a' if agreement is None else f'{100 * agreement:.2f}%'}"
           f" on {result.agreement_on}; float ops: "
           f"{', '.join(result.quantized.float_op_types) or 'none'}")  # fmt: skip
     print(f"{result.path}: {verdict}")

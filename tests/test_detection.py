@@ -331,3 +331,52 @@ def test_a_torchscript_teacher_returning_boxes_and_scores_is_joined_and_split(tm
     student = signature(out / "student.onnx", (3, SIZE, SIZE))
     assert [(o.name, o.at_probe) for o in student.outputs] == [("output0", (2, 20, 8)),
                                                                ("output1", (2, 20, 2))]
+
+
+@pytest.mark.parametrize("head", ["yolov8", "boxes+scores"])
+def test_int8_detection_students_are_judged_on_map_and_fidelity(files, tmp_path, head):
+    """--quantize int8 on a detector: mAP@0.5 on the eval data for pixel boxes; for boxes
+    encoded against anchors, the INT8 student's fidelity to the float student's detections."""
+    folder, _ = files
+    teacher_path = folder / "det.onnx"
+    if head == "boxes+scores":
+        torch.manual_seed(0)
+        teacher_path = export_detector(TinyBoxesScores(CLASSES, 3, 8), tmp_path / "face.onnx",
+                                       SIZE, outputs=("boxes", "scores"))  # fmt: skip
+    out = tmp_path / "out"
+    code = run_cli(teacher_path, "--task", "detection", "--eval-data", folder / "scenes.npz",
+                   "--iters", 3, "--threads", 1, "--quantize", "int8",
+                   "--quantize-samples", 64, "--out", out)  # fmt: skip
+    assert code in (0, 3)
+    entry = json.loads((out / "report.json").read_text())["int8"]
+    student = entry["student"]
+    assert student["status"] in ("ok", "rejected")
+    int8 = out / student["file"]
+    assert [o.name for o in signature(int8, (3, SIZE, SIZE)).outputs] == [
+        o.name for o in signature(teacher_path, (3, SIZE, SIZE)).outputs]
+    agreement = student["agreement"]
+    assert agreement["top1"] is None and agreement["task_measure"].startswith("fidelity mAP@0.5")
+    assert 0.0 <= agreement["task_figure"] <= 1.0
+    if head == "yolov8":
+        assert student["figure"] == "mAP@0.5" and "mAP@0.5 lost" in entry["margin"]
+        assert all(0.0 <= row["score"] <= 1.0 for row in entry["rows"] if row["status"] == "ok")
+    else:  # the labels cannot judge encoded boxes
+        assert student["float_score"] is None and "fidelity" in entry["margin"]
+
+
+def test_quantize_command_reads_a_two_output_detector_as_its_head(files, tmp_path, capsys):
+    """``dafl-compress quantize face.onnx --task detection``: the layout comes from the file
+    (boxes and scores joined), the agreement is fidelity, both outputs stay."""
+    folder, scenes = files
+    torch.manual_seed(0)
+    model = export_detector(TinyBoxesScores(CLASSES, 3, 8), tmp_path / "face.onnx", SIZE,
+                            outputs=("boxes", "scores"))  # fmt: skip
+    calibration = tmp_path / "calib.npy"
+    np.save(calibration, scenes.images[:32].astype(np.float32) / 255)
+    assert run_cli("quantize", model, "--calibration-data", calibration, "--samples", 32,
+                   "--task", "detection") == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "fidelity mAP@0.5 (detections against the float model's) with fp32" in printed
+    int8 = tmp_path / "face.int8.onnx"
+    found = int8 if int8.is_file() else tmp_path / "face.int8.rejected.onnx"
+    assert [o.name for o in signature(found, (3, SIZE, SIZE)).outputs] == ["boxes", "scores"]

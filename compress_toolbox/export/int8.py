@@ -34,9 +34,9 @@ from compress_toolbox.export.calibration import (
 from compress_toolbox.export.onnx_compare import Agreement, compare_onnx, latency_ms
 from compress_toolbox.export.quantize import DEFAULT_SAMPLES, QuantizeResult, quantize_onnx
 from compress_toolbox.export.verification import EXPORT_BATCHES, random_inputs
-from compress_toolbox.export.writer import onnx_predictions, onnx_session, teacher_onnx
-from compress_toolbox.tasks import get_task, task_of_output
-from compress_toolbox.tasks.evaldata import EvalData, score
+from compress_toolbox.export.writer import onnx_session, teacher_onnx
+from compress_toolbox.tasks import Task, get_task, task_of_output
+from compress_toolbox.tasks.evaldata import EvalData
 
 if TYPE_CHECKING:
     from compress_toolbox.config import CompressConfig
@@ -98,24 +98,26 @@ def rejected_path(out: Path) -> Path:
 def quantize_model(model: Path, out: Path, calibration: Calibration, *,
                    samples: int = DEFAULT_SAMPLES, check_inputs: np.ndarray | None = None,
                    eval_data: EvalData | None = None, input_shape: tuple[int, ...] | None = None,
-                   score_margin: float | None = None,
-                   min_agreement: float | None = None) -> Int8Result:  # fmt: skip
+                   score_margin: float | None = None, min_agreement: float | None = None,
+                   task: Task | None = None) -> Int8Result:  # fmt: skip
     """Quantise the float ONNX ``model`` to INT8 at ``out``, calibrated on ``samples`` inputs
     from ``calibration`` (inputs, or a generator ``n -> inputs``); verify it in onnxruntime at
     the export batches; compare it with ``model`` on ``check_inputs`` (default: further draws
     from ``calibration``) and on ``eval_data``. One that loses more than ``score_margin``
     (default SCORE_MARGIN) of accuracy / mean IoU on ``eval_data``, or without eval data agrees
     on less than ``min_agreement`` (default MIN_AGREEMENT), is renamed ``*.rejected.onnx`` and
-    returned with status "rejected". Raises DaflError (one line) when it cannot be quantised or
-    does not run; nothing is then left at ``out``."""
+    returned with status "rejected". ``task`` (default: read from the eval data) says how
+    outputs are scored and compared (detection: mAP@0.5, fidelity instead of top-1). Raises
+    DaflError (one line) when it cannot be quantised or does not run; nothing is then left at
+    ``out``."""
     model, out = Path(model), Path(out)
     source = as_source(calibration)
     quantized = quantize_onnx(model, out, source.draw, samples=samples)
     try:
         batches = verify_int8(model, out, input_shape)
         check = check_inputs if check_inputs is not None else source.draw(CHECK_SAMPLES)
-        agreement = compare_onnx(model, out, check)
-        scores = _scores(model, out, eval_data)
+        agreement = _agreement(model, out, check, task)
+        scores = _scores(model, out, eval_data, task)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
@@ -131,25 +133,35 @@ def quantize_model(model: Path, out: Path, calibration: Calibration, *,
                       batches)  # fmt: skip
 
 
-def _scores(model: Path, int8: Path, data: EvalData | None
+def _agreement(model: Path, int8: Path, check: np.ndarray, task: Task | None) -> Agreement:
+    """``compare_onnx``, with the task's own agreement figure where it has one."""
+    agreement = compare_onnx(model, int8, check)
+    own = task.onnx_agreement(model, int8, check) if task is not None else None
+    if own is None:
+        return agreement
+    measure, value = own
+    return replace(agreement, top1=None, task_figure=value, task_measure=measure)
+
+
+def _judge(data: EvalData, task: Task | None) -> Task:
+    """The task that scores ``data``: ``task``, else what the labels say (masks or classes)."""
+    return task or get_task("segmentation" if data.y.dim() > 1 else "classification")
+
+
+def _scores(model: Path, int8: Path, data: EvalData | None, task: Task | None
             ) -> tuple[float | None, float | None, str | None]:  # fmt: skip
     """(float score, INT8 score, figure) on the eval data; Nones without it."""
     if data is None:
         return None, None, None
-    figure = "mean IoU" if data.y.dim() > 1 else "accuracy"
-    return _score(model, data), _score(int8, data), figure
+    judge = _judge(data, task)
+    return judge.onnx_score(model, data), judge.onnx_score(int8, data), judge.figure
 
 
-def _score(model: Path, data: EvalData) -> float:
-    """Accuracy (mean IoU for masks) of an ONNX model on ``data``, at its fixed batch if any."""
-    return score(onnx_predictions(model, data.x, batch=_fixed_batch(model) or 256), data.y)
-
-
-def _score_or_none(model: Path, data: EvalData | None) -> float | None:
+def _score_or_none(model: Path, data: EvalData | None, task: Task | None) -> float | None:
     if data is None:
         return None
     try:
-        return _score(model, data)
+        return _judge(data, task).onnx_score(model, data)
     except Exception:  # a measurement never fails the run (reported as n/a)
         return None
 
@@ -164,9 +176,10 @@ def _verdict(agreement: Agreement, float_score: float | None, int8_score: float 
                     f"({100 * int8_score:.2f}% vs {100 * float_score:.2f}%; margin "
                     f"{100 * margin:g} points)")  # fmt: skip
         return ""
-    if agreement.top1 is not None and agreement.top1 < min_agreement:
-        return (f"it agrees with the float model on {100 * agreement.top1:.1f}% of the check "
-                f"inputs (at least {100 * min_agreement:g}% needed)")  # fmt: skip
+    if agreement.value is not None and agreement.value < min_agreement:
+        what = agreement.task_measure or "agreement"
+        return (f"its {what} with the float model on the check inputs is "
+                f"{100 * agreement.value:.1f}% (at least {100 * min_agreement:g}% needed)")
     return ""
 
 
@@ -234,11 +247,11 @@ def measure_latency(model: Path, input_shape: tuple[int, ...]) -> dict[str, floa
 
 
 def float_row(name: str, path: Path, params: int | None, input_shape: tuple[int, ...],
-              data: EvalData | None) -> ModelRow:  # fmt: skip
+              data: EvalData | None, task: Task | None = None) -> ModelRow:  # fmt: skip
     """The row of a float model (its score recomputed in onnxruntime)."""
     size = path.stat().st_size + _external_bytes(path)
     return ModelRow(name, path.name, "ok", params, size, measure_latency(path, input_shape),
-                    _score_or_none(path, data))  # fmt: skip
+                    _score_or_none(path, data, task))  # fmt: skip
 
 
 def int8_row(name: str, result: Int8Result | str, params: int | None,
@@ -248,7 +261,7 @@ def int8_row(name: str, result: Int8Result | str, params: int | None,
         return ModelRow(name, None, "failed", params, None, {}, None)
     return ModelRow(name, result.path.name, result.status, params, result.quantized.size_bytes,
                     measure_latency(result.path, input_shape), result.score,
-                    result.agreement.top1)  # fmt: skip
+                    result.agreement.value)  # fmt: skip
 
 
 def _external_bytes(path: Path) -> int:
@@ -285,7 +298,7 @@ def describe(result: Int8Result | str) -> dict[str, Any]:
 
 def quantize_outputs(work: Path, student_onnx: Path, student_params: int, teacher: Teacher,
                      source: CalibrationSource, data: EvalData | None, *, samples: int,
-                     with_teacher: bool) -> dict[str, Any]:  # fmt: skip
+                     with_teacher: bool, task: Task | None = None) -> dict[str, Any]:  # fmt: skip
     """The pipeline's INT8 step: ``student.int8.onnx`` (or ``.rejected.onnx``) in ``work``,
     and, ``with_teacher``, ``teacher.int8.onnx``, each from ``samples`` inputs of ``source``;
     a model onnxruntime cannot quantise is reported "failed", never failing the run. Returns
@@ -295,50 +308,58 @@ def quantize_outputs(work: Path, student_onnx: Path, student_params: int, teache
     scratch.mkdir()
     try:
         t_float = teacher_onnx(teacher, scratch)
-        rows = [_teacher_row(teacher, t_float, data)] if t_float else []
+        rows = [_teacher_row(teacher, t_float, data, task)] if t_float else []
         entry: dict[str, Any] = {"teacher": None}
         if with_teacher and t_float:
             t_int8 = _attempt(t_float, work / "teacher.int8.onnx", source, samples, check, data,
-                              shape)  # fmt: skip
+                              shape, task)  # fmt: skip
             rows.append(int8_row("teacher int8", t_int8, teacher.analysis.params, shape))
             entry["teacher"] = describe(t_int8)
         s_int8 = _attempt(student_onnx, work / "student.int8.onnx", source, samples, check, data,
-                          shape)  # fmt: skip
-        rows += [float_row("student fp32", student_onnx, student_params, shape, data),
+                          shape, task)  # fmt: skip
+        rows += [float_row("student fp32", student_onnx, student_params, shape, data, task),
                  int8_row("student int8", s_int8, student_params, shape)]  # fmt: skip
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"mode": "int8", "calibrated_on": source.what, "student": describe(s_int8), **entry,
-            "margin": _margin_text(data), "rows": [asdict(row) for row in rows]}  # fmt: skip
+            "margin": _margin_text(s_int8, data, task),
+            "rows": [asdict(row) for row in rows]}  # fmt: skip
 
 
-def _teacher_row(teacher: Teacher, path: Path, data: EvalData | None) -> ModelRow:
+def _teacher_row(teacher: Teacher, path: Path, data: EvalData | None,
+                 task: Task | None) -> ModelRow:  # fmt: skip
     """The teacher fp32 row; a teacher given in another format is measured as exported."""
-    row = float_row("teacher fp32", path, teacher.analysis.params, teacher.input_shape, data)
+    row = float_row("teacher fp32", path, teacher.analysis.params, teacher.input_shape, data,
+                    task)  # fmt: skip
     if teacher.format == "onnx":
         return row
     return replace(row, file=f"{Path(teacher.source).name} (as ONNX)")
 
 
 def _attempt(model: Path, out: Path, source: CalibrationSource, samples: int, check: np.ndarray,
-             data: EvalData | None, shape: tuple[int, ...]) -> Int8Result | str:  # fmt: skip
+             data: EvalData | None, shape: tuple[int, ...],
+             task: Task | None) -> Int8Result | str:  # fmt: skip
     """``quantize_model``, or the one-line reason it failed (nothing left at ``out``): an INT8
     copy that cannot be made is reported, never fails the run."""
     try:
         return quantize_model(model, out, source, samples=samples, check_inputs=check,
-                              eval_data=data, input_shape=shape)  # fmt: skip
+                              eval_data=data, input_shape=shape, task=task)  # fmt: skip
     except DaflError as error:
         return str(error)
     except Exception as error:  # onnxruntime's own errors while comparing or scoring
         return f"{out.name}: {type(error).__name__}: {first_line(error)}"
 
 
-def _margin_text(data: EvalData | None) -> str:
-    if data is None:
-        return (f"top-1 agreement with the float model at least {100 * MIN_AGREEMENT:g}% on "
-                f"{CHECK_SAMPLES} fresh generated inputs")  # fmt: skip
-    figure = "mean IoU" if data.y.dim() > 1 else "accuracy"
-    return f"at most {100 * SCORE_MARGIN:g} points of {figure} lost on the eval data"
+def _margin_text(result: Int8Result | str, data: EvalData | None, task: Task | None) -> str:
+    """What the student's INT8 copy was judged by: its score on the eval data where it has
+    one, else its agreement with the float model."""
+    scored = result.float_score is not None if isinstance(result, Int8Result) else data
+    if scored:
+        figure = _judge(data, task).figure
+        return f"at most {100 * SCORE_MARGIN:g} points of {figure} lost on the eval data"
+    measure = isinstance(result, Int8Result) and result.agreement.task_measure
+    return (f"{measure or 'top-1 agreement'} with the float model at least "
+            f"{100 * MIN_AGREEMENT:g}% on {CHECK_SAMPLES} fresh generated inputs")  # fmt: skip
 
 
 def quantize_step(work: Path, student_onnx: Path, inputs: Any, result: DistillResult,
@@ -352,7 +373,7 @@ def quantize_step(work: Path, student_onnx: Path, inputs: Any, result: DistillRe
                           bool(conditional and config.task.one_class_per_input))  # fmt: skip
     return quantize_outputs(work, student_onnx, inputs.plan.analysis.params, teacher, source,
                             inputs.data, samples=config.quantize.samples,
-                            with_teacher=config.quantize.teacher)  # fmt: skip
+                            with_teacher=config.quantize.teacher, task=config.task)  # fmt: skip
 
 
 def quantize_file(model: Path, calibration: Path, *, out: Path | None = None,
@@ -373,17 +394,22 @@ def quantize_file(model: Path, calibration: Path, *, out: Path | None = None,
         if existing.exists() and not force:
             raise DaflError(f"{existing}: exists (use --force to replace it)")
     shape = _input_shape(model, None)
-    data = None
+    data, kind = None, get_task(task) if task else None
+    if kind is not None and kind.joins_outputs:  # a detection head: its layout from the file
+        from compress_toolbox.load.teacher import load_teacher
+
+        kind = kind.bound_to(load_teacher(model, join_outputs=True))
     if eval_data is not None:
         output = _output_shape(model, shape)
-        kind = get_task(task) if task else task_of_output(output) or get_task("classification")
+        kind = kind or task_of_output(output) or get_task("classification")
         data = kind.load_eval_data(Path(eval_data), shape, InputDomain.from_options(mean, std,
-                                   shape), output[0])  # fmt: skip
+                                   shape), kind.classes_of(output))  # fmt: skip
     for stale in (out, rejected_path(out)):
         stale.unlink(missing_ok=True)
-    result = quantize_model(model, out, source, samples=samples, eval_data=data, input_shape=shape)
+    result = quantize_model(model, out, source, samples=samples, eval_data=data, input_shape=shape,
+                            task=kind)  # fmt: skip
     params = onnx_params(model)
-    return result, [float_row("fp32", model, params, shape, data),
+    return result, [float_row("fp32", model, params, shape, data, kind),
                     int8_row("int8", result, params, shape)]  # fmt: skip
 
 

@@ -23,6 +23,14 @@ class Agreement:
     top1: float | None  # argmax agreement over axis 1; None when the output has no class axis
     max_abs_diff: float
     mean_abs_diff: float
+    # the task's own measure where top-1 means nothing (detection: fidelity mAP@0.5)
+    task_figure: float | None = None
+    task_measure: str | None = None
+
+    @property
+    def value(self) -> float | None:
+        """The agreement figure: the task's own, else top-1."""
+        return self.task_figure if self.task_measure else self.top1
 
 
 def _session(model: Path, threads: int) -> ort.InferenceSession:

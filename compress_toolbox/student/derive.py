@@ -38,6 +38,7 @@ from compress_toolbox.student.tp_adapter import (
     prune_or_restore,
     root_groups_at_narrowest_layer,
 )
+from compress_toolbox.tasks.outputs import JoinedOutputs
 
 INITS = ("fresh", "teacher")
 DERIVE_SECONDS = 60.0  # torch-pruning can run away on some graphs: refuse rather than hang
@@ -304,7 +305,11 @@ def make_student(
     before = sum(p.numel() for p in teacher_module.parameters())
     attempts = [lambda: copy.deepcopy(teacher_module)]
     if not isinstance(teacher_module, fx.GraphModule):
-        attempts.append(lambda: _via_onnx(copy.deepcopy(teacher_module), example_input))
+        rebuilt = lambda: _via_onnx(copy.deepcopy(teacher_module), example_input)  # noqa: E731
+        # several outputs joined (a detection head's boxes and scores) are pruned on the graph
+        # up to their layers (_trunk), which needs the rebuilt GraphModule: tried first
+        # (torchvision's SSDlite ran past the time bound as given, derived in 1 s rebuilt)
+        attempts.insert(0 if isinstance(teacher_module, JoinedOutputs) else 1, rebuilt)
     student = _first_valid_student(attempts, teacher_module, width, example_input, round_to,
                                    time_limit)  # fmt: skip
     after = sum(p.numel() for p in student.parameters())

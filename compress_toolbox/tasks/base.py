@@ -126,6 +126,24 @@ class Task:
         own way; None: the pipeline's accuracy / mean IoU measurement."""
         return None
 
+    def onnx_score(self, model: Path, data: EvalData) -> float | None:
+        """``figure`` of an ONNX model of this task's teachers on labelled ``data``, run by
+        onnxruntime at its fixed batch if any (an INT8 copy against its float model); None
+        when it cannot be measured. By default accuracy, or mean IoU for masks."""
+        from compress_toolbox.export.writer import onnx_predictions, onnx_session
+        from compress_toolbox.tasks.evaldata import score
+
+        fixed = onnx_session(model).get_inputs()[0].shape[0]
+        batch = fixed if isinstance(fixed, int) and fixed > 0 else 256
+        return score(onnx_predictions(model, data.x, batch=batch), data.y)
+
+    def onnx_agreement(self, reference: Path, candidate: Path,
+                       inputs) -> tuple[str, float | None] | None:  # fmt: skip
+        """(what, how closely) the ONNX ``candidate`` answers as ``reference`` on ``inputs``
+        (a numpy batch), the task's own way; None for this default: the caller's top-1
+        agreement of the first output."""
+        return None
+
     def finish_export(self, student_onnx: Path, teacher: Teacher) -> dict[str, Any] | None:
         """Adjust the exported ``student_onnx`` in place for this task's users (it was
         verified against the PyTorch student); what report.json should say about it, or None

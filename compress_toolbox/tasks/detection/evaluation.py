@@ -62,6 +62,18 @@ def _fidelity(teacher_out, student_out, layout: HeadLayout) -> MapScores:
                                   layout.num_classes)  # fmt: skip
 
 
+def onnx_map_50(path: Path, data: DetectionEvalData, layout: HeadLayout) -> float | None:
+    """mAP@0.5 of the ONNX model at ``path`` (onnxruntime) on the eval data."""
+    return mean_average_precision(decode(onnx_outputs(path, data.x), layout), data.truths,
+                                  layout.num_classes).map_50  # fmt: skip
+
+
+def onnx_fidelity(reference: Path, candidate: Path, x: torch.Tensor,
+                  layout: HeadLayout) -> float | None:  # fmt: skip
+    """mAP@0.5 of the ONNX ``candidate``'s detections against ``reference``'s on ``x``."""
+    return _fidelity(onnx_outputs(reference, x), onnx_outputs(candidate, x), layout).map_50
+
+
 def measure_on_data(teacher: nn.Module, student_onnx: Path, data: DetectionEvalData,
                     layout: HeadLayout) -> TaskScores:  # fmt: skip
     """mAP of both on the eval data; fidelity on its images."""

@@ -29,6 +29,8 @@ from compress_toolbox.tasks.detection.heads import (
 )
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 
+FIDELITY = "fidelity mAP@0.5 (detections against the float model's)"
+
 
 def layout_of(out: torch.Tensor) -> HeadLayout:
     """The head layout of a single raw output tensor (batch first); DaflError when none fits."""
@@ -66,7 +68,7 @@ def _answers_logits(module: nn.Module, layout: HeadLayout, input_shape: tuple[in
 @dataclass(frozen=True)
 class Detection(Task):
     """Raw detection head outputs (``head``: the teacher's layout, once bound to it; else read
-    from each output's shape); eval data as an .npz of images, boxes and labels."""
+    from each output's shape); eval data as a COCO JSON or an .npz of images, boxes, labels."""
 
     head_name: str | None = None  # --head: the layout the user named
     head: HeadLayout | None = None  # the teacher's layout (``bound_to``)
@@ -83,7 +85,16 @@ class Detection(Task):
 
     def bound_to(self, teacher) -> Detection:
         """This task reading ``teacher``'s head: its layout from the outputs the import joined
-        (boxes and scores), from ``--head``, or from its one output's shape."""
+        (boxes and scores), from ``--head``, or from its one output's shape. DaflError naming
+        the file when none fits."""
+        try:
+            return replace(self, head=self._layout(teacher))
+        except DaflError as error:
+            source = str(teacher.source)
+            raise DaflError(str(error) if str(error).startswith(source)
+                            else f"{source}: {error}") from None  # fmt: skip
+
+    def _layout(self, teacher) -> HeadLayout:
         outputs = teacher.details.get("joined_outputs")
         shape = tuple(teacher.analysis.output_shape)
         if outputs:
@@ -95,9 +106,9 @@ class Detection(Task):
         else:
             layout, (seen, count) = recognise(shape), _outputs_seen(teacher)
             if count != 1 or layout is None:
-                raise DaflError(f"{teacher.source}: outputs {seen} fit no detection head layout; "
+                raise DaflError(f"outputs {seen} fit no detection head layout; "
                                 f"{describe_layouts()}")  # fmt: skip
-        return replace(self, head=layout)
+        return layout
 
     def describe_teacher(self) -> str:
         return self.head.describe() if self.head is not None else self.output_text
@@ -156,6 +167,19 @@ class Detection(Task):
         return evaluation.measure_fidelity(teacher, student_onnx,
                                            sampler(evaluation.GENERATED_SCENES).cpu(), layout,
                                            "generated inputs")  # fmt: skip
+
+    def onnx_score(self, model: Path, data) -> float | None:
+        """mAP@0.5 on the eval data; None for boxes encoded against anchors (not comparable
+        with the labels)."""
+        layout = self.layout_of(evaluation.onnx_outputs(model, data.x[:1]))
+        return evaluation.onnx_map_50(model, data, layout) if layout.boxes_in_pixels else None
+
+    def onnx_agreement(self, reference: Path, candidate: Path,
+                       inputs) -> tuple[str, float | None]:  # fmt: skip
+        """Fidelity: mAP@0.5 of ``candidate``'s detections against ``reference``'s."""
+        x = torch.as_tensor(inputs, dtype=torch.float32)
+        layout = self.layout_of(evaluation.onnx_outputs(reference, x[:1]))
+        return FIDELITY, evaluation.onnx_fidelity(reference, candidate, x, layout)
 
     def finish_export(self, student_onnx: Path, teacher) -> dict[str, Any] | None:
         """student.onnx given the teacher's outputs (split again where the import joined them)
