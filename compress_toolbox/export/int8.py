@@ -230,7 +230,7 @@ class ModelRow:
     onnx_bytes: int | None
     latency_ms: dict[str, float | None]  # "batch 1", "batch 32": medians, onnxruntime CPU
     score: float | None  # accuracy or mean IoU on the eval data
-    agreement: float | None = None  # int8 rows: top-1 agreement with the float model
+    agreement: float | None = None  # int8 rows: agreement with the float model (Agreement.value)
 
 
 def measure_latency(model: Path, input_shape: tuple[int, ...]) -> dict[str, float | None]:
