@@ -173,6 +173,9 @@ def test_a_two_output_teacher_distils_into_a_student_with_both_outputs(files, tm
     assert "8 box values and 3 class logits" in report["detection"]["layout"]
     assert "labels unused" in report["detection"]["measured_on"]  # encoded boxes: fidelity
     assert report["teacher"]["joined_outputs"] == [["regressors", 8], ["classificators", 3]]
+    shown = (out / "report.md").read_text()
+    assert "- detection head: boxes+scores (regressors, classificators)" in shown
+    assert "top-1 agreement" not in shown  # fidelity, not top-1
 
 
 def test_head_names_a_layout_and_needs_the_detection_task(files, tmp_path, capsys):

@@ -71,8 +71,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_fmt(trivial, 'pct')} | {_fmt(trivial, 'pct')} | |")  # fmt: skip
     lines += [
         "",
-        f"- top-1 agreement student vs teacher: {_fmt(agreement.get('value'), 'pct')} "
-        f"(on {agreement.get('on', 'n/a')})",
+        f"- {'agreement' if report.get('detection') else 'top-1 agreement'} student vs "
+        f"teacher: {_fmt(agreement.get('value'), 'pct')} (on {agreement.get('on', 'n/a')})",
+        *([f"- detection head: {report['detection']['layout']}"]
+          if (report.get("detection") or {}).get("layout") else []),
         f"- student: {report['student'].get('kind')} (widths {report['student'].get('widths')})",
         f"- method: {report['method']} ({report.get('method_reason', '')}), preset "
         f"{report['preset']}, {report['iterations']} iterations in {report['elapsed_s']:.1f} s "
