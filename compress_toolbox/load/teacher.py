@@ -15,7 +15,7 @@ from compress_toolbox.limits import LimitExceeded, bounded
 from compress_toolbox.load.analysis import Analysis, analyse
 from compress_toolbox.load.importers import detect_format, get_importer
 from compress_toolbox.load.importers.base import ImportedModel
-from compress_toolbox.tasks.outputs import JoinedOutputs, tensors_of
+from compress_toolbox.tasks.outputs import JoinedOutputs, joinable, tensors_of
 
 IMPORT_TIME_LIMIT_S = 300  # a 10,000-node graph imports in seconds; a hang never ends
 
@@ -115,7 +115,7 @@ def _joined(imported: ImportedModel) -> ImportedModel:
     out = imported.module.eval()(torch.zeros(1, *imported.input_shape))
     tensors = tensors_of(out) if isinstance(out, (dict, list, tuple)) else {}
     shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else () for t in tensors.values()]
-    if len(shapes) < 2 or any(len(s) != 3 or s[:2] != shapes[0][:2] for s in shapes):
+    if not joinable(shapes):
         return imported
     details = {**imported.details, "joined_outputs": [[name, s[-1]] for name, s in
                                                       zip(tensors, shapes)]}  # fmt: skip

@@ -62,6 +62,12 @@ def tensors_of(out) -> dict[str, torch.Tensor]:
     return {"output0": out}
 
 
+def joinable(shapes: list[tuple[int, ...]]) -> bool:
+    """Whether outputs of these shapes (batch first) can be joined along their last axis:
+    two or more, each (N, A, C) with the same N and A."""
+    return len(shapes) > 1 and all(len(s) == 3 and s[:2] == shapes[0][:2] for s in shapes)
+
+
 class Softmaxed(nn.Module):
     """A logits model given back the Softmax its file ended in (over ``dim``): what the
     student is exported as when the teacher's file outputs probabilities, so that

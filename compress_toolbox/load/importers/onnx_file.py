@@ -17,6 +17,7 @@ from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, opset_version
 from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer, verify
 from compress_toolbox.load.importers.onnx_checks import check_model
 from compress_toolbox.tasks import FILE_OUTPUTS, SigmoidAsTwoClasses
+from compress_toolbox.tasks.outputs import joinable
 
 
 def _parse(path: Path, load_external_data: bool) -> onnx.ModelProto:
@@ -133,7 +134,7 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
     results = session.run(None, {session.get_inputs()[0].name: x})
     names = [out.name for out in model.graph.output]
     shapes = [tuple(r.shape) for r in results]
-    if any(len(s) != 3 or s[:2] != shapes[0][:2] for s in shapes):
+    if not joinable(shapes):
         seen = ", ".join(f"{n} (N, {', '.join(map(str, s[1:]))})" for n, s in zip(names, shapes))
         raise ImportFailed(f"{path}: outputs {seen} cannot be read as one detection head: "
                            "several outputs must each be (N, A, C) with the same A")  # fmt: skip

@@ -4,6 +4,7 @@ replacement (signature.py); mAP by COCOeval on --eval-data (data.py, evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from compress_toolbox.tasks.detection.heads import (
     recognise,
 )
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
+from compress_toolbox.tasks.outputs import tensors_of
 
 FIDELITY = "fidelity mAP@0.5 (detections against the float model's)"
 
@@ -50,10 +52,8 @@ def _outputs_seen(teacher) -> tuple[str, int]:
     else:
         with torch.no_grad():
             out = teacher.module.eval()(torch.zeros(1, *teacher.input_shape))
-        values = list(out.values()) if isinstance(out, dict) else out
-        values = list(values) if isinstance(values, (list, tuple)) else [values]
-        shapes = [(f"output {i}", tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else ())
-                  for i, v in enumerate(values)]  # fmt: skip
+        shapes = [(name, tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else ())
+                  for name, v in tensors_of(out).items()]  # fmt: skip
     text = ", ".join(f"{name} (N, {', '.join(map(str, shape))})" for name, shape in shapes)
     return text, len(shapes)
 
@@ -77,6 +77,11 @@ class Detection(Task):
     def layout_of(self, out: torch.Tensor) -> HeadLayout:
         """The head layout of a raw output (methods read detection heads through it)."""
         return self.head if self.head is not None else layout_of(out)
+
+    def _layout_by(self, run: Callable[[], torch.Tensor]) -> HeadLayout:
+        """The bound head's layout; unbound, that of the raw output ``run()`` gives (a probe
+        run, which a bound task skips)."""
+        return self.head if self.head is not None else layout_of(run())
 
     def with_head(self, name: str | None) -> Detection:
         if name is not None and name not in HEAD_NAMES:
@@ -156,8 +161,8 @@ class Detection(Task):
     def measure(self, teacher: nn.Module, student_onnx: Path, data, sampler) -> TaskScores | None:
         if data is None and sampler is None:
             return None
-        probe = data.x[:1] if data is not None else sampler(1)
-        layout = self.layout_of(evaluation.torch_outputs(teacher, probe))
+        layout = self._layout_by(lambda: evaluation.torch_outputs(
+            teacher, data.x[:1] if data is not None else sampler(1)))  # fmt: skip
         if isinstance(data, DetectionEvalData) and layout.boxes_in_pixels:
             return evaluation.measure_on_data(teacher, student_onnx, data, layout)
         if data is not None:  # boxes encoded against anchors: not comparable to the labels
@@ -171,14 +176,14 @@ class Detection(Task):
     def onnx_score(self, model: Path, data) -> float | None:
         """mAP@0.5 on the eval data; None for boxes encoded against anchors (not comparable
         with the labels)."""
-        layout = self.layout_of(evaluation.onnx_outputs(model, data.x[:1]))
+        layout = self._layout_by(lambda: evaluation.onnx_outputs(model, data.x[:1]))
         return evaluation.onnx_map_50(model, data, layout) if layout.boxes_in_pixels else None
 
     def onnx_agreement(self, reference: Path, candidate: Path,
                        inputs) -> tuple[str, float | None]:  # fmt: skip
         """Fidelity: mAP@0.5 of ``candidate``'s detections against ``reference``'s."""
         x = torch.as_tensor(inputs, dtype=torch.float32)
-        layout = self.layout_of(evaluation.onnx_outputs(reference, x[:1]))
+        layout = self._layout_by(lambda: evaluation.onnx_outputs(reference, x[:1]))
         return FIDELITY, evaluation.onnx_fidelity(reference, candidate, x, layout)
 
     def finish_export(self, student_onnx: Path, teacher) -> dict[str, Any] | None:
@@ -213,9 +218,8 @@ class Detection(Task):
                      domain: InputDomain, path: Path) -> None:  # fmt: skip
         from compress_toolbox.tasks.detection.pictures import plot_detections  # matplotlib
 
-        probe = sampler(1).cpu()
-        plot_detections(sampler, teacher, student, domain, path,
-                        self.layout_of(evaluation.torch_outputs(teacher, probe)))  # fmt: skip
+        layout = self._layout_by(lambda: evaluation.torch_outputs(teacher, sampler(1).cpu()))
+        plot_detections(sampler, teacher, student, domain, path, layout)
 
 
 # Batch 16 and the segmentation task's augmentations (moves, flips, photometric jitter): a
