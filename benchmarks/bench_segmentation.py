@@ -30,7 +30,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 DATA = HERE / "teachers" / "out" / "segmentation"
 
-from bench_suite import parse_sets  # noqa: E402 (this folder is on the path)
+from bench_suite import int8_rows, parse_sets, summarise_int8  # noqa: E402 (this folder is on the path)
 
 STUDENTS = {"unet-seg": "auto", "lraspp-seg": "zoo"}
 
@@ -87,9 +87,8 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
                        macs_ratio=report["student"]["macs"] / report["teacher"]["macs"],
                        )  # fmt: skip
             if report.get("int8"):
-                row["int8"] = [{key: r[key] for key in ("model", "status", "score", "onnx_bytes")}
-                               for r in report["int8"]["rows"]]  # fmt: skip
-                row["quantize_s"] = report["timings"]["quantize_s"]
+                row["int8"] = int8_rows(report)
+                row["timings"] = report["timings"]
     row["wall_s"] = round(time.perf_counter() - start, 1)
     return row
 
@@ -133,30 +132,19 @@ def _table(rows: list[dict]) -> str:
 
 
 def _int8_table(rows: list[dict]) -> str:
-    """Per teacher, each model's median mean IoU and file size over the seeds, and the INT8
-    student's median loss against the float student of the same run."""
-    lines = ["| teacher | model | mean IoU (median) | size (bytes, median) | status | seeds |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    """bench_suite's INT8 table in mean IoU, and the INT8 student's median loss against the
+    float student of the same run."""
+    teachers = list(dict.fromkeys(r["teacher"] for r in rows if r.get("int8")))
     notes = []
-    for teacher in dict.fromkeys(r["teacher"] for r in rows if r.get("int8")):
+    for teacher in teachers:
         runs = [r for r in rows if r["teacher"] == teacher and r.get("int8")]
-        for model in ("teacher fp32", "teacher int8", "student fp32", "student int8"):
-            found = [m for r in runs for m in r["int8"] if m["model"] == model]
-            if not found:
-                continue
-            scores = [m["score"] for m in found if m["score"] is not None]
-            score = f"{statistics.median(scores):.4f}" if scores else "-"
-            size = statistics.median(m["onnx_bytes"] for m in found)
-            status = ",".join(sorted({m["status"] for m in found}))
-            lines.append(f"| {teacher} | {model} | {score} | {size:.0f} | {status} | "
-                         f"{len(found)} |")  # fmt: skip
         losses = [_score(r, "student fp32") - _score(r, "student int8") for r in runs
                   if _score(r, "student int8") is not None]  # fmt: skip
         if losses:
             notes.append(f"{teacher}: the INT8 student loses {100 * statistics.median(losses):.2f} "
                          f"points of mean IoU (median; per seed "
                          f"{', '.join(f'{100 * x:+.2f}' for x in losses)})")  # fmt: skip
-    return "\n".join([*lines, "", *notes])
+    return "\n".join([summarise_int8(rows, teachers, score="mean IoU"), "", *notes])
 
 
 def _score(row: dict, model: str) -> float | None:

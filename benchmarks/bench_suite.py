@@ -114,9 +114,7 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
             timings=report["timings"], student_kind=report["student"]["kind"],
         )  # fmt: skip
         if report.get("int8"):
-            row["int8"] = [{key: r[key] for key in ("model", "status", "score", "onnx_bytes",
-                                                     "latency_ms", "agreement")}
-                           for r in report["int8"]["rows"]]  # fmt: skip
+            row["int8"] = int8_rows(report)
     return row
 
 
@@ -156,17 +154,26 @@ def summarise(rows: list[dict], entries: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def summarise_int8(rows: list[dict], entries: list[dict]) -> str:
-    """The INT8 table: per teacher, each model's median accuracy, file size and latency over
-    the seeds, the INT8 student against the float one, and the time spent quantising."""
+INT8_KEYS = ("model", "status", "score", "onnx_bytes", "latency_ms", "agreement")
+
+
+def int8_rows(report: dict) -> list[dict]:
+    """The report's INT8 table rows, as the benchmarks keep them."""
+    return [{key: r.get(key) for key in INT8_KEYS} for r in report["int8"]["rows"]]
+
+
+def summarise_int8(rows: list[dict], teachers: list[str], score: str = "accuracy") -> str:
+    """The INT8 table: per teacher, each model's median ``score`` (accuracy, mean IoU), file
+    size, latency and agreement with the float student over the seeds, and the share of the
+    wall time spent quantising."""
     lines = [
-        "| teacher | model | accuracy (median) | size (bytes) | latency batch 1 ms | "
+        f"| teacher | model | {score} (median) | size (bytes) | latency batch 1 ms | "
         "latency batch 32 ms | agreement with fp32 | status | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     shares = []
-    for entry in entries:
-        runs = [r for r in rows if r["teacher"] == entry["name"] and r.get("int8")]
+    for teacher in teachers:
+        runs = [r for r in rows if r["teacher"] == teacher and r.get("int8")]
         for model in ("teacher fp32", "teacher int8", "student fp32", "student int8"):
             found = [m for r in runs for m in r["int8"] if m["model"] == model]
             if not found:
@@ -176,14 +183,15 @@ def summarise_int8(rows: list[dict], entries: list[dict]) -> str:
                 values = [v for v in map(get, items) if v is not None]
                 return statistics.median(values) if values else None
 
+            latency = [m.get("latency_ms") or {} for m in found]
             figures = (median(lambda m: m["score"]), median(lambda m: m["onnx_bytes"]),
-                       median(lambda m: m["latency_ms"].get("batch 1")),
-                       median(lambda m: m["latency_ms"].get("batch 32")),
-                       median(lambda m: m["agreement"]))  # fmt: skip
+                       median(lambda t: t.get("batch 1"), latency),
+                       median(lambda t: t.get("batch 32"), latency),
+                       median(lambda m: m.get("agreement")))  # fmt: skip
             text = " | ".join("-" if v is None else f"{v:.4g}" for v in figures)
             status = ",".join(sorted({m["status"] for m in found}))
-            lines.append(f"| {entry['name']} | {model} | {text} | {status} | {len(found)} |")
-        shares += [r["timings"]["quantize_s"] / r["wall_s"] for r in runs]
+            lines.append(f"| {teacher} | {model} | {text} | {status} | {len(found)} |")
+        shares += [r["timings"]["quantize_s"] / r["wall_s"] for r in runs if r.get("timings")]
     if shares:
         share = 100 * statistics.median(shares)
         lines.append(f"\nquantising (student and teacher): median {share:.1f}% of a run's wall "
@@ -251,7 +259,7 @@ def main() -> int:
     print(summarise(rows, entries, args.methods))
     if args.quantize:
         print()
-        print(summarise_int8(rows, entries))
+        print(summarise_int8(rows, [entry["name"] for entry in entries]))
     return 0
 
 

@@ -8,11 +8,15 @@
 #   profile benchmarks/profile_iteration.py: DAFL's paper-mnist recipe on the MNIST LeNet-5,
 #      iterations per second (its 24,000 iterations in <= 3 minutes is issue 25's target) and
 #      where an iteration's time goes (host launches, waits for the device);
-#   suite   the teacher suite at 60 s per run (issue 25's target: >= the CPU's 600 s figures), the
-#      fast preset beside the same with the generator at 0.02 (`--set gen_lr=0.02`), one seed,
-#      two bench_suite processes of 4 runs each sharing the GPU, tests/test_gpu.py beside them
-#      (about 5 minutes). tests/test_gpu.py: bf16 autocast, a real CUDA out-of-memory halving
+#   suite   the teacher suite at 60 s per run (issue 25's target: >= the CPU's 600 s figures),
+#      `--method auto`, one seed, the 8 runs sharing the GPU, tests/test_gpu.py beside them
+#      (about 4 minutes). tests/test_gpu.py: bf16 autocast, a real CUDA out-of-memory halving
 #      the batch, checkpoint/resume with CUDA random state, the whole pipeline on cuda.
+#   priors  methods for teachers without BatchNorm statistics side by side at 60 s, 3 seeds,
+#      on the two BatchNorm-folded ResNets and lenet5-fashion (PRIOR_TEACHERS): each method of
+#      PRIOR_METHODS (default: dafl adversarial) one bench_suite process of 3 runs at a time,
+#      all sharing the GPU (one CPU core per run), tests/test_gpu.py beside them (about 6
+#      minutes).
 # Needs the suite (python benchmarks/teachers/make_suite.py) and, where the machine lacks them,
 # onnx2torch and torch-pruning wheels in .whl/. Figures go to $OUT (default /tmp/gpu-check).
 #   bash benchmarks/gpu_check.sh                  # PARTS="tests speed paper" bash ... for others
@@ -20,6 +24,8 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 PARTS=${PARTS:-profile suite}
+PRIOR_TEACHERS=${PRIOR_TEACHERS:-resnet8-fashion resnet20-fashion lenet5-fashion}
+PRIOR_METHODS=${PRIOR_METHODS:-dafl adversarial}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -70,15 +76,24 @@ if part profile; then
 fi
 
 if part suite; then
-echo "== suite at 60 s: fast preset | gen_lr 0.02, side by side; tests/test_gpu.py beside them"
-for variant in default genlr; do
-    extra=()
-    [ "$variant" = genlr ] && extra=(--set gen_lr=0.02)
-    timeout 400 python3 benchmarks/bench_suite.py --methods auto --seeds 1 --budget 60 --jobs 4 \
-        "${extra[@]}" --json "$OUT/suite_$variant.json" >"$OUT/suite_$variant.log" 2>&1 &
+echo "== suite at 60 s, the 8 runs sharing the GPU; tests/test_gpu.py beside them"
+timeout 400 python3 benchmarks/bench_suite.py --methods auto --seeds 1 --budget 60 --jobs 8 \
+    --json "$OUT/suite.json" >"$OUT/suite.log" 2>&1 &
+timeout 170 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py >"$OUT/tests.log" 2>&1
+tail -3 "$OUT/tests.log"
+wait
+tail -15 "$OUT/suite.log"
+fi
+
+if part priors; then
+echo "== methods for teachers without BatchNorm statistics at 60 s, 3 seeds: $PRIOR_METHODS"
+for method in $PRIOR_METHODS; do
+    # shellcheck disable=SC2086 # the teacher names are words
+    timeout 420 python3 benchmarks/bench_suite.py --teachers $PRIOR_TEACHERS --seeds 3 --budget 60 \
+        --jobs 3 --methods "$method" --json "$OUT/priors_$method.json" >"$OUT/priors_$method.log" 2>&1 &
 done
 timeout 170 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py >"$OUT/tests.log" 2>&1
 tail -3 "$OUT/tests.log"
 wait
-for variant in default genlr; do echo "-- $variant"; tail -15 "$OUT/suite_$variant.log"; done
+for method in $PRIOR_METHODS; do echo "-- $method"; tail -6 "$OUT/priors_$method.log"; done
 fi

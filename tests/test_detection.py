@@ -127,15 +127,64 @@ def test_an_unreadable_head_is_refused_in_one_line_naming_its_outputs(tmp_path, 
 
 
 def test_two_outputs_are_told_apart_by_name_then_by_four_channels_or_by_head():
-    assert joined([("boxes", 4), ("scores", 4)], False).scores_first is False
-    assert joined([("classificators", 1), ("regressors", 16)], True).scores_first is True
+    assert joined([("boxes", 4), ("scores", 4)], False).parts == ("boxes", "scores")
+    assert joined([("classificators", 1), ("regressors", 16)], True).parts == ("scores", "boxes")
     by_channels = joined([("out_a", 3), ("out_b", 4)], False)
-    assert by_channels.scores_first and by_channels.box_channels == 4
-    assert joined([("a", 4), ("b", 4)], False, head="boxes+scores").scores_first is False
+    assert by_channels.parts == ("scores", "boxes") and by_channels.box_channels == 4
+    forced_order = joined([("a", 4), ("b", 4)], False, head="boxes+scores")
+    assert forced_order.parts == ("boxes", "scores")
     with pytest.raises(DaflError, match="cannot tell"):
         joined([("a", 4), ("b", 4)], False)
     with pytest.raises(DaflError, match="--head yolov8 reads one output"):
         joined([("boxes", 4), ("scores", 2)], False, head="yolov8")
+
+
+def test_a_third_output_is_read_as_fcos_centreness_by_name_or_by_one_channel():
+    fcos = joined([("cls_logits", 3), ("bbox_regression", 4), ("bbox_ctrness", 1)], True)
+    assert fcos.parts == ("scores", "boxes", "quality") and fcos.num_classes == 3
+    assert "3 class logits and a centre-ness" in fcos.describe()
+    unnamed = joined([("o1", 4), ("o2", 1), ("o3", 5)], True)
+    assert unnamed.parts == ("boxes", "quality", "scores") and unnamed.part_sizes() == [4, 1, 5]
+    with pytest.raises(DaflError, match="cannot tell"):
+        joined([("o1", 4), ("o2", 1), ("o3", 1)], True)  # one class or a centre-ness?
+    with pytest.raises(DaflError, match="4 outputs"):
+        joined([("a", 4), ("b", 1), ("c", 2), ("d", 2)], True)
+    # a class's score is the geometric mean of its probability and the centre-ness (FCOS)
+    rows = torch.tensor([[[0.0, 0.0, 0.0, 9.0, 9.0, 9.0, 9.0, 0.0]]])  # K=3, boxes, centre-ness
+    scores = fcos.class_scores(rows)
+    assert scores.shape == (1, 1, 3)
+    assert torch.allclose(scores, torch.full((1, 1, 3), 0.5))  # sqrt(0.5 * 0.5)
+    assert torch.allclose(fcos.boxes(rows), torch.full((1, 1, 4), 9.0))
+
+
+def test_an_fcos_style_teacher_distils_into_a_student_with_its_three_outputs(tmp_path):
+    """Three outputs (class logits, encoded boxes, centre-ness), joined for distillation and
+    split again in student.onnx in the teacher's order and names."""
+    torch.manual_seed(0)
+    names = ("cls_logits", "bbox_regression", "bbox_ctrness")
+    model = Reordered(TinyBoxesScores(CLASSES, 3, 8, keypoints=0, centreness=True), (1, 0, 2))
+    teacher_path = export_detector(model, tmp_path / "fcos.onnx", SIZE, outputs=names)
+    out = tmp_path / "out"
+    code = run_cli(teacher_path, "--task", "detection", "--iters", 3, "--threads", 1,
+                   "--out", out)  # fmt: skip
+    assert code in (0, 3)  # an untrained teacher: the verdict may go either way
+    teacher, student = (signature(p, (3, SIZE, SIZE)) for p in (teacher_path,
+                                                                out / "student.onnx"))  # fmt: skip
+    assert student == teacher and tuple(o.name for o in student.outputs) == names
+    report = json.loads((out / "report.json").read_text())
+    assert f"{CLASSES} class logits and a centre-ness" in report["detection"]["layout"]
+
+
+class Reordered(torch.nn.Module):
+    """A model whose tuple of outputs is given back in another ``order``."""
+
+    def __init__(self, model: torch.nn.Module, order: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model, self.order = model, order
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.model(x)
+        return tuple(outputs[i] for i in self.order)
 
 
 def test_encoded_boxes_are_compared_location_by_location():

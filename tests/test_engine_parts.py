@@ -108,6 +108,16 @@ def test_adversarial_loss_counts_only_agreeing_samples():
     assert loss.item() < 0
 
 
+def test_adversarial_loss_has_finite_gradients_for_a_certain_teacher():
+    """A teacher so sure that its softmax holds exact zeros (logits 120 apart) still gives the
+    generator, through the teacher's logits, a finite gradient (it was NaN)."""
+    teacher = torch.tensor([[120.0, 0.0, -10.0]], requires_grad=True)
+    student = torch.tensor([[2.0, 0.0, 1.0]], requires_grad=True)
+    adversarial_loss(student, teacher).backward()
+    assert torch.isfinite(teacher.grad).all() and torch.isfinite(student.grad).all()
+    assert student.grad.abs().sum() > 0
+
+
 def test_batchnorm_statistics_is_zero_at_the_running_statistics():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
     stats = BatchNormStatistics(model)

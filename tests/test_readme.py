@@ -48,7 +48,7 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "student" / "student.onnx").is_file()
     assert (tmp_path / "out" / "student.onnx").is_file()
     assert (tmp_path / "out" / "report.json").is_file()
-    assert namespace["result"].method == "dafl"  # no BatchNorm in this teacher
+    assert namespace["result"].method == "adversarial"  # no BatchNorm in this teacher
 
 
 def test_readme_commands_exist():

@@ -72,9 +72,14 @@ def adversarial_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor)
     class the teacher itself flips, which would turn the samples into adversarial noise.
     """
     student_logits, teacher_logits = as_samples(student_logits), as_samples(teacher_logits)
-    t_prob = F.softmax(teacher_logits.float(), dim=1)
+    # the teacher's log-probabilities, not its probabilities: a confident teacher's softmax
+    # holds exact zeros, where the gradient of p log p (the generator's, through the teacher)
+    # is infinite and turned the generator to NaN
     per_sample = F.kl_div(
-        F.log_softmax(student_logits.float(), dim=1), t_prob, reduction="none"
+        F.log_softmax(student_logits.float(), dim=1),
+        F.log_softmax(teacher_logits.float(), dim=1),
+        reduction="none",
+        log_target=True,
     ).sum(1)
     agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
     return -(per_sample * agree).mean()

@@ -23,7 +23,7 @@ class AdversarialWeights(DaflWeights):
 class AdversarialDAFL(DAFL):
     name = "adversarial"
     summary = "DAFL's losses plus adversarial exploration of student-teacher disagreement"
-    loss_names = ("oh", "ie", "a", "adv")
+    loss_names = (*DAFL.loss_names, "adv")
     weights_type = AdversarialWeights
     weights: AdversarialWeights
 

@@ -6,17 +6,20 @@
   pixels, an objectness score, then K class scores, all already through a sigmoid.
 - ``boxes+scores``: two outputs, boxes (N, A, B) with B >= 4 and class scores (N, A, K), as
   SSD-style and TFLite face detectors (BlazeFace: ``regressors`` (N, 896, 16), ``classificators``
-  (N, 896, 1)) give them. The import joins them along their last axis (in the file's order);
-  the box values (the first four read as centre and size; keypoints may follow) are usually
-  encoded against anchors the file does not hold, so they are compared as they are, location
-  by location; scores are logits (read through a sigmoid) or probabilities, as the teacher
-  answers.
+  (N, 896, 1)) give them, or three with a centre-ness (N, A, 1) as FCOS's raw head
+  (``cls_logits``, ``bbox_regression``, ``bbox_ctrness``). The import joins them along their
+  last axis (in the file's order); the box values (the first four read as centre and size;
+  keypoints may follow) are usually encoded against anchors the file does not hold, so they
+  are compared as they are, location by location; scores are logits (read through a sigmoid)
+  or probabilities, as the teacher answers, and a class's score at a location is the geometric
+  mean of its class score and the centre-ness where there is one (as FCOS ranks them).
 
 The single-output layouts are recognised from the shape: YOLO heads have far more locations
 than channels, so (N, C, A) with C < A is read as yolov8 and (N, A, C) with A > C as yolov5.
-Two outputs are told apart by their names (``box``, ``reg``, ``loc`` against ``score``,
-``class``, ``conf``) or, failing that, by which has four channels; ``--head`` names a layout
-where this is ambiguous.
+Several outputs are told apart by their names (``ctr``, ``centerness``, ``quality`` for the
+centre-ness, then ``score``, ``class``, ``conf`` for the scores, then ``box``, ``reg``,
+``loc``) or, failing that, by their channels (four for the boxes, one for a third output's
+centre-ness); ``--head`` names a layout where this is ambiguous.
 """
 
 from __future__ import annotations
@@ -33,24 +36,38 @@ YOLOV5_BOX_CHANNELS = 5  # cx, cy, w, h, objectness
 HEAD_NAMES = ("yolov8", "yolov5", "boxes+scores")
 _BOX_NAME = re.compile(r"box|reg|loc|coord|delta", re.IGNORECASE)
 _SCORE_NAME = re.compile(r"score|class|cls|conf|prob|logit", re.IGNORECASE)
+_QUALITY_NAME = re.compile(r"ctr|cent(er|re)ness|quality|(?<![a-z])iou(?![a-z])", re.IGNORECASE)
+BOXES, SCORES, QUALITY = "boxes", "scores", "quality"  # the parts of a boxes+scores head
 
 
 @dataclass(frozen=True)
 class HeadLayout:
-    """One head layout, its number of classes and, for ``boxes+scores``, where the box values
-    and scores lie in the joined output and whether the scores are logits."""
+    """One head layout, its number of classes and, for ``boxes+scores``, which part of the
+    joined output each of the file's outputs is and whether the scores are logits."""
 
     name: str  # one of HEAD_NAMES
     num_classes: int
     box_channels: int = 4  # boxes+scores: the box output's channels (4 + keypoints, ...)
-    scores_first: bool = False  # boxes+scores: the file gives the scores before the boxes
+    parts: tuple[str, ...] = (BOXES, SCORES)  # boxes+scores: each output's part, file order
     logits: bool = False  # boxes+scores: scores are logits, read through a sigmoid
     outputs: tuple[str, ...] = ()  # boxes+scores: the file's output names, in its order
 
     @property
     def has_objectness(self) -> bool:
-        """Whether each location carries an objectness score besides its class scores."""
-        return self.name == "yolov5"
+        """Whether each location carries an objectness (yolov5) or centre-ness score besides
+        its class scores."""
+        return self.name == "yolov5" or QUALITY in self.parts
+
+    def part_sizes(self) -> list[int]:
+        """boxes+scores: each output's channels, in the file's order."""
+        sizes = {BOXES: self.box_channels, SCORES: self.num_classes, QUALITY: 1}
+        return [sizes[part] for part in self.parts]
+
+    def _part(self, rows: torch.Tensor, part: str) -> torch.Tensor:
+        """A boxes+scores head's ``part`` of the joined rows (N, A, C)."""
+        index = self.parts.index(part)
+        start = sum(self.part_sizes()[:index])
+        return rows[..., start : start + self.part_sizes()[index]]
 
     @property
     def boxes_in_pixels(self) -> bool:
@@ -64,11 +81,7 @@ class HeadLayout:
 
     def _box_rows(self, out: torch.Tensor) -> torch.Tensor:
         rows = self.locations_last(out)
-        if self.name != "boxes+scores":
-            return rows[..., :4]
-        if self.scores_first:
-            return rows[..., self.num_classes :]
-        return rows[..., : self.box_channels]
+        return self._part(rows, BOXES) if self.name == "boxes+scores" else rows[..., :4]
 
     def boxes(self, out: torch.Tensor) -> torch.Tensor:
         """(N, A, 4) boxes as (cx, cy, w, h): input pixels, or a boxes+scores head's first
@@ -81,21 +94,23 @@ class HeadLayout:
 
     def probabilities(self, out: torch.Tensor) -> torch.Tensor:
         """(N, A, P) every score the head outputs after its sigmoid: the K class scores, with
-        the objectness first for yolov5 (P = K + 1)."""
+        the objectness (yolov5) or centre-ness first where there is one (P = K + 1)."""
         rows = self.locations_last(out)
         if self.name != "boxes+scores":
             return rows[..., 4:]
-        if self.scores_first:
-            scores = rows[..., : self.num_classes]
-        else:
-            scores = rows[..., self.box_channels :]
+        parts = [QUALITY, SCORES] if QUALITY in self.parts else [SCORES]
+        scores = torch.cat([self._part(rows, part) for part in parts], dim=-1)
         return torch.sigmoid(scores) if self.logits else scores
 
     def class_scores(self, out: torch.Tensor) -> torch.Tensor:
-        """(N, A, K) the score of each class at each location (objectness times the class
-        score for yolov5), as decoding ranks them."""
+        """(N, A, K) the score of each class at each location, as decoding ranks them:
+        objectness times the class score for yolov5, the geometric mean of centre-ness and
+        class score with a centre-ness (FCOS)."""
         scores = self.probabilities(out)
-        return scores[..., :1] * scores[..., 1:] if self.has_objectness else scores
+        if not self.has_objectness:
+            return scores
+        product = scores[..., :1] * scores[..., 1:]
+        return product if self.name == "yolov5" else product.clamp_min(0).sqrt()
 
     def confidence(self, out: torch.Tensor) -> torch.Tensor:
         """(N, A) each location's best class score: how sure the head is of an object there."""
@@ -106,9 +121,11 @@ class HeadLayout:
         if self.name != "boxes+scores":
             return f"{self.name}, {self.num_classes} classes"
         nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
-        scores = nouns[self.num_classes > 1]
+        scores = f"{self.num_classes} class {nouns[self.num_classes > 1]}"
+        if QUALITY in self.parts:
+            scores += " and a centre-ness"
         return (f"boxes+scores ({', '.join(self.outputs)}): {self.box_channels} box values and "
-                f"{self.num_classes} class {scores} per location")  # fmt: skip
+                f"{scores} per location")  # fmt: skip
 
 
 def recognise(shape: tuple[int, ...]) -> HeadLayout | None:
@@ -135,46 +152,58 @@ def forced(name: str, shape: tuple[int, ...]) -> HeadLayout:
 
 
 def joined(outputs: list[tuple[str, int]], logits: bool, head: str | None = None) -> HeadLayout:
-    """The boxes+scores layout of two outputs joined along their last axis, given as
+    """The boxes+scores layout of two or three outputs joined along their last axis, given as
     (name, channels) in the file's order; DaflError when which is which cannot be told."""
+    names = ", ".join(name for name, _ in outputs)
     if head not in (None, "boxes+scores"):
         raise DaflError(f"--head {head} reads one output; the file has {len(outputs)} "
-                        f"({', '.join(name for name, _ in outputs)}): use --head boxes+scores")
-    if len(outputs) != 2:
-        raise DaflError(f"{len(outputs)} outputs ({', '.join(n for n, _ in outputs)}); "
-                        f"{describe_layouts()}")  # fmt: skip
-    (first, c1), (second, c2) = outputs
-    scores_first = _scores_first(first, c1, second, c2)
-    if scores_first is None and head is not None:
-        scores_first = False  # --head boxes+scores: the file's order
-    if scores_first is None:
-        raise DaflError(f"cannot tell the boxes from the scores among outputs {first} "
-                        f"(.., {c1}) and {second} (.., {c2}); with --head boxes+scores the "
-                        "first output is read as the boxes")  # fmt: skip
-    box_channels, num_classes = (c2, c1) if scores_first else (c1, c2)
-    if box_channels < 4:
-        raise DaflError(f"the box output has {box_channels} values per location; at least 4 "
+                        f"({names}): use --head boxes+scores")  # fmt: skip
+    if len(outputs) not in (2, 3):
+        raise DaflError(f"{len(outputs)} outputs ({names}); {describe_layouts()}")
+    parts = _parts(outputs)
+    if parts is None and head is not None and len(outputs) == 2:
+        parts = (BOXES, SCORES)  # --head boxes+scores: the file's order
+    if parts is None:
+        seen = " and ".join(f"{name} (.., {c})" for name, c in outputs)
+        raise DaflError(f"cannot tell the boxes from the scores among outputs {seen}; with "
+                        "--head boxes+scores the first of two outputs is read as the "
+                        "boxes")  # fmt: skip
+    channels = dict(zip(parts, (c for _, c in outputs)))
+    if channels[BOXES] < 4:
+        raise DaflError(f"the box output has {channels[BOXES]} values per location; at least 4 "
                         "(cx, cy, w, h) are needed")  # fmt: skip
-    return HeadLayout("boxes+scores", num_classes, box_channels, scores_first, logits,
-                      (first, second))  # fmt: skip
+    if channels.get(QUALITY, 1) != 1:
+        raise DaflError(f"the centre-ness output has {channels[QUALITY]} values per location; "
+                        "one is read")  # fmt: skip
+    return HeadLayout("boxes+scores", channels[SCORES], channels[BOXES], parts, logits,
+                      tuple(name for name, _ in outputs))  # fmt: skip
 
 
-def _scores_first(first: str, c1: int, second: str, c2: int) -> bool | None:
-    """Whether the first output holds the scores (True), the boxes (False), or None when
-    neither the names nor the channel counts say."""
-    box_1, box_2 = bool(_BOX_NAME.search(first)), bool(_BOX_NAME.search(second))
-    score_1, score_2 = bool(_SCORE_NAME.search(first)), bool(_SCORE_NAME.search(second))
-    if box_1 and score_2 and not (box_2 or score_1):
-        return False
-    if box_2 and score_1 and not (box_1 or score_2):
-        return True
-    if (c1 == 4) != (c2 == 4):
-        return c2 == 4
+def _parts(outputs: list[tuple[str, int]]) -> tuple[str, ...] | None:
+    """Each output's part (boxes, scores, and a third output's centre-ness), by name, else by
+    channels; None when neither tells."""
+    wanted = {BOXES, SCORES} | ({QUALITY} if len(outputs) == 3 else set())
+    by_name = tuple(_part_named(name) for name, _ in outputs)
+    if set(by_name) == wanted:
+        return by_name
+    channels = [c for _, c in outputs]
+    by_channels = {4: BOXES, 1: QUALITY} if len(outputs) == 3 else {4: BOXES}
+    guess = tuple(by_channels.get(c, SCORES) for c in channels)
+    return guess if set(guess) == wanted and len(set(guess)) == len(guess) else None
+
+
+def _part_named(name: str) -> str | None:
+    """The part an output's name says it is: centre-ness, scores or boxes, in that order
+    (FCOS's ``bbox_ctrness`` is a centre-ness, not boxes)."""
+    for part, pattern in ((QUALITY, _QUALITY_NAME), (SCORES, _SCORE_NAME), (BOXES, _BOX_NAME)):
+        if pattern.search(name):
+            return part
     return None
 
 
 LAYOUTS_TEXT = ("one output (N, 4 + K, A) (YOLOv8/v11) or (N, A, 5 + K) (YOLOv5), or two, "
-                "boxes (N, A, 4+) and scores (N, A, K) (SSD-style)")  # fmt: skip
+                "boxes (N, A, 4+) and scores (N, A, K) (SSD-style), with a centre-ness "
+                "(N, A, 1) as a third (FCOS)")  # fmt: skip
 
 
 def describe_layouts() -> str:

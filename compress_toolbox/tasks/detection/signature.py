@@ -125,8 +125,7 @@ def split_outputs(student_path: str | Path, layout: HeadLayout) -> None:
     model = onnx.load(str(student_path))
     graph = model.graph
     (whole,) = graph.output
-    sizes = ([layout.num_classes, layout.box_channels] if layout.scores_first
-             else [layout.box_channels, layout.num_classes])  # fmt: skip
+    sizes = layout.part_sizes()
     taken = {name for node in graph.node for name in (*node.input, *node.output)}
     names = [name if name not in taken else f"{name}__part{i}"
              for i, name in enumerate(layout.outputs)]  # fmt: skip

@@ -1,6 +1,7 @@
-"""Detection: a detector's raw head output (heads.py: one YOLO output, or boxes and scores as
-two outputs that the import joins), distilled as it is so that the student is a drop-in
-replacement (signature.py); mAP by COCOeval on --eval-data (data.py, evaluation.py)."""
+"""Detection: a detector's raw head output (heads.py: one YOLO output, or boxes and scores,
+and a centre-ness, as outputs that the import joins), distilled as it is so that the student
+is a drop-in replacement (signature.py); mAP by COCOeval on --eval-data (data.py,
+evaluation.py)."""
 
 from __future__ import annotations
 

@@ -87,19 +87,21 @@ class TinyBoxesScores(_Features):
     """A BlazeFace/SSD-style detector with two outputs, as TFLite face detectors give them:
     box values (N, A, 4 + 2 * keypoints) left encoded per location (the anchors are the
     user's) and class logits (N, A, K), at strides 8 and 16 on the same backbone and neck as
-    ``TinyYolo``."""
+    ``TinyYolo``; with ``centreness=True`` an FCOS-style third output, a centre-ness logit
+    (N, A, 1)."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16,
-                 keypoints: int = 2) -> None:  # fmt: skip
+                 keypoints: int = 2, centreness: bool = False) -> None:  # fmt: skip
         super().__init__(in_channels, width)
-        c = width
-        self.boxes = nn.ModuleList([nn.Conv2d(4 * c, 4 + 2 * keypoints, 1),
-                                    nn.Conv2d(8 * c, 4 + 2 * keypoints, 1)])  # fmt: skip
-        self.scores = nn.ModuleList([nn.Conv2d(4 * c, num_classes, 1),
-                                     nn.Conv2d(8 * c, num_classes, 1)])  # fmt: skip
+        branch = lambda channels: nn.ModuleList([nn.Conv2d(4 * width, channels, 1),  # noqa: E731
+                                                 nn.Conv2d(8 * width, channels, 1)])  # fmt: skip
+        self.boxes, self.scores = branch(4 + 2 * keypoints), branch(num_classes)
+        self.centreness = branch(1) if centreness else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         levels = self.features(x)
         rows = lambda convs: torch.cat([conv(p).flatten(2).transpose(1, 2)  # noqa: E731
                                         for conv, p in zip(convs, levels)], dim=1)  # fmt: skip
-        return rows(self.boxes), rows(self.scores)
+        if self.centreness is None:
+            return rows(self.boxes), rows(self.scores)
+        return rows(self.boxes), rows(self.scores), rows(self.centreness)
