@@ -159,7 +159,7 @@ INT8_KEYS = ("model", "status", "score", "onnx_bytes", "latency_ms", "agreement"
 
 def int8_rows(report: dict) -> list[dict]:
     """The report's INT8 table rows, as the benchmarks keep them."""
-    return [{key: r.get(key) for key in INT8_KEYS} for r in report["int8"]["rows"]]
+    return [{key: r[key] for key in INT8_KEYS} for r in report["int8"]["rows"]]
 
 
 def summarise_int8(rows: list[dict], teachers: list[str], score: str = "accuracy") -> str:

@@ -65,9 +65,9 @@ class HeadLayout:
 
     def _part(self, rows: torch.Tensor, part: str) -> torch.Tensor:
         """A boxes+scores head's ``part`` of the joined rows (N, A, C)."""
-        index = self.parts.index(part)
-        start = sum(self.part_sizes()[:index])
-        return rows[..., start : start + self.part_sizes()[index]]
+        sizes, index = self.part_sizes(), self.parts.index(part)
+        start = sum(sizes[:index])
+        return rows[..., start : start + sizes[index]]
 
     @property
     def boxes_in_pixels(self) -> bool:
