@@ -4,7 +4,7 @@
 >>> model = get_model("lenet5_half", num_classes=10, in_channels=1, input_size=(32, 32))
 """
 
-from . import detection, lenet, mlp, mobilenet, resnet, segmentation, vgg, wrn  # noqa: F401
+from . import detection, lenet, mlp, mobilenet, resnet, segmentation, vgg, wrn, yolo  # noqa: F401
 from .registry import ZooCost, ZooEntry, get_entry, get_model, list_models, register_model
 from .student import pick_student
 

@@ -2,7 +2,8 @@
 
 In eval mode they take a list (or batch) of (C, H, W) images and return one dict per image
 with ``boxes``, ``labels`` and ``scores``; their transforms resize inputs internally, so
-``input_size`` is accepted but not used.
+``input_size`` is accepted but not used. They give decoded detections, never a raw head: asked
+for one (``head``, as for the student of a YOLO teacher) they refuse; ``yolo.py``'s give it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def _fixed(meta: ZooCost) -> CostRule:
     return lambda **_: meta
 
 
+def _no_raw_head(head: str | None) -> None:
+    if head is not None:
+        raise ValueError(f"gives decoded detections (lists of boxes), not a raw {head} head")
+
+
 def _adapt_channels(model: nn.Module, in_channels: int) -> nn.Module:
     """New stem conv for ``in_channels`` and per-channel normalisation of matching length."""
     if in_channels == 3:
@@ -46,9 +52,11 @@ def _adapt_channels(model: nn.Module, in_channels: int) -> nn.Module:
     cost=_fixed(ZooCost(params=3_440_060, macs=583_171_904)),
 )
 def ssdlite320_mobilenet_v3_large(
-    *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
+    *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None,
+    head: str | None = None, locations: int | None = None,
 ) -> nn.Module:
     """SSDLite (320x320) with a MobileNetV3-Large backbone."""
+    _no_raw_head(head)
     model = tv_ssdlite320_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=num_classes
     )
@@ -63,9 +71,11 @@ def ssdlite320_mobilenet_v3_large(
     cost=_fixed(ZooCost(params=19_410_754, macs=733_357_952)),
 )
 def fasterrcnn_mobilenet_v3_large_320_fpn(
-    *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None
+    *, num_classes: int, in_channels: int = 3, input_size: tuple[int, int] | None = None,
+    head: str | None = None, locations: int | None = None,
 ) -> nn.Module:
     """Faster R-CNN with a MobileNetV3-Large FPN backbone, low-resolution (320) setting."""
+    _no_raw_head(head)
     model = tv_fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None, num_classes=num_classes
     )

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import nn
 
 from compress_toolbox.tasks import task_names
 
-# builder(*, num_classes, in_channels=3, input_size=None) -> nn.Module
+# builder(*, num_classes, in_channels=3, input_size=None, **family_options) -> nn.Module
 Builder = Callable[..., nn.Module]
 
 
@@ -72,12 +73,15 @@ class ZooEntry:
         num_classes: int | None = None,
         in_channels: int | None = None,
         input_size: tuple[int, int] | None = None,
+        **options: Any,
     ) -> nn.Module:
-        """Build with fresh weights; unspecified arguments fall back to the entry's defaults."""
+        """Build with fresh weights; unspecified arguments fall back to the entry's defaults;
+        ``options`` are the family's own (a detector's ``head``, ...)."""
         return self.builder(
             num_classes=self.default_num_classes if num_classes is None else num_classes,
             in_channels=self.default_input[0] if in_channels is None else in_channels,
             input_size=tuple(self.default_input[1:]) if input_size is None else tuple(input_size),
+            **options,
         )
 
 
@@ -148,11 +152,13 @@ def get_model(
     num_classes: int,
     in_channels: int = 3,
     input_size: tuple[int, int] | None = None,
+    **options: Any,
 ) -> nn.Module:
-    """Build zoo model ``name`` with fresh (random) weights."""
+    """Build zoo model ``name`` with fresh (random) weights; ``options`` are its family's own
+    (a detector's ``head`` and ``locations``: the raw output to give)."""
     entry = get_entry(name)
     if input_size is None:
         input_size = tuple(entry.default_input[1:])
     return entry.builder(
-        num_classes=num_classes, in_channels=in_channels, input_size=tuple(input_size)
+        num_classes=num_classes, in_channels=in_channels, input_size=tuple(input_size), **options
     )

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress_toolbox.tasks import registered_task, task_names
+from compress_toolbox.tasks import Task, registered_task, task_names
 
 from .registry import ESTIMATE_SLACK, get_entry, get_model, list_models
 
@@ -33,24 +33,34 @@ class _Request:
     num_outputs: int
     macs: int  # the teacher's (0: unknown)
     params: int  # the teacher's (0: unknown)
+    options: dict[str, Any]  # what the task asks of its models beside the input (``zoo_options``)
+    output_shape: tuple[int, ...] | None  # the teacher's (None: unknown)
+
+    def cost_args(self) -> dict[str, Any]:
+        return {"num_classes": self.options.get("num_classes", self.num_outputs),
+                "in_channels": self.in_channels, "input_size": self.input_size}  # fmt: skip
 
     def build_args(self) -> dict[str, Any]:
-        return {"num_classes": self.num_outputs, "in_channels": self.in_channels,
-                "input_size": self.input_size}  # fmt: skip
+        return {**self.cost_args(), **self.options}
 
 
-def _request(task: str, teacher: Any) -> _Request:
+def _request(task: str, spec: Task | None, teacher: Any) -> _Request:
+    """What ``teacher`` asks of a zoo student of ``task`` (``spec``: the task, bound to the
+    teacher where the caller has it; None for a planned task)."""
     input_shape = tuple(int(d) for d in teacher.input_shape)
     if len(input_shape) == 3:
         in_channels, input_size = input_shape[0], input_shape[1:]
-    elif len(input_shape) == 1 and getattr(registered_task(task), "flat_inputs", False):
+    elif len(input_shape) == 1 and getattr(spec, "flat_inputs", False):
         # Flat feature vectors: only models that flatten their input (the MLPs) will run.
         in_channels, input_size = 1, (1, input_shape[0])
     else:
         raise ValueError(f"teacher input_shape must be (C, H, W) for {task}, got {input_shape}")
-    return _Request(task, input_shape, in_channels, tuple(input_size), int(teacher.num_outputs),
-                    int(getattr(teacher.analysis, "macs", 0) or 0),
-                    int(getattr(teacher.analysis, "params", 0) or 0))  # fmt: skip
+    output_shape = getattr(teacher.analysis, "output_shape", None)
+    return _Request(task, input_shape, in_channels, tuple(input_size),
+                    int(teacher.num_outputs), int(getattr(teacher.analysis, "macs", 0) or 0),
+                    int(getattr(teacher.analysis, "params", 0) or 0),
+                    spec.zoo_options(teacher) if spec else {},
+                    tuple(output_shape) if output_shape is not None else None)  # fmt: skip
 
 
 def _cost_and_target(macs: int | None, params: int, request: _Request) -> tuple[int, float]:
@@ -79,7 +89,7 @@ def _ranked(names: list[str], request: _Request, skipped: dict[str, str]) -> lis
     ranked = []
     for name in names:
         try:
-            estimate = get_entry(name).estimate(**request.build_args())
+            estimate = get_entry(name).estimate(**request.cost_args())
             distance = _distance(estimate.macs, estimate.params, request, ESTIMATE_SLACK)
         except ValueError as exc:  # e.g. an input too small for the model
             skipped[name] = f"{exc} (estimated)"
@@ -117,17 +127,30 @@ def _measured(name: str, request: _Request) -> tuple[float, nn.Module]:
         analysis = None
         if not _runs(model, request.input_shape):
             raise ValueError(f"forward failed: {exc}") from exc
-    spec = registered_task(request.task)
-    expected = spec.output_shape(request.num_outputs, request.input_shape) if spec else None
+    expected = _expected_output(request)
+    if expected is not None and analysis is None:
+        raise ValueError(f"its output is no tensor, the teacher's is {expected}")
     if analysis is not None and expected is not None and analysis.output_shape != expected:
         raise ValueError(f"output shape {analysis.output_shape} != {expected}")
     macs = analysis.macs if analysis is not None else None
     return _distance(macs, count_params(model), request), model
 
 
-def pick_student(task: str, teacher: Any, *, exclude: Iterable[str] = ()) -> tuple[str, nn.Module]:
+def _expected_output(request: _Request) -> tuple[int, ...] | None:
+    """The output a student must give: the teacher's where known, else the task's for the
+    teacher's classes (None: not known)."""
+    if request.output_shape is not None:
+        return request.output_shape
+    spec = registered_task(request.task)
+    return spec.output_shape(request.num_outputs, request.input_shape) if spec else None
+
+
+def pick_student(task: str | Task, teacher: Any, *,
+                 exclude: Iterable[str] = ()) -> tuple[str, nn.Module]:  # fmt: skip
     """The zoo model of ``task`` best sized for ``teacher``: (its name, the model built for it).
 
+    ``task`` is a task's name or the task itself as bound to the teacher (a detection task
+    bound to a YOLO head asks its models for that head: ``Task.zoo_options``).
     ``teacher`` needs ``input_shape`` ((C, H, W), or (features,) for classification),
     ``num_outputs`` and ``analysis`` with ``macs`` (and ``params``). The model whose MACs,
     measured with ``compress_toolbox.load.analysis.analyse`` at the teacher's input shape, are
@@ -137,12 +160,14 @@ def pick_student(task: str, teacher: Any, *, exclude: Iterable[str] = ()) -> tup
     Models that fail to build, run, or give the wrong output shape are skipped. Models are
     built only while their cost estimate leaves them a chance (see the module's docstring).
     """
-    if task not in task_names():
-        raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(task_names())}")
-    request = _request(task, teacher)
+    name = task.name if isinstance(task, Task) else task
+    if name not in task_names():
+        raise ValueError(f"unknown task {name!r}; expected one of: {', '.join(task_names())}")
+    spec = task if isinstance(task, Task) else registered_task(task)
+    request = _request(name, spec, teacher)
     skipped: dict[str, str] = {}
     excluded = set(exclude)
-    names = [name for name in list_models(task) if name not in excluded]
+    names = [model for model in list_models(name) if model not in excluded]
     best: tuple[float, str, nn.Module] | None = None
     for estimated, name in _ranked(names, request, skipped):
         if best is not None and estimated - math.log(ESTIMATE_SLACK) > best[0]:
@@ -156,6 +181,8 @@ def pick_student(task: str, teacher: Any, *, exclude: Iterable[str] = ()) -> tup
             best = (distance, name, model)
     if best is None:
         details = "; ".join(f"{n}: {why}" for n, why in skipped.items()) or "none registered"
-        raise ValueError(f"no {task} zoo model works for input shape {request.input_shape} "
-                         f"with {request.num_outputs} outputs ({details})")  # fmt: skip
+        expected = _expected_output(request)
+        output = f"output {expected}" if expected else f"{request.num_outputs} outputs"
+        raise ValueError(f"no {request.task} zoo model works for input shape "
+                         f"{request.input_shape} with {output} ({details})")  # fmt: skip
     return best[1], best[2]

@@ -289,6 +289,24 @@ def test_a_tiny_yolo_teacher_distils_into_a_drop_in_student(files, tmp_path, lay
     assert "mAP@0.5 on eval data" in (out / "report.md").read_text()
 
 
+def test_student_zoo_picks_a_yolo_model_giving_the_teachers_head(files, tmp_path):
+    """``--student zoo`` on a YOLOv5-layout teacher: a zoo YOLO model read for its strides,
+    exported with the teacher's signature."""
+    folder, _ = files
+    torch.manual_seed(0)
+    teacher_path = export_detector(TinyYolo(CLASSES, 3, 16, SIZE, yolov5=True),
+                                   tmp_path / "det5.onnx", SIZE)  # fmt: skip
+    out = tmp_path / "out"
+    code = run_cli(teacher_path, "--task", "detection", "--student", "zoo", "--eval-data",
+                   folder / "scenes.npz", "--iters", 4, "--threads", 1, "--out", out)  # fmt: skip
+    assert code in (0, 3)
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"]["kind"].startswith("zoo:yolo_")
+    teacher, student = (signature(p, (3, SIZE, SIZE)) for p in (teacher_path,
+                                                                 out / "student.onnx"))  # fmt: skip
+    assert student == teacher
+
+
 def test_without_eval_data_the_figure_is_fidelity_on_generated_inputs(files, tmp_path):
     folder, _ = files
     out = tmp_path / "out"
@@ -319,6 +337,23 @@ def test_coco_json_eval_data_reads_as_the_npz_does(files, coco):
     assert torch.equal(from_json.x, from_npz.x) and len(from_json.truths) == len(from_npz.truths)
     for a, b in zip(from_json.truths, from_npz.truths):
         assert torch.allclose(a.boxes, b.boxes, atol=1e-4) and torch.equal(a.labels, b.labels)
+
+
+def test_images_of_another_shape_are_letterboxed_with_their_boxes(tmp_path):
+    """A 32x64 image for a 48x48 teacher: scaled by 0.75 to 24x48, centred between grey bands
+    of 12 rows, its box moved the same way; the COCO JSON reads the same."""
+    image = np.zeros((1, 32, 64), np.uint8)
+    image[0, 4:20, 8:24] = 255  # the object, filling its box
+    boxes, labels = [np.array([[8.0, 4.0, 24.0, 20.0]])], [np.array([1])]
+    npz = save_detection_npz(tmp_path / "wide.npz", image, boxes, labels)
+    coco = save_detection_coco(tmp_path / "wide.json", image, boxes, labels)
+    for source in (npz, coco):
+        data = load_detection_data(source, (1, 48, 48), InputDomain(), 2)
+        x, truth = data.x[0, 0], data.truths[0]
+        assert torch.allclose(truth.boxes, torch.tensor([[6.0, 15.0, 18.0, 27.0]]))
+        assert torch.allclose(x[:12], torch.tensor(114 / 255)) and torch.allclose(
+            x[36:], torch.tensor(114 / 255))  # fmt: skip
+        assert x[16:26, 7:17].min() > 0.9 and x[28:36].max() < 0.01  # object in its new box
 
 
 def _edit_coco(coco, tmp_path, change):

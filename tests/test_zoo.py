@@ -10,12 +10,15 @@ import torch
 from torch import nn
 
 from compress_toolbox.load.analysis import analyse, count_params
+from compress_toolbox.tasks import get_task
 from model_zoo import ZooEntry, get_model, list_models, pick_student, register_model, registry
 from model_zoo.registry import ESTIMATE_SLACK, ZooCost, get_entry
 
 CLASSIFICATION = list_models("classification")
 SEGMENTATION = list_models("segmentation")
 DETECTION = list_models("detection")
+YOLO = [name for name in DETECTION if get_entry(name).family == "yolo"]
+TORCHVISION_DETECTION = sorted(set(DETECTION) - set(YOLO))  # decoded detections, no raw head
 
 
 def _forward(model: nn.Module, x: torch.Tensor):
@@ -55,6 +58,9 @@ def test_expected_models_registered():
     assert set(DETECTION) == {
         "ssdlite320_mobilenet_v3_large",
         "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "yolo_pico",
+        "yolo_nano",
+        "yolo_small",
     }
 
 
@@ -125,7 +131,7 @@ def _within(estimate: int, measured: int) -> bool:
 _OTHER_INPUTS = [(1, 28, 28), (3, 64, 48), (3, 96, 96)]
 
 
-@pytest.mark.parametrize("name", CLASSIFICATION + SEGMENTATION)
+@pytest.mark.parametrize("name", CLASSIFICATION + SEGMENTATION + YOLO)
 def test_cost_estimates_hold_at_other_inputs(name):
     """``estimate`` (no model built) is within ESTIMATE_SLACK of the measured cost at other
     inputs and class counts (exact for the rules of LeNet-5 and the MLPs), as pick_student
@@ -208,7 +214,7 @@ def test_unet_odd_size_keeps_resolution():
     assert _forward(model, torch.randn(1, 3, 37, 50)).shape == (1, 3, 37, 50)
 
 
-@pytest.mark.parametrize("name", DETECTION)
+@pytest.mark.parametrize("name", TORCHVISION_DETECTION)
 def test_detection_eval_forward(name):
     model = get_model(name, num_classes=5)
     images = [torch.rand(3, 320, 320)]
@@ -220,7 +226,7 @@ def test_detection_eval_forward(name):
         assert int(detections[0]["labels"].max()) < 5
 
 
-@pytest.mark.parametrize("name", DETECTION)
+@pytest.mark.parametrize("name", TORCHVISION_DETECTION)
 def test_detection_adapts_in_channels(name):
     model = get_model(name, num_classes=3, in_channels=1)
     stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -329,6 +335,7 @@ def test_pick_student_flat_features():
     flat = SimpleNamespace(input_shape=(784,), num_outputs=10, analysis=teacher.analysis)
     name, student = pick_student("classification", flat, exclude=_BIG)
     assert name == "hinton_mlp_half"
+    assert pick_student(get_task("classification"), flat, exclude=_BIG)[0] == name
     assert _forward(student, torch.randn(2, 784)).shape == (2, 10)
 
 
@@ -341,6 +348,53 @@ def test_pick_student_detection_falls_back_to_params():
     name, student = pick_student("detection", teacher)
     assert name == "ssdlite320_mobilenet_v3_large"  # ~3.4M params, closest to 14M / 4
     assert isinstance(_forward(student, [torch.rand(3, 320, 320)]), list)
+
+
+@pytest.mark.parametrize("head, locations, anchors", [("yolov8", 60, 1), ("yolov5", 60, 1),
+                                                     ("yolov5", 180, 3)])  # fmt: skip
+def test_yolo_students_give_a_yolo_teachers_raw_head(head, locations, anchors):
+    """4 classes at 64x48: 8x6 + 4x3 = 60 cells at strides 8 and 16 (YOLOv5: 3 anchors each);
+    locations level by level, anchor slot by slot, row-major, as ultralytics lays them out; a
+    location count no run of grids gives is refused."""
+    model = get_model("yolo_pico", num_classes=4, in_channels=1, input_size=(64, 48), head=head,
+                      locations=locations)  # fmt: skip
+    for level in model.box:  # every box the same size: each centre is its cell's
+        nn.init.zeros_(level[-1].weight), nn.init.zeros_(level[-1].bias)
+    out = _forward(model, torch.rand(2, 1, 64, 48))
+    rows = out.transpose(1, 2) if head == "yolov8" else out
+    channels = {"yolov8": 4 + 4, "yolov5": 5 + 4}[head]  # box (and objectness), 4 scores
+    assert rows.shape == (2, locations, channels)
+    assert model.strides == (8, 16) and model.anchors == anchors
+    cells = [(x, y) for y in range(4, 64, 8) for x in range(4, 48, 8)]  # stride 8, row-major
+    centres = [tuple(c) for c in rows[0, : 48 * anchors, :2].tolist()]
+    assert centres == cells * anchors
+    with pytest.raises(ValueError, match="61 locations are no run of grids"):
+        get_model("yolo_pico", num_classes=4, input_size=(64, 48), head=head, locations=61)
+
+
+def _detector_teacher(model: nn.Module, input_shape: tuple[int, int, int]) -> SimpleNamespace:
+    analysis = analyse(model, input_shape)
+    return SimpleNamespace(input_shape=input_shape, num_outputs=analysis.num_outputs,
+                           analysis=analysis)  # fmt: skip
+
+
+def test_pick_student_for_a_yolo_teacher_gives_its_head_and_refuses_other_heads():
+    from compress_toolbox.tasks.detection.tiny_model import TinyBoxesScores, TinyYolo
+
+    teacher = _detector_teacher(TinyYolo(5, 3, 32, 96), (3, 96, 96))
+    name, student = pick_student("detection", teacher)
+    assert name in YOLO and _forward(student, torch.rand(1, 3, 96, 96)).shape[1:] == (9, 180)
+    two_outputs = _detector_teacher(TinyBoxesScores(5, 3, 32), (3, 96, 96))
+    two_outputs.analysis = replace(two_outputs.analysis, output_shape=(180, 13))  # as joined
+    with pytest.raises(ValueError, match=r"no detection zoo .*yolov5 head, not boxes\+scores"):
+        pick_student(_bound_detection(two_outputs), two_outputs)
+
+
+def _bound_detection(teacher):
+    """The detection task as bound to a two-output teacher (boxes and logits joined)."""
+    from compress_toolbox.tasks.detection.heads import joined
+
+    return replace(get_task("detection"), head=joined([("boxes", 8), ("scores", 5)], True))
 
 
 def test_pick_student_none_works():

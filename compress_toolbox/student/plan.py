@@ -36,7 +36,7 @@ def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
         kind, module = _derived(teacher, config)
     elif choice == "zoo":
         try:
-            name, module = model_zoo.pick_student(config.task.name, teacher)
+            name, module = model_zoo.pick_student(config.task, teacher)
         except ValueError as error:
             raise DaflError(f"--student zoo: {error}") from None
         kind = f"zoo:{name}"
@@ -69,7 +69,7 @@ def _instead_of_deriving(teacher: Teacher, task: Task) -> str:
     """A zoo model where one of the task gives the teacher's output (never advice that cannot
     help, as `--student zoo` for a detector whose output no zoo model gives)."""
     try:
-        name, module = model_zoo.pick_student(task.name, teacher)
+        name, module = model_zoo.pick_student(task, teacher)
         fits = analyse(module, teacher.input_shape).output_shape == teacher.analysis.output_shape
     except Exception:  # noqa: BLE001 - no zoo model, or one that does not run: none fits
         fits = False
@@ -101,15 +101,16 @@ def _derive(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module]:
 
 
 def _named_zoo_model(teacher: Teacher, task: Task, choice: str) -> nn.Module:
-    """``zoo:NAME`` built for the teacher's input and classes; DaflError when unknown or it
-    does not fit."""
+    """``zoo:NAME`` built for the teacher's input and what the task asks (its classes; a
+    detector's head); DaflError when unknown or it does not fit."""
     name, shape = choice[4:], teacher.input_shape
     if name not in model_zoo.list_models():
         raise DaflError(f"--student {choice}: unknown zoo model; known: "
                         f"{', '.join(model_zoo.list_models(task.name))}")  # fmt: skip
     try:
-        module = model_zoo.get_model(name, num_classes=teacher.num_outputs, in_channels=shape[0],
-                                     input_size=tuple(shape[1:]) or None)  # fmt: skip
+        module = model_zoo.get_model(name, in_channels=shape[0],
+                                     input_size=tuple(shape[1:]) or None,
+                                     **task.zoo_options(teacher))  # fmt: skip
         module.eval()(torch.zeros(2, *shape))
     except Exception as error:
         raise DaflError(

@@ -81,6 +81,11 @@ class Task:
         """The output (no batch) a model of this task gives for ``input_shape``."""
         raise NotImplementedError
 
+    def zoo_options(self, teacher: Teacher) -> dict[str, Any]:
+        """What a zoo model of this task is built with for ``teacher`` besides its input
+        (``model_zoo.get_model``'s keywords): by default the teacher's outputs as classes."""
+        return {"num_classes": int(teacher.num_outputs)}
+
     def with_head(self, name: str | None) -> Task:
         """This task reading heads of the layout ``name`` (``--head``; detection only)."""
         if name is not None:

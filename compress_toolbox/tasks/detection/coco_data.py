@@ -5,8 +5,9 @@
 as x, y, width, height in pixels) and ``categories``. Image files are found relative to the
 JSON's folder, or in its ``images/`` sub-folder. Categories, sorted by id, are the teacher's
 classes 0, 1, ... in that order (COCO's 80 category ids 1..90 become ultralytics' 80 classes);
-annotations marked ``iscrowd`` are left out. Every image is stretched to the teacher's input
-size with its boxes, then treated as the ``.npz`` format's (``data.py``).
+annotations marked ``iscrowd`` are left out. Every image is letterboxed to the teacher's input
+size with its boxes (``data.letterbox``: aspect ratio kept, grey borders, as ultralytics
+does), then treated as the ``.npz`` format's (``data.py``).
 
 Refused with one line naming the file: a JSON that is not COCO, an annotation whose category
 or image is not listed, more categories than the teacher has classes, a box outside its image
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compress_toolbox.tasks.detection.data import EDGE_TOLERANCE
+from compress_toolbox.tasks.detection.data import EDGE_TOLERANCE, letterbox
 from compress_toolbox.tasks.evaldata import (
     EvalDataError,
     check_sample_count,
@@ -108,8 +109,8 @@ def _check_references(path: Path, data: dict) -> None:
 
 
 def load_coco(path: Path, input_shape: tuple[int, ...], num_classes: int | None):
-    """Images (N, C, H, W) in [0, 1] at the teacher's size, with per-image boxes (scaled
-    with them) and labels, from the COCO JSON at ``path``."""
+    """Images (N, C, H, W) in [0, 1] at the teacher's size (letterboxed), with per-image boxes
+    (moved with them) and labels, from the COCO JSON at ``path``."""
     data = _read_json(path)
     _check_references(path, data)
     check_sample_count(len(data["images"]), path, input_shape)
@@ -128,9 +129,9 @@ def load_coco(path: Path, input_shape: tuple[int, ...], num_classes: int | None)
         found, kinds = _objects(path, coco, image, classes)
         x = torch.from_numpy(np.array(pixels, dtype=np.float32)).div(255)
         x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-        scale = np.array([input_shape[2] / x.shape[2], input_shape[1] / x.shape[1]] * 2)
-        images.append(fit_to_input(x[None], input_shape, str(path))[0])
-        boxes.append(found * scale)
+        x, (scale, offset) = letterbox(x[None], input_shape[1:])
+        images.append(fit_to_input(x, input_shape, str(path))[0])
+        boxes.append(found * scale + offset)
         labels.append(kinds)
     return torch.stack(images), boxes, labels
 

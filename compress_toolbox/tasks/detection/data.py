@@ -9,8 +9,10 @@ The ``.npz`` format (all arrays, ``allow_pickle=False``):
 - ``labels``: (M,) integer classes in [0, K);
 - ``counts``: (N,) integers, how many of the M objects each image has (they sum to M).
 
-Images are resized to the teacher's input (boxes scaled with them) and mapped into its input
-domain as for the other tasks. A file with a box outside its image or empty, an unknown label,
+Images of another size than the teacher's input are letterboxed as ultralytics feeds its
+detectors: scaled to fit with their aspect ratio kept, centred, the rest grey (114), their
+boxes moved with them (``letterbox``); then mapped into the teacher's input domain as for the
+other tasks. A file with a box outside its image or empty, an unknown label,
 inconsistent counts or no annotation at all is refused with one line naming it.
 """
 
@@ -36,6 +38,28 @@ from compress_toolbox.tasks.evaldata import (
 
 KEYS = ("images", "boxes", "labels", "counts")
 EDGE_TOLERANCE = 0.5  # pixels a box may reach past the image's edge (rounding)
+LETTERBOX_GREY = 114 / 255  # ultralytics' padding, in [0, 1]
+BoxMap = tuple[np.ndarray, np.ndarray]  # (scale, offset): boxes * scale + offset
+
+
+def letterbox(x: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, BoxMap]:
+    """(N, C, h, w) images in [0, 1] scaled by r = min(H / h, W / w) to fit ``size`` (H, W)
+    with their aspect ratio kept and centred on a grey canvas, as ultralytics' LetterBox does;
+    and the map of their x1, y1, x2, y2 boxes: (scale, offset), boxes * scale + offset (the
+    scale per axis of the rounded size, so that boxes fill the image exactly as it was drawn).
+    Images of ``size`` come back as they are."""
+    height, width = size
+    h, w = x.shape[-2:]
+    if (h, w) == (height, width):
+        return x, (np.ones(4), np.zeros(4))
+    r = min(height / h, width / w)
+    new_h, new_w = max(1, round(h * r)), max(1, round(w * r))
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    canvas = x.new_full((*x.shape[:2], height, width), LETTERBOX_GREY)
+    canvas[..., top:top + new_h, left:left + new_w] = torch.nn.functional.interpolate(
+        x, size=(new_h, new_w), mode="bilinear", align_corners=False)  # fmt: skip
+    scale = np.array([new_w / w, new_h / h] * 2)
+    return canvas, (scale, np.array([left, top, left, top], dtype=np.float64))
 
 
 @dataclass
@@ -143,10 +167,11 @@ def load_detection_data(path: Path, input_shape: tuple[int, ...], domain: InputD
     x = x[:, None] if x.dim() == 3 else x
     if not torch.isfinite(x).all():
         raise EvalDataError(f"{path}: images contain NaN or infinite values")
-    scale = np.array([input_shape[2] / x.shape[3], input_shape[1] / x.shape[2]] * 2)
+    x, (scale, offset) = letterbox(x, input_shape[1:])
     x = fit_to_input(x, input_shape, str(path))
     starts = np.concatenate([[0], np.cumsum(counts)])
-    return _as_eval_data(x, [boxes[a:b] * scale for a, b in zip(starts[:-1], starts[1:])],
+    return _as_eval_data(x, [boxes[a:b] * scale + offset
+                             for a, b in zip(starts[:-1], starts[1:])],
                          [arrays["labels"][a:b] for a, b in zip(starts[:-1], starts[1:])],
                          domain, path)  # fmt: skip
 

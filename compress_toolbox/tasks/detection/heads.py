@@ -75,6 +75,10 @@ class HeadLayout:
         can be compared (NMS, GIoU); a boxes+scores head's are encoded per location."""
         return self.name != "boxes+scores"
 
+    def locations(self, shape: tuple[int, ...]) -> int:
+        """A, the locations of a raw output of ``shape`` (no batch)."""
+        return shape[-1] if self.name == "yolov8" else shape[0]
+
     def locations_last(self, out: torch.Tensor) -> torch.Tensor:
         """The raw output as (N, A, C): one row of channels per location."""
         return out.transpose(1, 2) if self.name == "yolov8" else out

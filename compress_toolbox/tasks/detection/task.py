@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from compress_toolbox.tasks.detection.heads import (
 )
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 from compress_toolbox.tasks.outputs import tensors_of
+
+if TYPE_CHECKING:
+    from compress_toolbox.load.teacher import Teacher
 
 FIDELITY = "fidelity mAP@0.5 (detections against the float model's)"
 
@@ -115,6 +118,16 @@ class Detection(Task):
                 raise DaflError(f"outputs {seen} fit no detection head layout; "
                                 f"{describe_layouts()}")  # fmt: skip
         return layout
+
+    def zoo_options(self, teacher: Teacher) -> dict[str, Any]:
+        """The raw head a zoo detector must give: the bound layout (else the one the
+        teacher's single output's shape shows), its classes and locations."""
+        shape = getattr(teacher.analysis, "output_shape", None)
+        layout = None if shape is None else self.head or recognise(tuple(shape))
+        if layout is None:  # no raw head known: only models of decoded detections can be asked
+            return {**super().zoo_options(teacher), "head": None}
+        return {"num_classes": layout.num_classes, "head": layout.name,
+                "locations": layout.locations(tuple(shape))}  # fmt: skip
 
     def describe_teacher(self) -> str:
         return self.head.describe() if self.head is not None else self.output_text
