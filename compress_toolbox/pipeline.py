@@ -143,10 +143,16 @@ def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
         raise StudentFailed(
             f"the student failed: {'; '.join(report['problems'])}. The folder {out_dir} is kept "
             "for inspection (report.md, curves.png, samples.png); try a longer --time-budget, "
-            "another --method or --student zoo"
+            f"another --method or {_other_student(inputs.plan)}"
         )
     Checkpointer.remove(folder.checkpoint_dir / CHECKPOINT_NAME)  # finished: nothing to resume
     return CompressResult(out_dir, inputs.teacher, inputs.plan, report)
+
+
+def _other_student(plan: StudentPlan) -> str:
+    """The --student to suggest after a failed student: the zoo's for a derived one, a derived
+    one (which starts from the teacher's weights) for the zoo's."""
+    return "--student auto" if plan.kind.startswith("zoo") else "--student zoo"
 
 
 def _distill(inputs: _Inputs, config: CompressConfig, checkpoint_dir: Path | None,

@@ -419,3 +419,12 @@ def test_a_yolov8_style_head_keeps_its_box_bins(tmp_path):
     with torch.no_grad():
         assert student(torch.randn(3, 3, 32, 32)).shape == (3, 7, 256)
     assert _params(student) < 0.5 * _params(teacher.module)
+
+
+def test_a_failed_student_is_pointed_to_the_other_kind_of_student():
+    from compress_toolbox.pipeline import _other_student
+    from compress_toolbox.student.plan import StudentPlan
+
+    derived = StudentPlan("derived (width 0.5, init teacher)", nn.Identity(), None)
+    assert _other_student(derived) == "--student zoo"
+    assert _other_student(StudentPlan("zoo:yolo_nano", nn.Identity(), None)) == "--student auto"
