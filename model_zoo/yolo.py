@@ -24,19 +24,21 @@ from torch import nn
 from .registry import ZooCost, register_model
 
 LEVEL_STRIDES = (8, 16, 32, 64)  # the strides a head may read from, finest first
-ANCHORS_PER_CELL = (1, 3)  # YOLOv8 (anchor-free), YOLOv5
 HEADS = {"yolov8": 4, "yolov5": 5}  # box channels before the class scores (yolov5: objectness)
+# anchors per cell, tried in order: YOLOv8 is anchor-free; YOLOv5 has three (variants one)
+ANCHORS_PER_CELL = {"yolov8": (1,), "yolov5": (3, 1)}
 _DEFAULT_INPUT = (3, 320, 320)
 _DEFAULT_CLASSES = 80  # COCO as ultralytics numbers it
 
 
-def grids_for(locations: int, input_size: tuple[int, int]) -> tuple[tuple[int, ...], int]:
+def grids_for(locations: int, input_size: tuple[int, int],
+              head: str = "yolov8") -> tuple[tuple[int, ...], int]:  # fmt: skip
     """(strides, anchors per cell): the run of consecutive ``LEVEL_STRIDES`` whose grids
-    (ceil(H / s) x ceil(W / s) cells each), times the anchors per cell, hold ``locations``;
-    ValueError when none does."""
+    (ceil(H / s) x ceil(W / s) cells each), times the anchors per cell the ``head`` may have,
+    hold ``locations``; ValueError when none does."""
     height, width = input_size
     cells = [math.ceil(height / s) * math.ceil(width / s) for s in LEVEL_STRIDES]
-    for anchors in ANCHORS_PER_CELL:
+    for anchors in ANCHORS_PER_CELL.get(head, (1,)):
         for first in range(len(cells)):
             for last in range(first, len(cells)):
                 if anchors * sum(cells[first : last + 1]) == locations:
@@ -130,7 +132,7 @@ def _builder(width: int):
         if head is None:  # a teacher whose head layout is unknown: no raw output to match
             raise ValueError("needs the teacher's head layout (yolov8 or yolov5)")
         size = tuple(input_size or _DEFAULT_INPUT[1:])
-        strides, anchors = grids_for(locations, size) if locations else ((8, 16, 32), 1)
+        strides, anchors = grids_for(locations, size, head) if locations else ((8, 16, 32), 1)
         return YoloStudent(num_classes, in_channels, size, strides, head, width, anchors)
 
     return build
