@@ -34,7 +34,9 @@ class _Request:
     macs: int  # the teacher's (0: unknown)
     params: int  # the teacher's (0: unknown)
     options: dict[str, Any]  # what the task asks of its models beside the input (``zoo_options``)
-    output_shape: tuple[int, ...] | None  # the teacher's (None: unknown)
+    # the output a student must give: the teacher's where known, else the task's for the
+    # teacher's classes (None: not known)
+    expected_output: tuple[int, ...] | None
 
     def cost_args(self) -> dict[str, Any]:
         return {"num_classes": self.options.get("num_classes", self.num_outputs),
@@ -55,12 +57,14 @@ def _request(task: str, spec: Task | None, teacher: Any) -> _Request:
         in_channels, input_size = 1, (1, input_shape[0])
     else:
         raise ValueError(f"teacher input_shape must be (C, H, W) for {task}, got {input_shape}")
-    output_shape = getattr(teacher.analysis, "output_shape", None)
+    expected = getattr(teacher.analysis, "output_shape", None)
+    if expected is None and spec is not None:
+        expected = spec.output_shape(int(teacher.num_outputs), input_shape)
     return _Request(task, input_shape, in_channels, tuple(input_size),
                     int(teacher.num_outputs), int(getattr(teacher.analysis, "macs", 0) or 0),
                     int(getattr(teacher.analysis, "params", 0) or 0),
                     spec.zoo_options(teacher) if spec else {},
-                    tuple(output_shape) if output_shape is not None else None)  # fmt: skip
+                    tuple(expected) if expected is not None else None)  # fmt: skip
 
 
 def _cost_and_target(macs: int | None, params: int, request: _Request) -> tuple[int, float]:
@@ -127,22 +131,13 @@ def _measured(name: str, request: _Request) -> tuple[float, nn.Module]:
         analysis = None
         if not _runs(model, request.input_shape):
             raise ValueError(f"forward failed: {exc}") from exc
-    expected = _expected_output(request)
+    expected = request.expected_output
     if expected is not None and analysis is None:
         raise ValueError(f"its output is no tensor, the teacher's is {expected}")
     if analysis is not None and expected is not None and analysis.output_shape != expected:
         raise ValueError(f"output shape {analysis.output_shape} != {expected}")
     macs = analysis.macs if analysis is not None else None
     return _distance(macs, count_params(model), request), model
-
-
-def _expected_output(request: _Request) -> tuple[int, ...] | None:
-    """The output a student must give: the teacher's where known, else the task's for the
-    teacher's classes (None: not known)."""
-    if request.output_shape is not None:
-        return request.output_shape
-    spec = registered_task(request.task)
-    return spec.output_shape(request.num_outputs, request.input_shape) if spec else None
 
 
 def pick_student(task: str | Task, teacher: Any, *,
@@ -181,7 +176,7 @@ def pick_student(task: str | Task, teacher: Any, *,
             best = (distance, name, model)
     if best is None:
         details = "; ".join(f"{n}: {why}" for n, why in skipped.items()) or "none registered"
-        expected = _expected_output(request)
+        expected = request.expected_output
         output = f"output {expected}" if expected else f"{request.num_outputs} outputs"
         raise ValueError(f"no {request.task} zoo model works for input shape "
                          f"{request.input_shape} with {output} ({details})")  # fmt: skip

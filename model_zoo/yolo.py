@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_toolbox.tasks.detection.tiny_model import cell_centres, decode_level
+
 from .registry import ZooCost, register_model
 
 LEVEL_STRIDES = (8, 16, 32, 64)  # the strides a head may read from, finest first
@@ -57,14 +59,6 @@ def _channels(width: int, stride: int) -> int:
     return width * min(stride // 2, 16)
 
 
-def _grid(input_size: tuple[int, int], stride: int) -> torch.Tensor:
-    """(1, 2, cells) the centre (x, y) in pixels of each cell at ``stride``, row-major (the
-    stride-2 convs with padding 1 give ceil(n / 2) rows and columns each)."""
-    rows, cols = (math.ceil(n / stride) for n in input_size)
-    ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    return (torch.stack([xs, ys]).reshape(1, 2, -1).float() + 0.5) * stride
-
-
 class YoloStudent(nn.Module):
     """(N, C, H, W) images -> the ``head`` layout's raw output at ``strides``, with
     ``anchors`` locations per cell."""
@@ -89,7 +83,8 @@ class YoloStudent(nn.Module):
         self.cls = nn.ModuleList(nn.Sequential(_conv(c, c), nn.Conv2d(c, num_classes * anchors, 1))
                                  for c in level_chans)  # fmt: skip
         for stride in strides:
-            self.register_buffer(f"grid{stride}", _grid(input_size, stride), persistent=False)
+            self.register_buffer(f"grid{stride}", cell_centres(input_size, stride),
+                                 persistent=False)  # fmt: skip
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The neck's map at each stride, finest first (top-down: coarse context fused in)."""
@@ -111,18 +106,9 @@ class YoloStudent(nn.Module):
     def _level(self, box: torch.Tensor, cls: torch.Tensor, stride: int) -> torch.Tensor:
         """(N, box + K, anchors x cells): one level's locations, anchor slot after slot."""
         boxes, scores = box.flatten(2).chunk(self.anchors, 1), cls.flatten(2).chunk(self.anchors, 1)
-        return torch.cat([self._decode(b, s, stride) for b, s in zip(boxes, scores)], dim=2)
-
-    def _decode(self, box: torch.Tensor, cls: torch.Tensor, stride: int) -> torch.Tensor:
-        """(N, box + K, cells): distances from each cell's centre to the box's sides (softplus,
-        so positive; scaled by twice the stride so that a raw 0 is a box about a cell wide)
-        turned into centre and size in pixels, then the scores through a sigmoid."""
-        scores = [torch.sigmoid(cls)]
-        if self.head == "yolov5":  # objectness before the class scores
-            box, scores = box[:, :4], [torch.sigmoid(box[:, 4:]), *scores]
-        ltrb = F.softplus(box) * (2 * stride)
-        centre = getattr(self, f"grid{stride}") + (ltrb[:, 2:] - ltrb[:, :2]) / 2
-        return torch.cat([centre, ltrb[:, :2] + ltrb[:, 2:], *scores], dim=1)
+        centres, yolov5 = getattr(self, f"grid{stride}"), self.head == "yolov5"
+        return torch.cat([decode_level(b, s, centres, stride, yolov5)
+                          for b, s in zip(boxes, scores)], dim=2)  # fmt: skip
 
 
 def _builder(width: int):

@@ -5,11 +5,36 @@ conv backbone, a top-down neck (upsample + concatenation) and a decoupled head a
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 STRIDES = (8, 16)
+
+
+def cell_centres(input_size: tuple[int, int], stride: int) -> torch.Tensor:
+    """(1, 2, cells) the centre (x, y) in pixels of each cell at ``stride``, row-major: the
+    ceil(H / s) x ceil(W / s) cells that stride-2 convs with padding 1 leave."""
+    rows, cols = (math.ceil(n / stride) for n in input_size)
+    ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return (torch.stack([xs, ys]).reshape(1, 2, -1).float() + 0.5) * stride
+
+
+def decode_level(box: torch.Tensor, cls: torch.Tensor, centres: torch.Tensor, stride: int,
+                 objectness: bool) -> torch.Tensor:  # fmt: skip
+    """One level's (N, box + K, cells) raw output as ultralytics exports it, from its box
+    values (N, 4, cells; a fifth, objectness, with ``objectness``) and class logits (N, K,
+    cells): the distances from each cell's centre to the box's sides (softplus, so positive;
+    times twice the stride, so that a raw 0 is a box about a cell wide) as centre and size in
+    pixels, then the scores through a sigmoid (objectness first)."""
+    scores = [torch.sigmoid(cls)]
+    if objectness:
+        box, scores = box[:, :4], [torch.sigmoid(box[:, 4:]), *scores]
+    ltrb = F.softplus(box) * (2 * stride)
+    centre = centres + (ltrb[:, 2:] - ltrb[:, :2]) / 2
+    return torch.cat([centre, ltrb[:, :2] + ltrb[:, 2:], *scores], dim=1)
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -60,11 +85,8 @@ class TinyYolo(_Features):
         c, self.yolov5 = width, yolov5
         self.heads = nn.ModuleList([_Head(4 * c, num_classes, yolov5),
                                     _Head(8 * c, num_classes, yolov5)])  # fmt: skip
-        for stride in STRIDES:  # (1, 2, H*W): the location centres (x, y) in pixels
-            side = image_size // stride
-            ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-            grid = (torch.stack([xs, ys]).reshape(1, 2, -1).float() + 0.5) * stride
-            self.register_buffer(f"grid{stride}", grid)
+        for stride in STRIDES:
+            self.register_buffer(f"grid{stride}", cell_centres((image_size, image_size), stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         levels = [self._decode(*head(p), stride)
@@ -73,14 +95,8 @@ class TinyYolo(_Features):
         return out.transpose(1, 2) if self.yolov5 else out
 
     def _decode(self, box: torch.Tensor, cls: torch.Tensor, stride: int) -> torch.Tensor:
-        box = box.flatten(2)
-        scores = [torch.sigmoid(cls.flatten(2))]
-        if self.yolov5:  # objectness before the class scores
-            box, scores = box[:, :4], [torch.sigmoid(box[:, 4:]), *scores]
-        ltrb = F.softplus(box) * (2 * stride)
-        centre = getattr(self, f"grid{stride}") + (ltrb[:, 2:] - ltrb[:, :2]) / 2
-        size = ltrb[:, :2] + ltrb[:, 2:]
-        return torch.cat([centre, size, *scores], dim=1)
+        return decode_level(box.flatten(2), cls.flatten(2), getattr(self, f"grid{stride}"),
+                            stride, self.yolov5)  # fmt: skip
 
 
 class TinyBoxesScores(_Features):
