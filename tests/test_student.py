@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -19,13 +20,20 @@ from models import (
 )
 from torch import fx, nn
 
-from compress_toolbox import DaflError, load_teacher
+from compress_toolbox import CompressConfig, DaflError, load_teacher, plan_student
 from compress_toolbox.export.writer import export_onnx, verify_onnx
 from compress_toolbox.load.analysis import analyse
 from compress_toolbox.load.graph.shape_agnostic import ChannelShuffle, EqualSplit
 from compress_toolbox.load.importers.torch_to_onnx import module_via_onnx
-from compress_toolbox.student.derive import StudentError, layer_widths, make_student
+from compress_toolbox.load.teacher import Teacher
+from compress_toolbox.student.derive import (
+    StudentError,
+    answers_kept,
+    layer_widths,
+    make_student,
+)
 from compress_toolbox.student.shuffle_pruning import ChannelPermutation
+from compress_toolbox.tasks import get_task
 
 
 def _params(module: nn.Module) -> int:
@@ -152,6 +160,62 @@ def test_fresh_init_differs_from_teacher():
     matches = _matching_filters(first.weight.detach(), model.features[0].weight)
     assert matches == [None, None, None]
     assert not torch.equal(student.classifier[5].bias, model.classifier[5].bias)
+
+
+class _Rescaled(nn.Module):
+    """The teacher's answers times 3, shifted: all of them kept, up to scale."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x):
+        return 3.0 * self.teacher(x) + 1.0
+
+
+def test_answers_kept_is_one_for_the_teacher_and_near_zero_for_a_fresh_student():
+    model, shape = build("lenet5")
+    assert answers_kept(model, copy.deepcopy(model), shape) == pytest.approx(1.0, abs=1e-5)
+    assert answers_kept(model, _Rescaled(model), shape) == pytest.approx(1.0, abs=1e-5)
+    torch.manual_seed(0)
+    fresh = make_student(model, width=0.5, init="fresh", example_input=example(shape),
+                         add_missing_batchnorm=False)  # fmt: skip
+    kept_fresh = answers_kept(model, fresh, shape)
+    kept = make_student(model, width=0.5, init="teacher", example_input=example(shape))
+    kept_teacher = answers_kept(model, kept, shape)
+    # fresh weights keep nothing; the teacher's largest channels keep something even of this
+    # untrained teacher (measured -0.04 and 0.15)
+    assert abs(kept_fresh) < 0.1 and kept_teacher > kept_fresh + 0.1, (kept_fresh, kept_teacher)
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(1.01, "fresh"), (-1.01, "teacher")])
+def test_auto_init_starts_fresh_when_the_teachers_weights_keep_too_little(threshold, expected):
+    """--init auto: a student without BatchNorm whose teacher's weights keep less of the
+    teacher's answers than the threshold starts fresh (with BatchNorm), and its kind says why;
+    the user's own --init teacher is never overridden."""
+    model, shape = build("lenet5")
+    teacher = Teacher.from_module(model, shape)
+    task = replace(get_task("classification"), min_answers_kept=threshold)
+    chosen = plan_student(teacher, CompressConfig(task=task))
+    assert f"init {expected}" in chosen.kind and chosen.from_teacher == (expected == "teacher")
+    if expected == "fresh":
+        assert "not from the teacher's weights: they keep" in chosen.kind
+        assert "BatchNorm layers added" in chosen.kind
+    asked = plan_student(teacher, CompressConfig.from_options(task=task, init="teacher"))
+    assert "init teacher" in asked.kind and asked.from_teacher
+
+
+def test_a_student_with_batchnorm_keeps_the_teachers_weights():
+    """The check is for students without BatchNorm (folded teachers) only, and for the tasks
+    that set a minimum (classification; detection's raw heads do not)."""
+    model, shape = build("resnet18")
+    task = replace(get_task("classification"), min_answers_kept=1.01)
+    chosen = plan_student(Teacher.from_module(model, shape), CompressConfig(task=task))
+    assert "init teacher" in chosen.kind and chosen.from_teacher
+    lenet, lenet_shape = build("lenet5")
+    unchecked = replace(get_task("classification"), min_answers_kept=None)
+    kept = plan_student(Teacher.from_module(lenet, lenet_shape), CompressConfig(task=unchecked))
+    assert "init teacher" in kept.kind
 
 
 def test_nothing_to_prune():

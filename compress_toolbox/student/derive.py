@@ -12,6 +12,7 @@ import warnings
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import fx, nn
 
@@ -324,6 +325,24 @@ def make_student(
             output_layers = output_layer_names(student, example_input)
             add_batchnorm(student, output_layers[0] if output_layers else None)
     return student.eval()
+
+
+@torch.no_grad()
+def answers_kept(teacher_module: nn.Module, student: nn.Module, input_shape: tuple[int, ...],
+                 samples: int = 64, seed: int = 0) -> float:  # fmt: skip
+    """How much of the teacher's answers a student derived from its weights keeps, before any
+    training, without data: the mean cosine similarity of their outputs, each centred over the
+    batch, on ``samples`` standard-normal inputs (the same inputs for any call). 1 is the
+    teacher's answers up to scale; about 0 is nothing of them."""
+    inputs = torch.randn(samples, *input_shape, generator=torch.Generator().manual_seed(seed))
+    teacher_module.eval()
+    student.eval()
+    similarities = []
+    for chunk in inputs.split(16):
+        t = teacher_module(chunk).flatten(1).float()
+        s = student(chunk).flatten(1).float()
+        similarities.append(F.cosine_similarity(t - t.mean(0), s - s.mean(0), dim=1))
+    return float(torch.cat(similarities).mean())
 
 
 def add_batchnorm(student: nn.Module, skip: str | None) -> int:

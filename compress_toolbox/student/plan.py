@@ -13,7 +13,12 @@ from compress_toolbox.config import CompressConfig
 from compress_toolbox.errors import DaflError
 from compress_toolbox.load.analysis import Analysis, analyse
 from compress_toolbox.load.teacher import Teacher
-from compress_toolbox.student.derive import ChannelOrderError, StudentError, make_student
+from compress_toolbox.student.derive import (
+    ChannelOrderError,
+    StudentError,
+    answers_kept,
+    make_student,
+)
 from compress_toolbox.tasks import Task
 
 
@@ -94,10 +99,26 @@ def _derive(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module]:
             raise
         init, note = "fresh", ", not from the teacher's weights: H,W,C flatten"
         module = make_student(teacher.module, width=width, init=init, example_input=example)
+    kept = _answers_kept(teacher, module, config, init)
+    if kept is not None and kept < config.task.min_answers_kept:
+        init = "fresh"
+        note = f", not from the teacher's weights: they keep {kept:.2f} of its answers"
+        module = make_student(teacher.module, width=width, init=init, example_input=example)
     kind = f"derived (width {width}, init {init}{note})"
     if _batchnorms(module) > _batchnorms(teacher.module):
         kind += f", {_batchnorms(module)} BatchNorm layers added for training"
     return kind, module
+
+
+def _answers_kept(teacher: Teacher, module: nn.Module, config: CompressConfig,
+                  init: str) -> float | None:  # fmt: skip
+    """What a student from the teacher's weights keeps of the teacher's answers, where
+    ``--init auto`` may start it fresh instead (the task sets a minimum and the student has no
+    BatchNorm: a folded teacher's); else None."""
+    if (init != "teacher" or not config.init_may_fall_back or _batchnorms(module)
+            or config.task.min_answers_kept is None):  # fmt: skip
+        return None
+    return answers_kept(teacher.module, module, tuple(teacher.input_shape))
 
 
 def _named_zoo_model(teacher: Teacher, task: Task, choice: str) -> nn.Module:

@@ -59,6 +59,9 @@ class Task:
     output_text: str  # the expected output, for messages
     batch_size: int | None = None  # generated batch when no --batch-size (None: the preset's)
     student_init: str | None = None  # what --init auto means (None: the preset's choice)
+    # with --init auto, a derived student without BatchNorm whose teacher's weights keep less
+    # than this of the teacher's answers (derive.answers_kept) starts fresh (None: not checked)
+    min_answers_kept: float | None = None
     health_samples: int = 256  # generated inputs per health check (the class histogram)
     monitor_samples: int = 1000  # evaluation inputs for the curve during training (0: none)
     # what is done to each generated image before the teacher sees it (keys of
