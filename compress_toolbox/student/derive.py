@@ -319,12 +319,20 @@ def make_student(
             "nothing to shrink: the teacher has no conv/linear layer besides its output layer"
         )
     if init == "fresh":
-        _reinitialise(student)
-        norm = nn.modules.batchnorm._BatchNorm
-        if add_missing_batchnorm and not any(isinstance(m, norm) for m in student.modules()):
-            output_layers = output_layer_names(student, example_input)
-            add_batchnorm(student, output_layers[0] if output_layers else None)
+        start_fresh(student, example_input, add_missing_batchnorm)
     return student.eval()
+
+
+def start_fresh(student: nn.Module, example_input: torch.Tensor,
+                add_missing_batchnorm: bool = True) -> None:  # fmt: skip
+    """Re-initialise a derived student's weights in place (``make_student``'s ``init="fresh"``);
+    without any BatchNorm layer it gets one after every convolution but the output layer,
+    unless ``add_missing_batchnorm=False`` (see ``add_batchnorm``)."""
+    _reinitialise(student)
+    norm = nn.modules.batchnorm._BatchNorm
+    if add_missing_batchnorm and not any(isinstance(m, norm) for m in student.modules()):
+        output_layers = output_layer_names(student, example_input)
+        add_batchnorm(student, output_layers[0] if output_layers else None)
 
 
 @torch.no_grad()

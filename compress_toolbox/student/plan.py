@@ -18,6 +18,7 @@ from compress_toolbox.student.derive import (
     StudentError,
     answers_kept,
     make_student,
+    start_fresh,
 )
 from compress_toolbox.tasks import Task
 
@@ -103,7 +104,7 @@ def _derive(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module]:
     if kept is not None and kept < config.task.min_answers_kept:
         init = "fresh"
         note = f", not from the teacher's weights: they keep {kept:.2f} of its answers"
-        module = make_student(teacher.module, width=width, init=init, example_input=example)
+        start_fresh(module, example)  # the same pruned layers: no second derivation
     kind = f"derived (width {width}, init {init}{note})"
     if _batchnorms(module) > _batchnorms(teacher.module):
         kind += f", {_batchnorms(module)} BatchNorm layers added for training"
