@@ -152,7 +152,7 @@ def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
 def _other_student(plan: StudentPlan) -> str:
     """The --student to suggest after a failed student: the zoo's for a derived one, a derived
     one (which starts from the teacher's weights) for the zoo's."""
-    return "--student auto" if plan.kind.startswith("zoo") else "--student zoo"
+    return "--student auto" if plan.source == "zoo" else "--student zoo"
 
 
 def _distill(inputs: _Inputs, config: CompressConfig, checkpoint_dir: Path | None,

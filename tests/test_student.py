@@ -198,6 +198,7 @@ def test_auto_init_starts_fresh_when_the_teachers_weights_keep_too_little(thresh
     task = replace(get_task("classification"), min_answers_kept=threshold)
     chosen = plan_student(teacher, CompressConfig(task=task))
     assert f"init {expected}" in chosen.kind and chosen.from_teacher == (expected == "teacher")
+    assert chosen.source == "derived"
     if expected == "fresh":
         assert "not from the teacher's weights: they keep" in chosen.kind
         assert "BatchNorm layers added" in chosen.kind
@@ -489,6 +490,7 @@ def test_a_failed_student_is_pointed_to_the_other_kind_of_student():
     from compress_toolbox.pipeline import _other_student
     from compress_toolbox.student.plan import StudentPlan
 
-    derived = StudentPlan("derived (width 0.5, init teacher)", nn.Identity(), None)
+    derived = StudentPlan("derived (width 0.5, init teacher)", nn.Identity(), None, "derived")
     assert _other_student(derived) == "--student zoo"
-    assert _other_student(StudentPlan("zoo:yolo_nano", nn.Identity(), None)) == "--student auto"
+    zoo = StudentPlan("zoo:yolo_nano", nn.Identity(), None, "zoo")
+    assert _other_student(zoo) == "--student auto"

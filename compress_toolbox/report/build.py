@@ -60,7 +60,7 @@ def layers_kept_whole(teacher: Analysis, plan: StudentPlan) -> list[str] | None:
     """Why a derived student keeps far more than width^2 of the parameters: its conv/linear
     layers (the output layer aside) that kept the teacher's width. None when it did shrink."""
     shrunk = plan.analysis.params <= FAR_ABOVE_WIDTH_SQUARED * teacher.params
-    if shrunk or not plan.kind.startswith("derived"):
+    if shrunk or plan.source != "derived":
         return None
     widths = {layer.name: layer.out_width for layer in teacher.layers[:-1]}
     return [f"{layer.name} ({layer.out_width})" for layer in plan.analysis.layers

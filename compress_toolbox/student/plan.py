@@ -4,6 +4,7 @@ model zoo, as the run's configuration says; with its cost measured."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -27,9 +28,10 @@ from compress_toolbox.tasks import Task
 class StudentPlan:
     """Which student, how it was obtained, and its cost."""
 
-    kind: str  # "derived (width 0.5)" or "zoo:NAME"
+    kind: str  # for the report: "derived (width 0.5, init teacher)" or "zoo:NAME"
     module: nn.Module
     analysis: Analysis
+    source: Literal["derived", "zoo"]
     from_teacher: bool = False  # starts from the teacher's weights (fine-tuning)
 
 
@@ -37,9 +39,9 @@ def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
     """The student ``config.student`` asks for: ``auto`` derives one by shrinking the teacher's
     widths, ``zoo`` picks the zoo model of the task whose cost is nearest a quarter of the
     teacher's, ``zoo:NAME`` builds that one. Its output must be the teacher's."""
-    choice = config.student.student
+    choice, from_teacher = config.student.student, False
     if choice == "auto":
-        kind, module = _derived(teacher, config)
+        kind, module, from_teacher = _derived(teacher, config)
     elif choice == "zoo":
         try:
             name, module = model_zoo.pick_student(config.task, teacher)
@@ -57,11 +59,11 @@ def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
             f"student output {analysis.output_shape} does not match the teacher's "
             f"{teacher.analysis.output_shape}"
         )
-    from_teacher = choice == "auto" and "init teacher" in kind
-    return StudentPlan(kind, module, analysis, from_teacher=from_teacher)
+    source = "derived" if choice == "auto" else "zoo"
+    return StudentPlan(kind, module, analysis, source, from_teacher=from_teacher)
 
 
-def _derived(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module]:
+def _derived(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module, bool]:
     """``_derive``, its refusal completed with what can help this teacher."""
     try:
         return _derive(teacher, config)
@@ -86,8 +88,9 @@ def _instead_of_deriving(teacher: Teacher, task: Task) -> str:
     return f"pick one from the zoo instead (--student zoo would take {name})"
 
 
-def _derive(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module]:
-    """The teacher with every width scaled by ``--width``. When ``--init auto`` chose the
+def _derive(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module, bool]:
+    """The teacher with every width scaled by ``--width``: (kind, module, whether it starts from
+    the teacher's weights). When ``--init auto`` chose the
     teacher's weights and they cannot be kept (an H,W,C flatten, see
     ``graph_facts.channels_last_flatten``), the student starts fresh instead and its kind says
     so."""
@@ -108,7 +111,7 @@ def _derive(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module]:
     kind = f"derived (width {width}, init {init}{note})"
     if _batchnorms(module) > _batchnorms(teacher.module):
         kind += f", {_batchnorms(module)} BatchNorm layers added for training"
-    return kind, module
+    return kind, module, init == "teacher"
 
 
 def _answers_kept(teacher: Teacher, module: nn.Module, config: CompressConfig,
