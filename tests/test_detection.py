@@ -98,6 +98,30 @@ def test_the_kd_loss_is_lowest_for_the_teacher_itself_and_weighs_confident_locat
         wrong_object, teacher, layout)
 
 
+def test_generated_scenes_paste_the_objects_the_teacher_sees_at_object_sizes(monkeypatch):
+    """dafl-det's scenes: each generated image is cut to its box (grown by a quarter; a box
+    too small to cut keeps the whole image), and a cut is pasted with its aspect kept, its
+    longest side within the scene scales of the canvas."""
+    from compress_toolbox.distillation.methods import dafl_det
+
+    images = torch.zeros(2, 3, 64, 64)
+    images[:, :, 24:40, 28:36] = 1.0  # a 16 x 8 object centred at (32, 32)
+    boxes = torch.tensor([[32.0, 32, 8, 16], [-10, -10, 1, 1]])  # the second outside the image
+    cuts = dafl_det.teacher_objects(images, boxes)
+    assert cuts[0].shape == (3, 20, 10) and cuts[0][:, 2:18, 1:9].eq(1).all()
+    assert cuts[1].shape == (3, 64, 64)
+    monkeypatch.setattr(dafl_det, "SCENE_OBJECTS", (1, 1))
+    torch.manual_seed(0)
+    objects = [torch.ones(3, 20, 10)] * 6
+    scenes = dafl_det.compose_scenes(objects, torch.zeros(6, 3, 64, 64), pixels=True)
+    assert scenes.shape == (6, 3, 64, 64)
+    low, high = (round(64 * scale) for scale in dafl_det.SCENE_SCALES)
+    for scene in scenes:
+        rows, cols = scene[0].eq(1).nonzero().unbind(1)
+        h, w = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+        assert low <= h <= high and abs(h / w - 2) < 0.4, (h, w)
+
+
 class TwoOutputs(nn.Module):
     """Two outputs (N, 64, 4) whose names say nothing: boxes or scores, nobody can tell."""
 

@@ -7,12 +7,15 @@
   should be uniform: scenes of every class, not one;
 - activation: as DAFL, strong features before the teacher's last 1x1 convolution.
 
-The student learns from half generated images as they are and half multi-object scenes: one to
-three generated images shrunk to 25-60% of the canvas and pasted on a plain noisy background
-(as DIODE's tiles and Multi-Object Impressions compose several objects per canvas). Generated
-images alone are objects everywhere: a student distilled on them only learnt the teacher's
-answers there and lost the background (on the benchmark its mAP@0.5 on real scenes peaked at
-0.27 after 35 s and fell to 0.01 by 190 s while it agreed ever better on generated inputs).
+The student learns from half generated images as they are and half multi-object scenes: the
+objects the teacher sees in one to three generated images (each image cut to the box of its
+most confident location) pasted on a plain noisy background, their longest side 17-42% of the
+canvas (as DIODE's tiles and Multi-Object Impressions compose several objects per canvas).
+Generated images alone are objects everywhere: a student distilled on them only learnt the
+teacher's answers there and lost the background (on the benchmark its mAP@0.5 on real scenes
+peaked at 0.27 after 35 s and fell to 0.01 by 190 s while it agreed ever better on generated
+inputs). Whole generated images pasted instead of the teacher's objects are textured squares:
+6.9-8.5 points of the teacher's mAP@0.5 lower (benchmarks/RESULTS.md).
 
 The head's layout comes from the task (``tasks/detection``), whose KD loss trains the student.
 """
@@ -31,7 +34,9 @@ from compress_toolbox.distillation.methods.dafl import DAFL
 
 SCENE_SHARE = 0.5  # of each student batch: multi-object scenes composed of generated images
 SCENE_OBJECTS = (1, 3)
-SCENE_SCALES = (0.25, 0.6)  # pasted image side / canvas side
+SCENE_SCALES = (0.175, 0.42)  # a pasted object's longest side / the canvas's shorter side
+OBJECT_MARGIN = 1.25  # an object's cut: its box grown by a quarter (edges and some background)
+MIN_OBJECT_SIDE = 4.0  # pixels: a smaller box is cut at this size
 TOP_FRACTION = 0.05  # share of each image's locations always counted as confident
 CONFIDENT = 0.25  # a score above this is a detection
 
@@ -68,19 +73,41 @@ def _background(like: torch.Tensor, pixels: bool) -> torch.Tensor:
     return mean + 0.1 * like.std() * torch.randn_like(like)
 
 
-def compose_scenes(images: torch.Tensor, pixels: bool) -> torch.Tensor:
-    """Canvases of the images' size, each holding 1-3 of ``images`` (N, C, H, W) shrunk and
-    pasted at random places (``pixels``: the images are pixels in [0, 1])."""
-    canvas = _background(images, pixels)
-    n, _, height, width = images.shape
+def teacher_objects(images: torch.Tensor, boxes: torch.Tensor) -> list[torch.Tensor]:
+    """Each of ``images`` (N, C, H, W) cut to its (N, 4) centre/size box in pixels, grown by
+    ``OBJECT_MARGIN`` and clipped to the image; a box that leaves less than 2 px keeps the
+    whole image."""
+    height, width = images.shape[-2:]
+    cuts = []
+    for image, (cx, cy, w, h) in zip(images, boxes.tolist()):
+        w, h = (max(MIN_OBJECT_SIDE, OBJECT_MARGIN * side) for side in (w, h))
+        x0, y0 = int(max(0, cx - w / 2)), int(max(0, cy - h / 2))
+        x1, y1 = int(min(width, cx + w / 2)), int(min(height, cy + h / 2))
+        cuts.append(image[:, y0:y1, x0:x1] if x1 - x0 >= 2 and y1 - y0 >= 2 else image)
+    return cuts
+
+
+def _scaled(piece: torch.Tensor, longest: int) -> torch.Tensor:
+    """``piece`` (C, h, w) resized so that its longest side is ``longest``, aspect kept."""
+    h, w = piece.shape[-2:]
+    size = [max(2, round(longest * side / max(h, w))) for side in (h, w)]
+    return F.interpolate(piece[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def compose_scenes(objects: list[torch.Tensor], like: torch.Tensor, pixels: bool) -> torch.Tensor:
+    """Canvases shaped like ``like`` (N, C, H, W), each holding 1-3 of ``objects`` (N pieces
+    (C, h, w)) resized and pasted at random places (``pixels``: the pieces are pixels in
+    [0, 1])."""
+    canvas = _background(like, pixels)
+    n, _, height, width = like.shape
     for i in range(n):
         count = int(torch.randint(SCENE_OBJECTS[0], SCENE_OBJECTS[1] + 1, ()))
-        # canvas i holds image i first: every image is in some scene (and gets gradients)
+        # canvas i holds object i first: every generated image is in some scene (and gets
+        # gradients)
         for source in [i, *torch.randint(n, (count - 1,)).tolist()]:
             scale = float(torch.empty(()).uniform_(*SCENE_SCALES))
-            h, w = max(2, round(height * scale)), max(2, round(width * scale))
-            patch = F.interpolate(images[source][None], size=(h, w),
-                                  mode="bilinear", align_corners=False)[0]  # fmt: skip
+            patch = _scaled(objects[source], max(2, round(min(height, width) * scale)))
+            h, w = patch.shape[-2:]
             y, x = int(torch.randint(height - h + 1, ())), int(torch.randint(width - w + 1, ()))
             canvas[i, :, y : y + h, x : x + w] = patch
     return canvas
@@ -111,7 +138,8 @@ class DAFLDetection(DAFL):
             return batch
         domain = self.pixel_domain
         images = domain.to_pixels(batch.x) if domain is not None else batch.x
-        composed = compose_scenes(images, pixels=domain is not None)
+        composed = compose_scenes(self._objects(images, batch.teacher_logits), images,
+                                  pixels=domain is not None)  # fmt: skip
         composed = domain.to_model(composed) if domain is not None else composed
         with torch.no_grad(), self.ctx.autocast():
             logits = self.ctx.teacher(composed[:scenes]).float()
@@ -119,6 +147,15 @@ class DAFLDetection(DAFL):
         return GeneratedBatch(torch.cat([batch.x[:keep], composed[:scenes]]),
                               torch.cat([batch.teacher_logits[:keep], logits]),
                               batch.losses)  # fmt: skip
+
+    def _objects(self, images: torch.Tensor, teacher_out: torch.Tensor) -> list[torch.Tensor]:
+        """What the teacher sees in each generated image: the image cut to the box of its most
+        confident location; the whole image where the head's boxes are not in pixels."""
+        layout = self.layout_of(teacher_out)
+        if not layout.boxes_in_pixels:
+            return list(images)
+        best = layout.confidence(teacher_out).argmax(1)
+        return teacher_objects(images, layout.boxes(teacher_out)[torch.arange(len(best)), best])
 
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
         weights, layout = self.weights, self.layout_of(logits)
