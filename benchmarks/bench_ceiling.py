@@ -76,26 +76,35 @@ def _real_images(entry: dict, shape: tuple[int, ...]):
 def _train(teacher, plan, x, budget: float) -> int:
     """KD on random batches of ``x`` for ``budget`` seconds with the fast preset's student
     recipe; the number of steps made."""
+    from compress_toolbox.distillation.losses import kd_loss
+    from compress_toolbox.distillation.presets import PRESETS
+
+    preset = PRESETS["fast"]
+    lr = preset.student_lr_fine_tune if plan.from_teacher else preset.student_lr
+    return train_on_images(teacher.module, plan.module, x, budget, lr, preset.batch_size,
+                           lambda s, t: kd_loss(s, t, preset.kd_temperature))  # fmt: skip
+
+
+def train_on_images(teacher, student, images, budget: float, lr: float, batch: int,
+                    loss_fn) -> int:  # fmt: skip
+    """Adam on ``loss_fn(student(x), teacher(x))`` over random batches of ``images`` for
+    ``budget`` seconds, the learning rate on a cosine over the budget (as
+    fit_schedule_to_budget); the number of steps made."""
     import math
 
     import torch
 
-    from compress_toolbox.distillation.losses import kd_loss
-    from compress_toolbox.distillation.presets import PRESETS
-
-    preset, student = PRESETS["fast"], plan.module
-    lr = preset.student_lr_fine_tune if plan.from_teacher else preset.student_lr
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
-    teacher.module.eval()
+    teacher.eval()
     student.train()
     steps, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < budget:
-        for group in optimizer.param_groups:  # cosine over the budget, as fit_schedule_to_budget
+        for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget, 1.0)))
-        batch = x[torch.randint(len(x), (preset.batch_size,))]
+        x = images[torch.randint(len(images), (batch,))]
         with torch.no_grad():
-            target = teacher.module(batch)
-        loss = kd_loss(student(batch), target, preset.kd_temperature)
+            target = teacher(x)
+        loss = loss_fn(student(x), target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

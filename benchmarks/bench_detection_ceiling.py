@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_ceiling import train_on_images  # noqa: E402 - after the path it needs
 
 
 def _teacher_and_student(teacher_path: Path, seed: int):
@@ -42,27 +43,6 @@ def _teacher_and_student(teacher_path: Path, seed: int):
     config = replace(config, task=config.task.bound_to(teacher))
     teacher = fit_teacher_to_task(teacher, config.task)
     return teacher, config.task, plan_student(teacher, config)
-
-
-def _train(teacher, task, student, images, budget: float, lr: float, batch: int) -> int:
-    """KD on random batches of ``images`` for ``budget`` seconds; the number of steps."""
-    import torch
-
-    optimiser = torch.optim.Adam(student.parameters(), lr=lr)
-    student.train()
-    steps, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < budget:
-        for group in optimiser.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget, 1.0)))
-        x = images[torch.randint(len(images), (batch,))]
-        with torch.no_grad():
-            target = teacher(x)
-        loss = task.distillation_loss(student(x), target, 1.0)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        steps += 1
-    return steps
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -86,8 +66,9 @@ def run(args: argparse.Namespace) -> dict:
     images = torch.from_numpy(scenes.images).float() / 255.0
     preset = PRESETS["fast"]
     lr = preset.student_lr_fine_tune if plan.from_teacher else preset.student_lr
-    steps = _train(teacher.module.eval(), task, plan.module, images, args.budget, lr,
-                   task.batch_size)  # fmt: skip
+    steps = train_on_images(teacher.module, plan.module, images, args.budget, lr,
+                            task.batch_size,
+                            lambda s, t: task.distillation_loss(s, t, 1.0))  # fmt: skip
     student = plan.module.eval()
     layout, k = task.head, task.head.num_classes
     domain = InputDomain.from_options(None, None, teacher.input_shape)
