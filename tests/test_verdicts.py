@@ -209,8 +209,9 @@ def test_a_derived_student_far_above_width_squared_names_the_layers_that_kept_th
         return Analysis(params, 0, (1, 8, 8), (10,), "classification", layers)
 
     teacher = analysis(1000, [64, 64, 10])
-    kept = SimpleNamespace(kind="derived (width 0.5, init teacher)",
-                           analysis=analysis(790, [64, 32, 10]))  # fmt: skip
+    kept = SimpleNamespace(source="derived", analysis=analysis(790, [64, 32, 10]))
     assert layers_kept_whole(teacher, kept) == ["l0 (64)"]  # the output layer l2 aside
-    halved = SimpleNamespace(kind=kept.kind, analysis=analysis(250, [32, 32, 10]))
+    halved = SimpleNamespace(source="derived", analysis=analysis(250, [32, 32, 10]))
     assert layers_kept_whole(teacher, halved) is None
+    picked = SimpleNamespace(source="zoo", analysis=kept.analysis)
+    assert layers_kept_whole(teacher, picked) is None
