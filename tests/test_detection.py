@@ -62,6 +62,16 @@ def test_yolov5_layout_multiplies_objectness_into_class_scores():
     assert torch.allclose(layout.class_scores(out)[0, 0], torch.tensor([0.1, 0.4]))
 
 
+def test_health_counts_the_images_in_which_the_teacher_finds_an_object():
+    from compress_toolbox.tasks.detection.task import DETECTION as task
+
+    boxes = torch.tensor([[8.0, 8, 4, 4]] * 12)
+    sure, unsure = torch.full((12, 2), 0.01), torch.full((12, 2), 0.01)
+    sure[3, 1] = 0.9
+    out = torch.cat([_yolov8(boxes, sure)] * 3 + [_yolov8(boxes, unsure)])  # 3 of 4 images
+    assert task.found_share(out) == pytest.approx(0.75)
+
+
 def test_decoding_keeps_the_best_of_overlapping_boxes_of_one_class():
     boxes = torch.tensor([[10.0, 10, 8, 8], [10.5, 10, 8, 8], [10.5, 10, 8, 8], [30, 30, 6, 6]])
     scores = torch.tensor([[0.9, 0.0], [0.8, 0.0], [0.0, 0.7], [0.0, 0.0001]])

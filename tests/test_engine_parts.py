@@ -158,6 +158,13 @@ def test_collapse_guard_restarts_then_fails():
     assert guard.warmup == 50
 
 
+def test_collapse_guard_restarts_when_the_teacher_finds_nothing_in_most_inputs():
+    guard = CollapseGuard(patience=2, max_restarts=1, warmup=10)
+    blind = [Health(i, 10, 0.95, 0.9, 0.5, 0.9, found=0.3) for i in (10, 20)]
+    assert [guard.judge(h) for h in blind] == ["ok", "restart"]
+    assert guard.judge(Health(40, 10, 0.95, 0.9, 0.5, 0.9, found=0.9)) == "ok"
+
+
 def test_judge_student():
     assert judge_student(0.9, 0.8, None) == []
     assert "less than half" in judge_student(0.9, 0.4, None)[0]
@@ -165,7 +172,10 @@ def test_judge_student():
     assert "same class" in judge_student(None, None, collapsed)[0]
     assert judge_student(None, None, _health(100, 0.9)) == []
     assert "no training iteration" in judge_student(None, None, None)[0]
-    assert "collapsed at the end" in judge_student(None, None, _health(100, 0.1))[0]
+    assert "at the end of training the generated inputs collapsed onto 1" in judge_student(
+        None, None, _health(100, 0.1))[0]  # fmt: skip
+    blind = Health(100, 10, 0.95, 0.9, 0.8, 0.9, found=0.25)
+    assert "finds nothing in 75% of the generated inputs" in judge_student(None, None, blind)[0]
     guessing = Health(100, 10, 0.95, 0.9, 0.12, 0.9)
     assert "only 12%" in judge_student(None, None, guessing, num_classes=10)[0]
     assert judge_student(None, None, Health(100, 10, 0.95, 0.9, 0.5, 0.9), num_classes=10) == []

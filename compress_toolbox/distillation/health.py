@@ -19,6 +19,8 @@ from compress_toolbox.tasks.verdict import chance_agreement, falls_short
 
 COLLAPSE_ENTROPY = 0.3  # normalised entropy of the class histogram below this = collapsed
 # (two equally frequent classes out of ten give 0.30, one class gives 0)
+FOUND_MIN = 0.5  # the teacher finds something in fewer than this share of inputs = collapsed
+# (a detector's generated images: 0.97-1.0 on the detection benchmark's healthy runs)
 
 
 class GenerationCollapsed(TrainingFailed):
@@ -36,6 +38,9 @@ class Health:
     agreement: float  # student-teacher top-1 agreement
     student_entropy: float  # normalised entropy of the student's class histogram
     chance_agreement: float = 0.0  # agreement of a student blind to the input (verdict.py)
+    # share of inputs in which the teacher finds something (a detection above the threshold);
+    # 1.0 for tasks that answer on every input
+    found: float = 1.0
 
     def as_row(self) -> dict[str, float]:
         row = asdict(self)
@@ -43,10 +48,23 @@ class Health:
         return row
 
     def short(self) -> str:
+        found = f", found in {self.found:.0%}" if self.found < 1 else ""
         return (
             f"classes {self.classes}, entropy {self.class_entropy:.2f}, "
-            f"confidence {self.teacher_confidence:.2f}, agreement {self.agreement:.2f}"
+            f"confidence {self.teacher_confidence:.2f}{found}, agreement {self.agreement:.2f}"
         )
+
+    def collapsed(self) -> bool:
+        """The generated inputs fall on (almost) one class, or the teacher finds nothing in
+        most of them."""
+        return self.class_entropy < COLLAPSE_ENTROPY or self.found < FOUND_MIN
+
+    def collapse_text(self, num_classes: int) -> str:
+        """What collapsed, for messages."""
+        if self.found < FOUND_MIN:
+            return f"the teacher finds nothing in {1 - self.found:.0%} of the generated inputs"
+        return (f"the generated inputs collapsed onto {self.classes} of the teacher's "
+                f"{num_classes} classes (normalised entropy {self.class_entropy:.2f})")  # fmt: skip
 
 
 def progress_figures(losses: dict[str, float], health: Health | None,
@@ -75,9 +93,11 @@ def class_entropy(predictions: torch.Tensor, num_classes: int) -> float:
 def measure(
     teacher: nn.Module, student: nn.Module, x: torch.Tensor, iteration: int, num_classes: int,
     as_logits: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
+    found: Callable[[torch.Tensor], float] | None = None,
 ) -> Health:
     """Health figures of the teacher and the student on inputs ``x``; ``as_logits`` turns both
-    outputs into class logits first (``Task.health_logits``)."""
+    outputs into class logits first (``Task.health_logits``), ``found`` gives the share of
+    inputs in which the teacher finds something (``Task.found_share``)."""
     was_training = student.training
     student.eval()
     try:
@@ -85,6 +105,7 @@ def measure(
         s_logits = student(x).float()
     finally:
         student.train(was_training)
+    found_share = found(t_logits) if found is not None else 1.0
     if as_logits is not None:
         t_logits, s_logits = as_logits(t_logits, s_logits)
     t_pred, s_pred = t_logits.argmax(1), s_logits.argmax(1)
@@ -96,6 +117,7 @@ def measure(
         agreement=float((t_pred == s_pred).float().mean()),
         student_entropy=class_entropy(s_pred, num_classes),
         chance_agreement=chance_agreement(t_pred, s_pred, max(num_classes, 1)),
+        found=found_share,
     )
 
 
@@ -120,7 +142,7 @@ class CollapseGuard:
         """'ok', 'restart' or 'fail' for this check."""
         if health.iteration < self.started + self.warmup:
             return "ok"
-        if health.class_entropy >= COLLAPSE_ENTROPY:
+        if not health.collapsed():
             self.strikes = 0
             return "ok"
         self.strikes += 1
@@ -143,9 +165,8 @@ class CollapseGuard:
                           category=DaflWarning, stacklevel=3)  # fmt: skip
         elif verdict == "fail":
             raise GenerationCollapsed(
-                f"the generated inputs collapsed onto {health.classes} of the teacher's "
-                f"{num_classes} classes (normalised entropy {health.class_entropy:.2f}) and "
-                f"stayed so after {self.restarts} generator restarts; no usable student. Check "
+                f"{health.collapse_text(num_classes)}, and it stayed so after "
+                f"{self.restarts} generator restarts; no usable student. Check "
                 f"that the teacher is a working classifier (here it answers mean confidence "
                 f"{health.teacher_confidence:.2f}), or try another --method or --seed"
             )
@@ -184,11 +205,8 @@ def judge_student(
         return []
     if health is None:
         return ["no training iteration ran, so nothing shows that the student learned"]
-    if health.class_entropy < COLLAPSE_ENTROPY:
-        return [
-            f"the generated inputs had collapsed at the end of training (the teacher answers "
-            f"{health.classes} class(es), normalised entropy {health.class_entropy:.2f})"
-        ]
+    if health.collapsed():
+        return [f"at the end of training {health.collapse_text(num_classes or health.classes)}"]
     problems = []
     if health.student_entropy < COLLAPSE_ENTROPY:
         problems.append(

@@ -214,7 +214,8 @@ class Trainer:
         # every rank judges the same global sample: the collapse verdict is agreed
         x = self.world.all_gather_cat(self.method.sample(self.task.health_samples))
         self.last_health = measure(self.teacher.module, self.student, x, self.iteration,
-                                   self.num_classes, self.task.health_logits)  # fmt: skip
+                                   self.num_classes, self.task.health_logits,
+                                   self.task.found_share)  # fmt: skip
         return self.last_health
 
     def _check_health(self) -> Health:

@@ -169,10 +169,12 @@ def _per_class_iou(seg: dict[str, Any]) -> list[str]:
 def _health(health: dict[str, Any] | None) -> str:
     if not health:
         return "n/a"
+    found = health.get("found", 1.0)
+    found_text = f"finds something in {found:.0%} of them, " if found < 1 else ""
     return (
         f"the teacher answers {health['classes']} classes (normalised entropy "
         f"{health['class_entropy']:.2f}, mean confidence {health['teacher_confidence']:.2f}), "
-        f"student agrees on {100 * health['agreement']:.1f}%"
+        f"{found_text}student agrees on {100 * health['agreement']:.1f}%"
     )
 
 

@@ -128,6 +128,11 @@ class Task:
         checks' class histogram and agreement; by default the outputs themselves."""
         return teacher_out, student_out
 
+    def found_share(self, teacher_out: torch.Tensor) -> float:
+        """Share of inputs in which the teacher finds something; every input by default (a
+        classifier answers on each)."""
+        return 1.0
+
     def measure(self, teacher: nn.Module, student_onnx: Path, data: EvalData | None,
                 sampler: Callable[[int], torch.Tensor] | None) -> TaskScores | None:  # fmt: skip
         """Teacher (PyTorch) and student (``student_onnx`` in onnxruntime) measured the task's
