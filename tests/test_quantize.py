@@ -191,6 +191,28 @@ def test_an_op_without_int8_form_stays_float_and_is_named(tmp_path, digits, midd
     assert _run(result.path, x_test[:7]).shape == (7, 10)
 
 
+def test_narrow_convolutions_stay_float_and_are_named_apart(tmp_path, digits):
+    from compress_toolbox.export.int8 import _kept_float_reason
+    from compress_toolbox.report.render import _int8_verdict
+
+    torch.manual_seed(0)
+    x, y, test_x, _ = digits
+    narrow = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 16, 3, padding=1),
+                           nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10))  # fmt: skip
+    model = _export(_train(narrow, x, y), tmp_path / "narrow.onnx")
+    kept = quantize_onnx(model, tmp_path / "kept.onnx", _random_inputs(256), samples=256)
+    assert kept.float_ops == () and [op for _, op in kept.kept_float] == ["Conv", "Relu"]
+    assert np.mean(_run(kept.path, test_x).argmax(1) == _run(model, test_x).argmax(1)) >= 0.9
+    entry = {"status": "ok", "calibration_method": "MinMax", "calibration_samples": 256,
+             "activations": "uint8", "size_ratio": kept.size_ratio, "verified_batches": [1, 7],
+             "float_op_types": [], "kept_float_ops": kept.kept_float,
+             "kept_float_reason": _kept_float_reason(kept)}  # fmt: skip
+    assert "1 convolution(s) with fewer than 16 output channels kept float" in _int8_verdict(entry)
+    every = quantize_onnx(model, tmp_path / "all.onnx", _random_inputs(256), samples=256,
+                          min_conv_channels=0)  # fmt: skip
+    assert every.kept_float == () and every.float_ops == ()
+
+
 def test_calibration_from_an_iterable_of_batches_stops_at_samples(tmp_path, float_model, capsys):
     batches = (_random_inputs(30, seed=i) for i in range(10))
     result = quantize_onnx(float_model, tmp_path / "it.int8.onnx", batches, method="entropy",

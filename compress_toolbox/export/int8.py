@@ -32,7 +32,12 @@ from compress_toolbox.export.calibration import (
     from_sampler,
 )
 from compress_toolbox.export.onnx_compare import Agreement, compare_onnx, latency_ms
-from compress_toolbox.export.quantize import DEFAULT_SAMPLES, QuantizeResult, quantize_onnx
+from compress_toolbox.export.quantize import (
+    DEFAULT_SAMPLES,
+    MIN_INT8_CONV_CHANNELS,
+    QuantizeResult,
+    quantize_onnx,
+)
 from compress_toolbox.export.verification import EXPORT_BATCHES, random_inputs
 from compress_toolbox.export.writer import onnx_session, teacher_onnx
 from compress_toolbox.tasks import Task, get_task, task_of_output
@@ -285,6 +290,8 @@ def describe(result: Int8Result | str) -> dict[str, Any]:
         "float_op_types": sorted({op for _, op in q.float_ops} - LAYOUT_OPS),
         "float_layout_ops": sorted({op for _, op in q.float_ops} & LAYOUT_OPS),
         "float_ops": [list(node) for node in q.float_ops],
+        "kept_float_ops": [list(node) for node in q.kept_float],
+        "kept_float_reason": _kept_float_reason(q),
         "size_ratio": round(q.size_ratio, 4),
         "quantize_s": round(q.seconds, 3),
         "agreement": {**asdict(result.agreement), "on": result.agreement_on},
@@ -294,6 +301,15 @@ def describe(result: Int8Result | str) -> dict[str, Any]:
         "verified_batches": list(result.verified_batches),
         "notes": list(q.notes),
     }
+
+
+def _kept_float_reason(q: QuantizeResult) -> str | None:
+    """Why ``q`` keeps some computing nodes float by choice (None: it keeps none)."""
+    convs = sum(op == "Conv" for _, op in q.kept_float)
+    if not convs:
+        return None
+    return (f"{convs} convolution(s) with fewer than {MIN_INT8_CONV_CHANNELS} output channels "
+            f"kept float, with the ops they feed: onnxruntime's INT8 kernel is slower there")
 
 
 def quantize_outputs(work: Path, student_onnx: Path, student_params: int, teacher: Teacher,

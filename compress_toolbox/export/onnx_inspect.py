@@ -61,7 +61,7 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types | {t.name: t.data_type for t in graph.initializer}
 
 
-def _quantisable_op_types() -> frozenset[str]:
+def quantisable_op_types() -> frozenset[str]:
     """The op types ``quantize_static`` quantises by default in QDQ format (its own default
     ``op_types_to_quantize``: the QOperator and QDQ registries)."""
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -77,7 +77,7 @@ def float_nodes(quantised: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
     types = _tensor_types(quantised)
     weights = {t.name for t in quantised.graph.initializer}
     producer = {out: node.op_type for node in quantised.graph.node for out in node.output}
-    quantisable = _quantisable_op_types()
+    quantisable = quantisable_op_types()
     left = []
     for node in quantised.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):

@@ -42,7 +42,13 @@ from onnxruntime.quantization import (
 from compress_toolbox.errors import DaflError, QuantizeError, first_line
 from compress_toolbox.export.onnx_compact import compact
 from compress_toolbox.export.onnx_feed import BatchReader, Calibration, calibration_feeds
-from compress_toolbox.export.onnx_inspect import fixed_batch, float_nodes, load_model, model_inputs
+from compress_toolbox.export.onnx_inspect import (
+    fixed_batch,
+    float_nodes,
+    load_model,
+    model_inputs,
+    quantisable_op_types,
+)
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 MODES = ("int8",)
@@ -77,6 +83,14 @@ DEFAULT_BATCH = 32
 # QLinearConv/QGemm graph, the same latency and outputs (measured), and TensorRT prefers them.
 _CALIB_OPTIONS = {"WeightSymmetric": True, "QuantizeBias": False}
 
+# Convolutions with fewer output channels stay float: there onnxruntime's CPU QLinearConv is
+# slower than its float Conv (benchmarks/bench_int8_size.py, 2-core x86-64 without VNNI, batch
+# 32, one thread: a LeNet-5-half's 1->3 conv 607 us INT8 against 158 us float, a ResNet-8-half's
+# 8-channel convs 551-696 us against 97-623 us; from 16 channels on INT8 was faster). Keeping
+# them float took the two students' INT8 batch-32 latency from 3.27x / 1.10x of float to
+# 1.06x / 0.86x, for a few hundred float weights.
+MIN_INT8_CONV_CHANNELS = 16
+
 
 @dataclass(frozen=True)
 class QuantizeResult:
@@ -87,11 +101,13 @@ class QuantizeResult:
     samples: int  # calibration samples actually fed
     activations: str  # uint8 or int8
     reduce_range: bool  # 7-bit weights (x86-64 without VNNI)
-    float_ops: tuple[tuple[str, str], ...]  # (node name, op type) left computing in float
+    float_ops: tuple[tuple[str, str], ...]  # (node name, op type) onnxruntime left in float
     size_bytes: int
     float_size_bytes: int
     seconds: float  # pre-processing + calibration + quantisation
     notes: tuple[str, ...] = ()  # e.g. pre-processing skipped and why
+    # (node name, op type) kept float by choice: narrow convolutions and the ops they feed
+    kept_float: tuple[tuple[str, str], ...] = ()
 
     @property
     def size_ratio(self) -> float:
@@ -136,6 +152,7 @@ def quantize_onnx(
     activations: str = "auto",
     percentile: float = 99.999,
     nodes_to_exclude: Sequence[str] = (),
+    min_conv_channels: int = MIN_INT8_CONV_CHANNELS,
 ) -> QuantizeResult:
     """Quantise the float ONNX ``model`` to INT8 at ``out`` (QDQ, static, per-channel weights).
 
@@ -143,8 +160,10 @@ def quantize_onnx(
     function ``n -> n inputs`` (a generator); at most ``samples`` inputs are fed, in whole
     batches of ``batch`` (or the model's fixed batch size): ``result.samples`` says how many.
     ``method`` is MinMax, Entropy or Percentile (at ``percentile``). ``activations`` "auto"
-    follows onnxruntime's advice for this CPU. Nodes onnxruntime cannot quantise stay float and
-    are listed in ``float_ops``. ``out`` appears only once complete. Raises ``QuantizeError``
+    follows onnxruntime's advice for this CPU. Convolutions with fewer than
+    ``min_conv_channels`` output channels stay float (faster so; 0 quantises them all) and are
+    listed in ``kept_float``; nodes onnxruntime cannot quantise stay float and are listed in
+    ``float_ops``. ``out`` appears only once complete. Raises ``QuantizeError``
     (one line naming the file) for bad options, unreadable models or a failing quantiser.
     """
     model, out = Path(model), Path(out)
@@ -157,23 +176,51 @@ def quantize_onnx(
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
             prepared, notes = _preprocess(model, Path(work) / "prepared.onnx")
+            narrow = narrow_convolutions(load_model(prepared), min_conv_channels)
             batch = fixed_batch(float_model) or batch
             feeds = calibration_feeds(calibration, inputs, samples, batch, model)
             reader = BatchReader(feeds, model)
             staged = Path(work) / out.name
             _quantize_static(model, prepared, staged, reader, canonical, act_type, reduce_range,
                              {**_CALIB_OPTIONS, "CalibPercentile": percentile},
-                             nodes_to_exclude, notes)  # fmt: skip
+                             [*nodes_to_exclude, *narrow], notes)  # fmt: skip
             quantised = load_model(staged)
-            float_ops = float_nodes(quantised)
-            _compact_file(staged, quantised, keep_nodes=[name for name, _ in float_ops])
+            float_ops, kept_float = _split_kept(quantised, float_nodes(quantised), narrow)
+            _compact_file(staged, quantised,
+                          keep_nodes=[name for name, _ in float_ops + kept_float])  # fmt: skip
             _move_into_place(staged, out)
     except OSError as error:
         raise QuantizeError(f"{out}: cannot write the INT8 model ({error.strerror or error})"
                             ) from error  # fmt: skip
     return QuantizeResult(out, canonical, reader.samples, act_type, reduce_range, float_ops,
                           out.stat().st_size, model.stat().st_size, time.perf_counter() - start,
-                          tuple(notes))  # fmt: skip
+                          tuple(notes), kept_float)  # fmt: skip
+
+
+def narrow_convolutions(model: onnx.ModelProto, min_channels: int) -> list[str]:
+    """Names of the Conv nodes of ``model`` whose weight (an initializer) has fewer than
+    ``min_channels`` output channels."""
+    weights = {tensor.name: tensor.dims for tensor in model.graph.initializer}
+    return [node.name for node in model.graph.node
+            if node.op_type == "Conv" and node.name and len(node.input) > 1
+            and weights.get(node.input[1], [min_channels])[0] < min_channels]  # fmt: skip
+
+
+def _split_kept(quantised: onnx.ModelProto, float_ops: tuple[tuple[str, str], ...],
+                chosen: Sequence[str]) -> tuple[tuple, tuple]:  # fmt: skip
+    """(the ``float_ops`` onnxruntime left float, the nodes kept float by choice): the
+    ``chosen`` nodes (float even where their input comes through a DequantizeLinear) and the
+    quantisable ops that read what those compute (a Relu or a MaxPool after a float
+    convolution). ``float_ops`` come in graph order."""
+    named = [(node.name or node.output[0], node) for node in quantised.graph.node]
+    producer = {out: name for name, node in named for out in node.output}
+    inputs = {name: node.input for name, node in named}
+    kept, quantisable = set(chosen), quantisable_op_types()
+    for name, op in float_ops:
+        if op in quantisable and any(producer.get(i) in kept for i in inputs.get(name, ())):
+            kept.add(name)
+    kept_nodes = tuple((name, node.op_type) for name, node in named if name in kept)
+    return tuple(node for node in float_ops if node[0] not in kept), kept_nodes
 
 
 COMPACT_LIMIT_BYTES = 1 << 30  # larger files keep onnxruntime's names (one protobuf: < 2 GiB)

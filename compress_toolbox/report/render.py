@@ -144,6 +144,8 @@ def _int8_verdict(entry: dict[str, Any]) -> str:
              if floats else "; every computing op quantised")  # fmt: skip
     if layout:
         text += f" (data-movement ops on float tensors: {', '.join(layout)})"
+    if entry.get("kept_float_ops"):
+        text += f"; {entry['kept_float_reason']}"
     if entry["status"] == "rejected":
         return (f"**REJECTED, written as {entry['file']}, not equivalent**: {entry['reason']}; "
                 f"{text}")
