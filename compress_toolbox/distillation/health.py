@@ -167,7 +167,7 @@ class CollapseGuard:
             raise GenerationCollapsed(
                 f"{health.collapse_text(num_classes)}, and it stayed so after "
                 f"{self.restarts} generator restarts; no usable student. Check "
-                f"that the teacher is a working classifier (here it answers mean confidence "
+                f"that the teacher is a working model (here it answers mean confidence "
                 f"{health.teacher_confidence:.2f}), or try another --method or --seed"
             )
         return verdict

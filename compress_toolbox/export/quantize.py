@@ -87,8 +87,9 @@ _CALIB_OPTIONS = {"WeightSymmetric": True, "QuantizeBias": False}
 # slower than its float Conv (benchmarks/bench_int8_size.py, 2-core x86-64 without VNNI, batch
 # 32, one thread: a LeNet-5-half's 1->3 conv 607 us INT8 against 158 us float, a ResNet-8-half's
 # 8-channel convs 551-696 us against 97-623 us; from 16 channels on INT8 was faster). Keeping
-# them float took the two students' INT8 batch-32 latency from 3.27x / 1.10x of float to
-# 1.06x / 0.86x, for a few hundred float weights.
+# them float took the suite's students' INT8 batch-32 latency from 2.96-3.18x of float to
+# 1.05-1.06x (LeNet-5s) and 1.02-1.11x to 0.85-0.90x (ResNet-8s), for 0.02-0.08 more of the
+# float file (their float weights and Q/DQ boundaries).
 MIN_INT8_CONV_CHANNELS = 16
 
 
