@@ -163,7 +163,7 @@ def run_zoo(args: argparse.Namespace) -> int:
 def run_quantize(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from compress_toolbox.export.int8 import describe, quantize_file
+    from compress_toolbox.export.int8 import describe, kept_float_reason, quantize_file
 
     result, rows = quantize_file(
         Path(args.model), Path(args.calibration_data), out=args.out, samples=args.samples,
@@ -182,6 +182,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     print(f"{measure} with fp32: {'n/a' if agreement is None else f'{100 * agreement:.2f}%'}"
           f" on {result.agreement_on}; float ops: "
           f"{', '.join(result.quantized.float_op_types) or 'none'}")  # fmt: skip
+    if result.quantized.kept_float:
+        print(kept_float_reason(result.quantized))
     print(f"{result.path}: {verdict}")
     return 0
 

@@ -10,6 +10,7 @@ from torch import nn
 from compress_toolbox.distillation.generator import make_generator
 from compress_toolbox.distillation.health import (
     CollapseGuard,
+    GenerationCollapsed,
     Health,
     class_entropy,
     judge_student,
@@ -163,6 +164,9 @@ def test_collapse_guard_restarts_when_the_teacher_finds_nothing_in_most_inputs()
     blind = [Health(i, 10, 0.95, 0.9, 0.5, 0.9, found=0.3) for i in (10, 20)]
     assert [guard.judge(h) for h in blind] == ["ok", "restart"]
     assert guard.judge(Health(40, 10, 0.95, 0.9, 0.5, 0.9, found=0.9)) == "ok"
+    with pytest.raises(GenerationCollapsed, match="finds nothing in 70% of the generated"):
+        for i in (50, 60):
+            guard.respond(Health(i, 10, 0.95, 0.9, 0.5, 0.9, found=0.3), i, 10)
 
 
 def test_judge_student():

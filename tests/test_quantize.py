@@ -8,9 +8,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
 from compress_toolbox.errors import DaflError, QuantizeError
@@ -191,8 +193,8 @@ def test_an_op_without_int8_form_stays_float_and_is_named(tmp_path, digits, midd
     assert _run(result.path, x_test[:7]).shape == (7, 10)
 
 
-def test_narrow_convolutions_stay_float_and_are_named_apart(tmp_path, digits):
-    from compress_toolbox.export.int8 import _kept_float_reason
+def test_narrow_convolutions_stay_float_and_are_named_apart(tmp_path, digits, capsys):
+    from compress_toolbox.export.int8 import kept_float_reason
     from compress_toolbox.report.render import _int8_verdict
 
     torch.manual_seed(0)
@@ -206,11 +208,25 @@ def test_narrow_convolutions_stay_float_and_are_named_apart(tmp_path, digits):
     entry = {"status": "ok", "calibration_method": "MinMax", "calibration_samples": 256,
              "activations": "uint8", "size_ratio": kept.size_ratio, "verified_batches": [1, 7],
              "float_op_types": [], "kept_float_ops": kept.kept_float,
-             "kept_float_reason": _kept_float_reason(kept)}  # fmt: skip
+             "kept_float_reason": kept_float_reason(kept)}  # fmt: skip
     assert "1 convolution(s) with fewer than 16 output channels kept float" in _int8_verdict(entry)
     every = quantize_onnx(model, tmp_path / "all.onnx", _random_inputs(256), samples=256,
                           min_conv_channels=0)  # fmt: skip
     assert every.kept_float == () and every.float_ops == ()
+    unnamed = onnx.load(str(model))
+    for node in unnamed.graph.node:
+        node.name = ""
+    onnx.save(unnamed, str(tmp_path / "unnamed.onnx"))
+    named_here = quantize_onnx(tmp_path / "unnamed.onnx", tmp_path / "unnamed.int8.onnx",
+                               _random_inputs(256), samples=256)  # fmt: skip
+    assert "Conv" in [op for _, op in named_here.kept_float]
+    as_given = onnx.load(str(tmp_path / "unnamed.onnx"))
+    assert not [node.name for node in as_given.graph.node if node.name]  # the user's file as it was
+
+    np.savez(tmp_path / "calib.npz", x=_random_inputs(64))
+    assert run_cli("quantize", model, "--calibration-data", tmp_path / "calib.npz") == 0
+    assert "1 convolution(s) with fewer than 16 output channels kept float" in (
+        capsys.readouterr().out)  # fmt: skip
 
 
 def test_calibration_from_an_iterable_of_batches_stops_at_samples(tmp_path, float_model, capsys):

@@ -291,7 +291,7 @@ def describe(result: Int8Result | str) -> dict[str, Any]:
         "float_layout_ops": sorted({op for _, op in q.float_ops} & LAYOUT_OPS),
         "float_ops": [list(node) for node in q.float_ops],
         "kept_float_ops": [list(node) for node in q.kept_float],
-        "kept_float_reason": _kept_float_reason(q),
+        "kept_float_reason": kept_float_reason(q),
         "size_ratio": round(q.size_ratio, 4),
         "quantize_s": round(q.seconds, 3),
         "agreement": {**asdict(result.agreement), "on": result.agreement_on},
@@ -303,13 +303,14 @@ def describe(result: Int8Result | str) -> dict[str, Any]:
     }
 
 
-def _kept_float_reason(q: QuantizeResult) -> str | None:
+def kept_float_reason(q: QuantizeResult) -> str | None:
     """Why ``q`` keeps some computing nodes float by choice (None: it keeps none)."""
     convs = sum(op == "Conv" for _, op in q.kept_float)
     if not convs:
         return None
     return (f"{convs} convolution(s) with fewer than {MIN_INT8_CONV_CHANNELS} output channels "
-            f"kept float, with the ops they feed: onnxruntime's INT8 kernel is slower there")
+            f"kept float, with the ops they feed, because onnxruntime's INT8 kernel was slower "
+            f"there on the CPU measured")
 
 
 def quantize_outputs(work: Path, student_onnx: Path, student_params: int, teacher: Teacher,

@@ -83,13 +83,14 @@ DEFAULT_BATCH = 32
 # QLinearConv/QGemm graph, the same latency and outputs (measured), and TensorRT prefers them.
 _CALIB_OPTIONS = {"WeightSymmetric": True, "QuantizeBias": False}
 
-# Convolutions with fewer output channels stay float: there onnxruntime's CPU QLinearConv is
-# slower than its float Conv (benchmarks/bench_int8_size.py, 2-core x86-64 without VNNI, batch
-# 32, one thread: a LeNet-5-half's 1->3 conv 607 us INT8 against 158 us float, a ResNet-8-half's
-# 8-channel convs 551-696 us against 97-623 us; from 16 channels on INT8 was faster). Keeping
-# them float took the suite's students' INT8 batch-32 latency from 2.96-3.18x of float to
-# 1.05-1.06x (LeNet-5s) and 1.02-1.11x to 0.85-0.90x (ResNet-8s), for 0.02-0.08 more of the
-# float file (their float weights and Q/DQ boundaries).
+# Convolutions with fewer output channels stay float: there onnxruntime's CPU QLinearConv was
+# slower than its float Conv on the CPU measured (benchmarks/bench_int8_size.py, 2-core x86-64
+# without VNNI, batch 32, one thread: a LeNet-5-half's 1->3 conv 607 us INT8 against 158 us
+# float, a ResNet-8-half's 8-channel convs 551-696 us against 97-623 us; from 16 channels on
+# INT8 was faster). Keeping them float took the suite's students' INT8 batch-32 latency from
+# 2.96-3.18x of float to 1.05-1.06x (LeNet-5s) and 1.02-1.11x to 0.85-0.90x (ResNet-8s), for
+# 0.02-0.08 more of the float file (their float weights and Q/DQ boundaries). Other targets
+# may differ: ``min_conv_channels=0`` quantises them all.
 MIN_INT8_CONV_CHANNELS = 16
 
 
@@ -117,7 +118,8 @@ class QuantizeResult:
 
     @property
     def float_op_types(self) -> tuple[str, ...]:
-        """The sorted op types of the nodes left float (e.g. ``("Erf", "Sin")``)."""
+        """The sorted op types of the nodes onnxruntime left float (e.g. ``("Erf", "Sin")``);
+        those kept float by choice are in ``kept_float``."""
         return tuple(sorted({op for _, op in self.float_ops}))
 
 
@@ -177,7 +179,8 @@ def quantize_onnx(
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
             prepared, notes = _preprocess(model, Path(work) / "prepared.onnx")
-            narrow = narrow_convolutions(load_model(prepared), min_conv_channels)
+            prepared, narrow = _narrow_named(prepared, Path(work) / "named.onnx",
+                                             min_conv_channels)  # fmt: skip
             batch = fixed_batch(float_model) or batch
             feeds = calibration_feeds(calibration, inputs, samples, batch, model)
             reader = BatchReader(feeds, model)
@@ -198,13 +201,32 @@ def quantize_onnx(
                           tuple(notes), kept_float)  # fmt: skip
 
 
-def narrow_convolutions(model: onnx.ModelProto, min_channels: int) -> list[str]:
-    """Names of the Conv nodes of ``model`` whose weight (an initializer) has fewer than
+def narrow_convolutions(model: onnx.ModelProto, min_channels: int) -> list[onnx.NodeProto]:
+    """The Conv nodes of ``model`` whose weight (an initializer) has fewer than
     ``min_channels`` output channels."""
     weights = {tensor.name: tensor.dims for tensor in model.graph.initializer}
-    return [node.name for node in model.graph.node
-            if node.op_type == "Conv" and node.name and len(node.input) > 1
+    return [node for node in model.graph.node
+            if node.op_type == "Conv" and len(node.input) > 1
             and weights.get(node.input[1], [min_channels])[0] < min_channels]  # fmt: skip
+
+
+def _narrow_named(prepared: Path, named: Path, min_channels: int) -> tuple[Path, list[str]]:
+    """(the model to quantise, the names of its narrow convolutions): ``quantize_static``
+    excludes nodes by name, so unnamed narrow convolutions are named first, in a copy at
+    ``named`` (never in the user's file, which ``prepared`` is when pre-processing failed)."""
+    model = load_model(prepared)
+    narrow = narrow_convolutions(model, min_channels)
+    unnamed = [node for node in narrow if not node.name]
+    if unnamed and prepared.stat().st_size <= COMPACT_LIMIT_BYTES:
+        taken = {node.name for node in model.graph.node}
+        for index, node in enumerate(unnamed):
+            node.name = f"narrow_conv_{index}"
+            while node.name in taken:
+                node.name += "_"
+            taken.add(node.name)
+        onnx.save(model, str(named))
+        prepared = named
+    return prepared, [node.name for node in narrow if node.name]
 
 
 def _split_kept(quantised: onnx.ModelProto, float_ops: tuple[tuple[str, str], ...],

@@ -140,11 +140,13 @@ def _int8_verdict(entry: dict[str, Any]) -> str:
     if entry["size_ratio"] >= 1:
         text += " (no smaller: its quantisation scales outweigh so few weights)"
     floats, layout = entry["float_op_types"], entry.get("float_layout_ops") or []
+    kept = entry.get("kept_float_ops")
     text += (f"; left in float (onnxruntime cannot quantise them): {', '.join(floats)}"
-             if floats else "; every computing op quantised")  # fmt: skip
+             if floats else "; every op onnxruntime can quantise is quantised" if kept
+             else "; every computing op quantised")  # fmt: skip
     if layout:
         text += f" (data-movement ops on float tensors: {', '.join(layout)})"
-    if entry.get("kept_float_ops"):
+    if kept:
         text += f"; {entry['kept_float_reason']}"
     if entry["status"] == "rejected":
         return (f"**REJECTED, written as {entry['file']}, not equivalent**: {entry['reason']}; "
@@ -172,7 +174,7 @@ def _health(health: dict[str, Any] | None) -> str:
     if not health:
         return "n/a"
     found = health.get("found", 1.0)
-    found_text = f"finds something in {found:.0%} of them, " if found < 1 else ""
+    found_text = f"finds objects in {found:.0%} of the generated inputs, " if found < 1 else ""
     return (
         f"the teacher answers {health['classes']} classes (normalised entropy "
         f"{health['class_entropy']:.2f}, mean confidence {health['teacher_confidence']:.2f}), "

@@ -175,7 +175,7 @@ class Detection(Task):
     def found_share(self, teacher_out: torch.Tensor) -> float:
         """Share of images with at least one detection above the threshold."""
         confidence = self.layout_of(teacher_out).confidence(teacher_out)
-        return float((confidence.max(1).values >= DETECTION_THRESHOLD).float().mean())
+        return float((confidence.max(1).values > DETECTION_THRESHOLD).float().mean())
 
     def measure(self, teacher: nn.Module, student_onnx: Path, data, sampler) -> TaskScores | None:
         if data is None and sampler is None:
