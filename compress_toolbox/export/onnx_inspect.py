@@ -69,6 +69,11 @@ def quantisable_op_types() -> frozenset[str]:
     return frozenset(QDQRegistry) | frozenset(QLinearOpsRegistry)
 
 
+def node_label(node: onnx.NodeProto) -> str:
+    """How the INT8 results name a node: its name, or its first output where it has none."""
+    return node.name or node.output[0]
+
+
 def float_nodes(quantised: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
     """(name, op type) of the nodes of the QDQ model that compute in float: they read a float
     activation, and either onnxruntime has no quantised form of their op type or none of their
@@ -89,5 +94,5 @@ def float_nodes(quantised: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
             continue  # shape arithmetic on int64, Shape of a float tensor and the like
         through_dq = any(producer.get(name) == "DequantizeLinear" for name in acts)
         if node.op_type not in quantisable or not through_dq:
-            left.append((node.name or node.output[0], node.op_type))
+            left.append((node_label(node), node.op_type))
     return tuple(left)

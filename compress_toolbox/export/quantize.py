@@ -47,6 +47,7 @@ from compress_toolbox.export.onnx_inspect import (
     float_nodes,
     load_model,
     model_inputs,
+    node_label,
     quantisable_op_types,
 )
 
@@ -235,7 +236,7 @@ def _split_kept(quantised: onnx.ModelProto, float_ops: tuple[tuple[str, str], ..
     ``chosen`` nodes (float even where their input comes through a DequantizeLinear) and the
     quantisable ops that read what those compute (a Relu or a MaxPool after a float
     convolution). ``float_ops`` come in graph order."""
-    named = [(node.name or node.output[0], node) for node in quantised.graph.node]
+    named = [(node_label(node), node) for node in quantised.graph.node]
     producer = {out: name for name, node in named for out in node.output}
     inputs = {name: node.input for name, node in named}
     kept, quantisable = set(chosen), quantisable_op_types()

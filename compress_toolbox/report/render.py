@@ -141,9 +141,12 @@ def _int8_verdict(entry: dict[str, Any]) -> str:
         text += " (no smaller: its quantisation scales outweigh so few weights)"
     floats, layout = entry["float_op_types"], entry.get("float_layout_ops") or []
     kept = entry.get("kept_float_ops")
-    text += (f"; left in float (onnxruntime cannot quantise them): {', '.join(floats)}"
-             if floats else "; every op onnxruntime can quantise is quantised" if kept
-             else "; every computing op quantised")  # fmt: skip
+    if floats:
+        text += f"; left in float (onnxruntime cannot quantise them): {', '.join(floats)}"
+    elif kept:
+        text += "; every op onnxruntime can quantise is quantised"
+    else:
+        text += "; every computing op quantised"
     if layout:
         text += f" (data-movement ops on float tensors: {', '.join(layout)})"
     if kept:
