@@ -75,9 +75,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="/tmp/bench_detection")
     args = parser.parse_args()
-    figures = run(args)
+    print_figures(run(args), Path(args.out))
+
+
+def print_figures(figures: dict, out: Path) -> None:
+    """Print a run's figures (and write them to ``out``/figures.json), then the summary line."""
     print(json.dumps(figures, indent=1))
-    (Path(args.out) / "figures.json").write_text(json.dumps(figures, indent=1))
+    (out / "figures.json").write_text(json.dumps(figures, indent=1))
     ratio = figures["map_50_ratio"]
     print(f"teacher mAP@0.5 {figures['teacher_map_50']:.4f}, student "
           f"{figures['student_map_50']:.4f}, ratio {ratio if ratio is None else round(ratio, 3)}"

@@ -5,6 +5,7 @@ drop-in student.onnx (the teacher's names, ranks, shapes and dtypes, checked in 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -501,3 +502,56 @@ def test_quantize_command_reads_a_two_output_detector_as_its_head(files, tmp_pat
     int8 = tmp_path / "face.int8.onnx"
     found = int8 if int8.is_file() else tmp_path / "face.int8.rejected.onnx"
     assert [o.name for o in signature(found, (3, SIZE, SIZE)).outputs] == ["boxes", "scores"]
+
+
+def test_a_torchvision_fcos_checkpoint_derives_a_drop_in_student(tmp_path):
+    """torchvision's FCOS given as a state_dict and its class: the graph rebuilt through ONNX
+    keeps a dynamic batch (the FPN's upsampling sizes would otherwise fix it), the head's
+    GroupNorm scales shrink with their convolutions, the FPN's 1x1 lateral convolutions are
+    not mistaken for output layers, and student.onnx keeps the three outputs."""
+    from tv_fcos import RawTinyFCOS
+
+    torch.manual_seed(0)
+    teacher = RawTinyFCOS(CLASSES).eval()
+    torch.save(teacher.state_dict(), tmp_path / "fcos.pt")
+    out = tmp_path / "out"
+    code = run_cli(tmp_path / "fcos.pt", "--model-class",
+                   f"{Path(__file__).with_name('tv_fcos.py')}:RawTinyFCOS", "--input-shape",
+                   f"3,{SIZE},{SIZE}", "--task", "detection", "--iters", 3, "--threads", 1,
+                   "--out", out)  # fmt: skip
+    assert code in (0, 3)  # an untrained teacher: the verdict may go either way
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"]["params"] < 0.45 * report["teacher"]["params"]
+    student = signature(out / "student.onnx", (3, SIZE, SIZE))
+    assert [o.at_probe[1:] for o in student.outputs] == [(20, CLASSES), (20, 4), (20, 1)]
+    x = torch.rand(5, 3, SIZE, SIZE)
+    got = evaluation.onnx_outputs(out / "student.onnx", x)
+    assert got.shape == (5, 20, CLASSES + 5)
+
+
+def test_a_torchvision_fcos_rebuilt_through_onnx_prunes_on_its_head_convolutions():
+    """The route that derives it: rebuilt with a dynamic batch (it runs at batch 1 and 5),
+    protected at its head's output convolutions only (not the FPN's 1x1 laterals), and pruned
+    on its trunk with the GroupNorm scales shrunk in the module itself."""
+    from tv_fcos import RawTinyFCOS
+
+    from compress_toolbox.student import derive
+    from compress_toolbox.student.graph_facts import constants_as_parameters
+    from compress_toolbox.tasks.outputs import JoinedOutputs
+
+    torch.manual_seed(0)
+    teacher = JoinedOutputs(RawTinyFCOS(CLASSES)).eval()
+    x = torch.rand(2, 3, SIZE, SIZE)
+    rebuilt = derive._via_onnx(teacher, x)
+    with torch.no_grad():
+        for batch in (1, 5):
+            y = torch.rand(batch, 3, SIZE, SIZE)
+            assert torch.allclose(rebuilt(y), teacher(y), atol=1e-4)
+    constants_as_parameters(rebuilt.requires_grad_(True))
+    protected = derive.output_layer_names(rebuilt, x)
+    layers = [rebuilt.get_submodule(name) for name in protected]
+    assert sorted(layer.out_channels for layer in layers) == sorted([1, 1, 4, 4, CLASSES, CLASSES])
+    student = derive._prune_up_to_outputs(derive._prune_by_magnitude, rebuilt, 0.5, x, None,
+                                          protected)  # fmt: skip
+    with torch.no_grad():
+        assert student(torch.rand(5, 3, SIZE, SIZE)).shape == (5, 20, CLASSES + 5)

@@ -184,7 +184,19 @@ def _prune_up_to_outputs(strategy, module: nn.Module, width: float, example_inpu
         return student
     if student is not trunk:
         raise StudentError("the pruning strategy rebuilt the graph of a multi-output head")
+    _adopt_constants(module, trunk)
     return module
+
+
+def _adopt_constants(module: fx.GraphModule, trunk: fx.GraphModule) -> None:
+    """Put the trunk's constants back into ``module``. The trunk shares the layers, which
+    torch-pruning shrinks in place, but holds its constants (a GroupNorm's scale left as a Mul)
+    in holders of its own, where torch-pruning swaps the shrunk ones in."""
+    for node in trunk.graph.nodes:
+        if node.op == "get_attr":
+            holder_name, _, name = node.target.rpartition(".")
+            setattr(module.get_submodule(holder_name), name,
+                    getattr(trunk.get_submodule(holder_name), name))  # fmt: skip
 
 
 def _check_student(student: nn.Module, teacher: nn.Module, example_input: torch.Tensor) -> None:
@@ -210,6 +222,10 @@ def _via_onnx(module: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     return module_via_onnx(module, tuple(example_input.shape[1:]), "teacher", dynamo=True)
 
 
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def _shrunk_enough(ratio: float, width: float) -> bool:
     """A parameter ratio near ``width`` squared (0.25 at half width) rather than a student
     whose coupled layers mostly stayed at full width (0.51 seen on GhostNet)."""
@@ -221,8 +237,7 @@ def _first_valid_student(attempts, teacher_module, width, example_input, round_t
     """Prune a copy from each route (the module as given, then rebuilt through ONNX) with each
     strategy in turn; return the first student that runs and shrinks enough, else the smallest
     that runs. One bound on time and memory covers all tries."""
-    teacher_params = sum(p.numel() for p in teacher_module.parameters())
-    best: tuple[float, nn.Module] | None = None
+    best: tuple[int, nn.Module] | None = None
     last_error: BaseException | None = None
     try:
         with bounded(time_limit, memory_cap()):
@@ -241,6 +256,9 @@ def _first_valid_student(attempts, teacher_module, width, example_input, round_t
                         # torch-pruning leaves frozen parameters alone: the copy is made trainable
                         module.requires_grad_(True)
                         constants_as_parameters(module)
+                        # the route's own count: a graph rebuilt through ONNX holds a head that
+                        # the teacher shares between levels once per level
+                        copy_params = _count(module)
                         protected = output_layer_names(module, example_input)
                         student = _prune_up_to_outputs(strategy, module, width, example_input,
                                                        round_to, protected)  # fmt: skip
@@ -250,11 +268,10 @@ def _first_valid_student(attempts, teacher_module, width, example_input, round_t
                             raise  # bounded() makes it a LimitExceeded
                         last_error = error
                         continue
-                    ratio = sum(p.numel() for p in student.parameters()) / teacher_params
-                    if _shrunk_enough(ratio, width):
+                    if _shrunk_enough(_count(student) / copy_params, width):
                         return student
-                    if best is None or ratio < best[0]:
-                        best = (ratio, student)
+                    if best is None or _count(student) < best[0]:
+                        best = (_count(student), student)
     except LimitExceeded as error:
         if best is not None:
             return best[1]
@@ -303,7 +320,7 @@ def make_student(
             "teacher's weights; use --init fresh"
         )
     example_input = example_input.detach()
-    before = sum(p.numel() for p in teacher_module.parameters())
+    before = _count(teacher_module)
     attempts = [lambda: copy.deepcopy(teacher_module)]
     if not isinstance(teacher_module, fx.GraphModule):
         rebuilt = lambda: _via_onnx(copy.deepcopy(teacher_module), example_input)  # noqa: E731
@@ -313,7 +330,7 @@ def make_student(
         attempts.insert(0 if isinstance(teacher_module, JoinedOutputs) else 1, rebuilt)
     student = _first_valid_student(attempts, teacher_module, width, example_input, round_to,
                                    time_limit)  # fmt: skip
-    after = sum(p.numel() for p in student.parameters())
+    after = _count(student)
     if after >= before:
         raise StudentError(
             "nothing to shrink: the teacher has no conv/linear layer besides its output layer"

@@ -72,10 +72,14 @@ def _transposes_of_pooled_maps(module: fx.GraphModule,
 def output_layer_names(module: nn.Module, example_input: torch.Tensor) -> list[str]:
     """The conv/linear layers whose widths are the model's output and must not change: the
     last one run, and in an imported graph every one from which the output is reached without
-    another conv/linear (a detection head's box and class convolutions)."""
+    another conv/linear (a detection head's box and class convolutions), which the graph
+    tells exactly: there the last 1x1 conv run (an FPN's lateral conv before a head of 3x3
+    convs) is not one unless it is among them."""
+    sinks = _sink_layers(module, example_input)
+    if sinks:
+        return sinks
     final = analyse(module, tuple(example_input.shape[1:])).final_layer
-    names = [] if final is None else [final]
-    return names + [name for name in _sink_layers(module, example_input) if name not in names]
+    return [] if final is None else [final]
 
 
 _FREE, _AFTER_ONE, _DEAD = 0, 1, 2  # _sink_layers' states, walking back from the output

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -33,10 +34,7 @@ def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: b
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if dynamo:
-                program = torch.onnx.export(
-                    model, (example,), dynamo=True, verbose=False, optimize=False
-                )
-                proto = optimize_keeping_batchnorm(program.model_proto)
+                proto = optimize_keeping_batchnorm(_dynamo_export(model, example).model_proto)
             else:
                 with legacy_adaptive_pools(LEGACY_OPSET) as custom_opsets:
                     torch.onnx.export(
@@ -58,3 +56,20 @@ def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: b
     except Exception as error:
         raise ImportFailed(f"{source}: cannot rebuild editable layers via ONNX: {error}") from None
     return onnx_to_torch(prepare_onnx_model(proto), source, input_shape).eval()
+
+
+def _dynamo_export(model, example: torch.Tensor):
+    """torch.onnx.export (dynamo) of ``model``, its batch dynamic where the model allows it.
+
+    A batch fixed at the example's size is written into constants such as a Resize's output
+    sizes (torchvision's FPN upsampling), which then fail at any other batch; a model whose code
+    fixes the batch itself is exported as it is. An ExportedProgram keeps its own shapes.
+    """
+    export = partial(torch.onnx.export, model, (example,), dynamo=True, verbose=False,
+                     optimize=False)  # fmt: skip
+    if isinstance(model, nn.Module):
+        try:
+            return export(dynamic_shapes=({0: torch.export.Dim("batch")},))
+        except Exception:  # e.g. the model's code specialises the batch: export it as it is
+            pass
+    return export()

@@ -1,0 +1,151 @@
+"""The detection benchmark's second architecture (issue 26): a small torchvision FCOS
+(benchmarks/teachers/fcos_model.py) trained (seeded) with torchvision's own losses on the same
+digit scenes as bench_detection.py, shipped as a Python checkpoint (a state_dict) with its class,
+then compressed end to end through the same ``compress`` the CLI runs:
+
+    dafl-compress teacher.pt --model-class benchmarks/teachers/fcos_model.py:RawFCOS \\
+        --input-shape 3,64,64 --task detection --eval-data scenes.npz
+
+FCOS's boxes are encoded against anchors the file does not hold, so the tool itself reports
+fidelity only. This script then does what the user would: it runs ``student.onnx`` in
+onnxruntime, decodes its raw outputs with the teacher's own torchvision ``postprocess_detections``
+(anchors, centre-ness, NMS) and scores teacher and student by COCOeval against the held-out
+scenes' boxes: the drop-in promise, measured.
+
+    python benchmarks/bench_detection_fcos.py --budget 600 --teacher-seconds 180 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "teachers"))
+
+MODEL_CLASS = f"{HERE / 'teachers' / 'fcos_model.py'}:RawFCOS"
+
+
+def train_fcos(scenes, num_classes: int, seconds: float, seed: int, batch_size: int = 32):
+    """``fcos_model.RawFCOS`` whose detector was trained on ``scenes`` with torchvision's own
+    FCOS losses for ``seconds`` (eval mode when returned)."""
+    from fcos_model import RawFCOS
+
+    torch.manual_seed(seed)
+    model = RawFCOS(num_classes)
+    detector = model.detector.train()
+    images = torch.from_numpy(scenes.images).float() / 255.0
+    targets = [{"boxes": torch.from_numpy(b).float(), "labels": torch.from_numpy(k).long()}
+               for b, k in zip(scenes.boxes, scenes.labels)]  # fmt: skip
+    optimiser = torch.optim.AdamW(detector.parameters(), lr=3e-3, weight_decay=1e-4)
+    rng = np.random.default_rng(seed)
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        batch = rng.choice(len(images), size=batch_size, replace=False)
+        losses = detector(list(images[batch]), [targets[i] for i in batch])
+        loss = sum(losses.values())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        steps += 1
+    print(f"teacher: {steps} steps in {seconds:.0f} s, last loss {loss.item():.3f}")
+    return model.eval()
+
+
+def decoded_map(model, outputs: tuple[torch.Tensor, ...], scenes, num_classes: int):
+    """COCOeval mAP@0.5 and @[.5:.95] of raw FCOS ``outputs`` decoded by ``model``'s detector."""
+    from fcos_model import decode
+
+    from compress_toolbox.tasks.detection.decode import Detections
+    from compress_toolbox.tasks.detection.metrics import GroundTruth, mean_average_precision
+
+    with torch.no_grad():
+        found = decode(model.detector, *outputs)
+    detections = [Detections(f["boxes"], f["scores"], f["labels"]) for f in found]
+    truths = [GroundTruth(torch.from_numpy(b), torch.from_numpy(k))
+              for b, k in zip(scenes.boxes, scenes.labels)]  # fmt: skip
+    return mean_average_precision(detections, truths, num_classes)
+
+
+def onnx_outputs(path: Path, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The raw outputs of ``path`` in onnxruntime, in the file's output order."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return tuple(torch.from_numpy(o) for o in session.run(None, {name: images.numpy()}))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build the teacher and scenes, compress, decode both, and return the figures."""
+    from compress_toolbox import CompressConfig, compress
+    from compress_toolbox.errors import DaflError
+    from compress_toolbox.tasks.detection.data import save_detection_npz
+    from compress_toolbox.tasks.detection.scenes import SceneSpec, compose_scenes, digit_objects
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    spec = SceneSpec(size=64)
+    objects, labels = digit_objects()
+    cut = int(len(objects) * 0.8)  # held-out digits for the eval scenes, as bench_detection
+    train = compose_scenes(objects[:cut], labels[:cut], 4000, spec, seed=args.seed)
+    held_out = compose_scenes(objects[cut:], labels[cut:], 300, spec, seed=args.seed + 1)
+    num_classes = int(labels.max()) + 1
+    teacher = train_fcos(train, num_classes, args.teacher_seconds, args.seed)
+    teacher_file = out / "data" / "teacher.pt"
+    torch.save(teacher.state_dict(), teacher_file)
+    eval_data = save_detection_npz(out / "data" / "scenes.npz", held_out.images, held_out.boxes,
+                                   held_out.labels)  # fmt: skip
+    x = torch.from_numpy(held_out.images).float() / 255.0
+    with torch.no_grad():
+        teacher_scores = decoded_map(teacher, teacher(x), held_out, num_classes)
+    config = CompressConfig.from_options(task="detection", eval_data=str(eval_data),
+                                         model_class=MODEL_CLASS, input_shape=(3, 64, 64),
+                                         time_budget=args.budget, threads=args.threads,
+                                         seed=args.seed, out=str(out / "run"), force=True,
+                                         progress=False, method=args.method)  # fmt: skip
+    start = time.perf_counter()
+    try:
+        compress(teacher_file, config)
+    except DaflError as error:  # a failed student still leaves its report
+        print(f"run failed: {str(error)[:300]}")
+    report = json.loads((out / "run" / "report.json").read_text())
+    student_scores = decoded_map(teacher, onnx_outputs(out / "run" / "student.onnx", x),
+                                 held_out, num_classes)  # fmt: skip
+    t, s = teacher_scores, student_scores
+    return {"teacher_map_50": t.map_50, "student_map_50": s.map_50,
+            "map_50_ratio": s.map_50 / t.map_50 if t.map_50 else None,
+            "teacher_map_50_95": t.map_50_95, "student_map_50_95": s.map_50_95,
+            "params_ratio": report["student"]["params"] / report["teacher"]["params"],
+            "fidelity_map_50": report["detection"]["fidelity_map_50"],
+            "status": report["status"], "iterations": report["iterations"],
+            "method": report["method"], "compress_s": round(time.perf_counter() - start, 1),
+            "budget_s": args.budget, "seed": args.seed}  # fmt: skip
+
+
+def main() -> None:
+    """Parse the options, run once, print the figures (and write them as JSON)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=300.0, help="distillation seconds")
+    parser.add_argument("--teacher-seconds", type=float, default=180.0)
+    parser.add_argument("--method", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="/tmp/bench_detection_fcos")
+    args = parser.parse_args()
+    from bench_detection import print_figures
+
+    print_figures(run(args), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
