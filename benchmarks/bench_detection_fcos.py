@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> dict:
         compress(teacher_file, config)
     except DaflError as error:  # a failed student still leaves its report
         print(f"run failed: {str(error)[:300]}")
+    if not (out / "run" / "student.onnx").is_file():
+        raise SystemExit("no student.onnx written")
     report = json.loads((out / "run" / "report.json").read_text())
     student_scores = decoded_map(teacher, onnx_outputs(out / "run" / "student.onnx", x),
                                  held_out, num_classes)  # fmt: skip

@@ -223,6 +223,7 @@ def _via_onnx(module: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
 
 
 def _count(module: nn.Module) -> int:
+    """The number of parameters of ``module``."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -237,6 +238,7 @@ def _first_valid_student(attempts, teacher_module, width, example_input, round_t
     """Prune a copy from each route (the module as given, then rebuilt through ONNX) with each
     strategy in turn; return the first student that runs and shrinks enough, else the smallest
     that runs. One bound on time and memory covers all tries."""
+    teacher_params = _count(teacher_module)
     best: tuple[int, nn.Module] | None = None
     last_error: BaseException | None = None
     try:
@@ -268,10 +270,12 @@ def _first_valid_student(attempts, teacher_module, width, example_input, round_t
                             raise  # bounded() makes it a LimitExceeded
                         last_error = error
                         continue
-                    if _shrunk_enough(_count(student) / copy_params, width):
+                    size = _count(student)
+                    # smaller than the teacher too: a rebuilt graph's per-level heads can outgrow it
+                    if size < teacher_params and _shrunk_enough(size / copy_params, width):
                         return student
-                    if best is None or _count(student) < best[0]:
-                        best = (_count(student), student)
+                    if best is None or size < best[0]:
+                        best = (size, student)
     except LimitExceeded as error:
         if best is not None:
             return best[1]

@@ -70,11 +70,10 @@ def _transposes_of_pooled_maps(module: fx.GraphModule,
 
 
 def output_layer_names(module: nn.Module, example_input: torch.Tensor) -> list[str]:
-    """The conv/linear layers whose widths are the model's output and must not change: the
-    last one run, and in an imported graph every one from which the output is reached without
-    another conv/linear (a detection head's box and class convolutions), which the graph
-    tells exactly: there the last 1x1 conv run (an FPN's lateral conv before a head of 3x3
-    convs) is not one unless it is among them."""
+    """The conv/linear layers whose widths are the model's output and must not change. In an
+    imported graph, every one from which the output is reached without another conv/linear (a
+    detection head's box and class convolutions), as the graph shows; else the last Linear or
+    1x1 conv run (in a graph that could be an FPN's lateral conv before a head of 3x3 convs)."""
     sinks = _sink_layers(module, example_input)
     if sinks:
         return sinks

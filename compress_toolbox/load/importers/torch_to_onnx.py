@@ -17,6 +17,7 @@ from torch import nn
 from compress_toolbox.errors import ImportFailed
 from compress_toolbox.export.onnxscript_adapter import optimize_keeping_batchnorm
 from compress_toolbox.export.writer import LEGACY_OPSET
+from compress_toolbox.limits import is_out_of_memory
 from compress_toolbox.load.graph.decompositions import legacy_adaptive_pools
 from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, prepare_onnx_model
 from compress_toolbox.load.importers.base import random_inputs
@@ -70,6 +71,7 @@ def _dynamo_export(model, example: torch.Tensor):
     if isinstance(model, nn.Module):
         try:
             return export(dynamic_shapes=({0: torch.export.Dim("batch")},))
-        except Exception:  # e.g. the model's code specialises the batch: export it as it is
-            pass
+        except Exception as error:  # e.g. the model's code fixes the batch: export it as it is
+            if is_out_of_memory(error):
+                raise
     return export()
