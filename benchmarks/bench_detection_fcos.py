@@ -77,9 +77,9 @@ def decoded_map(model, outputs: tuple[torch.Tensor, ...], scenes, num_classes: i
 
 def onnx_outputs(path: Path, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The raw outputs of ``path`` in onnxruntime, in the file's output order."""
-    import onnxruntime as ort
+    from compress_toolbox.export.writer import onnx_session
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     name = session.get_inputs()[0].name
     return tuple(torch.from_numpy(o) for o in session.run(None, {name: images.numpy()}))
 
@@ -89,17 +89,13 @@ def run(args: argparse.Namespace) -> dict:
     from compress_toolbox import CompressConfig, compress
     from compress_toolbox.errors import DaflError
     from compress_toolbox.tasks.detection.data import save_detection_npz
-    from compress_toolbox.tasks.detection.scenes import SceneSpec, compose_scenes, digit_objects
+    from compress_toolbox.tasks.detection.scenes import SceneSpec
+    from compress_toolbox.tasks.detection.training import benchmark_scenes
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     (out / "data").mkdir(parents=True, exist_ok=True)
-    spec = SceneSpec(size=64)
-    objects, labels = digit_objects()
-    cut = int(len(objects) * 0.8)  # held-out digits for the eval scenes, as bench_detection
-    train = compose_scenes(objects[:cut], labels[:cut], 4000, spec, seed=args.seed)
-    held_out = compose_scenes(objects[cut:], labels[cut:], 300, spec, seed=args.seed + 1)
-    num_classes = int(labels.max()) + 1
+    train, held_out, num_classes = benchmark_scenes(SceneSpec(size=64), args.seed)
     teacher = train_fcos(train, num_classes, args.teacher_seconds, args.seed)
     teacher_file = out / "data" / "teacher.pt"
     torch.save(teacher.state_dict(), teacher_file)

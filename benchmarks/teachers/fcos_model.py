@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork
 
 IMAGE_SIZE = 64
@@ -83,10 +84,8 @@ def decode(detector: FCOS, cls_logits: torch.Tensor, bbox_regression: torch.Tens
     n = cls_logits.shape[0]
     sides = [IMAGE_SIZE // 8, IMAGE_SIZE // 16]
     features = [torch.zeros(n, 1, s, s) for s in sides]
-    images = torch.zeros(n, 3, IMAGE_SIZE, IMAGE_SIZE)
-    from torchvision.models.detection.image_list import ImageList
-
-    image_list = ImageList(images, [(IMAGE_SIZE, IMAGE_SIZE)] * n)
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    image_list = ImageList(torch.zeros(n, 3, *size), [size] * n)
     anchors = detector.anchor_generator(image_list, features)
     per_level = [s * s for s in sides]
     head = {"cls_logits": cls_logits, "bbox_regression": bbox_regression,

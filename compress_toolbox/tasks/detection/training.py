@@ -145,6 +145,17 @@ class BenchmarkFiles:
     num_classes: int
 
 
+def benchmark_scenes(spec: SceneSpec, seed: int, train_scenes: int = 4000,
+                     eval_scenes: int = 300) -> tuple[Scenes, Scenes, int]:  # fmt: skip
+    """(training scenes, held-out eval scenes, number of classes) of the detection benchmarks,
+    seeded: the eval scenes are composed of digits the training scenes never show."""
+    objects, labels = digit_objects()
+    cut = int(len(objects) * 0.8)
+    train = compose_scenes(objects[:cut], labels[:cut], train_scenes, spec, seed=seed)
+    held_out = compose_scenes(objects[cut:], labels[cut:], eval_scenes, spec, seed=seed + 1)
+    return train, held_out, int(labels.max()) + 1
+
+
 def make_benchmark(out_dir: str | Path, options: TrainOptions = TrainOptions(),
                    spec: SceneSpec = SceneSpec(), train_scenes: int = 4000,
                    eval_scenes: int = 300, width: int = 16) -> BenchmarkFiles:  # fmt: skip
@@ -152,12 +163,7 @@ def make_benchmark(out_dir: str | Path, options: TrainOptions = TrainOptions(),
     the held-out scenes as scenes.npz (the --eval-data format) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    objects, labels = digit_objects()
-    cut = int(len(objects) * 0.8)  # held-out digits for the eval scenes
-    train = compose_scenes(objects[:cut], labels[:cut], train_scenes, spec, seed=options.seed)
-    held_out = compose_scenes(objects[cut:], labels[cut:], eval_scenes, spec,
-                              seed=options.seed + 1)  # fmt: skip
-    num_classes = int(labels.max()) + 1
+    train, held_out, num_classes = benchmark_scenes(spec, options.seed, train_scenes, eval_scenes)
     model = train_detector(train, num_classes, options, width)
     teacher = export_detector(model, out_dir / "teacher.onnx", spec.size, spec.channels)
     eval_data = save_detection_npz(out_dir / "scenes.npz", held_out.images, held_out.boxes,
