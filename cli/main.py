@@ -198,8 +198,9 @@ def run_compress(args: argparse.Namespace) -> int:
         return distributed.launch(args.nproc, distributed.strip_option(args.argv, "--nproc"))
 
     config = CompressConfig.from_options(
-        task=args.task, head=args.head, student=args.student, width=args.width, init=args.init,
-        eval_data=args.eval_data, **_teacher_kwargs(args), mean=args.mean, std=args.std,
+        task=args.task, head=args.head, decode=args.decode, student=args.student,
+        width=args.width, init=args.init, eval_data=args.eval_data, **_teacher_kwargs(args),
+        mean=args.mean, std=args.std,
         method=args.method, preset=args.preset, time_budget=args.time_budget, iters=args.iters,
         epochs=args.epochs, batch_size=args.batch_size, device=args.device, seed=args.seed,
         threads=args.threads, progress=not args.no_progress, resume=args.resume,

@@ -127,6 +127,13 @@ def _add_student_options(parser: argparse.ArgumentParser) -> None:
     )
     _add_head_option(parser)
     parser.add_argument(
+        "--decode", metavar="FILE.py:FUNCTION",
+        help="--task detection: your decoding of the raw outputs (runs that file), called as "
+        "FUNCTION(outputs, (height, width)) -> one dict of boxes (x1, y1, x2, y2 pixels), "
+        "scores, labels per image; the report then gives mAP on --eval-data for heads whose "
+        "boxes are encoded against anchors (docs/detection.md)",
+    )  # fmt: skip
+    parser.add_argument(
         "--student",
         default="auto",
         metavar="auto|zoo|zoo:NAME",

@@ -131,9 +131,10 @@ class CompressConfig:
         ...), each
         sorted into its stage's dataclass. An unknown name raises DaflError."""
         top = {key: options.pop(key) for key in ("task", "eval_data") if key in options}
-        head = options.pop("head", None)
-        if head is not None:
-            top["task"] = get_task(top.get("task", "classification")).with_head(head)
+        head, decoder = options.pop("head", None), options.pop("decode", None)
+        if head is not None or decoder is not None:
+            task = get_task(top.get("task", "classification"))
+            top["task"] = task.with_head(head).with_decoder(decoder)
         parts: dict[str, Any] = {"quantize": QuantizeOptions.from_flat(options)}
         for name, kind in (("teacher", TeacherOptions), ("student", StudentOptions),
                            ("distill", DistillOptions), ("output", OutputOptions)):  # fmt: skip

@@ -126,7 +126,8 @@ def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
     folder = OutputFolder(out if out is not None else default_out_dir(teacher_path),
                           force=config.output.force,
                           inputs=(teacher_path, config.eval_data,
-                                  model_class_file(config.teacher.model_class)))  # fmt: skip
+                                  model_class_file(config.teacher.model_class),
+                                  config.task.user_file()))  # fmt: skip
     folder.check()
     with folder:
         start = time.perf_counter()

@@ -19,7 +19,7 @@ from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks.detection import evaluation
 from compress_toolbox.tasks.detection.coco_data import save_detection_coco
 from compress_toolbox.tasks.detection.data import load_detection_data, save_detection_npz
-from compress_toolbox.tasks.detection.decode import Detections, decode
+from compress_toolbox.tasks.detection.decode import Decoding, Detections, decode
 from compress_toolbox.tasks.detection.heads import HeadLayout, joined, recognise
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 from compress_toolbox.tasks.detection.metrics import GroundTruth, mean_average_precision
@@ -232,7 +232,8 @@ def test_encoded_boxes_are_compared_location_by_location():
     moved, elsewhere = teacher.clone(), teacher.clone()
     moved[..., :2] += 5.0
     elsewhere[..., 4] = teacher[..., 4].roll(1, dims=1)  # the same boxes, at other locations
-    fidelity = lambda student: evaluation._fidelity(teacher, student, layout).map_50  # noqa: E731
+    fidelity = lambda student: evaluation._fidelity(teacher, student, Decoding(layout),  # noqa: E731
+                                                    (SIZE, SIZE)).map_50
     assert fidelity(teacher) == pytest.approx(1.0)
     assert fidelity(moved) < 0.2 and fidelity(elsewhere) < 0.2
 
@@ -555,3 +556,76 @@ def test_a_torchvision_fcos_rebuilt_through_onnx_prunes_on_its_head_convolutions
                                           protected)  # fmt: skip
     with torch.no_grad():
         assert student(torch.rand(5, 3, SIZE, SIZE)).shape == (5, 20, CLASSES + 5)
+
+
+def _fcos_rows(location: int, values: list[float]) -> torch.Tensor:
+    """One image's joined raw FCOS rows (1, 20, 3 + 4 + 1): class 0 and the centre-ness sure at
+    ``location`` with box ``values`` (left, top, right, bottom in anchor sizes), nothing else."""
+    rows = torch.full((1, 20, CLASSES + 5), -10.0)
+    rows[0, :, CLASSES : CLASSES + 4] = 1.0
+    rows[0, location, 0], rows[0, location, -1] = 5.0, 5.0
+    rows[0, location, CLASSES : CLASSES + 4] = torch.tensor(values)
+    return rows
+
+
+def test_the_users_decoding_judges_anchor_encoded_boxes_as_their_code_reads_them():
+    """A student firing the teacher's box from the neighbouring location (as students of
+    anchor-based heads do): the built-in location-by-location comparison counts a miss, the
+    user's --decode the same box, found."""
+    from tv_fcos import decode as fcos_decode
+
+    from compress_toolbox.tasks.detection.user_decode import UserDecoder
+
+    layout = joined([("cls_logits", CLASSES), ("bbox_regression", 4), ("bbox_ctrness", 1)], True)
+    teacher = _fcos_rows(1, [1.0, 1.0, 1.0, 1.0])  # centre (12, 4), anchor 8: (4, -4, 20, 12)
+    student = _fcos_rows(0, [0.0, 1.0, 2.0, 1.0])  # centre (4, 4): the same box
+    size = (SIZE, SIZE)
+    builtin = evaluation._fidelity(teacher, student, Decoding(layout), size)
+    users = evaluation._fidelity(teacher, student, Decoding(layout, UserDecoder(fcos_decode)),
+                                 size)  # fmt: skip
+    assert builtin.map_50 < 0.1 and users.map_50 > 0.99
+    assert Decoding(layout, UserDecoder(fcos_decode)).in_pixels and not Decoding(layout).in_pixels
+
+
+def test_a_decode_hook_gives_the_report_map_on_eval_data(files, tmp_path):
+    """--decode FILE.py:FUNCTION on a torchvision FCOS checkpoint: the report scores teacher and
+    student by mAP on --eval-data through the user's decoding (not fidelity alone)."""
+    from tv_fcos import RawTinyFCOS
+
+    folder, _ = files
+    torch.manual_seed(0)
+    torch.save(RawTinyFCOS(CLASSES).state_dict(), tmp_path / "fcos.pt")
+    here = Path(__file__).with_name("tv_fcos.py")
+    out = tmp_path / "out"
+    code = run_cli(tmp_path / "fcos.pt", "--model-class", f"{here}:RawTinyFCOS", "--input-shape",
+                   f"3,{SIZE},{SIZE}", "--task", "detection", "--decode", f"{here}:decode",
+                   "--eval-data", folder / "scenes.npz", "--iters", 2, "--threads", 1,
+                   "--out", out)  # fmt: skip
+    assert code in (0, 3)  # an untrained teacher: the verdict may go either way
+    report = json.loads((out / "report.json").read_text())
+    assert report["detection"]["decoded_by"] == f"--decode {here}:decode"
+    assert "teacher_per_class_ap_50" in report["detection"]  # scored against the labels
+    assert (out / "samples.png").is_file()
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("tv_fcos.py:broken_decode", "must be a mapping with boxes, scores and labels"),
+    ("tv_fcos.py:no_such_function", "has no no_such_function"),
+])  # fmt: skip
+def test_a_bad_decode_hook_exits_2_in_one_line_before_training(tmp_path, capsys, spec, needle):
+    from tv_fcos import RawTinyFCOS
+
+    torch.save(RawTinyFCOS(CLASSES).state_dict(), tmp_path / "fcos.pt")
+    here = Path(__file__).parent
+    code = run_cli(tmp_path / "fcos.pt", "--model-class", f"{here / 'tv_fcos.py'}:RawTinyFCOS",
+                   "--input-shape", f"3,{SIZE},{SIZE}", "--task", "detection", "--decode",
+                   str(here / spec), "--iters", 2, "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2
+    one_error_line(capsys, "--decode", needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_decode_is_refused_for_other_tasks(tmp_path, capsys):
+    code = run_cli(tmp_path / "x.onnx", "--decode", "tv_fcos.py:decode")
+    assert code == 2
+    one_error_line(capsys, "--decode", "needs --task detection")

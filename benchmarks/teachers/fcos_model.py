@@ -8,11 +8,13 @@ docs/detection.md tells a user to hand a torchvision detector over: its ``forwar
 raw head, ``cls_logits`` (N, A, K), ``bbox_regression`` (N, A, 4), ``bbox_ctrness`` (N, A, 1).
 
     dafl-compress teacher.pt --model-class benchmarks/teachers/fcos_model.py:RawFCOS \\
-        --input-shape 3,64,64 --task detection
+        --input-shape 3,64,64 --task detection \\
+        --decode benchmarks/teachers/fcos_model.py:decode_outputs
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -93,3 +95,16 @@ def decode(detector: FCOS, cls_logits: torch.Tensor, bbox_regression: torch.Tens
     split = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
     split_anchors = [list(a.split(per_level)) for a in anchors]
     return detector.postprocess_detections(split, split_anchors, image_list.image_sizes)
+
+
+@functools.lru_cache(maxsize=1)
+def _decoding_detector() -> FCOS:
+    return build_fcos().eval()
+
+
+def decode_outputs(outputs: tuple[torch.Tensor, ...],
+                   image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """``--decode fcos_model.py:decode_outputs``: ``decode`` by a fresh detector (its anchors,
+    box coder and thresholds hold no learned weights, so it decodes any checkpoint's outputs)."""
+    assert tuple(image_size) == (IMAGE_SIZE, IMAGE_SIZE), image_size
+    return decode(_decoding_detector(), *outputs)

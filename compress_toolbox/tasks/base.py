@@ -96,6 +96,19 @@ class Task:
                             "--task detection")  # fmt: skip
         return self
 
+    def with_decoder(self, spec: Any) -> Task:
+        """This task decoding raw outputs with the user's ``spec`` (``--decode``; detection
+        only)."""
+        if spec is not None:
+            raise DaflError(f"--decode {spec}: --decode decodes a detection head's raw outputs; "
+                            "it needs --task detection")  # fmt: skip
+        return self
+
+    def user_file(self) -> Path | None:
+        """The user's code file this task runs (detection's --decode), which the output
+        folder must not hold; None by default."""
+        return None
+
     def bound_to(self, teacher: Teacher) -> Task:
         """This task as it reads ``teacher`` (detection: its head layout); by default itself.
         DaflError, with one line, when the teacher's outputs cannot be read."""

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
 import pickle
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +18,7 @@ from compress_toolbox.load.importers.base import (
     torch_runner,
     verify,
 )
+from compress_toolbox.load.user_code import load_object, user_file
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "student", "teacher")
 TORCHVISION_INPUT = (3, 224, 224)
@@ -82,13 +79,9 @@ def _load(path: Path, trust_pickle: bool) -> Any:
 def model_class_file(spec: str | None) -> Path | None:
     """The user's file that ``--model-class`` names (``file.py:Class``, or ``pkg.mod:Class``
     found in the working folder), without running it; None for library models."""
-    if not spec or ":" not in spec or spec.startswith(("zoo:", "torchvision:")):
+    if spec and spec.startswith(("zoo:", "torchvision:")):
         return None
-    location = spec.rpartition(":")[0]
-    if location.endswith(".py"):
-        return Path(location)
-    local = Path(*location.split(".")).with_suffix(".py")
-    return local if local.is_file() else None
+    return user_file(spec)
 
 
 def resolve_model_class(spec: str) -> tuple[Any, tuple[int, ...] | None]:
@@ -100,33 +93,7 @@ def resolve_model_class(spec: str) -> tuple[Any, tuple[int, ...] | None]:
     Returns the callable building the model and its default input shape when known.
     """
     if ":" in spec and not spec.startswith(("zoo:", "torchvision:")):
-        location, _, name = spec.rpartition(":")
-        if location.endswith(".py"):
-            file = Path(location)
-            if not file.is_file():
-                raise ImportFailed(f"--model-class: no such file {file}")
-            module_spec = importlib.util.spec_from_file_location(f"_dafl_user_{file.stem}", file)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_spec.name] = module
-            try:
-                module_spec.loader.exec_module(module)
-            except Exception as error:
-                raise ImportFailed(f"--model-class: cannot run {file}: {error}") from None
-        else:
-            # As `python -m` does, the working folder is importable (mymodel:Net next to you).
-            added = os.getcwd() not in sys.path and "" not in sys.path
-            if added:
-                sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(location)
-            except Exception as error:
-                raise ImportFailed(f"--model-class: cannot import {location}: {error}") from None
-            finally:
-                if added:
-                    sys.path.remove(os.getcwd())
-        if not hasattr(module, name):
-            raise ImportFailed(f"--model-class: {location} has no {name}")
-        return getattr(module, name), None
+        return load_object(spec, "--model-class", ImportFailed), None
     import torchvision
 
     import model_zoo

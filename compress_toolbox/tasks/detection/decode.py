@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torchvision.ops import batched_nms
@@ -27,6 +28,39 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def above(self, threshold: float) -> Detections:
+        """Only the detections scoring above ``threshold``."""
+        keep = self.scores > threshold
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep])
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How raw outputs become detections: the built-in reading of ``layout`` (``decode``) or,
+    with ``user`` (a ``user_decode.UserDecoder``, --decode), the user's own function."""
+
+    layout: HeadLayout
+    user: Any = None
+
+    @property
+    def in_pixels(self) -> bool:
+        """Whether the detections' boxes are in input pixels (comparable with labels, drawable);
+        not for boxes encoded against anchors that only the user's decoding knows."""
+        return self.user is not None or self.layout.boxes_in_pixels
+
+    @property
+    def by(self) -> str:
+        """Who decodes, for the report."""
+        return f"--decode {self.user.name}" if self.user is not None else "built in"
+
+    def __call__(self, out: torch.Tensor, image_size: tuple[int, int],
+                 threshold: float = EVAL_SCORE_THRESHOLD,
+                 box_scale: float | None = None) -> list[Detections]:  # fmt: skip
+        """Every image's detections above ``threshold`` (``box_scale``: see ``decode``)."""
+        if self.user is None:
+            return decode(out, self.layout, threshold, box_scale=box_scale)
+        return [found.above(threshold) for found in self.user(out, self.layout, image_size)]
 
 
 @torch.no_grad()

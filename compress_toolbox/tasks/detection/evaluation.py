@@ -16,11 +16,10 @@ from compress_toolbox.tasks.base import TaskScores
 from compress_toolbox.tasks.detection.data import DetectionEvalData
 from compress_toolbox.tasks.detection.decode import (
     DETECTION_THRESHOLD,
+    Decoding,
     Detections,
-    decode,
     encoded_scale,
 )
-from compress_toolbox.tasks.detection.heads import HeadLayout
 from compress_toolbox.tasks.detection.metrics import GroundTruth, MapScores, mean_average_precision
 
 GENERATED_SCENES = 256  # generated inputs for the fidelity figure without eval data
@@ -55,38 +54,50 @@ def _fields(scores: MapScores) -> dict:
     return {"map_50": scores.map_50, "map_50_95": scores.map_50_95}
 
 
-def _fidelity(teacher_out, student_out, layout: HeadLayout) -> MapScores:
-    scale = None if layout.boxes_in_pixels else encoded_scale(layout.boxes(teacher_out))
-    reference = as_truths(decode(teacher_out, layout, DETECTION_THRESHOLD, box_scale=scale))
-    return mean_average_precision(decode(student_out, layout, box_scale=scale), reference,
+def _size(x: torch.Tensor) -> tuple[int, int]:
+    return tuple(x.shape[-2:])
+
+
+def _fidelity(teacher_out, student_out, decoding: Decoding, size: tuple[int, int]) -> MapScores:
+    layout = decoding.layout
+    scale = None if decoding.in_pixels else encoded_scale(layout.boxes(teacher_out))
+    reference = as_truths(decoding(teacher_out, size, DETECTION_THRESHOLD, box_scale=scale))
+    return mean_average_precision(decoding(student_out, size, box_scale=scale), reference,
                                   layout.num_classes)  # fmt: skip
 
 
-def onnx_map_50(path: Path, data: DetectionEvalData, layout: HeadLayout) -> float | None:
+def onnx_map_50(path: Path, data: DetectionEvalData, decoding: Decoding) -> float | None:
     """mAP@0.5 of the ONNX model at ``path`` (onnxruntime) on the eval data."""
-    return mean_average_precision(decode(onnx_outputs(path, data.x), layout), data.truths,
-                                  layout.num_classes).map_50  # fmt: skip
+    found = decoding(onnx_outputs(path, data.x), _size(data.x))
+    return mean_average_precision(found, data.truths, decoding.layout.num_classes).map_50
 
 
 def onnx_fidelity(reference: Path, candidate: Path, x: torch.Tensor,
-                  layout: HeadLayout) -> float | None:  # fmt: skip
+                  decoding: Decoding) -> float | None:  # fmt: skip
     """mAP@0.5 of the ONNX ``candidate``'s detections against ``reference``'s on ``x``."""
-    return _fidelity(onnx_outputs(reference, x), onnx_outputs(candidate, x), layout).map_50
+    return _fidelity(onnx_outputs(reference, x), onnx_outputs(candidate, x), decoding,
+                     _size(x)).map_50  # fmt: skip
+
+
+def _head_report(decoding: Decoding) -> dict:
+    layout = decoding.layout
+    return {"head": layout.name, "layout": layout.describe(), "num_classes": layout.num_classes,
+            "decoded_by": decoding.by}  # fmt: skip
 
 
 def measure_on_data(teacher: nn.Module, student_onnx: Path, data: DetectionEvalData,
-                    layout: HeadLayout) -> TaskScores:  # fmt: skip
+                    decoding: Decoding) -> TaskScores:  # fmt: skip
     """mAP of both on the eval data; fidelity on its images."""
     t_out, s_out = torch_outputs(teacher, data.x), onnx_outputs(student_onnx, data.x)
-    k = layout.num_classes
-    t_map = mean_average_precision(decode(t_out, layout), data.truths, k)
-    s_map = mean_average_precision(decode(s_out, layout), data.truths, k)
-    fidelity = _fidelity(t_out, s_out, layout)
+    k, size = decoding.layout.num_classes, _size(data.x)
+    t_map = mean_average_precision(decoding(t_out, size), data.truths, k)
+    s_map = mean_average_precision(decoding(s_out, size), data.truths, k)
+    fidelity = _fidelity(t_out, s_out, decoding, size)
     return TaskScores(
         figure=FIGURE, teacher=t_map.map_50, student=s_map.map_50, trivial=0.0,
         trivial_what="no detection at all", agreement=fidelity.map_50,
         agreement_on="eval images: student mAP@0.5 against the teacher's detections",
-        report={"detection": {"head": layout.name, "layout": layout.describe(), "num_classes": k,
+        report={"detection": {**_head_report(decoding),
                               "teacher_per_class_ap_50": t_map.per_class_ap_50,
                               "student_per_class_ap_50": s_map.per_class_ap_50,
                               "fidelity_map_50": fidelity.map_50,
@@ -100,19 +111,18 @@ def measure_on_data(teacher: nn.Module, student_onnx: Path, data: DetectionEvalD
 
 
 def measure_fidelity(teacher: nn.Module, student_onnx: Path, x: torch.Tensor,
-                     layout: HeadLayout, inputs: str) -> TaskScores:  # fmt: skip
+                     decoding: Decoding, inputs: str) -> TaskScores:  # fmt: skip
     """The student's mAP against the teacher's detections on images ``x`` (described by
     ``inputs``; the teacher scores 1.0 against itself): the figure without eval data, and the
     only one for heads whose boxes are encoded against anchors the file does not hold."""
     t_out, s_out = torch_outputs(teacher, x), onnx_outputs(student_onnx, x)
-    fidelity = _fidelity(t_out, s_out, layout)
+    fidelity = _fidelity(t_out, s_out, decoding, _size(x))
     teacher_score = None if fidelity.map_50 is None else 1.0
     return TaskScores(
         figure="fidelity mAP@0.5", teacher=teacher_score, student=fidelity.map_50, trivial=0.0,
         trivial_what="no detection at all", agreement=fidelity.map_50,
         agreement_on=f"{len(x)} {inputs}: student mAP@0.5 against the teacher's detections",
-        report={"detection": {"head": layout.name, "layout": layout.describe(),
-                              "num_classes": layout.num_classes,
+        report={"detection": {**_head_report(decoding),
                               "fidelity_map_50": fidelity.map_50,
                               "fidelity_map_50_95": fidelity.map_50_95,
                               "measured_on": f"{len(x)} {inputs}; student as student.onnx "

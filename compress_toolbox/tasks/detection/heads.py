@@ -69,6 +69,13 @@ class HeadLayout:
         start = sum(sizes[:index])
         return rows[..., start : start + sizes[index]]
 
+    def file_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The raw output as the file gives it: a boxes+scores head's joined rows split again
+        into its outputs (in the file's order); a single output as it is."""
+        if self.name != "boxes+scores":
+            return (out,)
+        return tuple(out.split(self.part_sizes(), dim=-1))
+
     @property
     def boxes_in_pixels(self) -> bool:
         """Whether the boxes are decoded (input pixels), so that boxes of different locations

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from compress_toolbox.domain import InputDomain
-from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD, Detections, decode
-from compress_toolbox.tasks.detection.heads import HeadLayout
+from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD, Decoding, Detections
 
 SHOWN = 8
 
@@ -28,9 +27,10 @@ def _draw(ax, found: Detections, colour: str, style: str) -> None:
 
 @torch.no_grad()
 def plot_detections(sampler, teacher: nn.Module, student: nn.Module, domain: InputDomain,
-                    path: Path, layout: HeadLayout) -> None:  # fmt: skip
+                    path: Path, decoding: Decoding) -> None:  # fmt: skip
     """Draw ``SHOWN`` generated scenes with both models' detections into ``path`` (boxes
-    encoded against anchors the file does not hold are not drawn: their pixels are unknown)."""
+    encoded against anchors the file does not hold are not drawn without the user's
+    --decode: their pixels are unknown)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,20 +40,20 @@ def plot_detections(sampler, teacher: nn.Module, student: nn.Module, domain: Inp
 
     x = sampler(SHOWN).cpu()
     t_out, s_out = teacher.eval().cpu()(x), student.eval().cpu()(x)
-    found = [decode(out, layout, DETECTION_THRESHOLD) for out in (t_out, s_out)]
+    found = [decoding(out, x.shape[-2:], DETECTION_THRESHOLD) for out in (t_out, s_out)]
     pixels = _displayable(x, domain)
     fig, axes = plt.subplots(1, SHOWN, figsize=(2 * SHOWN, 2.3), squeeze=False)
     for i, ax in enumerate(axes[0]):
         image = pixels[i].permute(1, 2, 0).squeeze(-1).numpy()
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
-        if layout.boxes_in_pixels:
+        if decoding.in_pixels:
             _draw(ax, found[0][i], "lime", "-")
             _draw(ax, found[1][i], "red", "--")
         else:
             ax.set_title(f"{len(found[0][i])} / {len(found[1][i])} found", fontsize=6)
         ax.set_axis_off()
     fig.suptitle("generated scenes: teacher's boxes (green), student's (red, dashed)"
-                 if layout.boxes_in_pixels else "generated scenes: detections of teacher / "
+                 if decoding.in_pixels else "generated scenes: detections of teacher / "
                  "student (boxes encoded against anchors: not drawn)")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -19,7 +19,7 @@ from compress_toolbox.tasks import register_task
 from compress_toolbox.tasks.base import Task, TaskScores
 from compress_toolbox.tasks.detection import evaluation, signature
 from compress_toolbox.tasks.detection.data import DetectionEvalData, load_detection_data
-from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD
+from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD, Decoding
 from compress_toolbox.tasks.detection.heads import (
     HEAD_NAMES,
     LAYOUTS_TEXT,
@@ -30,6 +30,7 @@ from compress_toolbox.tasks.detection.heads import (
     recognise,
 )
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
+from compress_toolbox.tasks.detection.user_decode import UserDecoder
 from compress_toolbox.tasks.outputs import tensors_of
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class Detection(Task):
     head_name: str | None = None  # --head: the layout the user named
     head: HeadLayout | None = None  # the teacher's layout (``bound_to``)
     joins_outputs: bool = True  # several outputs are one head: boxes and scores
+    decoder: UserDecoder | None = None  # --decode: the user's decoding of the raw outputs
 
     def layout_of(self, out: torch.Tensor) -> HeadLayout:
         """The head layout of a raw output (methods read detection heads through it)."""
@@ -92,16 +94,32 @@ class Detection(Task):
             raise DaflError(f"--head {name}: unknown layout; choose one of {', '.join(HEAD_NAMES)}")
         return replace(self, head_name=name)
 
+    def with_decoder(self, spec) -> Detection:
+        return replace(self, decoder=None if spec is None else UserDecoder(spec))
+
+    def user_file(self) -> Path | None:
+        return self.decoder.file() if self.decoder is not None else None
+
+    def decoding(self, layout: HeadLayout) -> Decoding:
+        """How this task turns raw outputs of ``layout`` into detections (built in, or the
+        user's --decode)."""
+        return Decoding(layout, self.decoder)
+
     def bound_to(self, teacher) -> Detection:
         """This task reading ``teacher``'s head: its layout from the outputs the import joined
-        (boxes and scores), from ``--head``, or from its one output's shape. DaflError naming
-        the file when none fits."""
+        (boxes and scores), from ``--head``, or from its one output's shape; the user's
+        --decode tried once on the teacher's answer to random inputs. DaflError naming the
+        file when none fits."""
         try:
-            return replace(self, head=self._layout(teacher))
+            bound = replace(self, head=self._layout(teacher))
         except DaflError as error:
             source = str(teacher.source)
             raise DaflError(str(error) if str(error).startswith(source)
                             else f"{source}: {error}") from None  # fmt: skip
+        if self.decoder is not None:
+            x = torch.rand(2, *teacher.input_shape)
+            bound.decoding(bound.head)(evaluation.torch_outputs(teacher.module, x), x.shape[-2:])
+        return bound
 
     def _layout(self, teacher) -> HeadLayout:
         outputs = teacher.details.get("joined_outputs")
@@ -182,28 +200,30 @@ class Detection(Task):
             return None
         layout = self._layout_by(lambda: evaluation.torch_outputs(
             teacher, data.x[:1] if data is not None else sampler(1)))  # fmt: skip
-        if isinstance(data, DetectionEvalData) and layout.boxes_in_pixels:
-            return evaluation.measure_on_data(teacher, student_onnx, data, layout)
+        decoding = self.decoding(layout)
+        if isinstance(data, DetectionEvalData) and decoding.in_pixels:
+            return evaluation.measure_on_data(teacher, student_onnx, data, decoding)
         if data is not None:  # boxes encoded against anchors: not comparable to the labels
             return evaluation.measure_fidelity(
-                teacher, student_onnx, data.x, layout,
+                teacher, student_onnx, data.x, decoding,
                 "eval images (boxes encoded against anchors: labels unused)")  # fmt: skip
         return evaluation.measure_fidelity(teacher, student_onnx,
-                                           sampler(evaluation.GENERATED_SCENES).cpu(), layout,
+                                           sampler(evaluation.GENERATED_SCENES).cpu(), decoding,
                                            "generated inputs")  # fmt: skip
 
     def onnx_score(self, model: Path, data) -> float | None:
         """mAP@0.5 on the eval data; None for boxes encoded against anchors (not comparable
-        with the labels)."""
-        layout = self._layout_by(lambda: evaluation.onnx_outputs(model, data.x[:1]))
-        return evaluation.onnx_map_50(model, data, layout) if layout.boxes_in_pixels else None
+        with the labels) without --decode."""
+        decoding = self.decoding(self._layout_by(
+            lambda: evaluation.onnx_outputs(model, data.x[:1])))  # fmt: skip
+        return evaluation.onnx_map_50(model, data, decoding) if decoding.in_pixels else None
 
     def onnx_agreement(self, reference: Path, candidate: Path,
                        inputs) -> tuple[str, float | None]:  # fmt: skip
         """Fidelity: mAP@0.5 of ``candidate``'s detections against ``reference``'s."""
         x = torch.as_tensor(inputs, dtype=torch.float32)
         layout = self._layout_by(lambda: evaluation.onnx_outputs(reference, x[:1]))
-        return FIDELITY, evaluation.onnx_fidelity(reference, candidate, x, layout)
+        return FIDELITY, evaluation.onnx_fidelity(reference, candidate, x, self.decoding(layout))
 
     def finish_export(self, student_onnx: Path, teacher) -> dict[str, Any] | None:
         """student.onnx given the teacher's outputs (split again where the import joined them)
@@ -238,7 +258,7 @@ class Detection(Task):
         from compress_toolbox.tasks.detection.pictures import plot_detections  # matplotlib
 
         layout = self._layout_by(lambda: evaluation.torch_outputs(teacher, sampler(1).cpu()))
-        plot_detections(sampler, teacher, student, domain, path, layout)
+        plot_detections(sampler, teacher, student, domain, path, self.decoding(layout))
 
 
 # Batch 16 and the segmentation task's augmentations (moves, flips, photometric jitter): a

@@ -1,0 +1,66 @@
+"""Python objects the user names by ``file.py:Name`` or ``package.module:Name`` (--model-class's
+model class, --decode's decoding function). Running the file is what the user asked for by
+naming it; nothing else the run reads may run code."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from compress_toolbox.errors import DaflError
+
+
+def user_file(spec: str | None) -> Path | None:
+    """The file ``spec`` names (``file.py:Name``, or ``pkg.mod:Name`` found in the working
+    folder), without running it; None when it names no local file."""
+    if not spec or ":" not in spec:
+        return None
+    location = spec.rpartition(":")[0]
+    if location.endswith(".py"):
+        return Path(location)
+    local = Path(*location.split(".")).with_suffix(".py")
+    return local if local.is_file() else None
+
+
+def load_object(spec: str, option: str, error: type[DaflError] = DaflError) -> Any:
+    """The object ``Name`` of ``file.py:Name`` or ``package.module:Name`` (the working folder
+    importable, as ``python -m`` makes it). ``error`` (one line starting with ``option``) when
+    the file is missing, fails to run, or has no such name."""
+    location, _, name = spec.rpartition(":")
+    if not location or not name:
+        raise error(f"{option} {spec!r}: not 'file.py:Name' or 'package.module:Name'")
+    module = _run_file(Path(location), option, error) if location.endswith(".py") \
+        else _import(location, option, error)  # fmt: skip
+    if not hasattr(module, name):
+        raise error(f"{option}: {location} has no {name}")
+    return getattr(module, name)
+
+
+def _run_file(file: Path, option: str, error: type[DaflError]) -> Any:
+    if not file.is_file():
+        raise error(f"{option}: no such file {file}")
+    module_spec = importlib.util.spec_from_file_location(f"_dafl_user_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as caught:
+        raise error(f"{option}: cannot run {file}: {caught}") from None
+    return module
+
+
+def _import(location: str, option: str, error: type[DaflError]) -> Any:
+    added = os.getcwd() not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(location)
+    except Exception as caught:
+        raise error(f"{option}: cannot import {location}: {caught}") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
