@@ -128,6 +128,8 @@ def run(args: argparse.Namespace) -> dict:
             "map_50_ratio": s.map_50 / t.map_50 if t.map_50 else None,
             "teacher_map_50_95": t.map_50_95, "student_map_50_95": s.map_50_95,
             "params_ratio": report["student"]["params"] / report["teacher"]["params"],
+            "tool_teacher_map_50": report["teacher"].get("map_50"),
+            "tool_student_map_50": report["student"].get("map_50"),
             "fidelity_map_50": report["detection"]["fidelity_map_50"],
             "status": report["status"], "iterations": report["iterations"],
             "method": report["method"], "compress_s": round(time.perf_counter() - start, 1),

@@ -9,7 +9,8 @@
 
 The student learns from half generated images as they are and half multi-object scenes: the
 objects the teacher sees in one to three generated images (each image cut to the box of its
-most confident location) pasted on a plain noisy background, their longest side 17-42% of the
+most confident detection, read through the user's --decode for boxes encoded against anchors)
+pasted on a plain noisy background, their longest side 17-42% of the
 canvas (as DIODE's tiles and Multi-Object Impressions compose several objects per canvas).
 Generated images alone are objects everywhere: a student distilled on them only learnt the
 teacher's answers there and lost the background (on the benchmark its mAP@0.5 on real scenes
@@ -128,6 +129,7 @@ class DAFLDetection(DAFL):
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.layout_of = ctx.task.layout_of
+        self.object_boxes = ctx.task.object_boxes
 
     def generate(self, batch_size: int) -> GeneratedBatch:
         """One generator step (DAFL's losses on whole generated images), then a student batch
@@ -150,12 +152,10 @@ class DAFLDetection(DAFL):
 
     def _objects(self, images: torch.Tensor, teacher_out: torch.Tensor) -> list[torch.Tensor]:
         """What the teacher sees in each generated image: the image cut to the box of its most
-        confident location; the whole image where the head's boxes are not in pixels."""
-        layout = self.layout_of(teacher_out)
-        if not layout.boxes_in_pixels:
-            return list(images)
-        best = layout.confidence(teacher_out).argmax(1)
-        return teacher_objects(images, layout.boxes(teacher_out)[torch.arange(len(best)), best])
+        confident detection; the whole image where the boxes are encoded against anchors and
+        no --decode places them."""
+        boxes = self.object_boxes(teacher_out.detach(), tuple(images.shape[-2:]))
+        return list(images) if boxes is None else teacher_objects(images, boxes)
 
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
         weights, layout = self.weights, self.layout_of(logits)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torchvision.ops import box_convert
 
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, VerificationFailed
@@ -104,6 +105,23 @@ class Detection(Task):
         """How this task turns raw outputs of ``layout`` into detections (built in, or the
         user's --decode)."""
         return Decoding(layout, self.decoder)
+
+    def object_boxes(self, out: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor | None:
+        """(N, 4) each image's most confident detection as a centre/size box in pixels (the
+        whole image where the user's decoding finds none); None where the boxes are encoded
+        against anchors and no --decode says where they are."""
+        layout = self.layout_of(out)
+        decoding = self.decoding(layout)
+        if not decoding.in_pixels:
+            return None
+        if decoding.user is None:
+            best = layout.confidence(out).argmax(1)
+            return layout.boxes(out)[torch.arange(len(best)), best]
+        height, width = image_size
+        whole = torch.tensor([width / 2, height / 2, width, height], dtype=torch.float32)
+        found = decoding(out, image_size, threshold=0.0)
+        return torch.stack([box_convert(d.boxes[d.scores.argmax()], "xyxy", "cxcywh")
+                            if len(d) else whole for d in found])  # fmt: skip
 
     def bound_to(self, teacher) -> Detection:
         """This task reading ``teacher``'s head: its layout from the outputs the import joined

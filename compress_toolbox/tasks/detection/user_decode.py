@@ -1,10 +1,11 @@
 """--decode FILE.py:FUNCTION: the user's own decoding of the raw head outputs, for heads whose
 boxes are encoded against anchors the file does not hold (SSD, RetinaNet, FCOS). With it the
 report scores both models the way the user's code reads them: mAP on --eval-data, fidelity
-on decoded boxes, boxes drawn in samples.png. Distillation still acts on the raw outputs.
+on decoded boxes, boxes drawn in samples.png; dafl-det cuts the teacher's objects out of
+generated images by it. Distillation still acts on the raw outputs.
 
 The function is called as ``FUNCTION(outputs, image_size)``: ``outputs`` a tuple of the raw
-outputs as float tensors (batch first, in the file's order), ``image_size`` the input's
+outputs as float tensors on the CPU (batch first, in the file's order), ``image_size`` the input's
 (height, width); it returns one mapping per image with ``boxes`` (D, 4) as x1, y1, x2, y2 in
 input pixels, ``scores`` (D,) and ``labels`` (D,) as class indices 0..K-1 (torchvision's
 detection format), after its own score threshold and NMS.
@@ -61,7 +62,7 @@ class UserDecoder:
                  image_size: tuple[int, int]) -> list[Detections]:  # fmt: skip
         """Every image's detections from the joined raw output ``out``; DaflError naming
         --decode when the function fails or answers in another form."""
-        outputs = tuple(part.float() for part in layout.file_outputs(out))
+        outputs = tuple(part.detach().float().cpu() for part in layout.file_outputs(out))
         try:
             found = self.function()(outputs, tuple(image_size))
         except DaflError:
