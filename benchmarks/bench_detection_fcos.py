@@ -89,12 +89,17 @@ def onnx_outputs(path: Path, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def run(args: argparse.Namespace) -> dict:
     """Build the teacher and scenes, compress, decode both, and return the figures."""
+    from bench_suite import parse_sets
+
     from compress_toolbox import CompressConfig, compress
+    from compress_toolbox.distillation.presets import PRESETS
     from compress_toolbox.errors import DaflError
     from compress_toolbox.tasks.detection.data import save_detection_npz
     from compress_toolbox.tasks.detection.scenes import SceneSpec
     from compress_toolbox.tasks.detection.training import benchmark_scenes
 
+    changes = parse_sets(args.set)
+    preset = PRESETS["fast"].with_options(**changes) if changes else "fast"
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     (out / "data").mkdir(parents=True, exist_ok=True)
@@ -112,7 +117,8 @@ def run(args: argparse.Namespace) -> dict:
                                          input_shape=(3, 64, 64),
                                          time_budget=args.budget, threads=args.threads,
                                          seed=args.seed, out=str(out / "run"), force=True,
-                                         progress=False, method=args.method)  # fmt: skip
+                                         progress=False, method=args.method,
+                                         preset=preset)  # fmt: skip
     start = time.perf_counter()
     try:
         compress(teacher_file, config)
@@ -145,6 +151,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="/tmp/bench_detection_fcos")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="fast-preset fields to change, and loss weights as "
+                        "METHOD.WEIGHT (e.g. bn-prior-det.bn=0.5)")  # fmt: skip
     args = parser.parse_args()
     from bench_detection import print_figures
 

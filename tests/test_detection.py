@@ -239,9 +239,10 @@ def test_encoded_boxes_are_compared_location_by_location():
     assert fidelity(moved) < 0.2 and fidelity(elsewhere) < 0.2
 
 
-def test_a_two_output_teacher_distils_into_a_student_with_both_outputs(files, tmp_path):
+def test_a_two_output_teacher_distils_into_a_student_with_both_outputs(files, tmp_path, capsys):
     """BlazeFace-style: encoded box values (4 + 2 keypoints x 2) and class logits as two
-    outputs, joined for distillation and split again in student.onnx."""
+    outputs, joined for distillation and split again in student.onnx; the user is told once
+    that --decode would judge the encoded boxes as their decoding reads them."""
     folder, _ = files
     torch.manual_seed(0)
     teacher_path = export_detector(TinyBoxesScores(CLASSES, 3, 8), tmp_path / "face.onnx", SIZE,
@@ -262,6 +263,7 @@ def test_a_two_output_teacher_distils_into_a_student_with_both_outputs(files, tm
     shown = (out / "report.md").read_text()
     assert "- detection head: boxes+scores (regressors, classificators)" in shown
     assert "top-1 agreement" not in shown  # fidelity, not top-1
+    assert capsys.readouterr().err.count("--decode FILE.py:FUNCTION") == 1
 
 
 def test_head_names_a_layout_and_needs_the_detection_task(files, tmp_path, capsys):

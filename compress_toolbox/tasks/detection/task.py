@@ -5,6 +5,7 @@ evaluation.py)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from compress_toolbox.domain import InputDomain
-from compress_toolbox.errors import DaflError, VerificationFailed
+from compress_toolbox.errors import DaflError, DaflWarning, VerificationFailed
 from compress_toolbox.tasks import register_task
 from compress_toolbox.tasks.base import Task, TaskScores
 from compress_toolbox.tasks.detection import evaluation, signature
@@ -137,6 +138,12 @@ class Detection(Task):
         if self.decoder is not None:
             x = torch.rand(2, *teacher.input_shape)
             bound.decoding(bound.head)(evaluation.torch_outputs(teacher.module, x), x.shape[-2:])
+        elif not bound.head.boxes_in_pixels:
+            warnings.warn("the boxes are encoded against anchors the file does not hold: they "
+                          "are compared location by location (stricter than decoding) and "
+                          "scenes get whole generated images; --decode FILE.py:FUNCTION (your "
+                          "decoding) measures and places them as your code reads them",
+                          DaflWarning, stacklevel=2)  # fmt: skip
         return bound
 
     def _layout(self, teacher) -> HeadLayout:
