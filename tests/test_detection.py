@@ -674,3 +674,12 @@ def test_bn_prior_det_is_refused_on_a_teacher_with_batchnorm_folded(files, tmp_p
                    "--iters", 2, "--out", tmp_path / "out")  # fmt: skip
     assert code == 2
     one_error_line(capsys, "bn-prior-det", "no BatchNorm layers")
+
+
+def test_a_decoding_may_answer_no_detection_as_empty_lists():
+    from compress_toolbox.tasks.detection.user_decode import UserDecoder
+
+    layout = joined([("cls_logits", CLASSES), ("bbox_regression", 4), ("bbox_ctrness", 1)], True)
+    empty = UserDecoder(lambda outputs, size: [{"boxes": [], "scores": [], "labels": []}] * 2)
+    found = empty(torch.zeros(2, 20, CLASSES + 5), layout, (SIZE, SIZE))
+    assert [len(d) for d in found] == [0, 0] and found[0].boxes.shape == (0, 4)

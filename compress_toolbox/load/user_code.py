@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compress_toolbox.errors import DaflError
+from compress_toolbox.errors import DaflError, first_line
 
 
 def user_file(spec: str | None) -> Path | None:
@@ -49,7 +49,7 @@ def _run_file(file: Path, option: str, error: type[DaflError]) -> Any:
     try:
         module_spec.loader.exec_module(module)
     except Exception as caught:
-        raise error(f"{option}: cannot run {file}: {caught}") from None
+        raise error(f"{option}: cannot run {file}: {first_line(caught)}") from None
     return module
 
 
@@ -60,7 +60,7 @@ def _import(location: str, option: str, error: type[DaflError]) -> Any:
     try:
         return importlib.import_module(location)
     except Exception as caught:
-        raise error(f"{option}: cannot import {location}: {caught}") from None
+        raise error(f"{option}: cannot import {location}: {first_line(caught)}") from None
     finally:
         if added:
             sys.path.remove(os.getcwd())

@@ -9,7 +9,7 @@
 
 The student learns from half generated images as they are and half multi-object scenes: the
 objects the teacher sees in one to three generated images (each image cut to the box of its
-most confident detection, read through the user's --decode for boxes encoded against anchors)
+most confident detection, read through the user's --decode where given)
 pasted on a plain noisy background, their longest side 17-42% of the
 canvas (as DIODE's tiles and Multi-Object Impressions compose several objects per canvas).
 Generated images alone are objects everywhere: a student distilled on them only learnt the
@@ -24,14 +24,16 @@ The head's layout comes from the task (``tasks/detection``), whose KD loss train
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from compress_toolbox.distillation.distributed import global_mean
+from compress_toolbox.distillation.distributed import global_mean, world
 from compress_toolbox.distillation.methods import register_method
 from compress_toolbox.distillation.methods.base import GeneratedBatch, MethodContext
 from compress_toolbox.distillation.methods.dafl import DAFL
+from compress_toolbox.errors import DaflWarning
 
 SCENE_SHARE = 0.5  # of each student batch: multi-object scenes composed of generated images
 SCENE_OBJECTS = (1, 3)
@@ -130,6 +132,9 @@ class DAFLDetection(DAFL):
         super().__init__(ctx)
         self.layout_of = ctx.task.layout_of
         self.object_boxes = ctx.task.object_boxes
+        hint = ctx.task.decode_hint()
+        if hint is not None and world().is_writer:
+            warnings.warn(hint, DaflWarning, stacklevel=2)
 
     def generate(self, batch_size: int) -> GeneratedBatch:
         """One generator step (DAFL's losses on whole generated images), then a student batch

@@ -114,7 +114,8 @@ def measure_fidelity(teacher: nn.Module, student_onnx: Path, x: torch.Tensor,
                      decoding: Decoding, inputs: str) -> TaskScores:  # fmt: skip
     """The student's mAP against the teacher's detections on images ``x`` (described by
     ``inputs``; the teacher scores 1.0 against itself): the figure without eval data, and the
-    only one for heads whose boxes are encoded against anchors the file does not hold."""
+    only one for heads whose boxes are encoded against anchors the file does not hold, unless
+    the user's --decode places them."""
     t_out, s_out = torch_outputs(teacher, x), onnx_outputs(student_onnx, x)
     fidelity = _fidelity(t_out, s_out, decoding, _size(x))
     teacher_score = None if fidelity.map_50 is None else 1.0

@@ -5,7 +5,6 @@ evaluation.py)."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +15,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from compress_toolbox.domain import InputDomain
-from compress_toolbox.errors import DaflError, DaflWarning, VerificationFailed
+from compress_toolbox.errors import DaflError, VerificationFailed
 from compress_toolbox.tasks import register_task
 from compress_toolbox.tasks.base import Task, TaskScores
 from compress_toolbox.tasks.detection import evaluation, signature
@@ -137,14 +136,22 @@ class Detection(Task):
                             else f"{source}: {error}") from None  # fmt: skip
         if self.decoder is not None:
             x = torch.rand(2, *teacher.input_shape)
-            bound.decoding(bound.head)(evaluation.torch_outputs(teacher.module, x), x.shape[-2:])
-        elif not bound.head.boxes_in_pixels:
-            warnings.warn("the boxes are encoded against anchors the file does not hold: they "
-                          "are compared location by location (stricter than decoding) and "
-                          "scenes get whole generated images; --decode FILE.py:FUNCTION (your "
-                          "decoding) measures and places them as your code reads them",
-                          DaflWarning, stacklevel=2)  # fmt: skip
+            with torch.no_grad():
+                out = teacher.module.eval()(x)
+            if not isinstance(out, torch.Tensor):  # a one-output tuple or dict: its tensor
+                out = next(iter(tensors_of(out).values()))
+            bound.decoding(bound.head)(out.float(), x.shape[-2:])
         return bound
+
+    def decode_hint(self) -> str | None:
+        """What to tell a compress run whose boxes are encoded against anchors and that has no
+        --decode (None otherwise)."""
+        if self.head is None or self.decoding(self.head).in_pixels:
+            return None
+        return ("the boxes are encoded against anchors the file does not hold: they are "
+                "compared location by location (stricter than decoding) and the scenes get "
+                "whole generated images; --decode FILE.py:FUNCTION (your decoding) measures "
+                "and places them as your code reads them")  # fmt: skip
 
     def _layout(self, teacher) -> HeadLayout:
         outputs = teacher.details.get("joined_outputs")

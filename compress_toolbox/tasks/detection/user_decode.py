@@ -80,6 +80,8 @@ class UserDecoder:
                               "labels")  # fmt: skip
         boxes, scores, labels = (torch.as_tensor(one[key]).detach().cpu()
                                  for key in ("boxes", "scores", "labels"))  # fmt: skip
+        if boxes.numel() == 0:  # "no detections" as an empty list or array
+            boxes = boxes.reshape(0, 4)
         count = len(scores.reshape(-1))
         if tuple(boxes.shape) != (count, 4) or labels.numel() != count:
             shapes = f"{tuple(boxes.shape)}, {tuple(scores.shape)}, {tuple(labels.shape)}"
