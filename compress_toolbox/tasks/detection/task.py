@@ -32,7 +32,7 @@ from compress_toolbox.tasks.detection.heads import (
 )
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 from compress_toolbox.tasks.detection.user_decode import UserDecoder
-from compress_toolbox.tasks.outputs import tensors_of
+from compress_toolbox.tasks.outputs import MainOutput, tensors_of
 
 if TYPE_CHECKING:
     from compress_toolbox.load.teacher import Teacher
@@ -135,12 +135,9 @@ class Detection(Task):
             raise DaflError(str(error) if str(error).startswith(source)
                             else f"{source}: {error}") from None  # fmt: skip
         if self.decoder is not None:
-            x = torch.rand(2, *teacher.input_shape)
-            with torch.no_grad():
-                out = teacher.module.eval()(x)
-            if not isinstance(out, torch.Tensor):  # a one-output tuple or dict: its tensor
-                out = next(iter(tensors_of(out).values()))
-            bound.decoding(bound.head)(out.float(), x.shape[-2:])
+            x = torch.rand(2, *teacher.input_shape)  # a tuple or dict teacher: its main tensor
+            out = evaluation.torch_outputs(MainOutput(teacher.module), x)
+            bound.decoding(bound.head)(out, x.shape[-2:])
         return bound
 
     def decode_hint(self) -> str | None:
