@@ -112,6 +112,7 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
             train_s=report["elapsed_s"], recipe=report["recipe"],
             restarts=report["generator_restarts"], health=report["health"],
             timings=report["timings"], student_kind=report["student"]["kind"],
+            race=report.get("race"),
         )  # fmt: skip
         if report.get("int8"):
             row["int8"] = int8_rows(report)

@@ -164,6 +164,7 @@ def _listing(summaries: dict[str, str]) -> str:
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     from compress_toolbox.distillation.methods import method_summaries
+    from compress_toolbox.distillation.methods.auto import RACE_SUMMARY
     from compress_toolbox.distillation.methods.auto import SUMMARY as AUTO_SUMMARY
     from compress_toolbox.distillation.presets import PRESETS
 
@@ -171,9 +172,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training")
     train.add_argument(
         "--method",
-        choices=("auto", *methods),
+        choices=("auto", "race", *methods),
         default="auto",
-        help=f"{_listing({'auto': AUTO_SUMMARY, **methods})} (default: %(default)s)",
+        help=f"{_listing({'auto': AUTO_SUMMARY, 'race': RACE_SUMMARY, **methods})} "
+        "(default: %(default)s)",
     )
     train.add_argument(
         "--preset",

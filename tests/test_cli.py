@@ -233,6 +233,20 @@ def test_mlp_auto_and_noise_method(workspace, tmp_path):
     assert report["student"]["widths"] == [32, 10]
 
 
+def test_race_end_to_end(workspace, tmp_path):
+    """--method race: the legs and their figures in report.json, the reason in report.md."""
+    out = tmp_path / "out"
+    code = run_cli(workspace / "DigitsMLP.ts", "--method", "race", "--eval-data",
+                   workspace / "eval.npz", "--out", out, *FAST)  # fmt: skip
+    assert code == 0
+    report = check_output_folder(out, workspace / "eval.npz")
+    race = report["race"]
+    assert [leg["method"] for leg in race["legs"]] == ["adversarial", "dafl"]
+    assert all(0.0 <= leg["agreement"] <= 1.0 for leg in race["legs"])
+    assert report["method"] == race["winner"] and report["iterations"] == 40 - 2 * 5
+    assert "raced for" in (out / "report.md").read_text()
+
+
 def test_legacy_opset_and_dry_run(workspace, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_cli(workspace / "DigitsCNN.onnx", "--dry-run", "--out", out) == 0
@@ -377,11 +391,11 @@ def _help_text(capsys) -> str:
 
 def test_help_lists_every_method_and_preset_from_their_registries(capsys):
     from compress_toolbox.distillation.methods import method_summaries
-    from compress_toolbox.distillation.methods.auto import SUMMARY
+    from compress_toolbox.distillation.methods.auto import RACE_SUMMARY, SUMMARY
     from compress_toolbox.distillation.presets import PRESETS
 
     text = _help_text(capsys)
-    listed = {"auto": SUMMARY, **method_summaries()}
+    listed = {"auto": SUMMARY, "race": RACE_SUMMARY, **method_summaries()}
     listed.update({name: preset.description for name, preset in PRESETS.items()})
     for name, summary in listed.items():
         assert "".join(f"{name}: {summary}".split()) in text, name

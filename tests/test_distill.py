@@ -458,3 +458,86 @@ def test_bad_options(digits, kwargs, message):
     kwargs.setdefault("iters", 1)
     with pytest.raises(DaflError, match=message):
         run(digits["cnn"][0], **kwargs)
+
+
+def test_race_trains_every_candidate_then_continues_the_winner(digits):
+    """--method race on a BatchNorm teacher: bn-prior (auto's choice) first, dafl and
+    adversarial beside it, an equal share of a quarter of the iterations each, every leg scored
+    on the shared probe set; the rest of the budget goes to the winner, whose student learns."""
+    teacher, eval_data = digits["cnn_bn"]
+    result = run(teacher, method="race", iters=48, eval_data=eval_data)
+    race = result.race
+    assert [leg.method for leg in race.legs] == ["bn-prior", "dafl", "adversarial"]
+    assert all(leg.iterations == 4 and 0.0 <= leg.agreement <= 1.0 for leg in race.legs)
+    assert race.probes == 3 * 128 and race.rule_choice == "bn-prior"
+    assert result.method == race.winner and result.iterations == 48 - 3 * 4
+    assert result.method_reason.startswith("raced for") and "continued" in result.method_reason
+    assert all(leg.method in result.method_reason for leg in race.legs)
+    assert result.student_accuracy > 0.8, result.student_accuracy
+
+
+def test_race_splits_a_time_budget_and_counts_its_time(digits):
+    teacher = digits["mlp"][0]
+    result = run(teacher, method="race", time_budget=6)
+    assert [leg.method for leg in result.race.legs] == ["adversarial", "dafl"]  # no BatchNorm
+    assert result.race.seconds >= 0.25 * 6 * 0.5  # two legs of 0.75 s, less their set-up
+    assert result.elapsed_s == pytest.approx(result.race.seconds + result.history[-1]["elapsed_s"],
+                                             abs=0.5)  # fmt: skip
+    assert result.elapsed_s <= 6 + 1.0
+
+
+def test_the_winner_goes_on_from_its_legs_student_and_generator(digits):
+    """A warm start loads the leg's student and generator: one more iteration moves them by a
+    learning rate's step, where a fresh start is far away."""
+    from compress_toolbox.distillation.options import DistillOptions, WarmStart
+    from compress_toolbox.distillation.trainer import Trainer
+
+    teacher = digits["cnn"][0]
+    leg = run(teacher, method="dafl", iters=6)
+    start = WarmStart(leg.student.state_dict(), leg.method_state)
+    # seed 1: a fresh generator unlike the leg's
+    options = DistillOptions(method="dafl", preset=TINY, iters=1, progress=False, threads=1,
+                             domain=DOMAIN, seed=1)  # fmt: skip
+    torch.manual_seed(5)
+    warm = Trainer(teacher, small_cnn(8), options, warm_start=start).run()
+    torch.manual_seed(5)
+    cold = Trainer(teacher, small_cnn(8), options).run()
+
+    def distance(a: nn.Module, b: nn.Module) -> float:
+        pairs = zip(a.parameters(), b.parameters())
+        return max(float((p - q).detach().abs().max()) for p, q in pairs)
+
+    # Adam moves a weight by about its learning rate per step
+    student_step = (TINY.student_steps + 1) * TINY.student_lr
+    assert distance(warm.student, leg.student) < student_step
+    assert distance(cold.student, leg.student) > 3 * student_step
+    generator_step = 2 * TINY.gen_lr
+    assert distance(warm.generator, leg.generator) < generator_step
+    assert distance(cold.generator, leg.generator) > 3 * generator_step
+
+
+def test_the_rules_choice_wins_a_near_tie():
+    from compress_toolbox.distillation.race import MARGIN, RaceLeg, _winner
+
+    assert _winner([RaceLeg("bn-prior", 5, 0.80), RaceLeg("dafl", 5, 0.80 + MARGIN)]) == "bn-prior"
+    assert _winner([RaceLeg("bn-prior", 5, 0.80), RaceLeg("dafl", 5, 0.85)]) == "dafl"
+    assert _winner([RaceLeg("bn-prior", note="collapsed"), RaceLeg("dafl", 5, 0.3)]) == "dafl"
+
+
+def test_race_under_torchrun_leaves_the_choice_to_the_rule(digits, monkeypatch):
+    from compress_toolbox.distillation import race
+
+    monkeypatch.setattr(race, "_one_process", lambda: False)  # as under torchrun
+    result = run(digits["cnn"][0], method="race", iters=2)
+    assert result.race is None and result.method == "adversarial"
+    assert result.method_reason.startswith("auto's rule (under torchrun the race does not run)")
+
+
+def test_a_raced_run_resumes_with_its_winner(digits, tmp_path):
+    teacher = digits["cnn"][0]
+    first = run(teacher, method="race", iters=20, checkpoint_dir=tmp_path)  # legs of 2
+    assert first.iterations == 20 - 2 * 2
+    resumed = run(teacher, method="race", iters=28, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.method == first.method and resumed.iterations == 28 - 2 * 3
+    assert [r["iteration"] for r in resumed.history] == list(range(1, 23))
+    assert "resumed" in resumed.method_reason

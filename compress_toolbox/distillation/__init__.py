@@ -28,7 +28,8 @@ def distill(
 ) -> DistillResult:
     """Train ``student`` (in place) to mimic ``teacher`` without data.
 
-    ``options`` (a ``DistillOptions``) or keyword arguments naming its fields (``method``,
+    ``options`` (a ``DistillOptions``) or keyword arguments naming its fields (``method``: a
+    registered method, ``auto`` or ``race``,
     ``preset``, ``time_budget``, ``iters``, ...) say how; with no budget the preset's default
     (the full paper schedule, or the fast preset's 120 s). ``eval_data`` is for monitoring and
     the result's accuracy only, never for training. ``on_iteration`` is called after each
@@ -41,4 +42,8 @@ def distill(
     if unknown:
         raise TypeError(f"distill() got unknown option(s): {', '.join(unknown)}")
     options = replace(options, **changes)
+    if options.method == "race":
+        from compress_toolbox.distillation.race import distill_by_race
+
+        return distill_by_race(teacher, student, options, eval_data, on_iteration)
     return Trainer(teacher, student, options, eval_data, on_iteration).run()

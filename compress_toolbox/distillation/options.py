@@ -21,6 +21,8 @@ from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks import Task, get_task
 
+CHOOSERS = ("auto", "race")  # --method values that choose a registered method
+
 
 class DistillInterrupted(DaflError):
     """Training was interrupted (Ctrl-C or SIGTERM); a checkpoint was written if possible."""
@@ -32,7 +34,7 @@ class DistillInterrupted(DaflError):
 class DistillOptions:
     """How to train. Every field is checked by ``validate`` before any work starts."""
 
-    method: str = "auto"  # a registered method name (methods/) or "auto"
+    method: str = "auto"  # a registered method name (methods/), "auto" or "race" (race.py)
     task: str | Task = "classification"  # tasks/: what the teacher's output means
     preset: str | Preset = "fast"
     device: str | None = None  # None/"auto": cuda when available, else cpu
@@ -57,7 +59,7 @@ class DistillOptions:
         """Raise DaflError for any bad value; return the resolved preset."""
         preset = get_preset(self.preset).check()
         get_task(self.task)
-        if self.method != "auto":
+        if self.method not in CHOOSERS:
             get_method(self.method)
         if self.batch_size is not None and self.batch_size < 2:
             raise DaflError(f"batch size must be at least 2 (BatchNorm), got {self.batch_size}")
@@ -94,10 +96,22 @@ class DistillResult:
     restarts: int = 0  # generator restarts after collapses
     num_classes: int = 0  # the teacher's output classes
     world_size: int = 1  # ranks that trained together (global batch = world_size x batch)
+    method_state: dict[str, Any] = field(default_factory=dict)  # Method.state_dict() at the end
+    race: Any = None  # race.RaceOutcome when --method race chose the method
+
 
     @property
     def batch_size(self) -> int:
         return self.recipe.batch_size
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Trained state a run starts from instead of afresh (the race's winner goes on from its
+    leg): the student's and the method's ``state_dict``."""
+
+    student: dict[str, torch.Tensor]
+    method: dict[str, Any]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -35,6 +35,7 @@ from compress_toolbox.distillation.optimizers import make_student_optimizer
 from compress_toolbox.distillation.options import (
     DistillOptions,
     DistillResult,
+    WarmStart,
     interruption,
     resolve_device,
     write_history_csv,
@@ -69,8 +70,10 @@ class Trainer:
 
     def __init__(self, teacher: Teacher, student: nn.Module, options: DistillOptions,
                  eval_data: EvalData | None = None,
-                 on_iteration: Callable[[int], None] | None = None) -> None:  # fmt: skip
+                 on_iteration: Callable[[int], None] | None = None,
+                 warm_start: WarmStart | None = None) -> None:  # fmt: skip
         self.preset = options.validate()
+        self.warm_start = warm_start
         self.options = options
         self.task = get_task(options.task)
         self.teacher = teacher
@@ -259,6 +262,9 @@ class Trainer:
             distributed.sync_batchnorm(self.student)
             ctx = self._context()
             self.method, self.method_reason = self._make_method(ctx)
+            if self.warm_start is not None:  # before any checkpoint is restored over it
+                self.student.load_state_dict(self.warm_start.student)
+                self.method.load_state_dict(self.warm_start.method)
             self._share_generator()
             self.channels_last = self._try_channels_last()
             try:
@@ -453,4 +459,5 @@ class Trainer:
             restarts=self.guard.restarts,
             num_classes=self.num_classes,
             world_size=self.world.size,
+            method_state=self.method.state_dict(),
         )

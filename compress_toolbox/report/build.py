@@ -130,6 +130,7 @@ def build_report(
         "task": config.task.name,
         "method": result.method,
         "method_reason": result.method_reason,
+        "race": result.race.as_dict() if result.race is not None else None,
         "preset": result.preset,
         "recipe": asdict(result.recipe),
         "iterations": result.iterations,

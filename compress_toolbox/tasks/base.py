@@ -181,6 +181,11 @@ class Task:
         (methods/auto.py)."""
         return None
 
+    def race_candidates(self, batchnorm_layers: int) -> tuple[str, ...] | None:
+        """The methods ``--method race`` trains side by side for this task, or None for the
+        general candidates (methods/auto.py)."""
+        return None
+
     def load_eval_data(self, path: Path, input_shape: tuple[int, ...], domain: InputDomain,
                        num_classes: int | None) -> EvalData:  # fmt: skip
         """The labelled evaluation data at ``path`` shaped for the teacher."""

@@ -72,7 +72,8 @@ def get_method(name: str) -> type:
     """The ``Method`` class registered as ``name``."""
     _load_all()
     if name not in _REGISTRY:
-        raise DaflError(f"unknown method {name!r}; choose one of auto, {', '.join(method_names())}")
+        raise DaflError(f"unknown method {name!r}; choose one of auto, race, "
+                        f"{', '.join(method_names())}")  # fmt: skip
     return _REGISTRY[name]
 
 

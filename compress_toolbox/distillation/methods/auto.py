@@ -1,10 +1,12 @@
 """``--method auto``: which method to run on a teacher, from the teacher's properties, as the
 teacher suite measured (benchmarks/RESULTS.md); a task may have its own rule
-(``Task.auto_method``)."""
+(``Task.auto_method``). ``--method race`` (distillation/race.py) measures instead, among the
+candidates named here."""
 
 from __future__ import annotations
 
 from compress_toolbox.distillation.methods.base import MethodContext
+from compress_toolbox.tasks import Task
 
 # what ``--method``'s help says of auto (the rule below and the tasks' own)
 SUMMARY = ("picks from the teacher: bn-prior when it keeps BatchNorm layers, else adversarial "
@@ -13,8 +15,12 @@ SUMMARY = ("picks from the teacher: bn-prior when it keeps BatchNorm layers, els
 
 def choose_method(ctx: MethodContext) -> tuple[str, str]:
     """(method name, the reason, for the report)."""
-    layers = ctx.batchnorm_layers()
-    task_rule = ctx.task.auto_method(layers)
+    return rule(ctx.task, ctx.batchnorm_layers())
+
+
+def rule(task: Task, layers: int) -> tuple[str, str]:
+    """Auto's choice for a teacher with ``layers`` BatchNorm layers: (method, reason)."""
+    task_rule = task.auto_method(layers)
     if task_rule is not None:
         return task_rule
     if layers:
@@ -28,3 +34,18 @@ def choose_method(ctx: MethodContext) -> tuple[str, str]:
         "without them (7 to 19 points of the teacher above DAFL alone on a folded ResNet-8, "
         "level on the others)"
     )
+
+
+# what ``--method``'s help says of race (distillation/race.py)
+RACE_SUMMARY = ("trains auto's candidates (dafl, adversarial, and bn-prior when the teacher keeps "
+                "BatchNorm layers) for a quarter of the budget, then continues the student that "
+                "agrees best with the teacher on every candidate's generated inputs")  # fmt: skip
+
+
+def race_candidates(task: Task, batchnorm_layers: int) -> tuple[str, ...]:
+    """The methods ``--method race`` trains side by side on a teacher with ``batchnorm_layers``
+    BatchNorm layers (a task may name its own: ``Task.race_candidates``)."""
+    own = task.race_candidates(batchnorm_layers)
+    if own is not None:
+        return own
+    return ("dafl", "adversarial", "bn-prior") if batchnorm_layers else ("dafl", "adversarial")

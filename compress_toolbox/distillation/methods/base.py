@@ -45,10 +45,15 @@ class MethodContext:
 
     def batchnorm_layers(self) -> int:
         """Number of BatchNorm layers with running statistics in the teacher."""
-        return sum(
-            isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None
-            for m in self.teacher.modules()
-        )
+        return batchnorm_layers(self.teacher)
+
+
+def batchnorm_layers(module: nn.Module) -> int:
+    """Number of BatchNorm layers with running statistics in ``module``."""
+    return sum(
+        isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_mean is not None
+        for m in module.modules()
+    )
 
 
 @dataclass

@@ -209,6 +209,9 @@ class Detection(Task):
             "so far"
         )
 
+    def race_candidates(self, batchnorm_layers: int) -> tuple[str, ...] | None:
+        return ("dafl-det", "bn-prior-det") if batchnorm_layers else ("dafl-det",)
+
     def health_logits(self, teacher_out: torch.Tensor, student_out: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Class logits at the teacher's confident locations (its best one per image at least)."""
