@@ -572,3 +572,24 @@ def test_onnx_exported_without_folding_keeps_batchnorm_for_the_bn_prior(tmp_path
     norms = [m for m in teacher.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(norms) == 1
     assert torch.allclose(norms[0].running_mean, model[1].running_mean)
+
+
+def test_a_file_named_by_two_options_runs_once(tmp_path):
+    """--model-class and --decode naming one file share one run of it (one set of globals);
+    the file edited since runs again, and two files of one name stay apart."""
+    from compress_toolbox.load.user_code import load_object
+
+    file = tmp_path / "user.py"
+    code = "import pathlib\npathlib.Path(__file__ + '.runs').open('a').write('x')\nVALUE = {}\n"
+    file.write_text(code)
+    model = load_object(f"{file}:VALUE", "--model-class")
+    decode = load_object(f"{file}:VALUE", "--decode")
+    assert model is decode and (tmp_path / "user.py.runs").read_text() == "x"
+    file.write_text(code + "OTHER = 1\n")
+    assert load_object(f"{file}:OTHER", "--decode") == 1
+    assert (tmp_path / "user.py.runs").read_text() == "xx"
+    other = tmp_path / "elsewhere" / "user.py"
+    other.parent.mkdir()
+    other.write_text("VALUE = 'other'\n")
+    assert load_object(f"{other}:VALUE", "--decode") == "other"
+    assert load_object(f"{file}:VALUE", "--decode") == {}

@@ -13,6 +13,10 @@ from typing import Any
 
 from compress_toolbox.errors import DaflError, first_line
 
+# files run so far, by (resolved path, mtime, size): one file named by --model-class and by
+# --decode runs once, so that both see the same module (and its one set of globals)
+_RUN: dict[tuple[Path, int, int], Any] = {}
+
 
 def user_file(spec: str | None) -> Path | None:
     """The file ``spec`` names (``file.py:Name``, or ``pkg.mod:Name`` found in the working
@@ -43,13 +47,20 @@ def load_object(spec: str, option: str, error: type[DaflError] = DaflError) -> A
 def _run_file(file: Path, option: str, error: type[DaflError]) -> Any:
     if not file.is_file():
         raise error(f"{option}: no such file {file}")
-    module_spec = importlib.util.spec_from_file_location(f"_dafl_user_{file.stem}", file)
+    stat = file.stat()
+    key = (file.resolve(), stat.st_mtime_ns, stat.st_size)
+    if key in _RUN:
+        return _RUN[key]
+    name = f"_dafl_user_{len(_RUN)}_{file.stem}"  # two files of one name stay apart
+    module_spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module
+    sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
     except Exception as caught:
+        del sys.modules[name]
         raise error(f"{option}: cannot run {file}: {first_line(caught)}") from None
+    _RUN[key] = module
     return module
 
 

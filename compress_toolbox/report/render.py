@@ -73,8 +73,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- {'agreement' if report.get('detection') else 'top-1 agreement'} student vs "
         f"teacher: {_fmt(agreement.get('value'), 'pct')} (on {agreement.get('on', 'n/a')})",
-        *([f"- detection head: {report['detection']['layout']}; decoded "
-           f"{report['detection'].get('decoded_by', 'built in')}"]
+        *([f"- detection head: {report['detection']['layout']}; decoded by "
+           f"{report['detection'].get('decoded_by', 'the built-in decoding')}"]
           if (report.get("detection") or {}).get("layout") else []),
         f"- student: {report['student'].get('kind')} (widths {report['student'].get('widths')})",
         f"- method: {report['method']} ({report.get('method_reason', '')}), preset "

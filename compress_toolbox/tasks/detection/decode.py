@@ -52,7 +52,7 @@ class Decoding:
     @property
     def by(self) -> str:
         """Who decodes, for the report."""
-        return f"--decode {self.user.name}" if self.user is not None else "built in"
+        return f"--decode {self.user.name}" if self.user is not None else "the built-in decoding"
 
     def __call__(self, out: torch.Tensor, image_size: tuple[int, int],
                  threshold: float = EVAL_SCORE_THRESHOLD,
