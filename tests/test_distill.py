@@ -541,3 +541,19 @@ def test_a_raced_run_resumes_with_its_winner(digits, tmp_path):
     assert resumed.method == first.method and resumed.iterations == 28 - 2 * 3
     assert [r["iteration"] for r in resumed.history] == list(range(1, 23))
     assert "resumed" in resumed.method_reason
+
+
+def test_an_interrupted_race_says_there_is_nothing_to_resume(digits, monkeypatch):
+    """A leg keeps no checkpoint: the message says so; SIGTERM's exit code is kept."""
+    from compress_toolbox.distillation import race
+
+    class Interrupted(race.Trainer):
+        def run(self):
+            error = DistillInterrupted("interrupted at iteration 3; no checkpoint")
+            error.exit_code = 143
+            raise error
+
+    monkeypatch.setattr(race, "Trainer", Interrupted)
+    with pytest.raises(DistillInterrupted, match="during the race .bn-prior's leg.") as caught:
+        run(digits["cnn_bn"][0], method="race", iters=20)
+    assert caught.value.exit_code == 143

@@ -68,9 +68,9 @@ def test_every_relative_link_in_the_documents_resolves():
 
 def test_the_method_lists_name_every_registered_method():
     """README's and docs/output.md's ``--method a|b|...`` lists are written by hand: every
-    registered method is on them, and nothing else."""
+    registered method and the two choosers (auto, race) are on them, and nothing else."""
     from compress_toolbox.distillation.methods import method_names
 
     for text in (README, (REPO / "docs" / "output.md").read_text()):
         listed = re.search(r"`--method ([a-z|-]+)`", text).group(1).split("|")
-        assert sorted(listed) == sorted(["auto", *method_names()])
+        assert sorted(listed) == sorted(["auto", "race", *method_names()])

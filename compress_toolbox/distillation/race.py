@@ -25,7 +25,12 @@ from torch import nn
 from compress_toolbox.distillation import distributed
 from compress_toolbox.distillation.methods.auto import race_candidates, rule
 from compress_toolbox.distillation.methods.base import batchnorm_layers
-from compress_toolbox.distillation.options import DistillOptions, DistillResult, WarmStart
+from compress_toolbox.distillation.options import (
+    DistillInterrupted,
+    DistillOptions,
+    DistillResult,
+    WarmStart,
+)
 from compress_toolbox.distillation.parts import Checkpointer, StopPolicy
 from compress_toolbox.distillation.trainer import CHECKPOINT_NAME, Trainer
 from compress_toolbox.errors import DaflError, DaflWarning, TrainingFailed, first_line
@@ -124,6 +129,11 @@ def race(teacher: Teacher, student: nn.Module, options: DistillOptions,
                 results[name] = Trainer(teacher, copy.deepcopy(student), leg_options).run()
         except TrainingFailed as error:
             legs.append(RaceLeg(name, note=first_line(error, 120)))
+        except DistillInterrupted as interrupted:  # legs keep no checkpoint
+            error = DistillInterrupted(f"interrupted during the race ({name}'s leg), before "
+                                       "any checkpoint: run the command again")  # fmt: skip
+            error.exit_code = interrupted.exit_code
+            raise error from None
     if not results:
         raise TrainingFailed(f"every method raced failed: {'; '.join(leg.note for leg in legs)}")
     torch.manual_seed(options.seed)
