@@ -533,6 +533,12 @@ def test_race_under_torchrun_leaves_the_choice_to_the_rule(digits, monkeypatch):
     assert result.method_reason.startswith("auto's rule (under torchrun the race does not run)")
 
 
+def test_too_few_iterations_are_not_raced(digits):
+    result = run(digits["cnn"][0], method="race", iters=10)  # legs of 1 iteration: too short
+    assert result.race is None and result.iterations == 10
+    assert result.method_reason.startswith("auto's rule (too few iterations to race)")
+
+
 def test_a_raced_run_resumes_with_its_winner(digits, tmp_path):
     teacher = digits["cnn"][0]
     first = run(teacher, method="race", iters=20, checkpoint_dir=tmp_path)  # legs of 2
@@ -555,5 +561,5 @@ def test_an_interrupted_race_says_there_is_nothing_to_resume(digits, monkeypatch
 
     monkeypatch.setattr(race, "Trainer", Interrupted)
     with pytest.raises(DistillInterrupted, match="during the race .bn-prior's leg.") as caught:
-        run(digits["cnn_bn"][0], method="race", iters=20)
+        run(digits["cnn_bn"][0], method="race", iters=48)
     assert caught.value.exit_code == 143

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,10 @@ from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks import Task, get_task
 
 CHOOSERS = ("auto", "race")  # --method values that choose a registered method
+
+
+if TYPE_CHECKING:
+    from compress_toolbox.distillation.race import RaceOutcome
 
 
 class DistillInterrupted(DaflError):
@@ -97,7 +101,7 @@ class DistillResult:
     num_classes: int = 0  # the teacher's output classes
     world_size: int = 1  # ranks that trained together (global batch = world_size x batch)
     method_state: dict[str, Any] = field(default_factory=dict)  # Method.state_dict() at the end
-    race: Any = None  # race.RaceOutcome when --method race chose the method
+    race: RaceOutcome | None = None  # how --method race chose the method
 
 
     @property

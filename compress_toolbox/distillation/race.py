@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from compress_toolbox.distillation.options import (
     DistillOptions,
     DistillResult,
     WarmStart,
+    resolve_device,
 )
 from compress_toolbox.distillation.parts import Checkpointer, StopPolicy
 from compress_toolbox.distillation.trainer import CHECKPOINT_NAME, Trainer
@@ -41,7 +43,8 @@ from compress_toolbox.tasks.evaldata import EvalData
 RACE_SHARE = 0.25  # of the run's budget, for all legs together
 PROBES_PER_LEG = 128  # generated inputs each leg's generator adds to the shared probe set
 MARGIN = 0.02  # agreement a candidate needs above the rule's choice to replace it
-# (the standard error of an agreement near 0.8 on 384 probes is 0.02)
+# (about one standard error of an agreement near 0.8 on 384 probes; more where agreement is
+# lower or the probes fewer: a loose bar, which the rule's evidence on the suite backs)
 SCORE_BATCH = 64
 
 
@@ -74,7 +77,9 @@ class RaceOutcome:
                             for leg in scored)  # fmt: skip
         failed = "".join(f"; {leg.method} failed ({leg.note})" for leg in self.legs
                          if leg.agreement is None)  # fmt: skip
-        if self.winner != self.rule_choice:
+        if self.winner != self.rule_choice and self.legs[0].agreement is None:
+            why = f"auto's choice, {self.rule_choice}, failed"
+        elif self.winner != self.rule_choice:
             why = f"more than {MARGIN:.2f} above auto's choice, {self.rule_choice}"
         elif len(scored) > 1 and scored[0].method != self.winner:
             why = f"auto's choice, kept: no other candidate led it by more than {MARGIN:.2f}"
@@ -97,13 +102,15 @@ def distill_by_race(
     preset = options.validate()
     task = get_task(options.task)
     candidates = _ordered_candidates(teacher, task)
-    if not _one_process() or len(candidates) < 2:
+    split = _split_budget(options, preset, len(candidates))
+    if not _one_process() or len(candidates) < 2 or split is None:
         why = ("under torchrun the race does not run" if not _one_process()
-               else f"one candidate for this teacher ({candidates[0]})")  # fmt: skip
+               else f"one candidate for this teacher ({candidates[0]})" if len(candidates) < 2
+               else "too few iterations to race")  # fmt: skip
         result = Trainer(teacher, student, replace(options, method="auto"), eval_data,
                          on_iteration).run()  # fmt: skip
         return replace(result, method_reason=f"auto's rule ({why}): {result.method_reason}")
-    leg_budget, rest_budget = _split_budget(options, preset, len(candidates))
+    leg_budget, rest_budget = split
     if options.resume:
         return _resume(teacher, student, options, eval_data, on_iteration, rest_budget(None))
     outcome, start = race(teacher, student, options, candidates, leg_budget)
@@ -130,18 +137,20 @@ def race(teacher: Teacher, student: nn.Module, options: DistillOptions,
         except TrainingFailed as error:
             legs.append(RaceLeg(name, note=first_line(error, 120)))
         except DistillInterrupted as interrupted:  # legs keep no checkpoint
-            error = DistillInterrupted(f"interrupted during the race ({name}'s leg), before "
-                                       "any checkpoint: run the command again")  # fmt: skip
-            error.exit_code = interrupted.exit_code
-            raise error from None
+            # the same exception (its context, e.g. a SIGTERM, says how to exit), retold
+            interrupted.args = (f"interrupted during the race ({name}'s leg), before any "
+                                "checkpoint: run the command again",)  # fmt: skip
+            raise
     if not results:
         raise TrainingFailed(f"every method raced failed: {'; '.join(leg.note for leg in legs)}")
     torch.manual_seed(options.seed)
     probes = torch.cat([result.sampler(PROBES_PER_LEG) for result in results.values()])
-    task = get_task(options.task)
+    task, device = get_task(options.task), resolve_device(options.device)
+    teacher_out = _answers(teacher.module, probes, device)
     for name, result in results.items():
+        student_out = _answers(result.student, probes, device)
         legs.append(RaceLeg(name, result.iterations,
-                            agreement(teacher.module, result.student, probes, task)))  # fmt: skip
+                            agreement(teacher_out, student_out, task)))  # fmt: skip
     legs.sort(key=lambda leg: candidates.index(leg.method))
     winner = _winner(legs)
     start = WarmStart(results[winner].student.state_dict(), results[winner].method_state)
@@ -150,19 +159,24 @@ def race(teacher: Teacher, student: nn.Module, options: DistillOptions,
     return outcome, start
 
 
+def agreement(teacher_out: torch.Tensor, student_out: torch.Tensor, task: Task) -> float:
+    """Share of the class decisions ``task.health_logits`` makes of the outputs on which the
+    student's top-1 answer is the teacher's."""
+    t_logits, s_logits = task.health_logits(teacher_out, student_out)
+    return float((t_logits.argmax(1) == s_logits.argmax(1)).float().mean())
+
+
 @torch.no_grad()
-def agreement(teacher: nn.Module, student: nn.Module, x: torch.Tensor, task: Task) -> float:
-    """Share of ``x`` (of the class decisions ``task.health_logits`` makes of each input) on
-    which ``student``'s top-1 answer is the teacher's; both run where the teacher is."""
-    device = next(teacher.parameters(), torch.zeros(())).device
-    student = student.to(device).eval()
-    agree = total = 0
-    for chunk in x.split(SCORE_BATCH):
-        chunk = chunk.to(device)
-        t_logits, s_logits = task.health_logits(teacher(chunk).float(), student(chunk).float())
-        agree += int((t_logits.argmax(1) == s_logits.argmax(1)).sum())
-        total += t_logits.argmax(1).numel()
-    return agree / max(total, 1)
+def _answers(module: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``module``'s outputs on ``x``, run on ``device`` in batches, gathered on the CPU;
+    ``module`` goes back where it was."""
+    home = next(module.parameters(), torch.zeros(())).device
+    training = module.training
+    module.to(device).eval()
+    try:
+        return torch.cat([module(chunk.to(device)).float().cpu() for chunk in x.split(SCORE_BATCH)])
+    finally:
+        module.to(home).train(training)
 
 
 def _one_process() -> bool:
@@ -187,10 +201,14 @@ def _ordered_candidates(teacher: Teacher, task: Task) -> tuple[str, ...]:
     return (chosen, *others)
 
 
+Budget = dict[str, Any]  # DistillOptions fields: time_budget, iters, epochs
+
+
 def _split_budget(options: DistillOptions, preset, legs: int
-                  ) -> tuple[dict[str, Any], Callable[[float | None], dict[str, Any]]]:  # fmt: skip
+                  ) -> tuple[Budget, Callable[[float | None], Budget]] | None:  # fmt: skip
     """(each leg's budget, the rest's budget given the race's seconds) as DistillOptions fields:
-    a time budget splits by the race's measured time, an iteration budget by iterations."""
+    a time budget splits by the race's measured time, an iteration budget by iterations (None
+    when it has too few for legs of 2 iterations)."""
     stop = StopPolicy.for_run(options.iters, options.epochs, options.time_budget, preset)
     unset = {"iters": None, "epochs": None, "time_budget": None}
     if stop.time_budget is not None:
@@ -202,8 +220,10 @@ def _split_budget(options: DistillOptions, preset, legs: int
             return {**unset, "time_budget": max(budget - spent, 1.0)}
 
         return leg, rest
-    leg_iters = max(2, int(RACE_SHARE * stop.total_iters / legs))
-    rest_iters = max(1, stop.total_iters - legs * leg_iters)
+    leg_iters = int(RACE_SHARE * stop.total_iters / legs)
+    if leg_iters < 2:
+        return None
+    rest_iters = stop.total_iters - legs * leg_iters
     return {**unset, "iters": leg_iters}, lambda _: {**unset, "iters": rest_iters}
 
 
@@ -211,7 +231,7 @@ def _resume(teacher, student, options, eval_data, on_iteration, rest_budget) -> 
     """Continue a raced run from its checkpoint: the winner's method (the checkpoint names it)
     for the rest of the budget (a time budget less a quarter: the race's share)."""
     folder = options.checkpoint_dir
-    checkpoint = Checkpointer(folder / CHECKPOINT_NAME if folder else None, 0.0)
+    checkpoint = Checkpointer(Path(folder) / CHECKPOINT_NAME if folder else None, 0.0)
     try:
         method = checkpoint.load(torch.device("cpu"), {})["method"]
     except DaflError:

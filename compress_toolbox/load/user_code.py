@@ -13,8 +13,10 @@ from typing import Any
 
 from compress_toolbox.errors import DaflError, first_line
 
-# files run so far, by (resolved path, mtime, size): one file named by --model-class and by
-# --decode runs once, so that both see the same module (and its one set of globals)
+# files run so far in this process, by (resolved path, mtime, size): one file named by
+# --model-class and by --decode runs once, so that both see the same module (one set of
+# globals); later runs in the same process (the Python API called again) reuse it too, unless
+# the file changed
 _RUN: dict[tuple[Path, int, int], Any] = {}
 
 

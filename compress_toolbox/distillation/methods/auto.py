@@ -38,8 +38,9 @@ def rule(task: Task, layers: int) -> tuple[str, str]:
 
 # what ``--method``'s help says of race (distillation/race.py)
 RACE_SUMMARY = ("trains auto's candidates (dafl, adversarial, and bn-prior when the teacher keeps "
-                "BatchNorm layers) for a quarter of the budget, then continues the student that "
-                "agrees best with the teacher on every candidate's generated inputs")  # fmt: skip
+                "BatchNorm layers; detection: dafl-det and bn-prior-det) for a quarter of the "
+                "budget, then continues the student that agrees best with the teacher on every "
+                "candidate's generated inputs")  # fmt: skip
 
 
 def race_candidates(task: Task, batchnorm_layers: int) -> tuple[str, ...]:
