@@ -244,7 +244,9 @@ def test_race_end_to_end(workspace, tmp_path):
     assert [leg["method"] for leg in race["legs"]] == ["adversarial", "dafl"]
     assert all(0.0 <= leg["agreement"] <= 1.0 for leg in race["legs"])
     assert report["method"] == race["winner"] and report["iterations"] == 40 - 2 * 5
-    assert "raced for" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "raced for" in text and "30 iterations in" in text
+    assert "(the winner's, after a race of 10 iterations in" in text
 
 
 def test_legacy_opset_and_dry_run(workspace, tmp_path, capsys):

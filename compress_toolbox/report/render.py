@@ -79,7 +79,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- student: {report['student'].get('kind')} (widths {report['student'].get('widths')})",
         f"- method: {report['method']} ({report.get('method_reason', '')}), preset "
         f"{report['preset']}, {report['iterations']} iterations in {report['elapsed_s']:.1f} s "
-        f"on {report['device']}{_ranks(report)}, seed {report['seed']}",
+        f"{_after_race(report)}on {report['device']}{_ranks(report)}, seed {report['seed']}",
         f"- health of the generated inputs at the end: {_health(report.get('health'))}; "
         f"generator restarts after a collapse: {report.get('generator_restarts', 0)}",
         f"- input domain: {teacher.get('input_domain', 'n/a')}",
@@ -318,6 +318,15 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     """report.json and report.md."""
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out_dir / "report.md").write_text(render_markdown(report))
+
+
+def _after_race(report: dict[str, Any]) -> str:
+    """What the run's seconds hold beside its iterations when a race chose the method."""
+    race = report.get("race")
+    if not race:
+        return ""
+    legs = sum(leg["iterations"] for leg in race["legs"])
+    return f"(the winner's, after a race of {legs} iterations in {race['seconds']:.1f} s) "
 
 
 def _ranks(report: dict) -> str:
