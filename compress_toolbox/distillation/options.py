@@ -21,11 +21,10 @@ from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks import Task, get_task
 
-CHOOSERS = ("auto", "race")  # --method values that choose a registered method
-
-
 if TYPE_CHECKING:
     from compress_toolbox.distillation.race import RaceOutcome
+
+CHOOSERS = ("auto", "race")  # --method values that choose a registered method
 
 
 class DistillInterrupted(DaflError):
@@ -102,7 +101,6 @@ class DistillResult:
     world_size: int = 1  # ranks that trained together (global batch = world_size x batch)
     method_state: dict[str, Any] = field(default_factory=dict)  # Method.state_dict() at the end
     race: RaceOutcome | None = None  # how --method race chose the method
-
 
     @property
     def batch_size(self) -> int:
