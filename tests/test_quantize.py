@@ -4,6 +4,7 @@ has before its generator is good), then checked in onnxruntime."""
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -205,6 +206,10 @@ def test_narrow_convolutions_stay_float_and_are_named_apart(tmp_path, digits, ca
     kept = quantize_onnx(model, tmp_path / "kept.onnx", _random_inputs(256), samples=256)
     assert kept.float_ops == () and [op for _, op in kept.kept_float] == ["Conv", "Relu"]
     assert np.mean(_run(kept.path, test_x).argmax(1) == _run(model, test_x).argmax(1)) >= 0.9
+    written = onnx.load(str(kept.path))  # the float convolution's weight is stored int8
+    float_weights = [t.dims for t in written.graph.initializer  # (scales and biases: one axis)
+                     if t.data_type == onnx.TensorProto.FLOAT and sorted(t.dims)[-2:-1] > [1]]
+    assert not float_weights and "Cast" in [node.op_type for node in written.graph.node]
     entry = {"status": "ok", "calibration_method": "MinMax", "calibration_samples": 256,
              "activations": "uint8", "size_ratio": kept.size_ratio, "verified_batches": [1, 7],
              "float_op_types": [], "kept_float_ops": kept.kept_float,
@@ -213,6 +218,7 @@ def test_narrow_convolutions_stay_float_and_are_named_apart(tmp_path, digits, ca
     every = quantize_onnx(model, tmp_path / "all.onnx", _random_inputs(256), samples=256,
                           min_conv_channels=0)  # fmt: skip
     assert every.kept_float == () and every.float_ops == ()
+    assert abs(kept.size_bytes - every.size_bytes) < 0.05 * every.size_bytes
     unnamed = onnx.load(str(model))
     for node in unnamed.graph.node:
         node.name = ""
@@ -300,3 +306,25 @@ def test_compact_names_never_take_an_input_or_output_name(tmp_path):
     onnx.save(model, str(path))
     result = quantize_onnx(path, tmp_path / "numbered.int8.onnx", _random_inputs(64), samples=64)
     assert _run(result.path, _random_inputs(3)).shape == (3, 10)
+
+
+def test_int8_weights_keep_the_convolution_float_and_close():
+    from compress_toolbox.export.quantize import int8_weights
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3)
+    x = torch.randn(4, 2, 8, 8)
+    buffer = io.BytesIO()
+    torch.onnx.export(conv, (x,), buffer, dynamo=False, opset_version=17, input_names=["x"])
+    model = onnx.load_from_string(buffer.getvalue())
+    name = model.graph.node[0].name
+    assert int8_weights(model, ["not-a-node"]) == 0
+    assert int8_weights(model, [name]) == 1
+    assert [node.op_type for node in model.graph.node] == ["Cast", "Mul", "Conv"]
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.numpy()})[0]
+    want = conv(x).detach().numpy()
+    step = conv.weight.detach().abs().amax(dim=(1, 2, 3)).numpy() / 127  # one int8 step
+    assert np.abs(got - want).max() <= 18 * step.max() * np.abs(x.numpy()).max()
+    assert np.abs(got - want).max() > 0  # really rounded to int8

@@ -309,8 +309,8 @@ def kept_float_reason(q: QuantizeResult) -> str | None:
     if not convs:
         return None
     return (f"{convs} convolution(s) with fewer than {MIN_INT8_CONV_CHANNELS} output channels "
-            f"kept float, with the ops they feed, because onnxruntime's INT8 kernel was slower "
-            f"there on the CPU measured")
+            f"kept float (their weights stored int8), with the ops they feed, because "
+            f"onnxruntime's INT8 kernel was slower there on the CPU measured")
 
 
 def quantize_outputs(work: Path, student_onnx: Path, student_params: int, teacher: Teacher,

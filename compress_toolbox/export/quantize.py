@@ -26,11 +26,14 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
@@ -89,9 +92,9 @@ _CALIB_OPTIONS = {"WeightSymmetric": True, "QuantizeBias": False}
 # without VNNI, batch 32, one thread: a LeNet-5-half's 1->3 conv 607 us INT8 against 158 us
 # float, a ResNet-8-half's 8-channel convs 551-696 us against 97-623 us; from 16 channels on
 # INT8 was faster). Keeping them float took the suite's students' INT8 batch-32 latency from
-# 2.96-3.18x of float to 1.05-1.06x (LeNet-5s) and 1.02-1.11x to 0.85-0.90x (ResNet-8s), for
-# 0.02-0.08 more of the float file (their float weights and Q/DQ boundaries). Other targets
-# may differ: ``min_conv_channels=0`` quantises them all.
+# 2.96-3.18x of float to 1.05-1.06x (LeNet-5s) and 1.02-1.11x to 0.85-0.90x (ResNet-8s). Their
+# weights are still stored int8 (``int8_weights``), so the file is no larger than with them
+# quantised. Other targets may differ: ``min_conv_channels=0`` quantises them all.
 MIN_INT8_CONV_CHANNELS = 16
 
 
@@ -191,6 +194,7 @@ def quantize_onnx(
                              [*nodes_to_exclude, *narrow], notes)  # fmt: skip
             quantised = load_model(staged)
             float_ops, kept_float = _split_kept(quantised, float_nodes(quantised), narrow)
+            int8_weights(quantised, narrow)
             _compact_file(staged, quantised,
                           keep_nodes=[name for name, _ in float_ops + kept_float])  # fmt: skip
             _move_into_place(staged, out)
@@ -209,6 +213,47 @@ def narrow_convolutions(model: onnx.ModelProto, min_channels: int) -> list[onnx.
     return [node for node in model.graph.node
             if node.op_type == "Conv" and len(node.input) > 1
             and weights.get(node.input[1], [min_channels])[0] < min_channels]  # fmt: skip
+
+
+def int8_weights(model: onnx.ModelProto, conv_names: Collection[str]) -> int:
+    """Store the float weights of the Conv nodes named ``conv_names`` as per-output-channel
+    symmetric int8 times a float scale (in place): the file shrinks as if they were quantised
+    while they still compute in float (weight-only quantisation). Returns how many weights it
+    converted; a weight shared by other nodes or not a float initializer stays.
+
+    Cast and Mul, not DequantizeLinear: onnxruntime's CPU EP constant-folds the former at load,
+    so the Conv keeps a constant weight and its pre-packed float kernel, while it never folds a
+    DequantizeLinear (kept for QDQ fusion); a Conv whose weight came through one ran 1.2-1.3x
+    slower at batch 32 (LeNet-5-half and ResNet-8-half students, benchmarks/bench_int8_size.py).
+    """
+    graph = model.graph
+    readers = Counter(name for node in graph.node for name in node.input)
+    initializers = {init.name: init for init in graph.initializer}
+    converted = 0
+    for index in range(len(graph.node) - 1, -1, -1):  # backwards: insertions keep indices valid
+        node = graph.node[index]
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        if (node.op_type != "Conv" or node_label(node) not in conv_names or weight is None
+                or weight.data_type != onnx.TensorProto.FLOAT or readers[weight.name] != 1):
+            continue
+        values = numpy_helper.to_array(weight)
+        scale = np.abs(values.reshape(len(values), -1)).max(axis=1) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        scale = scale.reshape(-1, *[1] * (values.ndim - 1))
+        quantised = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+        names = [f"{weight.name}_{suffix}" for suffix in ("int8", "scale", "float")]
+        graph.initializer.remove(weight)
+        graph.initializer.extend([numpy_helper.from_array(quantised, names[0]),
+                                  numpy_helper.from_array(scale, names[1])])  # fmt: skip
+        graph.node.insert(index, helper.make_node("Mul", names[2:0:-1], [weight.name]))
+        graph.node.insert(index, helper.make_node("Cast", names[:1], names[2:],
+                                                  to=onnx.TensorProto.FLOAT))  # fmt: skip
+        converted += 1
+    return converted
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _narrow_named(prepared: Path, named: Path, min_channels: int) -> tuple[Path, list[str]]:
