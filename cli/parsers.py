@@ -265,7 +265,8 @@ def _add_head_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--head", choices=HEAD_NAMES,
         help="--task detection: the head layout, where the outputs' shapes and names do not "
-        "tell it (boxes+scores: the first output is the boxes)",
+        "tell it (boxes+scores: the first output is the boxes; ssd: boxes+scores whose scores "
+        "are a softmax, column 0 the background)",
     )  # fmt: skip
 
 

@@ -193,13 +193,20 @@ def test_a_third_output_is_read_as_fcos_centreness_by_name_or_by_one_channel():
     assert torch.allclose(fcos.boxes(rows), torch.full((1, 1, 4), 9.0))
 
 
-def test_an_fcos_style_teacher_distils_into_a_student_with_its_three_outputs(tmp_path):
-    """Three outputs (class logits, encoded boxes, centre-ness), joined for distillation and
-    split again in student.onnx in the teacher's order and names."""
+@pytest.mark.parametrize("kind", ["fcos", "retinaface"])
+def test_a_three_output_teacher_distils_into_a_student_with_its_three_outputs(tmp_path, kind):
+    """Three outputs joined for distillation and split again in student.onnx in the teacher's
+    order and names: FCOS's class logits, encoded boxes and centre-ness; RetinaFace's encoded
+    boxes, softmax scores (background first) and keypoints."""
     torch.manual_seed(0)
-    names = ("cls_logits", "bbox_regression", "bbox_ctrness")
-    model = Reordered(TinyBoxesScores(CLASSES, 3, 8, keypoints=0, centreness=True), (1, 0, 2))
-    teacher_path = export_detector(model, tmp_path / "fcos.onnx", SIZE, outputs=names)
+    if kind == "fcos":
+        names = ("cls_logits", "bbox_regression", "bbox_ctrness")
+        model = Reordered(TinyBoxesScores(CLASSES, 3, 8, keypoints=0, centreness=True), (1, 0, 2))
+        layout, classes = f"{CLASSES} class logits and a centre-ness", CLASSES
+    else:
+        names, model = ("loc", "conf", "landms"), RetinaFaceLike()
+        layout, classes = "10 keypoint values and 1 class probability after a background", 1
+    teacher_path = export_detector(model, tmp_path / f"{kind}.onnx", SIZE, outputs=names)
     out = tmp_path / "out"
     code = run_cli(teacher_path, "--task", "detection", "--iters", 3, "--threads", 1,
                    "--out", out)  # fmt: skip
@@ -208,7 +215,8 @@ def test_an_fcos_style_teacher_distils_into_a_student_with_its_three_outputs(tmp
                                                                 out / "student.onnx"))  # fmt: skip
     assert student == teacher and tuple(o.name for o in student.outputs) == names
     report = json.loads((out / "report.json").read_text())
-    assert f"{CLASSES} class logits and a centre-ness" in report["detection"]["layout"]
+    assert layout in report["detection"]["layout"]
+    assert report["detection"]["num_classes"] == classes
 
 
 class Reordered(torch.nn.Module):
@@ -683,3 +691,44 @@ def test_a_decoding_may_answer_no_detection_as_empty_lists():
     empty = UserDecoder(lambda outputs, size: [{"boxes": [], "scores": [], "labels": []}] * 2)
     found = empty(torch.zeros(2, 20, CLASSES + 5), layout, (SIZE, SIZE))
     assert [len(d) for d in found] == [0, 0] and found[0].boxes.shape == (0, 4)
+
+
+class RetinaFaceLike(nn.Module):
+    """RetinaFace's raw outputs: encoded boxes ``loc`` (N, A, 4), ``conf`` (N, A, 2) a softmax
+    over the background and the face (or its logits), and five keypoints ``landms`` (N, A, 10)."""
+
+    def __init__(self, softmax: bool = True) -> None:
+        super().__init__()
+        self.model, self.softmax = TinyBoxesScores(2, 3, 8, keypoints=5), softmax
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        boxes, scores = self.model(x)
+        return boxes[..., :4], scores.softmax(-1) if self.softmax else scores, boxes[..., 4:]
+
+
+def test_a_softmax_head_reads_its_first_column_as_the_background_and_keypoints_apart():
+    from compress_toolbox.tasks.detection.task import _scores_read
+    from compress_toolbox.tasks.outputs import JoinedOutputs
+
+    retina = joined([("loc", 4), ("conf", 2), ("landms", 10)], False)
+    assert retina.parts == ("boxes", "scores", "keypoints") and retina.part_sizes() == [4, 2, 10]
+    torch.manual_seed(0)
+    read = _scores_read(JoinedOutputs(RetinaFaceLike()), retina, (3, SIZE, SIZE))
+    assert read.background and not read.logits and read.num_classes == 1
+    assert read.part_sizes() == [4, 2, 10]  # the file's outputs are unchanged
+    assert "4 box values, 10 keypoint values and 1 class probability after a background" in (
+        read.describe())  # fmt: skip
+    rows = torch.cat([torch.zeros(1, 2, 4), torch.tensor([[[0.9, 0.1], [0.2, 0.8]]]),
+                      torch.ones(1, 2, 10)], dim=-1)  # fmt: skip
+    assert torch.allclose(read.class_scores(rows), torch.tensor([[[0.1], [0.8]]]))
+    assert read.box_values(rows).shape == (1, 2, 14)  # keypoints distilled with the boxes
+    # logits cannot show a softmax: --head ssd says so; plain logits stay sigmoid scores
+    logits_teacher = JoinedOutputs(RetinaFaceLike(softmax=False))
+    as_logits = _scores_read(logits_teacher, retina, (3, SIZE, SIZE))
+    assert as_logits.logits and not as_logits.background and as_logits.num_classes == 2
+    ssd = _scores_read(logits_teacher, joined([("loc", 4), ("conf", 2), ("landms", 10)], False,
+                                              "ssd"), (3, SIZE, SIZE))  # fmt: skip
+    assert ssd.background and ssd.logits and ssd.num_classes == 1
+    assert torch.allclose(ssd.class_scores(rows), rows[..., 4:6].softmax(-1)[..., 1:])
+    with pytest.raises(DaflError, match="cannot be a softmax"):
+        joined([("boxes", 4), ("scores", 1)], False, "ssd")

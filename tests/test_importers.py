@@ -593,3 +593,18 @@ def test_a_file_named_by_two_options_runs_once(tmp_path):
     other.write_text("VALUE = 'other'\n")
     assert load_object(f"{other}:VALUE", "--decode") == "other"
     assert load_object(f"{file}:VALUE", "--decode") == {}
+
+
+def test_a_model_file_imports_its_own_modules_from_beside_it(tmp_path):
+    """As ``python FILE`` runs it: the file's folder is importable while it runs, and not
+    after."""
+    import sys
+
+    from compress_toolbox.load.user_code import load_object
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "my_layers_beside.py").write_text("WIDTH = 7\n")
+    (folder / "model.py").write_text("from my_layers_beside import WIDTH\nVALUE = WIDTH\n")
+    assert load_object(f"{folder / 'model.py'}:VALUE", "--model-class") == 7
+    assert str(folder) not in sys.path

@@ -1,13 +1,16 @@
 """Python objects the user names by ``file.py:Name`` or ``package.module:Name`` (--model-class's
 model class, --decode's decoding function). Running the file is what the user asked for by
-naming it; nothing else the run reads may run code."""
+naming it; nothing else the run reads may run code. The file runs as ``python FILE`` would run
+it, its folder importable meanwhile (a model file importing its own layers from beside it)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +61,8 @@ def _run_file(file: Path, option: str, error: type[DaflError]) -> Any:
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     try:
-        module_spec.loader.exec_module(module)
+        with _importable(file.resolve().parent):  # its own modules beside it, as python runs it
+            module_spec.loader.exec_module(module)
     except Exception as caught:
         del sys.modules[name]
         raise error(f"{option}: cannot run {file}: {first_line(caught)}") from None
@@ -66,14 +70,24 @@ def _run_file(file: Path, option: str, error: type[DaflError]) -> Any:
     return module
 
 
-def _import(location: str, option: str, error: type[DaflError]) -> Any:
-    added = os.getcwd() not in sys.path and "" not in sys.path
+@contextlib.contextmanager
+def _importable(folder: Path | str) -> Iterator[None]:
+    """``folder`` first on ``sys.path`` meanwhile, unless it is there already."""
+    folder = str(folder)
+    added = folder not in sys.path
     if added:
-        sys.path.insert(0, os.getcwd())
+        sys.path.insert(0, folder)
     try:
-        return importlib.import_module(location)
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _import(location: str, option: str, error: type[DaflError]) -> Any:
+    folder = "" if "" in sys.path else os.getcwd()
+    try:
+        with _importable(folder):
+            return importlib.import_module(location)
     except Exception as caught:
         raise error(f"{option}: cannot import {location}: {first_line(caught)}") from None
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())

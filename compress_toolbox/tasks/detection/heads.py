@@ -12,7 +12,11 @@
   keypoints may follow) are usually encoded against anchors the file does not hold, so they
   are compared as they are, location by location; scores are logits (read through a sigmoid)
   or probabilities, as the teacher answers, and a class's score at a location is the geometric
-  mean of its class score and the centre-ness where there is one (as FCOS ranks them).
+  mean of its class score and the centre-ness where there is one (as FCOS ranks them). The
+  keypoints may come as a third output of their own (RetinaFace's ``landms``), read with the
+  box values. Scores that are a softmax over a background column and the K classes (SSD's,
+  RetinaFace's ``conf``: probabilities summing to one, or ``--head ssd`` for such logits) rank
+  a class by its softmax probability, the background column left out.
 
 The single-output layouts are recognised from the shape: YOLO heads have far more locations
 than channels, so (N, C, A) with C < A is read as yolov8 and (N, A, C) with A > C as yolov5.
@@ -25,7 +29,7 @@ centre-ness); ``--head`` names a layout where this is ambiguous.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,11 +37,12 @@ from compress_toolbox.errors import DaflError
 
 YOLOV8_BOX_CHANNELS = 4  # cx, cy, w, h
 YOLOV5_BOX_CHANNELS = 5  # cx, cy, w, h, objectness
-HEAD_NAMES = ("yolov8", "yolov5", "boxes+scores")
+HEAD_NAMES = ("yolov8", "yolov5", "boxes+scores", "ssd")  # ssd: boxes+scores, background first
 _BOX_NAME = re.compile(r"box|reg|loc|coord|delta", re.IGNORECASE)
 _SCORE_NAME = re.compile(r"score|class|cls|conf|prob|logit", re.IGNORECASE)
 _QUALITY_NAME = re.compile(r"ctr|cent(er|re)ness|quality|(?<![a-z])iou(?![a-z])", re.IGNORECASE)
-BOXES, SCORES, QUALITY = "boxes", "scores", "quality"  # the parts of a boxes+scores head
+_KEYPOINT_NAME = re.compile(r"landm|keypoint|kps|lmk", re.IGNORECASE)
+BOXES, SCORES, QUALITY, KEYPOINTS = "boxes", "scores", "quality", "keypoints"  # boxes+scores parts
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,10 @@ class HeadLayout:
     num_classes: int
     box_channels: int = 4  # boxes+scores: the box output's channels (4 + keypoints, ...)
     parts: tuple[str, ...] = (BOXES, SCORES)  # boxes+scores: each output's part, file order
-    logits: bool = False  # boxes+scores: scores are logits, read through a sigmoid
+    logits: bool = False  # boxes+scores: scores are logits, read through a sigmoid (softmax)
     outputs: tuple[str, ...] = ()  # boxes+scores: the file's output names, in its order
+    keypoint_channels: int = 0  # boxes+scores: a keypoints output's channels (RetinaFace's)
+    background: bool = False  # boxes+scores: scores are a softmax, column 0 the background
 
     @property
     def has_objectness(self) -> bool:
@@ -60,8 +67,18 @@ class HeadLayout:
 
     def part_sizes(self) -> list[int]:
         """boxes+scores: each output's channels, in the file's order."""
-        sizes = {BOXES: self.box_channels, SCORES: self.num_classes, QUALITY: 1}
+        sizes = {BOXES: self.box_channels, SCORES: self.num_classes + self.background,
+                 QUALITY: 1, KEYPOINTS: self.keypoint_channels}  # fmt: skip
         return [sizes[part] for part in self.parts]
+
+    def with_background(self) -> HeadLayout:
+        """This boxes+scores layout with its first score column read as the background of a
+        softmax (SSD, RetinaFace): one class fewer. DaflError where that cannot be."""
+        if self.num_classes < 2 or QUALITY in self.parts:
+            raise DaflError(f"scores of {self.num_classes} column(s)"
+                            f"{' with a centre-ness' if QUALITY in self.parts else ''} cannot "
+                            "be a softmax over a background and the classes")  # fmt: skip
+        return replace(self, background=True, num_classes=self.num_classes - 1)
 
     def _part(self, rows: torch.Tensor, part: str) -> torch.Tensor:
         """A boxes+scores head's ``part`` of the joined rows (N, A, C)."""
@@ -92,7 +109,10 @@ class HeadLayout:
 
     def _box_rows(self, out: torch.Tensor) -> torch.Tensor:
         rows = self.locations_last(out)
-        return self._part(rows, BOXES) if self.name == "boxes+scores" else rows[..., :4]
+        if self.name != "boxes+scores":
+            return rows[..., :4]
+        parts = [BOXES, KEYPOINTS] if KEYPOINTS in self.parts else [BOXES]
+        return torch.cat([self._part(rows, part) for part in parts], dim=-1)
 
     def boxes(self, out: torch.Tensor) -> torch.Tensor:
         """(N, A, 4) boxes as (cx, cy, w, h): input pixels, or a boxes+scores head's first
@@ -100,15 +120,20 @@ class HeadLayout:
         return self._box_rows(out)[..., :4]
 
     def box_values(self, out: torch.Tensor) -> torch.Tensor:
-        """(N, A, B) every box value the head outputs (keypoints included)."""
+        """(N, A, B) every box value the head outputs (keypoints included, also from an
+        output of their own)."""
         return self._box_rows(out)
 
     def probabilities(self, out: torch.Tensor) -> torch.Tensor:
-        """(N, A, P) every score the head outputs after its sigmoid: the K class scores, with
-        the objectness (yolov5) or centre-ness first where there is one (P = K + 1)."""
+        """(N, A, P) every score the head outputs after its sigmoid (softmax): the K class
+        scores, with the objectness (yolov5), centre-ness or background first where there is
+        one (P = K + 1)."""
         rows = self.locations_last(out)
         if self.name != "boxes+scores":
             return rows[..., 4:]
+        if self.background:
+            scores = self._part(rows, SCORES)
+            return scores.softmax(dim=-1) if self.logits else scores
         parts = [QUALITY, SCORES] if QUALITY in self.parts else [SCORES]
         scores = torch.cat([self._part(rows, part) for part in parts], dim=-1)
         return torch.sigmoid(scores) if self.logits else scores
@@ -116,8 +141,11 @@ class HeadLayout:
     def class_scores(self, out: torch.Tensor) -> torch.Tensor:
         """(N, A, K) the score of each class at each location, as decoding ranks them:
         objectness times the class score for yolov5, the geometric mean of centre-ness and
-        class score with a centre-ness (FCOS)."""
+        class score with a centre-ness (FCOS), the softmax probability without the background
+        column (SSD)."""
         scores = self.probabilities(out)
+        if self.background:
+            return scores[..., 1:]
         if not self.has_objectness:
             return scores
         product = scores[..., :1] * scores[..., 1:]
@@ -133,10 +161,15 @@ class HeadLayout:
             return f"{self.name}, {self.num_classes} classes"
         nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
         scores = f"{self.num_classes} class {nouns[self.num_classes > 1]}"
+        if self.background:
+            scores += " after a background column (softmax)"
         if QUALITY in self.parts:
             scores += " and a centre-ness"
-        return (f"boxes+scores ({', '.join(self.outputs)}): {self.box_channels} box values and "
-                f"{scores} per location")  # fmt: skip
+        boxes = f"{self.box_channels} box values"
+        if KEYPOINTS in self.parts:
+            boxes += f", {self.keypoint_channels} keypoint values"
+        return (f"boxes+scores ({', '.join(self.outputs)}): {boxes} and {scores} per "
+                f"location")  # fmt: skip
 
 
 def recognise(shape: tuple[int, ...]) -> HeadLayout | None:
@@ -166,9 +199,9 @@ def joined(outputs: list[tuple[str, int]], logits: bool, head: str | None = None
     """The boxes+scores layout of two or three outputs joined along their last axis, given as
     (name, channels) in the file's order; DaflError when which is which cannot be told."""
     names = ", ".join(name for name, _ in outputs)
-    if head not in (None, "boxes+scores"):
+    if head not in (None, "boxes+scores", "ssd"):
         raise DaflError(f"--head {head} reads one output; the file has {len(outputs)} "
-                        f"({names}): use --head boxes+scores")  # fmt: skip
+                        f"({names}): use --head boxes+scores or ssd")  # fmt: skip
     if len(outputs) not in (2, 3):
         raise DaflError(f"{len(outputs)} outputs ({names}); {describe_layouts()}")
     parts = _parts(outputs)
@@ -186,27 +219,30 @@ def joined(outputs: list[tuple[str, int]], logits: bool, head: str | None = None
     if channels.get(QUALITY, 1) != 1:
         raise DaflError(f"the centre-ness output has {channels[QUALITY]} values per location; "
                         "one is read")  # fmt: skip
-    return HeadLayout("boxes+scores", channels[SCORES], channels[BOXES], parts, logits,
-                      tuple(name for name, _ in outputs))  # fmt: skip
+    layout = HeadLayout("boxes+scores", channels[SCORES], channels[BOXES], parts, logits,
+                        tuple(name for name, _ in outputs), channels.get(KEYPOINTS, 0))
+    return layout.with_background() if head == "ssd" else layout
 
 
 def _parts(outputs: list[tuple[str, int]]) -> tuple[str, ...] | None:
     """Each output's part (boxes, scores, and a third output's centre-ness), by name, else by
     channels; None when neither tells."""
-    wanted = {BOXES, SCORES} | ({QUALITY} if len(outputs) == 3 else set())
+    wanted = [{BOXES, SCORES} | ({third} if len(outputs) == 3 else set())
+              for third in (QUALITY, KEYPOINTS)]  # fmt: skip
     by_name = tuple(_part_named(name) for name, _ in outputs)
-    if set(by_name) == wanted:
+    if set(by_name) in wanted and len(set(by_name)) == len(by_name):
         return by_name
     channels = [c for _, c in outputs]
     by_channels = {4: BOXES, 1: QUALITY} if len(outputs) == 3 else {4: BOXES}
     guess = tuple(by_channels.get(c, SCORES) for c in channels)
-    return guess if set(guess) == wanted and len(set(guess)) == len(guess) else None
+    return guess if set(guess) == wanted[0] and len(set(guess)) == len(guess) else None
 
 
 def _part_named(name: str) -> str | None:
-    """The part an output's name says it is: centre-ness, scores or boxes, in that order
-    (FCOS's ``bbox_ctrness`` is a centre-ness, not boxes)."""
-    for part, pattern in ((QUALITY, _QUALITY_NAME), (SCORES, _SCORE_NAME), (BOXES, _BOX_NAME)):
+    """The part an output's name says it is: centre-ness, keypoints, scores or boxes, in that
+    order (FCOS's ``bbox_ctrness`` is a centre-ness, not boxes)."""
+    for part, pattern in ((QUALITY, _QUALITY_NAME), (KEYPOINTS, _KEYPOINT_NAME),
+                          (SCORES, _SCORE_NAME), (BOXES, _BOX_NAME)):  # fmt: skip
         if pattern.search(name):
             return part
     return None
@@ -214,7 +250,7 @@ def _part_named(name: str) -> str | None:
 
 LAYOUTS_TEXT = ("one output (N, 4 + K, A) (YOLOv8/v11) or (N, A, 5 + K) (YOLOv5), or two, "
                 "boxes (N, A, 4+) and scores (N, A, K) (SSD-style), with a centre-ness "
-                "(N, A, 1) as a third (FCOS)")  # fmt: skip
+                "(N, A, 1) (FCOS) or keypoints (N, A, P) (RetinaFace) as a third")  # fmt: skip
 
 
 def describe_layouts() -> str:

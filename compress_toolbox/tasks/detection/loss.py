@@ -1,8 +1,9 @@
 """What a detection student minimises, on the raw head outputs of student and teacher.
 
 - scores: binary cross-entropy of the student's sigmoid scores (class scores, and objectness
-  for yolov5) against the teacher's, once averaged over every location (the background must
-  stay background) and once weighted by the teacher's confidence at each location;
+  for yolov5; a softmax head's probabilities, background column included) against the
+  teacher's, once averaged over every location (the background must stay background) and once
+  weighted by the teacher's confidence at each location;
 - boxes: L1 (in units of the teacher's mean box size) plus GIoU (``torchvision.ops``), in
   decoded pixel space, weighted by the teacher's confidence; a boxes+scores head's box values
   (encoded against anchors the file does not hold, keypoints too) by L1 alone, in units of the

@@ -24,6 +24,7 @@ from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD, Decodin
 from compress_toolbox.tasks.detection.heads import (
     HEAD_NAMES,
     LAYOUTS_TEXT,
+    QUALITY,
     HeadLayout,
     describe_layouts,
     forced,
@@ -65,10 +66,19 @@ def _outputs_seen(teacher) -> tuple[str, int]:
 
 
 @torch.no_grad()
-def _answers_logits(module: nn.Module, layout: HeadLayout, input_shape: tuple[int, ...]) -> bool:
-    """Whether a boxes+scores teacher's scores leave [0, 1] on random inputs (logits)."""
+def _scores_read(module: nn.Module, layout: HeadLayout, input_shape: tuple[int, ...]
+                 ) -> HeadLayout:  # fmt: skip
+    """A boxes+scores ``layout`` told how the teacher's scores read, from its answers on random
+    inputs: logits where they leave [0, 1]; a softmax with the background first where, as
+    probabilities of two or more columns, they sum to one at every location (SSD, RetinaFace).
+    """
     scores = layout.probabilities(module.eval()(torch.rand(4, *input_shape)))
-    return bool(((scores < 0) | (scores > 1)).any())
+    logits = bool(((scores < 0) | (scores > 1)).any())
+    layout = replace(layout, logits=logits)
+    softmax = scores.shape[-1] >= 2 and bool(((scores.sum(-1) - 1).abs() < 1e-3).all())
+    if logits or layout.background or QUALITY in layout.parts or not softmax:
+        return layout
+    return layout.with_background()
 
 
 @dataclass(frozen=True)
@@ -155,8 +165,7 @@ class Detection(Task):
         shape = tuple(teacher.analysis.output_shape)
         if outputs:
             layout = joined([(name, int(c)) for name, c in outputs], False, self.head_name)
-            layout = replace(layout, logits=_answers_logits(teacher.module, layout,
-                                                            teacher.input_shape))  # fmt: skip
+            layout = _scores_read(teacher.module, layout, teacher.input_shape)
         elif self.head_name is not None:
             layout = forced(self.head_name, shape)
         else:

@@ -1,28 +1,33 @@
-"""The detection benchmark's second architecture (issue 26): a small torchvision FCOS
-(benchmarks/teachers/fcos_model.py) trained (seeded) with torchvision's own losses on the same
-digit scenes as bench_detection.py, shipped as a Python checkpoint (a state_dict) with its class,
-then compressed end to end through the same ``compress`` the CLI runs:
+"""The detection benchmark's torchvision architectures (issue 26): a small torchvision FCOS
+(``--arch fcos``, benchmarks/teachers/fcos_model.py) or SSD (``--arch ssd``, ssd_model.py:
+softmax class logits with a background column), trained (seeded) with torchvision's own losses
+on the same digit scenes as bench_detection.py, shipped as a Python checkpoint (a state_dict)
+with its class, then compressed end to end through the same ``compress`` the CLI runs:
 
     dafl-compress teacher.pt --model-class benchmarks/teachers/fcos_model.py:RawFCOS \\
         --input-shape 3,64,64 --task detection --eval-data scenes.npz \\
         --decode benchmarks/teachers/fcos_model.py:decode_outputs
+    (SSD: ssd_model.py:RawSSD, ssd_model.py:decode_outputs and --head ssd)
 
-FCOS's boxes are encoded against anchors the file does not hold; ``--decode`` hands the tool
-the teacher's own torchvision ``postprocess_detections`` (anchors, centre-ness, NMS), so its
-report and verdict are mAP on the held-out scenes. This script then checks it the way the
-user would: it runs ``student.onnx`` in onnxruntime, decodes the raw outputs with the same
-torchvision code and scores teacher and student by COCOeval against the held-out scenes'
-boxes: the drop-in promise, measured.
+Their boxes are encoded against anchors the file does not hold; ``--decode`` hands the tool
+the teacher's own torchvision ``postprocess_detections`` (anchors, NMS), so its report and
+verdict are mAP on the held-out scenes. This script then checks it the way the user would: it
+runs ``student.onnx`` in onnxruntime, decodes the raw outputs with the same torchvision code
+and scores teacher and student by COCOeval against the held-out scenes' boxes: the drop-in
+promise, measured.
 
-    python benchmarks/bench_detection_fcos.py --budget 600 --teacher-seconds 180 --seed 0
+    python benchmarks/bench_detection_torchvision.py --arch fcos --budget 600 \\
+        --teacher-seconds 180 --seed 0
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +38,35 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "teachers"))
 
-MODEL_CLASS = f"{HERE / 'teachers' / 'fcos_model.py'}:RawFCOS"
-DECODE = f"{HERE / 'teachers' / 'fcos_model.py'}:decode_outputs"
+@dataclass(frozen=True)
+class Arch:
+    """One torchvision teacher: its file in benchmarks/teachers, raw-head class, the --head it
+    needs and the label of class 0 in torchvision's training targets (1 where 0 is the
+    background)."""
+
+    module: str
+    raw_class: str
+    head: str | None = None
+    first_label: int = 0
+
+    def spec(self, name: str) -> str:
+        return f"{HERE / 'teachers' / self.module}.py:{name}"
 
 
-def train_fcos(scenes, num_classes: int, seconds: float, seed: int, batch_size: int = 32):
-    """``fcos_model.RawFCOS`` whose detector was trained on ``scenes`` with torchvision's own
-    FCOS losses for ``seconds`` (eval mode when returned)."""
-    from fcos_model import RawFCOS
+ARCHS = {"fcos": Arch("fcos_model", "RawFCOS"),
+         "ssd": Arch("ssd_model", "RawSSD", head="ssd", first_label=1)}  # fmt: skip
 
+
+def train_detector(arch: Arch, scenes, num_classes: int, seconds: float, seed: int,
+                   batch_size: int = 32):  # fmt: skip
+    """``arch``'s raw-head model whose detector was trained on ``scenes`` with torchvision's
+    own losses for ``seconds`` (eval mode when returned)."""
     torch.manual_seed(seed)
-    model = RawFCOS(num_classes)
+    model = getattr(importlib.import_module(arch.module), arch.raw_class)(num_classes)
     detector = model.detector.train()
     images = torch.from_numpy(scenes.images).float() / 255.0
-    targets = [{"boxes": torch.from_numpy(b).float(), "labels": torch.from_numpy(k).long()}
+    targets = [{"boxes": torch.from_numpy(b).float(),
+                "labels": torch.from_numpy(k).long() + arch.first_label}
                for b, k in zip(scenes.boxes, scenes.labels)]  # fmt: skip
     optimiser = torch.optim.AdamW(detector.parameters(), lr=3e-3, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
@@ -63,10 +83,10 @@ def train_fcos(scenes, num_classes: int, seconds: float, seed: int, batch_size: 
     return model.eval()
 
 
-def decoded_map(model, outputs: tuple[torch.Tensor, ...], scenes, num_classes: int):
-    """COCOeval mAP@0.5 and @[.5:.95] of raw FCOS ``outputs`` decoded by ``model``'s detector."""
-    from fcos_model import decode
-
+def decoded_map(arch: Arch, model, outputs: tuple[torch.Tensor, ...], scenes,
+                num_classes: int):  # fmt: skip
+    """COCOeval mAP@0.5 and @[.5:.95] of raw ``outputs`` decoded by ``model``'s detector."""
+    decode = importlib.import_module(arch.module).decode
     from compress_toolbox.tasks.detection.decode import Detections
     from compress_toolbox.tasks.detection.metrics import GroundTruth, mean_average_precision
 
@@ -104,16 +124,18 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     train, held_out, num_classes = benchmark_scenes(SceneSpec(size=64), args.seed)
-    teacher = train_fcos(train, num_classes, args.teacher_seconds, args.seed)
+    arch = ARCHS[args.arch]
+    teacher = train_detector(arch, train, num_classes, args.teacher_seconds, args.seed)
     teacher_file = out / "data" / "teacher.pt"
     torch.save(teacher.state_dict(), teacher_file)
     eval_data = save_detection_npz(out / "data" / "scenes.npz", held_out.images, held_out.boxes,
                                    held_out.labels)  # fmt: skip
     x = torch.from_numpy(held_out.images).float() / 255.0
     with torch.no_grad():
-        teacher_scores = decoded_map(teacher, teacher(x), held_out, num_classes)
+        teacher_scores = decoded_map(arch, teacher, teacher(x), held_out, num_classes)
     config = CompressConfig.from_options(task="detection", eval_data=str(eval_data),
-                                         model_class=MODEL_CLASS, decode=DECODE,
+                                         model_class=arch.spec(arch.raw_class),
+                                         decode=arch.spec("decode_outputs"), head=arch.head,
                                          input_shape=(3, 64, 64),
                                          time_budget=args.budget, threads=args.threads,
                                          seed=args.seed, out=str(out / "run"), force=True,
@@ -127,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     if not (out / "run" / "student.onnx").is_file():
         raise SystemExit("no student.onnx written")
     report = json.loads((out / "run" / "report.json").read_text())
-    student_scores = decoded_map(teacher, onnx_outputs(out / "run" / "student.onnx", x),
+    student_scores = decoded_map(arch, teacher, onnx_outputs(out / "run" / "student.onnx", x),
                                  held_out, num_classes)  # fmt: skip
     t, s = teacher_scores, student_scores
     return {"teacher_map_50": t.map_50, "student_map_50": s.map_50,
@@ -139,22 +161,24 @@ def run(args: argparse.Namespace) -> dict:
             "fidelity_map_50": report["detection"]["fidelity_map_50"],
             "status": report["status"], "iterations": report["iterations"],
             "method": report["method"], "compress_s": round(time.perf_counter() - start, 1),
-            "budget_s": args.budget, "seed": args.seed}  # fmt: skip
+            "budget_s": args.budget, "seed": args.seed, "arch": args.arch}  # fmt: skip
 
 
 def main() -> None:
     """Parse the options, run once, print the figures (and write them as JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="fcos")
     parser.add_argument("--budget", type=float, default=300.0, help="distillation seconds")
     parser.add_argument("--teacher-seconds", type=float, default=180.0)
     parser.add_argument("--method", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="/tmp/bench_detection_fcos")
+    parser.add_argument("--out", default=None, help="default /tmp/bench_detection_ARCH")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="fast-preset fields to change, and loss weights as "
                         "METHOD.WEIGHT (e.g. bn-prior-det.bn=0.5)")  # fmt: skip
     args = parser.parse_args()
+    args.out = args.out or f"/tmp/bench_detection_{args.arch}"
     from bench_detection import print_figures
 
     print_figures(run(args), Path(args.out))
