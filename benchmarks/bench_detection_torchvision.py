@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "teachers"))
 
+
 @dataclass(frozen=True)
 class Arch:
     """One torchvision teacher: its file in benchmarks/teachers, raw-head class, the --head it
@@ -50,6 +51,7 @@ class Arch:
     first_label: int = 0
 
     def spec(self, name: str) -> str:
+        """``FILE.py:NAME`` of ``name`` in this teacher's file (--model-class, --decode)."""
         return f"{HERE / 'teachers' / self.module}.py:{name}"
 
 
@@ -135,7 +137,8 @@ def run(args: argparse.Namespace) -> dict:
         teacher_scores = decoded_map(arch, teacher, teacher(x), held_out, num_classes)
     config = CompressConfig.from_options(task="detection", eval_data=str(eval_data),
                                          model_class=arch.spec(arch.raw_class),
-                                         decode=arch.spec("decode_outputs"), head=arch.head,
+                                         decode=arch.spec("decode_outputs"),
+                                         head=args.head or arch.head,
                                          input_shape=(3, 64, 64),
                                          time_budget=args.budget, threads=args.threads,
                                          seed=args.seed, out=str(out / "run"), force=True,
@@ -168,6 +171,7 @@ def main() -> None:
     """Parse the options, run once, print the figures (and write them as JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=sorted(ARCHS), default="fcos")
+    parser.add_argument("--head", help="--head for the tool (default: the architecture's)")
     parser.add_argument("--budget", type=float, default=300.0, help="distillation seconds")
     parser.add_argument("--teacher-seconds", type=float, default=180.0)
     parser.add_argument("--method", default="auto")

@@ -168,6 +168,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     result, rows = quantize_file(
         Path(args.model), Path(args.calibration_data), out=args.out, samples=args.samples,
         eval_data=args.eval_data, task=args.task, mean=args.mean, std=args.std, force=args.force,
+        head=args.head,
     )  # fmt: skip
     if args.json:
         print(json.dumps({"int8": describe(result), "rows": [asdict(r) for r in rows]}))

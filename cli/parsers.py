@@ -328,8 +328,9 @@ def quantize_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace an existing INT8 file")
     parser.add_argument("--eval-data", metavar="PATH", help="labelled data, as for compress: "
                         "the margin is then 2 points of accuracy (mean IoU)")  # fmt: skip
-    parser.add_argument("--task", help="classification or segmentation (default: from the "
-                        "model's output)")  # fmt: skip
+    parser.add_argument("--task", help="classification, segmentation or detection (default: "
+                        "from the model's output)")  # fmt: skip
+    _add_head_option(parser)
     parser.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="normalisation mean")
     parser.add_argument("--std", type=_floats, metavar="S[,S,S]", help="normalisation std")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

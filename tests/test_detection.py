@@ -514,6 +514,12 @@ def test_quantize_command_reads_a_two_output_detector_as_its_head(files, tmp_pat
     int8 = tmp_path / "face.int8.onnx"
     found = int8 if int8.is_file() else tmp_path / "face.int8.rejected.onnx"
     assert [o.name for o in signature(found, (3, SIZE, SIZE)).outputs] == ["boxes", "scores"]
+    detection = ["--task", "detection"]
+    for head, task, needle in (("yolov8", detection, "--head yolov8 reads one output"),
+                               ("ssd", [], "it needs --task detection")):  # fmt: skip
+        assert run_cli("quantize", model, "--calibration-data", calibration, "--head", head,
+                       *task, "--force") == 2  # fmt: skip
+        one_error_line(capsys, needle)
 
 
 def test_a_torchvision_fcos_checkpoint_derives_a_drop_in_student(tmp_path):
@@ -732,3 +738,12 @@ def test_a_softmax_head_reads_its_first_column_as_the_background_and_keypoints_a
     assert torch.allclose(ssd.class_scores(rows), rows[..., 4:6].softmax(-1)[..., 1:])
     with pytest.raises(DaflError, match="cannot be a softmax"):
         joined([("boxes", 4), ("scores", 1)], False, "ssd")
+    as_said = _scores_read(JoinedOutputs(RetinaFaceLike()), retina, (3, SIZE, SIZE),
+                           guess_background=False)  # --head boxes+scores: every column a class
+    assert not as_said.background and as_said.num_classes == 2
+    # a PyTorch RetinaFace returning a tuple: names that say nothing, read in the file's order
+    unnamed = [("output0", 4), ("output1", 2), ("output2", 10)]
+    with pytest.raises(DaflError, match="read in the file's order"):
+        joined(unnamed, False)
+    in_order = joined(unnamed, False, "ssd")
+    assert in_order.parts == ("boxes", "scores", "keypoints") and in_order.num_classes == 1

@@ -595,16 +595,21 @@ def test_a_file_named_by_two_options_runs_once(tmp_path):
     assert load_object(f"{file}:VALUE", "--decode") == {}
 
 
-def test_a_model_file_imports_its_own_modules_from_beside_it(tmp_path):
-    """As ``python FILE`` runs it: the file's folder is importable while it runs, and not
-    after."""
+def test_a_model_file_imports_its_own_modules_from_beside_it(tmp_path, monkeypatch):
+    """As ``python FILE`` runs it: the file's folder importable while it runs, and afterwards
+    (last on the path) for imports its code makes later."""
     import sys
 
     from compress_toolbox.load.user_code import load_object
 
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the folder stays on this copy only
     folder = tmp_path / "project"
     folder.mkdir()
     (folder / "my_layers_beside.py").write_text("WIDTH = 7\n")
-    (folder / "model.py").write_text("from my_layers_beside import WIDTH\nVALUE = WIDTH\n")
+    (folder / "my_late_beside.py").write_text("DEPTH = 3\n")
+    (folder / "model.py").write_text("from my_layers_beside import WIDTH\nVALUE = WIDTH\n"
+                                     "def later():\n    import my_late_beside\n"
+                                     "    return my_late_beside.DEPTH\n")  # fmt: skip
     assert load_object(f"{folder / 'model.py'}:VALUE", "--model-class") == 7
-    assert str(folder) not in sys.path
+    assert load_object(f"{folder / 'model.py'}:later", "--decode")() == 3
+    assert sys.path[-1] == str(folder) and sys.path.count(str(folder)) == 1

@@ -328,3 +328,13 @@ def test_int8_weights_keep_the_convolution_float_and_close():
     step = conv.weight.detach().abs().amax(dim=(1, 2, 3)).numpy() / 127  # one int8 step
     assert np.abs(got - want).max() <= 18 * step.max() * np.abs(x.numpy()).max()
     assert np.abs(got - want).max() > 0  # really rounded to int8
+    weight_as_input = onnx.load_from_string(buffer.getvalue())  # IR < 4 exports list weights
+    weight = weight_as_input.graph.node[0].input[1]
+    weight_as_input.graph.input.append(onnx.helper.make_tensor_value_info(
+        weight, onnx.TensorProto.FLOAT, list(conv.weight.shape)))  # fmt: skip
+    assert int8_weights(weight_as_input, [name]) == 0
+    clash = onnx.load_from_string(buffer.getvalue())  # a tensor already named as ours would be
+    clash.graph.node[0].output[0] = f"{weight}_int8"
+    clash.graph.output[0].name = f"{weight}_int8"
+    assert int8_weights(clash, [name]) == 1
+    onnx.checker.check_model(clash, full_check=True)

@@ -308,9 +308,10 @@ def kept_float_reason(q: QuantizeResult) -> str | None:
     convs = sum(op == "Conv" for _, op in q.kept_float)
     if not convs:
         return None
+    stored = " (their weights stored int8)" if q.int8_weight_convs == convs else ""
     return (f"{convs} convolution(s) with fewer than {MIN_INT8_CONV_CHANNELS} output channels "
-            f"kept float (their weights stored int8), with the ops they feed, because "
-            f"onnxruntime's INT8 kernel was slower there on the CPU measured")
+            f"kept float{stored}, with the ops they feed, because onnxruntime's INT8 kernel was "
+            f"slower there on the CPU measured")
 
 
 def quantize_outputs(work: Path, student_onnx: Path, student_params: int, teacher: Teacher,
@@ -396,12 +397,14 @@ def quantize_step(work: Path, student_onnx: Path, inputs: Any, result: DistillRe
 def quantize_file(model: Path, calibration: Path, *, out: Path | None = None,
                   samples: int = DEFAULT_SAMPLES, eval_data: Path | None = None,
                   task: str | None = None, mean: Any = None, std: Any = None,
-                  force: bool = False) -> tuple[Int8Result, list[ModelRow]]:  # fmt: skip
+                  force: bool = False, head: str | None = None,
+                  ) -> tuple[Int8Result, list[ModelRow]]:  # fmt: skip
     """``dafl-compress quantize``: an existing float ONNX model (``student.onnx`` of an output
     folder) quantised from the inputs in ``calibration`` (.npy, or .npz with ``x``; fed as the
     model takes them) to ``out`` (default ``MODEL.int8.onnx`` beside it), judged on the eval
     data when given (read as ``--eval-data`` is, with ``mean``/``std``). Returns the result and
-    the float/INT8 rows. Refuses to replace an existing INT8 file without ``force``."""
+    the float/INT8 rows. Refuses to replace an existing INT8 file without ``force``. ``head``
+    names a detection head's layout (``--head``) where the file does not tell it."""
     model = Path(model)
     if not model.is_file():
         raise DaflError(f"{model}: no such file")
@@ -411,7 +414,7 @@ def quantize_file(model: Path, calibration: Path, *, out: Path | None = None,
         if existing.exists() and not force:
             raise DaflError(f"{existing}: exists (use --force to replace it)")
     shape = _input_shape(model, None)
-    data, kind = None, get_task(task) if task else None
+    data, kind = None, get_task(task or "classification").with_head(head) if task or head else None
     if kind is not None and kind.joins_outputs:  # a detection head: its layout from the file
         from compress_toolbox.load.teacher import load_teacher
 

@@ -93,7 +93,7 @@ _CALIB_OPTIONS = {"WeightSymmetric": True, "QuantizeBias": False}
 # float, a ResNet-8-half's 8-channel convs 551-696 us against 97-623 us; from 16 channels on
 # INT8 was faster). Keeping them float took the suite's students' INT8 batch-32 latency from
 # 2.96-3.18x of float to 1.05-1.06x (LeNet-5s) and 1.02-1.11x to 0.85-0.90x (ResNet-8s). Their
-# weights are still stored int8 (``int8_weights``), so the file is no larger than with them
+# weights are still stored int8 (``int8_weights``), so the file is about as small as with them
 # quantised. Other targets may differ: ``min_conv_channels=0`` quantises them all.
 MIN_INT8_CONV_CHANNELS = 16
 
@@ -114,6 +114,7 @@ class QuantizeResult:
     notes: tuple[str, ...] = ()  # e.g. pre-processing skipped and why
     # (node name, op type) kept float by choice: narrow convolutions and the ops they feed
     kept_float: tuple[tuple[str, str], ...] = ()
+    int8_weight_convs: int = 0  # of those convolutions, how many store their weights int8
 
     @property
     def size_ratio(self) -> float:
@@ -194,16 +195,16 @@ def quantize_onnx(
                              [*nodes_to_exclude, *narrow], notes)  # fmt: skip
             quantised = load_model(staged)
             float_ops, kept_float = _split_kept(quantised, float_nodes(quantised), narrow)
-            int8_weights(quantised, narrow)
-            _compact_file(staged, quantised,
-                          keep_nodes=[name for name, _ in float_ops + kept_float])  # fmt: skip
+            converted = _int8_kept_weights(staged, quantised, narrow)
+            _compact_file(staged, quantised, [name for name, _ in float_ops + kept_float],
+                          changed=converted > 0)  # fmt: skip
             _move_into_place(staged, out)
     except OSError as error:
         raise QuantizeError(f"{out}: cannot write the INT8 model ({error.strerror or error})"
                             ) from error  # fmt: skip
     return QuantizeResult(out, canonical, reader.samples, act_type, reduce_range, float_ops,
                           out.stat().st_size, model.stat().st_size, time.perf_counter() - start,
-                          tuple(notes), kept_float)  # fmt: skip
+                          tuple(notes), kept_float, converted)  # fmt: skip
 
 
 def narrow_convolutions(model: onnx.ModelProto, min_channels: int) -> list[onnx.NodeProto]:
@@ -217,9 +218,10 @@ def narrow_convolutions(model: onnx.ModelProto, min_channels: int) -> list[onnx.
 
 def int8_weights(model: onnx.ModelProto, conv_names: Collection[str]) -> int:
     """Store the float weights of the Conv nodes named ``conv_names`` as per-output-channel
-    symmetric int8 times a float scale (in place): the file shrinks as if they were quantised
-    while they still compute in float (weight-only quantisation). Returns how many weights it
-    converted; a weight shared by other nodes or not a float initializer stays.
+    symmetric int8 times a float scale (in place): the file shrinks about as if they were
+    quantised while they still compute in float (weight-only quantisation). Returns how many
+    weights it converted; a weight shared by other nodes, also a graph input, or not a float
+    initializer stays.
 
     Cast and Mul, not DequantizeLinear: onnxruntime's CPU EP constant-folds the former at load,
     so the Conv keeps a constant weight and its pre-packed float kernel, while it never folds a
@@ -228,7 +230,9 @@ def int8_weights(model: onnx.ModelProto, conv_names: Collection[str]) -> int:
     """
     graph = model.graph
     readers = Counter(name for node in graph.node for name in node.input)
+    readers.update(value.name for value in graph.input)
     initializers = {init.name: init for init in graph.initializer}
+    taken = {*readers, *initializers, *(name for node in graph.node for name in node.output)}
     converted = 0
     for index in range(len(graph.node) - 1, -1, -1):  # backwards: insertions keep indices valid
         node = graph.node[index]
@@ -236,24 +240,34 @@ def int8_weights(model: onnx.ModelProto, conv_names: Collection[str]) -> int:
         if (node.op_type != "Conv" or node_label(node) not in conv_names or weight is None
                 or weight.data_type != onnx.TensorProto.FLOAT or readers[weight.name] != 1):
             continue
-        values = numpy_helper.to_array(weight)
-        scale = np.abs(values.reshape(len(values), -1)).max(axis=1) / 127.0
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        scale = scale.reshape(-1, *[1] * (values.ndim - 1))
-        quantised = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
-        names = [f"{weight.name}_{suffix}" for suffix in ("int8", "scale", "float")]
+        int8_name, scale_name, float_name = (_unused(f"{weight.name}_{suffix}", taken)
+                                             for suffix in ("int8", "scale", "float"))  # fmt: skip
+        int8_values, scale = _per_channel_int8(numpy_helper.to_array(weight))
         graph.initializer.remove(weight)
-        graph.initializer.extend([numpy_helper.from_array(quantised, names[0]),
-                                  numpy_helper.from_array(scale, names[1])])  # fmt: skip
-        graph.node.insert(index, helper.make_node("Mul", names[2:0:-1], [weight.name]))
-        graph.node.insert(index, helper.make_node("Cast", names[:1], names[2:],
+        graph.initializer.extend([numpy_helper.from_array(int8_values, int8_name),
+                                  numpy_helper.from_array(scale, scale_name)])  # fmt: skip
+        graph.node.insert(index, helper.make_node("Mul", [float_name, scale_name], [weight.name]))
+        graph.node.insert(index, helper.make_node("Cast", [int8_name], [float_name],
                                                   to=onnx.TensorProto.FLOAT))  # fmt: skip
         converted += 1
     return converted
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+def _per_channel_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scale broadcastable over them): symmetric, one scale per output
+    channel (the first axis), the largest magnitude at 127."""
+    scale = np.abs(values.reshape(len(values), -1)).max(axis=1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    scale = scale.reshape(-1, *[1] * (values.ndim - 1))
+    return np.clip(np.rint(values / scale), -127, 127).astype(np.int8), scale
+
+
+def _unused(name: str, taken: set[str]) -> str:
+    """``name``, with underscores added until no tensor of the graph has it; now taken."""
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
 
 
 def _narrow_named(prepared: Path, named: Path, min_channels: int) -> tuple[Path, list[str]]:
@@ -295,10 +309,18 @@ def _split_kept(quantised: onnx.ModelProto, float_ops: tuple[tuple[str, str], ..
 COMPACT_LIMIT_BYTES = 1 << 30  # larger files keep onnxruntime's names (one protobuf: < 2 GiB)
 
 
-def _compact_file(path: Path, model: onnx.ModelProto, keep_nodes: Sequence[str]) -> None:
+def _int8_kept_weights(path: Path, model: onnx.ModelProto, conv_names: Sequence[str]) -> int:
+    """``int8_weights`` on ``model`` (read from ``path``) where the file can be saved again as
+    one protobuf; how many weights it converted."""
+    return int8_weights(model, conv_names) if path.stat().st_size <= COMPACT_LIMIT_BYTES else 0
+
+
+def _compact_file(path: Path, model: onnx.ModelProto, keep_nodes: Sequence[str],
+                  changed: bool = False) -> None:  # fmt: skip
     """The QDQ file at ``path`` (holding ``model``, changed in place) rewritten smaller
-    (onnx_compact.py), same computation."""
-    if path.stat().st_size <= COMPACT_LIMIT_BYTES and compact(model, keep_nodes):
+    (onnx_compact.py), same computation; saved also when the caller ``changed`` ``model``."""
+    small = path.stat().st_size <= COMPACT_LIMIT_BYTES
+    if (small and compact(model, keep_nodes)) or changed:
         onnx.save(model, str(path))
 
 

@@ -1,7 +1,7 @@
 """Python objects the user names by ``file.py:Name`` or ``package.module:Name`` (--model-class's
 model class, --decode's decoding function). Running the file is what the user asked for by
 naming it; nothing else the run reads may run code. The file runs as ``python FILE`` would run
-it, its folder importable meanwhile (a model file importing its own layers from beside it)."""
+it, its folder importable (a model file importing its own layers from beside it)."""
 
 from __future__ import annotations
 
@@ -72,16 +72,17 @@ def _run_file(file: Path, option: str, error: type[DaflError]) -> Any:
 
 @contextlib.contextmanager
 def _importable(folder: Path | str) -> Iterator[None]:
-    """``folder`` first on ``sys.path`` meanwhile, unless it is there already."""
+    """``folder`` first on ``sys.path`` meanwhile, as python puts a script's folder, then last
+    for the rest of the process: an import the user's code makes later (inside ``forward``,
+    or unpickling) still finds its modules, and never shadows a library imported after."""
     folder = str(folder)
-    added = folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)
+    sys.path.insert(0, folder)
     try:
         yield
     finally:
-        if added and folder in sys.path:
-            sys.path.remove(folder)
+        sys.path.remove(folder)  # the first occurrence: the one inserted above
+        if folder not in sys.path:
+            sys.path.append(folder)
 
 
 def _import(location: str, option: str, error: type[DaflError]) -> Any:

@@ -67,7 +67,7 @@ class HeadLayout:
 
     def part_sizes(self) -> list[int]:
         """boxes+scores: each output's channels, in the file's order."""
-        sizes = {BOXES: self.box_channels, SCORES: self.num_classes + self.background,
+        sizes = {BOXES: self.box_channels, SCORES: self.num_classes + int(self.background),
                  QUALITY: 1, KEYPOINTS: self.keypoint_channels}  # fmt: skip
         return [sizes[part] for part in self.parts]
 
@@ -205,13 +205,14 @@ def joined(outputs: list[tuple[str, int]], logits: bool, head: str | None = None
     if len(outputs) not in (2, 3):
         raise DaflError(f"{len(outputs)} outputs ({names}); {describe_layouts()}")
     parts = _parts(outputs)
-    if parts is None and head is not None and len(outputs) == 2:
-        parts = (BOXES, SCORES)  # --head boxes+scores: the file's order
+    if parts is None and head is not None:  # --head boxes+scores or ssd: the file's order
+        third = (QUALITY if outputs[-1][1] == 1 else KEYPOINTS,) if len(outputs) == 3 else ()
+        parts = (BOXES, SCORES, *third)
     if parts is None:
         seen = " and ".join(f"{name} (.., {c})" for name, c in outputs)
         raise DaflError(f"cannot tell the boxes from the scores among outputs {seen}; with "
-                        "--head boxes+scores the first of two outputs is read as the "
-                        "boxes")  # fmt: skip
+                        "--head boxes+scores (or ssd) they are read in the file's order: "
+                        "boxes, scores, then a centre-ness (one value) or keypoints")  # fmt: skip
     channels = dict(zip(parts, (c for _, c in outputs)))
     if channels[BOXES] < 4:
         raise DaflError(f"the box output has {channels[BOXES]} values per location; at least 4 "
@@ -225,17 +226,18 @@ def joined(outputs: list[tuple[str, int]], logits: bool, head: str | None = None
 
 
 def _parts(outputs: list[tuple[str, int]]) -> tuple[str, ...] | None:
-    """Each output's part (boxes, scores, and a third output's centre-ness), by name, else by
-    channels; None when neither tells."""
-    wanted = [{BOXES, SCORES} | ({third} if len(outputs) == 3 else set())
-              for third in (QUALITY, KEYPOINTS)]  # fmt: skip
+    """Each output's part (boxes, scores, and a third output's centre-ness or keypoints), by
+    name, else by channels (four for the boxes, one for a centre-ness; keypoints are told by
+    name only); None when neither tells."""
+    base, three = {BOXES, SCORES}, len(outputs) == 3
     by_name = tuple(_part_named(name) for name, _ in outputs)
-    if set(by_name) in wanted and len(set(by_name)) == len(by_name):
+    named_sets = [base | {QUALITY}, base | {KEYPOINTS}] if three else [base]
+    if set(by_name) in named_sets and len(set(by_name)) == len(by_name):
         return by_name
-    channels = [c for _, c in outputs]
-    by_channels = {4: BOXES, 1: QUALITY} if len(outputs) == 3 else {4: BOXES}
-    guess = tuple(by_channels.get(c, SCORES) for c in channels)
-    return guess if set(guess) == wanted[0] and len(set(guess)) == len(guess) else None
+    by_channels = {4: BOXES, 1: QUALITY} if three else {4: BOXES}
+    guess = tuple(by_channels.get(c, SCORES) for _, c in outputs)
+    wanted = base | {QUALITY} if three else base
+    return guess if set(guess) == wanted and len(set(guess)) == len(guess) else None
 
 
 def _part_named(name: str) -> str | None:

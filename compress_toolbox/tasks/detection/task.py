@@ -66,17 +66,20 @@ def _outputs_seen(teacher) -> tuple[str, int]:
 
 
 @torch.no_grad()
-def _scores_read(module: nn.Module, layout: HeadLayout, input_shape: tuple[int, ...]
-                 ) -> HeadLayout:  # fmt: skip
+def _scores_read(module: nn.Module, layout: HeadLayout, input_shape: tuple[int, ...],
+                 guess_background: bool = True) -> HeadLayout:  # fmt: skip
     """A boxes+scores ``layout`` told how the teacher's scores read, from its answers on random
-    inputs: logits where they leave [0, 1]; a softmax with the background first where, as
-    probabilities of two or more columns, they sum to one at every location (SSD, RetinaFace).
+    inputs: logits where they leave [0, 1]; with ``guess_background`` (no --head given), a
+    softmax with the background in column 0 where, as probabilities of two or more columns,
+    they sum to one at every location (SSD, RetinaFace). ``--head boxes+scores`` keeps every
+    column a class (a softmax without a background); a background in the last column is not
+    read as one.
     """
     scores = layout.probabilities(module.eval()(torch.rand(4, *input_shape)))
     logits = bool(((scores < 0) | (scores > 1)).any())
     layout = replace(layout, logits=logits)
     softmax = scores.shape[-1] >= 2 and bool(((scores.sum(-1) - 1).abs() < 1e-3).all())
-    if logits or layout.background or QUALITY in layout.parts or not softmax:
+    if logits or layout.background or QUALITY in layout.parts or not (softmax and guess_background):
         return layout
     return layout.with_background()
 
@@ -165,7 +168,8 @@ class Detection(Task):
         shape = tuple(teacher.analysis.output_shape)
         if outputs:
             layout = joined([(name, int(c)) for name, c in outputs], False, self.head_name)
-            layout = _scores_read(teacher.module, layout, teacher.input_shape)
+            layout = _scores_read(teacher.module, layout, teacher.input_shape,
+                                  guess_background=self.head_name is None)  # fmt: skip
         elif self.head_name is not None:
             layout = forced(self.head_name, shape)
         else:

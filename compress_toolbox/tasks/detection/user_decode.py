@@ -8,7 +8,8 @@ The function is called as ``FUNCTION(outputs, image_size)``: ``outputs`` a tuple
 outputs as float tensors on the CPU (batch first, in the file's order), ``image_size`` the input's
 (height, width); it returns one mapping per image with ``boxes`` (D, 4) as x1, y1, x2, y2 in
 input pixels, ``scores`` (D,) and ``labels`` (D,) as class indices 0..K-1 (torchvision's
-detection format), after its own score threshold and NMS.
+detection format; K without a softmax head's background column), after its own score
+threshold and NMS.
 """
 
 from __future__ import annotations
