@@ -28,6 +28,7 @@ from compress_toolbox.tasks.detection.scenes import SceneSpec, compose_scenes, d
 from compress_toolbox.tasks.detection.signature import signature
 from compress_toolbox.tasks.detection.tiny_model import TinyBoxesScores, TinyYolo
 from compress_toolbox.tasks.detection.training import export_detector
+from compress_toolbox.tasks.outputs import JoinedOutputs
 
 SIZE, CLASSES = 32, 3  # (N, 7, 20) outputs: 16 locations at stride 8, 4 at stride 16
 
@@ -714,7 +715,6 @@ class RetinaFaceLike(nn.Module):
 
 def test_a_softmax_head_reads_its_first_column_as_the_background_and_keypoints_apart():
     from compress_toolbox.tasks.detection.task import _scores_read
-    from compress_toolbox.tasks.outputs import JoinedOutputs
 
     retina = joined([("loc", 4), ("conf", 2), ("landms", 10)], False)
     assert retina.parts == ("boxes", "scores", "keypoints") and retina.part_sizes() == [4, 2, 10]
@@ -747,3 +747,27 @@ def test_a_softmax_head_reads_its_first_column_as_the_background_and_keypoints_a
         joined(unnamed, False)
     in_order = joined(unnamed, False, "ssd")
     assert in_order.parts == ("boxes", "scores", "keypoints") and in_order.num_classes == 1
+
+
+class BackgroundFirst(nn.Module):
+    """Joined boxes and three class logits (N, 16, 4 + 3), the first logit far ahead at every
+    location: what SSD's cls_logits look like (the background first)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        boxes = x.mean(dim=(1, 2, 3))[:, None, None].expand(len(x), 16, 4)
+        logits = torch.tensor([5.0, -5.0, -5.0]).expand(len(x), 16, 3)
+        return torch.cat([boxes, logits], dim=-1)
+
+
+def test_logits_that_look_like_ssds_get_a_hint_to_name_head_ssd():
+    from compress_toolbox.tasks.detection.task import _background_hint, _scores_read
+
+    torch.manual_seed(0)
+    shape = (3, 8, 8)
+    read = _scores_read(BackgroundFirst(), joined([("boxes", 4), ("scores", 3)], False), shape)
+    assert read.logits and not read.background  # logits cannot show their softmax
+    assert "--head ssd reads it so" in _background_hint(BackgroundFirst(), read, shape)
+    assert "100% of locations" in _background_hint(BackgroundFirst(), read, shape)
+    assert _background_hint(BackgroundFirst(), read.with_background(), shape) is None
+    assert _background_hint(JoinedOutputs(TinyBoxesScores(CLASSES, 3, 8)),
+                            joined([("boxes", 8), ("scores", 3)], True), (3, SIZE, SIZE)) is None

@@ -132,8 +132,7 @@ class DAFLDetection(DAFL):
         super().__init__(ctx)
         self.layout_of = ctx.task.layout_of
         self.object_boxes = ctx.task.object_boxes
-        hint = ctx.task.decode_hint()
-        if hint is not None and world().is_writer:
+        for hint in ctx.task.hints() if world().is_writer else ():
             warnings.warn(hint, DaflWarning, stacklevel=2)
 
     def generate(self, batch_size: int) -> GeneratedBatch:

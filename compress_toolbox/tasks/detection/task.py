@@ -84,6 +84,27 @@ def _scores_read(module: nn.Module, layout: HeadLayout, input_shape: tuple[int, 
     return layout.with_background()
 
 
+BACKGROUND_TOP_SHARE = 0.9  # column 0 the top score at this share of locations: a background
+
+
+@torch.no_grad()
+def _background_hint(module: nn.Module, layout: HeadLayout,
+                     input_shape: tuple[int, ...]) -> str | None:  # fmt: skip
+    """What to tell a run whose boxes+scores logits look like a softmax's with the background
+    first (column 0 the top score at most locations on random inputs): read through a sigmoid,
+    SSD's ``cls_logits`` count the background as a class and the generator collapses onto it."""
+    if (layout.name != "boxes+scores" or not layout.logits or layout.background
+            or QUALITY in layout.parts or layout.num_classes < 2):  # fmt: skip
+        return None
+    top = layout.probabilities(module.eval()(torch.rand(4, *input_shape))).argmax(dim=-1)
+    share = float((top == 0).float().mean())
+    if share < BACKGROUND_TOP_SHARE:
+        return None
+    return (f"the first score column is the highest at {share:.0%} of locations on random "
+            "inputs: if it is the background of a softmax (SSD's cls_logits), --head ssd "
+            "reads it so")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Detection(Task):
     """Raw detection head outputs (``head``: the teacher's layout, once bound to it; else read
@@ -93,6 +114,7 @@ class Detection(Task):
     head: HeadLayout | None = None  # the teacher's layout (``bound_to``)
     joins_outputs: bool = True  # several outputs are one head: boxes and scores
     decoder: UserDecoder | None = None  # --decode: the user's decoding of the raw outputs
+    background_hint: str | None = None  # ``bound_to``: the logits look like SSD's, no --head ssd
 
     def layout_of(self, out: torch.Tensor) -> HeadLayout:
         """The head layout of a raw output (methods read detection heads through it)."""
@@ -142,24 +164,28 @@ class Detection(Task):
         --decode tried once on the teacher's answer to random inputs. DaflError naming the
         file when none fits."""
         try:
-            bound = replace(self, head=self._layout(teacher))
+            layout = self._layout(teacher)
         except DaflError as error:
             source = str(teacher.source)
             raise DaflError(str(error) if str(error).startswith(source)
                             else f"{source}: {error}") from None  # fmt: skip
+        hint = _background_hint(teacher.module, layout, tuple(teacher.input_shape)
+                                ) if self.head_name != "ssd" else None  # fmt: skip
+        bound = replace(self, head=layout, background_hint=hint)
         if self.decoder is not None:
             x = torch.rand(2, *teacher.input_shape)  # a tuple or dict teacher: its main tensor
             out = evaluation.torch_outputs(MainOutput(teacher.module), x)
             bound.decoding(bound.head)(out, x.shape[-2:])
         return bound
 
-    def decode_hint(self) -> str | None:
-        """What to tell a compress run whose boxes are encoded against anchors and that has no
-        --decode (None otherwise)."""
+    def hints(self) -> tuple[str, ...]:
+        """What to tell a compress run about how the bound head is read: boxes encoded against
+        anchors with no --decode, logits that look like SSD's without --head ssd."""
+        hints = (self.background_hint,) if self.background_hint else ()
         if self.head is None or self.decoding(self.head).in_pixels:
-            return None
-        return ("the boxes are encoded against anchors the file does not hold: they are "
-                "compared location by location (stricter than decoding) and the scenes get "
+            return hints
+        return (*hints, "the boxes are encoded against anchors the file does not hold: they "
+                "are compared location by location (stricter than decoding) and the scenes get "
                 "whole generated images; --decode FILE.py:FUNCTION (your decoding) measures "
                 "and places them as your code reads them")  # fmt: skip
 
