@@ -77,7 +77,8 @@ def run_inspect(args: argparse.Namespace) -> int:
                            join_outputs=bool(task and task.joins_outputs))  # fmt: skip
     info = _describe_teacher(teacher)
     if task is not None:
-        info["read_as"] = task.bound_to(teacher).describe_teacher()
+        bound = task.bound_to(teacher)
+        info["read_as"], info["hints"] = bound.describe_teacher(), list(bound.hints())
     if args.json:
         print(json.dumps(info, default=str))
         return 0
@@ -88,6 +89,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     )
     if "read_as" in info:
         print(f"  --task {args.task or 'classification'} reads it as: {info['read_as']}")
+        for hint in info["hints"]:
+            print(f"  note: {hint}")
     print(f"  params {info['params']:,}  MACs {info['macs']:,}")
     print(
         f"  verified: max abs diff {info['max_abs_diff']:.2e} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from compress_toolbox.distillation.options import DistillResult, write_history_c
 from compress_toolbox.distillation.parts import Checkpointer
 from compress_toolbox.distillation.trainer import CHECKPOINT_NAME
 from compress_toolbox.domain import InputDomain
-from compress_toolbox.errors import DaflError
+from compress_toolbox.errors import DaflError, DaflWarning
 from compress_toolbox.export.int8 import quantize_step
 from compress_toolbox.export.writer import (
     export_student,
@@ -91,6 +92,8 @@ def _load_inputs(teacher_path: str | Path, config: CompressConfig, *, eval_data:
                            trust_pickle=options.trust_pickle,
                            join_outputs=config.task.joins_outputs)  # fmt: skip
     config = replace(config, task=config.task.bound_to(teacher))
+    for hint in config.task.hints() if distributed.world().is_writer else ():
+        warnings.warn(hint, DaflWarning, stacklevel=2)
     teacher = fit_teacher_to_task(teacher, config.task)
     domain = InputDomain.from_options(options.mean, options.std, teacher.input_shape)
     data = None

@@ -771,3 +771,31 @@ def test_logits_that_look_like_ssds_get_a_hint_to_name_head_ssd():
     assert _background_hint(BackgroundFirst(), read.with_background(), shape) is None
     assert _background_hint(JoinedOutputs(TinyBoxesScores(CLASSES, 3, 8)),
                             joined([("boxes", 8), ("scores", 3)], True), (3, SIZE, SIZE)) is None
+
+
+class SsdLike(nn.Module):
+    """Encoded boxes (N, 64, 4) and three class logits (N, 64, 3), the first far ahead
+    everywhere (SSD's background), as two ONNX outputs named boxes and scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 7, 3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.conv(x).flatten(2).transpose(1, 2)
+        return rows[..., :4], rows[..., 4:] + torch.tensor([8.0, -8.0, -8.0])
+
+
+def test_inspect_names_head_ssd_for_logits_that_look_like_ssds(tmp_path, capsys):
+    path = tmp_path / "ssd.onnx"
+    torch.manual_seed(0)
+    torch.onnx.export(SsdLike().eval(), (torch.rand(1, 3, SIZE, SIZE),), str(path), dynamo=False,
+                      opset_version=17, input_names=["images"], output_names=["boxes", "scores"],
+                      dynamic_axes={"images": {0: "n"}})  # fmt: skip
+    assert run_cli("inspect", path, "--task", "detection") == 0
+    assert "note: the first score column is the highest at 100% of locations" in (
+        capsys.readouterr().out)  # fmt: skip
+    assert run_cli("inspect", path, "--task", "detection", "--head", "ssd") == 0
+    printed = capsys.readouterr().out
+    assert "--head ssd reads it so" not in printed
+    assert "2 class logits after a background column" in printed

@@ -89,6 +89,11 @@ class Task:
         (``model_zoo.get_model``'s keywords): by default the teacher's outputs as classes."""
         return {"num_classes": int(teacher.num_outputs)}
 
+    def hints(self) -> tuple[str, ...]:
+        """What to tell the user, once at the start of a run, about how this bound task reads
+        the teacher (none by default)."""
+        return ()
+
     def with_head(self, name: str | None) -> Task:
         """This task reading heads of the layout ``name`` (``--head``; detection only)."""
         if name is not None:

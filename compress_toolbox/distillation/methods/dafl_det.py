@@ -24,16 +24,14 @@ The head's layout comes from the task (``tasks/detection``), whose KD loss train
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-from compress_toolbox.distillation.distributed import global_mean, world
+from compress_toolbox.distillation.distributed import global_mean
 from compress_toolbox.distillation.methods import register_method
 from compress_toolbox.distillation.methods.base import GeneratedBatch, MethodContext
 from compress_toolbox.distillation.methods.dafl import DAFL
-from compress_toolbox.errors import DaflWarning
 
 SCENE_SHARE = 0.5  # of each student batch: multi-object scenes composed of generated images
 SCENE_OBJECTS = (1, 3)
@@ -132,8 +130,6 @@ class DAFLDetection(DAFL):
         super().__init__(ctx)
         self.layout_of = ctx.task.layout_of
         self.object_boxes = ctx.task.object_boxes
-        for hint in ctx.task.hints() if world().is_writer else ():
-            warnings.warn(hint, DaflWarning, stacklevel=2)
 
     def generate(self, batch_size: int) -> GeneratedBatch:
         """One generator step (DAFL's losses on whole generated images), then a student batch

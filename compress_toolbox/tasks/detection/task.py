@@ -6,7 +6,7 @@ evaluation.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,25 +84,30 @@ def _scores_read(module: nn.Module, layout: HeadLayout, input_shape: tuple[int, 
     return layout.with_background()
 
 
-BACKGROUND_TOP_SHARE = 0.9  # column 0 the top score at this share of locations: a background
+BACKGROUND_TOP_SHARE = 0.9  # column 0 on top at this share of locations, ...
+BACKGROUND_LOGIT_GAP = 2.0  # ... by this median margin over the next logit: a background
 
 
 @torch.no_grad()
 def _background_hint(module: nn.Module, layout: HeadLayout,
                      input_shape: tuple[int, ...]) -> str | None:  # fmt: skip
     """What to tell a run whose boxes+scores logits look like a softmax's with the background
-    first (column 0 the top score at most locations on random inputs): read through a sigmoid,
-    SSD's ``cls_logits`` count the background as a class and the generator collapses onto it."""
+    first (column 0 on top, by a clear margin, at most locations of seeded random inputs):
+    read through a sigmoid, SSD's ``cls_logits`` count the background as a class and the
+    generator collapses onto it."""
     if (layout.name != "boxes+scores" or not layout.logits or layout.background
             or QUALITY in layout.parts or layout.num_classes < 2):  # fmt: skip
         return None
-    top = layout.probabilities(module.eval()(torch.rand(4, *input_shape))).argmax(dim=-1)
-    share = float((top == 0).float().mean())
-    if share < BACKGROUND_TOP_SHARE:
+    x = torch.rand(4, *input_shape, generator=torch.Generator().manual_seed(0))
+    logits = torch.logit(layout.probabilities(module.eval()(x)).clamp(1e-6, 1 - 1e-6))
+    share = float((logits.argmax(dim=-1) == 0).float().mean())
+    gap = float((logits[..., 0] - logits[..., 1:].max(dim=-1).values).median())
+    if share < BACKGROUND_TOP_SHARE or gap < BACKGROUND_LOGIT_GAP:
         return None
     return (f"the first score column is the highest at {share:.0%} of locations on random "
-            "inputs: if it is the background of a softmax (SSD's cls_logits), --head ssd "
-            "reads it so")  # fmt: skip
+            f"inputs (by a median {gap:.1f} in logits): if it is the background of a softmax "
+            "(SSD's cls_logits), --head ssd reads it so; read through a sigmoid it counts as "
+            "a class and the generated inputs collapse onto it")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,8 @@ class Detection(Task):
     head: HeadLayout | None = None  # the teacher's layout (``bound_to``)
     joins_outputs: bool = True  # several outputs are one head: boxes and scores
     decoder: UserDecoder | None = None  # --decode: the user's decoding of the raw outputs
-    background_hint: str | None = None  # ``bound_to``: the logits look like SSD's, no --head ssd
+    # ``bound_to``: the logits look like SSD's without --head ssd (a note, not the task's identity)
+    background_hint: str | None = field(default=None, compare=False)
 
     def layout_of(self, out: torch.Tensor) -> HeadLayout:
         """The head layout of a raw output (methods read detection heads through it)."""
@@ -161,16 +167,16 @@ class Detection(Task):
     def bound_to(self, teacher) -> Detection:
         """This task reading ``teacher``'s head: its layout from the outputs the import joined
         (boxes and scores), from ``--head``, or from its one output's shape; the user's
-        --decode tried once on the teacher's answer to random inputs. DaflError naming the
-        file when none fits."""
+        --decode tried once on the teacher's answer to random inputs; a note (``hints``) where
+        its logits look like SSD's without --head ssd. DaflError naming the file when none
+        fits."""
         try:
             layout = self._layout(teacher)
         except DaflError as error:
             source = str(teacher.source)
             raise DaflError(str(error) if str(error).startswith(source)
                             else f"{source}: {error}") from None  # fmt: skip
-        hint = _background_hint(teacher.module, layout, tuple(teacher.input_shape)
-                                ) if self.head_name != "ssd" else None  # fmt: skip
+        hint = _background_hint(teacher.module, layout, tuple(teacher.input_shape))
         bound = replace(self, head=layout, background_hint=hint)
         if self.decoder is not None:
             x = torch.rand(2, *teacher.input_shape)  # a tuple or dict teacher: its main tensor
