@@ -195,9 +195,8 @@ def quantize_onnx(
                              [*nodes_to_exclude, *narrow], notes)  # fmt: skip
             quantised = load_model(staged)
             float_ops, kept_float = _split_kept(quantised, float_nodes(quantised), narrow)
-            converted = _int8_kept_weights(staged, quantised, narrow)
-            _compact_file(staged, quantised, [name for name, _ in float_ops + kept_float],
-                          changed=converted > 0)  # fmt: skip
+            converted = _shrink_file(staged, quantised, narrow,
+                                     keep_nodes=[name for name, _ in float_ops + kept_float])
             _move_into_place(staged, out)
     except OSError as error:
         raise QuantizeError(f"{out}: cannot write the INT8 model ({error.strerror or error})"
@@ -263,7 +262,8 @@ def _per_channel_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _unused(name: str, taken: set[str]) -> str:
-    """``name``, with underscores added until no tensor of the graph has it; now taken."""
+    """``name``, with underscores added until it is not in ``taken`` (the graph's names of its
+    kind); now taken."""
     while name in taken:
         name += "_"
     taken.add(name)
@@ -280,10 +280,7 @@ def _narrow_named(prepared: Path, named: Path, min_channels: int) -> tuple[Path,
     if unnamed and prepared.stat().st_size <= COMPACT_LIMIT_BYTES:
         taken = {node.name for node in model.graph.node}
         for index, node in enumerate(unnamed):
-            node.name = f"narrow_conv_{index}"
-            while node.name in taken:
-                node.name += "_"
-            taken.add(node.name)
+            node.name = _unused(f"narrow_conv_{index}", taken)
         onnx.save(model, str(named))
         prepared = named
     return prepared, [node.name for node in narrow if node.name]
@@ -309,19 +306,18 @@ def _split_kept(quantised: onnx.ModelProto, float_ops: tuple[tuple[str, str], ..
 COMPACT_LIMIT_BYTES = 1 << 30  # larger files keep onnxruntime's names (one protobuf: < 2 GiB)
 
 
-def _int8_kept_weights(path: Path, model: onnx.ModelProto, conv_names: Sequence[str]) -> int:
-    """``int8_weights`` on ``model`` (read from ``path``) where the file can be saved again as
-    one protobuf; how many weights it converted."""
-    return int8_weights(model, conv_names) if path.stat().st_size <= COMPACT_LIMIT_BYTES else 0
-
-
-def _compact_file(path: Path, model: onnx.ModelProto, keep_nodes: Sequence[str],
-                  changed: bool = False) -> None:  # fmt: skip
-    """The QDQ file at ``path`` (holding ``model``, changed in place) rewritten smaller
-    (onnx_compact.py), same computation; saved also when the caller ``changed`` ``model``."""
-    small = path.stat().st_size <= COMPACT_LIMIT_BYTES
-    if (small and compact(model, keep_nodes)) or changed:
+def _shrink_file(path: Path, model: onnx.ModelProto, float_convs: Sequence[str],
+                 keep_nodes: Sequence[str]) -> int:  # fmt: skip
+    """The QDQ file at ``path`` (holding ``model``, changed in place) rewritten smaller where it
+    can be saved again as one protobuf: the ``float_convs``' weights stored int8
+    (``int8_weights``) and the graph compacted (onnx_compact.py, same computation). Returns
+    how many weights it stored int8."""
+    if path.stat().st_size > COMPACT_LIMIT_BYTES:
+        return 0
+    converted = int8_weights(model, float_convs)
+    if compact(model, keep_nodes) or converted:
         onnx.save(model, str(path))
+    return converted
 
 
 def _quantize_static(model: Path, prepared: Path, staged: Path, reader: BatchReader,
