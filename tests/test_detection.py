@@ -714,12 +714,12 @@ class RetinaFaceLike(nn.Module):
 
 
 def test_a_softmax_head_reads_its_first_column_as_the_background_and_keypoints_apart():
-    from compress_toolbox.tasks.detection.task import _scores_read
+    from compress_toolbox.tasks.detection.task import _read_scores
 
     retina = joined([("loc", 4), ("conf", 2), ("landms", 10)], False)
     assert retina.parts == ("boxes", "scores", "keypoints") and retina.part_sizes() == [4, 2, 10]
     torch.manual_seed(0)
-    read = _scores_read(JoinedOutputs(RetinaFaceLike()), retina, (3, SIZE, SIZE))
+    read, _ = _read_scores(JoinedOutputs(RetinaFaceLike()), retina, (3, SIZE, SIZE))
     assert read.background and not read.logits and read.num_classes == 1
     assert read.part_sizes() == [4, 2, 10]  # the file's outputs are unchanged
     assert "4 box values, 10 keypoint values and 1 class probability after a background" in (
@@ -730,16 +730,16 @@ def test_a_softmax_head_reads_its_first_column_as_the_background_and_keypoints_a
     assert read.box_values(rows).shape == (1, 2, 14)  # keypoints distilled with the boxes
     # logits cannot show a softmax: --head ssd says so; plain logits stay sigmoid scores
     logits_teacher = JoinedOutputs(RetinaFaceLike(softmax=False))
-    as_logits = _scores_read(logits_teacher, retina, (3, SIZE, SIZE))
+    as_logits, _ = _read_scores(logits_teacher, retina, (3, SIZE, SIZE))
     assert as_logits.logits and not as_logits.background and as_logits.num_classes == 2
-    ssd = _scores_read(logits_teacher, joined([("loc", 4), ("conf", 2), ("landms", 10)], False,
-                                              "ssd"), (3, SIZE, SIZE))  # fmt: skip
+    ssd, _ = _read_scores(logits_teacher, joined([("loc", 4), ("conf", 2), ("landms", 10)],
+                                                 False, "ssd"), (3, SIZE, SIZE))  # fmt: skip
     assert ssd.background and ssd.logits and ssd.num_classes == 1
     assert torch.allclose(ssd.class_scores(rows), rows[..., 4:6].softmax(-1)[..., 1:])
     with pytest.raises(DaflError, match="cannot be a softmax"):
         joined([("boxes", 4), ("scores", 1)], False, "ssd")
-    as_said = _scores_read(JoinedOutputs(RetinaFaceLike()), retina, (3, SIZE, SIZE),
-                           guess_background=False)  # --head boxes+scores: every column a class
+    as_said, _ = _read_scores(JoinedOutputs(RetinaFaceLike()), retina, (3, SIZE, SIZE),
+                              guess_background=False)  # --head boxes+scores: every column a class
     assert not as_said.background and as_said.num_classes == 2
     # a PyTorch RetinaFace returning a tuple: names that say nothing, read in the file's order
     unnamed = [("output0", 4), ("output1", 2), ("output2", 10)]
@@ -760,17 +760,18 @@ class BackgroundFirst(nn.Module):
 
 
 def test_logits_that_look_like_ssds_get_a_hint_to_name_head_ssd():
-    from compress_toolbox.tasks.detection.task import _background_hint, _scores_read
+    from compress_toolbox.tasks.detection.task import _read_scores
 
     torch.manual_seed(0)
-    shape = (3, 8, 8)
-    read = _scores_read(BackgroundFirst(), joined([("boxes", 4), ("scores", 3)], False), shape)
+    shape, layout = (3, 8, 8), joined([("boxes", 4), ("scores", 3)], False)
+    read, hint = _read_scores(BackgroundFirst(), layout, shape)
     assert read.logits and not read.background  # logits cannot show their softmax
-    assert "--head ssd reads it so" in _background_hint(BackgroundFirst(), read, shape)
-    assert "100% of locations" in _background_hint(BackgroundFirst(), read, shape)
-    assert _background_hint(BackgroundFirst(), read.with_background(), shape) is None
-    assert _background_hint(JoinedOutputs(TinyBoxesScores(CLASSES, 3, 8)),
-                            joined([("boxes", 8), ("scores", 3)], True), (3, SIZE, SIZE)) is None
+    assert "--head ssd reads it so" in hint
+    assert "100% of locations" in hint
+    as_ssd = joined([("boxes", 4), ("scores", 3)], False, "ssd")
+    assert _read_scores(BackgroundFirst(), as_ssd, shape, guess_background=False)[1] is None
+    assert _read_scores(JoinedOutputs(TinyBoxesScores(CLASSES, 3, 8)),
+                        joined([("boxes", 8), ("scores", 3)], True), (3, SIZE, SIZE))[1] is None
 
 
 class SsdLike(nn.Module):

@@ -66,19 +66,26 @@ def _outputs_seen(teacher) -> tuple[str, int]:
 
 
 @torch.no_grad()
-def _scores_read(module: nn.Module, layout: HeadLayout, input_shape: tuple[int, ...],
-                 guess_background: bool = True) -> HeadLayout:  # fmt: skip
-    """A boxes+scores ``layout`` told how the teacher's scores read, from its answers on random
-    inputs: logits where they leave [0, 1]; with ``guess_background`` (no --head given), a
-    softmax with the background in column 0 where, as probabilities of two or more columns,
-    they sum to one at every location (SSD, RetinaFace). ``--head boxes+scores`` keeps every
-    column a class (a softmax without a background); a background in the last column is not
-    read as one.
-    """
-    scores = layout.probabilities(module.eval()(torch.rand(4, *input_shape)))
-    logits = bool(((scores < 0) | (scores > 1)).any())
+def _read_scores(module: nn.Module, layout: HeadLayout, input_shape: tuple[int, ...],
+                 guess_background: bool = True) -> tuple[HeadLayout, str | None]:  # fmt: skip
+    """A boxes+scores ``layout`` told how the teacher's scores read (``_scores_read``), and the
+    note to give where they look like SSD's logits (``_background_hint``), both from one run
+    of the teacher on seeded random inputs."""
+    x = torch.rand(4, *input_shape, generator=torch.Generator().manual_seed(0))
+    raw = replace(layout, logits=False).probabilities(module.eval()(x))  # no sigmoid, softmax
+    layout = _scores_read(layout, raw, guess_background)
+    return layout, _background_hint(layout, raw)
+
+
+def _scores_read(layout: HeadLayout, raw: torch.Tensor, guess_background: bool) -> HeadLayout:
+    """``layout`` reading the teacher's ``raw`` score columns as logits where they leave
+    [0, 1]; with ``guess_background`` (no --head given), as a softmax with the background in
+    column 0 where, as probabilities of two or more columns, they sum to one at every location
+    (SSD, RetinaFace). ``--head boxes+scores`` keeps every column a class (a softmax without a
+    background); a background in the last column is not read as one."""
+    logits = bool(((raw < 0) | (raw > 1)).any())
     layout = replace(layout, logits=logits)
-    softmax = scores.shape[-1] >= 2 and bool(((scores.sum(-1) - 1).abs() < 1e-3).all())
+    softmax = raw.shape[-1] >= 2 and bool(((raw.sum(-1) - 1).abs() < 1e-3).all())
     if logits or layout.background or QUALITY in layout.parts or not (softmax and guess_background):
         return layout
     return layout.with_background()
@@ -88,20 +95,16 @@ BACKGROUND_TOP_SHARE = 0.9  # column 0 on top at this share of locations, ...
 BACKGROUND_LOGIT_GAP = 2.0  # ... by this median margin over the next logit: a background
 
 
-@torch.no_grad()
-def _background_hint(module: nn.Module, layout: HeadLayout,
-                     input_shape: tuple[int, ...]) -> str | None:  # fmt: skip
-    """What to tell a run whose boxes+scores logits look like a softmax's with the background
-    first (column 0 on top, by a clear margin, at most locations of seeded random inputs):
-    read through a sigmoid, SSD's ``cls_logits`` count the background as a class and the
-    generator collapses onto it."""
+def _background_hint(layout: HeadLayout, raw: torch.Tensor) -> str | None:
+    """What to tell a run whose boxes+scores logits (``raw``) look like a softmax's with the
+    background first (column 0 on top, by a clear margin, at most locations): read through a
+    sigmoid, SSD's ``cls_logits`` count the background as a class and the generator collapses
+    onto it."""
     if (layout.name != "boxes+scores" or not layout.logits or layout.background
             or QUALITY in layout.parts or layout.num_classes < 2):  # fmt: skip
         return None
-    x = torch.rand(4, *input_shape, generator=torch.Generator().manual_seed(0))
-    logits = torch.logit(layout.probabilities(module.eval()(x)).clamp(1e-6, 1 - 1e-6))
-    share = float((logits.argmax(dim=-1) == 0).float().mean())
-    gap = float((logits[..., 0] - logits[..., 1:].max(dim=-1).values).median())
+    share = float((raw.argmax(dim=-1) == 0).float().mean())
+    gap = float((raw[..., 0] - raw[..., 1:].max(dim=-1).values).median())
     if share < BACKGROUND_TOP_SHARE or gap < BACKGROUND_LOGIT_GAP:
         return None
     return (f"the first score column is the highest at {share:.0%} of locations on random "
@@ -171,12 +174,11 @@ class Detection(Task):
         its logits look like SSD's without --head ssd. DaflError naming the file when none
         fits."""
         try:
-            layout = self._layout(teacher)
+            layout, hint = self._layout(teacher)
         except DaflError as error:
             source = str(teacher.source)
             raise DaflError(str(error) if str(error).startswith(source)
                             else f"{source}: {error}") from None  # fmt: skip
-        hint = _background_hint(teacher.module, layout, tuple(teacher.input_shape))
         bound = replace(self, head=layout, background_hint=hint)
         if self.decoder is not None:
             x = torch.rand(2, *teacher.input_shape)  # a tuple or dict teacher: its main tensor
@@ -195,21 +197,22 @@ class Detection(Task):
                 "whole generated images; --decode FILE.py:FUNCTION (your decoding) measures "
                 "and places them as your code reads them")  # fmt: skip
 
-    def _layout(self, teacher) -> HeadLayout:
+    def _layout(self, teacher) -> tuple[HeadLayout, str | None]:
+        """The teacher's head layout, and a note on how its scores read (joined outputs)."""
         outputs = teacher.details.get("joined_outputs")
         shape = tuple(teacher.analysis.output_shape)
         if outputs:
             layout = joined([(name, int(c)) for name, c in outputs], False, self.head_name)
-            layout = _scores_read(teacher.module, layout, teacher.input_shape,
-                                  guess_background=self.head_name is None)  # fmt: skip
-        elif self.head_name is not None:
+            return _read_scores(teacher.module, layout, tuple(teacher.input_shape),
+                                guess_background=self.head_name is None)  # fmt: skip
+        if self.head_name is not None:
             layout = forced(self.head_name, shape)
         else:
             layout, (seen, count) = recognise(shape), _outputs_seen(teacher)
             if count != 1 or layout is None:
                 raise DaflError(f"outputs {seen} fit no detection head layout; "
                                 f"{describe_layouts()}")  # fmt: skip
-        return layout
+        return layout, None
 
     def zoo_options(self, teacher: Teacher) -> dict[str, Any]:
         """The raw head a zoo detector must give: the bound layout (else the one the
