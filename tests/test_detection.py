@@ -17,18 +17,25 @@ from torch import nn
 
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
+from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.tasks.detection import evaluation
+from compress_toolbox.tasks.detection import signature as signature_module
 from compress_toolbox.tasks.detection.coco_data import save_detection_coco
 from compress_toolbox.tasks.detection.data import load_detection_data, save_detection_npz
 from compress_toolbox.tasks.detection.decode import Decoding, Detections, decode
-from compress_toolbox.tasks.detection.heads import HeadLayout, joined, recognise
+from compress_toolbox.tasks.detection.heads import HeadLayout, joined, per_level, recognise
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 from compress_toolbox.tasks.detection.metrics import GroundTruth, mean_average_precision
 from compress_toolbox.tasks.detection.scenes import SceneSpec, compose_scenes, digit_objects
 from compress_toolbox.tasks.detection.signature import signature
-from compress_toolbox.tasks.detection.tiny_model import TinyBoxesScores, TinyYolo
+from compress_toolbox.tasks.detection.tiny_model import TinyBoxesScores, TinyYolo, TinyYoloLevels
 from compress_toolbox.tasks.detection.training import export_detector
-from compress_toolbox.tasks.outputs import JoinedOutputs
+from compress_toolbox.tasks.outputs import (
+    JoinedOutputs,
+    anchors_per_cell,
+    join_outputs,
+    levels_joinable,
+)
 
 SIZE, CLASSES = 32, 3  # (N, 7, 20) outputs: 16 locations at stride 8, 4 at stride 16
 
@@ -556,7 +563,9 @@ def test_a_torchvision_fcos_rebuilt_through_onnx_prunes_on_its_head_convolutions
 
     from compress_toolbox.student import derive
     from compress_toolbox.student.graph_facts import constants_as_parameters
-    from compress_toolbox.tasks.outputs import JoinedOutputs
+    from compress_toolbox.tasks.outputs import (
+    JoinedOutputs,
+)
 
     torch.manual_seed(0)
     teacher = JoinedOutputs(RawTinyFCOS(CLASSES)).eval()
@@ -800,3 +809,84 @@ def test_inspect_names_head_ssd_for_logits_that_look_like_ssds(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "--head ssd reads it so" not in printed
     assert "2 class logits after a background column" in printed
+
+
+LEVEL_NAMES = ("p3", "p4")
+
+
+@pytest.mark.parametrize("rank", [5, 4])
+def test_a_yolo_heads_levels_join_as_rows_and_split_back_as_the_file_gives_them(tmp_path, rank):
+    """Per-level outputs, (N, 3, h, w, 5 + K) or (N, 3 * (5 + K), h, w), are joined anchor by
+    anchor, then row-major, along the locations; the layout and student.onnx's Split give each
+    level back exactly."""
+    torch.manual_seed(0)
+    model = TinyYoloLevels(CLASSES, 3, 8, rank=rank).eval()
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        levels = model(x)
+    rows = join_outputs(list(levels))
+    assert rows.shape == (2, 3 * (16 + 4), 5 + CLASSES)
+    if rank == 5:  # the second anchor of the first cell of the coarse level
+        assert torch.equal(rows[:, 48 + 4], levels[1][:, 1, 0, 0])
+    layout = per_level([(name, tuple(t.shape[1:])) for name, t in zip(LEVEL_NAMES, levels)])
+    assert (layout.name, layout.num_classes, layout.boxes_in_pixels) == ("yolov5", CLASSES, False)
+    for back, level in zip(layout.file_outputs(rows), levels):
+        assert torch.equal(back, level)
+    path = export_detector(JoinedOutputs(model, levels=True), tmp_path / "rows.onnx", SIZE)
+    signature_module.split_outputs(path, replace(layout, outputs=LEVEL_NAMES))
+    session = onnx_session(path)
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert [o.name for o in session.get_outputs()] == list(LEVEL_NAMES)
+    for got, level in zip(outputs, levels):
+        np.testing.assert_allclose(got, level.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_which_outputs_are_a_yolo_heads_levels():
+    assert anchors_per_cell((255, 20, 20)) == 3 and anchors_per_cell((85, 20, 20)) == 1
+    assert anchors_per_cell((3, 20, 20, 85)) == 3
+    assert levels_joinable([(1, 255, 40, 40), (1, 255, 20, 20)])
+    assert levels_joinable([(1, 3, 8, 8, 85), (1, 3, 4, 4, 85), (1, 3, 2, 2, 85)])
+    for shapes in ([(1, 255, 20, 20)],  # one level
+                   [(1, 255, 40, 40), (1, 255, 40, 40)],  # one grid twice
+                   [(1, 255, 40, 40), (1, 258, 20, 20)],  # other rows
+                   [(1, 3, 8, 8, 85), (1, 255, 4, 4)],  # other ranks
+                   [(1, 3, 8, 8, 5), (1, 3, 4, 4, 5)],  # no class
+                   [(1, 21, 8), (1, 21, 4)]):  # fmt: skip
+        assert not levels_joinable(shapes), shapes
+
+
+@pytest.mark.parametrize("kind", ["rank5", "rank4", "torchscript"])
+def test_a_yolo_teacher_with_one_output_per_level_distils_into_a_drop_in_student(tmp_path, kind):
+    """YOLOv5/v7 exports without their grid give the head's levels raw: the student is distilled
+    on their rows and student.onnx gives the teacher's outputs, names and shapes."""
+    torch.manual_seed(0)
+    model = TinyYoloLevels(CLASSES, 3, 8, rank=4 if kind == "rank4" else 5).eval()
+    if kind == "torchscript":
+        teacher_path, options = tmp_path / "levels.ts", ["--input-shape", f"3,{SIZE},{SIZE}"]
+        torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, SIZE, SIZE)), str(teacher_path))
+    else:
+        teacher_path = export_detector(model, tmp_path / "levels.onnx", SIZE, outputs=LEVEL_NAMES)
+        options = []
+    out = tmp_path / "out"
+    code = run_cli(teacher_path, "--task", "detection", *options, "--iters", 3, "--threads", 1,
+                   "--out", out)  # fmt: skip
+    assert code in (0, 3)  # an untrained teacher: the verdict may go either way
+    report = json.loads((out / "report.json").read_text())
+    assert "yolov5 per level" in report["detection"]["layout"]
+    assert "3 anchor(s) per cell" in report["detection"]["layout"]
+    student = signature(out / "student.onnx", (3, SIZE, SIZE))
+    with torch.no_grad():
+        wanted = [tuple(t.shape) for t in model(torch.rand(2, 3, SIZE, SIZE))]
+    assert [o.at_probe for o in student.outputs] == wanted
+    if kind != "torchscript":
+        assert student == signature(teacher_path, (3, SIZE, SIZE))
+
+
+def test_levels_read_as_another_head_are_refused_in_one_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    teacher_path = export_detector(TinyYoloLevels(CLASSES, 3, 8), tmp_path / "levels.onnx", SIZE,
+                                   outputs=LEVEL_NAMES)  # fmt: skip
+    code = run_cli(teacher_path, "--task", "detection", "--head", "boxes+scores", "--iters", 1,
+                   "--out", tmp_path / "out")  # fmt: skip
+    assert code == 2
+    assert "are a YOLO head's levels, read as yolov5" in one_error_line(capsys)

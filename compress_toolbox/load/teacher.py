@@ -15,7 +15,7 @@ from compress_toolbox.limits import LimitExceeded, bounded
 from compress_toolbox.load.analysis import Analysis, analyse
 from compress_toolbox.load.importers import detect_format, get_importer
 from compress_toolbox.load.importers.base import ImportedModel
-from compress_toolbox.tasks.outputs import JoinedOutputs, joinable, tensors_of
+from compress_toolbox.tasks.outputs import JoinedOutputs, joinable, levels_joinable, tensors_of
 
 IMPORT_TIME_LIMIT_S = 300  # a 10,000-node graph imports in seconds; a hang never ends
 
@@ -61,7 +61,8 @@ def load_teacher(
     original on random inputs at batch 1 and 3; a relative difference above 1e-4 raises
     ``VerificationFailed``. Any problem with the file raises ``ImportFailed`` naming it.
     A file with several outputs gives its main one; with ``join_outputs`` (a detection head's
-    boxes and scores) several (N, A, C) outputs are joined along their last axis instead.
+    boxes and scores) several (N, A, C) outputs are joined along their last axis instead, and
+    a YOLO head's per-level outputs along the locations.
     """
     path = Path(path)
     if not path.exists():
@@ -90,7 +91,7 @@ def load_teacher(
     except LimitExceeded as error:
         raise ImportFailed(f"{path}: importing the {file_format} file {error} (the bound for "
                            "one import); is the graph unusually large?") from None  # fmt: skip
-    if join_outputs and "joined_outputs" not in imported.details:
+    if join_outputs and not {"joined_outputs", "joined_levels"} & set(imported.details):
         imported = _joined(imported)
     module = in_float32(imported.module).eval()
     analysis = analyse(module, imported.input_shape)
@@ -109,17 +110,20 @@ def load_teacher(
 
 @torch.no_grad()
 def _joined(imported: ImportedModel) -> ImportedModel:
-    """A module returning several (N, A, C) tensors with one A (a tuple, list or dict: boxes
-    and scores) made to return them joined along the last axis (``JoinedOutputs``); any other
-    module as it is."""
+    """A module returning several tensors (a tuple, list or dict) made to return them as one
+    (``JoinedOutputs``): (N, A, C) tensors with one A (boxes and scores) along the last axis,
+    a YOLO head's per-level outputs along the locations; any other module as it is."""
     out = imported.module.eval()(torch.zeros(1, *imported.input_shape))
     tensors = tensors_of(out) if isinstance(out, (dict, list, tuple)) else {}
     shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else () for t in tensors.values()]
-    if not joinable(shapes):
+    if joinable(shapes):
+        joined = {"joined_outputs": [[name, s[-1]] for name, s in zip(tensors, shapes)]}
+    elif levels_joinable(shapes):
+        joined = {"joined_levels": [[name, list(s[1:])] for name, s in zip(tensors, shapes)]}
+    else:
         return imported
-    details = {**imported.details, "joined_outputs": [[name, s[-1]] for name, s in
-                                                      zip(tensors, shapes)]}  # fmt: skip
-    return replace(imported, module=JoinedOutputs(imported.module).eval(), details=details)
+    module = JoinedOutputs(imported.module, levels="joined_levels" in joined).eval()
+    return replace(imported, module=module, details={**imported.details, **joined})
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)

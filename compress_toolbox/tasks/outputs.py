@@ -1,7 +1,8 @@
 """How a model's output is seen by every task: per-sample logits (``as_samples``), the main
-tensor of a dict or tuple output (``MainOutput``), or all of them joined (``JoinedOutputs``,
-a detection head's boxes and scores), and the activations a teacher's file ends in,
-taken off for distillation and given back to the shipped student (``FILE_OUTPUTS``)."""
+tensor of a dict or tuple output (``MainOutput``), or all of them joined (``JoinedOutputs``:
+a detection head's boxes and scores along the channels, a YOLO head's levels along the
+locations), and the activations a teacher's file ends in, taken off for distillation and
+given back to the shipped student (``FILE_OUTPUTS``)."""
 
 from __future__ import annotations
 
@@ -40,16 +41,17 @@ class MainOutput(nn.Module):
 
 
 class JoinedOutputs(nn.Module):
-    """A model returning several (N, A, C_i) tensors (a tuple, list or dict: a detection
-    head's boxes and scores) made to return them joined along the last axis, (N, A, sum C_i),
-    in their order."""
+    """A model returning several tensors (a tuple, list or dict) made to return them as one:
+    (N, A, C_i) joined along the last axis, (N, A, sum C_i) (a detection head's boxes and
+    scores); with ``levels``, per-level YOLO outputs as rows (``level_rows``) joined along the
+    locations, (N, sum A_i, C)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, levels: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.levels = model, levels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat(list(tensors_of(self.model(x)).values()), dim=-1)
+        return join_outputs(list(tensors_of(self.model(x)).values()), self.levels)
 
 
 def tensors_of(out) -> dict[str, torch.Tensor]:
@@ -66,6 +68,60 @@ def joinable(shapes: list[tuple[int, ...]]) -> bool:
     """Whether outputs of these shapes (batch first) can be joined along their last axis:
     two or more, each (N, A, C) with the same N and A."""
     return len(shapes) > 1 and all(len(s) == 3 and s[:2] == shapes[0][:2] for s in shapes)
+
+
+YOLO_ANCHORS = 3  # YOLOv5/v7 heads: three anchor boxes per cell and level
+MIN_ROW = 6  # a YOLO row: cx, cy, w, h, objectness and one class at least
+
+
+def anchors_per_cell(shape: tuple[int, ...]) -> int:
+    """The anchors per cell of one per-level YOLO output of ``shape`` (no batch): (na, h, w,
+    C) says it; (na * C, h, w) is read as YOLOv5/v7's three anchors where its channels divide
+    into three rows of six or more values, else as one (anchor-free, YOLOX)."""
+    if len(shape) == 4:
+        return shape[0]
+    three = shape[0] % YOLO_ANCHORS == 0 and shape[0] // YOLO_ANCHORS >= MIN_ROW
+    return YOLO_ANCHORS if three else 1
+
+
+def row_channels(shape: tuple[int, ...]) -> int:
+    """The values per location (anchor slot and cell) of a per-level output of ``shape``."""
+    return shape[-1] if len(shape) == 4 else shape[0] // anchors_per_cell(shape)
+
+
+def levels_joinable(shapes: list[tuple[int, ...]]) -> bool:
+    """Whether outputs of these shapes (batch first) are one YOLO head's levels, joinable
+    along their locations: two or more of one rank, either (N, na, h, w, C) (YOLOv5/v7 raw
+    exports) or (N, na * C, h, w) (the convolutions' own output), with the same N, anchors
+    and C >= 6 values per location, and grids of different sizes."""
+    if len(shapes) < 2 or len({len(s) for s in shapes}) != 1 or len(shapes[0]) not in (4, 5):
+        return False
+    cells = {s[-3:-1] if len(s) == 5 else s[-2:] for s in shapes}
+    same = {(s[0], anchors_per_cell(s[1:]), row_channels(s[1:])) for s in shapes}
+    return len(same) == 1 and len(cells) == len(shapes) and row_channels(shapes[0][1:]) >= MIN_ROW
+
+
+def join_outputs(tensors: list[torch.Tensor], levels: bool | None = None) -> torch.Tensor:
+    """A model's several outputs as one, as the import joins them: a YOLO head's levels as
+    rows along the locations (``levels``; None: where their shapes are levels'), else along
+    the last axis (one output as it is)."""
+    if levels is None:
+        levels = levels_joinable([tuple(t.shape) for t in tensors])
+    if not levels:
+        return torch.cat(tensors, dim=-1)
+    return torch.cat([level_rows(t, anchors_per_cell(tuple(t.shape[1:]))) for t in tensors],
+                     dim=1)  # fmt: skip
+
+
+def level_rows(out: torch.Tensor, anchors: int) -> torch.Tensor:
+    """One per-level output, (N, na, h, w, C) or (N, na * C, h, w), as (N, na * h * w, C):
+    one row per anchor slot and cell, anchor by anchor, then row-major, as YOLOv5 lays its
+    joined output out."""
+    if out.dim() == 5:
+        return out.reshape(out.shape[0], -1, out.shape[-1])
+    n, channels = out.shape[:2]
+    rows = out.reshape(n, anchors, channels // anchors, -1).transpose(2, 3)
+    return rows.reshape(n, -1, channels // anchors)
 
 
 class Softmaxed(nn.Module):

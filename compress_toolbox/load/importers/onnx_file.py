@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 
 from compress_toolbox.errors import ImportFailed
 from compress_toolbox.export.verification import tolerance_for
@@ -17,7 +18,13 @@ from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, opset_version
 from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer, verify
 from compress_toolbox.load.importers.onnx_checks import check_model
 from compress_toolbox.tasks import FILE_OUTPUTS, SigmoidAsTwoClasses
-from compress_toolbox.tasks.outputs import joinable
+from compress_toolbox.tasks.outputs import (
+    anchors_per_cell,
+    join_outputs,
+    joinable,
+    levels_joinable,
+    row_channels,
+)
 
 
 def _parse(path: Path, load_external_data: bool) -> onnx.ModelProto:
@@ -124,26 +131,60 @@ JOINED_OUTPUT = "joined_outputs"
 
 
 def _join_outputs(model: onnx.ModelProto, path: Path,
-                  shape: tuple[int, ...]) -> tuple[str, list[list]]:  # fmt: skip
-    """Join every output of ``model`` (in place) into one along the last axis: a detection
-    head's boxes (N, A, B) and scores (N, A, K) as (N, A, B + K). Returns the joined output's
-    name and each output's [name, channels]; ImportFailed, naming the outputs, when they do
-    not share their batch and locations."""
+                  shape: tuple[int, ...]) -> dict[str, list[list]]:  # fmt: skip
+    """Join every output of ``model`` (in place) into one, ``JOINED_OUTPUT``: a detection
+    head's boxes (N, A, B) and scores (N, A, K) along the last axis, (N, A, B + K); a YOLO
+    head's per-level outputs as rows along the locations (``level_rows``), (N, sum A_i, C).
+    Returns the details to record: ``joined_outputs`` (each output's [name, channels]) or
+    ``joined_levels`` (each output's [name, shape without the batch]); ImportFailed, naming
+    the outputs, when they are neither."""
     session = onnx_session(model.SerializeToString())
     x = np.zeros((1, *shape), dtype=np.float32)
     results = session.run(None, {session.get_inputs()[0].name: x})
     names = [out.name for out in model.graph.output]
     shapes = [tuple(r.shape) for r in results]
-    if not joinable(shapes):
+    if joinable(shapes):
+        model.graph.node.append(onnx.helper.make_node("Concat", names, [JOINED_OUTPUT], axis=-1,
+                                                      name=JOINED_OUTPUT))  # fmt: skip
+        joined = {"joined_outputs": [[n, int(s[-1])] for n, s in zip(names, shapes)]}
+    elif levels_joinable(shapes):
+        rows = [_level_rows_nodes(model.graph, name, s[1:]) for name, s in zip(names, shapes)]
+        model.graph.node.append(onnx.helper.make_node("Concat", rows, [JOINED_OUTPUT], axis=1,
+                                                      name=JOINED_OUTPUT))  # fmt: skip
+        joined = {"joined_levels": [[n, [int(d) for d in s[1:]]] for n, s in zip(names, shapes)]}
+    else:
         seen = ", ".join(f"{n} (N, {', '.join(map(str, s[1:]))})" for n, s in zip(names, shapes))
         raise ImportFailed(f"{path}: outputs {seen} cannot be read as one detection head: "
-                           "several outputs must each be (N, A, C) with the same A")  # fmt: skip
-    model.graph.node.append(onnx.helper.make_node("Concat", names, [JOINED_OUTPUT], axis=-1,
-                                                  name=JOINED_OUTPUT))
+                           "several outputs must each be (N, A, C) with the same A, or a YOLO "
+                           "head's levels, (N, anchors, h, w, C) or (N, anchors * C, h, w) "
+                           "with one C")  # fmt: skip
     del model.graph.output[:]
     model.graph.output.append(
         onnx.helper.make_tensor_value_info(JOINED_OUTPUT, onnx.TensorProto.FLOAT, None))
-    return JOINED_OUTPUT, [[n, int(s[-1])] for n, s in zip(names, shapes)]
+    return joined
+
+
+def _level_rows_nodes(graph: onnx.GraphProto, name: str, shape: tuple[int, ...]) -> str:
+    """Nodes (appended to ``graph``) giving per-level output ``name`` of ``shape`` (no batch)
+    as rows (N, anchors * h * w, C), as ``level_rows`` does; returns the rows' name."""
+    anchors, channels = anchors_per_cell(shape), row_channels(shape)
+
+    def const(suffix: str, values: list[int]) -> str:
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(values, dtype=np.int64),
+                                                              f"{name}_{suffix}"))  # fmt: skip
+        return f"{name}_{suffix}"
+
+    def add(op: str, inputs: list[str], output: str, **attributes) -> str:
+        graph.node.append(onnx.helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+    source = name
+    if len(shape) == 3:  # (N, na * C, h, w): (N, na, C, h * w), then C last
+        grouped = add("Reshape", [name, const("grouped_shape", [0, anchors, channels, -1])],
+                      f"{name}_grouped")  # fmt: skip
+        source = add("Transpose", [grouped], f"{name}_cells", perm=[0, 1, 3, 2])
+    add("Reshape", [source, const("rows_shape", [0, -1, channels])], f"{name}_rows")
+    return f"{name}_rows"
 
 
 def _cut_final_activation(model: onnx.ModelProto, output: str) -> str | None:
@@ -204,9 +245,9 @@ def _check_input_type(graph_input: onnx.ValueInfoProto, path: Path) -> None:
 
 
 def _onnxruntime_runner(path: Path, input_name: str, output_names: list[str],
-                        fixed_batch: int | None):  # fmt: skip
+                        fixed_batch: int | None, levels: bool = False):  # fmt: skip
     """The file run by onnxruntime: ``output_names``' values (several joined along their last
-    axis, as ``_join_outputs`` joins them)."""
+    axis, or with ``levels`` as rows along the locations, as ``_join_outputs`` joins them)."""
     try:
         session = onnx_session(path)
     except Exception as error:
@@ -215,8 +256,8 @@ def _onnxruntime_runner(path: Path, input_name: str, output_names: list[str],
     def run(x: np.ndarray) -> np.ndarray:
         if fixed_batch == 1 and x.shape[0] != 1:  # a fixed-batch file: compare sample by sample
             return np.concatenate([run(x[i : i + 1]) for i in range(x.shape[0])])
-        return np.concatenate(session.run(output_names, {input_name: x.astype(np.float32)}),
-                              axis=-1)  # fmt: skip
+        outputs = session.run(output_names, {input_name: x.astype(np.float32)})
+        return join_outputs([torch.from_numpy(out) for out in outputs], levels).numpy()
 
     return run
 
@@ -273,15 +314,16 @@ def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
         model, batch_freed = _free_fixed_batch(path, model, graph_input, shape)
     prepared = clean_up(prepare_onnx_model(model))
     file_outputs = [out.name for out in prepared.graph.output]
-    joined, activation, not_distilled = None, None, []
+    joined, activation, not_distilled = {}, None, []
     if join_outputs and len(file_outputs) > 1:
-        output, joined = _join_outputs(prepared, path, shape)
+        output, joined = JOINED_OUTPUT, _join_outputs(prepared, path, shape)
     else:
         output, not_distilled = _pick_output(prepared, path)
         activation = _cut_final_activation(prepared, output)
         file_outputs = [output]
     module = onnx_to_torch(prepared, path, shape).eval()
-    runner = _onnxruntime_runner(path, graph_input.name, file_outputs, fixed_batch)
+    runner = _onnxruntime_runner(path, graph_input.name, file_outputs, fixed_batch,
+                                 levels="joined_levels" in joined)  # fmt: skip
     precision = _weight_precision(model)
     distilled = {None: "logits", "Softmax": "logits before its Softmax",
                  "Sigmoid": "the logit before its Sigmoid, as two classes"}[activation]  # fmt: skip
@@ -300,9 +342,11 @@ def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
     }
     if not_distilled:
         details["outputs_not_distilled"] = not_distilled
+    details.update(joined)
     if joined:
-        details["joined_outputs"] = joined
-        details["distilled_output"] = "every output, joined along the last axis"
+        details["distilled_output"] = ("every output, joined along the last axis"
+                                       if "joined_outputs" in joined
+                                       else "every level's output, joined along the locations")
     if batch_freed:
         details["batch_freed"] = f"{batch_freed} reshape(s) of the batch-1 file rewritten"
     return ImportedModel(module, shape, max_abs, max_rel, details)

@@ -237,6 +237,9 @@ def import_tensorflow(path: Path, **options) -> ImportedModel:
         conversion = _run_converter(path, kind, Path(folder), options)
         shape = _check_nchw(conversion, path)
         imported = _import_onnx(conversion, shape, path, options.get("join_outputs", False))
+    if "joined_levels" in imported.details:
+        raise ImportFailed(f"{path}: a TensorFlow model's per-level YOLO outputs are not read "
+                           "yet (ONNX and PyTorch files' are)")  # fmt: skip
     joined = imported.details.get("joined_outputs")
     names = [name for name, _ in joined] if joined else [imported.details["output"]]
     outputs = [conversion.outputs.index(name) for name in names]

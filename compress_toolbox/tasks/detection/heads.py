@@ -3,7 +3,12 @@
 - ``yolov8``: one output (N, 4 + K, A), anchor-free (ultralytics YOLOv8/v11 exports): per
   location a box (cx, cy, w, h) in input pixels, then K class scores already through a sigmoid.
 - ``yolov5``: one output (N, A, 5 + K) (ultralytics YOLOv5 exports): box (cx, cy, w, h) in
-  pixels, an objectness score, then K class scores, all already through a sigmoid.
+  pixels, an objectness score, then K class scores, all already through a sigmoid. Or the
+  head's levels before decoding, one output each (YOLOv5/v7 exports without their grid:
+  (N, anchors, h, w, 5 + K); the convolutions' own (N, anchors * (5 + K), h, w)): the import
+  joins their rows along the locations (``tasks.outputs.level_rows``); the box values are
+  encoded against the grid and anchors, compared as they are, location by location, and the
+  scores are logits (read through a sigmoid) or probabilities, as the teacher answers.
 - ``boxes+scores``: two outputs, boxes (N, A, B) with B >= 4 and class scores (N, A, K), as
   SSD-style and TFLite face detectors (BlazeFace: ``regressors`` (N, 896, 16), ``classificators``
   (N, 896, 1)) give them, or three with a centre-ness (N, A, 1) as FCOS's raw head
@@ -28,12 +33,14 @@ centre-ness); ``--head`` names a layout where this is ambiguous.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
 import torch
 
 from compress_toolbox.errors import DaflError
+from compress_toolbox.tasks.outputs import anchors_per_cell, row_channels
 
 YOLOV8_BOX_CHANNELS = 4  # cx, cy, w, h
 YOLOV5_BOX_CHANNELS = 5  # cx, cy, w, h, objectness
@@ -54,10 +61,11 @@ class HeadLayout:
     num_classes: int
     box_channels: int = 4  # boxes+scores: the box output's channels (4 + keypoints, ...)
     parts: tuple[str, ...] = (BOXES, SCORES)  # boxes+scores: each output's part, file order
-    logits: bool = False  # boxes+scores: scores are logits, read through a sigmoid (softmax)
-    outputs: tuple[str, ...] = ()  # boxes+scores: the file's output names, in its order
+    logits: bool = False  # boxes+scores, levels: scores are logits, read through a sigmoid
+    outputs: tuple[str, ...] = ()  # boxes+scores, levels: the file's output names, in order
     keypoint_channels: int = 0  # boxes+scores: a keypoints output's channels (RetinaFace's)
     background: bool = False  # boxes+scores: scores are a softmax, column 0 the background
+    levels: tuple[tuple[int, ...], ...] = ()  # yolov5 per level: each output's shape (no batch)
 
     @property
     def has_objectness(self) -> bool:
@@ -88,7 +96,12 @@ class HeadLayout:
 
     def file_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The raw output as the file gives it: a boxes+scores head's joined rows split again
-        into its outputs (in the file's order); a single output as it is."""
+        into its outputs (in the file's order), a YOLO head's rows into its levels' outputs; a
+        single output as it is."""
+        if self.levels:
+            counts = [anchors_per_cell(s) * math.prod(level_cells(s)) for s in self.levels]
+            return tuple(_level_output(rows, shape)
+                         for rows, shape in zip(out.split(counts, dim=1), self.levels))  # fmt: skip
         if self.name != "boxes+scores":
             return (out,)
         return tuple(out.split(self.part_sizes(), dim=-1))
@@ -96,8 +109,9 @@ class HeadLayout:
     @property
     def boxes_in_pixels(self) -> bool:
         """Whether the boxes are decoded (input pixels), so that boxes of different locations
-        can be compared (NMS, GIoU); a boxes+scores head's are encoded per location."""
-        return self.name != "boxes+scores"
+        can be compared (NMS, GIoU); a boxes+scores head's, or a YOLO head's levels before
+        decoding, are encoded per location."""
+        return self.name != "boxes+scores" and not self.levels
 
     def locations(self, shape: tuple[int, ...]) -> int:
         """A, the locations of a raw output of ``shape`` (no batch)."""
@@ -130,7 +144,7 @@ class HeadLayout:
         one (P = K + 1)."""
         rows = self.locations_last(out)
         if self.name != "boxes+scores":
-            return rows[..., 4:]
+            return torch.sigmoid(rows[..., 4:]) if self.logits else rows[..., 4:]
         if self.background:
             scores = self._part(rows, SCORES)
             return scores.softmax(dim=-1) if self.logits else scores
@@ -157,6 +171,13 @@ class HeadLayout:
 
     def describe(self) -> str:
         """The layout in words, for inspect and the report."""
+        if self.levels:
+            shapes = ", ".join(f"{name} (N, {', '.join(map(str, shape))})"
+                               for name, shape in zip(self.outputs, self.levels))  # fmt: skip
+            nouns = "logits" if self.logits else "probabilities"
+            return (f"yolov5 per level ({shapes}): {anchors_per_cell(self.levels[0])} anchor(s) "
+                    f"per cell, 4 encoded box values, an objectness and {self.num_classes} "
+                    f"class {nouns} per anchor and cell")  # fmt: skip
         if self.name != "boxes+scores":
             return f"{self.name}, {self.num_classes} classes"
         nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
@@ -170,6 +191,35 @@ class HeadLayout:
             boxes += f", {self.keypoint_channels} keypoint values"
         return (f"boxes+scores ({', '.join(self.outputs)}): {boxes} and {scores} per "
                 f"location")  # fmt: skip
+
+
+def level_cells(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The grid (h, w) of a per-level output of ``shape`` (no batch)."""
+    return shape[1:3] if len(shape) == 4 else shape[1:]
+
+
+def _level_output(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """One level's rows (N, anchors * h * w, C) as the file gives the level, ``shape`` (no
+    batch): the inverse of ``level_rows``."""
+    (height, width), anchors, n = level_cells(shape), anchors_per_cell(shape), rows.shape[0]
+    if len(shape) == 4:
+        return rows.reshape(n, *shape)
+    grouped = rows.reshape(n, anchors, height * width, -1).transpose(2, 3)
+    return grouped.reshape(n, *shape)
+
+
+def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
+    """The yolov5 layout of a YOLO head's per-level outputs, given as (name, shape without the
+    batch) in the file's order (``tasks.outputs.levels_joinable``); DaflError where ``head``
+    names another layout."""
+    if head not in (None, "yolov5"):
+        names = ", ".join(name for name, _ in outputs)
+        raise DaflError(f"--head {head}: the outputs {names} are a YOLO head's levels, read as "
+                        "yolov5 (leave --head out or give --head yolov5)")  # fmt: skip
+    channels = row_channels(outputs[0][1])
+    return HeadLayout("yolov5", channels - YOLOV5_BOX_CHANNELS,
+                      outputs=tuple(name for name, _ in outputs),
+                      levels=tuple(tuple(shape) for _, shape in outputs))  # fmt: skip
 
 
 def recognise(shape: tuple[int, ...]) -> HeadLayout | None:
@@ -250,9 +300,11 @@ def _part_named(name: str) -> str | None:
     return None
 
 
-LAYOUTS_TEXT = ("one output (N, 4 + K, A) (YOLOv8/v11) or (N, A, 5 + K) (YOLOv5), or two, "
-                "boxes (N, A, 4+) and scores (N, A, K) (SSD-style), with a centre-ness "
-                "(N, A, 1) (FCOS) or keypoints (N, A, P) (RetinaFace) as a third")  # fmt: skip
+LAYOUTS_TEXT = ("one output (N, 4 + K, A) (YOLOv8/v11) or (N, A, 5 + K) (YOLOv5), or a "
+                "YOLO head's levels, (N, anchors, h, w, 5 + K) or (N, anchors * (5 + K), h, w) "
+                "each, or two, boxes (N, A, 4+) and scores (N, A, K) (SSD-style), with a "
+                "centre-ness (N, A, 1) (FCOS) or keypoints (N, A, P) (RetinaFace) as a "
+                "third")  # fmt: skip
 
 
 def describe_layouts() -> str:

@@ -10,6 +10,7 @@ every difference.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import numpy as np
 import onnx
 
 from compress_toolbox.export.writer import onnx_session
-from compress_toolbox.tasks.detection.heads import HeadLayout
+from compress_toolbox.tasks.detection.heads import HeadLayout, level_cells
+from compress_toolbox.tasks.outputs import anchors_per_cell, row_channels
 
 PROBE_BATCH = 2
 
@@ -118,26 +120,31 @@ def adopt_names(student_path: str | Path, teacher: Signature) -> None:
 
 
 def split_outputs(student_path: str | Path, layout: HeadLayout) -> None:
-    """Split the student file's one output, the teacher's outputs joined along their last axis
-    (``layout``: how many channels each had, in the file's order), back into that many outputs
-    (ONNX Split), in place, named as the teacher's (``layout.outputs``); ``adopt_names`` then
+    """Split the student file's one output back into the teacher's outputs, named as the
+    teacher's (``layout.outputs``), in place: the teacher's outputs joined along their last
+    axis (``layout``: how many channels each had, in the file's order) by an ONNX Split; a
+    YOLO head's levels joined along the locations by ``_split_levels``. ``adopt_names`` then
     gives them the rest of an ONNX teacher's signature."""
     model = onnx.load(str(student_path))
     graph = model.graph
     (whole,) = graph.output
-    sizes = layout.part_sizes()
     taken = {name for node in graph.node for name in (*node.input, *node.output)}
     names = [name if name not in taken else f"{name}__part{i}"
              for i, name in enumerate(layout.outputs)]  # fmt: skip
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if opset >= 13:  # the sizes became an input at opset 13
-        graph.initializer.append(onnx.numpy_helper.from_array(
-            np.array(sizes, dtype=np.int64), f"{whole.name}_split_sizes"))  # fmt: skip
-        node = onnx.helper.make_node("Split", [whole.name, f"{whole.name}_split_sizes"], names,
-                                     axis=-1)  # fmt: skip
+    if layout.levels:
+        parts = _split_levels(model, whole.name, layout, names)
     else:
-        node = onnx.helper.make_node("Split", [whole.name], names, axis=-1, split=sizes)
-    graph.node.append(node)
+        parts = _split_channels(model, whole, layout.part_sizes(), names)
+    del graph.output[:]
+    graph.output.extend(parts)
+    onnx.save_model(model, str(student_path))
+
+
+def _split_channels(model: onnx.ModelProto, whole: onnx.ValueInfoProto, sizes: list[int],
+                    names: list[str]) -> list[onnx.ValueInfoProto]:  # fmt: skip
+    """A Split of ``whole`` along its last axis into ``sizes`` channels named ``names``
+    (appended to the graph); the parts' value infos."""
+    _split(model, whole.name, sizes, names, axis=-1)
     parts = []
     for name, size in zip(names, sizes):
         part = onnx.ValueInfoProto()
@@ -146,9 +153,55 @@ def split_outputs(student_path: str | Path, layout: HeadLayout) -> None:
         part.type.tensor_type.shape.dim[-1].Clear()
         part.type.tensor_type.shape.dim[-1].dim_value = size
         parts.append(part)
-    del graph.output[:]
-    graph.output.extend(parts)
-    onnx.save_model(model, str(student_path))
+    return parts
+
+
+def _split(model: onnx.ModelProto, source: str, sizes: list[int], outputs: list[str],
+           axis: int) -> None:  # fmt: skip
+    """An ONNX Split of ``source`` along ``axis`` into ``sizes``, named ``outputs``, appended
+    to ``model``'s graph."""
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= 13:  # the sizes became an input at opset 13
+        model.graph.initializer.append(onnx.numpy_helper.from_array(
+            np.array(sizes, dtype=np.int64), f"{source}_split_sizes"))  # fmt: skip
+        node = onnx.helper.make_node("Split", [source, f"{source}_split_sizes"], outputs,
+                                     axis=axis)  # fmt: skip
+    else:
+        node = onnx.helper.make_node("Split", [source], outputs, axis=axis, split=sizes)
+    model.graph.node.append(node)
+
+
+def _split_levels(model: onnx.ModelProto, whole: str, layout: HeadLayout,
+                  names: list[str]) -> list[onnx.ValueInfoProto]:  # fmt: skip
+    """Nodes (appended to ``graph``) giving the rows ``whole`` (N, sum A_i, C) back as the
+    YOLO head's per-level outputs ``names``, each (N, anchors, h, w, C) or (N, anchors * C,
+    h, w) as ``layout.levels`` reads them (the inverse of ``level_rows``, at the input size the
+    student is exported for); the parts' value infos."""
+    graph = model.graph
+
+    def const(name: str, values: list[int]) -> str:
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(values, np.int64), name))
+        return name
+
+    def add(op: str, inputs: list[str], output: str, **attributes) -> str:
+        graph.node.append(onnx.helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+    counts = [anchors_per_cell(shape) * math.prod(level_cells(shape)) for shape in layout.levels]
+    rows = [f"{name}__rows" for name in names]
+    _split(model, whole, counts, rows, axis=1)
+    parts = []
+    for name, level, shape in zip(names, rows, layout.levels):
+        anchors, channels = anchors_per_cell(shape), row_channels(shape)
+        if len(shape) == 3:  # (N, na * C, h, w): each anchor's rows with C before the cells
+            grouped = add("Reshape", [level, const(f"{name}__grouped_shape",
+                                                   [0, anchors, -1, channels])],
+                          f"{name}__grouped")  # fmt: skip
+            level = add("Transpose", [grouped], f"{name}__channels_first", perm=[0, 1, 3, 2])
+        add("Reshape", [level, const(f"{name}__shape", [0, *shape])], name)
+        parts.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
+                                                        ["batch", *shape]))  # fmt: skip
+    return parts
 
 
 def compare(student: Signature, teacher: Signature) -> list[str]:

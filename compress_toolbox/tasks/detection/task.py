@@ -29,6 +29,7 @@ from compress_toolbox.tasks.detection.heads import (
     describe_layouts,
     forced,
     joined,
+    per_level,
     recognise,
 )
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
@@ -68,9 +69,9 @@ def _outputs_seen(teacher) -> tuple[str, int]:
 @torch.no_grad()
 def _read_scores(module: nn.Module, layout: HeadLayout, input_shape: tuple[int, ...],
                  guess_background: bool = True) -> tuple[HeadLayout, str | None]:  # fmt: skip
-    """A boxes+scores ``layout`` told how the teacher's scores read (``_scores_read``), and the
-    note to give where they look like SSD's logits (``_background_hint``), both from one run
-    of the teacher on seeded random inputs."""
+    """A boxes+scores (or YOLO per-level) ``layout`` told how the teacher's scores read
+    (``_scores_read``), and the note to give where they look like SSD's logits
+    (``_background_hint``), both from one run of the teacher on seeded random inputs."""
     x = torch.rand(4, *input_shape, generator=torch.Generator().manual_seed(0))
     raw = replace(layout, logits=False).probabilities(module.eval()(x))  # no sigmoid, softmax
     layout = _scores_read(layout, raw, guess_background)
@@ -201,6 +202,10 @@ class Detection(Task):
         """The teacher's head layout, and a note on how its scores read (joined outputs)."""
         outputs = teacher.details.get("joined_outputs")
         shape = tuple(teacher.analysis.output_shape)
+        if teacher.details.get("joined_levels"):
+            levels = [(name, tuple(dims)) for name, dims in teacher.details["joined_levels"]]
+            return _read_scores(teacher.module, per_level(levels, self.head_name),
+                                tuple(teacher.input_shape), guess_background=False)  # fmt: skip
         if outputs:
             layout = joined([(name, int(c)) for name, c in outputs], False, self.head_name)
             return _read_scores(teacher.module, layout, tuple(teacher.input_shape),
@@ -221,6 +226,8 @@ class Detection(Task):
         layout = None if shape is None else self.head or recognise(tuple(shape))
         if layout is None:  # no raw head known: only models of decoded detections can be asked
             return {**super().zoo_options(teacher), "head": None}
+        if layout.levels:  # the zoo's YOLO models decode their boxes: none gives raw levels
+            return {"num_classes": layout.num_classes, "head": "yolov5 per level"}
         return {"num_classes": layout.num_classes, "head": layout.name,
                 "locations": layout.locations(tuple(shape))}  # fmt: skip
 

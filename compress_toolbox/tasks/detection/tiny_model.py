@@ -1,7 +1,9 @@
 """A tiny YOLOv8-style anchor-free detector (the benchmark's and the tests' teacher): a strided
 conv backbone, a top-down neck (upsample + concatenation) and a decoupled head at strides 8 and
 16, whose output is already decoded as ultralytics exports it: (N, 4 + K, A) with boxes
-(cx, cy, w, h) in input pixels and sigmoid class scores."""
+(cx, cy, w, h) in input pixels and sigmoid class scores; and its kin for the other raw heads
+(``TinyBoxesScores``: SSD/FCOS/BlazeFace-style outputs; ``TinyYoloLevels``: a YOLOv5/v7 head's
+levels before decoding)."""
 
 from __future__ import annotations
 
@@ -121,3 +123,53 @@ class TinyBoxesScores(_Features):
         if self.centreness is None:
             return rows(self.boxes), rows(self.scores)
         return rows(self.boxes), rows(self.scores), rows(self.centreness)
+
+
+class TinyYoloLevels(_Features):
+    """A YOLOv5/v7-style head's levels before decoding, one output per stride (8 and 16), as
+    those exports give them without their grid: (N, anchors, h, w, 5 + K) raw logits (box
+    offsets, objectness, class logits per anchor and cell); with ``rank=4`` the convolutions'
+    own (N, anchors * (5 + K), h, w)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16,
+                 anchors: int = 3, rank: int = 5) -> None:  # fmt: skip
+        super().__init__(in_channels, width)
+        self.anchors, self.rank, self.row = anchors, rank, 5 + num_classes
+        self.convs = nn.ModuleList([nn.Conv2d(4 * width, anchors * self.row, 1),
+                                    nn.Conv2d(8 * width, anchors * self.row, 1)])  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        levels = [conv(p) for conv, p in zip(self.convs, self.features(x))]
+        if self.rank == 4:
+            return tuple(levels)
+        return tuple(level.reshape(level.shape[0], self.anchors, self.row, *level.shape[2:])
+                     .permute(0, 1, 3, 4, 2) for level in levels)  # fmt: skip
+
+
+class RawLevels(nn.Module):
+    """A YOLOv5-layout ``TinyYolo`` handed over as a YOLOv5/v7 export without its grid gives
+    it: each level's raw head output before decoding, (N, 1, h, w, 5 + K) (one anchor per
+    cell: four box logits, objectness and class logits). ``rows_of_levels`` decodes them."""
+
+    def __init__(self, model: TinyYolo) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        levels = []
+        for head, p in zip(self.model.heads, self.model.features(x)):
+            raw = torch.cat(head(p), dim=1)  # (N, 5 + K, h, w)
+            levels.append(raw.permute(0, 2, 3, 1).unsqueeze(1))
+        return tuple(levels)
+
+
+def rows_of_levels(levels: tuple[torch.Tensor, ...],
+                   image_size: tuple[int, int]) -> torch.Tensor:  # fmt: skip
+    """``RawLevels``' outputs decoded as the model's own YOLOv5 output: (N, A, 5 + K) rows,
+    boxes in pixels, scores through a sigmoid."""
+    decoded = []
+    for level, stride in zip(levels, STRIDES):
+        values = level.flatten(1, 3).transpose(1, 2)  # (N, 5 + K, cells)
+        centres = cell_centres(image_size, stride).to(values)
+        decoded.append(decode_level(values[:, :5], values[:, 5:], centres, stride, True))
+    return torch.cat(decoded, dim=2).transpose(1, 2)

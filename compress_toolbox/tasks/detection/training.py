@@ -19,7 +19,7 @@ from compress_toolbox.tasks.detection.decode import decode
 from compress_toolbox.tasks.detection.heads import HeadLayout, cxcywh_to_xyxy
 from compress_toolbox.tasks.detection.metrics import GroundTruth, mean_average_precision
 from compress_toolbox.tasks.detection.scenes import Scenes, SceneSpec, compose_scenes, digit_objects
-from compress_toolbox.tasks.detection.tiny_model import STRIDES, TinyYolo
+from compress_toolbox.tasks.detection.tiny_model import STRIDES, RawLevels, TinyYolo
 
 LEVEL_SPLIT = 20.0  # objects whose longest side is below this are learnt at stride 8
 CENTRE_RADIUS = 1.5  # positives lie within this many strides of the object's centre
@@ -97,12 +97,13 @@ def detector_loss(out, classes, boxes, positive, layout: HeadLayout) -> torch.Te
 
 
 def train_detector(scenes: Scenes, num_classes: int, options: TrainOptions = TrainOptions(),
-                   width: int = 16) -> TinyYolo:  # fmt: skip
-    """A TinyYolo trained on ``scenes`` for ``options.seconds`` (eval mode when returned)."""
+                   width: int = 16, yolov5: bool = False) -> TinyYolo:  # fmt: skip
+    """A TinyYolo (of the YOLOv5 layout, with an objectness, with ``yolov5``) trained on
+    ``scenes`` for ``options.seconds`` (eval mode when returned)."""
     torch.manual_seed(options.seed)
     size, channels = scenes.images.shape[-1], scenes.images.shape[1]
-    model = TinyYolo(num_classes, channels, width, size)
-    layout = HeadLayout("yolov8", num_classes)
+    model = TinyYolo(num_classes, channels, width, size, yolov5=yolov5)
+    layout = HeadLayout("yolov5" if yolov5 else "yolov8", num_classes)
     points, strides = _anchors(size)
     images = torch.from_numpy(scenes.images).float() / 255.0
     optimiser = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=1e-4)
@@ -158,19 +159,23 @@ def benchmark_scenes(spec: SceneSpec, seed: int, train_scenes: int = 4000,
 
 def make_benchmark(out_dir: str | Path, options: TrainOptions = TrainOptions(),
                    spec: SceneSpec = SceneSpec(), train_scenes: int = 4000,
-                   eval_scenes: int = 300, width: int = 16) -> BenchmarkFiles:  # fmt: skip
+                   eval_scenes: int = 300, width: int = 16,
+                   levels: bool = False) -> BenchmarkFiles:  # fmt: skip
     """Compose digit scenes (seeded), train a TinyYolo on them, export it as teacher.onnx and
-    the held-out scenes as scenes.npz (the --eval-data format) into ``out_dir``."""
+    the held-out scenes as scenes.npz (the --eval-data format) into ``out_dir``; with
+    ``levels`` a YOLOv5-layout one exported as its raw levels (``RawLevels``: outputs p3, p4)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, held_out, num_classes = benchmark_scenes(spec, options.seed, train_scenes, eval_scenes)
-    model = train_detector(train, num_classes, options, width)
-    teacher = export_detector(model, out_dir / "teacher.onnx", spec.size, spec.channels)
+    model = train_detector(train, num_classes, options, width, yolov5=levels)
+    shipped, names = (RawLevels(model), ("p3", "p4")) if levels else (model, ("output0",))
+    teacher = export_detector(shipped, out_dir / "teacher.onnx", spec.size, spec.channels,
+                              outputs=names)  # fmt: skip
     eval_data = save_detection_npz(out_dir / "scenes.npz", held_out.images, held_out.boxes,
                                    held_out.labels)  # fmt: skip
     x = torch.from_numpy(held_out.images).float() / 255.0
     with torch.no_grad():
-        found = decode(model(x), HeadLayout("yolov8", num_classes))
+        found = decode(model(x), HeadLayout("yolov5" if levels else "yolov8", num_classes))
     truths = [GroundTruth(torch.from_numpy(b), torch.from_numpy(k))
               for b, k in zip(held_out.boxes, held_out.labels)]  # fmt: skip
     score = mean_average_precision(found, truths, num_classes).map_50
