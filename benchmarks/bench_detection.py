@@ -6,7 +6,7 @@ COCOeval on 300 held-out scenes).
 
     python benchmarks/bench_detection.py                      # 180 s teacher, 300 s budget
     python benchmarks/bench_detection.py --budget 60 --teacher-seconds 60
-    python benchmarks/bench_detection.py --levels   # the head's raw levels, YOLOv5/v7-style
+    python benchmarks/bench_detection.py --head levels   # raw levels, as YOLOv7 ships them
 
 Prints teacher and student mAP@0.5 (and @[.5:.95]), their ratio, the parameter ratio and the
 student's fidelity (its mAP@0.5 against the teacher's own detections).
@@ -38,14 +38,14 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     files = make_benchmark(out / "data", TrainOptions(seconds=args.teacher_seconds,
                                                       seed=args.seed), SceneSpec(size=args.size),
-                           levels=args.levels)  # fmt: skip
+                           head=args.head)  # fmt: skip
     built_s = time.perf_counter() - start
     decoding = {"decode": f"{HERE / 'teachers' / 'levels_model.py'}:decode_outputs"}
     config = CompressConfig.from_options(task="detection", eval_data=str(files.eval_data),
                                          time_budget=args.budget, threads=args.threads,
                                          seed=args.seed, out=str(out / "run"), force=True,
                                          progress=False, method=args.method,
-                                         **(decoding if args.levels else {}))  # fmt: skip
+                                         **(decoding if args.head == "levels" else {}))  # fmt: skip
     start = time.perf_counter()
     try:
         compress(files.teacher, config)
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
             "status": report["status"], "iterations": report["iterations"],
             "method": report["method"], "teacher_build_s": round(built_s, 1),
             "compress_s": round(time.perf_counter() - start, 1), "budget_s": args.budget,
-            "seed": args.seed, "levels": args.levels}  # fmt: skip
+            "seed": args.seed, "head": args.head}  # fmt: skip
 
 
 def main() -> None:
@@ -78,9 +78,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="/tmp/bench_detection")
-    parser.add_argument("--levels", action="store_true",
-                        help="a YOLOv5-layout teacher shipped as its raw levels, one output per "
-                        "stride, scored through benchmarks/teachers/levels_model.py's decoding")
+    parser.add_argument("--head", choices=("yolov8", "yolov5", "levels"), default="yolov8",
+                        help="the teacher's head as shipped: decoded YOLOv8 or YOLOv5 layout, or "
+                        "a YOLOv5-layout one's raw levels, one output per stride, scored through "
+                        "benchmarks/teachers/levels_model.py's decoding")
     args = parser.parse_args()
     print_figures(run(args), Path(args.out))
 

@@ -33,7 +33,7 @@ from compress_toolbox.tasks.detection.training import export_detector
 from compress_toolbox.tasks.outputs import (
     JoinedOutputs,
     anchors_per_cell,
-    join_outputs,
+    join_tensors,
     levels_joinable,
 )
 
@@ -563,9 +563,6 @@ def test_a_torchvision_fcos_rebuilt_through_onnx_prunes_on_its_head_convolutions
 
     from compress_toolbox.student import derive
     from compress_toolbox.student.graph_facts import constants_as_parameters
-    from compress_toolbox.tasks.outputs import (
-    JoinedOutputs,
-)
 
     torch.manual_seed(0)
     teacher = JoinedOutputs(RawTinyFCOS(CLASSES)).eval()
@@ -783,6 +780,40 @@ def test_logits_that_look_like_ssds_get_a_hint_to_name_head_ssd():
                         joined([("boxes", 8), ("scores", 3)], True), (3, SIZE, SIZE))[1] is None
 
 
+class BackgroundLast(nn.Module):
+    """Joined boxes and three class scores (N, 16, 4 + 3), the last far ahead at every
+    location: MMDetection's SSD (the background last), as logits or their softmax."""
+
+    def __init__(self, softmax: bool) -> None:
+        super().__init__()
+        self.softmax = softmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        boxes = x.mean(dim=(1, 2, 3))[:, None, None].expand(len(x), 16, 4)
+        logits = torch.tensor([-5.0, -4.0, 5.0]).expand(len(x), 16, 3)
+        return torch.cat([boxes, logits.softmax(-1) if self.softmax else logits], dim=-1)
+
+
+def test_a_background_in_the_last_column_is_read_where_the_teacher_shows_it():
+    from compress_toolbox.tasks.detection.task import _read_scores
+
+    shape, layout = (3, 8, 8), joined([("boxes", 4), ("scores", 3)], False)
+    read, hint = _read_scores(BackgroundLast(softmax=True), layout, shape)
+    assert read.background and read.background_last and read.num_classes == 2 and hint is None
+    assert "2 class probabilities before a background column" in read.describe()
+    rows = torch.tensor([[[0.0] * 4 + [0.7, 0.2, 0.1]]])
+    assert torch.allclose(read.class_scores(rows), torch.tensor([[[0.7, 0.2]]]))
+    as_logits, hint = _read_scores(BackgroundLast(softmax=False), layout, shape)
+    assert not as_logits.background and "the last score column is the highest" in hint
+    as_ssd, _ = _read_scores(BackgroundLast(softmax=False),
+                             joined([("boxes", 4), ("scores", 3)], False, "ssd"), shape,
+                             guess_background=False)  # fmt: skip
+    assert as_ssd.background_last and as_ssd.num_classes == 2 and as_ssd.logits
+    first, _ = _read_scores(BackgroundFirst(), joined([("boxes", 4), ("scores", 3)], False, "ssd"),
+                            shape, guess_background=False)  # fmt: skip
+    assert first.background and not first.background_last
+
+
 class SsdLike(nn.Module):
     """Encoded boxes (N, 64, 4) and three class logits (N, 64, 3), the first far ahead
     everywhere (SSD's background), as two ONNX outputs named boxes and scores."""
@@ -824,7 +855,7 @@ def test_a_yolo_heads_levels_join_as_rows_and_split_back_as_the_file_gives_them(
     x = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         levels = model(x)
-    rows = join_outputs(list(levels))
+    rows = join_tensors(list(levels))
     assert rows.shape == (2, 3 * (16 + 4), 5 + CLASSES)
     if rank == 5:  # the second anchor of the first cell of the coarse level
         assert torch.equal(rows[:, 48 + 4], levels[1][:, 1, 0, 0])

@@ -53,6 +53,7 @@ from compress_toolbox.export.onnx_inspect import (
     node_label,
     quantisable_op_types,
 )
+from compress_toolbox.export.onnx_names import unused
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 MODES = ("int8",)
@@ -239,7 +240,7 @@ def int8_weights(model: onnx.ModelProto, conv_names: Collection[str]) -> int:
         if (node.op_type != "Conv" or node_label(node) not in conv_names or weight is None
                 or weight.data_type != onnx.TensorProto.FLOAT or readers[weight.name] != 1):
             continue
-        int8_name, scale_name, float_name = (_unused(f"{weight.name}_{suffix}", taken)
+        int8_name, scale_name, float_name = (unused(f"{weight.name}_{suffix}", taken)
                                              for suffix in ("int8", "scale", "float"))  # fmt: skip
         int8_values, scale = _per_channel_int8(numpy_helper.to_array(weight))
         graph.initializer.remove(weight)
@@ -261,15 +262,6 @@ def _per_channel_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(values / scale), -127, 127).astype(np.int8), scale
 
 
-def _unused(name: str, taken: set[str]) -> str:
-    """``name``, with underscores added until it is not in ``taken`` (the graph's names of its
-    kind); now taken."""
-    while name in taken:
-        name += "_"
-    taken.add(name)
-    return name
-
-
 def _narrow_named(prepared: Path, named: Path, min_channels: int) -> tuple[Path, list[str]]:
     """(the model to quantise, the names of its narrow convolutions): ``quantize_static``
     excludes nodes by name, so unnamed narrow convolutions are named first, in a copy at
@@ -280,7 +272,7 @@ def _narrow_named(prepared: Path, named: Path, min_channels: int) -> tuple[Path,
     if unnamed and prepared.stat().st_size <= COMPACT_LIMIT_BYTES:
         taken = {node.name for node in model.graph.node}
         for index, node in enumerate(unnamed):
-            node.name = _unused(f"narrow_conv_{index}", taken)
+            node.name = unused(f"narrow_conv_{index}", taken)
         onnx.save(model, str(named))
         prepared = named
     return prepared, [node.name for node in narrow if node.name]

@@ -15,7 +15,7 @@ from compress_toolbox.limits import LimitExceeded, bounded
 from compress_toolbox.load.analysis import Analysis, analyse
 from compress_toolbox.load.importers import detect_format, get_importer
 from compress_toolbox.load.importers.base import ImportedModel
-from compress_toolbox.tasks.outputs import JoinedOutputs, joinable, levels_joinable, tensors_of
+from compress_toolbox.tasks.outputs import JoinedOutputs, joined_details, tensors_of
 
 IMPORT_TIME_LIMIT_S = 300  # a 10,000-node graph imports in seconds; a hang never ends
 
@@ -116,11 +116,8 @@ def _joined(imported: ImportedModel) -> ImportedModel:
     out = imported.module.eval()(torch.zeros(1, *imported.input_shape))
     tensors = tensors_of(out) if isinstance(out, (dict, list, tuple)) else {}
     shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else () for t in tensors.values()]
-    if joinable(shapes):
-        joined = {"joined_outputs": [[name, s[-1]] for name, s in zip(tensors, shapes)]}
-    elif levels_joinable(shapes):
-        joined = {"joined_levels": [[name, list(s[1:])] for name, s in zip(tensors, shapes)]}
-    else:
+    joined = joined_details(list(tensors), shapes)
+    if joined is None:
         return imported
     module = JoinedOutputs(imported.module, levels="joined_levels" in joined).eval()
     return replace(imported, module=module, details={**imported.details, **joined})

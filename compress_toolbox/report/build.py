@@ -170,8 +170,7 @@ def _teacher_section(teacher: Teacher, domain: InputDomain,
         "import_max_rel_diff": teacher.max_rel_diff,
         "distilled_output": teacher.details.get("distilled_output", "logits"),
         "joined_outputs": teacher.details.get("joined_outputs"),
-        **({"joined_levels": teacher.details["joined_levels"]}
-           if "joined_levels" in teacher.details else {}),
+        "joined_levels": teacher.details.get("joined_levels"),
     }
 
 

@@ -51,7 +51,7 @@ class JoinedOutputs(nn.Module):
         self.model, self.levels = model, levels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return join_outputs(list(tensors_of(self.model(x)).values()), self.levels)
+        return join_tensors(list(tensors_of(self.model(x)).values()), self.levels)
 
 
 def tensors_of(out) -> dict[str, torch.Tensor]:
@@ -96,12 +96,12 @@ def levels_joinable(shapes: list[tuple[int, ...]]) -> bool:
     and C >= 6 values per location, and grids of different sizes."""
     if len(shapes) < 2 or len({len(s) for s in shapes}) != 1 or len(shapes[0]) not in (4, 5):
         return False
-    cells = {s[-3:-1] if len(s) == 5 else s[-2:] for s in shapes}
+    cells = {level_cells(s[1:]) for s in shapes}
     same = {(s[0], anchors_per_cell(s[1:]), row_channels(s[1:])) for s in shapes}
     return len(same) == 1 and len(cells) == len(shapes) and row_channels(shapes[0][1:]) >= MIN_ROW
 
 
-def join_outputs(tensors: list[torch.Tensor], levels: bool | None = None) -> torch.Tensor:
+def join_tensors(tensors: list[torch.Tensor], levels: bool | None = None) -> torch.Tensor:
     """A model's several outputs as one, as the import joins them: a YOLO head's levels as
     rows along the locations (``levels``; None: where their shapes are levels'), else along
     the last axis (one output as it is)."""
@@ -111,6 +111,42 @@ def join_outputs(tensors: list[torch.Tensor], levels: bool | None = None) -> tor
         return torch.cat(tensors, dim=-1)
     return torch.cat([level_rows(t, anchors_per_cell(tuple(t.shape[1:]))) for t in tensors],
                      dim=1)  # fmt: skip
+
+
+def joined_details(names: list[str], shapes: list[tuple[int, ...]]) -> dict | None:
+    """How a file's outputs of these names and shapes (batch first) are joined, for the
+    teacher's details: ``joined_outputs`` (each output's [name, channels]: along the last
+    axis) or ``joined_levels`` (each output's [name, shape without the batch]: a YOLO head's
+    levels, along the locations), with the ``distilled_output`` it makes; None when they are
+    neither."""
+    if joinable(shapes):
+        return {"joined_outputs": [[n, int(s[-1])] for n, s in zip(names, shapes)],
+                "distilled_output": "every output, joined along the last axis"}  # fmt: skip
+    if levels_joinable(shapes):
+        return {"joined_levels": [[n, [int(d) for d in s[1:]]] for n, s in zip(names, shapes)],
+                "distilled_output": "every level's output, joined along the locations"}
+    return None
+
+
+def level_cells(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The grid (h, w) of a per-level output of ``shape`` (no batch)."""
+    return tuple(shape[1:3]) if len(shape) == 4 else tuple(shape[1:])
+
+
+def level_locations(shape: tuple[int, ...]) -> int:
+    """The rows (anchor slots times cells) of a per-level output of ``shape`` (no batch)."""
+    height, width = level_cells(shape)
+    return anchors_per_cell(shape) * height * width
+
+
+def level_output(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """One level's rows (N, anchors * h * w, C) as the file gives the level, ``shape`` (no
+    batch): the inverse of ``level_rows``."""
+    n = rows.shape[0]
+    if len(shape) == 4:
+        return rows.reshape(n, *shape)
+    grouped = rows.reshape(n, anchors_per_cell(shape), -1, row_channels(shape)).transpose(2, 3)
+    return grouped.reshape(n, *shape)
 
 
 def level_rows(out: torch.Tensor, anchors: int) -> torch.Tensor:

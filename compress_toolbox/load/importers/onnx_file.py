@@ -10,6 +10,7 @@ import onnx
 import torch
 
 from compress_toolbox.errors import ImportFailed
+from compress_toolbox.export.onnx_names import GraphAdditions
 from compress_toolbox.export.verification import tolerance_for
 from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.load.graph.fixed_batch import free_batch
@@ -20,9 +21,8 @@ from compress_toolbox.load.importers.onnx_checks import check_model
 from compress_toolbox.tasks import FILE_OUTPUTS, SigmoidAsTwoClasses
 from compress_toolbox.tasks.outputs import (
     anchors_per_cell,
-    join_outputs,
-    joinable,
-    levels_joinable,
+    join_tensors,
+    joined_details,
     row_channels,
 )
 
@@ -131,60 +131,47 @@ JOINED_OUTPUT = "joined_outputs"
 
 
 def _join_outputs(model: onnx.ModelProto, path: Path,
-                  shape: tuple[int, ...]) -> dict[str, list[list]]:  # fmt: skip
-    """Join every output of ``model`` (in place) into one, ``JOINED_OUTPUT``: a detection
-    head's boxes (N, A, B) and scores (N, A, K) along the last axis, (N, A, B + K); a YOLO
-    head's per-level outputs as rows along the locations (``level_rows``), (N, sum A_i, C).
-    Returns the details to record: ``joined_outputs`` (each output's [name, channels]) or
-    ``joined_levels`` (each output's [name, shape without the batch]); ImportFailed, naming
-    the outputs, when they are neither."""
+                  shape: tuple[int, ...]) -> tuple[str, dict]:  # fmt: skip
+    """Join every output of ``model`` (in place) into one: a detection head's boxes (N, A, B)
+    and scores (N, A, K) along the last axis, (N, A, B + K); a YOLO head's per-level outputs
+    as rows along the locations (``level_rows``), (N, sum A_i, C). Returns the joined
+    output's name and the details to record (``joined_details``); ImportFailed, naming the
+    outputs, when they are neither."""
     session = onnx_session(model.SerializeToString())
     x = np.zeros((1, *shape), dtype=np.float32)
     results = session.run(None, {session.get_inputs()[0].name: x})
     names = [out.name for out in model.graph.output]
     shapes = [tuple(r.shape) for r in results]
-    if joinable(shapes):
-        model.graph.node.append(onnx.helper.make_node("Concat", names, [JOINED_OUTPUT], axis=-1,
-                                                      name=JOINED_OUTPUT))  # fmt: skip
-        joined = {"joined_outputs": [[n, int(s[-1])] for n, s in zip(names, shapes)]}
-    elif levels_joinable(shapes):
-        rows = [_level_rows_nodes(model.graph, name, s[1:]) for name, s in zip(names, shapes)]
-        model.graph.node.append(onnx.helper.make_node("Concat", rows, [JOINED_OUTPUT], axis=1,
-                                                      name=JOINED_OUTPUT))  # fmt: skip
-        joined = {"joined_levels": [[n, [int(d) for d in s[1:]]] for n, s in zip(names, shapes)]}
-    else:
+    joined = joined_details(names, shapes)
+    if joined is None:
         seen = ", ".join(f"{n} (N, {', '.join(map(str, s[1:]))})" for n, s in zip(names, shapes))
         raise ImportFailed(f"{path}: outputs {seen} cannot be read as one detection head: "
                            "several outputs must each be (N, A, C) with the same A, or a YOLO "
                            "head's levels, (N, anchors, h, w, C) or (N, anchors * C, h, w) "
                            "with one C")  # fmt: skip
+    add = GraphAdditions(model.graph)
+    if "joined_levels" in joined:
+        parts, axis = [_level_rows_nodes(add, n, s[1:]) for n, s in zip(names, shapes)], 1
+    else:
+        parts, axis = names, -1
+    output = add.node("Concat", parts, JOINED_OUTPUT, axis=axis)
     del model.graph.output[:]
     model.graph.output.append(
-        onnx.helper.make_tensor_value_info(JOINED_OUTPUT, onnx.TensorProto.FLOAT, None))
-    return joined
+        onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
+    return output, joined
 
 
-def _level_rows_nodes(graph: onnx.GraphProto, name: str, shape: tuple[int, ...]) -> str:
-    """Nodes (appended to ``graph``) giving per-level output ``name`` of ``shape`` (no batch)
-    as rows (N, anchors * h * w, C), as ``level_rows`` does; returns the rows' name."""
+def _level_rows_nodes(add: GraphAdditions, name: str, shape: tuple[int, ...]) -> str:
+    """Nodes (``add``) giving per-level output ``name`` of ``shape`` (no batch) as rows (N,
+    anchors * h * w, C), as ``level_rows`` does; returns the rows' name."""
     anchors, channels = anchors_per_cell(shape), row_channels(shape)
-
-    def const(suffix: str, values: list[int]) -> str:
-        graph.initializer.append(onnx.numpy_helper.from_array(np.array(values, dtype=np.int64),
-                                                              f"{name}_{suffix}"))  # fmt: skip
-        return f"{name}_{suffix}"
-
-    def add(op: str, inputs: list[str], output: str, **attributes) -> str:
-        graph.node.append(onnx.helper.make_node(op, inputs, [output], name=output, **attributes))
-        return output
-
-    source = name
     if len(shape) == 3:  # (N, na * C, h, w): (N, na, C, h * w), then C last
-        grouped = add("Reshape", [name, const("grouped_shape", [0, anchors, channels, -1])],
-                      f"{name}_grouped")  # fmt: skip
-        source = add("Transpose", [grouped], f"{name}_cells", perm=[0, 1, 3, 2])
-    add("Reshape", [source, const("rows_shape", [0, -1, channels])], f"{name}_rows")
-    return f"{name}_rows"
+        grouped = add.node("Reshape", [name, add.const(f"{name}_grouped_shape",
+                                                       [0, anchors, channels, -1])],
+                           f"{name}_grouped")  # fmt: skip
+        name = add.node("Transpose", [grouped], f"{name}_cells", perm=[0, 1, 3, 2])
+    return add.node("Reshape", [name, add.const(f"{name}_rows_shape", [0, -1, channels])],
+                    f"{name}_rows")  # fmt: skip
 
 
 def _cut_final_activation(model: onnx.ModelProto, output: str) -> str | None:
@@ -257,7 +244,7 @@ def _onnxruntime_runner(path: Path, input_name: str, output_names: list[str],
         if fixed_batch == 1 and x.shape[0] != 1:  # a fixed-batch file: compare sample by sample
             return np.concatenate([run(x[i : i + 1]) for i in range(x.shape[0])])
         outputs = session.run(output_names, {input_name: x.astype(np.float32)})
-        return join_outputs([torch.from_numpy(out) for out in outputs], levels).numpy()
+        return join_tensors([torch.from_numpy(out) for out in outputs], levels).numpy()
 
     return run
 
@@ -272,14 +259,15 @@ def _free_fixed_batch(path: Path, model: onnx.ModelProto, graph_input: onnx.Valu
     x = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
     original = onnx_session(model.SerializeToString())
     name = graph_input.name
-    expected = [original.run(None, {name: x[i : i + 1]})[0] for i in range(2)]
+    expected = [original.run(None, {name: x[i : i + 1]}) for i in range(2)]  # every output
     for freed, rewritten in (_declared_only(model), free_batch(model)):
         try:
-            out = onnx_session(freed.SerializeToString()).run(None, {name: x})[0]
+            outputs = onnx_session(freed.SerializeToString()).run(None, {name: x})
         except Exception:  # noqa: BLE001 - any failure at batch 2 means the same here
             continue
-        if out.shape[:1] == (2,) and all(np.allclose(out[i : i + 1], expected[i], rtol=1e-4,
-                                                     atol=1e-5) for i in range(2)):  # fmt: skip
+        if all(out.shape[:1] == (2,) and all(np.allclose(out[i : i + 1], expected[i][k],
+                                                         rtol=1e-4, atol=1e-5) for i in range(2))
+               for k, out in enumerate(outputs)):  # fmt: skip
             return freed, rewritten
     raise ImportFailed(
         f"{path}: the file fixes batch 1 (input '{name}' is [1, ...] and the graph "
@@ -316,7 +304,7 @@ def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
     file_outputs = [out.name for out in prepared.graph.output]
     joined, activation, not_distilled = {}, None, []
     if join_outputs and len(file_outputs) > 1:
-        output, joined = JOINED_OUTPUT, _join_outputs(prepared, path, shape)
+        output, joined = _join_outputs(prepared, path, shape)
     else:
         output, not_distilled = _pick_output(prepared, path)
         activation = _cut_final_activation(prepared, output)
@@ -343,10 +331,6 @@ def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
     if not_distilled:
         details["outputs_not_distilled"] = not_distilled
     details.update(joined)
-    if joined:
-        details["distilled_output"] = ("every output, joined along the last axis"
-                                       if "joined_outputs" in joined
-                                       else "every level's output, joined along the locations")
     if batch_freed:
         details["batch_freed"] = f"{batch_freed} reshape(s) of the batch-1 file rewritten"
     return ImportedModel(module, shape, max_abs, max_rel, details)

@@ -20,7 +20,7 @@ from compress_toolbox.tasks.detection.decode import (
     encoded_scale,
 )
 from compress_toolbox.tasks.detection.metrics import GroundTruth, MapScores, mean_average_precision
-from compress_toolbox.tasks.outputs import join_outputs
+from compress_toolbox.tasks.outputs import join_tensors
 
 GENERATED_SCENES = 256  # generated inputs for the fidelity figure without eval data
 BATCH = 64
@@ -37,12 +37,12 @@ def torch_outputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def onnx_outputs(path: Path, x: torch.Tensor) -> torch.Tensor:
     """Raw output of the ONNX model at ``path`` (onnxruntime) for every image of ``x``; a
     file with several outputs (boxes and scores, a YOLO head's levels) has them joined, in its
-    order, as the teacher's import joins them (``join_outputs``)."""
+    order, as the teacher's import joins them (``join_tensors``)."""
     session = onnx_session(path)
     name = session.get_inputs()[0].name
     chunks = [[torch.from_numpy(out) for out in session.run(None, {name: x[i : i + BATCH].numpy()})]
               for i in range(0, len(x), BATCH)]  # fmt: skip
-    return torch.cat([join_outputs(outputs) for outputs in chunks]).float()
+    return torch.cat([join_tensors(outputs) for outputs in chunks]).float()
 
 
 def as_truths(detections: list[Detections]) -> list[GroundTruth]:

@@ -4,7 +4,8 @@
   location a box (cx, cy, w, h) in input pixels, then K class scores already through a sigmoid.
 - ``yolov5``: one output (N, A, 5 + K) (ultralytics YOLOv5 exports): box (cx, cy, w, h) in
   pixels, an objectness score, then K class scores, all already through a sigmoid. Or the
-  head's levels before decoding, one output each (YOLOv5/v7 exports without their grid:
+  head's levels before decoding, one output each (YOLOv7's export without ``--grid``, YOLOv5
+  forks for edge NPUs:
   (N, anchors, h, w, 5 + K); the convolutions' own (N, anchors * (5 + K), h, w)): the import
   joins their rows along the locations (``tasks.outputs.level_rows``); the box values are
   encoded against the grid and anchors, compared as they are, location by location, and the
@@ -21,7 +22,8 @@
   keypoints may come as a third output of their own (RetinaFace's ``landms``), read with the
   box values. Scores that are a softmax over a background column and the K classes (SSD's,
   RetinaFace's ``conf``: probabilities summing to one, or ``--head ssd`` for such logits) rank
-  a class by its softmax probability, the background column left out.
+  a class by its softmax probability, the background column left out: the first, or the last
+  (MMDetection's SSD) where the teacher's answers show it (``background_last``).
 
 The single-output layouts are recognised from the shape: YOLO heads have far more locations
 than channels, so (N, C, A) with C < A is read as yolov8 and (N, A, C) with A > C as yolov5.
@@ -33,18 +35,22 @@ centre-ness); ``--head`` names a layout where this is ambiguous.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, replace
 
 import torch
 
 from compress_toolbox.errors import DaflError
-from compress_toolbox.tasks.outputs import anchors_per_cell, row_channels
+from compress_toolbox.tasks.outputs import (
+    anchors_per_cell,
+    level_locations,
+    level_output,
+    row_channels,
+)
 
 YOLOV8_BOX_CHANNELS = 4  # cx, cy, w, h
 YOLOV5_BOX_CHANNELS = 5  # cx, cy, w, h, objectness
-HEAD_NAMES = ("yolov8", "yolov5", "boxes+scores", "ssd")  # ssd: boxes+scores, background first
+HEAD_NAMES = ("yolov8", "yolov5", "boxes+scores", "ssd")  # ssd: boxes+scores, a background
 _BOX_NAME = re.compile(r"box|reg|loc|coord|delta", re.IGNORECASE)
 _SCORE_NAME = re.compile(r"score|class|cls|conf|prob|logit", re.IGNORECASE)
 _QUALITY_NAME = re.compile(r"ctr|cent(er|re)ness|quality|(?<![a-z])iou(?![a-z])", re.IGNORECASE)
@@ -64,7 +70,8 @@ class HeadLayout:
     logits: bool = False  # boxes+scores, levels: scores are logits, read through a sigmoid
     outputs: tuple[str, ...] = ()  # boxes+scores, levels: the file's output names, in order
     keypoint_channels: int = 0  # boxes+scores: a keypoints output's channels (RetinaFace's)
-    background: bool = False  # boxes+scores: scores are a softmax, column 0 the background
+    background: bool = False  # boxes+scores: scores are a softmax, column 0 the background ...
+    background_last: bool = False  # ... or the last column (MMDetection's SSD)
     levels: tuple[tuple[int, ...], ...] = ()  # yolov5 per level: each output's shape (no batch)
 
     @property
@@ -79,14 +86,16 @@ class HeadLayout:
                  QUALITY: 1, KEYPOINTS: self.keypoint_channels}  # fmt: skip
         return [sizes[part] for part in self.parts]
 
-    def with_background(self) -> HeadLayout:
-        """This boxes+scores layout with its first score column read as the background of a
-        softmax (SSD, RetinaFace): one class fewer. DaflError where that cannot be."""
+    def with_background(self, last: bool = False) -> HeadLayout:
+        """This boxes+scores layout with its first (``last``: its last) score column read as
+        the background of a softmax (SSD, RetinaFace; MMDetection's SSD): one class fewer.
+        DaflError where that cannot be."""
         if self.num_classes < 2 or QUALITY in self.parts:
             raise DaflError(f"scores of {self.num_classes} column(s)"
                             f"{' with a centre-ness' if QUALITY in self.parts else ''} cannot "
                             "be a softmax over a background and the classes")  # fmt: skip
-        return replace(self, background=True, num_classes=self.num_classes - 1)
+        return replace(self, background=True, background_last=last,
+                       num_classes=self.num_classes - 1)  # fmt: skip
 
     def _part(self, rows: torch.Tensor, part: str) -> torch.Tensor:
         """A boxes+scores head's ``part`` of the joined rows (N, A, C)."""
@@ -99,8 +108,8 @@ class HeadLayout:
         into its outputs (in the file's order), a YOLO head's rows into its levels' outputs; a
         single output as it is."""
         if self.levels:
-            counts = [anchors_per_cell(s) * math.prod(level_cells(s)) for s in self.levels]
-            return tuple(_level_output(rows, shape)
+            counts = [level_locations(shape) for shape in self.levels]
+            return tuple(level_output(rows, shape)
                          for rows, shape in zip(out.split(counts, dim=1), self.levels))  # fmt: skip
         if self.name != "boxes+scores":
             return (out,)
@@ -141,7 +150,7 @@ class HeadLayout:
     def probabilities(self, out: torch.Tensor) -> torch.Tensor:
         """(N, A, P) every score the head outputs after its sigmoid (softmax): the K class
         scores, with the objectness (yolov5), centre-ness or background first where there is
-        one (P = K + 1)."""
+        one (P = K + 1; a background may come last, ``background_last``)."""
         rows = self.locations_last(out)
         if self.name != "boxes+scores":
             return torch.sigmoid(rows[..., 4:]) if self.logits else rows[..., 4:]
@@ -159,7 +168,7 @@ class HeadLayout:
         column (SSD)."""
         scores = self.probabilities(out)
         if self.background:
-            return scores[..., 1:]
+            return scores[..., :-1] if self.background_last else scores[..., 1:]
         if not self.has_objectness:
             return scores
         product = scores[..., :1] * scores[..., 1:]
@@ -174,16 +183,17 @@ class HeadLayout:
         if self.levels:
             shapes = ", ".join(f"{name} (N, {', '.join(map(str, shape))})"
                                for name, shape in zip(self.outputs, self.levels))  # fmt: skip
-            nouns = "logits" if self.logits else "probabilities"
+            nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
             return (f"yolov5 per level ({shapes}): {anchors_per_cell(self.levels[0])} anchor(s) "
                     f"per cell, 4 encoded box values, an objectness and {self.num_classes} "
-                    f"class {nouns} per anchor and cell")  # fmt: skip
+                    f"class {nouns[self.num_classes > 1]} per anchor and cell")  # fmt: skip
         if self.name != "boxes+scores":
             return f"{self.name}, {self.num_classes} classes"
         nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
         scores = f"{self.num_classes} class {nouns[self.num_classes > 1]}"
         if self.background:
-            scores += " after a background column (softmax)"
+            scores += (" before a background column (softmax, background last)"
+                       if self.background_last else " after a background column (softmax)")
         if QUALITY in self.parts:
             scores += " and a centre-ness"
         boxes = f"{self.box_channels} box values"
@@ -193,27 +203,16 @@ class HeadLayout:
                 f"location")  # fmt: skip
 
 
-def level_cells(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The grid (h, w) of a per-level output of ``shape`` (no batch)."""
-    return shape[1:3] if len(shape) == 4 else shape[1:]
-
-
-def _level_output(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """One level's rows (N, anchors * h * w, C) as the file gives the level, ``shape`` (no
-    batch): the inverse of ``level_rows``."""
-    (height, width), anchors, n = level_cells(shape), anchors_per_cell(shape), rows.shape[0]
-    if len(shape) == 4:
-        return rows.reshape(n, *shape)
-    grouped = rows.reshape(n, anchors, height * width, -1).transpose(2, 3)
-    return grouped.reshape(n, *shape)
-
-
 def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
     """The yolov5 layout of a YOLO head's per-level outputs, given as (name, shape without the
     batch) in the file's order (``tasks.outputs.levels_joinable``); DaflError where ``head``
     names another layout."""
+    names = ", ".join(name for name, _ in outputs)
+    if head == "yolov8":
+        raise DaflError(f"--head yolov8: a YOLOv8 head's levels (box distributions and class "
+                        f"scores per level) are not read yet; the outputs {names} read as "
+                        "YOLOv5 levels without --head")  # fmt: skip
     if head not in (None, "yolov5"):
-        names = ", ".join(name for name, _ in outputs)
         raise DaflError(f"--head {head}: the outputs {names} are a YOLO head's levels, read as "
                         "yolov5 (leave --head out or give --head yolov5)")  # fmt: skip
     channels = row_channels(outputs[0][1])

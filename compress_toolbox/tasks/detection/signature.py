@@ -10,16 +10,16 @@ every difference.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from compress_toolbox.export.onnx_names import GraphAdditions
 from compress_toolbox.export.writer import onnx_session
-from compress_toolbox.tasks.detection.heads import HeadLayout, level_cells
-from compress_toolbox.tasks.outputs import anchors_per_cell, row_channels
+from compress_toolbox.tasks.detection.heads import HeadLayout
+from compress_toolbox.tasks.outputs import anchors_per_cell, level_locations, row_channels
 
 PROBE_BATCH = 2
 
@@ -128,80 +128,48 @@ def split_outputs(student_path: str | Path, layout: HeadLayout) -> None:
     model = onnx.load(str(student_path))
     graph = model.graph
     (whole,) = graph.output
-    taken = {name for node in graph.node for name in (*node.input, *node.output)}
-    names = [name if name not in taken else f"{name}__part{i}"
-             for i, name in enumerate(layout.outputs)]  # fmt: skip
+    add = GraphAdditions(graph)
+    names = [add.name(name) for name in layout.outputs]
     if layout.levels:
-        parts = _split_levels(model, whole.name, layout, names)
+        shapes = _split_levels(model, add, whole.name, layout, names)
     else:
-        parts = _split_channels(model, whole, layout.part_sizes(), names)
+        sizes = layout.part_sizes()
+        _split(model, add, whole.name, sizes, names, axis=-1)
+        shapes = [[*_declared(whole)[:-1], size] for size in sizes]
+    element = whole.type.tensor_type.elem_type
     del graph.output[:]
-    graph.output.extend(parts)
+    graph.output.extend(onnx.helper.make_tensor_value_info(name, element, shape)
+                        for name, shape in zip(names, shapes))  # fmt: skip
     onnx.save_model(model, str(student_path))
 
 
-def _split_channels(model: onnx.ModelProto, whole: onnx.ValueInfoProto, sizes: list[int],
-                    names: list[str]) -> list[onnx.ValueInfoProto]:  # fmt: skip
-    """A Split of ``whole`` along its last axis into ``sizes`` channels named ``names``
-    (appended to the graph); the parts' value infos."""
-    _split(model, whole.name, sizes, names, axis=-1)
-    parts = []
-    for name, size in zip(names, sizes):
-        part = onnx.ValueInfoProto()
-        part.CopyFrom(whole)
-        part.name = name
-        part.type.tensor_type.shape.dim[-1].Clear()
-        part.type.tensor_type.shape.dim[-1].dim_value = size
-        parts.append(part)
-    return parts
-
-
-def _split(model: onnx.ModelProto, source: str, sizes: list[int], outputs: list[str],
-           axis: int) -> None:  # fmt: skip
-    """An ONNX Split of ``source`` along ``axis`` into ``sizes``, named ``outputs``, appended
-    to ``model``'s graph."""
+def _split(model: onnx.ModelProto, add: GraphAdditions, source: str, sizes: list[int],
+           outputs: list[str], axis: int) -> None:  # fmt: skip
+    """An ONNX Split of ``source`` along ``axis`` into ``sizes``, named ``outputs`` (names
+    already reserved), added by ``add``."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if opset >= 13:  # the sizes became an input at opset 13
-        model.graph.initializer.append(onnx.numpy_helper.from_array(
-            np.array(sizes, dtype=np.int64), f"{source}_split_sizes"))  # fmt: skip
-        node = onnx.helper.make_node("Split", [source, f"{source}_split_sizes"], outputs,
-                                     axis=axis)  # fmt: skip
+        add.node("Split", [source, add.const(f"{source}_split_sizes", sizes)], outputs, axis=axis)
     else:
-        node = onnx.helper.make_node("Split", [source], outputs, axis=axis, split=sizes)
-    model.graph.node.append(node)
+        add.node("Split", [source], outputs, axis=axis, split=sizes)
 
 
-def _split_levels(model: onnx.ModelProto, whole: str, layout: HeadLayout,
-                  names: list[str]) -> list[onnx.ValueInfoProto]:  # fmt: skip
-    """Nodes (appended to ``graph``) giving the rows ``whole`` (N, sum A_i, C) back as the
-    YOLO head's per-level outputs ``names``, each (N, anchors, h, w, C) or (N, anchors * C,
-    h, w) as ``layout.levels`` reads them (the inverse of ``level_rows``, at the input size the
-    student is exported for); the parts' value infos."""
-    graph = model.graph
-
-    def const(name: str, values: list[int]) -> str:
-        graph.initializer.append(onnx.numpy_helper.from_array(np.array(values, np.int64), name))
-        return name
-
-    def add(op: str, inputs: list[str], output: str, **attributes) -> str:
-        graph.node.append(onnx.helper.make_node(op, inputs, [output], name=output, **attributes))
-        return output
-
-    counts = [anchors_per_cell(shape) * math.prod(level_cells(shape)) for shape in layout.levels]
-    rows = [f"{name}__rows" for name in names]
-    _split(model, whole, counts, rows, axis=1)
-    parts = []
+def _split_levels(model: onnx.ModelProto, add: GraphAdditions, whole: str, layout: HeadLayout,
+                  names: list[str]) -> list[list[int | str]]:  # fmt: skip
+    """Nodes (``add``) giving the rows ``whole`` (N, sum A_i, C) back as the YOLO head's
+    per-level outputs ``names``, each (N, anchors, h, w, C) or (N, anchors * C, h, w) as
+    ``layout.levels`` reads them (the inverse of ``level_rows``, at the input size the student
+    is exported for); the parts' shapes."""
+    rows = [add.name(f"{name}_rows") for name in names]
+    _split(model, add, whole, [level_locations(shape) for shape in layout.levels], rows, axis=1)
     for name, level, shape in zip(names, rows, layout.levels):
-        anchors, channels = anchors_per_cell(shape), row_channels(shape)
         if len(shape) == 3:  # (N, na * C, h, w): each anchor's rows with C before the cells
-            grouped = add("Reshape", [level, const(f"{name}__grouped_shape",
-                                                   [0, anchors, -1, channels])],
-                          f"{name}__grouped")  # fmt: skip
-            level = add("Transpose", [grouped], f"{name}__channels_first", perm=[0, 1, 3, 2])
-        add("Reshape", [level, const(f"{name}__shape", [0, *shape])], name)
-        parts.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
-                                                        ["batch", *shape]))  # fmt: skip
-    return parts
+            grouped_shape = [0, anchors_per_cell(shape), -1, row_channels(shape)]
+            grouped = add.node("Reshape", [level, add.const(f"{name}_grouped_shape",
+                                                            grouped_shape)], f"{name}_grouped")
+            level = add.node("Transpose", [grouped], f"{name}_channels_first", perm=[0, 1, 3, 2])
+        add.node("Reshape", [level, add.const(f"{name}_shape", [0, *shape])], [name])
+    return [["batch", *shape] for shape in layout.levels]
 
 
 def compare(student: Signature, teacher: Signature) -> list[str]:

@@ -34,7 +34,7 @@ from compress_toolbox.tasks.detection.heads import (
 )
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 from compress_toolbox.tasks.detection.user_decode import UserDecoder
-from compress_toolbox.tasks.outputs import MainOutput, tensors_of
+from compress_toolbox.tasks.outputs import MainOutput, anchors_per_cell, tensors_of
 
 if TYPE_CHECKING:
     from compress_toolbox.load.teacher import Teacher
@@ -80,38 +80,52 @@ def _read_scores(module: nn.Module, layout: HeadLayout, input_shape: tuple[int, 
 
 def _scores_read(layout: HeadLayout, raw: torch.Tensor, guess_background: bool) -> HeadLayout:
     """``layout`` reading the teacher's ``raw`` score columns as logits where they leave
-    [0, 1]; with ``guess_background`` (no --head given), as a softmax with the background in
-    column 0 where, as probabilities of two or more columns, they sum to one at every location
-    (SSD, RetinaFace). ``--head boxes+scores`` keeps every column a class (a softmax without a
-    background); a background in the last column is not read as one."""
+    [0, 1]; with ``guess_background`` (no --head given), as a softmax with a background column
+    where, as probabilities of two or more columns, they sum to one at every location (SSD,
+    RetinaFace). The background of a softmax (guessed, or said by --head ssd) is the first
+    column, or, of three or more, the last where that one is on top at most locations
+    (MMDetection's SSD).
+    ``--head boxes+scores`` keeps every column a class (a softmax without a background)."""
     logits = bool(((raw < 0) | (raw > 1)).any())
     layout = replace(layout, logits=logits)
     softmax = raw.shape[-1] >= 2 and bool(((raw.sum(-1) - 1).abs() < 1e-3).all())
-    if logits or layout.background or QUALITY in layout.parts or not (softmax and guess_background):
+    guessed = not (logits or QUALITY in layout.parts) and softmax and guess_background
+    if not (layout.background or guessed):
         return layout
-    return layout.with_background()
+    columns = raw.shape[-1]  # two: background and face (RetinaFace), the background first
+    last = columns > 2 and _top_share(raw, columns - 1) >= BACKGROUND_TOP_SHARE
+    return replace(layout, background=False, num_classes=columns).with_background(last)
 
 
-BACKGROUND_TOP_SHARE = 0.9  # column 0 on top at this share of locations, ...
+BACKGROUND_TOP_SHARE = 0.9  # a column on top at this share of locations, ...
 BACKGROUND_LOGIT_GAP = 2.0  # ... by this median margin over the next logit: a background
 
 
+def _top_share(raw: torch.Tensor, column: int) -> float:
+    """The share of locations at which ``column`` of the scores ``raw`` is the highest."""
+    return float((raw.argmax(dim=-1) == column).float().mean())
+
+
 def _background_hint(layout: HeadLayout, raw: torch.Tensor) -> str | None:
-    """What to tell a run whose boxes+scores logits (``raw``) look like a softmax's with the
-    background first (column 0 on top, by a clear margin, at most locations): read through a
-    sigmoid, SSD's ``cls_logits`` count the background as a class and the generator collapses
-    onto it."""
+    """What to tell a run whose boxes+scores logits (``raw``) look like a softmax's with a
+    background column (the first, or the last, on top by a clear margin at most locations):
+    read through a sigmoid, SSD's ``cls_logits`` count the background as a class and the
+    generator collapses onto it."""
     if (layout.name != "boxes+scores" or not layout.logits or layout.background
             or QUALITY in layout.parts or layout.num_classes < 2):  # fmt: skip
         return None
-    share = float((raw.argmax(dim=-1) == 0).float().mean())
-    gap = float((raw[..., 0] - raw[..., 1:].max(dim=-1).values).median())
-    if share < BACKGROUND_TOP_SHARE or gap < BACKGROUND_LOGIT_GAP:
-        return None
-    return (f"the first score column is the highest at {share:.0%} of locations on random "
-            f"inputs (by a median {gap:.1f} in logits): if it is the background of a softmax "
-            "(SSD's cls_logits), --head ssd reads it so; read through a sigmoid it counts as "
-            "a class and the generated inputs collapse onto it")  # fmt: skip
+    columns = raw.shape[-1]  # the last only of three or more, as _scores_read reads them
+    for column, which in ((0, "first"), (columns - 1, "last"))[: 1 + (columns > 2)]:
+        others = torch.cat([raw[..., :column], raw[..., column + 1 :]], dim=-1)
+        share = _top_share(raw, column)
+        gap = float((raw[..., column] - others.max(dim=-1).values).median())
+        if share >= BACKGROUND_TOP_SHARE and gap >= BACKGROUND_LOGIT_GAP:
+            return (f"the {which} score column is the highest at {share:.0%} of locations on "
+                    f"random inputs (by a median {gap:.1f} in logits): if it is the background "
+                    "of a softmax (SSD's cls_logits), --head ssd reads it so; read through a "
+                    "sigmoid it counts as a class and the generated inputs collapse onto "
+                    "it")  # fmt: skip
+    return None
 
 
 @dataclass(frozen=True)
@@ -189,8 +203,15 @@ class Detection(Task):
 
     def hints(self) -> tuple[str, ...]:
         """What to tell a compress run about how the bound head is read: boxes encoded against
-        anchors with no --decode, logits that look like SSD's without --head ssd."""
+        anchors with no --decode, logits that look like SSD's without --head ssd, the anchors
+        assumed for levels whose channels hold them."""
         hints = (self.background_hint,) if self.background_hint else ()
+        if self.head is not None and self.head.levels and len(self.head.levels[0]) == 3:
+            hints += (f"the levels' {self.head.levels[0][0]} channels are read as "
+                      f"{anchors_per_cell(self.head.levels[0])} anchor(s) per cell of 5 + "
+                      f"{self.head.num_classes} values (box, objectness, classes), as YOLOv5/v7 "
+                      "lay them out; a YOLOv8 head's levels (64 box-distribution values and the "
+                      "classes) are not read yet",)  # fmt: skip
         if self.head is None or self.decoding(self.head).in_pixels:
             return hints
         return (*hints, "the boxes are encoded against anchors the file does not hold: they "

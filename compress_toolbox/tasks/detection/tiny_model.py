@@ -127,7 +127,7 @@ class TinyBoxesScores(_Features):
 
 class TinyYoloLevels(_Features):
     """A YOLOv5/v7-style head's levels before decoding, one output per stride (8 and 16), as
-    those exports give them without their grid: (N, anchors, h, w, 5 + K) raw logits (box
+    YOLOv7's export gives them without ``--grid``: (N, anchors, h, w, 5 + K) raw logits (box
     offsets, objectness, class logits per anchor and cell); with ``rank=4`` the convolutions'
     own (N, anchors * (5 + K), h, w)."""
 

@@ -160,14 +160,17 @@ def benchmark_scenes(spec: SceneSpec, seed: int, train_scenes: int = 4000,
 def make_benchmark(out_dir: str | Path, options: TrainOptions = TrainOptions(),
                    spec: SceneSpec = SceneSpec(), train_scenes: int = 4000,
                    eval_scenes: int = 300, width: int = 16,
-                   levels: bool = False) -> BenchmarkFiles:  # fmt: skip
+                   head: str = "yolov8") -> BenchmarkFiles:  # fmt: skip
     """Compose digit scenes (seeded), train a TinyYolo on them, export it as teacher.onnx and
-    the held-out scenes as scenes.npz (the --eval-data format) into ``out_dir``; with
-    ``levels`` a YOLOv5-layout one exported as its raw levels (``RawLevels``: outputs p3, p4)."""
+    the held-out scenes as scenes.npz (the --eval-data format) into ``out_dir``. ``head``:
+    ``yolov8`` or ``yolov5``, the layout it is trained with and shipped as (decoded), or
+    ``levels``, a YOLOv5-layout one shipped as its raw levels (``RawLevels``: outputs p3,
+    p4)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, held_out, num_classes = benchmark_scenes(spec, options.seed, train_scenes, eval_scenes)
-    model = train_detector(train, num_classes, options, width, yolov5=levels)
+    model = train_detector(train, num_classes, options, width, yolov5=head != "yolov8")
+    levels = head == "levels"
     shipped, names = (RawLevels(model), ("p3", "p4")) if levels else (model, ("output0",))
     teacher = export_detector(shipped, out_dir / "teacher.onnx", spec.size, spec.channels,
                               outputs=names)  # fmt: skip
@@ -175,7 +178,8 @@ def make_benchmark(out_dir: str | Path, options: TrainOptions = TrainOptions(),
                                    held_out.labels)  # fmt: skip
     x = torch.from_numpy(held_out.images).float() / 255.0
     with torch.no_grad():
-        found = decode(model(x), HeadLayout("yolov5" if levels else "yolov8", num_classes))
+        found = decode(model(x), HeadLayout("yolov8" if head == "yolov8" else "yolov5",
+                                            num_classes))  # fmt: skip
     truths = [GroundTruth(torch.from_numpy(b), torch.from_numpy(k))
               for b, k in zip(held_out.boxes, held_out.labels)]  # fmt: skip
     score = mean_average_precision(found, truths, num_classes).map_50
