@@ -17,6 +17,7 @@ from torch import nn
 
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
+from compress_toolbox.export.onnx_names import GraphAdditions, graph_names
 from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.tasks.detection import evaluation
 from compress_toolbox.tasks.detection import signature as signature_module
@@ -905,6 +906,8 @@ def test_a_yolo_teacher_with_one_output_per_level_distils_into_a_drop_in_student
     report = json.loads((out / "report.json").read_text())
     assert "yolov5 per level" in report["detection"]["layout"]
     assert "3 anchor(s) per cell" in report["detection"]["layout"]
+    assert report["teacher"]["distilled_output"] == (
+        "every level's output, joined along the locations")  # fmt: skip
     student = signature(out / "student.onnx", (3, SIZE, SIZE))
     with torch.no_grad():
         wanted = [tuple(t.shape) for t in model(torch.rand(2, 3, SIZE, SIZE))]
@@ -913,11 +916,32 @@ def test_a_yolo_teacher_with_one_output_per_level_distils_into_a_drop_in_student
         assert student == signature(teacher_path, (3, SIZE, SIZE))
 
 
-def test_levels_read_as_another_head_are_refused_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("head, needle", [
+    ("boxes+scores", "are a YOLO head's levels, read as yolov5"),
+    ("yolov8", "a YOLOv8 head's levels (box distributions and class scores per level) are not "
+               "read yet")])  # fmt: skip
+def test_levels_read_as_another_head_are_refused_in_one_line(tmp_path, capsys, head, needle):
     torch.manual_seed(0)
-    teacher_path = export_detector(TinyYoloLevels(CLASSES, 3, 8), tmp_path / "levels.onnx", SIZE,
-                                   outputs=LEVEL_NAMES)  # fmt: skip
-    code = run_cli(teacher_path, "--task", "detection", "--head", "boxes+scores", "--iters", 1,
+    teacher_path = export_detector(TinyYoloLevels(CLASSES, 3, 8, rank=4), tmp_path / "levels.onnx",
+                                   SIZE, outputs=LEVEL_NAMES)  # fmt: skip
+    code = run_cli(teacher_path, "--task", "detection", "--head", head, "--iters", 1,
                    "--out", tmp_path / "out")  # fmt: skip
     assert code == 2
-    assert "are a YOLO head's levels, read as yolov5" in one_error_line(capsys)
+    assert needle in one_error_line(capsys)
+    assert run_cli("inspect", teacher_path, "--task", "detection") == 0
+    assert "note: the levels' 24 channels are read as 3 anchor(s) per cell of 5 + 3 values" in (
+        capsys.readouterr().out)  # fmt: skip
+
+
+def test_nodes_added_to_a_graph_take_names_nothing_in_it_uses():
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["p3_rows"], name="p3_rows_")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("p3_rows", onnx.TensorProto.FLOAT, [1])],
+        [onnx.numpy_helper.from_array(np.zeros(1, np.float32), "p3_shape")])  # fmt: skip
+    before, add = graph_names(graph), GraphAdditions(graph)
+    shape = add.const("p3_shape", [0, -1])
+    rows = add.node("Reshape", ["x", shape], "p3_rows")
+    added = {shape, rows, graph.node[-1].name}
+    assert len(added) == 3 and not added & before
+    assert (shape, rows) == ("p3_shape_", "p3_rows__")  # "p3_rows_" names the Identity node
