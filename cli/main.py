@@ -56,7 +56,7 @@ def _describe_teacher(teacher) -> dict:
         "input_shape": list(teacher.input_shape),
         "num_outputs": teacher.num_outputs,
         "output_shape": list(a.output_shape),
-        "task": a.task,
+        "task": "detection" if teacher.details.get("one_detection_head") else a.task,
         "params": a.params,
         "macs": a.macs,
         "max_abs_diff": teacher.max_abs_diff,

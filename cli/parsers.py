@@ -266,7 +266,7 @@ def _add_head_option(parser: argparse.ArgumentParser) -> None:
         "--head", choices=HEAD_NAMES,
         help="--task detection: the head layout, where the outputs' shapes and names do not "
         "tell it (boxes+scores: the first output is the boxes; ssd: boxes+scores whose scores "
-        "are a softmax, column 0 the background)",
+        "are a softmax, column 0 the background, or the last where the teacher shows it)",
     )  # fmt: skip
 
 

@@ -61,6 +61,10 @@ def fit_teacher_to_task(teacher: Teacher, task: Task) -> Teacher:
     if not task.fits(shape):
         other = task_of_output(shape)
         hint = f" (it looks like a {other.name} teacher: use --task {other.name})" if other else ""
+        head = teacher.details.get("one_detection_head")
+        if head:
+            hint = (f" (its outputs {', '.join(head)} look like one detection head: use --task "
+                    "detection)")  # fmt: skip
         raise DaflError(
             f"{teacher.source}: teacher output has shape (N, {', '.join(map(str, shape))}); "
             f"--task {task.name} needs {task.output_text}{hint}"

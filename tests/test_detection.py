@@ -933,6 +933,19 @@ def test_levels_read_as_another_head_are_refused_in_one_line(tmp_path, capsys, h
         capsys.readouterr().out)  # fmt: skip
 
 
+def test_levels_given_to_another_task_are_pointed_to_detection(tmp_path, capsys):
+    """Given to the default task (classification), the refusal names --task detection rather
+    than segmentation (which one level would fit), and so does inspect's guess."""
+    torch.manual_seed(0)
+    teacher_path = export_detector(TinyYoloLevels(CLASSES, 3, 8, rank=4), tmp_path / "levels.onnx",
+                                   SIZE, outputs=LEVEL_NAMES)  # fmt: skip
+    assert run_cli(teacher_path, "--iters", 1, "--out", tmp_path / "out") == 2
+    assert "its outputs p3, p4 look like one detection head: use --task detection" in (
+        one_error_line(capsys))  # fmt: skip
+    assert run_cli("inspect", teacher_path) == 0
+    assert "task guess: detection" in capsys.readouterr().out
+
+
 def test_nodes_added_to_a_graph_take_names_nothing_in_it_uses():
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Identity", ["x"], ["p3_rows"], name="p3_rows_")], "g",
@@ -945,3 +958,22 @@ def test_nodes_added_to_a_graph_take_names_nothing_in_it_uses():
     added = {shape, rows, graph.node[-1].name}
     assert len(added) == 3 and not added & before
     assert (shape, rows) == ("p3_shape_", "p3_rows__")  # "p3_rows_" names the Identity node
+
+
+class DeepSupervision(nn.Module):
+    """A segmentation model with a deep-supervision map: (N, 7, 16, 16) and (N, 7, 8, 8) at
+    a 32 px input, levels of a sort but far finer than a detector's stride 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fine, self.coarse = nn.Conv2d(3, 7, 3, 2, 1), nn.Conv2d(7, 7, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fine = self.fine(x)
+        return fine, self.coarse(fine)
+
+
+def test_a_segmentation_models_finer_maps_are_not_taken_for_a_detection_head(tmp_path, capsys):
+    path = export_detector(DeepSupervision(), tmp_path / "seg.onnx", SIZE, outputs=("out", "aux"))
+    assert run_cli("inspect", path) == 0
+    assert "task guess: segmentation" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """The decoding of the per-level detection benchmark's teacher (``bench_detection.py
---levels``): a YOLOv5-layout TinyYolo shipped as its raw levels, (N, 1, h, w, 5 + K) at
+--head levels``): a YOLOv5-layout TinyYolo shipped as its raw levels, (N, 1, h, w, 5 + K) at
 strides 8 and 16, as YOLOv5/v7 exports without their grid give them. This is the user's own
 decoding that ``--decode`` hands the tool:
 

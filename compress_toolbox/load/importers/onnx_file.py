@@ -23,6 +23,7 @@ from compress_toolbox.tasks.outputs import (
     anchors_per_cell,
     join_tensors,
     joined_details,
+    level_cells,
     row_channels,
 )
 
@@ -137,11 +138,7 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
     as rows along the locations (``level_rows``), (N, sum A_i, C). Returns the joined
     output's name and the details to record (``joined_details``); ImportFailed, naming the
     outputs, when they are neither."""
-    session = onnx_session(model.SerializeToString())
-    x = np.zeros((1, *shape), dtype=np.float32)
-    results = session.run(None, {session.get_inputs()[0].name: x})
-    names = [out.name for out in model.graph.output]
-    shapes = [tuple(r.shape) for r in results]
+    names, shapes = _output_shapes(model, shape)
     joined = joined_details(names, shapes)
     if joined is None:
         seen = ", ".join(f"{n} (N, {', '.join(map(str, s[1:]))})" for n, s in zip(names, shapes))
@@ -159,6 +156,29 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
     model.graph.output.append(
         onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
     return output, joined
+
+
+def _output_shapes(model: onnx.ModelProto,
+                   shape: tuple[int, ...]) -> tuple[list[str], list[tuple[int, ...]]]:  # fmt: skip
+    """``model``'s output names and the shapes they have at batch 1 on ``shape`` (no batch)."""
+    session = onnx_session(model.SerializeToString())
+    x = np.zeros((1, *shape), dtype=np.float32)
+    results = session.run(None, {session.get_inputs()[0].name: x})
+    return [out.name for out in model.graph.output], [tuple(r.shape) for r in results]
+
+
+def _one_detection_head(model: onnx.ModelProto, shape: tuple[int, ...]) -> bool:
+    """Whether ``model``'s several outputs are what --task detection reads as one head: boxes
+    and scores, or a YOLO head's levels on grids of stride 8 or more (a segmentation model's
+    deep supervision maps are finer). A hint only: False where the probe cannot run."""
+    try:
+        joined = joined_details(*_output_shapes(model, shape))
+    except Exception:  # noqa: BLE001 - the import itself reports what is wrong with the file
+        return False
+    if joined is None or "joined_outputs" in joined:
+        return joined is not None
+    return all(cell * 8 <= size for _, level in joined["joined_levels"]
+               for cell, size in zip(level_cells(tuple(level)), shape[-2:]))
 
 
 def _level_rows_nodes(add: GraphAdditions, name: str, shape: tuple[int, ...]) -> str:
@@ -259,15 +279,16 @@ def _free_fixed_batch(path: Path, model: onnx.ModelProto, graph_input: onnx.Valu
     x = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
     original = onnx_session(model.SerializeToString())
     name = graph_input.name
-    expected = [original.run(None, {name: x[i : i + 1]}) for i in range(2)]  # every output
+    expected = [original.run(None, {name: x[i : i + 1]}) for i in range(2)]
+    batched = [k for k, out in enumerate(expected[0]) if out.shape[:1] == (1,)]  # not priors
     for freed, rewritten in (_declared_only(model), free_batch(model)):
         try:
             outputs = onnx_session(freed.SerializeToString()).run(None, {name: x})
         except Exception:  # noqa: BLE001 - any failure at batch 2 means the same here
             continue
-        if all(out.shape[:1] == (2,) and all(np.allclose(out[i : i + 1], expected[i][k],
-                                                         rtol=1e-4, atol=1e-5) for i in range(2))
-               for k, out in enumerate(outputs)):  # fmt: skip
+        if all(outputs[k].shape[:1] == (2,) and all(
+                np.allclose(outputs[k][i : i + 1], expected[i][k], rtol=1e-4, atol=1e-5)
+                for i in range(2)) for k in batched):  # fmt: skip
             return freed, rewritten
     raise ImportFailed(
         f"{path}: the file fixes batch 1 (input '{name}' is [1, ...] and the graph "
@@ -302,10 +323,12 @@ def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
         model, batch_freed = _free_fixed_batch(path, model, graph_input, shape)
     prepared = clean_up(prepare_onnx_model(model))
     file_outputs = [out.name for out in prepared.graph.output]
-    joined, activation, not_distilled = {}, None, []
+    joined, activation, not_distilled, head_outputs = {}, None, [], []
     if join_outputs and len(file_outputs) > 1:
         output, joined = _join_outputs(prepared, path, shape)
     else:
+        if len(file_outputs) > 1 and _one_detection_head(prepared, shape):
+            head_outputs = file_outputs  # what --task detection would read as one head
         output, not_distilled = _pick_output(prepared, path)
         activation = _cut_final_activation(prepared, output)
         file_outputs = [output]
@@ -331,6 +354,8 @@ def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
     if not_distilled:
         details["outputs_not_distilled"] = not_distilled
     details.update(joined)
+    if head_outputs:  # said where another task refuses the file
+        details["one_detection_head"] = head_outputs
     if batch_freed:
         details["batch_freed"] = f"{batch_freed} reshape(s) of the batch-1 file rewritten"
     return ImportedModel(module, shape, max_abs, max_rel, details)

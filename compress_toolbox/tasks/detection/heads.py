@@ -50,7 +50,7 @@ from compress_toolbox.tasks.outputs import (
 
 YOLOV8_BOX_CHANNELS = 4  # cx, cy, w, h
 YOLOV5_BOX_CHANNELS = 5  # cx, cy, w, h, objectness
-HEAD_NAMES = ("yolov8", "yolov5", "boxes+scores", "ssd")  # ssd: boxes+scores, a background
+HEAD_NAMES = ("yolov8", "yolov5", "boxes+scores", "ssd")  # ssd: boxes+scores with a background
 _BOX_NAME = re.compile(r"box|reg|loc|coord|delta", re.IGNORECASE)
 _SCORE_NAME = re.compile(r"score|class|cls|conf|prob|logit", re.IGNORECASE)
 _QUALITY_NAME = re.compile(r"ctr|cent(er|re)ness|quality|(?<![a-z])iou(?![a-z])", re.IGNORECASE)

@@ -169,7 +169,7 @@ def _split_levels(model: onnx.ModelProto, add: GraphAdditions, whole: str, layou
                                                             grouped_shape)], f"{name}_grouped")
             level = add.node("Transpose", [grouped], f"{name}_channels_first", perm=[0, 1, 3, 2])
         add.node("Reshape", [level, add.const(f"{name}_shape", [0, *shape])], [name])
-    return [["batch", *shape] for shape in layout.levels]
+    return [[_declared(add.graph.output[0])[0], *shape] for shape in layout.levels]
 
 
 def compare(student: Signature, teacher: Signature) -> list[str]:
