@@ -944,6 +944,10 @@ def test_levels_given_to_another_task_are_pointed_to_detection(tmp_path, capsys)
         one_error_line(capsys))  # fmt: skip
     assert run_cli("inspect", teacher_path) == 0
     assert "task guess: detection" in capsys.readouterr().out
+    assert run_cli(teacher_path, "--task", "detection", "--student", "zoo", "--iters", 1,
+                   "--out", tmp_path / "zoo") == 2  # fmt: skip
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the layout's notes
+    assert last.startswith("dafl-compress: error: --student zoo: no zoo model gives a YOLO head's")
 
 
 def test_nodes_added_to_a_graph_take_names_nothing_in_it_uses():

@@ -242,13 +242,16 @@ class Detection(Task):
 
     def zoo_options(self, teacher: Teacher) -> dict[str, Any]:
         """The raw head a zoo detector must give: the bound layout (else the one the
-        teacher's single output's shape shows), its classes and locations."""
+        teacher's single output's shape shows), its classes and locations; ValueError for a
+        YOLO head's raw levels, which no zoo model gives."""
         shape = getattr(teacher.analysis, "output_shape", None)
         layout = None if shape is None else self.head or recognise(tuple(shape))
         if layout is None:  # no raw head known: only models of decoded detections can be asked
             return {**super().zoo_options(teacher), "head": None}
         if layout.levels:  # the zoo's YOLO models decode their boxes: none gives raw levels
-            return {"num_classes": layout.num_classes, "head": "yolov5 per level"}
+            raise ValueError("no zoo model gives a YOLO head's raw levels (the zoo's YOLO "
+                             "models decode their boxes); the derived student, --student "
+                             "auto, does")  # fmt: skip
         return {"num_classes": layout.num_classes, "head": layout.name,
                 "locations": layout.locations(tuple(shape))}  # fmt: skip
 
