@@ -857,11 +857,14 @@ def test_a_yolo_heads_levels_join_as_rows_and_split_back_as_the_file_gives_them(
     with torch.no_grad():
         levels = model(x)
     rows = join_tensors(list(levels))
-    assert rows.shape == (2, 3 * (16 + 4), 5 + CLASSES)
-    if rank == 5:  # the second anchor of the first cell of the coarse level
-        assert torch.equal(rows[:, 48 + 4], levels[1][:, 1, 0, 0])
     layout = per_level([(name, tuple(t.shape[1:])) for name, t in zip(LEVEL_NAMES, levels)])
     assert (layout.name, layout.num_classes, layout.boxes_in_pixels) == ("yolov5", CLASSES, False)
+    per_anchor = layout.locations_last(rows)
+    assert per_anchor.shape == (2, 3 * (16 + 4), 5 + CLASSES)
+    if rank == 5:  # the second anchor of the first cell of the coarse level
+        assert torch.equal(per_anchor[:, 48 + 4], levels[1][:, 1, 0, 0])
+    else:  # the second anchor of the first cell of the coarse level: cell by cell
+        assert torch.equal(per_anchor[:, 48 + 1], levels[1][:, 8:16, 0, 0])
     for back, level in zip(layout.file_outputs(rows), levels):
         assert torch.equal(back, level)
     path = export_detector(JoinedOutputs(model, levels=True), tmp_path / "rows.onnx", SIZE)
@@ -917,9 +920,9 @@ def test_a_yolo_teacher_with_one_output_per_level_distils_into_a_drop_in_student
 
 
 @pytest.mark.parametrize("head, needle", [
-    ("boxes+scores", "are a YOLO head's levels, read as yolov5"),
-    ("yolov8", "a YOLOv8 head's levels (box distributions and class scores per level) are not "
-               "read yet")])  # fmt: skip
+    ("boxes+scores", "are a YOLO head's levels, read as yolov5, or with --head yolov8"),
+    ("yolov8", "the outputs p3, p4 are not a YOLOv8 head's levels, (N, 64 + K, h, w)"),
+])  # fmt: skip
 def test_levels_read_as_another_head_are_refused_in_one_line(tmp_path, capsys, head, needle):
     torch.manual_seed(0)
     teacher_path = export_detector(TinyYoloLevels(CLASSES, 3, 8, rank=4), tmp_path / "levels.onnx",
@@ -981,3 +984,27 @@ def test_a_segmentation_models_finer_maps_are_not_taken_for_a_detection_head(tmp
     path = export_detector(DeepSupervision(), tmp_path / "seg.onnx", SIZE, outputs=("out", "aux"))
     assert run_cli("inspect", path) == 0
     assert "task guess: segmentation" in capsys.readouterr().out
+
+
+def test_a_yolov8_heads_levels_are_read_with_head_yolov8(tmp_path, capsys):
+    """(N, 64 + K, h, w) per level, as a YOLOv8 head gives them before decoding: without
+    --head read as YOLOv5 levels and told so, with --head yolov8 as 64 box-distribution values
+    and K classes per cell, distilled into a student with the teacher's outputs."""
+    torch.manual_seed(0)
+    model = TinyYoloLevels(CLASSES + 59, 3, 8, anchors=1, rank=4)  # 67 = 64 + 3 channels
+    teacher_path = export_detector(model, tmp_path / "v8.onnx", SIZE, outputs=LEVEL_NAMES)
+    assert run_cli("inspect", teacher_path, "--task", "detection") == 0
+    assert "--head yolov8 reads them so" in capsys.readouterr().out
+    out = tmp_path / "out"
+    code = run_cli(teacher_path, "--task", "detection", "--head", "yolov8", "--iters", 3,
+                   "--threads", 1, "--out", out)  # fmt: skip
+    assert code in (0, 3)
+    report = json.loads((out / "report.json").read_text())
+    assert "yolov8 per level" in report["detection"]["layout"]
+    assert report["detection"]["num_classes"] == CLASSES
+    shape = (3, SIZE, SIZE)
+    assert signature(out / "student.onnx", shape) == signature(teacher_path, shape)
+    even = torch.zeros(1, 1, 64)  # every distance equally likely: 7.5 strides to each side
+    layout = per_level([("p3", (67, 4, 4)), ("p4", (67, 2, 2))], "yolov8")
+    assert torch.allclose(layout.boxes(torch.cat([even, torch.zeros(1, 1, 3)], -1)),
+                          torch.tensor([[[0.0, 0.0, 15.0, 15.0]]]))  # fmt: skip

@@ -97,7 +97,7 @@ def levels_joinable(shapes: list[tuple[int, ...]]) -> bool:
     if len(shapes) < 2 or len({len(s) for s in shapes}) != 1 or len(shapes[0]) not in (4, 5):
         return False
     cells = {level_cells(s[1:]) for s in shapes}
-    same = {(s[0], anchors_per_cell(s[1:]), row_channels(s[1:])) for s in shapes}
+    same = {(s[0], s[1], s[-1] if len(s) == 5 else 0) for s in shapes}  # batch, channels
     return len(same) == 1 and len(cells) == len(shapes) and row_channels(shapes[0][1:]) >= MIN_ROW
 
 
@@ -109,8 +109,7 @@ def join_tensors(tensors: list[torch.Tensor], levels: bool | None = None) -> tor
         levels = levels_joinable([tuple(t.shape) for t in tensors])
     if not levels:
         return torch.cat(tensors, dim=-1)
-    return torch.cat([level_rows(t, anchors_per_cell(tuple(t.shape[1:]))) for t in tensors],
-                     dim=1)  # fmt: skip
+    return torch.cat([level_rows(t) for t in tensors], dim=1)
 
 
 def joined_details(names: list[str], shapes: list[tuple[int, ...]]) -> dict | None:
@@ -134,30 +133,29 @@ def level_cells(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def level_locations(shape: tuple[int, ...]) -> int:
-    """The rows (anchor slots times cells) of a per-level output of ``shape`` (no batch)."""
+    """The rows ``level_rows`` makes of a per-level output of ``shape`` (no batch): one per
+    anchor slot and cell of (na, h, w, C), one per cell of (na * C, h, w)."""
     height, width = level_cells(shape)
-    return anchors_per_cell(shape) * height * width
+    return (shape[0] if len(shape) == 4 else 1) * height * width
 
 
 def level_output(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """One level's rows (N, anchors * h * w, C) as the file gives the level, ``shape`` (no
-    batch): the inverse of ``level_rows``."""
-    n = rows.shape[0]
+    """One level's rows as the file gives the level, ``shape`` (no batch): the inverse of
+    ``level_rows``."""
     if len(shape) == 4:
-        return rows.reshape(n, *shape)
-    grouped = rows.reshape(n, anchors_per_cell(shape), -1, row_channels(shape)).transpose(2, 3)
-    return grouped.reshape(n, *shape)
+        return rows.reshape(rows.shape[0], *shape)
+    return rows.transpose(1, 2).reshape(rows.shape[0], *shape)
 
 
-def level_rows(out: torch.Tensor, anchors: int) -> torch.Tensor:
-    """One per-level output, (N, na, h, w, C) or (N, na * C, h, w), as (N, na * h * w, C):
-    one row per anchor slot and cell, anchor by anchor, then row-major, as YOLOv5 lays its
-    joined output out."""
+def level_rows(out: torch.Tensor) -> torch.Tensor:
+    """One per-level output as rows, row-major over its grid: (N, na, h, w, C) as (N, na * h
+    * w, C), anchor by anchor as YOLOv5 lays its joined output out; (N, channels, h, w) as
+    (N, h * w, channels), one row per cell, which the head's layout reads as its anchors'
+    rows (``HeadLayout.locations_last``): how many anchors its channels hold is the layout's
+    reading, not the join's."""
     if out.dim() == 5:
         return out.reshape(out.shape[0], -1, out.shape[-1])
-    n, channels = out.shape[:2]
-    rows = out.reshape(n, anchors, channels // anchors, -1).transpose(2, 3)
-    return rows.reshape(n, -1, channels // anchors)
+    return out.flatten(2).transpose(1, 2)
 
 
 class Softmaxed(nn.Module):

@@ -20,11 +20,9 @@ from compress_toolbox.load.importers.base import FileHead, ImportedModel, regist
 from compress_toolbox.load.importers.onnx_checks import check_model
 from compress_toolbox.tasks import FILE_OUTPUTS, SigmoidAsTwoClasses
 from compress_toolbox.tasks.outputs import (
-    anchors_per_cell,
     join_tensors,
     joined_details,
     level_cells,
-    row_channels,
 )
 
 
@@ -182,16 +180,14 @@ def _one_detection_head(model: onnx.ModelProto, shape: tuple[int, ...]) -> bool:
 
 
 def _level_rows_nodes(add: GraphAdditions, name: str, shape: tuple[int, ...]) -> str:
-    """Nodes (``add``) giving per-level output ``name`` of ``shape`` (no batch) as rows (N,
-    anchors * h * w, C), as ``level_rows`` does; returns the rows' name."""
-    anchors, channels = anchors_per_cell(shape), row_channels(shape)
-    if len(shape) == 3:  # (N, na * C, h, w): (N, na, C, h * w), then C last
-        grouped = add.node("Reshape", [name, add.const(f"{name}_grouped_shape",
-                                                       [0, anchors, channels, -1])],
-                           f"{name}_grouped")  # fmt: skip
-        name = add.node("Transpose", [grouped], f"{name}_cells", perm=[0, 1, 3, 2])
-    return add.node("Reshape", [name, add.const(f"{name}_rows_shape", [0, -1, channels])],
-                    f"{name}_rows")  # fmt: skip
+    """Nodes (``add``) giving per-level output ``name`` of ``shape`` (no batch) as rows, as
+    ``level_rows`` does; returns the rows' name."""
+    if len(shape) == 4:  # (N, na, h, w, C): (N, na * h * w, C)
+        return add.node("Reshape", [name, add.const(f"{name}_rows_shape", [0, -1, shape[-1]])],
+                        f"{name}_rows")  # fmt: skip
+    flat = add.node("Reshape", [name, add.const(f"{name}_flat_shape", [0, shape[0], -1])],
+                    f"{name}_flat")  # fmt: skip
+    return add.node("Transpose", [flat], f"{name}_rows", perm=[0, 2, 1])
 
 
 def _cut_final_activation(model: onnx.ModelProto, output: str) -> str | None:

@@ -9,7 +9,9 @@
   (N, anchors, h, w, 5 + K); the convolutions' own (N, anchors * (5 + K), h, w)): the import
   joins their rows along the locations (``tasks.outputs.level_rows``); the box values are
   encoded against the grid and anchors, compared as they are, location by location, and the
-  scores are logits (read through a sigmoid) or probabilities, as the teacher answers.
+  scores are logits (read through a sigmoid) or probabilities, as the teacher answers. With
+  ``--head yolov8``, a YOLOv8 head's levels, (N, 64 + K, h, w): 64 values of a distribution
+  over 16 distances per side (DFL), then K class scores, per cell.
 - ``boxes+scores``: two outputs, boxes (N, A, B) with B >= 4 and class scores (N, A, K), as
   SSD-style and TFLite face detectors (BlazeFace: ``regressors`` (N, 896, 16), ``classificators``
   (N, 896, 1)) give them, or three with a centre-ness (N, A, 1) as FCOS's raw head
@@ -42,7 +44,6 @@ import torch
 
 from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks.outputs import (
-    anchors_per_cell,
     level_locations,
     level_output,
     row_channels,
@@ -50,6 +51,7 @@ from compress_toolbox.tasks.outputs import (
 
 YOLOV8_BOX_CHANNELS = 4  # cx, cy, w, h
 YOLOV5_BOX_CHANNELS = 5  # cx, cy, w, h, objectness
+DFL_CHANNELS = 64  # a YOLOv8 level's box: 16 logits of a distance distribution per side
 HEAD_NAMES = ("yolov8", "yolov5", "boxes+scores", "ssd")  # ssd: boxes+scores with a background
 _BOX_NAME = re.compile(r"box|reg|loc|coord|delta", re.IGNORECASE)
 _SCORE_NAME = re.compile(r"score|class|cls|conf|prob|logit", re.IGNORECASE)
@@ -65,14 +67,15 @@ class HeadLayout:
 
     name: str  # one of HEAD_NAMES
     num_classes: int
-    box_channels: int = 4  # boxes+scores: the box output's channels (4 + keypoints, ...)
+    box_channels: int = 4  # boxes+scores: the box output's channels (4 + keypoints, ...);
+    # yolov8 per level: 64, a distribution over 16 distances for each side (DFL)
     parts: tuple[str, ...] = (BOXES, SCORES)  # boxes+scores: each output's part, file order
     logits: bool = False  # boxes+scores, levels: scores are logits, read through a sigmoid
     outputs: tuple[str, ...] = ()  # boxes+scores, levels: the file's output names, in order
     keypoint_channels: int = 0  # boxes+scores: a keypoints output's channels (RetinaFace's)
     background: bool = False  # boxes+scores: scores are a softmax, column 0 the background ...
     background_last: bool = False  # ... or the last column (MMDetection's SSD)
-    levels: tuple[tuple[int, ...], ...] = ()  # yolov5 per level: each output's shape (no batch)
+    levels: tuple[tuple[int, ...], ...] = ()  # per level: each output's shape (no batch)
 
     @property
     def has_objectness(self) -> bool:
@@ -126,20 +129,38 @@ class HeadLayout:
         """A, the locations of a raw output of ``shape`` (no batch)."""
         return shape[-1] if self.name == "yolov8" else shape[0]
 
+    @property
+    def row(self) -> int:
+        """A YOLO head's values per location: box values, objectness (yolov5), classes."""
+        return self.box_channels + int(self.name == "yolov5") + self.num_classes
+
+    @property
+    def anchors(self) -> int:
+        """Per level: the anchor slots per cell (a (N, na, h, w, C) output says it; one of
+        (N, na * C, h, w), this layout's reading of its channels)."""
+        shape = self.levels[0]
+        return shape[0] if len(shape) == 4 else shape[0] // self.row
+
     def locations_last(self, out: torch.Tensor) -> torch.Tensor:
-        """The raw output as (N, A, C): one row of channels per location."""
+        """The raw output as (N, A, C): one row of channels per location (per level: per
+        anchor slot and cell, a cell's row of (N, na * C, h, w) read as its anchors')."""
+        if self.levels:
+            return out.reshape(out.shape[0], -1, self.row)
         return out.transpose(1, 2) if self.name == "yolov8" else out
 
     def _box_rows(self, out: torch.Tensor) -> torch.Tensor:
         rows = self.locations_last(out)
         if self.name != "boxes+scores":
-            return rows[..., :4]
+            return rows[..., : self.box_channels]
         parts = [BOXES, KEYPOINTS] if KEYPOINTS in self.parts else [BOXES]
         return torch.cat([self._part(rows, part) for part in parts], dim=-1)
 
     def boxes(self, out: torch.Tensor) -> torch.Tensor:
         """(N, A, 4) boxes as (cx, cy, w, h): input pixels, or a boxes+scores head's first
-        four box values."""
+        four box values, or a YOLOv8 level's distance distributions as a box about its cell
+        (in strides)."""
+        if self.box_channels == DFL_CHANNELS and self.name == "yolov8":
+            return _expected_box(self._box_rows(out))
         return self._box_rows(out)[..., :4]
 
     def box_values(self, out: torch.Tensor) -> torch.Tensor:
@@ -153,7 +174,8 @@ class HeadLayout:
         one (P = K + 1; a background may come last, ``background_last``)."""
         rows = self.locations_last(out)
         if self.name != "boxes+scores":
-            return torch.sigmoid(rows[..., 4:]) if self.logits else rows[..., 4:]
+            scores = rows[..., self.box_channels :]
+            return torch.sigmoid(scores) if self.logits else scores
         if self.background:
             scores = self._part(rows, SCORES)
             return scores.softmax(dim=-1) if self.logits else scores
@@ -184,9 +206,13 @@ class HeadLayout:
             shapes = ", ".join(f"{name} (N, {', '.join(map(str, shape))})"
                                for name, shape in zip(self.outputs, self.levels))  # fmt: skip
             nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
-            return (f"yolov5 per level ({shapes}): {anchors_per_cell(self.levels[0])} anchor(s) "
-                    f"per cell, 4 encoded box values, an objectness and {self.num_classes} "
-                    f"class {nouns[self.num_classes > 1]} per anchor and cell")  # fmt: skip
+            scores = f"{self.num_classes} class {nouns[self.num_classes > 1]}"
+            if self.name == "yolov8":
+                return (f"yolov8 per level ({shapes}): 64 box-distribution values (16 per "
+                        f"side) and {scores} per cell")  # fmt: skip
+            return (f"yolov5 per level ({shapes}): {self.anchors} anchor(s) per cell, 4 "
+                    f"encoded box values, an objectness and {scores} per anchor and "
+                    "cell")  # fmt: skip
         if self.name != "boxes+scores":
             return f"{self.name}, {self.num_classes} classes"
         nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
@@ -204,21 +230,30 @@ class HeadLayout:
 
 
 def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
-    """The yolov5 layout of a YOLO head's per-level outputs, given as (name, shape without the
-    batch) in the file's order (``tasks.outputs.levels_joinable``); DaflError where ``head``
-    names another layout."""
+    """The layout of a YOLO head's per-level outputs, given as (name, shape without the batch)
+    in the file's order (``tasks.outputs.levels_joinable``): yolov5 (anchors as
+    ``anchors_per_cell`` reads them), or with ``head`` yolov8, (N, 64 + K, h, w) with its box
+    distributions; DaflError where ``head`` names another layout or cannot fit."""
     names = ", ".join(name for name, _ in outputs)
+    levels = tuple(tuple(shape) for _, shape in outputs)
+    common = {"outputs": tuple(name for name, _ in outputs), "levels": levels}
     if head == "yolov8":
-        raise DaflError(f"--head yolov8: a YOLOv8 head's levels (box distributions and class "
-                        f"scores per level) are not read yet; the outputs {names} read as "
-                        "YOLOv5 levels without --head")  # fmt: skip
+        if len(levels[0]) != 3 or levels[0][0] <= DFL_CHANNELS:
+            raise DaflError(f"--head yolov8: the outputs {names} are not a YOLOv8 head's levels, "
+                            "(N, 64 + K, h, w) each")  # fmt: skip
+        return HeadLayout("yolov8", levels[0][0] - DFL_CHANNELS, DFL_CHANNELS, **common)
     if head not in (None, "yolov5"):
         raise DaflError(f"--head {head}: the outputs {names} are a YOLO head's levels, read as "
-                        "yolov5 (leave --head out or give --head yolov5)")  # fmt: skip
-    channels = row_channels(outputs[0][1])
-    return HeadLayout("yolov5", channels - YOLOV5_BOX_CHANNELS,
-                      outputs=tuple(name for name, _ in outputs),
-                      levels=tuple(tuple(shape) for _, shape in outputs))  # fmt: skip
+                        "yolov5, or with --head yolov8 as YOLOv8's")  # fmt: skip
+    return HeadLayout("yolov5", row_channels(levels[0]) - YOLOV5_BOX_CHANNELS, **common)
+
+
+def _expected_box(distributions: torch.Tensor) -> torch.Tensor:
+    """(…, 4) a box (cx, cy, w, h) about its cell, in strides, from (…, 64) logits of a
+    distribution over 16 distances for each side (left, top, right, bottom)."""
+    bins = distributions.unflatten(-1, (4, DFL_CHANNELS // 4)).softmax(dim=-1)
+    left, top, right, bottom = (bins @ torch.arange(bins.shape[-1]).to(bins)).unbind(-1)
+    return torch.stack([(right - left) / 2, (bottom - top) / 2, left + right, top + bottom], -1)
 
 
 def recognise(shape: tuple[int, ...]) -> HeadLayout | None:
@@ -301,9 +336,9 @@ def _part_named(name: str) -> str | None:
 
 LAYOUTS_TEXT = ("one output (N, 4 + K, A) (YOLOv8/v11) or (N, A, 5 + K) (YOLOv5), or a "
                 "YOLO head's levels, (N, anchors, h, w, 5 + K) or (N, anchors * (5 + K), h, w) "
-                "each, or two, boxes (N, A, 4+) and scores (N, A, K) (SSD-style), with a "
-                "centre-ness (N, A, 1) (FCOS) or keypoints (N, A, P) (RetinaFace) as a "
-                "third")  # fmt: skip
+                "each (YOLOv8's (N, 64 + K, h, w) with --head yolov8), or two, boxes (N, A, "
+                "4+) and scores (N, A, K) (SSD-style), with a centre-ness (N, A, 1) (FCOS) or "
+                "keypoints (N, A, P) (RetinaFace) as a third")  # fmt: skip
 
 
 def describe_layouts() -> str:

@@ -19,7 +19,7 @@ import onnx
 from compress_toolbox.export.onnx_names import GraphAdditions
 from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.tasks.detection.heads import HeadLayout
-from compress_toolbox.tasks.outputs import anchors_per_cell, level_locations, row_channels
+from compress_toolbox.tasks.outputs import level_locations
 
 PROBE_BATCH = 2
 
@@ -156,18 +156,15 @@ def _split(model: onnx.ModelProto, add: GraphAdditions, source: str, sizes: list
 
 def _split_levels(model: onnx.ModelProto, add: GraphAdditions, whole: str, layout: HeadLayout,
                   names: list[str]) -> list[list[int | str]]:  # fmt: skip
-    """Nodes (``add``) giving the rows ``whole`` (N, sum A_i, C) back as the YOLO head's
-    per-level outputs ``names``, each (N, anchors, h, w, C) or (N, anchors * C, h, w) as
-    ``layout.levels`` reads them (the inverse of ``level_rows``, at the input size the student
-    is exported for); the parts' shapes."""
+    """Nodes (``add``) giving the rows ``whole`` back as the head's per-level outputs
+    ``names``, each (N, anchors, h, w, C) or (N, channels, h, w) as ``layout.levels`` reads
+    them (the inverse of ``level_rows``, at the input size the student is exported for); the
+    parts' shapes."""
     rows = [add.name(f"{name}_rows") for name in names]
     _split(model, add, whole, [level_locations(shape) for shape in layout.levels], rows, axis=1)
     for name, level, shape in zip(names, rows, layout.levels):
-        if len(shape) == 3:  # (N, na * C, h, w): each anchor's rows with C before the cells
-            grouped_shape = [0, anchors_per_cell(shape), -1, row_channels(shape)]
-            grouped = add.node("Reshape", [level, add.const(f"{name}_grouped_shape",
-                                                            grouped_shape)], f"{name}_grouped")
-            level = add.node("Transpose", [grouped], f"{name}_channels_first", perm=[0, 1, 3, 2])
+        if len(shape) == 3:  # (N, h * w, channels): the channels before the cells
+            level = add.node("Transpose", [level], f"{name}_channels_first", perm=[0, 2, 1])
         add.node("Reshape", [level, add.const(f"{name}_shape", [0, *shape])], [name])
     return [[_declared(add.graph.output[0])[0], *shape] for shape in layout.levels]
 

@@ -34,7 +34,7 @@ from compress_toolbox.tasks.detection.heads import (
 )
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 from compress_toolbox.tasks.detection.user_decode import UserDecoder
-from compress_toolbox.tasks.outputs import MainOutput, anchors_per_cell, tensors_of
+from compress_toolbox.tasks.outputs import MainOutput, tensors_of
 
 if TYPE_CHECKING:
     from compress_toolbox.load.teacher import Teacher
@@ -206,12 +206,15 @@ class Detection(Task):
         anchors with no --decode, logits that look like SSD's without --head ssd, the anchors
         assumed for levels whose channels hold them."""
         hints = (self.background_hint,) if self.background_hint else ()
-        if self.head is not None and self.head.levels and len(self.head.levels[0]) == 3:
-            hints += (f"the levels' {self.head.levels[0][0]} channels are read as "
-                      f"{anchors_per_cell(self.head.levels[0])} anchor(s) per cell of 5 + "
-                      f"{self.head.num_classes} values (box, objectness, classes), as YOLOv5/v7 "
-                      "lay them out; a YOLOv8 head's levels (64 box-distribution values and the "
-                      "classes) are not read yet",)  # fmt: skip
+        head = self.head
+        if head is not None and head.name == "yolov5" and head.levels and len(head.levels[0]) == 3:
+            channels = head.levels[0][0]
+            hints += (f"the levels' {channels} channels are read as {head.anchors} anchor(s) "
+                      f"per cell of 5 + {head.num_classes} values (box, objectness, classes), "
+                      "as YOLOv5/v7 lay them out" + (
+                          "; if they are a YOLOv8 head's (64 box-distribution values and "
+                          f"{channels - 64} classes), --head yolov8 reads them so"
+                          if channels > 64 else ""),)  # fmt: skip
         if self.head is None or self.decoding(self.head).in_pixels:
             return hints
         return (*hints, "the boxes are encoded against anchors the file does not hold: they "
