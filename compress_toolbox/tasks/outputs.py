@@ -44,7 +44,7 @@ class JoinedOutputs(nn.Module):
     """A model returning several tensors (a tuple, list or dict) made to return them as one:
     (N, A, C_i) joined along the last axis, (N, A, sum C_i) (a detection head's boxes and
     scores); with ``levels``, per-level YOLO outputs as rows (``level_rows``) joined along the
-    locations, (N, sum A_i, C)."""
+    locations."""
 
     def __init__(self, model: nn.Module, levels: bool = False) -> None:
         super().__init__()

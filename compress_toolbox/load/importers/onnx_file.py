@@ -133,7 +133,7 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
                   shape: tuple[int, ...]) -> tuple[str, dict]:  # fmt: skip
     """Join every output of ``model`` (in place) into one: a detection head's boxes (N, A, B)
     and scores (N, A, K) along the last axis, (N, A, B + K); a YOLO head's per-level outputs
-    as rows along the locations (``level_rows``), (N, sum A_i, C). Returns the joined
+    as rows along the locations (``level_rows``). Returns the joined
     output's name and the details to record (``joined_details``); ImportFailed, naming the
     outputs, when they are neither."""
     names, shapes = _output_shapes(model, shape)

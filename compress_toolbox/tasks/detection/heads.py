@@ -131,13 +131,14 @@ class HeadLayout:
 
     @property
     def row(self) -> int:
-        """A YOLO head's values per location: box values, objectness (yolov5), classes."""
+        """A YOLO head's values per location: box values, objectness (yolov5), classes
+        (YOLO layouts only)."""
         return self.box_channels + int(self.name == "yolov5") + self.num_classes
 
     @property
     def anchors(self) -> int:
         """Per level: the anchor slots per cell (a (N, na, h, w, C) output says it; one of
-        (N, na * C, h, w), this layout's reading of its channels)."""
+        (N, na * C, h, w), this layout's reading of its channels). Per-level layouts only."""
         shape = self.levels[0]
         return shape[0] if len(shape) == 4 else shape[0] // self.row
 

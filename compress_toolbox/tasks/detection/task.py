@@ -22,6 +22,7 @@ from compress_toolbox.tasks.detection import evaluation, signature
 from compress_toolbox.tasks.detection.data import DetectionEvalData, load_detection_data
 from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD, Decoding
 from compress_toolbox.tasks.detection.heads import (
+    DFL_CHANNELS,
     HEAD_NAMES,
     LAYOUTS_TEXT,
     QUALITY,
@@ -212,9 +213,9 @@ class Detection(Task):
             hints += (f"the levels' {channels} channels are read as {head.anchors} anchor(s) "
                       f"per cell of 5 + {head.num_classes} values (box, objectness, classes), "
                       "as YOLOv5/v7 lay them out" + (
-                          "; if they are a YOLOv8 head's (64 box-distribution values and "
-                          f"{channels - 64} classes), --head yolov8 reads them so"
-                          if channels > 64 else ""),)  # fmt: skip
+                          "; if they are a YOLOv8 head's (64 box-distribution values, then the "
+                          "classes), --head yolov8 reads them so"
+                          if channels > DFL_CHANNELS else ""),)  # fmt: skip
         if self.head is None or self.decoding(self.head).in_pixels:
             return hints
         return (*hints, "the boxes are encoded against anchors the file does not hold: they "
