@@ -4,14 +4,13 @@
   location a box (cx, cy, w, h) in input pixels, then K class scores already through a sigmoid.
 - ``yolov5``: one output (N, A, 5 + K) (ultralytics YOLOv5 exports): box (cx, cy, w, h) in
   pixels, an objectness score, then K class scores, all already through a sigmoid. Or the
-  head's levels before decoding, one output each (YOLOv7's export without ``--grid``, YOLOv5
-  forks for edge NPUs:
-  (N, anchors, h, w, 5 + K); the convolutions' own (N, anchors * (5 + K), h, w)): the import
-  joins their rows along the locations (``tasks.outputs.level_rows``); the box values are
-  encoded against the grid and anchors, compared as they are, location by location, and the
-  scores are logits (read through a sigmoid) or probabilities, as the teacher answers. With
-  ``--head yolov8``, a YOLOv8 head's levels, (N, 64 + K, h, w): 64 values of a distribution
-  over 16 distances per side (DFL), then K class scores, per cell.
+  head's levels before decoding, one output each, (N, anchors, h, w, 5 + K) (YOLOv7's export
+  without ``--grid``) or the convolutions' own (N, anchors * (5 + K), h, w) (YOLOv5 forks for
+  edge NPUs): the import joins their rows along the locations (``tasks.outputs.level_rows``);
+  the box values are encoded against the grid and anchors, compared as they are, location by
+  location, and the scores are logits (read through a sigmoid) or probabilities, as the
+  teacher answers. With ``--head yolov8``, a YOLOv8 head's levels, (N, 64 + K, h, w): 64
+  values of a distribution over 16 distances per side (DFL), then K class scores, per cell.
 - ``boxes+scores``: two outputs, boxes (N, A, B) with B >= 4 and class scores (N, A, K), as
   SSD-style and TFLite face detectors (BlazeFace: ``regressors`` (N, 896, 16), ``classificators``
   (N, 896, 1)) give them, or three with a centre-ness (N, A, 1) as FCOS's raw head
@@ -203,21 +202,19 @@ class HeadLayout:
 
     def describe(self) -> str:
         """The layout in words, for inspect and the report."""
+        if self.name != "boxes+scores" and not self.levels:
+            return f"{self.name}, {self.num_classes} classes"
+        nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
+        scores = f"{self.num_classes} class {nouns[self.num_classes > 1]}"
         if self.levels:
             shapes = ", ".join(f"{name} (N, {', '.join(map(str, shape))})"
                                for name, shape in zip(self.outputs, self.levels))  # fmt: skip
-            nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
-            scores = f"{self.num_classes} class {nouns[self.num_classes > 1]}"
             if self.name == "yolov8":
                 return (f"yolov8 per level ({shapes}): 64 box-distribution values (16 per "
                         f"side) and {scores} per cell")  # fmt: skip
             return (f"yolov5 per level ({shapes}): {self.anchors} anchor(s) per cell, 4 "
                     f"encoded box values, an objectness and {scores} per anchor and "
                     "cell")  # fmt: skip
-        if self.name != "boxes+scores":
-            return f"{self.name}, {self.num_classes} classes"
-        nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
-        scores = f"{self.num_classes} class {nouns[self.num_classes > 1]}"
         if self.background:
             scores += (" before a background column (softmax, background last)"
                        if self.background_last else " after a background column (softmax)")
