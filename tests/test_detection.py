@@ -123,6 +123,7 @@ def test_generated_scenes_paste_the_objects_the_teacher_sees_at_object_sizes(mon
     """dafl-det's scenes: each generated image is cut to its box (grown by a quarter; a box
     too small to cut keeps the whole image), and a cut is pasted with its aspect kept, its
     longest side within the scene scales of the canvas."""
+    from compress_toolbox.distillation import scenes as scene_module
     from compress_toolbox.distillation.methods import dafl_det
 
     images = torch.zeros(2, 3, 64, 64)
@@ -131,12 +132,12 @@ def test_generated_scenes_paste_the_objects_the_teacher_sees_at_object_sizes(mon
     cuts = dafl_det.teacher_objects(images, boxes)
     assert cuts[0].shape == (3, 20, 10) and cuts[0][:, 2:18, 1:9].eq(1).all()
     assert cuts[1].shape == (3, 64, 64)
-    monkeypatch.setattr(dafl_det, "SCENE_OBJECTS", (1, 1))
+    monkeypatch.setattr(scene_module, "SCENE_OBJECTS", (1, 1))
     torch.manual_seed(0)
     objects = [torch.ones(3, 20, 10)] * 6
-    scenes = dafl_det.compose_scenes(objects, torch.zeros(6, 3, 64, 64), pixels=True)
+    scenes = scene_module.compose_scenes(objects, torch.zeros(6, 3, 64, 64), pixels=True)
     assert scenes.shape == (6, 3, 64, 64)
-    low, high = (round(64 * scale) for scale in dafl_det.SCENE_SCALES)
+    low, high = (round(64 * scale) for scale in scene_module.SCENE_SCALES)
     for scene in scenes:
         rows, cols = scene[0].eq(1).nonzero().unbind(1)
         h, w = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1

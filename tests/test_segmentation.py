@@ -122,7 +122,7 @@ def test_formats_import_derive_and_export(files, tmp_path, name):
     assert exported.max_rel_diff < 1e-4 and (tmp_path / "student.onnx").is_file()
 
 
-@pytest.mark.parametrize("method", ["dafl", "adversarial", "dfad", "bn-prior", "noise"])
+@pytest.mark.parametrize("method", ["dafl", "dafl-seg", "adversarial", "dfad", "bn-prior", "noise"])
 def test_each_method_runs_per_pixel(unet, method):
     teacher = Teacher.from_module(unet, SHAPE)
     student = plan_student(

@@ -30,12 +30,10 @@ import torch.nn.functional as F
 
 from compress_toolbox.distillation.distributed import global_mean
 from compress_toolbox.distillation.methods import register_method
-from compress_toolbox.distillation.methods.base import GeneratedBatch, MethodContext
+from compress_toolbox.distillation.methods.base import MethodContext
 from compress_toolbox.distillation.methods.dafl import DAFL
+from compress_toolbox.distillation.scenes import SceneBatches
 
-SCENE_SHARE = 0.5  # of each student batch: multi-object scenes composed of generated images
-SCENE_OBJECTS = (1, 3)
-SCENE_SCALES = (0.175, 0.42)  # a pasted object's longest side / the canvas's shorter side
 OBJECT_MARGIN = 1.25  # an object's cut: its box grown by a quarter (edges and some background)
 MIN_OBJECT_SIDE = 4.0  # pixels: a smaller box is cut at this size
 TOP_FRACTION = 0.05  # share of each image's locations always counted as confident
@@ -63,17 +61,6 @@ def location_entropy_loss(scores: torch.Tensor) -> torch.Tensor:
     return (mean * torch.log(mean.clamp_min(1e-12))).sum()
 
 
-def _background(like: torch.Tensor, pixels: bool) -> torch.Tensor:
-    """Plain noisy canvases shaped like ``like``: a random grey in pixels, else the batch's
-    per-channel mean (inputs in the paper's standardised space)."""
-    n, c = like.shape[:2]
-    if pixels:
-        level = torch.rand(n, c, 1, 1, device=like.device) * 0.4
-        return (level + 0.05 * torch.randn_like(like)).clamp(0, 1)
-    mean = like.mean((0, 2, 3), keepdim=True)
-    return mean + 0.1 * like.std() * torch.randn_like(like)
-
-
 def teacher_objects(images: torch.Tensor, boxes: torch.Tensor) -> list[torch.Tensor]:
     """Each of ``images`` (N, C, H, W) cut to its (N, 4) centre/size box in pixels, grown by
     ``OBJECT_MARGIN`` and clipped to the image; a box that leaves less than 2 px keeps the
@@ -88,34 +75,8 @@ def teacher_objects(images: torch.Tensor, boxes: torch.Tensor) -> list[torch.Ten
     return cuts
 
 
-def _scaled(piece: torch.Tensor, longest: int) -> torch.Tensor:
-    """``piece`` (C, h, w) resized so that its longest side is ``longest``, aspect kept."""
-    h, w = piece.shape[-2:]
-    size = [max(2, round(longest * side / max(h, w))) for side in (h, w)]
-    return F.interpolate(piece[None], size=size, mode="bilinear", align_corners=False)[0]
-
-
-def compose_scenes(objects: list[torch.Tensor], like: torch.Tensor, pixels: bool) -> torch.Tensor:
-    """Canvases shaped like ``like`` (N, C, H, W), each holding 1-3 of ``objects`` (N pieces
-    (C, h, w)) resized and pasted at random places (``pixels``: the pieces are pixels in
-    [0, 1])."""
-    canvas = _background(like, pixels)
-    n, _, height, width = like.shape
-    for i in range(n):
-        count = int(torch.randint(SCENE_OBJECTS[0], SCENE_OBJECTS[1] + 1, ()))
-        # canvas i holds object i first: every generated image is in some scene (and gets
-        # gradients)
-        for source in [i, *torch.randint(n, (count - 1,)).tolist()]:
-            scale = float(torch.empty(()).uniform_(*SCENE_SCALES))
-            patch = _scaled(objects[source], max(2, round(min(height, width) * scale)))
-            h, w = patch.shape[-2:]
-            y, x = int(torch.randint(height - h + 1, ())), int(torch.randint(width - w + 1, ()))
-            canvas[i, :, y : y + h, x : x + w] = patch
-    return canvas
-
-
 @register_method
-class DAFLDetection(DAFL):
+class DAFLDetection(SceneBatches, DAFL):
     name = "dafl-det"
     summary = "DAFL per location of a detection head: one-hot, class balance, activation"
     loss_names = ("oh", "ie", "a")
@@ -131,31 +92,13 @@ class DAFLDetection(DAFL):
         self.layout_of = ctx.task.layout_of
         self.object_boxes = ctx.task.object_boxes
 
-    def generate(self, batch_size: int) -> GeneratedBatch:
-        """One generator step (DAFL's losses on whole generated images), then a student batch
-        of those images and multi-object scenes composed of them (see the module)."""
-        batch = super().generate(batch_size)
-        scenes = round(batch_size * SCENE_SHARE)
-        if scenes == 0 or len(self.ctx.input_shape) != 3:
-            return batch
-        domain = self.pixel_domain
-        images = domain.to_pixels(batch.x) if domain is not None else batch.x
-        composed = compose_scenes(self._objects(images, batch.teacher_logits), images,
-                                  pixels=domain is not None)  # fmt: skip
-        composed = domain.to_model(composed) if domain is not None else composed
-        with torch.no_grad(), self.ctx.autocast():
-            logits = self.ctx.teacher(composed[:scenes]).float()
-        keep = batch_size - scenes
-        return GeneratedBatch(torch.cat([batch.x[:keep], composed[:scenes]]),
-                              torch.cat([batch.teacher_logits[:keep], logits]),
-                              batch.losses)  # fmt: skip
-
-    def _objects(self, images: torch.Tensor, teacher_out: torch.Tensor) -> list[torch.Tensor]:
+    def scene_pieces(self, images: torch.Tensor, teacher_out: torch.Tensor
+                     ) -> tuple[list[torch.Tensor], None]:  # fmt: skip
         """What the teacher sees in each generated image: the image cut to the box of its most
         confident detection; the whole image where the boxes are encoded against anchors and
         no --decode places them."""
         boxes = self.object_boxes(teacher_out.detach(), tuple(images.shape[-2:]))
-        return list(images) if boxes is None else teacher_objects(images, boxes)
+        return (list(images) if boxes is None else teacher_objects(images, boxes)), None
 
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
         weights, layout = self.weights, self.layout_of(logits)

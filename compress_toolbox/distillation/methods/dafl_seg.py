@@ -1,0 +1,68 @@
+"""DAFL for segmentation teachers, with scenes: the generator is DAFL's, per pixel; the student
+learns from half generated images and half multi-object scenes (distillation/scenes.py) made of
+what the teacher sees in them.
+
+Each generated image gives one piece: its pixels the teacher does not call background, cut to
+their bounding box and pasted with their mask (the object without what surrounded it) on a plain
+noisy canvas, 1-3 pieces per canvas at several scales; the teacher labels the scene. The
+background is what the teacher answers most on plain canvases. A generator's images hold
+classes edge to edge, where the scenes segmenters meet hold a few objects on a background:
+without scenes the student never sees an object's edge against the background at its many
+sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress_toolbox.distillation.methods import register_method
+from compress_toolbox.distillation.methods.base import MethodContext
+from compress_toolbox.distillation.methods.dafl import DAFL
+from compress_toolbox.distillation.scenes import SceneBatches, plain_canvases
+
+BACKGROUND_PROBES = 8  # plain canvases the teacher labels to tell its background class
+MIN_OBJECT_PIXELS = 4  # fewer non-background pixels: the whole image is the piece
+
+
+@register_method
+class DAFLSegmentation(SceneBatches, DAFL):
+    name = "dafl-seg"
+    summary = ("DAFL per pixel; the student also learns on scenes of the teacher's objects pasted "
+               "on plain canvases")  # fmt: skip
+
+    @classmethod
+    def unavailable_reason(cls, ctx: MethodContext) -> str | None:
+        if ctx.task.output_dims != 3 or len(ctx.input_shape) != 3:
+            return "it reads per-pixel class maps of images only (--task segmentation)"
+        return None
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        self.background: int | None = None
+
+    def _background_class(self, like: torch.Tensor) -> int:
+        """The class the teacher answers most on plain noisy canvases (asked once)."""
+        if self.background is None:
+            canvases = plain_canvases(like[:BACKGROUND_PROBES], self.pixel_domain is not None)
+            if self.pixel_domain is not None:
+                canvases = self.pixel_domain.to_model(canvases)
+            with torch.no_grad(), self.ctx.autocast():
+                answers = self.ctx.teacher(canvases).float().argmax(1)
+            self.background = int(answers.flatten().mode().values)
+        return self.background
+
+    def scene_pieces(self, images: torch.Tensor, teacher_out: torch.Tensor
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+        """Each image cut to the bounding box of its non-background pixels, with their mask."""
+        objects = teacher_out.detach().argmax(1) != self._background_class(images)
+        pieces, masks = [], []
+        for image, mask in zip(images, objects):
+            if int(mask.sum()) < MIN_OBJECT_PIXELS:
+                pieces.append(image)
+                masks.append(torch.ones_like(mask))
+                continue
+            rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+            box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+            pieces.append(image[:, box[0], box[1]])
+            masks.append(mask[box])
+        return pieces, masks
