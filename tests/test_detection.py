@@ -5,6 +5,7 @@ drop-in student.onnx (the teacher's names, ranks, shapes and dtypes, checked in 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,16 +25,30 @@ from compress_toolbox.tasks.detection import signature as signature_module
 from compress_toolbox.tasks.detection.coco_data import save_detection_coco
 from compress_toolbox.tasks.detection.data import load_detection_data, save_detection_npz
 from compress_toolbox.tasks.detection.decode import Decoding, Detections, decode
-from compress_toolbox.tasks.detection.heads import HeadLayout, joined, per_level, recognise
+from compress_toolbox.tasks.detection.heads import (
+    HeadLayout,
+    decoded_and_levels,
+    joined,
+    per_level,
+    recognise,
+)
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 from compress_toolbox.tasks.detection.metrics import GroundTruth, mean_average_precision
 from compress_toolbox.tasks.detection.scenes import SceneSpec, compose_scenes, digit_objects
 from compress_toolbox.tasks.detection.signature import signature
-from compress_toolbox.tasks.detection.tiny_model import TinyBoxesScores, TinyYolo, TinyYoloLevels
+from compress_toolbox.tasks.detection.tiny_model import (
+    RawLevels,
+    TinyBoxesScores,
+    TinyYolo,
+    TinyYoloLevels,
+    rows_of_levels,
+)
 from compress_toolbox.tasks.detection.training import export_detector
 from compress_toolbox.tasks.outputs import (
     JoinedOutputs,
     anchors_per_cell,
+    beside_levels,
+    join_kind,
     join_tensors,
     levels_joinable,
 )
@@ -868,13 +883,90 @@ def test_a_yolo_heads_levels_join_as_rows_and_split_back_as_the_file_gives_them(
         assert torch.equal(per_anchor[:, 48 + 1], levels[1][:, 8:16, 0, 0])
     for back, level in zip(layout.file_outputs(rows), levels):
         assert torch.equal(back, level)
-    path = export_detector(JoinedOutputs(model, levels=True), tmp_path / "rows.onnx", SIZE)
+    path = export_detector(JoinedOutputs(model, "levels"), tmp_path / "rows.onnx", SIZE)
     signature_module.split_outputs(path, replace(layout, outputs=LEVEL_NAMES))
     session = onnx_session(path)
     outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert [o.name for o in session.get_outputs()] == list(LEVEL_NAMES)
     for got, level in zip(outputs, levels):
         np.testing.assert_allclose(got, level.numpy(), rtol=1e-5, atol=1e-5)
+
+
+class EvalModeYolo(nn.Module):
+    """A YOLOv5-layout TinyYolo answering as YOLOv5's Detect does in eval mode: the decoded
+    rows and the raw levels they were decoded from, ``(decoded, [levels])``."""
+
+    def __init__(self, model: TinyYolo) -> None:
+        super().__init__()
+        self.levels = RawLevels(model)
+
+    def forward(self, x):
+        levels = self.levels(x)
+        return rows_of_levels(levels, tuple(x.shape[-2:])), list(levels)
+
+
+DECODED_NAMES = ("output0", "p3", "p4")
+
+
+def test_a_decoded_output_joins_with_its_levels_beside_it_and_splits_back(tmp_path):
+    """YOLOv5 in eval mode: each location's raw row goes beside its decoded one; the layout
+    reads the decoded half, and student.onnx's Split gives every output back exactly."""
+    torch.manual_seed(0)
+    model = EvalModeYolo(TinyYolo(CLASSES, 3, 8, SIZE, yolov5=True)).eval()
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        decoded, levels = model(x)
+    shapes = [tuple(decoded.shape), *(tuple(t.shape) for t in levels)]
+    assert beside_levels(shapes) and join_kind(shapes) == "beside"
+    assert not beside_levels(shapes[:2])  # one level: fewer rows than the decoded output
+    rows = join_tensors([decoded, *levels])
+    assert rows.shape == (2, 20, 2 * (5 + CLASSES))
+    layout = decoded_and_levels([(n, s[1:]) for n, s in zip(DECODED_NAMES, shapes)])
+    assert (layout.name, layout.num_classes, layout.boxes_in_pixels) == ("yolov5", CLASSES, True)
+    assert torch.equal(layout.locations_last(rows), decoded)
+    for back, want in zip(layout.file_outputs(rows), [decoded, *levels]):
+        assert torch.equal(back, want)
+    path = export_detector(JoinedOutputs(model, "beside"), tmp_path / "rows.onnx", SIZE,
+                           outputs=("rows",))
+    signature_module.split_outputs(path, layout)
+    session = onnx_session(path)
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert [o.name for o in session.get_outputs()] == list(DECODED_NAMES)
+    for got, want in zip(outputs, [decoded, *levels]):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(DaflError, match="decoded YOLOv5 output"):
+        decoded_and_levels([(n, s[1:]) for n, s in zip(DECODED_NAMES, shapes)], "yolov8")
+
+
+def test_a_yolov5_exported_in_eval_mode_distils_into_a_drop_in_student(tmp_path, capsys):
+    """A plain torch.onnx.export of YOLOv5 in eval mode gives the decoded output and its
+    levels: the decoded one is distilled (boxes in pixels), and student.onnx gives all three
+    outputs as the teacher does. Traced to TorchScript, the list of levels is read too."""
+    torch.manual_seed(0)
+    model = EvalModeYolo(TinyYolo(CLASSES, 3, 8, SIZE, yolov5=True)).eval()
+    teacher_path = export_detector(model, tmp_path / "yolo.onnx", SIZE, outputs=DECODED_NAMES)
+    out = tmp_path / "out"
+    code = run_cli(teacher_path, "--task", "detection", "--iters", 3, "--threads", 1,
+                   "--out", out)  # fmt: skip
+    assert code in (0, 3)  # an untrained teacher: the verdict may go either way
+    report = json.loads((out / "report.json").read_text())
+    assert "with the levels it is decoded from beside it" in report["detection"]["layout"]
+    assert report["teacher"]["distilled_output"] == (
+        "the decoded output, its levels' rows beside it")  # fmt: skip
+    student = signature(out / "student.onnx", (3, SIZE, SIZE))
+    assert student == signature(teacher_path, (3, SIZE, SIZE))
+    with torch.no_grad():
+        decoded, levels = model(torch.rand(2, 3, SIZE, SIZE))
+    assert [o.at_probe for o in student.outputs] == [tuple(t.shape) for t in (decoded, *levels)]
+    traced = tmp_path / "yolo.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's note on list outputs
+        torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, SIZE, SIZE), strict=False),
+                       str(traced))  # fmt: skip
+    capsys.readouterr()
+    assert run_cli("inspect", traced, "--task", "detection", "--input-shape",
+                   f"3,{SIZE},{SIZE}") == 0  # fmt: skip
+    assert "with the levels it is decoded from beside it" in capsys.readouterr().out
 
 
 def test_which_outputs_are_a_yolo_heads_levels():

@@ -373,3 +373,67 @@ def test_health_checks_use_few_canvases(unet, monkeypatch):
             progress=False, threads=1, health_every=1)  # fmt: skip
     # sample(2) sizes the batch to memory; then two checks and the last one, of 32 canvases
     assert get_task("segmentation").health_samples == 32 and sizes[1:] == [32, 32, 32]
+
+
+class PlainIsClass(nn.Module):
+    """Answers class ``plain`` on dark pixels and class 1 on bright ones (above 0.6)."""
+
+    def __init__(self, plain: int, classes: int = CLASSES) -> None:
+        super().__init__()
+        self.plain, self.classes = plain, classes
+
+    def forward(self, x):
+        bright = (x[:, 0] > 0.6).long()
+        labels = torch.where(bright.bool(), torch.ones_like(bright), torch.full_like(bright,
+                                                                                   self.plain))
+        return F.one_hot(labels, self.classes).movedim(-1, 1).float() * 10.0
+
+
+def seg_scene_method(teacher: nn.Module):
+    from compress_toolbox.distillation.methods import get_method
+    from compress_toolbox.distillation.methods.base import MethodContext
+    from compress_toolbox.distillation.presets import get_preset
+    from compress_toolbox.domain import InputDomain
+
+    ctx = MethodContext(teacher=teacher, student=teacher, input_shape=SHAPE, num_classes=CLASSES,
+                        domain=InputDomain(), preset=get_preset("fast"),
+                        device=torch.device("cpu"), final_layer=None,
+                        task="segmentation")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no final layer: activation loss off
+        return get_method("dafl-seg")(ctx)
+
+
+def test_dafl_seg_cuts_what_the_teacher_calls_objects_and_pastes_it_masked():
+    """dafl-seg's pieces: the teacher's background is what it answers on plain canvases (here
+    class 2, not 0); each generated image is cut to the box of its other pixels with their
+    mask, an image without any keeps whole; pasted, only the masked pixels land."""
+    from compress_toolbox.distillation import scenes as scene_module
+
+    method = seg_scene_method(PlainIsClass(plain=2))
+    images = torch.zeros(2, 1, 16, 16)
+    images[0, 0, 3:7, 5:12] = 1.0  # a bright 4 x 7 object
+    images[0, 0, 4, 6] = 0.0  # a hole in it
+    pieces, masks = method.scene_pieces(images, method.ctx.teacher(images))
+    assert method.background == 2
+    assert pieces[0].shape == (1, 4, 7) and masks[0].shape == (4, 7)
+    assert masks[0].sum() == 27 and not masks[0][1, 1]
+    assert pieces[1].shape == (1, 16, 16) and masks[1].all()
+    torch.manual_seed(0)
+    pieces, masks = [torch.ones(1, 8, 8)] * 3, [torch.eye(8, dtype=torch.bool)] * 3
+    scenes_ = scene_module.compose_scenes(pieces, torch.zeros(3, 1, 32, 32), pixels=True,
+                                          masks=masks)  # fmt: skip
+    assert scenes_.shape == (3, 1, 32, 32) and scenes_.max() == 1.0
+    for scene in scenes_:  # a diagonal line of ones, each piece's masked pixels only
+        ones = scene[0].eq(1).nonzero()
+        assert len(ones) >= 2 and len(ones) <= 3 * round(32 * scene_module.SCENE_SCALES[1])
+
+
+def test_dafl_seg_batches_are_half_scenes_the_teacher_labels(unet):
+    """Half of each student batch is composed scenes, and their logits are the teacher's."""
+    method = seg_scene_method(unet)
+    batch = method.generate(8)
+    assert batch.x.shape == (8, *SHAPE) and set(batch.losses) == {"oh", "ie"}
+    with torch.no_grad():
+        assert torch.allclose(batch.teacher_logits[4:], unet(batch.x[4:]), atol=1e-5)
+    assert not torch.equal(batch.x[:4], batch.x[4:])

@@ -39,18 +39,20 @@ def _scaled(piece: torch.Tensor, longest: int, mode: str = "bilinear") -> torch.
 
 
 def compose_scenes(pieces: list[torch.Tensor], like: torch.Tensor, pixels: bool,
-                   masks: list[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+                   masks: list[torch.Tensor] | None = None,
+                   scales: tuple[float, float] = SCENE_SCALES) -> torch.Tensor:  # fmt: skip
     """Canvases shaped like ``like`` (N, C, H, W), each holding 1-3 of ``pieces`` (N tensors
-    (C, h, w)) resized and pasted at random places (``pixels``: the pieces are pixels in
-    [0, 1]). With ``masks`` ((h, w) bool, one per piece) only a piece's masked pixels are
-    pasted: the object without what surrounded it."""
+    (C, h, w)) resized, their longest side ``scales`` of the canvas's shorter side, and pasted
+    at random places (``pixels``: the pieces are pixels in [0, 1]). With ``masks`` ((h, w)
+    bool, one per piece) only a piece's masked pixels are pasted: the object without what
+    surrounded it."""
     canvas = plain_canvases(like, pixels)
     n, _, height, width = like.shape
     for i in range(n):
         count = int(torch.randint(SCENE_OBJECTS[0], SCENE_OBJECTS[1] + 1, ()))
         # canvas i holds piece i first: every generated image is in some scene
         for source in [i, *torch.randint(n, (count - 1,)).tolist()]:
-            scale = float(torch.empty(()).uniform_(*SCENE_SCALES))
+            scale = float(torch.empty(()).uniform_(*scales))
             longest = max(2, round(min(height, width) * scale))
             patch = _scaled(pieces[source], longest)
             h, w = patch.shape[-2:]
@@ -71,6 +73,7 @@ class SceneBatches:
     bases (``class DAFLDetection(SceneBatches, DAFL)``)."""
 
     scene_share: float = 0.5  # of each student batch
+    scene_scales: tuple[float, float] = SCENE_SCALES  # see compose_scenes
 
     def scene_pieces(self, images: torch.Tensor, teacher_out: torch.Tensor
                      ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:  # fmt: skip
@@ -86,7 +89,8 @@ class SceneBatches:
         domain = self.pixel_domain
         images = domain.to_pixels(batch.x) if domain is not None else batch.x
         pieces, masks = self.scene_pieces(images, batch.teacher_logits)
-        composed = compose_scenes(pieces, images, pixels=domain is not None, masks=masks)
+        composed = compose_scenes(pieces, images, pixels=domain is not None, masks=masks,
+                                  scales=self.scene_scales)  # fmt: skip
         composed = domain.to_model(composed) if domain is not None else composed
         with torch.no_grad(), self.ctx.autocast():
             logits = self.ctx.teacher(composed[:scenes]).float()

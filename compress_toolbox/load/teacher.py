@@ -15,7 +15,7 @@ from compress_toolbox.limits import LimitExceeded, bounded
 from compress_toolbox.load.analysis import Analysis, analyse
 from compress_toolbox.load.importers import detect_format, get_importer
 from compress_toolbox.load.importers.base import ImportedModel
-from compress_toolbox.tasks.outputs import JoinedOutputs, joined_details, tensors_of
+from compress_toolbox.tasks.outputs import JoinedOutputs, join_kind_of, joined_details, tensors_of
 
 IMPORT_TIME_LIMIT_S = 300  # a 10,000-node graph imports in seconds; a hang never ends
 
@@ -91,7 +91,7 @@ def load_teacher(
     except LimitExceeded as error:
         raise ImportFailed(f"{path}: importing the {file_format} file {error} (the bound for "
                            "one import); is the graph unusually large?") from None  # fmt: skip
-    if join_outputs and not {"joined_outputs", "joined_levels"} & set(imported.details):
+    if join_outputs and join_kind_of(imported.details) is None:
         imported = _joined(imported)
     module = in_float32(imported.module).eval()
     analysis = analyse(module, imported.input_shape)
@@ -111,15 +111,15 @@ def load_teacher(
 @torch.no_grad()
 def _joined(imported: ImportedModel) -> ImportedModel:
     """A module returning several tensors (a tuple, list or dict) made to return them as one
-    (``JoinedOutputs``): (N, A, C) tensors with one A (boxes and scores) along the last axis,
-    a YOLO head's per-level outputs along the locations; any other module as it is."""
+    (``JoinedOutputs``, as ``joined_details`` reads their shapes); any other module as it
+    is."""
     out = imported.module.eval()(torch.zeros(1, *imported.input_shape))
     tensors = tensors_of(out) if isinstance(out, (dict, list, tuple)) else {}
     shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else () for t in tensors.values()]
     joined = joined_details(list(tensors), shapes)
     if joined is None:
         return imported
-    module = JoinedOutputs(imported.module, levels="joined_levels" in joined).eval()
+    module = JoinedOutputs(imported.module, join_kind_of(joined)).eval()
     return replace(imported, module=module, details={**imported.details, **joined})
 
 

@@ -171,6 +171,7 @@ def _teacher_section(teacher: Teacher, domain: InputDomain,
         "distilled_output": teacher.details.get("distilled_output", "logits"),
         "joined_outputs": teacher.details.get("joined_outputs"),
         "joined_levels": teacher.details.get("joined_levels"),
+        "decoded_and_levels": teacher.details.get("decoded_and_levels"),
     }
 
 

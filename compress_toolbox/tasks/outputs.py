@@ -41,27 +41,34 @@ class MainOutput(nn.Module):
 
 
 class JoinedOutputs(nn.Module):
-    """A model returning several tensors (a tuple, list or dict) made to return them as one:
-    (N, A, C_i) joined along the last axis, (N, A, sum C_i) (a detection head's boxes and
-    scores); with ``levels``, per-level YOLO outputs as rows (``level_rows``) joined along the
-    locations."""
+    """A model returning several tensors (a tuple, list or dict) made to return them as one,
+    as ``join_tensors`` joins them the ``kind`` way (``JOIN_KINDS``)."""
 
-    def __init__(self, model: nn.Module, levels: bool = False) -> None:
+    def __init__(self, model: nn.Module, kind: str = "channels") -> None:
         super().__init__()
-        self.model, self.levels = model, levels
+        self.model, self.kind = model, kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return join_tensors(list(tensors_of(self.model(x)).values()), self.levels)
+        return join_tensors(list(tensors_of(self.model(x)).values()), self.kind)
 
 
 def tensors_of(out) -> dict[str, torch.Tensor]:
     """A model's tensors by name: a dict's keys, ``output0``, ``output1``, ... for a tuple or
-    list, ``output0`` for a lone tensor."""
+    list (nested ones flattened in order, as ``torch.onnx.export`` flattens YOLOv5's
+    ``(decoded, [levels])``), ``output0`` for a lone tensor."""
     if isinstance(out, dict):
         return dict(out)
     if isinstance(out, (list, tuple)):
-        return {f"output{i}": value for i, value in enumerate(out)}
+        return {f"output{i}": value for i, value in enumerate(_flattened(out))}
     return {"output0": out}
+
+
+def _flattened(values: list | tuple) -> list:
+    """Nested lists and tuples as one list, in order."""
+    flat = []
+    for value in values:
+        flat.extend(_flattened(value) if isinstance(value, (list, tuple)) else [value])
+    return flat
 
 
 def joinable(shapes: list[tuple[int, ...]]) -> bool:
@@ -101,30 +108,72 @@ def levels_joinable(shapes: list[tuple[int, ...]]) -> bool:
     return len(same) == 1 and len(cells) == len(shapes) and row_channels(shapes[0][1:]) >= MIN_ROW
 
 
-def join_tensors(tensors: list[torch.Tensor], levels: bool | None = None) -> torch.Tensor:
-    """A model's several outputs as one, as the import joins them: a YOLO head's levels as
-    rows along the locations (``levels``; None: where their shapes are levels'), else along
-    the last axis (one output as it is)."""
-    if levels is None:
-        levels = levels_joinable([tuple(t.shape) for t in tensors])
-    if not levels:
+def beside_levels(shapes: list[tuple[int, ...]]) -> bool:
+    """Whether outputs of these shapes (batch first) are a decoded YOLO output (N, A, C)
+    followed by the levels it was decoded from, (N, anchors, h, w, C) each, whose rows number
+    A (YOLOv5/v7 in eval mode exported by a plain ``torch.onnx.export``)."""
+    if len(shapes) < 2 or len(shapes[0]) != 3 or any(len(s) != 5 for s in shapes[1:]):
+        return False
+    levels = shapes[1:]
+    if len(levels) > 1 and not levels_joinable(levels):
+        return False
+    rows = sum(level_locations(s[1:]) for s in levels)
+    same = all(s[0] == shapes[0][0] and s[-1] == shapes[0][-1] for s in levels)
+    return same and rows == shapes[0][1] and shapes[0][-1] >= MIN_ROW
+
+
+# How several outputs join into one (``join_tensors``), each kind under its key in the
+# teacher's details: a detection head's boxes and scores (N, A, C_i) along the last axis; a
+# YOLO head's levels as rows (``level_rows``) along the locations; a decoded YOLO output with
+# its levels' rows beside it, along the last axis, (N, A, 2 C).
+JOIN_KINDS = {"channels": "joined_outputs", "levels": "joined_levels",
+              "beside": "decoded_and_levels"}  # fmt: skip
+
+
+def join_kind(shapes: list[tuple[int, ...]]) -> str | None:
+    """How outputs of these shapes (batch first) join (a ``JOIN_KINDS`` key); None: they do
+    not."""
+    if joinable(shapes):
+        return "channels"
+    if levels_joinable(shapes):
+        return "levels"
+    return "beside" if beside_levels(shapes) else None
+
+
+def join_kind_of(details: dict) -> str | None:
+    """The join a teacher's details record (None: its outputs were not joined)."""
+    return next((kind for kind, key in JOIN_KINDS.items() if details.get(key)), None)
+
+
+def join_tensors(tensors: list[torch.Tensor], kind: str | None = None) -> torch.Tensor:
+    """A model's several outputs as one, joined the ``kind`` way (None: the way their shapes
+    join; one output as it is)."""
+    if kind is None:
+        kind = join_kind([tuple(t.shape) for t in tensors]) or "channels"
+    if kind == "channels":
         return torch.cat(tensors, dim=-1)
-    return torch.cat([level_rows(t) for t in tensors], dim=1)
+    if kind == "levels":
+        return torch.cat([level_rows(t) for t in tensors], dim=1)
+    rows = torch.cat([level_rows(t) for t in tensors[1:]], dim=1)
+    return torch.cat([tensors[0], rows], dim=-1)
 
 
 def joined_details(names: list[str], shapes: list[tuple[int, ...]]) -> dict | None:
-    """How a file's outputs of these names and shapes (batch first) are joined, for the
-    teacher's details: ``joined_outputs`` (each output's [name, channels]: along the last
-    axis) or ``joined_levels`` (each output's [name, shape without the batch]: a YOLO head's
-    levels, along the locations), with the ``distilled_output`` it makes; None when they are
-    neither."""
-    if joinable(shapes):
-        return {"joined_outputs": [[n, int(s[-1])] for n, s in zip(names, shapes)],
-                "distilled_output": "every output, joined along the last axis"}  # fmt: skip
-    if levels_joinable(shapes):
-        return {"joined_levels": [[n, [int(d) for d in s[1:]]] for n, s in zip(names, shapes)],
-                "distilled_output": "every level's output, joined along the locations"}
-    return None
+    """How a file's outputs of these names and shapes (batch first) join, for the teacher's
+    details: under their kind's ``JOIN_KINDS`` key, each output's [name, channels]
+    (``channels``) or [name, shape without the batch] (``levels``, ``beside``); with the
+    ``distilled_output`` it makes. None when they do not join."""
+    kind = join_kind(shapes)
+    if kind is None:
+        return None
+    if kind == "channels":
+        outputs = [[n, int(s[-1])] for n, s in zip(names, shapes)]
+    else:
+        outputs = [[n, [int(d) for d in s[1:]]] for n, s in zip(names, shapes)]
+    distilled = {"channels": "every output, joined along the last axis",
+                 "levels": "every level's output, joined along the locations",
+                 "beside": "the decoded output, its levels' rows beside it"}[kind]  # fmt: skip
+    return {JOIN_KINDS[kind]: outputs, "distilled_output": distilled}
 
 
 def level_cells(shape: tuple[int, ...]) -> tuple[int, int]:

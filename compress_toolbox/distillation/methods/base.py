@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -36,7 +36,7 @@ class MethodContext:
     preset: Preset
     device: torch.device
     final_layer: str | None = None  # the teacher's last Linear/1x1 conv (activation loss)
-    autocast: Any = field(default_factory=nullcontext)  # a context manager factory
+    autocast: Any = nullcontext  # a context manager factory
     channels_last: bool = False  # generators in channels-last memory format (faster on CPU)
     task: Task | str = "classification"  # a Task once built
 

@@ -20,6 +20,7 @@ from compress_toolbox.load.importers.base import FileHead, ImportedModel, regist
 from compress_toolbox.load.importers.onnx_checks import check_model
 from compress_toolbox.tasks import FILE_OUTPUTS, SigmoidAsTwoClasses
 from compress_toolbox.tasks.outputs import (
+    join_kind_of,
     join_tensors,
     joined_details,
     level_cells,
@@ -131,11 +132,12 @@ JOINED_OUTPUT = "joined_outputs"
 
 def _join_outputs(model: onnx.ModelProto, path: Path,
                   shape: tuple[int, ...]) -> tuple[str, dict]:  # fmt: skip
-    """Join every output of ``model`` (in place) into one: a detection head's boxes (N, A, B)
-    and scores (N, A, K) along the last axis, (N, A, B + K); a YOLO head's per-level outputs
-    as rows along the locations (``level_rows``). Returns the joined
-    output's name and the details to record (``joined_details``); ImportFailed, naming the
-    outputs, when they are neither."""
+    """Join every output of ``model`` (in place) into one, as ``join_tensors`` joins them: a
+    detection head's boxes (N, A, B) and scores (N, A, K) along the last axis, (N, A, B + K);
+    a YOLO head's per-level outputs as rows along the locations (``level_rows``); a decoded
+    YOLO output and its levels' rows side by side. Returns the joined output's name and the
+    details to record (``joined_details``); ImportFailed, naming the outputs, when they are
+    none of these."""
     names, shapes = _output_shapes(model, shape)
     joined = joined_details(names, shapes)
     if joined is None:
@@ -143,13 +145,19 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
         raise ImportFailed(f"{path}: outputs {seen} cannot be read as one detection head: "
                            "several outputs must each be (N, A, C) with the same A, or a YOLO "
                            "head's levels, (N, anchors, h, w, C) or (N, anchors * C, h, w) "
-                           "with one C")  # fmt: skip
+                           "with one C, or a decoded (N, A, C) output followed by such "
+                           "levels")  # fmt: skip
     add = GraphAdditions(model.graph)
-    if "joined_levels" in joined:
-        parts, axis = [_level_rows_nodes(add, n, s[1:]) for n, s in zip(names, shapes)], 1
+    kind = join_kind_of(joined)
+    if kind == "channels":
+        output = add.node("Concat", names, JOINED_OUTPUT, axis=-1)
+    elif kind == "levels":
+        rows = [_level_rows_nodes(add, n, s[1:]) for n, s in zip(names, shapes)]
+        output = add.node("Concat", rows, JOINED_OUTPUT, axis=1)
     else:
-        parts, axis = names, -1
-    output = add.node("Concat", parts, JOINED_OUTPUT, axis=axis)
+        rows = [_level_rows_nodes(add, n, s[1:]) for n, s in zip(names[1:], shapes[1:])]
+        beside = add.node("Concat", rows, f"{JOINED_OUTPUT}_level_rows", axis=1)
+        output = add.node("Concat", [names[0], beside], JOINED_OUTPUT, axis=-1)
     del model.graph.output[:]
     model.graph.output.append(
         onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
@@ -173,8 +181,9 @@ def _one_detection_head(model: onnx.ModelProto, shape: tuple[int, ...]) -> bool:
         joined = joined_details(*_output_shapes(model, shape))
     except Exception:  # noqa: BLE001 - the import itself reports what is wrong with the file
         return False
-    if joined is None or "joined_outputs" in joined:
-        return joined is not None
+    kind = join_kind_of(joined or {})
+    if kind != "levels":
+        return kind is not None
     return all(cell * 8 <= size for _, level in joined["joined_levels"]
                for cell, size in zip(level_cells(tuple(level)), shape[-2:]))
 
@@ -248,9 +257,9 @@ def _check_input_type(graph_input: onnx.ValueInfoProto, path: Path) -> None:
 
 
 def _onnxruntime_runner(path: Path, input_name: str, output_names: list[str],
-                        fixed_batch: int | None, levels: bool = False):  # fmt: skip
-    """The file run by onnxruntime: ``output_names``' values (several joined along their last
-    axis, or with ``levels`` as rows along the locations, as ``_join_outputs`` joins them)."""
+                        fixed_batch: int | None, kind: str | None = None):  # fmt: skip
+    """The file run by onnxruntime: ``output_names``' values (several joined the ``kind`` way,
+    as ``_join_outputs`` joins them)."""
     try:
         session = onnx_session(path)
     except Exception as error:
@@ -260,7 +269,7 @@ def _onnxruntime_runner(path: Path, input_name: str, output_names: list[str],
         if fixed_batch == 1 and x.shape[0] != 1:  # a fixed-batch file: compare sample by sample
             return np.concatenate([run(x[i : i + 1]) for i in range(x.shape[0])])
         outputs = session.run(output_names, {input_name: x.astype(np.float32)})
-        return join_tensors([torch.from_numpy(out) for out in outputs], levels).numpy()
+        return join_tensors([torch.from_numpy(out) for out in outputs], kind).numpy()
 
     return run
 
@@ -330,7 +339,7 @@ def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
         file_outputs = [output]
     module = onnx_to_torch(prepared, path, shape).eval()
     runner = _onnxruntime_runner(path, graph_input.name, file_outputs, fixed_batch,
-                                 levels="joined_levels" in joined)  # fmt: skip
+                                 join_kind_of(joined))  # fmt: skip
     precision = _weight_precision(model)
     distilled = {None: "logits", "Softmax": "logits before its Softmax",
                  "Sigmoid": "the logit before its Sigmoid, as two classes"}[activation]  # fmt: skip

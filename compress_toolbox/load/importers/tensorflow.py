@@ -30,6 +30,7 @@ from compress_toolbox.export.verification import IMPORT_BATCHES, compare_to_outp
 from compress_toolbox.load.analysis import output_tensor
 from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer
 from compress_toolbox.load.importers.onnx_file import import_onnx
+from compress_toolbox.tasks.outputs import join_kind_of
 
 CONVERTER = Path(__file__).with_name("_tf_process") / "convert.py"
 # Run by path through runpy, not ``-m``: ``-m`` would import compress_toolbox (and torch), and a
@@ -237,7 +238,7 @@ def import_tensorflow(path: Path, **options) -> ImportedModel:
         conversion = _run_converter(path, kind, Path(folder), options)
         shape = _check_nchw(conversion, path)
         imported = _import_onnx(conversion, shape, path, options.get("join_outputs", False))
-    if "joined_levels" in imported.details:
+    if join_kind_of(imported.details) in ("levels", "beside"):
         raise ImportFailed(f"{path}: a TensorFlow model's per-level YOLO outputs are not read "
                            "yet (ONNX and PyTorch files' are)")  # fmt: skip
     joined = imported.details.get("joined_outputs")

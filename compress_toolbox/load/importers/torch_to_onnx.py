@@ -51,12 +51,33 @@ def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: b
                         output_names=["output"],
                         dynamic_axes={"input": {0: "batch"}},
                     )
-                proto = onnx.load_from_string(buffer.getvalue())
+                proto = _sequences_as_outputs(onnx.load_from_string(buffer.getvalue()))
     except ImportFailed:
         raise
     except Exception as error:
         raise ImportFailed(f"{source}: cannot rebuild editable layers via ONNX: {error}") from None
     return onnx_to_torch(prepare_onnx_model(proto), source, input_shape).eval()
+
+
+def _sequences_as_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` (in place) with each output that a SequenceConstruct makes (a list the model
+    returns: YOLOv5's ``(decoded, [levels])``) given as the tensors it holds, in order, which
+    onnx2torch can read."""
+    graph = proto.graph
+    makers = {node.output[0]: node for node in graph.node if node.op_type == "SequenceConstruct"}
+    if not any(out.name in makers for out in graph.output):
+        return proto
+    outputs = []
+    for out in graph.output:
+        node = makers.get(out.name)
+        if node is None:
+            outputs.append(out)
+            continue
+        graph.node.remove(node)
+        outputs.extend(onnx.helper.make_empty_tensor_value_info(name) for name in node.input)
+    del graph.output[:]
+    graph.output.extend(outputs)
+    return proto
 
 
 def _dynamo_export(model, example: torch.Tensor):

@@ -11,6 +11,10 @@
   location, and the scores are logits (read through a sigmoid) or probabilities, as the
   teacher answers. With ``--head yolov8``, a YOLOv8 head's levels, (N, 64 + K, h, w): 64
   values of a distribution over 16 distances per side (DFL), then K class scores, per cell.
+  Or the decoded output followed by the levels it was decoded from, (N, anchors, h, w, 5 + K)
+  each (YOLOv5/v7 in eval mode through a plain ``torch.onnx.export``): the import puts each
+  location's raw row beside its decoded one, (N, A, 2 (5 + K)); the decoded half is read and
+  distilled, the raw half is carried (the derived student computes both as the teacher does).
 - ``boxes+scores``: two outputs, boxes (N, A, B) with B >= 4 and class scores (N, A, K), as
   SSD-style and TFLite face detectors (BlazeFace: ``regressors`` (N, 896, 16), ``classificators``
   (N, 896, 1)) give them, or three with a centre-ness (N, A, 1) as FCOS's raw head
@@ -75,6 +79,7 @@ class HeadLayout:
     background: bool = False  # boxes+scores: scores are a softmax, column 0 the background ...
     background_last: bool = False  # ... or the last column (MMDetection's SSD)
     levels: tuple[tuple[int, ...], ...] = ()  # per level: each output's shape (no batch)
+    beside: tuple[tuple[int, ...], ...] = ()  # yolov5 decoded: its levels' shapes (no batch)
 
     @property
     def has_objectness(self) -> bool:
@@ -110,9 +115,9 @@ class HeadLayout:
         into its outputs (in the file's order), a YOLO head's rows into its levels' outputs; a
         single output as it is."""
         if self.levels:
-            counts = [level_locations(shape) for shape in self.levels]
-            return tuple(level_output(rows, shape)
-                         for rows, shape in zip(out.split(counts, dim=1), self.levels))  # fmt: skip
+            return _level_outputs(out, self.levels)
+        if self.beside:
+            return (out[..., : self.row], *_level_outputs(out[..., self.row :], self.beside))
         if self.name != "boxes+scores":
             return (out,)
         return tuple(out.split(self.part_sizes(), dim=-1))
@@ -146,6 +151,8 @@ class HeadLayout:
         anchor slot and cell, a cell's row of (N, na * C, h, w) read as its anchors')."""
         if self.levels:
             return out.reshape(out.shape[0], -1, self.row)
+        if self.beside:  # the decoded half
+            return out[..., : self.row]
         return out.transpose(1, 2) if self.name == "yolov8" else out
 
     def _box_rows(self, out: torch.Tensor) -> torch.Tensor:
@@ -202,6 +209,10 @@ class HeadLayout:
 
     def describe(self) -> str:
         """The layout in words, for inspect and the report."""
+        if self.beside:
+            return (f"{self.name}, {self.num_classes} classes ({self.outputs[0]}), with the "
+                    f"levels it is decoded from beside it ({', '.join(self.outputs[1:])}: "
+                    "carried, not read)")  # fmt: skip
         if self.name != "boxes+scores" and not self.levels:
             return f"{self.name}, {self.num_classes} classes"
         nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
@@ -244,6 +255,29 @@ def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = Non
         raise DaflError(f"--head {head}: the outputs {names} are a YOLO head's levels, read as "
                         "yolov5, or with --head yolov8 as YOLOv8's")  # fmt: skip
     return HeadLayout("yolov5", row_channels(levels[0]) - YOLOV5_BOX_CHANNELS, **common)
+
+
+def decoded_and_levels(outputs: list[tuple[str, tuple[int, ...]]],
+                       head: str | None = None) -> HeadLayout:  # fmt: skip
+    """The layout of a decoded YOLOv5 output followed by its levels (``tasks.outputs.
+    beside_levels``), given as (name, shape without the batch) in the file's order; DaflError
+    where ``head`` names another layout."""
+    (name, shape), levels = outputs[0], outputs[1:]
+    if head not in (None, "yolov5"):
+        raise DaflError(f"--head {head}: the outputs {', '.join(n for n, _ in outputs)} are a "
+                        f"decoded YOLOv5 output ({name}) and its levels, read as "
+                        "yolov5")  # fmt: skip
+    return HeadLayout("yolov5", shape[-1] - YOLOV5_BOX_CHANNELS,
+                      outputs=tuple(n for n, _ in outputs),
+                      beside=tuple(tuple(s) for _, s in levels))  # fmt: skip
+
+
+def _level_outputs(rows: torch.Tensor, levels: tuple[tuple[int, ...], ...]) -> tuple:
+    """(N, A, C) rows split into each level's output as the file gives it (``levels``: their
+    shapes, no batch)."""
+    counts = [level_locations(shape) for shape in levels]
+    return tuple(level_output(part, shape)
+                 for part, shape in zip(rows.split(counts, dim=1), levels))  # fmt: skip
 
 
 def _expected_box(distributions: torch.Tensor) -> torch.Tensor:

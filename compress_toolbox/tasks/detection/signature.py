@@ -131,7 +131,12 @@ def split_outputs(student_path: str | Path, layout: HeadLayout) -> None:
     add = GraphAdditions(graph)
     names = [add.name(name) for name in layout.outputs]
     if layout.levels:
-        shapes = _split_levels(model, add, whole.name, layout, names)
+        shapes = _split_levels(model, add, whole.name, layout.levels, names)
+    elif layout.beside:  # the decoded half, then the levels' rows
+        raw = add.name(f"{names[0]}_level_rows")
+        _split(model, add, whole.name, [layout.row, layout.row], [names[0], raw], axis=-1)
+        shapes = [[*_declared(whole)[:-1], layout.row],
+                  *_split_levels(model, add, raw, layout.beside, names[1:])]  # fmt: skip
     else:
         sizes = layout.part_sizes()
         _split(model, add, whole.name, sizes, names, axis=-1)
@@ -154,19 +159,20 @@ def _split(model: onnx.ModelProto, add: GraphAdditions, source: str, sizes: list
         add.node("Split", [source], outputs, axis=axis, split=sizes)
 
 
-def _split_levels(model: onnx.ModelProto, add: GraphAdditions, whole: str, layout: HeadLayout,
-                  names: list[str]) -> list[list[int | str]]:  # fmt: skip
+def _split_levels(model: onnx.ModelProto, add: GraphAdditions, whole: str,
+                  levels: tuple[tuple[int, ...], ...], names: list[str]
+                  ) -> list[list[int | str]]:  # fmt: skip
     """Nodes (``add``) giving the rows ``whole`` back as the head's per-level outputs
-    ``names``, each (N, anchors, h, w, C) or (N, channels, h, w) as ``layout.levels`` reads
-    them (the inverse of ``level_rows``, at the input size the student is exported for); the
-    parts' shapes."""
+    ``names``, each (N, anchors, h, w, C) or (N, channels, h, w) of the shapes ``levels`` (the
+    inverse of ``level_rows``, at the input size the student is exported for); the parts'
+    shapes."""
     rows = [add.name(f"{name}_rows") for name in names]
-    _split(model, add, whole, [level_locations(shape) for shape in layout.levels], rows, axis=1)
-    for name, level, shape in zip(names, rows, layout.levels):
+    _split(model, add, whole, [level_locations(shape) for shape in levels], rows, axis=1)
+    for name, level, shape in zip(names, rows, levels):
         if len(shape) == 3:  # (N, h * w, channels): the channels before the cells
             level = add.node("Transpose", [level], f"{name}_channels_first", perm=[0, 2, 1])
         add.node("Reshape", [level, add.const(f"{name}_shape", [0, *shape])], [name])
-    return [[_declared(add.graph.output[0])[0], *shape] for shape in layout.levels]
+    return [[_declared(add.graph.output[0])[0], *shape] for shape in levels]
 
 
 def compare(student: Signature, teacher: Signature) -> list[str]:

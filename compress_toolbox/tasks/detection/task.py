@@ -27,6 +27,7 @@ from compress_toolbox.tasks.detection.heads import (
     LAYOUTS_TEXT,
     QUALITY,
     HeadLayout,
+    decoded_and_levels,
     describe_layouts,
     forced,
     joined,
@@ -231,6 +232,9 @@ class Detection(Task):
             levels = [(name, tuple(dims)) for name, dims in teacher.details["joined_levels"]]
             return _read_scores(teacher.module, per_level(levels, self.head_name),
                                 tuple(teacher.input_shape), guess_background=False)  # fmt: skip
+        if teacher.details.get("decoded_and_levels"):
+            parts = [(name, tuple(dims)) for name, dims in teacher.details["decoded_and_levels"]]
+            return decoded_and_levels(parts, self.head_name), None
         if outputs:
             layout = joined([(name, int(c)) for name, c in outputs], False, self.head_name)
             return _read_scores(teacher.module, layout, tuple(teacher.input_shape),
@@ -252,7 +256,7 @@ class Detection(Task):
         layout = None if shape is None else self.head or recognise(tuple(shape))
         if layout is None:  # no raw head known: only models of decoded detections can be asked
             return {**super().zoo_options(teacher), "head": None}
-        if layout.levels:  # the zoo's YOLO models decode their boxes: none gives raw levels
+        if layout.levels or layout.beside:  # the zoo's YOLO models give no raw levels
             raise ValueError("no zoo model gives a YOLO head's raw levels (the zoo's YOLO "
                              "models decode their boxes); the derived student, --student "
                              "auto, does")  # fmt: skip
