@@ -135,13 +135,13 @@ def test_each_method_runs_per_pixel(unet, method):
     assert result.health is not None and 1 <= result.health.classes <= CLASSES
 
 
-def test_class_conditional_method_is_refused_and_auto_picks_dafl(unet):
+def test_class_conditional_method_is_refused_and_auto_picks_dafl_seg(unet):
     teacher = Teacher.from_module(unet, SHAPE)  # keeps BatchNorm: bn-prior for a classifier
     student = plan_student(
         teacher, CompressConfig.from_options(task="segmentation", init="fresh")
     ).module
     result = distill(teacher, student, task="segmentation", iters=2, batch_size=4, progress=False)
-    assert result.method == "dafl" and "segmentation benchmark" in result.method_reason
+    assert result.method == "dafl-seg" and "segmentation benchmark" in result.method_reason
     with pytest.raises(DaflError, match="every pixel"):
         distill(teacher, student, task="segmentation", method="conditional", iters=2,
                 progress=False)  # fmt: skip

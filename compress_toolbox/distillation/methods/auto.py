@@ -10,7 +10,7 @@ from compress_toolbox.tasks import Task
 
 # what ``--method``'s help says of auto (the rule below and the tasks' own)
 SUMMARY = ("picks from the teacher: bn-prior when it keeps BatchNorm layers, else adversarial "
-           "(a task may choose otherwise: dafl for segmentation)")  # fmt: skip
+           "(a task may choose otherwise: dafl-seg for segmentation)")  # fmt: skip
 
 
 def choose_method(ctx: MethodContext) -> tuple[str, str]:
@@ -38,7 +38,8 @@ def rule(task: Task, layers: int) -> tuple[str, str]:
 
 # what ``--method``'s help says of race (distillation/race.py)
 RACE_SUMMARY = ("trains auto's candidates (dafl, adversarial, and bn-prior when the teacher keeps "
-                "BatchNorm layers; detection: dafl-det and bn-prior-det) for a quarter of the "
+                "BatchNorm layers; segmentation: dafl-seg, dafl and adversarial; detection: "
+                "dafl-det and bn-prior-det) for a quarter of the "
                 "budget, then continues the student that agrees best with the teacher on every "
                 "candidate's generated inputs")  # fmt: skip
 

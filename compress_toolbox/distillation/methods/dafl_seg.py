@@ -1,14 +1,14 @@
-"""DAFL for segmentation teachers, with scenes: the generator is DAFL's, per pixel; the student
-learns from half generated images and half multi-object scenes (distillation/scenes.py) made of
-what the teacher sees in them.
+"""DAFL for segmentation teachers, with scenes: the generator is DAFL's, per pixel; a quarter of
+each student batch is multi-object scenes (distillation/scenes.py) made of what the teacher sees
+in the generated images, the rest the images themselves.
 
 Each generated image gives one piece: its pixels the teacher does not call background, cut to
 their bounding box and pasted with their mask (the object without what surrounded it) on a plain
-noisy canvas, 1-3 pieces per canvas at several scales; the teacher labels the scene. The
-background is what the teacher answers most on plain canvases. A generator's images hold
-classes edge to edge, where the scenes segmenters meet hold a few objects on a background:
-without scenes the student never sees an object's edge against the background at its many
-sizes.
+noisy canvas, 1-3 pieces per canvas, their longest side half the canvas to all of it; the
+teacher labels the scene. The background is what the teacher answers most on plain canvases.
+A generator's images hold classes edge to edge, where the scenes segmenters meet hold a few
+objects on a background: without scenes the student never sees an object's edge against the
+background at its many sizes.
 """
 
 from __future__ import annotations
