@@ -919,6 +919,7 @@ def test_a_decoded_output_joins_with_its_levels_beside_it_and_splits_back(tmp_pa
     shapes = [tuple(decoded.shape), *(tuple(t.shape) for t in levels)]
     assert beside_levels(shapes) and join_kind(shapes) == "beside"
     assert not beside_levels(shapes[:2])  # one level: fewer rows than the decoded output
+    assert not beside_levels([(2, 20, 8), (2, 20, 1, 1, 8)])  # 20 "anchors": tokens, not YOLO
     rows = join_tensors([decoded, *levels])
     assert rows.shape == (2, 20, 2 * (5 + CLASSES))
     layout = decoded_and_levels([(n, s[1:]) for n, s in zip(DECODED_NAMES, shapes)])

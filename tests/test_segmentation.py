@@ -420,20 +420,29 @@ def test_dafl_seg_cuts_what_the_teacher_calls_objects_and_pastes_it_masked():
     assert masks[0].sum() == 27 and not masks[0][1, 1]
     assert pieces[1].shape == (1, 16, 16) and masks[1].all()
     torch.manual_seed(0)
-    pieces, masks = [torch.ones(1, 8, 8)] * 3, [torch.eye(8, dtype=torch.bool)] * 3
-    scenes_ = scene_module.compose_scenes(pieces, torch.zeros(3, 1, 32, 32), pixels=True,
-                                          masks=masks)  # fmt: skip
-    assert scenes_.shape == (3, 1, 32, 32) and scenes_.max() == 1.0
-    for scene in scenes_:  # a diagonal line of ones, each piece's masked pixels only
-        ones = scene[0].eq(1).nonzero()
-        assert len(ones) >= 2 and len(ones) <= 3 * round(32 * scene_module.SCENE_SCALES[1])
+    pieces, like = [torch.ones(1, 8, 8)] * 3, torch.zeros(3, 1, 32, 32)
+    for masked, pasted in ((torch.zeros(8, 8, dtype=torch.bool), False),
+                           (torch.ones(8, 8, dtype=torch.bool), True)):  # fmt: skip
+        scenes_ = scene_module.compose_scenes(pieces, like, pixels=True, masks=[masked] * 3)
+        assert scenes_.shape == (3, 1, 32, 32)
+        assert bool((scenes_.flatten(1) == 1.0).any(1).all()) is pasted  # plain canvases < 1
 
 
-def test_dafl_seg_batches_are_half_scenes_the_teacher_labels(unet):
-    """Half of each student batch is composed scenes, and their logits are the teacher's."""
+def test_dafl_seg_batches_end_in_scenes_the_teacher_labels(unet, monkeypatch):
+    """A quarter of each student batch is composed scenes, with the teacher's logits on them;
+    the background it found is kept in the method's state (a resumed run asks no more)."""
+    from compress_toolbox.distillation import scenes as scene_module
+
+    monkeypatch.setattr(scene_module, "compose_scenes",
+                        lambda pieces, like, **_: torch.full_like(like, 0.25))  # fmt: skip
     method = seg_scene_method(unet)
     batch = method.generate(8)
-    assert batch.x.shape == (8, *SHAPE) and set(batch.losses) == {"oh", "ie"}
+    scenes_ = round(8 * method.scene_share)
+    assert scenes_ == 2 and batch.x.shape == (8, *SHAPE) and set(batch.losses) == {"oh", "ie"}
+    assert batch.x[-scenes_:].eq(0.25).all() and not batch.x[:-scenes_].eq(0.25).all()
     with torch.no_grad():
-        assert torch.allclose(batch.teacher_logits[4:], unet(batch.x[4:]), atol=1e-5)
-    assert not torch.equal(batch.x[:4], batch.x[4:])
+        assert torch.allclose(batch.teacher_logits[-scenes_:], unet(batch.x[-scenes_:]),
+                              atol=1e-5)  # fmt: skip
+    resumed = seg_scene_method(unet)
+    resumed.load_state_dict(method.state_dict())
+    assert resumed.background == method.background is not None

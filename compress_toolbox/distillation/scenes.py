@@ -50,7 +50,8 @@ def compose_scenes(pieces: list[torch.Tensor], like: torch.Tensor, pixels: bool,
     n, _, height, width = like.shape
     for i in range(n):
         count = int(torch.randint(SCENE_OBJECTS[0], SCENE_OBJECTS[1] + 1, ()))
-        # canvas i holds piece i first: every generated image is in some scene
+        # canvas i holds piece i first: every piece is in some canvas (the caller may keep
+        # only some canvases)
         for source in [i, *torch.randint(n, (count - 1,)).tolist()]:
             scale = float(torch.empty(()).uniform_(*scales))
             longest = max(2, round(min(height, width) * scale))
@@ -67,10 +68,10 @@ def compose_scenes(pieces: list[torch.Tensor], like: torch.Tensor, pixels: bool,
 
 
 class SceneBatches:
-    """A generator method's student batches made half of multi-object scenes: each ``generate``
-    runs the method's own generator step, composes scenes of the pieces ``scene_pieces`` cuts
-    from the generated images, and has the teacher label them. Put before the method in the
-    bases (``class DAFLDetection(SceneBatches, DAFL)``)."""
+    """A generator method's student batches made in part (``scene_share``) of multi-object
+    scenes: each ``generate`` runs the method's own generator step, composes scenes of the
+    pieces ``scene_pieces`` cuts from the generated images, and has the teacher label them. Put
+    before the method in the bases (``class DAFLDetection(SceneBatches, DAFL)``)."""
 
     scene_share: float = 0.5  # of each student batch
     scene_scales: tuple[float, float] = SCENE_SCALES  # see compose_scenes
@@ -82,6 +83,8 @@ class SceneBatches:
         raise NotImplementedError
 
     def generate(self, batch_size: int) -> GeneratedBatch:
+        """The method's generator step; then the batch's last ``scene_share`` replaced by
+        scenes of its pieces, with the teacher's answers on them."""
         batch = super().generate(batch_size)
         scenes = round(batch_size * self.scene_share)
         if scenes == 0 or len(self.ctx.input_shape) != 3:

@@ -61,8 +61,9 @@ def load_teacher(
     original on random inputs at batch 1 and 3; a relative difference above 1e-4 raises
     ``VerificationFailed``. Any problem with the file raises ``ImportFailed`` naming it.
     A file with several outputs gives its main one; with ``join_outputs`` (a detection head's
-    boxes and scores) several (N, A, C) outputs are joined along their last axis instead, and
-    a YOLO head's per-level outputs along the locations.
+    boxes and scores) several (N, A, C) outputs are joined along their last axis instead, a
+    YOLO head's per-level outputs along the locations, and a decoded YOLO output with its
+    levels' rows beside it (``tasks.outputs.JOIN_KINDS``).
     """
     path = Path(path)
     if not path.exists():

@@ -1,7 +1,8 @@
 """How a model's output is seen by every task: per-sample logits (``as_samples``), the main
 tensor of a dict or tuple output (``MainOutput``), or all of them joined (``JoinedOutputs``:
 a detection head's boxes and scores along the channels, a YOLO head's levels along the
-locations), and the activations a teacher's file ends in, taken off for distillation and
+locations, a decoded YOLO output with its levels' rows beside it: ``JOIN_KINDS``), and the
+activations a teacher's file ends in, taken off for distillation and
 given back to the shipped student (``FILE_OUTPUTS``)."""
 
 from __future__ import annotations
@@ -108,11 +109,17 @@ def levels_joinable(shapes: list[tuple[int, ...]]) -> bool:
     return len(same) == 1 and len(cells) == len(shapes) and row_channels(shapes[0][1:]) >= MIN_ROW
 
 
+MAX_ANCHORS = 9  # anchor slots per cell of a YOLO level given as (N, anchors, h, w, C)
+
+
 def beside_levels(shapes: list[tuple[int, ...]]) -> bool:
     """Whether outputs of these shapes (batch first) are a decoded YOLO output (N, A, C)
-    followed by the levels it was decoded from, (N, anchors, h, w, C) each, whose rows number
-    A (YOLOv5/v7 in eval mode exported by a plain ``torch.onnx.export``)."""
+    followed by the levels it was decoded from, (N, anchors, h, w, C) each with a few
+    anchors, whose rows number A (YOLOv5/v7 in eval mode exported by a plain
+    ``torch.onnx.export``)."""
     if len(shapes) < 2 or len(shapes[0]) != 3 or any(len(s) != 5 for s in shapes[1:]):
+        return False
+    if any(s[1] > MAX_ANCHORS for s in shapes[1:]):  # e.g. tokens (N, T, h, w, D), not anchors
         return False
     levels = shapes[1:]
     if len(levels) > 1 and not levels_joinable(levels):

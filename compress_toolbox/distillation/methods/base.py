@@ -9,7 +9,8 @@ the schedule and the health checks; a method owns only its generator and its los
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,7 +37,7 @@ class MethodContext:
     preset: Preset
     device: torch.device
     final_layer: str | None = None  # the teacher's last Linear/1x1 conv (activation loss)
-    autocast: Any = nullcontext  # a context manager factory
+    autocast: Callable[[], AbstractContextManager] = nullcontext  # a context manager factory
     channels_last: bool = False  # generators in channels-last memory format (faster on CPU)
     task: Task | str = "classification"  # a Task once built
 

@@ -20,6 +20,7 @@ from compress_toolbox.load.importers.base import FileHead, ImportedModel, regist
 from compress_toolbox.load.importers.onnx_checks import check_model
 from compress_toolbox.tasks import FILE_OUTPUTS, SigmoidAsTwoClasses
 from compress_toolbox.tasks.outputs import (
+    JOIN_KINDS,
     join_kind_of,
     join_tensors,
     joined_details,
@@ -145,8 +146,8 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
         raise ImportFailed(f"{path}: outputs {seen} cannot be read as one detection head: "
                            "several outputs must each be (N, A, C) with the same A, or a YOLO "
                            "head's levels, (N, anchors, h, w, C) or (N, anchors * C, h, w) "
-                           "with one C, or a decoded (N, A, C) output followed by such "
-                           "levels")  # fmt: skip
+                           "with one C, or a decoded (N, A, C) output followed by "
+                           "(N, anchors, h, w, C) levels")  # fmt: skip
     add = GraphAdditions(model.graph)
     kind = join_kind_of(joined)
     if kind == "channels":
@@ -175,16 +176,18 @@ def _output_shapes(model: onnx.ModelProto,
 
 def _one_detection_head(model: onnx.ModelProto, shape: tuple[int, ...]) -> bool:
     """Whether ``model``'s several outputs are what --task detection reads as one head: boxes
-    and scores, or a YOLO head's levels on grids of stride 8 or more (a segmentation model's
-    deep supervision maps are finer). A hint only: False where the probe cannot run."""
+    and scores, or a YOLO head's levels (alone or beside their decoded output) on grids of
+    stride 8 or more (a segmentation model's deep supervision maps are finer). A hint only:
+    False where the probe cannot run."""
     try:
         joined = joined_details(*_output_shapes(model, shape))
     except Exception:  # noqa: BLE001 - the import itself reports what is wrong with the file
         return False
     kind = join_kind_of(joined or {})
-    if kind != "levels":
+    if kind == "channels" or kind is None:
         return kind is not None
-    return all(cell * 8 <= size for _, level in joined["joined_levels"]
+    levels = joined[JOIN_KINDS[kind]][1:] if kind == "beside" else joined[JOIN_KINDS[kind]]
+    return all(cell * 8 <= size for _, level in levels
                for cell, size in zip(level_cells(tuple(level)), shape[-2:]))
 
 

@@ -27,7 +27,8 @@ def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: b
     """Export ``model`` to ONNX in memory with a dynamic batch and convert it to a GraphModule.
 
     BatchNorm layers are kept (not folded into the convolutions), so that the BatchNorm-
-    statistics prior can use them and students keep them.
+    statistics prior can use them and students keep them. A list the model returns becomes
+    separate outputs (``_sequences_as_outputs``).
     """
     example = random_inputs(input_shape, 2)
     buffer = io.BytesIO()
@@ -64,17 +65,20 @@ def _sequences_as_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     returns: YOLOv5's ``(decoded, [levels])``) given as the tensors it holds, in order, which
     onnx2torch can read."""
     graph = proto.graph
-    makers = {node.output[0]: node for node in graph.node if node.op_type == "SequenceConstruct"}
+    read = {name for node in graph.node for name in node.input}
+    makers = {node.output[0]: node for node in graph.node
+              if node.op_type == "SequenceConstruct" and node.output[0] not in read}  # fmt: skip
     if not any(out.name in makers for out in graph.output):
         return proto
-    outputs = []
+    outputs, named = [], {out.name for out in graph.output}
     for out in graph.output:
         node = makers.get(out.name)
         if node is None:
             outputs.append(out)
             continue
         graph.node.remove(node)
-        outputs.extend(onnx.helper.make_empty_tensor_value_info(name) for name in node.input)
+        outputs.extend(onnx.helper.make_empty_tensor_value_info(name)
+                       for name in node.input if name not in named)  # fmt: skip
     del graph.output[:]
     graph.output.extend(outputs)
     return proto

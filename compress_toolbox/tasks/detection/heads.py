@@ -74,7 +74,7 @@ class HeadLayout:
     # yolov8 per level: 64, a distribution over 16 distances for each side (DFL)
     parts: tuple[str, ...] = (BOXES, SCORES)  # boxes+scores: each output's part, file order
     logits: bool = False  # boxes+scores, levels: scores are logits, read through a sigmoid
-    outputs: tuple[str, ...] = ()  # boxes+scores, levels: the file's output names, in order
+    outputs: tuple[str, ...] = ()  # boxes+scores, levels, beside: the file's output names
     keypoint_channels: int = 0  # boxes+scores: a keypoints output's channels (RetinaFace's)
     background: bool = False  # boxes+scores: scores are a softmax, column 0 the background ...
     background_last: bool = False  # ... or the last column (MMDetection's SSD)
@@ -112,8 +112,9 @@ class HeadLayout:
 
     def file_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The raw output as the file gives it: a boxes+scores head's joined rows split again
-        into its outputs (in the file's order), a YOLO head's rows into its levels' outputs; a
-        single output as it is."""
+        into its outputs (in the file's order), a YOLO head's rows into its levels' outputs, a
+        decoded output's rows and their levels' beside them into both; a single output as it
+        is."""
         if self.levels:
             return _level_outputs(out, self.levels)
         if self.beside:

@@ -3,9 +3,9 @@ names, ranks, dtypes and shapes, so the user's own decoding and NMS keep working
 
 ``signature`` reads a file's inputs and outputs (onnxruntime, with the shapes each gives at a
 probe batch); ``split_outputs`` gives a student distilled on a teacher's joined outputs (boxes
-and scores) the teacher's separate outputs back; ``adopt_names`` renames the student's inputs
-and outputs after the teacher's and gives them its symbolic dimension names; ``compare`` lists
-every difference.
+and scores, levels, a decoded output and its levels) the teacher's separate outputs back;
+``adopt_names`` renames the student's inputs and outputs after the teacher's and gives them its
+symbolic dimension names; ``compare`` lists every difference.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def split_outputs(student_path: str | Path, layout: HeadLayout) -> None:
     """Split the student file's one output back into the teacher's outputs, named as the
     teacher's (``layout.outputs``), in place: the teacher's outputs joined along their last
     axis (``layout``: how many channels each had, in the file's order) by an ONNX Split; a
-    YOLO head's levels joined along the locations by ``_split_levels``. ``adopt_names`` then
+    YOLO head's levels joined along the locations by ``_split_levels``; a decoded output's
+    rows and its levels' rows beside them split in two, then the levels'. ``adopt_names`` then
     gives them the rest of an ONNX teacher's signature."""
     model = onnx.load(str(student_path))
     graph = model.graph
