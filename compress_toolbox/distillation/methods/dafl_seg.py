@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import masks_to_boxes
 
 from compress_toolbox.distillation.methods import register_method
 from compress_toolbox.distillation.methods.base import MethodContext
@@ -74,8 +75,8 @@ class DAFLSegmentation(SceneBatches, DAFL):
                 pieces.append(image)
                 masks.append(torch.ones_like(mask))
                 continue
-            rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
-            box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+            x0, y0, x1, y1 = masks_to_boxes(mask[None])[0].int().tolist()  # inclusive
+            box = (slice(y0, y1 + 1), slice(x0, x1 + 1))
             pieces.append(image[:, box[0], box[1]])
             masks.append(mask[box])
         return pieces, masks

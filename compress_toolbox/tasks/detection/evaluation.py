@@ -37,8 +37,8 @@ def torch_outputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def onnx_outputs(path: Path, x: torch.Tensor) -> torch.Tensor:
     """Raw output of the ONNX model at ``path`` (onnxruntime) for every image of ``x``; a
     file with several outputs (boxes and scores, a YOLO head's levels, alone or beside their
-    decoded output) has them joined, in its
-    order, as the teacher's import joins them (``join_tensors``)."""
+    decoded output) has them joined, in its order, as the teacher's import joins them
+    (``join_tensors``)."""
     session = onnx_session(path)
     name = session.get_inputs()[0].name
     chunks = [[torch.from_numpy(out) for out in session.run(None, {name: x[i : i + BATCH].numpy()})]
