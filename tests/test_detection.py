@@ -939,10 +939,32 @@ def test_a_decoded_output_joins_with_its_levels_beside_it_and_splits_back(tmp_pa
         decoded_and_levels([(n, s[1:]) for n, s in zip(DECODED_NAMES, shapes)], "yolov8")
 
 
+class BoxesAndScores(nn.Module):
+    """(N, A, 4) boxes and (N, A, K) scores from one conv each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.boxes, self.scores = nn.Conv2d(3, 4, 3), nn.Conv2d(3, CLASSES, 3)
+
+    def forward(self, x: torch.Tensor):
+        return self.boxes(x).flatten(2).transpose(1, 2), self.scores(x).flatten(2).transpose(1, 2)
+
+
+def test_joined_outputs_of_a_graph_become_one_graph_with_the_join_appended():
+    """What a derived student is pruned on when an imported graph's outputs are joined."""
+    model = BoxesAndScores().eval()
+    x = torch.rand(2, 3, 8, 8)
+    joined = JoinedOutputs(torch.fx.symbolic_trace(model), "channels")
+    graph = joined.as_graph()
+    assert isinstance(graph, torch.fx.GraphModule) and graph.boxes is model.boxes
+    assert torch.equal(graph(x), joined(x)) and graph(x).shape == (2, 36, 4 + CLASSES)
+    assert JoinedOutputs(model, "channels").as_graph() is None
+
+
 def test_a_yolov5_exported_in_eval_mode_distils_into_a_drop_in_student(tmp_path, capsys):
     """A plain torch.onnx.export of YOLOv5 in eval mode gives the decoded output and its
     levels: the decoded one is distilled (boxes in pixels), and student.onnx gives all three
-    outputs as the teacher does. Traced to TorchScript, the list of levels is read too."""
+    outputs as the teacher does. Traced to TorchScript (the levels a list), it does too."""
     torch.manual_seed(0)
     model = EvalModeYolo(TinyYolo(CLASSES, 3, 8, SIZE, yolov5=True)).eval()
     teacher_path = export_detector(model, tmp_path / "yolo.onnx", SIZE, outputs=DECODED_NAMES)
@@ -964,10 +986,15 @@ def test_a_yolov5_exported_in_eval_mode_distils_into_a_drop_in_student(tmp_path,
         warnings.simplefilter("ignore")  # the tracer's note on list outputs
         torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, SIZE, SIZE), strict=False),
                        str(traced))  # fmt: skip
-    capsys.readouterr()
-    assert run_cli("inspect", traced, "--task", "detection", "--input-shape",
-                   f"3,{SIZE},{SIZE}") == 0  # fmt: skip
-    assert "with the levels it is decoded from beside it" in capsys.readouterr().out
+    out = tmp_path / "out_ts"
+    code = run_cli(traced, "--task", "detection", "--input-shape", f"3,{SIZE},{SIZE}",
+                   "--iters", 2, "--threads", 1, "--out", out)  # fmt: skip
+    assert code in (0, 3)
+    report = json.loads((out / "report.json").read_text())
+    assert "with the levels it is decoded from beside it" in report["detection"]["layout"]
+    assert report["student"]["params"] < 0.3 * report["teacher"]["params"]
+    student = signature(out / "student.onnx", (3, SIZE, SIZE))
+    assert [o.at_probe for o in student.outputs] == [tuple(t.shape) for t in (decoded, *levels)]
 
 
 def test_which_outputs_are_a_yolo_heads_levels():

@@ -332,6 +332,10 @@ def make_student(
         # up to their layers (_trunk), which needs the rebuilt GraphModule: tried first
         # (torchvision's SSDlite ran past the time bound as given, derived in 1 s rebuilt)
         attempts.insert(0 if isinstance(teacher_module, JoinedOutputs) else 1, rebuilt)
+    if isinstance(teacher_module, JoinedOutputs) and isinstance(teacher_module.model,
+                                                                 fx.GraphModule):  # fmt: skip
+        # an imported graph (TorchScript, .pt2) needs no rebuilding: its join is appended
+        attempts.insert(0, lambda: copy.deepcopy(teacher_module).as_graph())
     student = _first_valid_student(attempts, teacher_module, width, example_input, round_to,
                                    time_limit)  # fmt: skip
     after = _count(student)

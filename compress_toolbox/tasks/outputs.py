@@ -8,7 +8,7 @@ given back to the shipped student (``FILE_OUTPUTS``)."""
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 
 def as_samples(logits: torch.Tensor) -> torch.Tensor:
@@ -51,6 +51,18 @@ class JoinedOutputs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return join_tensors(list(tensors_of(self.model(x)).values()), self.kind)
+
+    def as_graph(self) -> fx.GraphModule | None:
+        """The same computation as one fx graph sharing the model's layers (the model's graph
+        with the join appended), where the model is an fx graph; else None. Graph passes
+        (torch-pruning's, the derived student's trunk) then see the join as one more node."""
+        if not isinstance(self.model, fx.GraphModule):
+            return None
+        graph = fx.Graph()
+        outputs = graph.graph_copy(self.model.graph, {})
+        tensors = list(tensors_of(outputs).values())
+        graph.output(graph.call_function(join_tensors, (tensors, self.kind)))
+        return fx.GraphModule(self.model, graph)
 
 
 def tensors_of(out) -> dict[str, torch.Tensor]:
