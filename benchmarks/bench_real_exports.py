@@ -15,9 +15,17 @@ The models (cached under benchmarks/real_models/, not in git):
   dynamic axes, ``imgsz`` 320 in its metadata); its weights are untrained (no download), which
   does not matter to import and derivation. ultralytics goes into its own virtual environment
   (``--no-deps`` beside this torch).
+- ``yolov8n_batch1``: the same as ultralytics exports it by default (batch fixed to 1).
+- ``yolov8n_rknn``: the same as Rockchip's ``rknn_model_zoo`` exports it for its NPUs
+  (``teachers/export_yolov8_rknn.py``: box distributions, class scores and their sum per level,
+  nine outputs, opset 12, batch 1).
 
 For each: the import (verified), what ``inspect`` finds, and the derived student's parameter
-ratio and seconds to derive, export and verify it (``dafl-compress student --out``).
+ratio and seconds to derive, export and verify it (``dafl-compress student --out``). With
+``--detection``, the detectors also go through the whole chain for two iterations
+(``dafl-compress MODEL --task detection --iters 2``): exit code, how the head is read, and
+whether ``student.onnx`` has the teacher's exact signature. Their weights are untrained, so the
+verdict is expected to fail (exit 3: the teacher finds nothing); the chain is what is measured.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -43,6 +52,15 @@ MODELS = {  # name: (wheel, member of the wheel or None, file name, input shape)
     "blazeface": (MEDIAPIPE, "mediapipe/modules/face_detection/face_detection_short_range.tflite",
                   "blazeface.tflite", "3,128,128"),
     "yolov8n": (None, None, "yolov8n.onnx", "3,320,320"),
+    "yolov8n_batch1": (None, None, "yolov8n_batch1.onnx", "3,320,320"),
+    "yolov8n_rknn": (None, None, "yolov8n_rknn.onnx", "3,320,320"),
+}  # fmt: skip
+DETECTORS = ("blazeface", "yolov8n", "yolov8n_batch1", "yolov8n_rknn")
+ULTRALYTICS_EXPORTS = {  # file name: how ultralytics' YOLOv8n is exported into it
+    "yolov8n.onnx": "from ultralytics import YOLO; YOLO('yolov8n.yaml').export(format='onnx', "
+                    "imgsz=320, opset=17, dynamic=True, simplify=False)",
+    "yolov8n_batch1.onnx": "from ultralytics import YOLO; YOLO('yolov8n.yaml').export("
+                           "format='onnx', imgsz=320, opset=17, simplify=False)",
 }  # fmt: skip
 
 
@@ -58,7 +76,8 @@ def _pip_download(requirement: str) -> Path:
 
 
 def _yolov8n(target: Path) -> None:
-    """Export ultralytics' YOLOv8n (architecture only) with ultralytics, in its own venv."""
+    """Export ultralytics' YOLOv8n (architecture only) with ultralytics, in its own venv, as
+    ``target``'s name says."""
     venv = CACHE / "venv-ultralytics"
     python = venv / "bin" / "python"
     if not python.exists():
@@ -66,10 +85,14 @@ def _yolov8n(target: Path) -> None:
                        check=True)  # fmt: skip
         subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "ultralytics",
                         "opencv-python-headless"], check=True)  # fmt: skip
-    script = ("from ultralytics import YOLO; YOLO('yolov8n.yaml').export(format='onnx', "
-              "imgsz=320, opset=17, dynamic=True, simplify=False)")  # fmt: skip
-    subprocess.run([str(python), "-c", script], cwd=CACHE, check=True, capture_output=True)
-    (CACHE / "yolov8n.onnx").replace(target)
+    if target.name not in ULTRALYTICS_EXPORTS:
+        script = HERE / "teachers" / "export_yolov8_rknn.py"
+        subprocess.run([str(python), str(script), str(target)], check=True, capture_output=True)
+        return
+    with tempfile.TemporaryDirectory(dir=CACHE) as folder:  # ultralytics names its own file
+        subprocess.run([str(python), "-c", ULTRALYTICS_EXPORTS[target.name]], cwd=folder,
+                       check=True, capture_output=True)  # fmt: skip
+        (Path(folder) / "yolov8n.onnx").replace(target)
 
 
 def fetch(name: str) -> Path:
@@ -115,9 +138,35 @@ def measure(name: str) -> dict:
     return row
 
 
+def detection_chain(name: str) -> dict:
+    """The whole chain for two iterations on one detector: exit code, the head as read, and
+    whether student.onnx has the teacher's exact signature."""
+    from compress_toolbox.tasks.detection.signature import compare, signature
+
+    path, shape = fetch(name), MODELS[name][3]
+    out = CACHE / f"{name}.detection"
+    code, text, seconds = _cli(str(path), "--task", "detection", "--input-shape", shape,
+                               "--iters", "2", "--batch-size", "4", "--out", str(out),
+                               "--force")  # fmt: skip
+    row: dict = {"model": name, "rc": code, "seconds": round(seconds, 1)}
+    report = out / "report.json"
+    if not report.exists():
+        return {**row, "error": text.strip().splitlines()[-1][:200]}
+    facts = json.loads(report.read_text())
+    dims = tuple(int(d) for d in shape.split(","))
+    row.update(layout=facts["detection"]["layout"][:120],
+               param_ratio=round(facts["student"]["params"] / facts["teacher"]["params"], 3))
+    if path.suffix == ".onnx":  # another format's signature is not an ONNX file's to compare
+        problems = compare(signature(out / "student.onnx", dims), signature(path, dims))
+        row.update(same_signature=not problems, problems=problems[:3])
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument("--detection", action="store_true",
+                        help="also run the detectors through the whole chain (2 iterations)")
     args = parser.parse_args()
     rows = []
     for name in args.only:
@@ -129,6 +178,15 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | rc {r['inspect_rc']} | {r.get('output')} | {r.get('task')} "
               f"| {r.get('distilled')} | {r['param_ratio']} | {r['student_s']} |")
+    if not args.detection:
+        return
+    chains = [detection_chain(name) for name in args.only if name in DETECTORS]
+    print("\n| detector | exit | head read as | student ratio | teacher's signature | seconds |")
+    print("|---|---|---|---|---|---|")
+    for r in chains:
+        print(json.dumps(r), file=sys.stderr)
+        print(f"| {r['model']} | {r['rc']} | {r.get('layout', r.get('error'))} | "
+              f"{r.get('param_ratio')} | {r.get('same_signature')} | {r['seconds']} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from compress_toolbox.tasks.detection.decode import Decoding, Detections, decode
 from compress_toolbox.tasks.detection.heads import (
     HeadLayout,
     decoded_and_levels,
+    in_parts,
     joined,
     per_level,
     recognise,
@@ -41,6 +42,7 @@ from compress_toolbox.tasks.detection.tiny_model import (
     TinyBoxesScores,
     TinyYolo,
     TinyYoloLevels,
+    TinyYoloParts,
     rows_of_levels,
 )
 from compress_toolbox.tasks.detection.training import export_detector
@@ -50,6 +52,7 @@ from compress_toolbox.tasks.outputs import (
     beside_levels,
     join_kind,
     join_tensors,
+    level_groups,
     levels_joinable,
 )
 
@@ -1129,3 +1132,72 @@ def test_a_yolov8_heads_levels_are_read_with_head_yolov8(tmp_path, capsys):
     layout = per_level([("p3", (67, 4, 4)), ("p4", (67, 2, 2))], "yolov8")
     assert torch.allclose(layout.boxes(torch.cat([even, torch.zeros(1, 1, 3)], -1)),
                           torch.tensor([[[0.0, 0.0, 15.0, 15.0]]]))  # fmt: skip
+
+
+PART_NAMES = tuple(f"{part}{level}" for level in range(2) for part in ("box", "cls", "sum"))
+
+
+def test_a_yolov8_heads_levels_in_parts_join_and_split_back():
+    """Rockchip's YOLOv8 exports: box distributions, class scores and a score sum per level.
+    Each level's parts join along the channels, the levels along the locations; the sum is
+    carried, not read, and the rows split back into the file's outputs exactly."""
+    torch.manual_seed(0)
+    model = TinyYoloParts(CLASSES, 3, 8).eval()
+    with torch.no_grad():
+        parts = model(torch.rand(2, 3, SIZE, SIZE))
+    shapes = [tuple(t.shape) for t in parts]
+    assert level_groups(shapes) == [3, 3] and join_kind(shapes) == "parts"
+    assert level_groups(shapes[:5]) is None  # the second level lacks its sum
+    assert level_groups(shapes[:3]) is None  # one level
+    assert level_groups([*shapes[:2], *shapes[3:5], *shapes[:2]]) is None  # a grid twice
+    assert level_groups([(2, 3, 4, 4), (2, 3, 4, 4), (2, 3, 2, 2), (2, 4, 2, 2)]) is None
+    rows = join_tensors(list(parts))
+    assert rows.shape == (2, 16 + 4, 64 + CLASSES + 1)
+    layout = in_parts([(n, s[1:]) for n, s in zip(PART_NAMES, shapes)])
+    assert (layout.name, layout.num_classes, layout.carried, layout.anchors) == (
+        "yolov8", CLASSES, 1, 1)  # fmt: skip
+    assert torch.equal(layout.probabilities(rows)[:, :16], parts[1].flatten(2).transpose(1, 2))
+    for back, want in zip(layout.file_outputs(rows), parts, strict=True):
+        assert torch.equal(back, want)
+    four = [("box0", (4, 4, 4)), ("cls0", (3, 4, 4)), ("box1", (4, 2, 2)), ("cls1", (3, 2, 2))]
+    with pytest.raises(DaflError, match="in parts of 4, 3 channels"):
+        in_parts(four)
+    with pytest.raises(DaflError, match="read are YOLOv8's"):
+        in_parts([(n, s[1:]) for n, s in zip(PART_NAMES, shapes)], "yolov5")
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torchscript"])
+def test_a_yolov8_teacher_with_levels_in_parts_distils_into_a_drop_in_student(tmp_path, kind):
+    """A Rockchip-style YOLOv8 export (as ONNX at a fixed batch of 1, as Rockchip's exporter
+    writes it; as TorchScript, without the score sums): a derived student, distilled on the
+    box distributions and class scores, whose student.onnx gives every part of every level as
+    the teacher does."""
+    torch.manual_seed(0)
+    model = TinyYoloParts(CLASSES, 3, 8, score_sum=kind == "onnx").eval()
+    example, options = torch.rand(1, 3, SIZE, SIZE), []
+    if kind == "torchscript":
+        teacher_path, options = tmp_path / "parts.ts", ["--input-shape", f"3,{SIZE},{SIZE}"]
+        torch.jit.save(torch.jit.trace(model, example), str(teacher_path))
+    else:
+        teacher_path = tmp_path / "parts.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(teacher_path), dynamo=False,
+                              opset_version=12, input_names=["images"],
+                              output_names=list(PART_NAMES))  # fmt: skip
+    out = tmp_path / "out"
+    code = run_cli(teacher_path, "--task", "detection", *options, "--iters", 3, "--threads", 1,
+                   "--out", out)  # fmt: skip
+    assert code in (0, 3)
+    report = json.loads((out / "report.json").read_text())
+    assert "yolov8 per level in parts" in report["detection"]["layout"]
+    assert ("score sum" in report["detection"]["layout"]) == (kind == "onnx")
+    assert report["detection"]["num_classes"] == CLASSES
+    assert report["student"]["params"] < 0.35 * report["teacher"]["params"]
+    student = signature(out / "student.onnx", (3, SIZE, SIZE))
+    with torch.no_grad():  # probed at batch 2 where the batch is free
+        wanted = [tuple(t.shape) for t in model(torch.rand(1 if kind == "onnx" else 2, 3,
+                                                           SIZE, SIZE))]  # fmt: skip
+    assert [o.at_probe for o in student.outputs] == wanted
+    if kind == "onnx":
+        assert student == signature(teacher_path, (3, SIZE, SIZE))

@@ -39,7 +39,7 @@ from compress_toolbox.export.quantize import (
     quantize_onnx,
 )
 from compress_toolbox.export.verification import EXPORT_BATCHES, random_inputs
-from compress_toolbox.export.writer import onnx_session, teacher_onnx
+from compress_toolbox.export.writer import onnx_session, session_batch, teacher_onnx
 from compress_toolbox.tasks import Task, get_task, task_of_output
 from compress_toolbox.tasks.evaldata import EvalData
 
@@ -197,17 +197,12 @@ def _input_shape(model: Path, input_shape: tuple[int, ...] | None) -> tuple[int,
     return tuple(dims)
 
 
-def _fixed_batch(model: Path) -> int | None:
-    first = onnx_session(model).get_inputs()[0].shape[0]
-    return first if isinstance(first, int) and first > 0 else None
-
-
 def verify_int8(model: Path, int8: Path, input_shape: tuple[int, ...] | None = None
                 ) -> tuple[int, ...]:  # fmt: skip
     """Run the INT8 model in onnxruntime at the export batches (or the float model's fixed
     batch) beside the float model: same output shapes, finite values. The batches checked."""
     shape = _input_shape(model, input_shape)
-    fixed = _fixed_batch(model)
+    fixed = session_batch(onnx_session(model))
     batches = (fixed,) if fixed else EXPORT_BATCHES
     reference, candidate = onnx_session(model), onnx_session(int8)
     for batch in batches:

@@ -226,6 +226,12 @@ def onnx_latency_ms(path: str | Path, input_shape: tuple[int, ...], repeats: int
     return statistics.median(times)
 
 
+def session_batch(session) -> int | None:
+    """The batch size a session's (first) input is fixed to, or None where it is free."""
+    first = session.get_inputs()[0].shape[0]
+    return first if isinstance(first, int) and first > 0 else None
+
+
 def onnx_predictions(path: str | Path, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Top-1 class of an ONNX classifier, run by onnxruntime, for every sample of ``x``."""
     session = onnx_session(path)

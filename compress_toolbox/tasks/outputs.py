@@ -1,9 +1,9 @@
 """How a model's output is seen by every task: per-sample logits (``as_samples``), the main
 tensor of a dict or tuple output (``MainOutput``), or all of them joined (``JoinedOutputs``:
 a detection head's boxes and scores along the channels, a YOLO head's levels along the
-locations, a decoded YOLO output with its levels' rows beside it: ``JOIN_KINDS``), and the
-activations a teacher's file ends in, taken off for distillation and
-given back to the shipped student (``FILE_OUTPUTS``)."""
+locations, a decoded YOLO output with its levels' rows beside it, a head's levels given in
+parts: ``JOIN_KINDS``), and the activations a teacher's file ends in, taken off for
+distillation and given back to the shipped student (``FILE_OUTPUTS``)."""
 
 from __future__ import annotations
 
@@ -141,12 +141,33 @@ def beside_levels(shapes: list[tuple[int, ...]]) -> bool:
     return same and rows == shapes[0][1] and shapes[0][-1] >= MIN_ROW
 
 
+def level_groups(shapes: list[tuple[int, ...]]) -> list[int] | None:
+    """How many consecutive outputs of these shapes (batch first) make each level, where they
+    are a head's levels each given in parts along the channels (Rockchip's YOLOv8 exports:
+    box distributions (N, 64, h, w), class scores (N, K, h, w), a score sum (N, 1, h, w) per
+    level): all (N, C_i, h, w), two or more levels of two or more parts on grids of different
+    sizes, every level's parts of the same channels. None otherwise."""
+    if len(shapes) < 4 or any(len(s) != 4 or s[0] != shapes[0][0] for s in shapes):
+        return None
+    grids: list[tuple[int, int]] = []
+    parts: list[list[int]] = []
+    for shape in shapes:
+        if not grids or tuple(shape[2:]) != grids[-1]:
+            grids.append(tuple(shape[2:]))
+            parts.append([])
+        parts[-1].append(shape[1])
+    if len(set(grids)) != len(grids) or len(grids) < 2 or len(parts[0]) < 2:
+        return None
+    return [len(p) for p in parts] if all(p == parts[0] for p in parts) else None
+
+
 # How several outputs join into one (``join_tensors``), each kind under its key in the
 # teacher's details: a detection head's boxes and scores (N, A, C_i) along the last axis; a
 # YOLO head's levels as rows (``level_rows``) along the locations; a decoded YOLO output with
-# its levels' rows beside it, along the last axis, (N, A, 2 C).
+# its levels' rows beside it, along the last axis, (N, A, 2 C); a head's levels given in
+# parts, each level's parts along the channels, then as levels.
 JOIN_KINDS = {"channels": "joined_outputs", "levels": "joined_levels",
-              "beside": "decoded_and_levels"}  # fmt: skip
+              "beside": "decoded_and_levels", "parts": "joined_level_parts"}  # fmt: skip
 
 
 def join_kind(shapes: list[tuple[int, ...]]) -> str | None:
@@ -156,7 +177,9 @@ def join_kind(shapes: list[tuple[int, ...]]) -> str | None:
         return "channels"
     if levels_joinable(shapes):
         return "levels"
-    return "beside" if beside_levels(shapes) else None
+    if beside_levels(shapes):
+        return "beside"
+    return "parts" if level_groups(shapes) else None
 
 
 def join_kind_of(details: dict) -> str | None:
@@ -173,14 +196,26 @@ def join_tensors(tensors: list[torch.Tensor], kind: str | None = None) -> torch.
         return torch.cat(tensors, dim=-1)
     if kind == "levels":
         return torch.cat([level_rows(t) for t in tensors], dim=1)
+    if kind == "parts":
+        return join_tensors(parts_joined(tensors), "levels")
     rows = torch.cat([level_rows(t) for t in tensors[1:]], dim=1)
     return torch.cat([tensors[0], rows], dim=-1)
+
+
+def parts_joined(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A head's levels given in parts (``level_groups``): each level's parts joined along the
+    channels, (N, sum C_i, h, w) per level."""
+    groups = level_groups([tuple(t.shape) for t in tensors])
+    if groups is None:
+        raise ValueError("outputs are not a head's levels given in parts")
+    starts = [sum(groups[:i]) for i in range(len(groups))]
+    return [torch.cat(tensors[start : start + n], dim=1) for start, n in zip(starts, groups)]
 
 
 def joined_details(names: list[str], shapes: list[tuple[int, ...]]) -> dict | None:
     """How a file's outputs of these names and shapes (batch first) join, for the teacher's
     details: under their kind's ``JOIN_KINDS`` key, each output's [name, channels]
-    (``channels``) or [name, shape without the batch] (``levels``, ``beside``); with the
+    (``channels``) or [name, shape without the batch] (the other kinds); with the
     ``distilled_output`` it makes. None when they do not join."""
     kind = join_kind(shapes)
     if kind is None:
@@ -191,7 +226,9 @@ def joined_details(names: list[str], shapes: list[tuple[int, ...]]) -> dict | No
         outputs = [[n, [int(d) for d in s[1:]]] for n, s in zip(names, shapes)]
     distilled = {"channels": "every output, joined along the last axis",
                  "levels": "every level's output, joined along the locations",
-                 "beside": "the decoded output, its levels' rows beside it"}[kind]  # fmt: skip
+                 "beside": "the decoded output, its levels' rows beside it",
+                 "parts": "each level's parts joined along the channels, the levels along "
+                          "the locations"}[kind]  # fmt: skip
     return {JOIN_KINDS[kind]: outputs, "distilled_output": distilled}
 
 

@@ -25,6 +25,7 @@ from compress_toolbox.tasks.outputs import (
     join_tensors,
     joined_details,
     level_cells,
+    level_groups,
 )
 
 
@@ -147,13 +148,18 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
                            "several outputs must each be (N, A, C) with the same A, or a YOLO "
                            "head's levels, (N, anchors, h, w, C) or (N, anchors * C, h, w) "
                            "with one C, or a decoded (N, A, C) output followed by "
-                           "(N, anchors, h, w, C) levels")  # fmt: skip
+                           "(N, anchors, h, w, C) levels, or levels given in parts "
+                           "(N, C_i, h, w), the same parts per level")  # fmt: skip
     add = GraphAdditions(model.graph)
     kind = join_kind_of(joined)
     if kind == "channels":
         output = add.node("Concat", names, JOINED_OUTPUT, axis=-1)
     elif kind == "levels":
         rows = [_level_rows_nodes(add, n, s[1:]) for n, s in zip(names, shapes)]
+        output = add.node("Concat", rows, JOINED_OUTPUT, axis=1)
+    elif kind == "parts":
+        levels = _join_level_parts(add, names, shapes)
+        rows = [_level_rows_nodes(add, n, s) for n, s in levels]
         output = add.node("Concat", rows, JOINED_OUTPUT, axis=1)
     else:
         rows = [_level_rows_nodes(add, n, s[1:]) for n, s in zip(names[1:], shapes[1:])]
@@ -163,6 +169,19 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
     model.graph.output.append(
         onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
     return output, joined
+
+
+def _join_level_parts(add: GraphAdditions, names: list[str], shapes: list[tuple[int, ...]]
+                      ) -> list[tuple[str, tuple[int, ...]]]:  # fmt: skip
+    """Nodes (``add``) joining each level's parts along the channels, as ``parts_joined``
+    does; each level's (name, shape without the batch)."""
+    levels, start = [], 0
+    for count in level_groups(shapes):
+        parts, level_shapes = names[start : start + count], shapes[start : start + count]
+        name = add.node("Concat", parts, f"{parts[0]}_level", axis=1)
+        levels.append((name, (sum(s[1] for s in level_shapes), *level_shapes[0][2:])))
+        start += count
+    return levels
 
 
 def _output_shapes(model: onnx.ModelProto,
@@ -176,9 +195,9 @@ def _output_shapes(model: onnx.ModelProto,
 
 def _one_detection_head(model: onnx.ModelProto, shape: tuple[int, ...]) -> bool:
     """Whether ``model``'s several outputs are what --task detection reads as one head: boxes
-    and scores, or a YOLO head's levels (alone or beside their decoded output) on grids of
-    stride 8 or more (a segmentation model's deep supervision maps are finer). A hint only:
-    False where the probe cannot run."""
+    and scores, or a YOLO head's levels (alone, beside their decoded output or in parts) on
+    grids of stride 8 or more (a segmentation model's deep supervision maps are finer). A hint
+    only: False where the probe cannot run."""
     try:
         joined = joined_details(*_output_shapes(model, shape))
     except Exception:  # noqa: BLE001 - the import itself reports what is wrong with the file

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress_toolbox.export.writer import onnx_session
+from compress_toolbox.export.writer import onnx_session, session_batch
 from compress_toolbox.tasks.base import TaskScores
 from compress_toolbox.tasks.detection.data import DetectionEvalData
 from compress_toolbox.tasks.detection.decode import (
@@ -40,9 +40,9 @@ def onnx_outputs(path: Path, x: torch.Tensor) -> torch.Tensor:
     decoded output) has them joined, in its order, as the teacher's import joins them
     (``join_tensors``)."""
     session = onnx_session(path)
-    name = session.get_inputs()[0].name
-    chunks = [[torch.from_numpy(out) for out in session.run(None, {name: x[i : i + BATCH].numpy()})]
-              for i in range(0, len(x), BATCH)]  # fmt: skip
+    name, batch = session.get_inputs()[0].name, session_batch(session) or BATCH
+    chunks = [[torch.from_numpy(out) for out in session.run(None, {name: x[i : i + batch].numpy()})]
+              for i in range(0, len(x), batch)]  # fmt: skip
     return torch.cat([join_tensors(outputs) for outputs in chunks]).float()
 
 

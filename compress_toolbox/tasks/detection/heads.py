@@ -10,7 +10,10 @@
   the box values are encoded against the grid and anchors, compared as they are, location by
   location, and the scores are logits (read through a sigmoid) or probabilities, as the
   teacher answers. With ``--head yolov8``, a YOLOv8 head's levels, (N, 64 + K, h, w): 64
-  values of a distribution over 16 distances per side (DFL), then K class scores, per cell.
+  values of a distribution over 16 distances per side (DFL), then K class scores, per cell;
+  or, without ``--head``, the same levels given in parts (Rockchip's exports: (N, 64, h, w),
+  (N, K, h, w) and a score sum (N, 1, h, w) per level), joined per level along the channels,
+  the sum carried, not read.
   Or the decoded output followed by the levels it was decoded from, (N, anchors, h, w, 5 + K)
   each (YOLOv5/v7 in eval mode through a plain ``torch.onnx.export``): the import puts each
   location's raw row beside its decoded one, (N, A, 2 (5 + K)); the decoded half is read and
@@ -47,6 +50,7 @@ import torch
 
 from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks.outputs import (
+    level_groups,
     level_locations,
     level_output,
     row_channels,
@@ -79,7 +83,14 @@ class HeadLayout:
     background: bool = False  # boxes+scores: scores are a softmax, column 0 the background ...
     background_last: bool = False  # ... or the last column (MMDetection's SSD)
     levels: tuple[tuple[int, ...], ...] = ()  # per level: each output's shape (no batch)
+    level_parts: tuple[int, ...] = ()  # levels given in parts: each part's channels, in order
     beside: tuple[tuple[int, ...], ...] = ()  # yolov5 decoded: its levels' shapes (no batch)
+
+    @property
+    def carried(self) -> int:
+        """Channels per row after the head's own that the file gives and nobody reads (a
+        Rockchip export's score sum), carried through to the student."""
+        return sum(self.level_parts) - self.row if self.level_parts else 0
 
     @property
     def has_objectness(self) -> bool:
@@ -116,7 +127,11 @@ class HeadLayout:
         decoded output's rows and their levels' beside them into both; a single output as it
         is."""
         if self.levels:
-            return _level_outputs(out, self.levels)
+            levels = _level_outputs(out, self.levels)
+            if not self.level_parts:
+                return levels
+            return tuple(part for level in levels
+                         for part in level.split(list(self.level_parts), dim=1))  # fmt: skip
         if self.beside:
             return (out[..., : self.row], *_level_outputs(out[..., self.row :], self.beside))
         if self.name != "boxes+scores":
@@ -145,13 +160,16 @@ class HeadLayout:
         """Per level: the anchor slots per cell (a (N, na, h, w, C) output says it; one of
         (N, na * C, h, w), this layout's reading of its channels). Per-level layouts only."""
         shape = self.levels[0]
+        if self.level_parts:
+            return 1
         return shape[0] if len(shape) == 4 else shape[0] // self.row
 
     def locations_last(self, out: torch.Tensor) -> torch.Tensor:
         """The raw output as (N, A, C): one row of channels per location (per level: per
         anchor slot and cell, a cell's row of (N, na * C, h, w) read as its anchors')."""
         if self.levels:
-            return out.reshape(out.shape[0], -1, self.row)
+            rows = out.reshape(out.shape[0], -1, self.row + self.carried)
+            return rows[..., : self.row] if self.carried else rows
         if self.beside:  # the decoded half
             return out[..., : self.row]
         return out.transpose(1, 2) if self.name == "yolov8" else out
@@ -218,6 +236,8 @@ class HeadLayout:
             return f"{self.name}, {self.num_classes} classes"
         nouns = ("logit", "logits") if self.logits else ("probability", "probabilities")
         scores = f"{self.num_classes} class {nouns[self.num_classes > 1]}"
+        if self.level_parts:
+            return self._describe_parts(scores)
         if self.levels:
             shapes = ", ".join(f"{name} (N, {', '.join(map(str, shape))})"
                                for name, shape in zip(self.outputs, self.levels))  # fmt: skip
@@ -239,6 +259,15 @@ class HeadLayout:
                 f"location")  # fmt: skip
 
 
+    def _describe_parts(self, scores: str) -> str:
+        n = len(self.level_parts)
+        levels = [f"{', '.join(self.outputs[i * n : (i + 1) * n])} ({shape[1]}x{shape[2]})"
+                  for i, shape in enumerate(self.levels)]  # fmt: skip
+        carried = ", then a score sum (carried, not read)" if self.carried else ""
+        return (f"yolov8 per level in parts ({'; '.join(levels)}): 64 box-distribution values "
+                f"(16 per side), {scores}{carried} per cell")  # fmt: skip
+
+
 def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
     """The layout of a YOLO head's per-level outputs, given as (name, shape without the batch)
     in the file's order (``tasks.outputs.levels_joinable``): yolov5 (anchors as
@@ -256,6 +285,26 @@ def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = Non
         raise DaflError(f"--head {head}: the outputs {names} are a YOLO head's levels, read as "
                         "yolov5, or with --head yolov8 as YOLOv8's")  # fmt: skip
     return HeadLayout("yolov5", row_channels(levels[0]) - YOLOV5_BOX_CHANNELS, **common)
+
+
+def in_parts(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
+    """The layout of a YOLOv8 head's levels given in parts (``tasks.outputs.level_groups``),
+    as (name, shape without the batch) in the file's order: per level 64 box-distribution
+    values, K class scores and optionally one more channel (Rockchip's score sum), carried.
+    DaflError where the parts are not these or ``head`` names another layout."""
+    names = ", ".join(name for name, _ in outputs)
+    groups = level_groups([(1, *shape) for _, shape in outputs])
+    parts = tuple(shape[0] for _, shape in outputs[: groups[0]])
+    fits = parts[0] == DFL_CHANNELS and (len(parts) == 2 or len(parts) == 3 and parts[2] == 1)
+    if head not in (None, "yolov8") or not fits:
+        raise DaflError(f"the outputs {names} are a head's levels in parts of "
+                        f"{', '.join(map(str, parts))} channels; read are YOLOv8's, 64 box-"
+                        "distribution values, the class scores and optionally a score sum "
+                        "of one channel, per level")  # fmt: skip
+    starts = [sum(groups[:i]) for i in range(len(groups))]
+    levels = tuple((sum(parts), *outputs[start][1][1:]) for start in starts)
+    return HeadLayout("yolov8", parts[1], DFL_CHANNELS, levels=levels, level_parts=parts,
+                      outputs=tuple(name for name, _ in outputs))  # fmt: skip
 
 
 def decoded_and_levels(outputs: list[tuple[str, tuple[int, ...]]],
@@ -369,7 +418,8 @@ def _part_named(name: str) -> str | None:
 
 LAYOUTS_TEXT = ("one output (N, 4 + K, A) (YOLOv8/v11) or (N, A, 5 + K) (YOLOv5), or a "
                 "YOLO head's levels, (N, anchors, h, w, 5 + K) or (N, anchors * (5 + K), h, w) "
-                "each (YOLOv8's (N, 64 + K, h, w) with --head yolov8), or two, boxes (N, A, "
+                "each (YOLOv8's (N, 64 + K, h, w) with --head yolov8, or in parts: (N, 64, h, "
+                "w), (N, K, h, w) and a score sum (N, 1, h, w) per level), or two, boxes (N, A, "
                 "4+) and scores (N, A, K) (SSD-style), with a centre-ness (N, A, 1) (FCOS) or "
                 "keypoints (N, A, P) (RetinaFace) as a third")  # fmt: skip
 

@@ -123,15 +123,18 @@ def split_outputs(student_path: str | Path, layout: HeadLayout) -> None:
     """Split the student file's one output back into the teacher's outputs, named as the
     teacher's (``layout.outputs``), in place: the teacher's outputs joined along their last
     axis (``layout``: how many channels each had, in the file's order) by an ONNX Split; a
-    YOLO head's levels joined along the locations by ``_split_levels``; a decoded output's
-    rows and its levels' rows beside them split in two, then the levels'. ``adopt_names`` then
-    gives them the rest of an ONNX teacher's signature."""
+    YOLO head's levels joined along the locations by ``_split_levels`` (given in parts: each
+    level split again along the channels); a decoded output's rows and its levels' rows
+    beside them split in two, then the levels'. ``adopt_names`` then gives them the rest of
+    an ONNX teacher's signature."""
     model = onnx.load(str(student_path))
     graph = model.graph
     (whole,) = graph.output
     add = GraphAdditions(graph)
     names = [add.name(name) for name in layout.outputs]
-    if layout.levels:
+    if layout.level_parts:
+        shapes = _split_level_parts(model, add, whole.name, layout, names)
+    elif layout.levels:
         shapes = _split_levels(model, add, whole.name, layout.levels, names)
     elif layout.beside:  # the decoded half, then the levels' rows
         raw = add.name(f"{names[0]}_level_rows")
@@ -174,6 +177,20 @@ def _split_levels(model: onnx.ModelProto, add: GraphAdditions, whole: str,
             level = add.node("Transpose", [level], f"{name}_channels_first", perm=[0, 2, 1])
         add.node("Reshape", [level, add.const(f"{name}_shape", [0, *shape])], [name])
     return [[_declared(add.graph.output[0])[0], *shape] for shape in levels]
+
+
+def _split_level_parts(model: onnx.ModelProto, add: GraphAdditions, whole: str,
+                       layout: HeadLayout, names: list[str]) -> list[list[int | str]]:  # fmt: skip
+    """Nodes (``add``) giving the rows ``whole`` back as each level's parts ``names`` (a
+    head's levels given in parts: ``layout.level_parts`` channels each); the parts' shapes."""
+    n = len(layout.level_parts)
+    levels = [add.name(f"{names[i * n]}_level") for i in range(len(layout.levels))]
+    shapes = _split_levels(model, add, whole, layout.levels, levels)
+    parts = []
+    for i, (level, (batch, _, *grid)) in enumerate(zip(levels, shapes)):
+        _split(model, add, level, list(layout.level_parts), names[i * n : (i + 1) * n], axis=1)
+        parts.extend([batch, channels, *grid] for channels in layout.level_parts)
+    return parts
 
 
 def compare(student: Signature, teacher: Signature) -> list[str]:

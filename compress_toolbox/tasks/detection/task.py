@@ -30,6 +30,7 @@ from compress_toolbox.tasks.detection.heads import (
     decoded_and_levels,
     describe_layouts,
     forced,
+    in_parts,
     joined,
     per_level,
     recognise,
@@ -231,6 +232,10 @@ class Detection(Task):
         if teacher.details.get("joined_levels"):
             levels = [(name, tuple(dims)) for name, dims in teacher.details["joined_levels"]]
             return _read_scores(teacher.module, per_level(levels, self.head_name),
+                                tuple(teacher.input_shape), guess_background=False)  # fmt: skip
+        if teacher.details.get("joined_level_parts"):
+            parts = [(name, tuple(dims)) for name, dims in teacher.details["joined_level_parts"]]
+            return _read_scores(teacher.module, in_parts(parts, self.head_name),
                                 tuple(teacher.input_shape), guess_background=False)  # fmt: skip
         if teacher.details.get("decoded_and_levels"):
             parts = [(name, tuple(dims)) for name, dims in teacher.details["decoded_and_levels"]]

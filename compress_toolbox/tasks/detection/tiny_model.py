@@ -3,7 +3,7 @@ conv backbone, a top-down neck (upsample + concatenation) and a decoupled head a
 16, whose output is already decoded as ultralytics exports it: (N, 4 + K, A) with boxes
 (cx, cy, w, h) in input pixels and sigmoid class scores; and its kin for the other raw heads
 (``TinyBoxesScores``: SSD/FCOS/BlazeFace-style outputs; ``TinyYoloLevels``: a YOLOv5/v7 head's
-levels before decoding)."""
+levels before decoding; ``TinyYoloParts``: a YOLOv8 head's levels in parts)."""
 
 from __future__ import annotations
 
@@ -144,6 +144,29 @@ class TinyYoloLevels(_Features):
             return tuple(levels)
         return tuple(level.reshape(level.shape[0], self.anchors, self.row, *level.shape[2:])
                      .permute(0, 1, 3, 4, 2) for level in levels)  # fmt: skip
+
+
+class TinyYoloParts(_Features):
+    """A YOLOv8-style head's levels given in parts, as Rockchip's exports for its NPUs give
+    them: per stride (8, 16) the box distributions (N, 64, h, w), the class scores through a
+    sigmoid (N, K, h, w) and, with ``score_sum``, their sum clipped to [0, 1] (N, 1, h, w)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16,
+                 score_sum: bool = True) -> None:  # fmt: skip
+        super().__init__(in_channels, width)
+        self.score_sum = score_sum
+        self.boxes = nn.ModuleList([nn.Conv2d(4 * width, 64, 1), nn.Conv2d(8 * width, 64, 1)])
+        self.scores = nn.ModuleList([nn.Conv2d(4 * width, num_classes, 1),
+                                     nn.Conv2d(8 * width, num_classes, 1)])  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = []
+        for box, score, p in zip(self.boxes, self.scores, self.features(x)):
+            scores = torch.sigmoid(score(p))
+            parts += [box(p), scores]
+            if self.score_sum:
+                parts.append(scores.sum(1, keepdim=True).clamp(0, 1))
+        return tuple(parts)
 
 
 class RawLevels(nn.Module):
