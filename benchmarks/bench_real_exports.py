@@ -16,6 +16,7 @@ The models (cached under benchmarks/real_models/, not in git):
   does not matter to import and derivation. ultralytics goes into its own virtual environment
   (``--no-deps`` beside this torch).
 - ``yolov8n_batch1``: the same as ultralytics exports it by default (batch fixed to 1).
+- ``yolo11n``: ultralytics' YOLO11n (its C2PSA attention included), exported by default.
 - ``yolov8n_rknn``: the same as Rockchip's ``rknn_model_zoo`` exports it for its NPUs
   (``teachers/export_yolov8_rknn.py``: box distributions, class scores and their sum per level,
   nine outputs, opset 12, batch 1).
@@ -54,13 +55,13 @@ MODELS = {  # name: (wheel, member of the wheel or None, file name, input shape)
     "yolov8n": (None, None, "yolov8n.onnx", "3,320,320"),
     "yolov8n_batch1": (None, None, "yolov8n_batch1.onnx", "3,320,320"),
     "yolov8n_rknn": (None, None, "yolov8n_rknn.onnx", "3,320,320"),
+    "yolo11n": (None, None, "yolo11n.onnx", "3,320,320"),
 }  # fmt: skip
-DETECTORS = ("blazeface", "yolov8n", "yolov8n_batch1", "yolov8n_rknn")
-ULTRALYTICS_EXPORTS = {  # file name: how ultralytics' YOLOv8n is exported into it
-    "yolov8n.onnx": "from ultralytics import YOLO; YOLO('yolov8n.yaml').export(format='onnx', "
-                    "imgsz=320, opset=17, dynamic=True, simplify=False)",
-    "yolov8n_batch1.onnx": "from ultralytics import YOLO; YOLO('yolov8n.yaml').export("
-                           "format='onnx', imgsz=320, opset=17, simplify=False)",
+DETECTORS = ("blazeface", "yolov8n", "yolov8n_batch1", "yolov8n_rknn", "yolo11n")
+ULTRALYTICS_EXPORTS = {  # file name: the ultralytics model and how it is exported
+    "yolov8n.onnx": ("yolov8n", "dynamic=True"),
+    "yolov8n_batch1.onnx": ("yolov8n", "dynamic=False"),
+    "yolo11n.onnx": ("yolo11n", "dynamic=False"),
 }  # fmt: skip
 
 
@@ -89,10 +90,12 @@ def _yolov8n(target: Path) -> None:
         script = HERE / "teachers" / "export_yolov8_rknn.py"
         subprocess.run([str(python), str(script), str(target)], check=True, capture_output=True)
         return
+    model, options = ULTRALYTICS_EXPORTS[target.name]
+    script = (f"from ultralytics import YOLO; YOLO('{model}.yaml').export(format='onnx', "
+              f"imgsz=320, opset=17, simplify=False, {options})")  # fmt: skip
     with tempfile.TemporaryDirectory(dir=CACHE) as folder:  # ultralytics names its own file
-        subprocess.run([str(python), "-c", ULTRALYTICS_EXPORTS[target.name]], cwd=folder,
-                       check=True, capture_output=True)  # fmt: skip
-        (Path(folder) / "yolov8n.onnx").replace(target)
+        subprocess.run([str(python), "-c", script], cwd=folder, check=True, capture_output=True)
+        (Path(folder) / f"{model}.onnx").replace(target)
 
 
 def fetch(name: str) -> Path:

@@ -16,6 +16,7 @@ from models import (
     build,
     example,
     export_dynamo,
+    export_legacy,
     exported,
 )
 from torch import fx, nn
@@ -32,6 +33,7 @@ from compress_toolbox.student.derive import (
     layer_widths,
     make_student,
 )
+from compress_toolbox.student.graph_facts import head_split_layers
 from compress_toolbox.student.shuffle_pruning import ChannelPermutation
 from compress_toolbox.tasks import get_task
 
@@ -484,6 +486,49 @@ def test_a_yolov8_style_head_keeps_its_box_bins(tmp_path):
     with torch.no_grad():
         assert student(torch.randn(3, 3, 32, 32)).shape == (3, 7, 256)
     assert _params(student) < 0.5 * _params(teacher.module)
+
+
+class _ConvAttention(nn.Module):
+    """YOLO11's C2PSA attention in small: a qkv 1x1 convolution whose channels a reshape cuts
+    into heads of unequal query, key and value parts, a depthwise positional convolution on
+    the values, a proj 1x1 convolution; residual."""
+
+    def __init__(self, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.key_dim = heads, dim // heads, dim // heads // 2
+        self.stem = nn.Conv2d(3, dim, 3, stride=2, padding=1)
+        self.qkv = nn.Conv2d(dim, dim + 2 * self.key_dim * heads, 1)
+        self.pe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).relu()
+        b, c, h, w = x.shape
+        parts = self.qkv(x).view(b, self.heads, 2 * self.key_dim + self.head_dim, h * w)
+        q, k, v = parts.split([self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attn = ((q.transpose(-2, -1) @ k) * self.key_dim**-0.5).softmax(dim=-1)
+        out = (v @ attn.transpose(-2, -1)).view(b, c, h, w) + self.pe(v.reshape(b, c, h, w))
+        return self.head((x + self.proj(out)).mean((2, 3)))
+
+
+def test_a_convolutional_attention_keeps_the_layers_around_its_head_reshape(tmp_path):
+    """YOLO11's attention: torch-pruning's index mapping through the reshape into heads grew
+    past the memory bound (no student from any YOLO11 export); its qkv and positional
+    convolutions now keep their width and the rest is pruned."""
+    path = export_legacy(_ConvAttention(), (3, 32, 32), tmp_path / "attention.onnx", 17)
+    teacher = load_teacher(path)
+    x = torch.randn(2, 3, 32, 32)
+    kept = head_split_layers(teacher.module, x)
+    assert sorted(teacher.module.get_submodule(name).out_channels for name in kept) == [32, 64]
+    student = make_student(teacher.module, example_input=x, init="teacher")
+    widths = {name: layer.out_channels for name, layer in student.named_modules()
+              if isinstance(layer, nn.Conv2d)}  # fmt: skip
+    assert sorted(widths[name] for name in kept) == [32, 64]
+    assert widths[next(name for name in widths if "stem" in name)] == 16
+    with torch.no_grad():
+        assert student(x).shape == (2, 4)
+    assert _params(student) < 0.6 * _params(teacher.module)
 
 
 def test_a_failed_student_is_pointed_to_the_other_kind_of_student():

@@ -24,6 +24,7 @@ from compress_toolbox.student.graph_facts import (
     attention_heads,
     channels_last_flatten,
     constants_as_parameters,
+    head_split_layers,
     output_layer_names,
     update_head_dims,
 )
@@ -176,10 +177,12 @@ def _trunk(module: nn.Module, outputs: list[str]) -> fx.GraphModule | None:
 
 
 def _prune_up_to_outputs(strategy, module: nn.Module, width: float, example_input: torch.Tensor,
-                         round_to, protected: list[str]) -> nn.Module:  # fmt: skip
-    """``strategy`` on the module, or on its trunk (``_trunk``) whose layers it shares."""
-    trunk = _trunk(module, protected)
-    student = strategy(trunk or module, width, example_input, round_to, protected)
+                         round_to, outputs: list[str],
+                         kept: list[str] | None = None) -> nn.Module:  # fmt: skip
+    """``strategy`` on the module, or on its trunk (``_trunk``) whose layers it shares, keeping
+    the widths of the ``outputs`` layers and of the others ``kept`` (default: the outputs)."""
+    trunk = _trunk(module, outputs)
+    student = strategy(trunk or module, width, example_input, round_to, kept or outputs)
     if trunk is None:
         return student
     if student is not trunk:
@@ -261,9 +264,10 @@ def _first_valid_student(attempts, teacher_module, width, example_input, round_t
                         # the route's own count: a graph rebuilt through ONNX holds a head that
                         # the teacher shares between levels once per level
                         copy_params = _count(module)
-                        protected = output_layer_names(module, example_input)
+                        outputs = output_layer_names(module, example_input)
+                        kept = [*outputs, *head_split_layers(module, example_input)]
                         student = _prune_up_to_outputs(strategy, module, width, example_input,
-                                                       round_to, protected)  # fmt: skip
+                                                       round_to, outputs, kept)  # fmt: skip
                         _check_student(student, teacher_module, example_input)
                     except Exception as error:  # torch-pruning raises all sorts: try the next
                         if is_out_of_memory(error):

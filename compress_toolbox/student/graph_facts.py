@@ -112,6 +112,67 @@ def _sink_layers(module: nn.Module, example_input: torch.Tensor) -> list[str]:
             if weighted(node) and states[node] == _FREE]  # fmt: skip
 
 
+def head_split_layers(module: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """The convolutions on either side of a reshape that cuts channels into heads for a
+    matrix product in an imported graph (YOLO11's C2PSA attention): each one whose output
+    reaches that reshape without another conv/linear (the qkv convolution), and each depthwise
+    convolution the reshape's result reaches so (the values' positional encoding).
+    torch-pruning's index mapping through such a reshape raises or grows without bound (past
+    8 GiB on YOLO11n), so these keep their width; the rest of the model is pruned."""
+    if not isinstance(module, fx.GraphModule):
+        return []
+    splitting = _channel_splitting_reshapes(module, example_input)
+
+    def layer(node: fx.Node) -> nn.Module | None:
+        return module.get_submodule(node.target) if node.op == "call_module" else None
+
+    def heads_to_qkv(node: fx.Node) -> bool:
+        """Cut into heads, each then split into its query, key and value for a matrix
+        product: attention, not a channel shuffle or MobileViT's unfolding into patches."""
+        split = any(type(layer(user)).__name__.startswith("OnnxSplit") for user in node.users)
+        return split and any(type(layer(n)).__name__ == "OnnxMatMul" for n in _reached(node))
+
+    cuts = [n for n in module.graph.nodes
+            if n.op == "call_module" and n.target in splitting and heads_to_qkv(n)]  # fmt: skip
+
+    def first_weighted(start: fx.Node, step, stops: tuple[type, ...]) -> list[fx.Node]:
+        """The conv/linear layers ``step`` reaches from ``start`` through other ops than
+        ``stops`` (which put the channels elsewhere)."""
+        found, seen, todo = [], set(), list(step(start))
+        while todo:
+            node = todo.pop()
+            if node in seen or isinstance(layer(node), stops):
+                continue
+            seen.add(node)
+            if isinstance(layer(node), _WEIGHTED):
+                found.append(node)
+            else:
+                todo.extend(step(node))
+        return found
+
+    inputs = lambda node: [a for a in node.all_input_nodes]  # noqa: E731
+    users = lambda node: list(node.users)  # noqa: E731
+    # back: the convolution whose (N, C, H, W) output is cut (not a layer before a transpose
+    # or reshape into Swin's windows); on: the values reshaped back to a map, not transposed
+    kept = {n.target for cut in cuts
+            for n in first_weighted(cut, inputs, (*_FLATTENS, OnnxTranspose))
+            if isinstance(layer(n), nn.Conv2d)}  # fmt: skip
+    kept |= {n.target for cut in cuts for n in first_weighted(cut, users, (OnnxTranspose,))
+             if isinstance(layer(n), nn.Conv2d) and layer(n).groups == layer(n).in_channels > 1}
+    return sorted(kept)
+
+
+def _reached(start: fx.Node) -> set[fx.Node]:
+    """The nodes that read ``start``'s result, directly or through others."""
+    reached, todo = set(), list(start.users)
+    while todo:
+        node = todo.pop()
+        if node not in reached:
+            reached.add(node)
+            todo.extend(node.users)
+    return reached
+
+
 def _channel_splitting_reshapes(module: nn.Module, example_input: torch.Tensor) -> set[str]:
     """Names of the reshape modules that cut the channel axis (axis 1) into several."""
     found: set[str] = set()
