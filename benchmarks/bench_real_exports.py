@@ -86,7 +86,7 @@ def _yolov8n(target: Path) -> None:
                        check=True)  # fmt: skip
         subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "ultralytics",
                         "opencv-python-headless"], check=True)  # fmt: skip
-    if target.name not in ULTRALYTICS_EXPORTS:
+    if target.name == "yolov8n_rknn.onnx":
         script = HERE / "teachers" / "export_yolov8_rknn.py"
         subprocess.run([str(python), str(script), str(target)], check=True, capture_output=True)
         return

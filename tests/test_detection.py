@@ -20,6 +20,7 @@ from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
 from compress_toolbox.export.onnx_names import GraphAdditions, graph_names
 from compress_toolbox.export.writer import onnx_session
+from compress_toolbox.student.derive import make_student
 from compress_toolbox.tasks.detection import evaluation
 from compress_toolbox.tasks.detection import signature as signature_module
 from compress_toolbox.tasks.detection.coco_data import save_detection_coco
@@ -984,6 +985,9 @@ def test_a_yolov5_exported_in_eval_mode_distils_into_a_drop_in_student(tmp_path,
     with torch.no_grad():
         decoded, levels = model(torch.rand(2, 3, SIZE, SIZE))
     assert [o.at_probe for o in student.outputs] == [tuple(t.shape) for t in (decoded, *levels)]
+    x = torch.rand(2, 3, SIZE, SIZE)  # as a checkpoint gives it: the Python module, joined
+    as_module = make_student(JoinedOutputs(model, "beside"), example_input=x, init="teacher")
+    assert as_module(x).shape == (2, 20, 2 * (5 + CLASSES))
     traced = tmp_path / "yolo.ts"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's note on list outputs
@@ -1162,18 +1166,20 @@ def test_a_yolov8_heads_levels_in_parts_join_and_split_back():
     four = [("box0", (4, 4, 4)), ("cls0", (3, 4, 4)), ("box1", (4, 2, 2)), ("cls1", (3, 2, 2))]
     with pytest.raises(DaflError, match="in parts of 4, 3 channels"):
         in_parts(four)
-    with pytest.raises(DaflError, match="read are YOLOv8's"):
+    with pytest.raises(DaflError, match="--head yolov5: .* levels in parts, read as yolov8"):
         in_parts([(n, s[1:]) for n, s in zip(PART_NAMES, shapes)], "yolov5")
 
 
-@pytest.mark.parametrize("kind", ["onnx", "torchscript"])
-def test_a_yolov8_teacher_with_levels_in_parts_distils_into_a_drop_in_student(tmp_path, kind):
+@pytest.mark.parametrize("kind, score_sum", [("onnx", True), ("onnx", False),
+                                             ("torchscript", True), ("torchscript", False)])
+def test_a_yolov8_teacher_with_levels_in_parts_distils_into_a_drop_in_student(tmp_path, kind,
+                                                                              score_sum):
     """A Rockchip-style YOLOv8 export (as ONNX at a fixed batch of 1, as Rockchip's exporter
-    writes it; as TorchScript, without the score sums): a derived student, distilled on the
-    box distributions and class scores, whose student.onnx gives every part of every level as
-    the teacher does."""
+    writes it; as TorchScript), with or without the score sums: a derived student, distilled
+    on the box distributions and class scores, whose student.onnx gives every part of every
+    level as the teacher does."""
     torch.manual_seed(0)
-    model = TinyYoloParts(CLASSES, 3, 8, score_sum=kind == "onnx").eval()
+    model = TinyYoloParts(CLASSES, 3, 8, score_sum=score_sum).eval()
     example, options = torch.rand(1, 3, SIZE, SIZE), []
     if kind == "torchscript":
         teacher_path, options = tmp_path / "parts.ts", ["--input-shape", f"3,{SIZE},{SIZE}"]
@@ -1184,14 +1190,15 @@ def test_a_yolov8_teacher_with_levels_in_parts_distils_into_a_drop_in_student(tm
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), str(teacher_path), dynamo=False,
                               opset_version=12, input_names=["images"],
-                              output_names=list(PART_NAMES))  # fmt: skip
+                              output_names=[n for n in PART_NAMES
+                                            if score_sum or "sum" not in n])  # fmt: skip
     out = tmp_path / "out"
     code = run_cli(teacher_path, "--task", "detection", *options, "--iters", 3, "--threads", 1,
                    "--out", out)  # fmt: skip
     assert code in (0, 3)
     report = json.loads((out / "report.json").read_text())
     assert "yolov8 per level in parts" in report["detection"]["layout"]
-    assert ("score sum" in report["detection"]["layout"]) == (kind == "onnx")
+    assert ("score sum" in report["detection"]["layout"]) == score_sum
     assert report["detection"]["num_classes"] == CLASSES
     assert report["student"]["params"] < 0.35 * report["teacher"]["params"]
     student = signature(out / "student.onnx", (3, SIZE, SIZE))

@@ -202,9 +202,9 @@ def verify_int8(model: Path, int8: Path, input_shape: tuple[int, ...] | None = N
     """Run the INT8 model in onnxruntime at the export batches (or the float model's fixed
     batch) beside the float model: same output shapes, finite values. The batches checked."""
     shape = _input_shape(model, input_shape)
-    fixed = session_batch(onnx_session(model))
-    batches = (fixed,) if fixed else EXPORT_BATCHES
     reference, candidate = onnx_session(model), onnx_session(int8)
+    fixed = session_batch(reference)
+    batches = (fixed,) if fixed else EXPORT_BATCHES
     for batch in batches:
         x = random_inputs(shape, batch).numpy()
         expected = reference.run(None, {reference.get_inputs()[0].name: x})[0]

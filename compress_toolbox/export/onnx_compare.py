@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from compress_toolbox.errors import QuantizeError, first_line
 from compress_toolbox.export.onnx_feed import Batch, as_feed, slice_feed
+from compress_toolbox.export.writer import session_batch
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,7 @@ def _run(model: Path, inputs: Batch, batch: int, threads: int) -> np.ndarray:
     session = _session(model, threads)
     names = [(i.name, _ORT_TYPES.get(i.type, np.float32)) for i in session.get_inputs()]
     feed = as_feed(inputs, names, model)
-    fixed = session.get_inputs()[0].shape[0]
-    batch = fixed if isinstance(fixed, int) and fixed > 0 else batch  # exported at one size
+    batch = session_batch(session) or batch  # a file exported at one size is fed that size
     size = len(next(iter(feed.values())))
     parts = [session.run(None, slice_feed(feed, s, s + batch))[0] for s in range(0, size, batch)]
     return np.concatenate(parts)

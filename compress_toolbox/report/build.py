@@ -23,6 +23,7 @@ from compress_toolbox.load.analysis import Analysis
 from compress_toolbox.load.teacher import Teacher
 from compress_toolbox.student.plan import StudentPlan
 from compress_toolbox.tasks.base import TaskScores
+from compress_toolbox.tasks.outputs import JOIN_KINDS
 
 
 @dataclass
@@ -169,9 +170,7 @@ def _teacher_section(teacher: Teacher, domain: InputDomain,
         "widths": teacher.analysis.widths,
         "import_max_rel_diff": teacher.max_rel_diff,
         "distilled_output": teacher.details.get("distilled_output", "logits"),
-        "joined_outputs": teacher.details.get("joined_outputs"),
-        "joined_levels": teacher.details.get("joined_levels"),
-        "decoded_and_levels": teacher.details.get("decoded_and_levels"),
+        **{key: teacher.details.get(key) for key in JOIN_KINDS.values()},
     }
 
 

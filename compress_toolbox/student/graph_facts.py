@@ -114,63 +114,75 @@ def _sink_layers(module: nn.Module, example_input: torch.Tensor) -> list[str]:
 
 def head_split_layers(module: nn.Module, example_input: torch.Tensor) -> list[str]:
     """The convolutions on either side of a reshape that cuts channels into heads for a
-    matrix product in an imported graph (YOLO11's C2PSA attention): each one whose output
-    reaches that reshape without another conv/linear (the qkv convolution), and each depthwise
-    convolution the reshape's result reaches so (the values' positional encoding).
-    torch-pruning's index mapping through such a reshape raises or grows without bound (past
-    8 GiB on YOLO11n), so these keep their width; the rest of the model is pruned."""
+    matrix product in an imported graph (YOLO11's C2PSA attention): the one whose output the
+    reshape cuts (the qkv convolution), and each depthwise convolution that the values reach
+    (their positional encoding). torch-pruning's index mapping through such a reshape raises
+    or grows without bound (past 8 GiB on YOLO11n), so these keep their width; the rest of
+    the model is pruned."""
     if not isinstance(module, fx.GraphModule):
         return []
     splitting = _channel_splitting_reshapes(module, example_input)
-
-    def layer(node: fx.Node) -> nn.Module | None:
-        return module.get_submodule(node.target) if node.op == "call_module" else None
-
-    def heads_to_qkv(node: fx.Node) -> bool:
-        """Cut into heads, each then split into its query, key and value for a matrix
-        product: attention, not a channel shuffle or MobileViT's unfolding into patches."""
-        split = any(type(layer(user)).__name__.startswith("OnnxSplit") for user in node.users)
-        return split and any(type(layer(n)).__name__ == "OnnxMatMul" for n in _reached(node))
-
-    cuts = [n for n in module.graph.nodes
-            if n.op == "call_module" and n.target in splitting and heads_to_qkv(n)]  # fmt: skip
-
-    def first_weighted(start: fx.Node, step, stops: tuple[type, ...]) -> list[fx.Node]:
-        """The conv/linear layers ``step`` reaches from ``start`` through other ops than
-        ``stops`` (which put the channels elsewhere)."""
-        found, seen, todo = [], set(), list(step(start))
-        while todo:
-            node = todo.pop()
-            if node in seen or isinstance(layer(node), stops):
-                continue
-            seen.add(node)
-            if isinstance(layer(node), _WEIGHTED):
-                found.append(node)
-            else:
-                todo.extend(step(node))
-        return found
-
-    inputs = lambda node: [a for a in node.all_input_nodes]  # noqa: E731
-    users = lambda node: list(node.users)  # noqa: E731
-    # back: the convolution whose (N, C, H, W) output is cut (not a layer before a transpose
-    # or reshape into Swin's windows); on: the values reshaped back to a map, not transposed
-    kept = {n.target for cut in cuts
-            for n in first_weighted(cut, inputs, (*_FLATTENS, OnnxTranspose))
-            if isinstance(layer(n), nn.Conv2d)}  # fmt: skip
-    kept |= {n.target for cut in cuts for n in first_weighted(cut, users, (OnnxTranspose,))
-             if isinstance(layer(n), nn.Conv2d) and layer(n).groups == layer(n).in_channels > 1}
+    cuts = [node for node in module.graph.nodes if node.op == "call_module"
+            and node.target in splitting and _heads_to_qkv(module, node)]  # fmt: skip
+    kept = set()
+    for cut in cuts:
+        # back from the data cut, not a layer before a transpose or reshape (Swin's windows)
+        back = _first_weighted(module, [cut.args[0]], _inputs, (*_FLATTENS, OnnxTranspose))
+        on = _first_weighted(module, list(cut.users), _users, (OnnxTranspose,))
+        kept |= {node.target for node in back if isinstance(_layer(module, node), nn.Conv2d)}
+        kept |= {node.target for node in on if _depthwise(_layer(module, node))}
     return sorted(kept)
 
 
-def _reached(start: fx.Node) -> set[fx.Node]:
-    """The nodes that read ``start``'s result, directly or through others."""
-    reached, todo = set(), list(start.users)
+def _layer(module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return module.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _inputs(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    return list(node.users)
+
+
+def _depthwise(layer: nn.Module | None) -> bool:
+    return isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels > 1
+
+
+def _first_weighted(module: fx.GraphModule, start: list[fx.Node], step,
+                    stops: tuple[type, ...]) -> list[fx.Node]:  # fmt: skip
+    """The conv/linear layers reached from the ``start`` nodes (themselves included), going
+    ``step``'s way, through other ops than ``stops`` (which put the channels elsewhere)."""
+    found, seen, todo = [], set(), list(start)
     while todo:
         node = todo.pop()
-        if node not in reached:
-            reached.add(node)
-            todo.extend(node.users)
-    return reached
+        if node in seen or not isinstance(node, fx.Node):
+            continue
+        seen.add(node)
+        layer = _layer(module, node)
+        if isinstance(layer, _WEIGHTED):
+            found.append(node)
+        elif not isinstance(layer, stops):
+            todo.extend(step(node))
+    return found
+
+
+def _heads_to_qkv(module: fx.GraphModule, cut: fx.Node) -> bool:
+    """Whether the reshape ``cut`` makes heads that are split into query, key and value for a
+    matrix product before any conv/linear: attention, not a channel shuffle or MobileViT's
+    unfolding into patches."""
+    split = any(type(_layer(module, user)).__name__.startswith("OnnxSplit") for user in cut.users)
+    reached, todo = set(), list(cut.users)
+    while todo and split:
+        node = todo.pop()
+        if node in reached or isinstance(_layer(module, node), _WEIGHTED):
+            continue
+        reached.add(node)
+        if type(_layer(module, node)).__name__ == "OnnxMatMul":
+            return True
+        todo.extend(node.users)
+    return False
 
 
 def _channel_splitting_reshapes(module: nn.Module, example_input: torch.Tensor) -> set[str]:

@@ -7,6 +7,8 @@ distillation and given back to the shipped student (``FILE_OUTPUTS``)."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import fx, nn
 
@@ -202,14 +204,22 @@ def join_tensors(tensors: list[torch.Tensor], kind: str | None = None) -> torch.
     return torch.cat([tensors[0], rows], dim=-1)
 
 
+def level_slices(shapes: list[tuple[int, ...]]) -> list[slice] | None:
+    """Which of outputs of these shapes (batch first) make each level, where they are a
+    head's levels given in parts (``level_groups``): a slice of the outputs per level."""
+    groups = level_groups(shapes)
+    if groups is None:
+        return None
+    return [slice(end - n, end) for n, end in zip(groups, itertools.accumulate(groups))]
+
+
 def parts_joined(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """A head's levels given in parts (``level_groups``): each level's parts joined along the
     channels, (N, sum C_i, h, w) per level."""
-    groups = level_groups([tuple(t.shape) for t in tensors])
-    if groups is None:
+    levels = level_slices([tuple(t.shape) for t in tensors])
+    if levels is None:
         raise ValueError("outputs are not a head's levels given in parts")
-    starts = [sum(groups[:i]) for i in range(len(groups))]
-    return [torch.cat(tensors[start : start + n], dim=1) for start, n in zip(starts, groups)]
+    return [torch.cat(tensors[level], dim=1) for level in levels]
 
 
 def joined_details(names: list[str], shapes: list[tuple[int, ...]]) -> dict | None:

@@ -25,7 +25,7 @@ from compress_toolbox.tasks.outputs import (
     join_tensors,
     joined_details,
     level_cells,
-    level_groups,
+    level_slices,
 )
 
 
@@ -136,8 +136,9 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
                   shape: tuple[int, ...]) -> tuple[str, dict]:  # fmt: skip
     """Join every output of ``model`` (in place) into one, as ``join_tensors`` joins them: a
     detection head's boxes (N, A, B) and scores (N, A, K) along the last axis, (N, A, B + K);
-    a YOLO head's per-level outputs as rows along the locations (``level_rows``); a decoded
-    YOLO output and its levels' rows side by side. Returns the joined output's name and the
+    a YOLO head's per-level outputs as rows along the locations (``level_rows``), given in
+    parts each level's parts along the channels first; a decoded YOLO output and its levels'
+    rows side by side. Returns the joined output's name and the
     details to record (``joined_details``); ImportFailed, naming the outputs, when they are
     none of these."""
     names, shapes = _output_shapes(model, shape)
@@ -175,12 +176,11 @@ def _join_level_parts(add: GraphAdditions, names: list[str], shapes: list[tuple[
                       ) -> list[tuple[str, tuple[int, ...]]]:  # fmt: skip
     """Nodes (``add``) joining each level's parts along the channels, as ``parts_joined``
     does; each level's (name, shape without the batch)."""
-    levels, start = [], 0
-    for count in level_groups(shapes):
-        parts, level_shapes = names[start : start + count], shapes[start : start + count]
+    levels = []
+    for level in level_slices(shapes):
+        parts, level_shapes = names[level], shapes[level]
         name = add.node("Concat", parts, f"{parts[0]}_level", axis=1)
         levels.append((name, (sum(s[1] for s in level_shapes), *level_shapes[0][2:])))
-        start += count
     return levels
 
 

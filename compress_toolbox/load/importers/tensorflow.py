@@ -238,7 +238,7 @@ def import_tensorflow(path: Path, **options) -> ImportedModel:
         conversion = _run_converter(path, kind, Path(folder), options)
         shape = _check_nchw(conversion, path)
         imported = _import_onnx(conversion, shape, path, options.get("join_outputs", False))
-    if join_kind_of(imported.details) in ("levels", "beside", "parts"):
+    if join_kind_of(imported.details) not in (None, "channels"):
         raise ImportFailed(f"{path}: a TensorFlow model's per-level YOLO outputs are not read "
                            "yet (ONNX and PyTorch files' are)")  # fmt: skip
     joined = imported.details.get("joined_outputs")

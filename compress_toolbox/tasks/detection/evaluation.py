@@ -35,10 +35,11 @@ def torch_outputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def onnx_outputs(path: Path, x: torch.Tensor) -> torch.Tensor:
-    """Raw output of the ONNX model at ``path`` (onnxruntime) for every image of ``x``; a
-    file with several outputs (boxes and scores, a YOLO head's levels, alone or beside their
-    decoded output) has them joined, in its order, as the teacher's import joins them
-    (``join_tensors``)."""
+    """Raw output of the ONNX model at ``path`` (onnxruntime) for every image of ``x``, fed
+    at the file's fixed batch if it has one (a drop-in student of ultralytics' batch-1
+    export); a file with several outputs (boxes and scores, a YOLO head's levels, alone,
+    beside their decoded output or in parts) has them joined, in its order, as the teacher's
+    import joins them (``join_tensors``)."""
     session = onnx_session(path)
     name, batch = session.get_inputs()[0].name, session_batch(session) or BATCH
     chunks = [[torch.from_numpy(out) for out in session.run(None, {name: x[i : i + batch].numpy()})]

@@ -50,9 +50,9 @@ import torch
 
 from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks.outputs import (
-    level_groups,
     level_locations,
     level_output,
+    level_slices,
     row_channels,
 )
 
@@ -123,9 +123,9 @@ class HeadLayout:
 
     def file_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The raw output as the file gives it: a boxes+scores head's joined rows split again
-        into its outputs (in the file's order), a YOLO head's rows into its levels' outputs, a
-        decoded output's rows and their levels' beside them into both; a single output as it
-        is."""
+        into its outputs (in the file's order), a YOLO head's rows into its levels' outputs
+        (given in parts: each level's parts), a decoded output's rows and their levels' beside
+        them into both; a single output as it is."""
         if self.levels:
             levels = _level_outputs(out, self.levels)
             if not self.level_parts:
@@ -159,14 +159,15 @@ class HeadLayout:
     def anchors(self) -> int:
         """Per level: the anchor slots per cell (a (N, na, h, w, C) output says it; one of
         (N, na * C, h, w), this layout's reading of its channels). Per-level layouts only."""
-        shape = self.levels[0]
         if self.level_parts:
             return 1
+        shape = self.levels[0]
         return shape[0] if len(shape) == 4 else shape[0] // self.row
 
     def locations_last(self, out: torch.Tensor) -> torch.Tensor:
         """The raw output as (N, A, C): one row of channels per location (per level: per
-        anchor slot and cell, a cell's row of (N, na * C, h, w) read as its anchors')."""
+        anchor slot and cell, a cell's row of (N, na * C, h, w) read as its anchors'; the
+        ``carried`` channels left out)."""
         if self.levels:
             rows = out.reshape(out.shape[0], -1, self.row + self.carried)
             return rows[..., : self.row] if self.carried else rows
@@ -258,8 +259,8 @@ class HeadLayout:
         return (f"boxes+scores ({', '.join(self.outputs)}): {boxes} and {scores} per "
                 f"location")  # fmt: skip
 
-
     def _describe_parts(self, scores: str) -> str:
+        """A YOLOv8 head's levels in parts in words: each level's outputs and grid."""
         n = len(self.level_parts)
         levels = [f"{', '.join(self.outputs[i * n : (i + 1) * n])} ({shape[1]}x{shape[2]})"
                   for i, shape in enumerate(self.levels)]  # fmt: skip
@@ -293,16 +294,18 @@ def in_parts(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None
     values, K class scores and optionally one more channel (Rockchip's score sum), carried.
     DaflError where the parts are not these or ``head`` names another layout."""
     names = ", ".join(name for name, _ in outputs)
-    groups = level_groups([(1, *shape) for _, shape in outputs])
-    parts = tuple(shape[0] for _, shape in outputs[: groups[0]])
+    slices = level_slices([(1, *shape) for _, shape in outputs])
+    parts = tuple(shape[0] for _, shape in outputs[slices[0]])
     fits = parts[0] == DFL_CHANNELS and (len(parts) == 2 or len(parts) == 3 and parts[2] == 1)
-    if head not in (None, "yolov8") or not fits:
+    if not fits:
         raise DaflError(f"the outputs {names} are a head's levels in parts of "
                         f"{', '.join(map(str, parts))} channels; read are YOLOv8's, 64 box-"
                         "distribution values, the class scores and optionally a score sum "
                         "of one channel, per level")  # fmt: skip
-    starts = [sum(groups[:i]) for i in range(len(groups))]
-    levels = tuple((sum(parts), *outputs[start][1][1:]) for start in starts)
+    if head not in (None, "yolov8"):
+        raise DaflError(f"--head {head}: the outputs {names} are a YOLOv8 head's levels in "
+                        "parts, read as yolov8")  # fmt: skip
+    levels = tuple((sum(parts), *outputs[level.start][1][1:]) for level in slices)
     return HeadLayout("yolov8", parts[1], DFL_CHANNELS, levels=levels, level_parts=parts,
                       outputs=tuple(name for name, _ in outputs))  # fmt: skip
 
