@@ -33,7 +33,7 @@ from compress_toolbox.student.derive import (
     layer_widths,
     make_student,
 )
-from compress_toolbox.student.graph_facts import head_split_layers
+from compress_toolbox.student.graph_facts import layers_to_keep
 from compress_toolbox.student.shuffle_pruning import ChannelPermutation
 from compress_toolbox.tasks import get_task
 
@@ -519,7 +519,8 @@ def test_a_convolutional_attention_keeps_the_layers_around_its_head_reshape(tmp_
     path = export_legacy(_ConvAttention(), (3, 32, 32), tmp_path / "attention.onnx", 17)
     teacher = load_teacher(path)
     x = torch.randn(2, 3, 32, 32)
-    kept = head_split_layers(teacher.module, x)
+    outputs, kept = layers_to_keep(teacher.module, x)
+    kept = [name for name in kept if name not in outputs]  # the layers around the reshape
     assert sorted(teacher.module.get_submodule(name).out_channels for name in kept) == [32, 64]
     student = make_student(teacher.module, example_input=x, init="teacher")
     widths = {name: layer.out_channels for name, layer in student.named_modules()

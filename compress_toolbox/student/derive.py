@@ -24,7 +24,7 @@ from compress_toolbox.student.graph_facts import (
     attention_heads,
     channels_last_flatten,
     constants_as_parameters,
-    head_split_layers,
+    layers_to_keep,
     output_layer_names,
     update_head_dims,
 )
@@ -264,8 +264,7 @@ def _first_valid_student(attempts, teacher_module, width, example_input, round_t
                         # the route's own count: a graph rebuilt through ONNX holds a head that
                         # the teacher shares between levels once per level
                         copy_params = _count(module)
-                        outputs = output_layer_names(module, example_input)
-                        kept = [*outputs, *head_split_layers(module, example_input)]
+                        outputs, kept = layers_to_keep(module, example_input)
                         student = _prune_up_to_outputs(strategy, module, width, example_input,
                                                        round_to, outputs, kept)  # fmt: skip
                         _check_student(student, teacher_module, example_input)

@@ -74,24 +74,45 @@ def output_layer_names(module: nn.Module, example_input: torch.Tensor) -> list[s
     imported graph, every one from which the output is reached without another conv/linear (a
     detection head's box and class convolutions), as the graph shows; else the last Linear or
     1x1 conv run (in a graph that could be an FPN's lateral conv before a head of 3x3 convs)."""
-    sinks = _sink_layers(module, example_input)
+    return _output_layers(module, example_input, _probed_reshapes(module, example_input))
+
+
+def layers_to_keep(module: nn.Module, example_input: torch.Tensor) -> tuple[list[str], list[str]]:
+    """The output layers (``output_layer_names``), and every layer whose width pruning must
+    keep: those and the layers around a reshape into attention heads (``_head_split_layers``).
+    One forward pass finds the reshapes both read."""
+    splitting = _probed_reshapes(module, example_input)
+    outputs = _output_layers(module, example_input, splitting)
+    return outputs, [*outputs, *_head_split_layers(module, splitting)]
+
+
+def _output_layers(module: nn.Module, example_input: torch.Tensor,
+                   splitting: set[str]) -> list[str]:  # fmt: skip
+    sinks = _sink_layers(module, splitting)
     if sinks:
         return sinks
     final = analyse(module, tuple(example_input.shape[1:])).final_layer
     return [] if final is None else [final]
 
 
+def _probed_reshapes(module: nn.Module, example_input: torch.Tensor) -> set[str]:
+    """An imported graph's reshapes that cut the channels (``_channel_splitting_reshapes``);
+    none for another module."""
+    if not isinstance(module, fx.GraphModule):
+        return set()
+    return _channel_splitting_reshapes(module, example_input)
+
+
 _FREE, _AFTER_ONE, _DEAD = 0, 1, 2  # _sink_layers' states, walking back from the output
 
 
-def _sink_layers(module: nn.Module, example_input: torch.Tensor) -> list[str]:
+def _sink_layers(module: nn.Module, splitting: set[str]) -> list[str]:
     """Conv/linear layers of an fx graph whose output channels are the model's output: they
     reach it through no other conv/linear, or through one output layer only after a reshape
     has cut their channels into new axes (YOLOv8's box convolutions: their 4 x 16 channels
     become coordinates and bins before the fixed DFL convolution)."""
     if not isinstance(module, fx.GraphModule):
         return []
-    splitting = _channel_splitting_reshapes(module, example_input)
 
     def weighted(node: fx.Node) -> bool:
         return node.op == "call_module" and isinstance(module.get_submodule(node.target),
@@ -112,16 +133,15 @@ def _sink_layers(module: nn.Module, example_input: torch.Tensor) -> list[str]:
             if weighted(node) and states[node] == _FREE]  # fmt: skip
 
 
-def head_split_layers(module: nn.Module, example_input: torch.Tensor) -> list[str]:
+def _head_split_layers(module: nn.Module, splitting: set[str]) -> list[str]:
     """The convolutions on either side of a reshape that cuts channels into heads for a
     matrix product in an imported graph (YOLO11's C2PSA attention): the one whose output the
     reshape cuts (the qkv convolution), and each depthwise convolution that the values reach
     (their positional encoding). torch-pruning's index mapping through such a reshape raises
     or grows without bound (past 8 GiB on YOLO11n), so these keep their width; the rest of
-    the model is pruned."""
+    the model is pruned. ``splitting``: the graph's reshapes that cut the channels."""
     if not isinstance(module, fx.GraphModule):
         return []
-    splitting = _channel_splitting_reshapes(module, example_input)
     cuts = [node for node in module.graph.nodes if node.op == "call_module"
             and node.target in splitting and _heads_to_qkv(module, node)]  # fmt: skip
     kept = set()
