@@ -171,6 +171,28 @@ def test_a_file_that_only_declares_batch_one_imports(tmp_path):
     assert loaded.module(torch.randn(7, 3, 8, 8)).shape == (7, 5)
 
 
+def test_a_file_fixed_at_a_batch_of_four_is_run_on_samples_that_are_not_a_multiple(tmp_path):
+    """A student keeps its teacher's fixed batch; scoring it on 10 samples used to fail on
+    the last 2 (onnxruntime: invalid dimensions)."""
+    from compress_toolbox.export.onnx_compare import compare_onnx
+    from compress_toolbox.export.writer import onnx_predictions, onnx_session, run_batched
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    path = tmp_path / "fixed4.onnx"
+    torch.onnx.export(net.eval(), (torch.randn(4, 3, 8, 8),), path, dynamo=False,
+                      input_names=["x"])  # fmt: skip
+    x = torch.randn(10, 3, 8, 8)
+    chunks = run_batched(onnx_session(path), {"x": x.numpy()}, batch=256)
+    assert [len(outputs[0]) for outputs in chunks] == [4, 4, 2]
+    with torch.no_grad():
+        expected = net(x)
+    got = torch.from_numpy(np.concatenate([outputs[0] for outputs in chunks]))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.equal(onnx_predictions(path, x), expected.argmax(1))
+    assert compare_onnx(path, path, x.numpy()).samples == 10
+
+
 def test_a_failed_student_check_names_the_user_s_file_not_a_temporary_one(tmp_path):
     from compress_toolbox.export.writer import export_onnx, verify_onnx
 

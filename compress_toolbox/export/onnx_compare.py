@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 
 from compress_toolbox.errors import QuantizeError, first_line
-from compress_toolbox.export.onnx_feed import Batch, as_feed, slice_feed
-from compress_toolbox.export.writer import session_batch
+from compress_toolbox.export.onnx_feed import Batch, as_feed
+from compress_toolbox.export.writer import run_batched
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,7 @@ def _run(model: Path, inputs: Batch, batch: int, threads: int) -> np.ndarray:
     session = _session(model, threads)
     names = [(i.name, _ORT_TYPES.get(i.type, np.float32)) for i in session.get_inputs()]
     feed = as_feed(inputs, names, model)
-    batch = session_batch(session) or batch  # a file exported at one size is fed that size
-    size = len(next(iter(feed.values())))
-    parts = [session.run(None, slice_feed(feed, s, s + batch))[0] for s in range(0, size, batch)]
-    return np.concatenate(parts)
+    return np.concatenate([outputs[0] for outputs in run_batched(session, feed, batch)])
 
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,

@@ -232,12 +232,29 @@ def session_batch(session) -> int | None:
     return first if isinstance(first, int) and first > 0 else None
 
 
+def run_batched(session, feed: dict[str, np.ndarray], batch: int) -> list[list[np.ndarray]]:
+    """Every output of ``session`` for each chunk of the samples in ``feed`` (arrays sharing
+    their first axis): ``batch`` samples per run, or the session's fixed batch, a short last
+    chunk padded to it with copies of its last sample that its outputs then leave out."""
+    fixed = session_batch(session)
+    step, size = fixed or batch, len(next(iter(feed.values())))
+    chunks = []
+    for start in range(0, size, step):
+        part = {name: array[start : start + step] for name, array in feed.items()}
+        count = min(step, size - start)
+        if fixed and count < fixed:
+            part = {name: np.concatenate([array, np.repeat(array[-1:], fixed - count, axis=0)])
+                    for name, array in part.items()}  # fmt: skip
+        chunks.append([out[:count] for out in session.run(None, part)])
+    return chunks
+
+
 def onnx_predictions(path: str | Path, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Top-1 class of an ONNX classifier, run by onnxruntime, for every sample of ``x``."""
+    """Top-1 class of an ONNX classifier, run by onnxruntime (at its fixed batch if it has
+    one), for every sample of ``x``."""
     session = onnx_session(path)
-    name = session.get_inputs()[0].name
-    chunks = [session.run(None, {name: x[start : start + batch].numpy()})[0].argmax(1)
-              for start in range(0, len(x), batch)]  # fmt: skip
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    chunks = [outputs[0].argmax(1) for outputs in run_batched(session, feed, batch)]
     return torch.from_numpy(np.concatenate(chunks)) if chunks else torch.zeros(0, dtype=torch.long)
 
 

@@ -161,11 +161,10 @@ class Task:
         """``figure`` of an ONNX model of this task's teachers on labelled ``data``, run by
         onnxruntime at its fixed batch if any (an INT8 copy against its float model); None
         when it cannot be measured. By default accuracy, or mean IoU for masks."""
-        from compress_toolbox.export.writer import onnx_predictions, onnx_session, session_batch
+        from compress_toolbox.export.writer import onnx_predictions
         from compress_toolbox.tasks.evaldata import score
 
-        batch = session_batch(onnx_session(model)) or 256
-        return score(onnx_predictions(model, data.x, batch=batch), data.y)
+        return score(onnx_predictions(model, data.x), data.y)
 
     def onnx_agreement(self, reference: Path, candidate: Path,
                        inputs) -> tuple[str, float | None] | None:  # fmt: skip

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress_toolbox.export.writer import onnx_session, session_batch
+from compress_toolbox.export.writer import onnx_session, run_batched
 from compress_toolbox.tasks.base import TaskScores
 from compress_toolbox.tasks.detection.data import DetectionEvalData
 from compress_toolbox.tasks.detection.decode import (
@@ -41,10 +41,9 @@ def onnx_outputs(path: Path, x: torch.Tensor) -> torch.Tensor:
     beside their decoded output or in parts) has them joined, in its order, as the teacher's
     import joins them (``join_tensors``)."""
     session = onnx_session(path)
-    name, batch = session.get_inputs()[0].name, session_batch(session) or BATCH
-    chunks = [[torch.from_numpy(out) for out in session.run(None, {name: x[i : i + batch].numpy()})]
-              for i in range(0, len(x), batch)]  # fmt: skip
-    return torch.cat([join_tensors(outputs) for outputs in chunks]).float()
+    chunks = run_batched(session, {session.get_inputs()[0].name: x.numpy()}, BATCH)
+    return torch.cat([join_tensors([torch.from_numpy(out) for out in outputs])
+                      for outputs in chunks]).float()  # fmt: skip
 
 
 def as_truths(detections: list[Detections]) -> list[GroundTruth]:
