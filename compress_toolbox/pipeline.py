@@ -28,6 +28,8 @@ from compress_toolbox.export.writer import (
     export_student,
     onnx_latency_ms,
     onnx_predictions,
+    onnx_session,
+    session_batch,
 )
 from compress_toolbox.export.writer import teacher_onnx as as_onnx
 from compress_toolbox.load.importers.checkpoint import model_class_file
@@ -245,12 +247,15 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path, scratch
     teacher, data = inputs.teacher, inputs.data
     scratch.mkdir()
     teacher_onnx = as_onnx(teacher, scratch)  # None: reported as n/a
+    batch = session_batch(onnx_session(student_onnx)) or 1  # a drop-in keeps a fixed batch
+    latency = {"seconds": seconds / 4, "batch": batch}
     measured = Measurements(
         teacher_onnx_bytes=_onnx_size(teacher_onnx) if teacher_onnx else None,
-        teacher_latency_ms=onnx_latency_ms(teacher_onnx, teacher.input_shape, seconds=seconds / 4)
+        teacher_latency_ms=onnx_latency_ms(teacher_onnx, teacher.input_shape, **latency)
         if teacher_onnx
         else None,
-        student_latency_ms=onnx_latency_ms(student_onnx, teacher.input_shape, seconds=seconds / 4),
+        student_latency_ms=onnx_latency_ms(student_onnx, teacher.input_shape, **latency),
+        latency_batch=batch,
     )
     shutil.rmtree(scratch)
     measured.task_scores = task.measure(teacher.module, student_onnx, data, result.sampler)

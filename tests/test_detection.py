@@ -1138,6 +1138,31 @@ def test_a_yolov8_heads_levels_are_read_with_head_yolov8(tmp_path, capsys):
                           torch.tensor([[[0.0, 0.0, 15.0, 15.0]]]))  # fmt: skip
 
 
+def test_a_teacher_fixed_at_batch_four_gives_a_drop_in_student_scored_on_ten_scenes(tmp_path):
+    """A detector exported at a fixed batch of 4 (no dynamic axis asked for) was refused at
+    import; its student keeps batch 4 and is scored on 10 scenes (the last 2 padded) and
+    timed at that batch, beside the teacher."""
+    torch.manual_seed(0)
+    teacher_path, out = tmp_path / "det4.onnx", tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyYolo(CLASSES, 3, 8, SIZE).eval(), (torch.rand(4, 3, SIZE, SIZE),),
+                          str(teacher_path), dynamo=False, input_names=["images"],
+                          output_names=["output0"])  # fmt: skip
+    objects, labels = digit_objects()
+    keep = labels < CLASSES
+    scenes = compose_scenes(objects[keep], labels[keep], 10, SceneSpec(size=SIZE, scales=(8, 16)))
+    save_detection_npz(tmp_path / "ten.npz", scenes.images, scenes.boxes, scenes.labels)
+    code = run_cli(teacher_path, "--task", "detection", "--eval-data", tmp_path / "ten.npz",
+                   "--iters", 3, "--threads", 1, "--out", out)  # fmt: skip
+    assert code in (0, 3)
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"]["map_50"] is not None and report["student"]["latency_batch"] == 4
+    assert "batch 4 (median)" in (out / "report.md").read_text()
+    shape = (3, SIZE, SIZE)
+    assert signature(out / "student.onnx", shape) == signature(teacher_path, shape)
+
+
 PART_NAMES = tuple(f"{part}{level}" for level in range(2) for part in ("box", "cls", "sum"))
 
 
@@ -1163,23 +1188,42 @@ def test_a_yolov8_heads_levels_in_parts_join_and_split_back():
     assert torch.equal(layout.probabilities(rows)[:, :16], parts[1].flatten(2).transpose(1, 2))
     for back, want in zip(layout.file_outputs(rows), parts, strict=True):
         assert torch.equal(back, want)
-    four = [("box0", (4, 4, 4)), ("cls0", (3, 4, 4)), ("box1", (4, 2, 2)), ("cls1", (3, 2, 2))]
-    with pytest.raises(DaflError, match="in parts of 4, 3 channels"):
-        in_parts(four)
+    five = [("box0", (5, 4, 4)), ("cls0", (3, 4, 4)), ("box1", (5, 2, 2)), ("cls1", (3, 2, 2))]
+    with pytest.raises(DaflError, match="in parts of 5, 3 channels"):
+        in_parts(five)
     with pytest.raises(DaflError, match="--head yolov5: .* levels in parts, read as yolov8"):
         in_parts([(n, s[1:]) for n, s in zip(PART_NAMES, shapes)], "yolov5")
 
 
-@pytest.mark.parametrize("kind, score_sum", [("onnx", True), ("onnx", False),
-                                             ("torchscript", True), ("torchscript", False)])
-def test_a_yolov8_teacher_with_levels_in_parts_distils_into_a_drop_in_student(tmp_path, kind,
-                                                                              score_sum):
+def test_yolov6_style_parts_give_their_boxes_as_distances_or_distributions_of_any_bins():
+    """Rockchip's YOLOv6n export gives each level's box as 4 distances from the cell's centre
+    to the sides (in strides); YOLOv6m's as distributions over 17 distances per side."""
+    distances = [("box0", (4, 4, 4)), ("cls0", (3, 4, 4)), ("sum0", (1, 4, 4)),
+                 ("box1", (4, 2, 2)), ("cls1", (3, 2, 2)), ("sum1", (1, 2, 2))]  # fmt: skip
+    layout = in_parts(distances)
+    assert (layout.box_channels, layout.num_classes, layout.carried) == (4, CLASSES, 1)
+    assert "4 distances to the box's sides" in layout.describe()
+    row = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 0.5, 0.5, 0.5, 1.0]]])  # left, top, right, bottom
+    assert torch.equal(layout.boxes(row), torch.tensor([[[1.0, 1.0, 4.0, 6.0]]]))
+    seventeen = in_parts([(n, (68 if n.startswith("box") else c, h, w))
+                          for n, (c, h, w) in distances])  # fmt: skip
+    even = torch.zeros(1, 1, 68)  # every distance 0 .. 16 equally likely: 8 strides each side
+    assert torch.allclose(seventeen.boxes(torch.cat([even, torch.zeros(1, 1, 4)], -1)),
+                          torch.tensor([[[0.0, 0.0, 16.0, 16.0]]]))  # fmt: skip
+    assert "68 box-distribution values (17 per side)" in seventeen.describe()
+
+
+@pytest.mark.parametrize("kind, score_sum, box_channels",
+                         [("onnx", True, 64), ("onnx", False, 64), ("onnx", True, 4),
+                          ("torchscript", True, 64), ("torchscript", False, 64)])  # fmt: skip
+def test_a_yolo_teacher_with_levels_in_parts_distils_into_a_drop_in_student(
+        tmp_path, kind, score_sum, box_channels):  # fmt: skip
     """A Rockchip-style YOLOv8 export (as ONNX at a fixed batch of 1, as Rockchip's exporter
-    writes it; as TorchScript), with or without the score sums: a derived student, distilled
-    on the box distributions and class scores, whose student.onnx gives every part of every
-    level as the teacher does."""
+    writes it; as TorchScript), with or without the score sums, and YOLOv6n's with its boxes
+    as 4 distances: a derived student, distilled on the box values and class scores, whose
+    student.onnx gives every part of every level as the teacher does."""
     torch.manual_seed(0)
-    model = TinyYoloParts(CLASSES, 3, 8, score_sum=score_sum).eval()
+    model = TinyYoloParts(CLASSES, 3, 8, score_sum=score_sum, box_channels=box_channels).eval()
     example, options = torch.rand(1, 3, SIZE, SIZE), []
     if kind == "torchscript":
         teacher_path, options = tmp_path / "parts.ts", ["--input-shape", f"3,{SIZE},{SIZE}"]

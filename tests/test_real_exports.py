@@ -124,19 +124,20 @@ def test_the_student_of_a_softmax_ended_teacher_answers_probabilities(softmax_te
     assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
 
 
-def _export_at_batch_one(model: nn.Module, path):
-    torch.onnx.export(model.eval(), (torch.randn(1, 3, 8, 8),), path, dynamo=False,
+def _export_at_batch_one(model: nn.Module, path, batch: int = 1):
+    torch.onnx.export(model.eval(), (torch.randn(batch, 3, 8, 8),), path, dynamo=False,
                       input_names=["x"])  # fmt: skip
     return path
 
 
 class _ReshapesToBatchOne(nn.Module):
-    def __init__(self):
+    def __init__(self, batch: int = 1):
         super().__init__()
         self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 5)
+        self.batch = batch
 
     def forward(self, x):
-        return self.head(self.conv(x).reshape(1, -1))
+        return self.head(self.conv(x).reshape(self.batch, -1))
 
 
 class _MixesTheBatch(nn.Module):
@@ -148,20 +149,25 @@ class _MixesTheBatch(nn.Module):
         return self.head(self.conv(x).flatten(1).sum(0, keepdim=True))
 
 
-def test_a_file_whose_graph_fixes_batch_one_is_refused_with_one_line(tmp_path):
+def test_a_file_whose_graph_fixes_its_batch_is_refused_with_one_line(tmp_path):
     path = _export_at_batch_one(_MixesTheBatch(), tmp_path / "fixed.onnx")
-    with pytest.raises(ImportFailed, match="fixed.onnx: the file fixes batch 1"):
+    with pytest.raises(ImportFailed, match="fixed.onnx: the file fixes batch 1 "):
         load_teacher(path)
+    at_four = _export_at_batch_one(_MixesTheBatch(), tmp_path / "four.onnx", 4)  # (1, 5) out
+    with pytest.raises(VerificationFailed, match="four.onnx: the imported model differs"):
+        load_teacher(at_four)
 
 
-def test_a_file_that_reshapes_to_batch_one_is_freed_and_verified(tmp_path):
-    """ultralytics' default export (batch 1, reshapes to [1, ...] in the head) was refused."""
-    net = _ReshapesToBatchOne().eval()
-    teacher = load_teacher(_export_at_batch_one(net, tmp_path / "yolo_like.onnx"))
-    assert teacher.details["batch_freed"].startswith("1 reshape")
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_file_that_reshapes_to_its_fixed_batch_is_freed_and_verified(tmp_path, batch):
+    """ultralytics' default export (batch 1, reshapes to [1, ...] in the head) was refused;
+    so was any file exported at a fixed batch of 4 (a batch of 1 did not run)."""
+    net = _ReshapesToBatchOne(batch).eval()
+    teacher = load_teacher(_export_at_batch_one(net, tmp_path / "yolo_like.onnx", batch))
+    assert teacher.details["batch_freed"] == f"1 reshape(s) of the batch-{batch} file rewritten"
     x = torch.randn(7, 3, 8, 8)
     with torch.no_grad():
-        expected = torch.cat([net(x[i : i + 1]) for i in range(7)])
+        expected = torch.cat([net.head(net.conv(x[i : i + 1]).reshape(1, -1)) for i in range(7)])
         assert torch.allclose(teacher.module(x), expected, atol=1e-5)
 
 

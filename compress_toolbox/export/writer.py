@@ -210,11 +210,13 @@ def export_student(
 
 
 def onnx_latency_ms(path: str | Path, input_shape: tuple[int, ...], repeats: int = 50,
-                    seconds: float | None = None) -> float:  # fmt: skip
-    """Median onnxruntime CPU latency at batch 1, in milliseconds (after a short warm-up), over
-    ``repeats`` runs, or fewer (at least 5) once ``seconds`` have passed."""
+                    seconds: float | None = None, batch: int | None = None) -> float:  # fmt: skip
+    """Median onnxruntime CPU latency at ``batch`` (by default 1, or the batch the file fixes),
+    in milliseconds (after a short warm-up), over ``repeats`` runs, or fewer (at least 5) once
+    ``seconds`` have passed."""
     session = onnx_session(path)
-    feed = {session.get_inputs()[0].name: random_inputs(input_shape, 1).numpy()}
+    batch = batch or session_batch(session) or 1
+    feed = {session.get_inputs()[0].name: random_inputs(input_shape, batch).numpy()}
     for _ in range(3):
         session.run(None, feed)
     times: list[float] = []
@@ -232,10 +234,12 @@ def session_batch(session) -> int | None:
     return first if isinstance(first, int) and first > 0 else None
 
 
-def run_batched(session, feed: dict[str, np.ndarray], batch: int) -> list[list[np.ndarray]]:
-    """Every output of ``session`` for each chunk of the samples in ``feed`` (arrays sharing
-    their first axis): ``batch`` samples per run, or the session's fixed batch, a short last
-    chunk padded to it with copies of its last sample that its outputs then leave out."""
+def run_batched(session, feed: dict[str, np.ndarray], batch: int,
+                outputs: list[str] | None = None) -> list[list[np.ndarray]]:  # fmt: skip
+    """Every output of ``session`` (those named in ``outputs`` if given) for each chunk of the
+    samples in ``feed`` (arrays sharing their first axis): ``batch`` samples per run, or the
+    session's fixed batch, a short last chunk padded to it with copies of its last sample
+    that its outputs then leave out."""
     fixed = session_batch(session)
     step, size = fixed or batch, len(next(iter(feed.values())))
     chunks = []
@@ -245,7 +249,7 @@ def run_batched(session, feed: dict[str, np.ndarray], batch: int) -> list[list[n
         if fixed and count < fixed:
             part = {name: np.concatenate([array, np.repeat(array[-1:], fixed - count, axis=0)])
                     for name, array in part.items()}  # fmt: skip
-        chunks.append([out[:count] for out in session.run(None, part)])
+        chunks.append([out[:count] for out in session.run(outputs, part)])
     return chunks
 
 

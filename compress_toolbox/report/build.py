@@ -33,6 +33,7 @@ class Measurements:
     teacher_onnx_bytes: int | None  # None: the teacher could not be exported to measure it
     teacher_latency_ms: float | None
     student_latency_ms: float
+    latency_batch: int = 1  # both latencies at this batch (a student fixed at it: the teacher's)
     teacher_accuracy: float | None = None  # on --eval-data
     student_accuracy: float | None = None
     agreement: float | None = None  # student-teacher top-1 agreement
@@ -184,6 +185,7 @@ def _student_section(teacher: Teacher, plan: StudentPlan, exported: ExportResult
         "macs": plan.analysis.macs,
         "onnx_bytes": exported.onnx_bytes,
         "latency_ms": measured.student_latency_ms,
+        "latency_batch": measured.latency_batch,
         "accuracy": measured.student_accuracy,
         "mean_iou": seg["student"]["mean_iou"] if seg else None,
         "accuracy_measured_on": "student.onnx (onnxruntime)",

@@ -33,7 +33,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("parameters", "params", "int"),
         ("MACs (batch 1)", "macs", "int"),
         ("ONNX file size (bytes)", "onnx_bytes", "int"),
-        ("latency, onnxruntime CPU, batch 1 (median)", "latency_ms", "ms"),
+        (f"latency, onnxruntime CPU, batch {student.get('latency_batch') or 1} (median)",
+         "latency_ms", "ms"),
         ("accuracy on eval data", "accuracy", "pct"),
     ]
     lines = [f"# dafl-compress report: {Path(report['teacher']['source']).name}", ""]

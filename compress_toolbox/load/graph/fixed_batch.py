@@ -1,11 +1,11 @@
-"""Free the batch of an ONNX graph exported at batch 1 (ultralytics' default export, and most
-exporters' when no dynamic axis is asked for): such a graph reshapes to target shapes that
-start with a literal 1, so it cannot compute a batch of 2, which training needs.
+"""Free the batch of an ONNX graph exported at a fixed batch B, mostly 1 (ultralytics' default
+export, and most exporters' when no dynamic axis is asked for): such a graph reshapes to target
+shapes that start with a literal B, so it cannot compute another batch, which training needs.
 
-The rewrite: declared batch dimensions of 1 become symbolic, and every Reshape whose target
-shape is a constant starting with 1, applied to a tensor computed from the input whose first
-dimension is 1, gets 0 there instead ("copy the input's first dimension", the ONNX default
-``allowzero=0``). At batch 1 the graph computes exactly what it did; whether it now computes
+The rewrite: declared batch dimensions of B become symbolic, and every Reshape whose target
+shape is a constant starting with B, applied to a tensor computed from the input whose first
+dimension is B, gets 0 there instead ("copy the input's first dimension", the ONNX default
+``allowzero=0``). At batch B the graph computes exactly what it did; whether it now computes
 any batch correctly is for the caller to check against the original, sample by sample.
 """
 
@@ -16,9 +16,10 @@ import onnx
 from onnx import numpy_helper
 
 
-def free_batch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of ``model`` with its batch freed as described above, and the number of Reshape
-    targets rewritten (0: nothing to rewrite, the copy only declares a symbolic batch)."""
+def free_batch(model: onnx.ModelProto, batch: int = 1) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model``, exported at ``batch``, with its batch freed as described above, and
+    the number of Reshape targets rewritten (0: nothing to rewrite, the copy only declares a
+    symbolic batch)."""
     freed = onnx.ModelProto()
     freed.CopyFrom(model)
     graph = freed.graph
@@ -30,16 +31,16 @@ def free_batch(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             continue
         target = numpy_helper.to_array(constants[node.input[1]])
         data_first = first_dims.get(node.input[0])
-        if target.ndim == 1 and target.size and target[0] == 1 and data_first == 1:
+        if target.ndim == 1 and target.size and target[0] == batch and data_first == batch:
             new = target.copy()
             new[0] = 0
             _replace_constant(graph, node, new)
             rewritten += 1
     for value in (*graph.input, *graph.output):
         dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].dim_value == 1:
+        if dims and dims[0].dim_value == batch:
             dims[0].dim_param = "batch"
-    del graph.value_info[:]  # inferred at batch 1: stale now
+    del graph.value_info[:]  # inferred at the fixed batch: stale now
     return freed, rewritten
 
 

@@ -12,7 +12,7 @@ import torch
 from compress_toolbox.errors import ImportFailed
 from compress_toolbox.export.onnx_names import GraphAdditions
 from compress_toolbox.export.verification import tolerance_for
-from compress_toolbox.export.writer import onnx_session
+from compress_toolbox.export.writer import onnx_session, run_batched
 from compress_toolbox.load.graph.fixed_batch import free_batch
 from compress_toolbox.load.graph.onnx_cleanup import clean_up
 from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, opset_version, prepare_onnx_model
@@ -287,49 +287,50 @@ def _onnxruntime_runner(path: Path, input_name: str, output_names: list[str],
     except Exception as error:
         raise ImportFailed(f"{path}: onnxruntime cannot load it: {error}") from None
 
-    def run(x: np.ndarray) -> np.ndarray:
-        if fixed_batch == 1 and x.shape[0] != 1:  # a fixed-batch file: compare sample by sample
-            return np.concatenate([run(x[i : i + 1]) for i in range(x.shape[0])])
-        outputs = session.run(output_names, {input_name: x.astype(np.float32)})
-        return join_tensors([torch.from_numpy(out) for out in outputs], kind).numpy()
+    def run(x: np.ndarray) -> np.ndarray:  # a fixed-batch file is fed chunks of its batch
+        chunks = run_batched(session, {input_name: x.astype(np.float32)}, len(x), output_names)
+        return np.concatenate([join_tensors([torch.from_numpy(out) for out in outputs],
+                                            kind).numpy() for outputs in chunks])  # fmt: skip
 
     return run
 
 
 def _free_fixed_batch(path: Path, model: onnx.ModelProto, graph_input: onnx.ValueInfoProto,
-                      shape: tuple[int, ...]) -> tuple[onnx.ModelProto, int]:  # fmt: skip
-    """A file that declares batch 1 may still compute any batch (then it is compared sample
-    by sample). One whose graph fixes batch 1 (reshapes to [1, ...], as ultralytics' default
-    export does) is freed (``fixed_batch.free_batch``) when the freed graph gives, at batch 2,
-    what the file gives sample by sample; else it is refused here rather than failing deep in
-    the conversion. Returns the model to import and the number of reshapes rewritten."""
-    x = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+                      shape: tuple[int, ...], batch: int
+                      ) -> tuple[onnx.ModelProto, int]:  # fmt: skip
+    """A file that declares a fixed ``batch`` may still compute any batch (then it is compared
+    in chunks of its batch). One whose graph fixes it (reshapes to [1, ...], as ultralytics'
+    default export does) is freed (``fixed_batch.free_batch``) when the freed graph gives, at
+    batch 2, what the file gives for the same two samples; else it is refused here rather than
+    failing deep in the conversion. Returns the model to import and the reshapes rewritten."""
+    x = np.random.default_rng(0).random((max(batch, 2), *shape), dtype=np.float32)
     original = onnx_session(model.SerializeToString())
     name = graph_input.name
-    expected = [original.run(None, {name: x[i : i + 1]}) for i in range(2)]
-    batched = [k for k, out in enumerate(expected[0]) if out.shape[:1] == (1,)]  # not priors
-    for freed, rewritten in (_declared_only(model), free_batch(model)):
+    chunks = [original.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
+    batched = [k for k, out in enumerate(chunks[0]) if out.shape[:1] == (batch,)]  # not priors
+    expected = {k: np.concatenate([chunk[k] for chunk in chunks])[:2] for k in batched}
+    for freed, rewritten in (_declared_only(model, batch), free_batch(model, batch)):
         try:
-            outputs = onnx_session(freed.SerializeToString()).run(None, {name: x})
+            outputs = onnx_session(freed.SerializeToString()).run(None, {name: x[:2]})
         except Exception:  # noqa: BLE001 - any failure at batch 2 means the same here
             continue
-        if all(outputs[k].shape[:1] == (2,) and all(
-                np.allclose(outputs[k][i : i + 1], expected[i][k], rtol=1e-4, atol=1e-5)
-                for i in range(2)) for k in batched):  # fmt: skip
+        if all(outputs[k].shape[:1] == (2,)
+               and np.allclose(outputs[k], expected[k], rtol=1e-4, atol=1e-5)
+               for k in batched):  # fmt: skip
             return freed, rewritten
     raise ImportFailed(
-        f"{path}: the file fixes batch 1 (input '{name}' is [1, ...] and the graph "
+        f"{path}: the file fixes batch {batch} (input '{name}' is [{batch}, ...] and the graph "
         "does not compute a batch of 2); export it with a dynamic batch dimension"
     )
 
 
-def _declared_only(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """``model`` with only its declared batch of 1 made symbolic."""
+def _declared_only(model: onnx.ModelProto, batch: int) -> tuple[onnx.ModelProto, int]:
+    """``model`` with only its declared fixed ``batch`` made symbolic."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for value in (*probe.graph.input, *probe.graph.output):
         dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].dim_value == 1:
+        if dims and dims[0].dim_value == batch:
             dims[0].dim_param = "batch"
     return probe, 0
 
@@ -346,8 +347,8 @@ def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
     shape, fixed_batch = _input_shape(model, graph_input, input_shape, path)
     check_model(model, path, shape)
     batch_freed = 0
-    if fixed_batch == 1:
-        model, batch_freed = _free_fixed_batch(path, model, graph_input, shape)
+    if fixed_batch:
+        model, batch_freed = _free_fixed_batch(path, model, graph_input, shape, fixed_batch)
     prepared = clean_up(prepare_onnx_model(model))
     file_outputs = [out.name for out in prepared.graph.output]
     joined, activation, not_distilled, head_outputs = {}, None, [], []
@@ -384,5 +385,6 @@ def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
     if head_outputs:  # said where another task refuses the file
         details["one_detection_head"] = head_outputs
     if batch_freed:
-        details["batch_freed"] = f"{batch_freed} reshape(s) of the batch-1 file rewritten"
+        details["batch_freed"] = (f"{batch_freed} reshape(s) of the batch-{fixed_batch} file "
+                                  "rewritten")  # fmt: skip
     return ImportedModel(module, shape, max_abs, max_rel, details)

@@ -59,6 +59,7 @@ from compress_toolbox.tasks.outputs import (
 YOLOV8_BOX_CHANNELS = 4  # cx, cy, w, h
 YOLOV5_BOX_CHANNELS = 5  # cx, cy, w, h, objectness
 DFL_CHANNELS = 64  # a YOLOv8 level's box: 16 logits of a distance distribution per side
+MIN_DFL_BINS = 8  # box parts of 4 x this or more channels are distance distributions (DFL)
 HEAD_NAMES = ("yolov8", "yolov5", "boxes+scores", "ssd")  # ssd: boxes+scores with a background
 _BOX_NAME = re.compile(r"box|reg|loc|coord|delta", re.IGNORECASE)
 _SCORE_NAME = re.compile(r"score|class|cls|conf|prob|logit", re.IGNORECASE)
@@ -184,10 +185,12 @@ class HeadLayout:
 
     def boxes(self, out: torch.Tensor) -> torch.Tensor:
         """(N, A, 4) boxes as (cx, cy, w, h): input pixels, or a boxes+scores head's first
-        four box values, or a YOLOv8 level's distance distributions as a box about its cell
-        (in strides)."""
-        if self.box_channels == DFL_CHANNELS and self.name == "yolov8":
-            return _expected_box(self._box_rows(out))
+        four box values, or a YOLOv8 level's distances from its cell's centre to each side
+        (their distributions, or the distances themselves as YOLOv6n gives them) as a box
+        about its cell (in strides)."""
+        if self.name == "yolov8" and self.levels:
+            sides = self._box_rows(out)
+            return _box_about_cell(_expected_distances(sides) if self.box_channels > 4 else sides)
         return self._box_rows(out)[..., :4]
 
     def box_values(self, out: torch.Tensor) -> torch.Tensor:
@@ -265,8 +268,12 @@ class HeadLayout:
         levels = [f"{', '.join(self.outputs[i * n : (i + 1) * n])} ({shape[1]}x{shape[2]})"
                   for i, shape in enumerate(self.levels)]  # fmt: skip
         carried = ", then a score sum (carried, not read)" if self.carried else ""
-        return (f"yolov8 per level in parts ({'; '.join(levels)}): 64 box-distribution values "
-                f"(16 per side), {scores}{carried} per cell")  # fmt: skip
+        boxes = "4 distances to the box's sides"
+        if self.box_channels > 4:
+            bins = self.box_channels // 4
+            boxes = f"{self.box_channels} box-distribution values ({bins} per side)"
+        return (f"yolov8 per level in parts ({'; '.join(levels)}): {boxes}, "
+                f"{scores}{carried} per cell")  # fmt: skip
 
 
 def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
@@ -289,24 +296,26 @@ def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = Non
 
 
 def in_parts(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
-    """The layout of a YOLOv8 head's levels given in parts (``tasks.outputs.level_groups``),
-    as (name, shape without the batch) in the file's order: per level 64 box-distribution
-    values, K class scores and optionally one more channel (Rockchip's score sum), carried.
-    DaflError where the parts are not these or ``head`` names another layout."""
+    """The layout of a YOLOv8-style head's levels given in parts (``tasks.outputs.
+    level_groups``), as (name, shape without the batch) in the file's order: per level the
+    box (4 x B distance-distribution values, B >= 8, YOLOv8's 64; or 4 distances, YOLOv6n's),
+    K class scores and optionally one more channel (Rockchip's score sum), carried. DaflError
+    where the parts are not these or ``head`` names another layout."""
     names = ", ".join(name for name, _ in outputs)
     slices = level_slices([(1, *shape) for _, shape in outputs])
     parts = tuple(shape[0] for _, shape in outputs[slices[0]])
-    fits = parts[0] == DFL_CHANNELS and (len(parts) == 2 or len(parts) == 3 and parts[2] == 1)
-    if not fits:
+    box = parts[0] == 4 or parts[0] % 4 == 0 and parts[0] // 4 >= MIN_DFL_BINS
+    if not (box and (len(parts) == 2 or len(parts) == 3 and parts[2] == 1)):
         raise DaflError(f"the outputs {names} are a head's levels in parts of "
-                        f"{', '.join(map(str, parts))} channels; read are YOLOv8's, 64 box-"
-                        "distribution values, the class scores and optionally a score sum "
+                        f"{', '.join(map(str, parts))} channels; read are YOLOv8's and YOLOv6's: "
+                        f"the box (4 distances, or 4 x {MIN_DFL_BINS} or more distance-"
+                        "distribution values), the class scores and optionally a score sum "
                         "of one channel, per level")  # fmt: skip
     if head not in (None, "yolov8"):
         raise DaflError(f"--head {head}: the outputs {names} are a YOLOv8 head's levels in "
                         "parts, read as yolov8")  # fmt: skip
     levels = tuple((sum(parts), *outputs[level.start][1][1:]) for level in slices)
-    return HeadLayout("yolov8", parts[1], DFL_CHANNELS, levels=levels, level_parts=parts,
+    return HeadLayout("yolov8", parts[1], parts[0], levels=levels, level_parts=parts,
                       outputs=tuple(name for name, _ in outputs))  # fmt: skip
 
 
@@ -333,11 +342,17 @@ def _level_outputs(rows: torch.Tensor, levels: tuple[tuple[int, ...], ...]) -> t
                  for part, shape in zip(rows.split(counts, dim=1), levels))  # fmt: skip
 
 
-def _expected_box(distributions: torch.Tensor) -> torch.Tensor:
-    """(…, 4) a box (cx, cy, w, h) about its cell, in strides, from (…, 64) logits of a
-    distribution over 16 distances for each side (left, top, right, bottom)."""
-    bins = distributions.unflatten(-1, (4, DFL_CHANNELS // 4)).softmax(dim=-1)
-    left, top, right, bottom = (bins @ torch.arange(bins.shape[-1]).to(bins)).unbind(-1)
+def _expected_distances(distributions: torch.Tensor) -> torch.Tensor:
+    """(…, 4) the expected distance to each side (left, top, right, bottom), in strides, from
+    (…, 4 B) logits of a distribution over B distances (0 .. B - 1) per side."""
+    bins = distributions.unflatten(-1, (4, distributions.shape[-1] // 4)).softmax(dim=-1)
+    return bins @ torch.arange(bins.shape[-1]).to(bins)
+
+
+def _box_about_cell(distances: torch.Tensor) -> torch.Tensor:
+    """(…, 4) a box (cx, cy, w, h) about its cell's centre from (…, 4) distances to its left,
+    top, right and bottom sides."""
+    left, top, right, bottom = distances.unbind(-1)
     return torch.stack([(right - left) / 2, (bottom - top) / 2, left + right, top + bottom], -1)
 
 

@@ -148,14 +148,16 @@ class TinyYoloLevels(_Features):
 
 class TinyYoloParts(_Features):
     """A YOLOv8-style head's levels given in parts, as Rockchip's exports for its NPUs give
-    them: per stride (8, 16) the box distributions (N, 64, h, w), the class scores through a
-    sigmoid (N, K, h, w) and, with ``score_sum``, their sum clipped to [0, 1] (N, 1, h, w)."""
+    them: per stride (8, 16) the box distributions (N, 64, h, w) (``box_channels`` 4: the
+    distances to the sides, as YOLOv6n's), the class scores through a sigmoid (N, K, h, w)
+    and, with ``score_sum``, their sum clipped to [0, 1] (N, 1, h, w)."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16,
-                 score_sum: bool = True) -> None:  # fmt: skip
+                 score_sum: bool = True, box_channels: int = 64) -> None:  # fmt: skip
         super().__init__(in_channels, width)
         self.score_sum = score_sum
-        self.boxes = nn.ModuleList([nn.Conv2d(4 * width, 64, 1), nn.Conv2d(8 * width, 64, 1)])
+        self.boxes = nn.ModuleList([nn.Conv2d(4 * width, box_channels, 1),
+                                    nn.Conv2d(8 * width, box_channels, 1)])  # fmt: skip
         self.scores = nn.ModuleList([nn.Conv2d(4 * width, num_classes, 1),
                                      nn.Conv2d(8 * width, num_classes, 1)])  # fmt: skip
 
