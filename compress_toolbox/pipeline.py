@@ -239,6 +239,10 @@ def _measuring_seconds(time_budget: float | None) -> float:
     return max(4.0, 0.05 * (time_budget or 0.0))
 
 
+def _fixed_batch(path: Path) -> int | None:
+    return session_batch(onnx_session(path))
+
+
 def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path, scratch: Path,
              task: Task, seconds: float) -> Measurements:  # fmt: skip
     """Sizes and latencies of both models; the task's own scores (``Task.measure``), else
@@ -247,7 +251,8 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path, scratch
     teacher, data = inputs.teacher, inputs.data
     scratch.mkdir()
     teacher_onnx = as_onnx(teacher, scratch)  # None: reported as n/a
-    batch = session_batch(onnx_session(student_onnx)) or 1  # a drop-in keeps a fixed batch
+    # both timed at one batch: a drop-in student's fixed one, or a fixed teacher file's
+    batch = _fixed_batch(student_onnx) or (teacher_onnx and _fixed_batch(teacher_onnx)) or 1
     latency = {"seconds": seconds / 4, "batch": batch}
     measured = Measurements(
         teacher_onnx_bytes=_onnx_size(teacher_onnx) if teacher_onnx else None,

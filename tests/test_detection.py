@@ -1211,6 +1211,10 @@ def test_yolov6_style_parts_give_their_boxes_as_distances_or_distributions_of_an
     assert torch.allclose(seventeen.boxes(torch.cat([even, torch.zeros(1, 1, 4)], -1)),
                           torch.tensor([[[0.0, 0.0, 16.0, 16.0]]]))  # fmt: skip
     assert "68 box-distribution values (17 per side)" in seventeen.describe()
+    for box, classes in ((16, 3), (4, 1)):  # (4, 1, 1) may be YOLOX's box, objectness, class
+        with pytest.raises(DaflError, match=f"in parts of {box}, {classes}, 1 channels"):
+            in_parts([(n, (box if n.startswith("box") else classes if n.startswith("cls")
+                           else 1, h, w)) for n, (_, h, w) in distances])  # fmt: skip
 
 
 @pytest.mark.parametrize("kind, score_sum, box_channels",

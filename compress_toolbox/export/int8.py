@@ -438,7 +438,7 @@ def onnx_params(model: Path) -> int:
 
 
 def _output_shape(model: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The first output's shape without the batch, from one run."""
+    """The first output's shape without the batch, from one run (at the file's fixed batch)."""
     session = onnx_session(model)
-    x = random_inputs(shape, 1).numpy()
+    x = random_inputs(shape, session_batch(session) or 1).numpy()
     return tuple(session.run(None, {session.get_inputs()[0].name: x})[0].shape[1:])

@@ -46,7 +46,8 @@ def _session(model: Path, threads: int) -> ort.InferenceSession:
 
 
 def _run(model: Path, inputs: Batch, batch: int, threads: int) -> np.ndarray:
-    """``model``'s first output over ``inputs``, ``batch`` samples per call."""
+    """``model``'s first output over ``inputs``, ``batch`` samples per call (or the file's fixed
+    batch)."""
     session = _session(model, threads)
     names = [(i.name, _ORT_TYPES.get(i.type, np.float32)) for i in session.get_inputs()]
     feed = as_feed(inputs, names, model)

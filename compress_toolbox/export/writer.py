@@ -241,15 +241,18 @@ def run_batched(session, feed: dict[str, np.ndarray], batch: int,
     session's fixed batch, a short last chunk padded to it with copies of its last sample
     that its outputs then leave out."""
     fixed = session_batch(session)
-    step, size = fixed or batch, len(next(iter(feed.values())))
+    step, size = max(fixed or batch, 1), len(next(iter(feed.values())))
     chunks = []
     for start in range(0, size, step):
         part = {name: array[start : start + step] for name, array in feed.items()}
         count = min(step, size - start)
-        if fixed and count < fixed:
-            part = {name: np.concatenate([array, np.repeat(array[-1:], fixed - count, axis=0)])
-                    for name, array in part.items()}  # fmt: skip
-        chunks.append([out[:count] for out in session.run(outputs, part)])
+        if not fixed or count == fixed:
+            chunks.append(session.run(outputs, part))
+            continue
+        part = {name: np.concatenate([array, np.repeat(array[-1:], fixed - count, axis=0)])
+                for name, array in part.items()}  # fmt: skip
+        chunks.append([out[:count] if out.shape[:1] == (fixed,) else out
+                       for out in session.run(outputs, part)])  # fmt: skip
     return chunks
 
 

@@ -145,10 +145,10 @@ def beside_levels(shapes: list[tuple[int, ...]]) -> bool:
 
 def level_groups(shapes: list[tuple[int, ...]]) -> list[int] | None:
     """How many consecutive outputs of these shapes (batch first) make each level, where they
-    are a head's levels each given in parts along the channels (Rockchip's YOLOv8 exports:
-    box distributions (N, 64, h, w), class scores (N, K, h, w), a score sum (N, 1, h, w) per
-    level): all (N, C_i, h, w), two or more levels of two or more parts on grids of different
-    sizes, every level's parts of the same channels. None otherwise."""
+    are a head's levels each given in parts along the channels (Rockchip's YOLOv8 and YOLOv6
+    exports: the box (N, 64, h, w) (or YOLOv6's 68 or 4), class scores (N, K, h, w), a score
+    sum (N, 1, h, w) per level): all (N, C_i, h, w), two or more levels of two or more parts
+    on grids of different sizes, every level's parts of the same channels. None otherwise."""
     if len(shapes) < 4 or any(len(s) != 4 or s[0] != shapes[0][0] for s in shapes):
         return None
     grids: list[tuple[int, int]] = []

@@ -6,7 +6,7 @@ The rewrite: declared batch dimensions of B become symbolic, and every Reshape w
 shape is a constant starting with B, applied to a tensor computed from the input whose first
 dimension is B, gets 0 there instead ("copy the input's first dimension", the ONNX default
 ``allowzero=0``). At batch B the graph computes exactly what it did; whether it now computes
-any batch correctly is for the caller to check against the original, sample by sample.
+any batch correctly is for the caller to check against the original on the same samples.
 """
 
 from __future__ import annotations

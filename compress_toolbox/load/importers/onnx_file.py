@@ -279,7 +279,7 @@ def _check_input_type(graph_input: onnx.ValueInfoProto, path: Path) -> None:
 
 
 def _onnxruntime_runner(path: Path, input_name: str, output_names: list[str],
-                        fixed_batch: int | None, kind: str | None = None):  # fmt: skip
+                        kind: str | None = None):  # fmt: skip
     """The file run by onnxruntime: ``output_names``' values (several joined the ``kind`` way,
     as ``_join_outputs`` joins them)."""
     try:
@@ -299,28 +299,33 @@ def _free_fixed_batch(path: Path, model: onnx.ModelProto, graph_input: onnx.Valu
                       shape: tuple[int, ...], batch: int
                       ) -> tuple[onnx.ModelProto, int]:  # fmt: skip
     """A file that declares a fixed ``batch`` may still compute any batch (then it is compared
-    in chunks of its batch). One whose graph fixes it (reshapes to [1, ...], as ultralytics'
-    default export does) is freed (``fixed_batch.free_batch``) when the freed graph gives, at
-    batch 2, what the file gives for the same two samples; else it is refused here rather than
-    failing deep in the conversion. Returns the model to import and the reshapes rewritten."""
-    x = np.random.default_rng(0).random((max(batch, 2), *shape), dtype=np.float32)
+    in chunks of its batch). One whose graph fixes it (reshapes to [B, ...], as ultralytics'
+    default export does to [1, ...]) is freed (``fixed_batch.free_batch``) when the freed graph
+    gives, at another batch, what the file gives for the same samples; else it is refused here
+    rather than failing deep in the conversion. Outputs without the batch (priors) must not
+    change, where the batch is above 1 (at 1 nothing tells them from per-sample ones). Returns
+    the model to import and the reshapes rewritten."""
+    probe = 3 if batch == 2 else 2
+    samples = -(-probe // batch) * batch  # whole runs of the file's batch
+    x = np.random.default_rng(0).random((samples, *shape), dtype=np.float32)
     original = onnx_session(model.SerializeToString())
     name = graph_input.name
     chunks = [original.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
-    batched = [k for k, out in enumerate(chunks[0]) if out.shape[:1] == (batch,)]  # not priors
-    expected = {k: np.concatenate([chunk[k] for chunk in chunks])[:2] for k in batched}
+    batched = {k for k, out in enumerate(chunks[0]) if out.shape[:1] == (batch,)}
+    expected = {k: np.concatenate([chunk[k] for chunk in chunks])[:probe] if k in batched else out
+                for k, out in enumerate(chunks[0]) if k in batched or batch > 1}  # fmt: skip
     for freed, rewritten in (_declared_only(model, batch), free_batch(model, batch)):
         try:
-            outputs = onnx_session(freed.SerializeToString()).run(None, {name: x[:2]})
-        except Exception:  # noqa: BLE001 - any failure at batch 2 means the same here
+            outputs = onnx_session(freed.SerializeToString()).run(None, {name: x[:probe]})
+        except Exception:  # noqa: BLE001 - any failure at the probe batch means the same here
             continue
-        if all(outputs[k].shape[:1] == (2,)
-               and np.allclose(outputs[k], expected[k], rtol=1e-4, atol=1e-5)
-               for k in batched):  # fmt: skip
+        if all(outputs[k].shape == want.shape
+               and np.allclose(outputs[k], want, rtol=1e-4, atol=1e-5)
+               for k, want in expected.items()):  # fmt: skip
             return freed, rewritten
     raise ImportFailed(
         f"{path}: the file fixes batch {batch} (input '{name}' is [{batch}, ...] and the graph "
-        "does not compute a batch of 2); export it with a dynamic batch dimension"
+        f"does not compute a batch of {probe}); export it with a dynamic batch dimension"
     )
 
 
@@ -361,8 +366,7 @@ def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
         activation = _cut_final_activation(prepared, output)
         file_outputs = [output]
     module = onnx_to_torch(prepared, path, shape).eval()
-    runner = _onnxruntime_runner(path, graph_input.name, file_outputs, fixed_batch,
-                                 join_kind_of(joined))  # fmt: skip
+    runner = _onnxruntime_runner(path, graph_input.name, file_outputs, join_kind_of(joined))
     precision = _weight_precision(model)
     distilled = {None: "logits", "Softmax": "logits before its Softmax",
                  "Sigmoid": "the logit before its Sigmoid, as two classes"}[activation]  # fmt: skip

@@ -12,8 +12,9 @@
   teacher answers. With ``--head yolov8``, a YOLOv8 head's levels, (N, 64 + K, h, w): 64
   values of a distribution over 16 distances per side (DFL), then K class scores, per cell;
   or, without ``--head``, the same levels given in parts (Rockchip's exports: (N, 64, h, w),
-  (N, K, h, w) and a score sum (N, 1, h, w) per level), joined per level along the channels,
-  the sum carried, not read.
+  (N, K, h, w) and a score sum (N, 1, h, w) per level; YOLOv6's box as (N, 68, h, w)
+  distributions or (N, 4, h, w) distances), joined per level along the channels, the sum
+  carried, not read.
   Or the decoded output followed by the levels it was decoded from, (N, anchors, h, w, 5 + K)
   each (YOLOv5/v7 in eval mode through a plain ``torch.onnx.export``): the import puts each
   location's raw row beside its decoded one, (N, A, 2 (5 + K)); the decoded half is read and
@@ -59,7 +60,10 @@ from compress_toolbox.tasks.outputs import (
 YOLOV8_BOX_CHANNELS = 4  # cx, cy, w, h
 YOLOV5_BOX_CHANNELS = 5  # cx, cy, w, h, objectness
 DFL_CHANNELS = 64  # a YOLOv8 level's box: 16 logits of a distance distribution per side
-MIN_DFL_BINS = 8  # box parts of 4 x this or more channels are distance distributions (DFL)
+# A level's box part given on its own (Rockchip's exports): 4 distances to the sides (YOLOv6n/s;
+# read only beside two or more classes: (4, 1, 1) may be YOLOX's box, objectness and class), or
+# distributions over 16 distances per side (YOLOv8's DFL) or 17 (YOLOv6m/l's)
+BOX_PART_CHANNELS = (4, DFL_CHANNELS, 68)
 HEAD_NAMES = ("yolov8", "yolov5", "boxes+scores", "ssd")  # ssd: boxes+scores with a background
 _BOX_NAME = re.compile(r"box|reg|loc|coord|delta", re.IGNORECASE)
 _SCORE_NAME = re.compile(r"score|class|cls|conf|prob|logit", re.IGNORECASE)
@@ -76,7 +80,8 @@ class HeadLayout:
     name: str  # one of HEAD_NAMES
     num_classes: int
     box_channels: int = 4  # boxes+scores: the box output's channels (4 + keypoints, ...);
-    # yolov8 per level: 64, a distribution over 16 distances for each side (DFL)
+    # yolov8 per level: 64, a distribution over 16 distances for each side (DFL); in parts:
+    # one of BOX_PART_CHANNELS
     parts: tuple[str, ...] = (BOXES, SCORES)  # boxes+scores: each output's part, file order
     logits: bool = False  # boxes+scores, levels: scores are logits, read through a sigmoid
     outputs: tuple[str, ...] = ()  # boxes+scores, levels, beside: the file's output names
@@ -298,19 +303,19 @@ def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = Non
 def in_parts(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
     """The layout of a YOLOv8-style head's levels given in parts (``tasks.outputs.
     level_groups``), as (name, shape without the batch) in the file's order: per level the
-    box (4 x B distance-distribution values, B >= 8, YOLOv8's 64; or 4 distances, YOLOv6n's),
-    K class scores and optionally one more channel (Rockchip's score sum), carried. DaflError
-    where the parts are not these or ``head`` names another layout."""
+    box (``BOX_PART_CHANNELS``: distance distributions, YOLOv8's 64 or YOLOv6m's 68 values, or
+    4 distances, YOLOv6n's), K class scores and optionally one more channel (Rockchip's score
+    sum), carried. DaflError where the parts are not these or ``head`` names another layout."""
     names = ", ".join(name for name, _ in outputs)
     slices = level_slices([(1, *shape) for _, shape in outputs])
     parts = tuple(shape[0] for _, shape in outputs[slices[0]])
-    box = parts[0] == 4 or parts[0] % 4 == 0 and parts[0] // 4 >= MIN_DFL_BINS
+    box = parts[0] in BOX_PART_CHANNELS and (parts[0] > 4 or parts[1] > 1)
     if not (box and (len(parts) == 2 or len(parts) == 3 and parts[2] == 1)):
         raise DaflError(f"the outputs {names} are a head's levels in parts of "
                         f"{', '.join(map(str, parts))} channels; read are YOLOv8's and YOLOv6's: "
-                        f"the box (4 distances, or 4 x {MIN_DFL_BINS} or more distance-"
-                        "distribution values), the class scores and optionally a score sum "
-                        "of one channel, per level")  # fmt: skip
+                        "the box (64 or 68 distance-distribution values, or 4 distances beside "
+                        "two or more classes), the class scores and optionally a score sum of "
+                        "one channel, per level")  # fmt: skip
     if head not in (None, "yolov8"):
         raise DaflError(f"--head {head}: the outputs {names} are a YOLOv8 head's levels in "
                         "parts, read as yolov8")  # fmt: skip
