@@ -12,24 +12,25 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import nn
 
 from compress_toolbox.config import CompressConfig
 from compress_toolbox.distillation import distill, distributed
+from compress_toolbox.distillation.environment import check_teacher_fits
 from compress_toolbox.distillation.health import StudentFailed
-from compress_toolbox.distillation.options import DistillResult, write_history_csv
+from compress_toolbox.distillation.options import DistillResult, resolve_device, write_history_csv
 from compress_toolbox.distillation.parts import Checkpointer
 from compress_toolbox.distillation.trainer import CHECKPOINT_NAME
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, DaflWarning
 from compress_toolbox.export.int8 import quantize_step
+from compress_toolbox.export.onnx_inspect import fixed_batch
 from compress_toolbox.export.writer import (
     export_student,
     onnx_latency_ms,
     onnx_predictions,
-    onnx_session,
-    session_batch,
 )
 from compress_toolbox.export.writer import teacher_onnx as as_onnx
 from compress_toolbox.load.importers.checkpoint import model_class_file
@@ -107,6 +108,7 @@ def _load_inputs(teacher_path: str | Path, config: CompressConfig, *, eval_data:
         classes = config.task.classes_of(teacher.analysis.output_shape)
         data = config.task.load_eval_data(Path(config.eval_data), teacher.input_shape, domain,
                                           classes)  # fmt: skip
+    check_teacher_fits(teacher, distributed.world().device(resolve_device(config.distill.device)))
     return _Inputs(teacher, domain, data, plan_student(teacher, config), config)
 
 
@@ -240,7 +242,7 @@ def _measuring_seconds(time_budget: float | None) -> float:
 
 
 def _fixed_batch(path: Path) -> int | None:
-    return session_batch(onnx_session(path))
+    return fixed_batch(onnx.load(str(path), load_external_data=False))
 
 
 def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path, scratch: Path,

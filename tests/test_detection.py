@@ -1081,6 +1081,20 @@ def test_levels_given_to_another_task_are_pointed_to_detection(tmp_path, capsys)
     assert last.startswith("dafl-compress: error: --student zoo: no zoo model gives a YOLO head's")
 
 
+def test_levels_in_parts_that_no_head_reads_are_not_guessed_detection(tmp_path, capsys):
+    """Parts of 5 + 3 channels per level join as a head's levels in parts, but --task
+    detection refuses them: inspect's guess and the default task's refusal do not point
+    there."""
+    torch.manual_seed(0)
+    model = TinyYoloParts(CLASSES, 3, 8, score_sum=False, box_channels=5).eval()
+    path = export_detector(model, tmp_path / "parts.onnx", SIZE,
+                           outputs=("box0", "cls0", "box1", "cls1"))  # fmt: skip
+    assert run_cli("inspect", path) == 0
+    assert "task guess: detection" not in capsys.readouterr().out
+    assert run_cli(path, "--task", "detection", "--iters", 1, "--out", tmp_path / "out") == 2
+    assert "in parts of 5, 3 channels" in one_error_line(capsys)
+
+
 def test_nodes_added_to_a_graph_take_names_nothing_in_it_uses():
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Identity", ["x"], ["p3_rows"], name="p3_rows_")], "g",

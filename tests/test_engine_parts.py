@@ -23,9 +23,15 @@ from compress_toolbox.distillation.losses import (
 from compress_toolbox.distillation.methods import get_method, method_names
 from compress_toolbox.distillation.parts import Checkpointer, ReplayPool, StopPolicy
 from compress_toolbox.distillation.presets import PRESETS
-from compress_toolbox.distillation.recipe import MIN_USEFUL_ITERATIONS, Recipe, size_recipe
+from compress_toolbox.distillation.recipe import (
+    MEMORY_SHARE,
+    MIN_USEFUL_ITERATIONS,
+    Recipe,
+    fit_batch_to_memory,
+    size_recipe,
+)
 from compress_toolbox.domain import InputDomain
-from compress_toolbox.errors import DaflError
+from compress_toolbox.errors import DaflError, DaflWarning
 from compress_toolbox.tasks.evaldata import load_eval_data
 
 
@@ -262,3 +268,14 @@ def test_adam_is_fused_only_for_parameters_on_cuda():
     optimizer = adam(nn.Linear(2, 2).parameters(), 0.1)
     assert optimizer.defaults["fused"] is None  # the CPU keeps the measured default
     assert optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_the_batch_is_halved_to_fit_memory_and_a_shape_that_never_fits_is_refused():
+    recipe = Recipe(256, 1, 8)
+    free = int(100 * 2**20 / MEMORY_SHARE)  # 100 MiB usable
+    with pytest.warns(DaflWarning, match="using batch 64"):
+        assert fit_batch_to_memory(recipe, 2**20 + 1, free, (3, 8, 8)).batch_size == 64
+    assert fit_batch_to_memory(recipe, 2**18, free, (3, 8, 8)) == recipe  # 64 MiB fits
+    assert fit_batch_to_memory(recipe, 2**30, None, (3, 8, 8)) == recipe  # free memory unknown
+    with pytest.raises(DaflError, match=r"inputs of shape \(3, 8, 8\) need about 0.1 GiB"):
+        fit_batch_to_memory(recipe, 60 * 2**20, free, (3, 8, 8))

@@ -393,9 +393,13 @@ def test_two_output_classifier_distils_its_logits(corpus, tmp_path, capsys):
 
 
 def test_huge_declared_input_is_refused_before_allocating(corpus, tmp_path, capsys, monkeypatch):
-    import compress_toolbox.distillation.trainer as distill_module
+    """Refused on the teacher's activations alone, before a student is derived for it (which
+    ran the teacher at 1024x1024 for 20 s before the refusal)."""
+    import compress_toolbox.distillation.environment as environment
+    import compress_toolbox.pipeline as pipeline
 
-    monkeypatch.setattr(distill_module, "available_memory", lambda device: 64 * 2**20)
+    monkeypatch.setattr(environment, "available_memory", lambda device: 64 * 2**20)
+    monkeypatch.setattr(pipeline, "plan_student", None)  # never reached
     any_size = _onnx(Tiny(), tmp_path / "any_size.onnx",
                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})  # fmt: skip
     assert run_cli(any_size, "--input-shape", "1,1024,1024", "--out", tmp_path / "out",
@@ -539,7 +543,9 @@ def assert_resume_finished(resumed: subprocess.CompletedProcess, tmp_path: Path)
     assert (tmp_path / "out.checkpoint").exists() == (resumed.returncode == 3)
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(("sig", "code"), [
+    pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),  # test_cli's sigint test too
+    (signal.SIGTERM, 143)])  # fmt: skip
 def test_signal_saves_a_checkpoint_then_resume_finishes(corpus, tmp_path, sig, code):
     out = tmp_path / "out"
     command = _command(corpus, out, "--time-budget", "40")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import one_error_line, run_cli
@@ -13,6 +14,7 @@ from torch import nn
 
 from compress_toolbox import CompressConfig, compress, load_teacher
 from compress_toolbox.errors import DaflError, ImportFailed, VerificationFailed
+from compress_toolbox.export.onnx_inspect import fixed_batch
 from compress_toolbox.export.verification import compare
 
 
@@ -171,6 +173,21 @@ def test_a_file_that_reshapes_to_its_fixed_batch_is_freed_and_verified(tmp_path,
     with torch.no_grad():
         expected = torch.cat([net.head(net.conv(x[i : i + 1]).reshape(1, -1)) for i in range(7)])
         assert torch.allclose(teacher.module(x), expected, atol=1e-5)
+
+
+def test_the_fixed_batch_is_read_from_the_data_input_not_a_listed_weight(tmp_path):
+    """Files of IR version 3 list their weights as graph inputs: a weight's first axis (8
+    filters here) is not the batch of a file whose data input has a free batch."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    path = tmp_path / "free.onnx"
+    torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), path, dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    model = onnx.load(str(path))
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(
+        init.name, init.data_type, init.dims) for init in model.graph.initializer)  # fmt: skip
+    assert fixed_batch(model) is None
+    at_four = _export_at_batch_one(net, tmp_path / "four.onnx", 4)
+    assert fixed_batch(onnx.load(str(at_four))) == 4
 
 
 def test_a_file_that_only_declares_batch_one_imports(tmp_path):

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from compress_toolbox.distillation.methods.base import Method
-from compress_toolbox.distillation.recipe import activation_bytes
+from compress_toolbox.distillation.recipe import activation_bytes, check_sample_fits
 from compress_toolbox.errors import TrainingFailed
+from compress_toolbox.limits import available_memory
 from compress_toolbox.load.teacher import Teacher
 
 
@@ -22,22 +23,35 @@ def autocast_factory(dev: torch.device):
     return nullcontext
 
 
+def _bytes_per_sample(module: nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
+    """Activation bytes per sample of ``module`` on inputs of ``shape`` (measured at batch 2)."""
+    x = torch.zeros(2, *shape, device=device)
+    return activation_bytes(module, lambda: module.eval()(x), 2)
+
+
 def iteration_bytes_per_sample(teacher: Teacher, student: nn.Module, method: Method,
                                device: torch.device) -> int:  # fmt: skip
     """Memory one generated sample takes in an iteration: generator, teacher (with input
     gradients) and student activations, twice for the backward pass."""
     shape = tuple(teacher.input_shape)
-
-    def on(module):
-        x = torch.zeros(2, *shape, device=device)
-        return activation_bytes(module, lambda: module.eval()(x), 2)
-
     student_mode = student.training
-    per_sample = 2 * (on(teacher.module) + on(student))
+    per_sample = 2 * (_bytes_per_sample(teacher.module, shape, device)
+                      + _bytes_per_sample(student, shape, device))  # fmt: skip
     student.train(student_mode)
     if method.generator is not None:
         per_sample += 2 * activation_bytes(method.generator, lambda: method.sample(2), 2)
     return per_sample
+
+
+def check_teacher_fits(teacher: Teacher, device: torch.device) -> None:
+    """Refuse, before a student is made for it (which runs the teacher many times), an input
+    shape whose teacher activations alone, a lower bound of what an iteration takes
+    (``iteration_bytes_per_sample``), do not fit ``device``'s free memory."""
+    shape = tuple(teacher.input_shape)
+    where = next(teacher.module.parameters(), torch.empty(0)).device  # measured where it is
+    with torch.no_grad():
+        per_sample = 2 * _bytes_per_sample(teacher.module, shape, where)
+    check_sample_fits(per_sample, available_memory(device), shape)
 
 
 def try_channels_last(teacher: Teacher, student: nn.Module, method: Method,

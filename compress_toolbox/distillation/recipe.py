@@ -149,6 +149,19 @@ def activation_bytes(module: nn.Module, run: Callable[[], object], batch: int) -
     return total // batch
 
 
+def check_sample_fits(per_sample_bytes: int, free_bytes: int | None,
+                      shape: tuple[int, ...]) -> None:  # fmt: skip
+    """DaflError when a batch of 2 samples of ``per_sample_bytes`` each does not fit in
+    MEMORY_SHARE of ``free_bytes`` (None: the platform does not say; nothing is checked)."""
+    if free_bytes is None or 2 * per_sample_bytes <= MEMORY_SHARE * free_bytes:
+        return
+    raise DaflError(
+        f"inputs of shape {tuple(shape)} need about {per_sample_bytes / 2**30:.1f} GiB per "
+        f"generated sample, more than this device can hold ({free_bytes / 2**30:.1f} GiB "
+        "free); is the declared input shape right (--input-shape)?"
+    )
+
+
 def fit_batch_to_memory(recipe: Recipe, per_sample_bytes: int, free_bytes: int | None,
                         shape: tuple[int, ...]) -> Recipe:  # fmt: skip
     """Halve the batch until one iteration's activations fit in MEMORY_SHARE of the free
@@ -160,11 +173,7 @@ def fit_batch_to_memory(recipe: Recipe, per_sample_bytes: int, free_bytes: int |
     while batch > 2 and batch * per_sample_bytes > budget:
         batch //= 2
     if batch * per_sample_bytes > budget:
-        raise DaflError(
-            f"inputs of shape {tuple(shape)} need about {per_sample_bytes / 2**30:.1f} GiB per "
-            f"generated sample, more than this device can hold ({free_bytes / 2**30:.1f} GiB "
-            "free); is the declared input shape right (--input-shape)?"
-        )
+        check_sample_fits(per_sample_bytes, free_bytes, shape)
     if batch == recipe.batch_size:
         return recipe
     warnings.warn(

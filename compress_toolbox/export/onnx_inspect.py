@@ -33,11 +33,13 @@ def model_inputs(path: Path, model: onnx.ModelProto) -> list[tuple[str, np.dtype
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size a model was exported with when its first axis is not dynamic."""
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
+    """The batch size a model's first input (not an initializer listed as an input, as files
+    of IR version 3 do) was exported with, or None where its first axis is dynamic."""
+    weights = {init.name for init in model.graph.initializer}
+    value = next((v for v in model.graph.input if v.name not in weights), None)
+    dims = value.type.tensor_type.shape.dim if value is not None else []
+    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+        return dims[0].dim_value
     return None
 
 

@@ -19,6 +19,7 @@ from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, opset_version
 from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer, verify
 from compress_toolbox.load.importers.onnx_checks import check_model
 from compress_toolbox.tasks import FILE_OUTPUTS, SigmoidAsTwoClasses
+from compress_toolbox.tasks.detection.heads import joined_layout
 from compress_toolbox.tasks.outputs import (
     JOIN_KINDS,
     join_kind_of,
@@ -197,14 +198,16 @@ def _one_detection_head(model: onnx.ModelProto, shape: tuple[int, ...]) -> bool:
     """Whether ``model``'s several outputs are what --task detection reads as one head: boxes
     and scores, or a YOLO head's levels (alone, beside their decoded output or in parts) on
     grids of stride 8 or more (a segmentation model's deep supervision maps are finer). A hint
-    only: False where the probe cannot run."""
+    only: False where the probe cannot run or the head reader refuses the outputs."""
     try:
-        joined = joined_details(*_output_shapes(model, shape))
+        joined = joined_details(*_output_shapes(model, shape)) or {}
+        kind = join_kind_of(joined)
+        if kind is None or joined_layout(joined) is None:
+            return False
     except Exception:  # noqa: BLE001 - the import itself reports what is wrong with the file
         return False
-    kind = join_kind_of(joined or {})
-    if kind == "channels" or kind is None:
-        return kind is not None
+    if kind == "channels":
+        return True
     levels = joined[JOIN_KINDS[kind]][1:] if kind == "beside" else joined[JOIN_KINDS[kind]]
     return all(cell * 8 <= size for _, level in levels
                for cell, size in zip(level_cells(tuple(level)), shape[-2:]))

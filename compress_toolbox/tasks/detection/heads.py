@@ -339,6 +339,24 @@ def decoded_and_levels(outputs: list[tuple[str, tuple[int, ...]]],
                       beside=tuple(tuple(s) for _, s in levels))  # fmt: skip
 
 
+def joined_layout(details: dict, head: str | None = None) -> HeadLayout | None:
+    """The layout of a teacher's outputs as its import joined them (``details``, under a
+    ``tasks.outputs.JOIN_KINDS`` key), scores not yet told logits or probabilities; None where
+    they were not joined; DaflError where they are no head that is read."""
+    def dims(key: str) -> list[tuple[str, tuple[int, ...]]]:
+        return [(name, tuple(shape)) for name, shape in details[key]]
+
+    if details.get("joined_levels"):
+        return per_level(dims("joined_levels"), head)
+    if details.get("joined_level_parts"):
+        return in_parts(dims("joined_level_parts"), head)
+    if details.get("decoded_and_levels"):
+        return decoded_and_levels(dims("decoded_and_levels"), head)
+    if details.get("joined_outputs"):
+        return joined([(name, int(c)) for name, c in details["joined_outputs"]], False, head)
+    return None
+
+
 def _level_outputs(rows: torch.Tensor, levels: tuple[tuple[int, ...], ...]) -> tuple:
     """(N, A, C) rows split into each level's output as the file gives it (``levels``: their
     shapes, no batch)."""

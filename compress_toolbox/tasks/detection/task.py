@@ -27,12 +27,9 @@ from compress_toolbox.tasks.detection.heads import (
     LAYOUTS_TEXT,
     QUALITY,
     HeadLayout,
-    decoded_and_levels,
     describe_layouts,
     forced,
-    in_parts,
-    joined,
-    per_level,
+    joined_layout,
     recognise,
 )
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
@@ -227,23 +224,13 @@ class Detection(Task):
 
     def _layout(self, teacher) -> tuple[HeadLayout, str | None]:
         """The teacher's head layout, and a note on how its scores read (joined outputs)."""
-        outputs = teacher.details.get("joined_outputs")
-        shape = tuple(teacher.analysis.output_shape)
-        if teacher.details.get("joined_levels"):
-            levels = [(name, tuple(dims)) for name, dims in teacher.details["joined_levels"]]
-            return _read_scores(teacher.module, per_level(levels, self.head_name),
-                                tuple(teacher.input_shape), guess_background=False)  # fmt: skip
-        if teacher.details.get("joined_level_parts"):
-            parts = [(name, tuple(dims)) for name, dims in teacher.details["joined_level_parts"]]
-            return _read_scores(teacher.module, in_parts(parts, self.head_name),
-                                tuple(teacher.input_shape), guess_background=False)  # fmt: skip
-        if teacher.details.get("decoded_and_levels"):
-            parts = [(name, tuple(dims)) for name, dims in teacher.details["decoded_and_levels"]]
-            return decoded_and_levels(parts, self.head_name), None
-        if outputs:
-            layout = joined([(name, int(c)) for name, c in outputs], False, self.head_name)
-            return _read_scores(teacher.module, layout, tuple(teacher.input_shape),
-                                guess_background=self.head_name is None)  # fmt: skip
+        input_shape, shape = tuple(teacher.input_shape), tuple(teacher.analysis.output_shape)
+        layout = joined_layout(teacher.details, self.head_name)
+        if layout is not None and teacher.details.get("decoded_and_levels"):
+            return layout, None
+        if layout is not None:  # a YOLO head's levels keep their scores' background as given
+            guess = self.head_name is None and bool(teacher.details.get("joined_outputs"))
+            return _read_scores(teacher.module, layout, input_shape, guess_background=guess)
         if self.head_name is not None:
             layout = forced(self.head_name, shape)
         else:
