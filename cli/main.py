@@ -167,6 +167,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from compress_toolbox.export.int8 import describe, kept_float_reason, quantize_file
+    from compress_toolbox.report.render import latency_columns
 
     result, rows = quantize_file(
         Path(args.model), Path(args.calibration_data), out=args.out, samples=args.samples,
@@ -176,11 +177,14 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"int8": describe(result), "rows": [asdict(r) for r in rows]}))
         return 0
-    print(f"{'':6}{'file':>28}{'bytes':>10}{'ms, batch 1':>13}{'ms, batch 32':>14}{'score':>9}")
+    columns = latency_columns([row.latency_ms for row in rows])
+    headings = "".join(f"{'ms, ' + key:>14}" for key in columns)
+    print(f"{'':6}{'file':>28}{'bytes':>10}{headings}{'score':>9}")
     for row in rows:
         score = "n/a" if row.score is None else f"{100 * row.score:.2f}%"
-        ms = [f"{v:.3f}" if v is not None else "n/a" for v in row.latency_ms.values()]
-        print(f"{row.model:6}{row.file:>28}{row.onnx_bytes:>10,}{ms[0]:>13}{ms[1]:>14}{score:>9}")
+        ms = [row.latency_ms.get(key) for key in columns]
+        ms_text = "".join(f"{'n/a' if v is None else f'{v:.3f}':>14}" for v in ms)
+        print(f"{row.model:6}{row.file:>28}{row.onnx_bytes:>10,}{ms_text}{score:>9}")
     agreement, measure = result.agreement.value, result.agreement.task_measure or "top-1 agreement"
     verdict = "REJECTED (not equivalent): " + result.reason if result.reason else "kept"
     print(f"{measure} with fp32: {'n/a' if agreement is None else f'{100 * agreement:.2f}%'}"

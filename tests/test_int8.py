@@ -160,6 +160,27 @@ def test_quantize_command_on_an_existing_model(workspace, tmp_path, capsys):
     one_error_line(capsys, "no such calibration file")
 
 
+def test_a_file_fixed_at_batch_four_is_timed_at_four(workspace, tmp_path, capsys):
+    """Batch 1 and 32 cannot run on it: its latency is measured and shown at its own batch."""
+    torch.manual_seed(0)
+    model = tmp_path / "four.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval(),
+                          (torch.rand(4, 1, 8, 8),), str(model), dynamo=False)  # fmt: skip
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, x=np.load(workspace / "eval.npz")["x"][:40])
+    assert run_cli("quantize", model, "--calibration-data", calibration, "--samples", 32,
+                   "--json") == 0  # fmt: skip
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [list(row["latency_ms"]) for row in rows] == [["batch 4"], ["batch 4"]]
+    assert all(row["latency_ms"]["batch 4"] > 0 for row in rows)
+    assert run_cli("quantize", model, "--calibration-data", calibration, "--samples", 32,
+                   "--force") == 0  # fmt: skip
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "ms, batch 4" in header and "batch 32" not in header
+
+
 def test_quantize_model_from_a_generator_or_a_tensor(workspace, tmp_path):
     model = workspace / "mlp.onnx"
     x = torch.from_numpy(np.load(workspace / "eval.npz")["x"])

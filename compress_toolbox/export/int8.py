@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 import torch
 
 from compress_toolbox.distillation.methods import get_method
@@ -32,6 +33,7 @@ from compress_toolbox.export.calibration import (
     from_sampler,
 )
 from compress_toolbox.export.onnx_compare import Agreement, compare_onnx, latency_ms
+from compress_toolbox.export.onnx_inspect import fixed_batch
 from compress_toolbox.export.quantize import (
     DEFAULT_SAMPLES,
     MIN_INT8_CONV_CHANNELS,
@@ -228,16 +230,17 @@ class ModelRow:
     status: str  # "ok", "rejected", "failed"
     params: int | None
     onnx_bytes: int | None
-    latency_ms: dict[str, float | None]  # "batch 1", "batch 32": medians, onnxruntime CPU
+    latency_ms: dict[str, float | None]  # "batch 1", "batch 32" (or a fixed batch): medians
     score: float | None  # accuracy or mean IoU on the eval data
     agreement: float | None = None  # int8 rows: agreement with the float model (Agreement.value)
 
 
 def measure_latency(model: Path, input_shape: tuple[int, ...]) -> dict[str, float | None]:
-    """Median onnxruntime CPU latency (one thread) at each of LATENCY_BATCHES; None at a batch
-    the model does not take (a fixed batch size)."""
+    """Median onnxruntime CPU latency (one thread) by "batch B": at each of LATENCY_BATCHES,
+    or at the one batch a file fixes; None where a measurement fails."""
+    fixed = fixed_batch(onnx.load(str(model), load_external_data=False))
     found: dict[str, float | None] = {}
-    for batch in LATENCY_BATCHES:
+    for batch in (fixed,) if fixed else LATENCY_BATCHES:
         try:
             found[f"batch {batch}"] = round(latency_ms(model, random_inputs(input_shape, batch)
                                                        .numpy(), runs=LATENCY_RUNS), 4)

@@ -108,19 +108,27 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def latency_columns(latencies: list[dict[str, Any]]) -> list[str]:
+    """The "batch B" keys of these latency tables (INT8 rows), by batch: batch 1 and 32, and
+    any batch a fixed-batch file was timed at instead."""
+    keys = {key for latency in latencies for key in latency} or {"batch 1", "batch 32"}
+    return sorted(keys, key=lambda key: int(key.split()[-1]))
+
+
 def _int8_section(int8: dict[str, Any]) -> list[str]:
     """report.md's INT8 table (teacher fp32 / teacher int8 / student fp32 / student int8) and
     each INT8 model's verdict, calibration and the ops left in float."""
     figure = (int8["student"].get("figure") or "accuracy") if int8.get("student") else "accuracy"
+    columns = latency_columns([row["latency_ms"] for row in int8["rows"]])
     lines = ["## INT8", "",
-             f"| model | file | params | size (bytes) | latency batch 1 | latency batch 32 | "
-             f"{figure} | agreement with fp32 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"| model | file | params | size (bytes) | "
+             f"{''.join(f'latency {key} | ' for key in columns)}{figure} | agreement with fp32 |",
+             "|---|---|---|---|" + "---|" * len(columns) + "---|---|"]  # fmt: skip
     for row in int8["rows"]:
         name = row["model"] + ("" if row["status"] == "ok" else f" ({row['status'].upper()})")
-        latency = row["latency_ms"]
+        latency = "".join(f"{_fmt(row['latency_ms'].get(key), 'ms')} | " for key in columns)
         lines.append(f"| {name} | {row['file'] or 'none'} | {_fmt(row['params'], 'int')} | "
-                     f"{_fmt(row['onnx_bytes'], 'int')} | {_fmt(latency.get('batch 1'), 'ms')} | "
-                     f"{_fmt(latency.get('batch 32'), 'ms')} | {_fmt(row['score'], 'pct')} | "
+                     f"{_fmt(row['onnx_bytes'], 'int')} | {latency}{_fmt(row['score'], 'pct')} | "
                      f"{_fmt(row['agreement'], 'pct')} |")  # fmt: skip
     lines += ["", f"- calibrated on {int8['calibrated_on']}; kept only when {int8['margin']}"]
     check = (int8.get("student") or {}).get("agreement")
