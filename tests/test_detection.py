@@ -31,6 +31,7 @@ from compress_toolbox.tasks.detection.heads import (
     decoded_and_levels,
     in_parts,
     joined,
+    joined_layout,
     per_level,
     recognise,
 )
@@ -53,6 +54,7 @@ from compress_toolbox.tasks.outputs import (
     beside_levels,
     join_kind,
     join_tensors,
+    joined_details,
     level_groups,
     levels_joinable,
 )
@@ -1018,12 +1020,43 @@ def test_which_outputs_are_a_yolo_heads_levels():
         assert not levels_joinable(shapes), shapes
 
 
-@pytest.mark.parametrize("kind", ["rank5", "rank4", "torchscript"])
-def test_a_yolo_teacher_with_one_output_per_level_distils_into_a_drop_in_student(tmp_path, kind):
-    """YOLOv5/v7 exports without their grid give the head's levels raw: the student is distilled
-    on their rows and student.onnx gives the teacher's outputs, names and shapes."""
+class ChannelsLastLevels(nn.Module):
+    """A YOLO head's levels as a Keras model gives them, (N, h, w, anchors * (5 + K))."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(level.permute(0, 2, 3, 1) for level in self.model(x))
+
+
+def test_levels_with_their_channels_last_join_as_rows_and_split_back():
     torch.manual_seed(0)
-    model = TinyYoloLevels(CLASSES, 3, 8, rank=4 if kind == "rank4" else 5).eval()
+    model = ChannelsLastLevels(TinyYoloLevels(CLASSES, 3, 8, rank=4)).eval()
+    with torch.no_grad():
+        levels = model(torch.rand(2, 3, SIZE, SIZE))
+    shapes = [tuple(t.shape) for t in levels]
+    assert shapes == [(2, 4, 4, 24), (2, 2, 2, 24)] and join_kind(shapes) == "levels_last"
+    assert join_kind([(1, 255, 40, 40), (1, 255, 20, 20)]) == "levels"  # channels first
+    rows = join_tensors(list(levels), "levels_last")
+    joined = joined_details(list(LEVEL_NAMES), shapes)
+    layout = joined_layout(joined)
+    assert layout.channels_last and layout.anchors == 3 and layout.num_classes == CLASSES
+    assert "p3 (N, 4, 4, 24), p4 (N, 2, 2, 24)" in layout.describe()
+    assert torch.equal(layout.locations_last(rows)[:, 3 * 16 + 1], levels[1][:, 0, 0, 8:16])
+    for back, level in zip(layout.file_outputs(rows), levels, strict=True):
+        assert torch.equal(back, level)
+
+
+@pytest.mark.parametrize("kind", ["rank5", "rank4", "channels_last", "torchscript"])
+def test_a_yolo_teacher_with_one_output_per_level_distils_into_a_drop_in_student(tmp_path, kind):
+    """YOLOv5/v7 exports without their grid give the head's levels raw (Keras models with
+    their channels last): the student is distilled on their rows and student.onnx gives the
+    teacher's outputs, names and shapes."""
+    torch.manual_seed(0)
+    model = TinyYoloLevels(CLASSES, 3, 8, rank=5 if kind in ("rank5", "torchscript") else 4)
+    model = (ChannelsLastLevels(model) if kind == "channels_last" else model).eval()
     if kind == "torchscript":
         teacher_path, options = tmp_path / "levels.ts", ["--input-shape", f"3,{SIZE},{SIZE}"]
         torch.jit.save(torch.jit.trace(model, torch.rand(1, 3, SIZE, SIZE)), str(teacher_path))
@@ -1037,8 +1070,8 @@ def test_a_yolo_teacher_with_one_output_per_level_distils_into_a_drop_in_student
     report = json.loads((out / "report.json").read_text())
     assert "yolov5 per level" in report["detection"]["layout"]
     assert "3 anchor(s) per cell" in report["detection"]["layout"]
-    assert report["teacher"]["distilled_output"] == (
-        "every level's output, joined along the locations")  # fmt: skip
+    assert report["teacher"]["distilled_output"] == ("every level's output" + (
+        " (channels last)" if kind == "channels_last" else "") + ", joined along the locations")
     student = signature(out / "student.onnx", (3, SIZE, SIZE))
     with torch.no_grad():
         wanted = [tuple(t.shape) for t in model(torch.rand(2, 3, SIZE, SIZE))]

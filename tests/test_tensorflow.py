@@ -197,10 +197,12 @@ def _conversion(module: nn.Module, layout_bug: bool) -> tf_importer.Conversion:
 
 def test_verification_against_tensorflow_catches_a_layout_mistake():
     module = _flat_linear()
-    good = tf_importer._verify_against_tf(module, _conversion(module, False), [0], Path("m"), 1e-4)
+    good = tf_importer._verify_against_tf(module, _conversion(module, False), [0], None, Path("m"),
+                                       1e-4)  # fmt: skip
     assert good[1] < 1e-6
     with pytest.raises(VerificationFailed, match="m: the imported model differs from TensorFlow"):
-        tf_importer._verify_against_tf(module, _conversion(module, True), [0], Path("m"), 1e-4)
+        tf_importer._verify_against_tf(module, _conversion(module, True), [0], None, Path("m"),
+                                       1e-4)  # fmt: skip
 
 
 @needs_tf
@@ -212,3 +214,25 @@ def test_truncated_files_are_named_as_damaged(tf_files, tmp_path, fmt):
     damaged.write_bytes(original.read_bytes()[: original.stat().st_size // 3])
     with pytest.raises(ImportFailed, match="truncated or corrupt"):
         load_teacher(damaged)
+
+
+@needs_tf
+@pytest.mark.slow  # ~25 s: a Keras build and a conversion; the ONNX form is in the fast suite
+def test_a_keras_yolo_heads_levels_channels_last_distil_into_a_drop_in_student(tmp_path, capsys):
+    """keras-yolo3's raw levels, (N, h, w, anchors * (5 + K)): read as a YOLO head (refused
+    before), verified against TensorFlow, and the student gives the same two outputs."""
+    files = _build(tmp_path / "det", "--detector")
+    out = tmp_path / "out"
+    code = main([files["keras"], "--task", "detection", "--iters", "2", "--threads", "1",
+                 "--no-progress", "--out", str(out)])  # fmt: skip
+    assert code in (0, 3), capsys.readouterr().err  # an untrained teacher: either verdict
+    report = json.loads((out / "report.json").read_text())
+    layout = report["detection"]["layout"]  # tf2onnx names the outputs Identity:0, ...
+    assert "(N, 4, 4, 24)" in layout and "(N, 2, 2, 24)): 3 anchor(s) per cell" in layout
+    assert report["teacher"]["distilled_output"].startswith("every level's output (channels")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: np.zeros((2, 3, 32, 32),
+                                                                        np.float32)})
+    assert [o.shape for o in outputs] == [(2, 4, 4, 24), (2, 2, 2, 24)]

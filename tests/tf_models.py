@@ -4,6 +4,8 @@ hostile TensorFlow files for tests/test_tf_code_safety.py.
 Run as a script in its own process (TensorFlow and torch in one process segfault):
     python tests/tf_models.py OUT_DIR lenet [resnet mobilenet]
 writes OUT_DIR/<model>/<file> for each format and OUT_DIR/manifest.json ({model: {format: file}});
+    python tests/tf_models.py OUT_DIR --detector
+writes OUT_DIR/yolo_levels.keras (``yolo_levels``) and OUT_DIR/manifest.json ({"keras": file});
     python tests/tf_models.py OUT_DIR --hostile MARKER_DIR
 writes files whose graphs write a file into MARKER_DIR when TensorFlow runs them, and
 OUT_DIR/manifest.json ({case: file}).
@@ -42,6 +44,18 @@ def lenet() -> keras.Model:
             layers.Dense(10),
         ]
     )
+
+
+def yolo_levels() -> keras.Model:
+    """A YOLO head's raw levels as keras-yolo3 gives them, channels last: on 32x32x3,
+    (N, 4, 4, 24) and (N, 2, 2, 24), 3 anchors of 5 + 3 values per cell, strides 8 and 16."""
+    image = keras.Input((32, 32, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(image)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(x)
+    fine = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(x)
+    coarse = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(fine)
+    return keras.Model(image, [layers.Conv2D(24, 1, name="p3")(fine),
+                               layers.Conv2D(24, 1, name="p4")(coarse)])  # fmt: skip
 
 
 def _block(x, filters: int, stride: int):
@@ -272,6 +286,11 @@ def main(argv: list[str]) -> None:
     out = Path(argv[0])
     if argv[1:2] == ["--hostile"]:
         manifest = save_hostile(out, Path(argv[2]))
+    elif argv[1:2] == ["--detector"]:
+        keras.utils.set_random_seed(0)
+        out.mkdir(parents=True, exist_ok=True)
+        yolo_levels().save(out / "yolo_levels.keras")
+        manifest = {"keras": str(out / "yolo_levels.keras")}
     else:
         manifest = {name: save_all(name, out) for name in argv[1:]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -123,6 +123,25 @@ def levels_joinable(shapes: list[tuple[int, ...]]) -> bool:
     return len(same) == 1 and len(cells) == len(shapes) and row_channels(shapes[0][1:]) >= MIN_ROW
 
 
+def levels_last_joinable(shapes: list[tuple[int, ...]]) -> bool:
+    """Whether outputs of these shapes (batch first) are one YOLO head's levels with their
+    channels last, (N, h, w, na * C) each (Keras and TensorFlow models: keras-yolo3's
+    (N, 13, 13, 255), ...): two or more, the same N and channels, grids of different sizes,
+    C >= 6 values per location; never ones ``levels_joinable`` reads channels first."""
+    if len(shapes) < 2 or any(len(s) != 4 for s in shapes) or levels_joinable(shapes):
+        return False
+    same = {(s[0], s[3]) for s in shapes}
+    grids = {tuple(s[1:3]) for s in shapes}
+    return len(same) == 1 and len(grids) == len(shapes) and row_channels(
+        channels_first(shapes[0][1:])) >= MIN_ROW  # fmt: skip
+
+
+def channels_first(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A channels-last level's shape (h, w, C) (no batch) as the channels-first one (C, h, w)
+    the head layouts read (its rows are the same: one per cell, the cell's channels)."""
+    return (shape[-1], *shape[:-1])
+
+
 MAX_ANCHORS = 9  # anchor slots per cell of a YOLO level given as (N, anchors, h, w, C)
 
 
@@ -165,11 +184,13 @@ def level_groups(shapes: list[tuple[int, ...]]) -> list[int] | None:
 
 # How several outputs join into one (``join_tensors``), each kind under its key in the
 # teacher's details: a detection head's boxes and scores (N, A, C_i) along the last axis; a
-# YOLO head's levels as rows (``level_rows``) along the locations; a decoded YOLO output with
+# YOLO head's levels as rows (``level_rows``) along the locations (channels first, or last
+# as Keras gives them: ``levels_last``); a decoded YOLO output with
 # its levels' rows beside it, along the last axis, (N, A, 2 C); a head's levels given in
 # parts, each level's parts along the channels, then as levels.
 JOIN_KINDS = {"channels": "joined_outputs", "levels": "joined_levels",
-              "beside": "decoded_and_levels", "parts": "joined_level_parts"}  # fmt: skip
+              "levels_last": "joined_levels_last", "beside": "decoded_and_levels",
+              "parts": "joined_level_parts"}  # fmt: skip
 
 
 def join_kind(shapes: list[tuple[int, ...]]) -> str | None:
@@ -179,6 +200,8 @@ def join_kind(shapes: list[tuple[int, ...]]) -> str | None:
         return "channels"
     if levels_joinable(shapes):
         return "levels"
+    if levels_last_joinable(shapes):
+        return "levels_last"
     if beside_levels(shapes):
         return "beside"
     return "parts" if level_groups(shapes) else None
@@ -198,6 +221,8 @@ def join_tensors(tensors: list[torch.Tensor], kind: str | None = None) -> torch.
         return torch.cat(tensors, dim=-1)
     if kind == "levels":
         return torch.cat([level_rows(t) for t in tensors], dim=1)
+    if kind == "levels_last":  # (N, h, w, C): a row of C values per cell, row-major
+        return torch.cat([t.reshape(t.shape[0], -1, t.shape[-1]) for t in tensors], dim=1)
     if kind == "parts":
         return join_tensors(parts_joined(tensors), "levels")
     rows = torch.cat([level_rows(t) for t in tensors[1:]], dim=1)
@@ -236,6 +261,8 @@ def joined_details(names: list[str], shapes: list[tuple[int, ...]]) -> dict | No
         outputs = [[n, [int(d) for d in s[1:]]] for n, s in zip(names, shapes)]
     distilled = {"channels": "every output, joined along the last axis",
                  "levels": "every level's output, joined along the locations",
+                 "levels_last": "every level's output (channels last), joined along the "
+                                "locations",
                  "beside": "the decoded output, its levels' rows beside it",
                  "parts": "each level's parts joined along the channels, the levels along "
                           "the locations"}[kind]  # fmt: skip

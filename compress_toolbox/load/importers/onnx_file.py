@@ -22,6 +22,7 @@ from compress_toolbox.tasks import FILE_OUTPUTS, SigmoidAsTwoClasses
 from compress_toolbox.tasks.detection.heads import joined_layout
 from compress_toolbox.tasks.outputs import (
     JOIN_KINDS,
+    channels_first,
     join_kind_of,
     join_tensors,
     joined_details,
@@ -148,16 +149,20 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
         seen = ", ".join(f"{n} (N, {', '.join(map(str, s[1:]))})" for n, s in zip(names, shapes))
         raise ImportFailed(f"{path}: outputs {seen} cannot be read as one detection head: "
                            "several outputs must each be (N, A, C) with the same A, or a YOLO "
-                           "head's levels, (N, anchors, h, w, C) or (N, anchors * C, h, w) "
-                           "with one C, or a decoded (N, A, C) output followed by "
-                           "(N, anchors, h, w, C) levels, or levels given in parts "
-                           "(N, C_i, h, w), the same parts per level")  # fmt: skip
+                           "head's levels, (N, anchors, h, w, C), (N, anchors * C, h, w) or "
+                           "(N, h, w, anchors * C) with one C, or a decoded (N, A, C) output "
+                           "followed by (N, anchors, h, w, C) levels, or levels given in "
+                           "parts (N, C_i, h, w), the same parts per level")  # fmt: skip
     add = GraphAdditions(model.graph)
     kind = join_kind_of(joined)
     if kind == "channels":
         output = add.node("Concat", names, JOINED_OUTPUT, axis=-1)
     elif kind == "levels":
         rows = [_level_rows_nodes(add, n, s[1:]) for n, s in zip(names, shapes)]
+        output = add.node("Concat", rows, JOINED_OUTPUT, axis=1)
+    elif kind == "levels_last":  # (N, h, w, C) as (N, h * w, C)
+        rows = [add.node("Reshape", [n, add.const(f"{n}_rows_shape", [0, -1, s[-1]])],
+                         f"{n}_rows") for n, s in zip(names, shapes)]  # fmt: skip
         output = add.node("Concat", rows, JOINED_OUTPUT, axis=1)
     elif kind == "parts":
         levels = _join_level_parts(add, names, shapes)
@@ -209,8 +214,9 @@ def _one_detection_head(model: onnx.ModelProto, shape: tuple[int, ...]) -> bool:
     if kind == "channels":
         return True
     levels = joined[JOIN_KINDS[kind]][1:] if kind == "beside" else joined[JOIN_KINDS[kind]]
-    return all(cell * 8 <= size for _, level in levels
-               for cell, size in zip(level_cells(tuple(level)), shape[-2:]))
+    first = [channels_first(tuple(s)) if kind == "levels_last" else tuple(s) for _, s in levels]
+    return all(cell * 8 <= size for level in first
+               for cell, size in zip(level_cells(level), shape[-2:]))
 
 
 def _level_rows_nodes(add: GraphAdditions, name: str, shape: tuple[int, ...]) -> str:

@@ -30,7 +30,7 @@ from compress_toolbox.export.verification import IMPORT_BATCHES, compare_to_outp
 from compress_toolbox.load.analysis import output_tensor
 from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer
 from compress_toolbox.load.importers.onnx_file import import_onnx
-from compress_toolbox.tasks.outputs import join_kind_of
+from compress_toolbox.tasks.outputs import JOIN_KINDS, join_kind_of, join_tensors
 
 CONVERTER = Path(__file__).with_name("_tf_process") / "convert.py"
 # Run by path through runpy, not ``-m``: ``-m`` would import compress_toolbox (and torch), and a
@@ -209,20 +209,22 @@ def _import_onnx(conversion: Conversion, shape: tuple[int, ...], path: Path,
     return imported
 
 
-def _verify_against_tf(
-    module: nn.Module, conversion: Conversion, outputs: list[int], path: Path, rtol: float
-) -> tuple[float, float]:
+def _verify_against_tf(module: nn.Module, conversion: Conversion, outputs: list[int],
+                       kind: str | None, path: Path,
+                       rtol: float) -> tuple[float, float]:  # fmt: skip
     """Max (abs, relative) difference of ``module`` on TensorFlow's own inputs (NHWC, given
     NCHW) against the outputs TensorFlow recorded for them (verification.compare_to_outputs);
-    several ``outputs`` (indices) joined along their last axis, as the import joined them."""
+    several ``outputs`` (indices) joined the ``kind`` way, as the import joined them."""
 
     def imported(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             out = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
         return output_tensor(out).numpy()
 
-    pairs = [(x, np.concatenate([recorded[i] for i in outputs], axis=-1))
-             for x, recorded in conversion.references]  # fmt: skip
+    def joined(recorded: list[np.ndarray]) -> np.ndarray:
+        return join_tensors([torch.from_numpy(recorded[i]) for i in outputs], kind).numpy()
+
+    pairs = [(x, joined(recorded)) for x, recorded in conversion.references]
     return compare_to_outputs(imported, pairs, source=path, what="imported model", rtol=rtol,
                               original="TensorFlow")
 
@@ -238,15 +240,13 @@ def import_tensorflow(path: Path, **options) -> ImportedModel:
         conversion = _run_converter(path, kind, Path(folder), options)
         shape = _check_nchw(conversion, path)
         imported = _import_onnx(conversion, shape, path, options.get("join_outputs", False))
-    if join_kind_of(imported.details) not in (None, "channels"):
-        raise ImportFailed(f"{path}: a TensorFlow model's per-level YOLO outputs are not read "
-                           "yet (ONNX and PyTorch files' are)")  # fmt: skip
-    joined = imported.details.get("joined_outputs")
+    join = join_kind_of(imported.details)
+    joined = imported.details[JOIN_KINDS[join]] if join else None
     names = [name for name, _ in joined] if joined else [imported.details["output"]]
     outputs = [conversion.outputs.index(name) for name in names]
     int8 = "tflite-int8" in conversion.notes
     rtol = INT8_RTOL if int8 else tolerance_for(imported.details["weights"])
-    max_abs, max_rel = _verify_against_tf(imported.module, conversion, outputs, path, rtol)
+    max_abs, max_rel = _verify_against_tf(imported.module, conversion, outputs, join, path, rtol)
     if int8:
         warnings.warn(
             DaflWarning(
@@ -264,7 +264,8 @@ def import_tensorflow(path: Path, **options) -> ImportedModel:
         "output": imported.details["output"],
         "weights": "int8 (dequantised)" if int8 else imported.details["weights"],
     }
-    for key in ("outputs_not_distilled", "joined_outputs"):
+    for key in ("outputs_not_distilled", "distilled_output", "one_detection_head",
+                *JOIN_KINDS.values()):  # fmt: skip
         if key in imported.details:
             details[key] = imported.details[key]
     return ImportedModel(imported.module, shape, max_abs, max_rel, details)

@@ -51,6 +51,7 @@ import torch
 
 from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks.outputs import (
+    channels_first,
     level_locations,
     level_output,
     level_slices,
@@ -88,7 +89,9 @@ class HeadLayout:
     keypoint_channels: int = 0  # boxes+scores: a keypoints output's channels (RetinaFace's)
     background: bool = False  # boxes+scores: scores are a softmax, column 0 the background ...
     background_last: bool = False  # ... or the last column (MMDetection's SSD)
-    levels: tuple[tuple[int, ...], ...] = ()  # per level: each output's shape (no batch)
+    levels: tuple[tuple[int, ...], ...] = ()  # per level: each output's shape (no batch),
+    # channels first (C, h, w) also where the file gives (h, w, C): ``channels_last``
+    channels_last: bool = False  # levels: the file gives each as (N, h, w, C) (Keras)
     level_parts: tuple[int, ...] = ()  # levels given in parts: each part's channels, in order
     beside: tuple[tuple[int, ...], ...] = ()  # yolov5 decoded: its levels' shapes (no batch)
 
@@ -133,7 +136,7 @@ class HeadLayout:
         (given in parts: each level's parts), a decoded output's rows and their levels' beside
         them into both; a single output as it is."""
         if self.levels:
-            levels = _level_outputs(out, self.levels)
+            levels = _level_outputs(out, self.levels, self.channels_last)
             if not self.level_parts:
                 return levels
             return tuple(part for level in levels
@@ -169,6 +172,13 @@ class HeadLayout:
             return 1
         shape = self.levels[0]
         return shape[0] if len(shape) == 4 else shape[0] // self.row
+
+    @property
+    def file_levels(self) -> tuple[tuple[int, ...], ...]:
+        """Per level: the output's shape (no batch) as the file gives it."""
+        if not self.channels_last:
+            return self.levels
+        return tuple((*shape[1:], shape[0]) for shape in self.levels)
 
     def locations_last(self, out: torch.Tensor) -> torch.Tensor:
         """The raw output as (N, A, C): one row of channels per location (per level: per
@@ -249,7 +259,7 @@ class HeadLayout:
             return self._describe_parts(scores)
         if self.levels:
             shapes = ", ".join(f"{name} (N, {', '.join(map(str, shape))})"
-                               for name, shape in zip(self.outputs, self.levels))  # fmt: skip
+                               for name, shape in zip(self.outputs, self.file_levels))  # fmt: skip
             if self.name == "yolov8":
                 return (f"yolov8 per level ({shapes}): 64 box-distribution values (16 per "
                         f"side) and {scores} per cell")  # fmt: skip
@@ -348,6 +358,9 @@ def joined_layout(details: dict, head: str | None = None) -> HeadLayout | None:
 
     if details.get("joined_levels"):
         return per_level(dims("joined_levels"), head)
+    if details.get("joined_levels_last"):
+        levels = [(name, channels_first(shape)) for name, shape in dims("joined_levels_last")]
+        return replace(per_level(levels, head), channels_last=True)
     if details.get("joined_level_parts"):
         return in_parts(dims("joined_level_parts"), head)
     if details.get("decoded_and_levels"):
@@ -357,12 +370,16 @@ def joined_layout(details: dict, head: str | None = None) -> HeadLayout | None:
     return None
 
 
-def _level_outputs(rows: torch.Tensor, levels: tuple[tuple[int, ...], ...]) -> tuple:
+def _level_outputs(rows: torch.Tensor, levels: tuple[tuple[int, ...], ...],
+                   channels_last: bool = False) -> tuple:  # fmt: skip
     """(N, A, C) rows split into each level's output as the file gives it (``levels``: their
-    shapes, no batch)."""
+    shapes, no batch, channels first; ``channels_last``: the file gives (N, h, w, C))."""
     counts = [level_locations(shape) for shape in levels]
-    return tuple(level_output(part, shape)
-                 for part, shape in zip(rows.split(counts, dim=1), levels))  # fmt: skip
+    parts = rows.split(counts, dim=1)
+    if channels_last:
+        return tuple(part.reshape(part.shape[0], *shape[1:], shape[0])
+                     for part, shape in zip(parts, levels))  # fmt: skip
+    return tuple(level_output(part, shape) for part, shape in zip(parts, levels))
 
 
 def _expected_distances(distributions: torch.Tensor) -> torch.Tensor:
@@ -458,11 +475,12 @@ def _part_named(name: str) -> str | None:
 
 
 LAYOUTS_TEXT = ("one output (N, 4 + K, A) (YOLOv8/v11) or (N, A, 5 + K) (YOLOv5), or a "
-                "YOLO head's levels, (N, anchors, h, w, 5 + K) or (N, anchors * (5 + K), h, w) "
-                "each (YOLOv8's (N, 64 + K, h, w) with --head yolov8, or in parts: (N, 64, h, "
-                "w), (N, K, h, w) and a score sum (N, 1, h, w) per level), or two, boxes (N, A, "
-                "4+) and scores (N, A, K) (SSD-style), with a centre-ness (N, A, 1) (FCOS) or "
-                "keypoints (N, A, P) (RetinaFace) as a third")  # fmt: skip
+                "YOLO head's levels, (N, anchors, h, w, 5 + K), (N, anchors * (5 + K), h, w) "
+                "or (N, h, w, anchors * (5 + K)) each (YOLOv8's (N, 64 + K, h, w) with --head "
+                "yolov8, or in parts: (N, 64, h, w), (N, K, h, w) and a score sum (N, 1, h, w) "
+                "per level), or two, boxes (N, A, 4+) and scores (N, A, K) (SSD-style), with a "
+                "centre-ness (N, A, 1) (FCOS) or keypoints (N, A, P) (RetinaFace) as a "
+                "third")  # fmt: skip
 
 
 def describe_layouts() -> str:

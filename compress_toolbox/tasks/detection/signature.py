@@ -135,7 +135,8 @@ def split_outputs(student_path: str | Path, layout: HeadLayout) -> None:
     if layout.level_parts:
         shapes = _split_level_parts(model, add, whole.name, layout, names)
     elif layout.levels:
-        shapes = _split_levels(model, add, whole.name, layout.levels, names)
+        shapes = _split_levels(model, add, whole.name, layout.levels, names,
+                               layout.channels_last)  # fmt: skip
     elif layout.beside:  # the decoded half, then the levels' rows
         raw = add.name(f"{names[0]}_level_rows")
         _split(model, add, whole.name, [layout.row, layout.row], [names[0], raw], axis=-1)
@@ -164,19 +165,20 @@ def _split(model: onnx.ModelProto, add: GraphAdditions, source: str, sizes: list
 
 
 def _split_levels(model: onnx.ModelProto, add: GraphAdditions, whole: str,
-                  levels: tuple[tuple[int, ...], ...], names: list[str]
-                  ) -> list[list[int | str]]:  # fmt: skip
+                  levels: tuple[tuple[int, ...], ...], names: list[str],
+                  channels_last: bool = False) -> list[list[int | str]]:  # fmt: skip
     """Nodes (``add``) giving the rows ``whole`` back as the head's per-level outputs
     ``names``, each (N, anchors, h, w, C) or (N, channels, h, w) of the shapes ``levels`` (the
-    inverse of ``level_rows``, at the input size the student is exported for); the parts'
-    shapes."""
+    inverse of ``level_rows``, at the input size the student is exported for), or with
+    ``channels_last`` (N, h, w, channels) (``levels`` still channels first); their shapes."""
     rows = [add.name(f"{name}_rows") for name in names]
     _split(model, add, whole, [level_locations(shape) for shape in levels], rows, axis=1)
-    for name, level, shape in zip(names, rows, levels):
-        if len(shape) == 3:  # (N, h * w, channels): the channels before the cells
+    shapes = [(*shape[1:], shape[0]) if channels_last else shape for shape in levels]
+    for name, level, shape in zip(names, rows, shapes):
+        if len(shape) == 3 and not channels_last:  # (N, h * w, channels): channels first
             level = add.node("Transpose", [level], f"{name}_channels_first", perm=[0, 2, 1])
         add.node("Reshape", [level, add.const(f"{name}_shape", [0, *shape])], [name])
-    return [[_declared(add.graph.output[0])[0], *shape] for shape in levels]
+    return [[_declared(add.graph.output[0])[0], *shape] for shape in shapes]
 
 
 def _split_level_parts(model: onnx.ModelProto, add: GraphAdditions, whole: str,
