@@ -102,13 +102,13 @@ def _load_inputs(teacher_path: str | Path, config: CompressConfig, *, eval_data:
     for hint in config.task.hints() if distributed.world().is_writer else ():
         warnings.warn(hint, DaflWarning, stacklevel=2)
     teacher = fit_teacher_to_task(teacher, config.task)
+    check_teacher_fits(teacher, distributed.world().device(resolve_device(config.distill.device)))
     domain = InputDomain.from_options(options.mean, options.std, teacher.input_shape)
     data = None
     if eval_data and config.eval_data:
         classes = config.task.classes_of(teacher.analysis.output_shape)
         data = config.task.load_eval_data(Path(config.eval_data), teacher.input_shape, domain,
                                           classes)  # fmt: skip
-    check_teacher_fits(teacher, distributed.world().device(resolve_device(config.distill.device)))
     return _Inputs(teacher, domain, data, plan_student(teacher, config), config)
 
 

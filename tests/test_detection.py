@@ -1013,6 +1013,8 @@ def test_which_outputs_are_a_yolo_heads_levels():
     assert levels_joinable([(1, 3, 8, 8, 85), (1, 3, 4, 4, 85), (1, 3, 2, 2, 85)])
     for shapes in ([(1, 255, 20, 20)],  # one level
                    [(1, 255, 40, 40), (1, 255, 40, 40)],  # one grid twice
+                   [(1, 46, 46, 38), (1, 46, 46, 19)],  # OpenPose's maps, channels last
+                   [(1, 255, 40, 40), (1, 255, 20, 40)],  # not one image's strides
                    [(1, 255, 40, 40), (1, 258, 20, 20)],  # other rows
                    [(1, 3, 8, 8, 85), (1, 255, 4, 4)],  # other ranks
                    [(1, 3, 8, 8, 5), (1, 3, 4, 4, 5)],  # no class
@@ -1039,6 +1041,11 @@ def test_levels_with_their_channels_last_join_as_rows_and_split_back():
     shapes = [tuple(t.shape) for t in levels]
     assert shapes == [(2, 4, 4, 24), (2, 2, 2, 24)] and join_kind(shapes) == "levels_last"
     assert join_kind([(1, 255, 40, 40), (1, 255, 20, 20)]) == "levels"  # channels first
+    assert join_kind([(1, 30, 52, 255), (1, 15, 26, 255), (1, 8, 13, 255)]) == "levels_last"
+    for same_size_maps in ([(1, 38, 46, 46), (1, 19, 46, 46)],  # OpenPose: heatmaps, fields
+                           [(1, 80, 128, 128), (1, 4, 128, 128)],  # CenterNet's heads
+                           [(1, 21, 64, 64), (1, 1, 64, 64)]):  # a segmenter's extra head
+        assert join_kind(same_size_maps) is None, same_size_maps
     rows = join_tensors(list(levels), "levels_last")
     joined = joined_details(list(LEVEL_NAMES), shapes)
     layout = joined_layout(joined)

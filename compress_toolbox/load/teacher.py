@@ -62,7 +62,8 @@ def load_teacher(
     ``VerificationFailed``. Any problem with the file raises ``ImportFailed`` naming it.
     A file with several outputs gives its main one; with ``join_outputs`` (a detection head's
     boxes and scores) several (N, A, C) outputs are joined along their last axis instead, a
-    YOLO head's per-level outputs along the locations, a decoded YOLO output with its
+    YOLO head's per-level outputs (channels first or last) along the locations, a decoded
+    YOLO output with its
     levels' rows beside it, and a head's levels given in parts each level's parts along the
     channels first (``tasks.outputs.JOIN_KINDS``).
     """

@@ -1,8 +1,8 @@
 """How a model's output is seen by every task: per-sample logits (``as_samples``), the main
 tensor of a dict or tuple output (``MainOutput``), or all of them joined (``JoinedOutputs``:
-a detection head's boxes and scores along the channels, a YOLO head's levels along the
-locations, a decoded YOLO output with its levels' rows beside it, a head's levels given in
-parts: ``JOIN_KINDS``), and the activations a teacher's file ends in, taken off for
+a detection head's boxes and scores along the channels, a YOLO head's levels (channels first
+or last) along the locations, a decoded YOLO output with its levels' rows beside it, a head's
+levels given in parts: ``JOIN_KINDS``), and the activations a teacher's file ends in, taken off for
 distillation and given back to the shipped student (``FILE_OUTPUTS``)."""
 
 from __future__ import annotations
@@ -115,25 +115,39 @@ def levels_joinable(shapes: list[tuple[int, ...]]) -> bool:
     """Whether outputs of these shapes (batch first) are one YOLO head's levels, joinable
     along their locations: two or more of one rank, either (N, na, h, w, C) (YOLOv5/v7 raw
     exports) or (N, na * C, h, w) (the convolutions' own output), with the same N, anchors
-    and C >= 6 values per location, and grids of different sizes."""
+    and C >= 6 values per location, on grids of one image at different strides
+    (``grid_pyramid``)."""
     if len(shapes) < 2 or len({len(s) for s in shapes}) != 1 or len(shapes[0]) not in (4, 5):
         return False
-    cells = {level_cells(s[1:]) for s in shapes}
     same = {(s[0], s[1], s[-1] if len(s) == 5 else 0) for s in shapes}  # batch, channels
-    return len(same) == 1 and len(cells) == len(shapes) and row_channels(shapes[0][1:]) >= MIN_ROW
+    return (len(same) == 1 and grid_pyramid([level_cells(s[1:]) for s in shapes])
+            and row_channels(shapes[0][1:]) >= MIN_ROW)  # fmt: skip
 
 
 def levels_last_joinable(shapes: list[tuple[int, ...]]) -> bool:
     """Whether outputs of these shapes (batch first) are one YOLO head's levels with their
     channels last, (N, h, w, na * C) each (Keras and TensorFlow models: keras-yolo3's
-    (N, 13, 13, 255), ...): two or more, the same N and channels, grids of different sizes,
-    C >= 6 values per location; never ones ``levels_joinable`` reads channels first."""
+    (N, 13, 13, 255), ...): two or more, the same N and channels, grids of one image at
+    different strides (``grid_pyramid``), C >= 6 values per location; never ones
+    ``levels_joinable`` reads channels first."""
     if len(shapes) < 2 or any(len(s) != 4 for s in shapes) or levels_joinable(shapes):
         return False
     same = {(s[0], s[3]) for s in shapes}
-    grids = {tuple(s[1:3]) for s in shapes}
-    return len(same) == 1 and len(grids) == len(shapes) and row_channels(
-        channels_first(shapes[0][1:])) >= MIN_ROW  # fmt: skip
+    return (len(same) == 1 and grid_pyramid([tuple(s[1:3]) for s in shapes])
+            and row_channels(channels_first(shapes[0][1:])) >= MIN_ROW)  # fmt: skip
+
+
+def grid_pyramid(grids: list[tuple[int, ...]]) -> bool:
+    """Whether grids (h, w) are one image's at different strides: every height differs, every
+    width differs, and each grid is scaled alike along both axes (within a quarter: sizes
+    that strides do not divide round). Maps of one size with other channel counts (OpenPose's
+    heatmaps and fields, CenterNet's heads, a segmenter's extra head) are not."""
+    heights, widths = {g[0] for g in grids}, {g[1] for g in grids}
+    if len(heights) != len(grids) or len(widths) != len(grids):
+        return False
+    height, width = grids[0]
+    return all(abs(h / height - w / width) <= 0.25 * max(h / height, w / width)
+               for h, w in grids)  # fmt: skip
 
 
 def channels_first(shape: tuple[int, ...]) -> tuple[int, ...]:

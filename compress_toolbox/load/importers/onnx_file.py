@@ -138,7 +138,8 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
                   shape: tuple[int, ...]) -> tuple[str, dict]:  # fmt: skip
     """Join every output of ``model`` (in place) into one, as ``join_tensors`` joins them: a
     detection head's boxes (N, A, B) and scores (N, A, K) along the last axis, (N, A, B + K);
-    a YOLO head's per-level outputs as rows along the locations (``level_rows``), given in
+    a YOLO head's per-level outputs as rows along the locations (``level_rows``; channels
+    last, each cell's channels as its row), given in
     parts each level's parts along the channels first; a decoded YOLO output and its levels'
     rows side by side. Returns the joined output's name and the
     details to record (``joined_details``); ImportFailed, naming the outputs, when they are
@@ -202,8 +203,9 @@ def _output_shapes(model: onnx.ModelProto,
 def _one_detection_head(model: onnx.ModelProto, shape: tuple[int, ...]) -> bool:
     """Whether ``model``'s several outputs are what --task detection reads as one head: boxes
     and scores, or a YOLO head's levels (alone, beside their decoded output or in parts) on
-    grids of stride 8 or more (a segmentation model's deep supervision maps are finer). A hint
-    only: False where the probe cannot run or the head reader refuses the outputs."""
+    grids of stride 8 or more (a segmentation model's deep supervision maps, a pyramid too,
+    are finer). A hint only: False where the probe cannot run or the head reader refuses the
+    outputs."""
     try:
         joined = joined_details(*_output_shapes(model, shape)) or {}
         kind = join_kind_of(joined)

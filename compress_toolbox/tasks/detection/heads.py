@@ -292,8 +292,9 @@ class HeadLayout:
 
 
 def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
-    """The layout of a YOLO head's per-level outputs, given as (name, shape without the batch)
-    in the file's order (``tasks.outputs.levels_joinable``): yolov5 (anchors as
+    """The layout of a YOLO head's per-level outputs, given as (name, shape without the batch,
+    channels first) in the file's order (``tasks.outputs.levels_joinable``; channels-last
+    ones: ``joined_layout``): yolov5 (anchors as
     ``anchors_per_cell`` reads them), or with ``head`` yolov8, (N, 64 + K, h, w) with its box
     distributions; DaflError where ``head`` names another layout or cannot fit."""
     names = ", ".join(name for name, _ in outputs)
