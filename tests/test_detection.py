@@ -1056,7 +1056,8 @@ def test_levels_with_their_channels_last_join_as_rows_and_split_back():
         assert torch.equal(back, level)
 
 
-@pytest.mark.parametrize("kind", ["rank5", "rank4", "channels_last", "torchscript"])
+@pytest.mark.parametrize("kind", ["rank5", "rank4", "channels_last",
+                                  pytest.param("torchscript", marks=pytest.mark.slow)])
 def test_a_yolo_teacher_with_one_output_per_level_distils_into_a_drop_in_student(tmp_path, kind):
     """YOLOv5/v7 exports without their grid give the head's levels raw (Keras models with
     their channels last): the student is distilled on their rows and student.onnx gives the
@@ -1271,9 +1272,10 @@ def test_yolov6_style_parts_give_their_boxes_as_distances_or_distributions_of_an
                            else 1, h, w)) for n, (_, h, w) in distances])  # fmt: skip
 
 
-@pytest.mark.parametrize("kind, score_sum, box_channels",
-                         [("onnx", True, 64), ("onnx", False, 64), ("onnx", True, 4),
-                          ("torchscript", True, 64), ("torchscript", False, 64)])  # fmt: skip
+@pytest.mark.parametrize("kind, score_sum, box_channels", [
+    ("onnx", True, 64), pytest.param("onnx", False, 64, marks=pytest.mark.slow),
+    ("onnx", True, 4), pytest.param("torchscript", True, 64, marks=pytest.mark.slow),
+    ("torchscript", False, 64)])  # fmt: skip
 def test_a_yolo_teacher_with_levels_in_parts_distils_into_a_drop_in_student(
         tmp_path, kind, score_sum, box_channels):  # fmt: skip
     """A Rockchip-style YOLOv8 export (as ONNX at a fixed batch of 1, as Rockchip's exporter

@@ -227,7 +227,7 @@ class Saturated(nn.Module):
         return self.fc(x.flatten(1)) * 0.0 + torch.eye(10)[3] * 20.0
 
 
-@pytest.mark.parametrize("method", ["dafl", "conditional"])
+@pytest.mark.parametrize("method", ["dafl", pytest.param("conditional", marks=pytest.mark.slow)])
 def test_collapse_is_detected_restarted_then_fatal(method):
     teacher = Teacher.from_module(Saturated(), SHAPE)
     with pytest.warns(UserWarning, match="restarting the generator"):

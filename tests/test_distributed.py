@@ -220,7 +220,8 @@ def test_two_nodes_on_localhost_rendezvous(teacher, tmp_path):
 
 # -- interruption, resume, failure ------------------------------------------------------------
 @pytest.mark.parametrize(
-    "before, after", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)]
+    "before, after", [pytest.param(2, 1, marks=pytest.mark.slow),
+                      pytest.param(1, 2, marks=pytest.mark.slow)]
 )  # the reverse direction costs another 40 s: slow
 def test_interrupted_run_resumes_with_another_number_of_ranks(teacher, tmp_path, before, after):
     out = tmp_path / "out"

@@ -545,7 +545,7 @@ def assert_resume_finished(resumed: subprocess.CompletedProcess, tmp_path: Path)
 
 @pytest.mark.parametrize(("sig", "code"), [
     pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),  # test_cli's sigint test too
-    (signal.SIGTERM, 143)])  # fmt: skip
+    pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow)])  # fmt: skip
 def test_signal_saves_a_checkpoint_then_resume_finishes(corpus, tmp_path, sig, code):
     out = tmp_path / "out"
     command = _command(corpus, out, "--time-budget", "40")
@@ -576,7 +576,8 @@ def test_sigkill_then_resume_from_the_early_checkpoint(corpus, tmp_path):
     assert not list(tmp_path.glob(".out.*"))  # ... is swept by the next run
 
 
-@pytest.mark.parametrize("delay", [1.0, 1.5, 2.0])
+@pytest.mark.parametrize("delay", [pytest.param(1.0, marks=pytest.mark.slow), 1.5,
+                                   pytest.param(2.0, marks=pytest.mark.slow)])  # fmt: skip
 def test_ctrl_c_during_start_up_is_one_line(corpus, tmp_path, delay):
     """Exit 130 wherever the signal lands in the imports (one landing inside a C extension's
     import used to end as a death by SIGINT, status -2, after our message)."""
