@@ -168,12 +168,11 @@ def fit_batch_to_memory(recipe: Recipe, per_sample_bytes: int, free_bytes: int |
     memory; DaflError when even a batch of 2 does not fit."""
     if free_bytes is None or per_sample_bytes <= 0:
         return recipe
+    check_sample_fits(per_sample_bytes, free_bytes, shape)  # a batch of 2 fits, or none does
     budget = MEMORY_SHARE * free_bytes
     batch = recipe.batch_size
     while batch > 2 and batch * per_sample_bytes > budget:
         batch //= 2
-    if batch * per_sample_bytes > budget:
-        check_sample_fits(per_sample_bytes, free_bytes, shape)
     if batch == recipe.batch_size:
         return recipe
     warnings.warn(

@@ -156,6 +156,11 @@ def channels_first(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[-1], *shape[:-1])
 
 
+def channels_last(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The inverse of ``channels_first``: (C, h, w) as (h, w, C)."""
+    return (*shape[1:], shape[0])
+
+
 MAX_ANCHORS = 9  # anchor slots per cell of a YOLO level given as (N, anchors, h, w, C)
 
 
@@ -235,8 +240,8 @@ def join_tensors(tensors: list[torch.Tensor], kind: str | None = None) -> torch.
         return torch.cat(tensors, dim=-1)
     if kind == "levels":
         return torch.cat([level_rows(t) for t in tensors], dim=1)
-    if kind == "levels_last":  # (N, h, w, C): a row of C values per cell, row-major
-        return torch.cat([t.reshape(t.shape[0], -1, t.shape[-1]) for t in tensors], dim=1)
+    if kind == "levels_last":
+        return torch.cat([level_rows(t, channels_last=True) for t in tensors], dim=1)
     if kind == "parts":
         return join_tensors(parts_joined(tensors), "levels")
     rows = torch.cat([level_rows(t) for t in tensors[1:]], dim=1)
@@ -303,13 +308,13 @@ def level_output(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return rows.transpose(1, 2).reshape(rows.shape[0], *shape)
 
 
-def level_rows(out: torch.Tensor) -> torch.Tensor:
+def level_rows(out: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """One per-level output as rows, row-major over its grid: (N, na, h, w, C) as (N, na * h
     * w, C), anchor by anchor as YOLOv5 lays its joined output out; (N, channels, h, w) as
     (N, h * w, channels), one row per cell, which the head's layout reads as its anchors'
     rows (``HeadLayout.locations_last``): how many anchors its channels hold is the layout's
-    reading, not the join's."""
-    if out.dim() == 5:
+    reading, not the join's; with ``channels_last``, (N, h, w, channels) as the same rows."""
+    if out.dim() == 5 or channels_last:
         return out.reshape(out.shape[0], -1, out.shape[-1])
     return out.flatten(2).transpose(1, 2)
 

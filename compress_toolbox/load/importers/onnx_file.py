@@ -161,9 +161,8 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
     elif kind == "levels":
         rows = [_level_rows_nodes(add, n, s[1:]) for n, s in zip(names, shapes)]
         output = add.node("Concat", rows, JOINED_OUTPUT, axis=1)
-    elif kind == "levels_last":  # (N, h, w, C) as (N, h * w, C)
-        rows = [add.node("Reshape", [n, add.const(f"{n}_rows_shape", [0, -1, s[-1]])],
-                         f"{n}_rows") for n, s in zip(names, shapes)]  # fmt: skip
+    elif kind == "levels_last":
+        rows = [_level_rows_nodes(add, n, s[1:], channels_last=True) for n, s in zip(names, shapes)]
         output = add.node("Concat", rows, JOINED_OUTPUT, axis=1)
     elif kind == "parts":
         levels = _join_level_parts(add, names, shapes)
@@ -221,10 +220,11 @@ def _one_detection_head(model: onnx.ModelProto, shape: tuple[int, ...]) -> bool:
                for cell, size in zip(level_cells(level), shape[-2:]))
 
 
-def _level_rows_nodes(add: GraphAdditions, name: str, shape: tuple[int, ...]) -> str:
+def _level_rows_nodes(add: GraphAdditions, name: str, shape: tuple[int, ...],
+                      channels_last: bool = False) -> str:  # fmt: skip
     """Nodes (``add``) giving per-level output ``name`` of ``shape`` (no batch) as rows, as
     ``level_rows`` does; returns the rows' name."""
-    if len(shape) == 4:  # (N, na, h, w, C): (N, na * h * w, C)
+    if len(shape) == 4 or channels_last:  # (N, na, h, w, C) or (N, h, w, C): (N, -1, C)
         return add.node("Reshape", [name, add.const(f"{name}_rows_shape", [0, -1, shape[-1]])],
                         f"{name}_rows")  # fmt: skip
     flat = add.node("Reshape", [name, add.const(f"{name}_flat_shape", [0, shape[0], -1])],

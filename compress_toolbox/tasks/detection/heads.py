@@ -52,6 +52,7 @@ import torch
 from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks.outputs import (
     channels_first,
+    channels_last,
     level_locations,
     level_output,
     level_slices,
@@ -178,7 +179,7 @@ class HeadLayout:
         """Per level: the output's shape (no batch) as the file gives it."""
         if not self.channels_last:
             return self.levels
-        return tuple((*shape[1:], shape[0]) for shape in self.levels)
+        return tuple(channels_last(shape) for shape in self.levels)
 
     def locations_last(self, out: torch.Tensor) -> torch.Tensor:
         """The raw output as (N, A, C): one row of channels per location (per level: per
@@ -372,13 +373,13 @@ def joined_layout(details: dict, head: str | None = None) -> HeadLayout | None:
 
 
 def _level_outputs(rows: torch.Tensor, levels: tuple[tuple[int, ...], ...],
-                   channels_last: bool = False) -> tuple:  # fmt: skip
+                   last: bool = False) -> tuple:  # fmt: skip
     """(N, A, C) rows split into each level's output as the file gives it (``levels``: their
-    shapes, no batch, channels first; ``channels_last``: the file gives (N, h, w, C))."""
+    shapes, no batch, channels first; ``last``: the file gives (N, h, w, C))."""
     counts = [level_locations(shape) for shape in levels]
     parts = rows.split(counts, dim=1)
-    if channels_last:
-        return tuple(part.reshape(part.shape[0], *shape[1:], shape[0])
+    if last:  # the rows are the cells' channels already
+        return tuple(part.reshape(part.shape[0], *channels_last(shape))
                      for part, shape in zip(parts, levels))  # fmt: skip
     return tuple(level_output(part, shape) for part, shape in zip(parts, levels))
 

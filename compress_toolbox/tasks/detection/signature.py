@@ -19,6 +19,7 @@ import onnx
 from compress_toolbox.export.onnx_names import GraphAdditions
 from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.tasks.detection.heads import HeadLayout
+from compress_toolbox.tasks.outputs import channels_last as channels_last_shape
 from compress_toolbox.tasks.outputs import level_locations
 
 PROBE_BATCH = 2
@@ -166,16 +167,16 @@ def _split(model: onnx.ModelProto, add: GraphAdditions, source: str, sizes: list
 
 def _split_levels(model: onnx.ModelProto, add: GraphAdditions, whole: str,
                   levels: tuple[tuple[int, ...], ...], names: list[str],
-                  channels_last: bool = False) -> list[list[int | str]]:  # fmt: skip
+                  last: bool = False) -> list[list[int | str]]:  # fmt: skip
     """Nodes (``add``) giving the rows ``whole`` back as the head's per-level outputs
     ``names``, each (N, anchors, h, w, C) or (N, channels, h, w) of the shapes ``levels`` (the
     inverse of ``level_rows``, at the input size the student is exported for), or with
-    ``channels_last`` (N, h, w, channels) (``levels`` still channels first); their shapes."""
+    ``last`` (N, h, w, channels) (``levels`` still channels first); their shapes."""
     rows = [add.name(f"{name}_rows") for name in names]
     _split(model, add, whole, [level_locations(shape) for shape in levels], rows, axis=1)
-    shapes = [(*shape[1:], shape[0]) if channels_last else shape for shape in levels]
+    shapes = [channels_last_shape(shape) if last else shape for shape in levels]
     for name, level, shape in zip(names, rows, shapes):
-        if len(shape) == 3 and not channels_last:  # (N, h * w, channels): channels first
+        if len(shape) == 3 and not last:  # (N, h * w, channels): the channels before the cells
             level = add.node("Transpose", [level], f"{name}_channels_first", perm=[0, 2, 1])
         add.node("Reshape", [level, add.const(f"{name}_shape", [0, *shape])], [name])
     return [[_declared(add.graph.output[0])[0], *shape] for shape in shapes]
