@@ -73,11 +73,11 @@ def compress_parser() -> argparse.ArgumentParser:
     """The main command's parser: the teacher, the student, training, data and output."""
     parser = Parser(
         prog="dafl-compress",
-        description="Compress a trained classifier or segmentation network (the teacher) into a "
-        "half-width student "
-        "without training data (DAFL, Chen et al. 2019), export it to ONNX, verify it with "
-        "onnxruntime and write a report.\n\nOther commands: dafl-compress inspect TEACHER | "
-        "student TEACHER | zoo list | quantize MODEL.onnx  (each has --help).",
+        description="Compress a trained classifier, segmentation network or detector (the "
+        "teacher) into a half-width student without training data (DAFL, Chen et al. 2019), "
+        "export it to ONNX, verify it with onnxruntime and write a report.\n\nOther commands: "
+        "dafl-compress inspect TEACHER | student TEACHER | zoo list | quantize MODEL.onnx  "
+        "(each has --help).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_teacher_options(parser)

@@ -40,7 +40,7 @@ from compress_toolbox.report.build import Measurements, build_report
 from compress_toolbox.report.render import plot_curves, write_report
 from compress_toolbox.student.plan import StudentPlan, plan_student
 from compress_toolbox.tasks import FILE_OUTPUTS, MainOutput, Task, task_of_output
-from compress_toolbox.tasks.evaldata import EvalData, accuracy, predict
+from compress_toolbox.tasks.evaldata import EvalData, accuracy, per_class_accuracy, predict
 from compress_toolbox.tasks.segmetrics import IGNORE_INDEX, score_masks
 from compress_toolbox.tasks.verdict import trivial_score
 
@@ -281,6 +281,9 @@ def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path, scratch
         if data.y.dim() > 1:  # masks: pixel accuracy above, IoU here
             measured.segmentation = _segmentation_scores(teacher_pred, student_pred, data.y,
                                                          teacher.num_outputs)  # fmt: skip
+        else:
+            measured.per_class_accuracy = _per_class_scores(teacher_pred, student_pred, data.y,
+                                                            teacher.num_outputs)  # fmt: skip
     elif result.sampler is not None:
         x, teacher_pred = _generated_with_answers(teacher.module, result.sampler, seconds)
         measured.agreement = accuracy(onnx_predictions(student_onnx, x), teacher_pred)
@@ -310,6 +313,17 @@ def _segmentation_scores(teacher_pred: torch.Tensor, student_pred: torch.Tensor,
     scores = {name: asdict(score_masks(pred, masks, num_classes))
               for name, pred in (("teacher", teacher_pred), ("student", student_pred))}  # fmt: skip
     return {**scores, "num_classes": num_classes, "ignore_index": IGNORE_INDEX}
+
+
+def _per_class_scores(teacher_pred: torch.Tensor, student_pred: torch.Tensor,
+                      labels: torch.Tensor, num_classes: int) -> dict[str, Any]:  # fmt: skip
+    """Each class's accuracy for teacher and student, and how many eval inputs it has: where
+    the student loses what it loses (two confusable classes, say)."""
+    return {
+        "teacher": per_class_accuracy(teacher_pred, labels, num_classes),
+        "student": per_class_accuracy(student_pred, labels, num_classes),
+        "inputs": torch.bincount(labels.long(), minlength=num_classes)[:num_classes].tolist(),
+    }
 
 
 def _onnx_size(path: Path) -> int:

@@ -129,6 +129,23 @@ def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
 
 
+def check_per_class_accuracy(report: dict, student_pred: np.ndarray, labels: np.ndarray,
+                             markdown: str) -> None:  # fmt: skip
+    """Each class's student accuracy, recounted here; the worst class first in report.md."""
+    per_class = report["per_class_accuracy"]
+    counts = np.bincount(labels, minlength=10)
+    assert per_class["inputs"] == counts.tolist()
+    for cls in range(10):
+        recount = float((student_pred[labels == cls] == cls).mean())
+        assert per_class["student"][cls] == pytest.approx(recount, abs=1e-9)
+    weighted = sum(a * n for a, n in zip(per_class["teacher"], counts)) / counts.sum()
+    assert weighted == pytest.approx(report["teacher"]["accuracy"], abs=1e-9)
+    drops = [t - s for t, s in zip(per_class["teacher"], per_class["student"])]
+    table = markdown.split("## Per-class accuracy on the eval data")[1]
+    first_row = table.splitlines()[4]
+    assert first_row.startswith(f"| {int(np.argmax(drops))} | ")
+
+
 def check_output_folder(out: Path, eval_npz: Path) -> dict:
     for name in OUTPUT_FILES:
         assert (out / name).is_file(), name
@@ -147,6 +164,7 @@ def check_output_folder(out: Path, eval_npz: Path) -> dict:
     independent = float((logits.argmax(1) == data["y"]).mean())
     assert report["student"]["accuracy"] == pytest.approx(independent, abs=1e-9)
     assert report["teacher"]["accuracy"] > 0.8
+    check_per_class_accuracy(report, logits.argmax(1), data["y"], (out / "report.md").read_text())
     for side in ("teacher", "student"):
         for key in ("params", "macs", "onnx_bytes", "latency_ms"):
             assert report[side][key] > 0, (side, key)

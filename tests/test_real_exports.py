@@ -190,6 +190,22 @@ def test_the_fixed_batch_is_read_from_the_data_input_not_a_listed_weight(tmp_pat
     assert fixed_batch(onnx.load(str(at_four))) == 4
 
 
+def test_a_batch_declared_as_minus_one_is_dynamic(rgb_teacher, tmp_path):
+    """Paddle2ONNX declares a dynamic batch as -1 (and height and width as '?'): PaddleOCR's
+    text-direction classifier stopped with an IndexError, read as a file fixed at batch -1."""
+    model = onnx.load(str(rgb_teacher[0]))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value = -1
+    for dim in dims[2:]:
+        dim.dim_param = "?"
+    path = tmp_path / "paddle_like.onnx"
+    onnx.save(model, str(path))
+    assert fixed_batch(model) is None
+    teacher = load_teacher(path, input_shape=(3, 16, 16))
+    assert "batch_freed" not in teacher.details
+    assert teacher.module(torch.randn(5, 3, 16, 16)).shape == (5, 4)
+
+
 def test_a_file_that_only_declares_batch_one_imports(tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
     loaded = load_teacher(_export_at_batch_one(net, tmp_path / "declared.onnx"))

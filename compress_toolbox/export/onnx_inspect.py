@@ -1,6 +1,6 @@
-"""What ``quantize_onnx`` reads of an ONNX model: the file loaded (``load_model``), the inputs a
-caller feeds (``model_inputs``), a fixed batch size (``fixed_batch``), and, once quantised, the
-nodes still computing in float (``float_nodes``)."""
+"""What is read of an ONNX model's declarations: a dimension's fixed size (``dim_size``), the
+file loaded (``load_model``), the inputs a caller feeds (``model_inputs``), a fixed batch size
+(``fixed_batch``), and, once quantised, the nodes still computing in float (``float_nodes``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import numpy as np
 import onnx
 
 from compress_toolbox.errors import QuantizeError, first_line
+
+
+def dim_size(dim: onnx.TensorShapeProto.Dimension) -> int | None:
+    """A declared dimension's fixed size; None where it is named, unset, or not positive
+    (Paddle2ONNX declares a dynamic batch as -1)."""
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
 
 
 def load_model(path: Path) -> onnx.ModelProto:
@@ -38,9 +44,7 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     weights = {init.name for init in model.graph.initializer}
     value = next((v for v in model.graph.input if v.name not in weights), None)
     dims = value.type.tensor_type.shape.dim if value is not None else []
-    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-        return dims[0].dim_value
-    return None
+    return dim_size(dims[0]) if dims else None
 
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,

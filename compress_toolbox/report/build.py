@@ -39,6 +39,7 @@ class Measurements:
     agreement: float | None = None  # student-teacher top-1 agreement
     agreement_on: str | None = None  # on what: "eval data" or generated inputs
     segmentation: dict[str, Any] | None = None  # mean/per-class IoU, pixel accuracy of both
+    per_class_accuracy: dict[str, Any] | None = None  # labelled classes: per-class accuracy of both
     trivial: float | None = None  # the input-blind predictor's score (verdict.trivial_score)
     task_scores: TaskScores | None = None  # the task's own measurement (Task.measure)
 
@@ -120,6 +121,7 @@ def build_report(
         if eval_data
         else None,
         "segmentation": seg,
+        "per_class_accuracy": measured.per_class_accuracy,
         "health": asdict(result.health) if result.health else None,
         "generator_restarts": result.restarts,
         "onnx_check": {

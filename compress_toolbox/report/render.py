@@ -103,6 +103,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if seg:
         lines += _per_class_iou(seg)
+    if report.get("per_class_accuracy"):
+        lines += _per_class_accuracy(report["per_class_accuracy"])
     if report.get("int8"):
         lines += _int8_section(report["int8"])
     return "\n".join(lines)
@@ -181,6 +183,27 @@ def _per_class_iou(seg: dict[str, Any]) -> list[str]:
         "averages the classes present in the masks or the predictions.",
         "",
     ]
+
+
+PER_CLASS_ROWS = 20  # more classes than this: only the ones the student loses most
+
+
+def _per_class_accuracy(section: dict[str, Any]) -> list[str]:
+    """report.md's per-class accuracy table, the classes the student loses most first (all of
+    them up to PER_CLASS_ROWS classes, else that many); n/a: no eval input of the class."""
+    columns = zip(section["inputs"], section["teacher"], section["student"])
+    rows = [(index, *values) for index, values in enumerate(columns)]
+    rows.sort(key=lambda row: -(row[2] - row[3]) if row[1] else float("inf"))
+    shown = rows[:PER_CLASS_ROWS]
+    what = (f"the {len(shown)} of {len(rows)} classes the student loses most"
+            if len(shown) < len(rows) else "the classes the student loses most first")  # fmt: skip
+    lines = [f"## Per-class accuracy on the eval data ({what})", "",
+             "| class | eval inputs | teacher | student | student - teacher (points) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for index, inputs, t, s in shown:
+        change = f"{100 * (s - t):+.1f}" if inputs else "n/a"
+        lines.append(f"| {index} | {inputs:,} | {_fmt(t, 'pct')} | {_fmt(s, 'pct')} | {change} |")
+    return [*lines, ""]
 
 
 def _health(health: dict[str, Any] | None) -> str:

@@ -402,6 +402,16 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     return int((predictions == labels).sum()) / len(labels) if len(labels) else 0.0
 
 
+def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor,
+                       num_classes: int) -> list[float | None]:  # fmt: skip
+    """For each class, the fraction of its labelled inputs predicted as it (its recall); None
+    for a class without any."""
+    counts = torch.bincount(labels.long(), minlength=num_classes)[:num_classes]
+    hits = torch.bincount(labels[predictions == labels].long(), minlength=num_classes)
+    return [int(hit) / int(count) if count else None
+            for hit, count in zip(hits[:num_classes], counts)]  # fmt: skip
+
+
 def to_float_or_fail(raw: np.ndarray, path: Path) -> torch.Tensor:
     try:
         return to_float(raw)

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from compress_toolbox.export.onnx_inspect import dim_size
+
 
 def free_batch(model: onnx.ModelProto, batch: int = 1) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model``, exported at ``batch``, with its batch freed as described above, and
@@ -56,7 +58,7 @@ def _first_dims(model: onnx.ModelProto) -> dict[str, int | None]:
         if value.name in fixed:
             continue
         shape = value.type.tensor_type.shape.dim
-        dims[value.name] = shape[0].dim_value if shape and shape[0].HasField("dim_value") else None
+        dims[value.name] = dim_size(shape[0]) if shape else None
     return dims
 
 

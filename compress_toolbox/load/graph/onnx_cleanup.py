@@ -36,6 +36,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compress_toolbox.export.onnx_inspect import dim_size
+
 _STANDARD_DOMAINS = ("", "ai.onnx")
 # onnxruntime optimisers we turn off: folding BatchNormalization into the conv would lose the
 # running statistics that the bn-prior method needs (and that torch-pruning shrinks fine).
@@ -173,9 +175,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     for info in list(graph.value_info) + list(graph.input) + list(graph.output):
         tensor_type = info.type.tensor_type
         if tensor_type.HasField("shape"):
-            shapes[info.name] = [
-                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
-            ]
+            shapes[info.name] = [dim_size(d) for d in tensor_type.shape.dim]
     return shapes
 
 

@@ -14,6 +14,7 @@ import onnx
 import torch
 
 from compress_toolbox.errors import ImportFailed
+from compress_toolbox.export.onnx_inspect import dim_size
 from compress_toolbox.limits import available_memory
 
 MEMORY_SHARE = 0.5  # one tensor, or all weights, may take at most this share of free memory
@@ -110,7 +111,7 @@ def check_tensor_sizes(model: onnx.ModelProto, path: Path, input_shape: tuple[in
     producers = {name: node for node in model.graph.node for name in node.output}
     for value in (*inferred.graph.value_info, *inferred.graph.output):
         tensor = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        dims = [dim_size(d) for d in tensor.shape.dim]
         if not tensor.elem_type or not tensor.HasField("shape") or None in dims:
             continue
         size = _nbytes(dims, tensor.elem_type)

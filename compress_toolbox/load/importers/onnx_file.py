@@ -10,6 +10,7 @@ import onnx
 import torch
 
 from compress_toolbox.errors import ImportFailed
+from compress_toolbox.export.onnx_inspect import dim_size
 from compress_toolbox.export.onnx_names import GraphAdditions
 from compress_toolbox.export.verification import tolerance_for
 from compress_toolbox.export.writer import onnx_session, run_batched
@@ -92,10 +93,10 @@ def _input_shape(model: onnx.ModelProto, graph_input: onnx.ValueInfoProto, given
     """(C, H, W) from the ONNX input, the batch dimension dropped; ``given`` wins if set, and a
     dynamic height and width come from the file's ``imgsz`` metadata (ultralytics) if any."""
     dims = graph_input.type.tensor_type.shape.dim
-    fixed_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    fixed_batch = dim_size(dims[0]) if dims else None
     if given:
         return tuple(given), fixed_batch
-    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+    shape = [dim_size(d) for d in dims[1:]]
     image_size = _image_size_in_metadata(model)
     if len(shape) == 3 and shape[0] and image_size and not any(shape[1:]):
         shape[1:] = image_size

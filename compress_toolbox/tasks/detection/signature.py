@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from compress_toolbox.export.onnx_inspect import dim_size
 from compress_toolbox.export.onnx_names import GraphAdditions
 from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.tasks.detection.heads import HeadLayout
@@ -49,8 +50,7 @@ class Signature:
 
 
 def _declared(value: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
-    return tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
-                 for d in value.type.tensor_type.shape.dim)  # fmt: skip
+    return tuple(d.dim_param or dim_size(d) for d in value.type.tensor_type.shape.dim)
 
 
 def _probe_shape(declared: tuple, input_shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
