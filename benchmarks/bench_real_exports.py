@@ -5,8 +5,9 @@ Python packages, then imported, described and given a verified half-width studen
     python benchmarks/bench_real_exports.py --only ocr_cls   # one model
 
 The models (cached under benchmarks/real_models/, not in git):
-- ``ocr_cls``: PaddleOCR's text-direction classifier (Paddle2ONNX, 2 classes, ends in Softmax),
-  from the ``rapidocr_onnxruntime==1.3.24`` wheel; input 3x48x192.
+- ``ocr_cls``: PaddleOCR's text-direction classifier (Paddle2ONNX, 2 classes, ends in Softmax,
+  a dynamic batch declared as -1), from the ``rapidocr_onnxruntime==1.3.24`` wheel; input
+  3x48x192. Labelled text lines for it: ``teachers/make_textlines.py``.
 - ``ocr_det``: PaddleOCR's PP-OCRv4 DBNet text detector (one-channel Sigmoid map), same wheel;
   input 3x160x160 (fully convolutional; 640 is its usual size).
 - ``blazeface``: MediaPipe's short-range face detector (TFLite, batch 1 in the file), from the
