@@ -131,7 +131,8 @@ def run_cli(*args: str) -> int:
 
 def check_per_class_accuracy(report: dict, student_pred: np.ndarray, labels: np.ndarray,
                              markdown: str) -> None:  # fmt: skip
-    """Each class's student accuracy, recounted here; the worst class first in report.md."""
+    """Each class's student accuracy, recounted here; first in report.md the class where the
+    student gets the most inputs wrong that the teacher gets right."""
     per_class = report["per_class_accuracy"]
     counts = np.bincount(labels, minlength=10)
     assert per_class["inputs"] == counts.tolist()
@@ -140,10 +141,28 @@ def check_per_class_accuracy(report: dict, student_pred: np.ndarray, labels: np.
         assert per_class["student"][cls] == pytest.approx(recount, abs=1e-9)
     weighted = sum(a * n for a, n in zip(per_class["teacher"], counts)) / counts.sum()
     assert weighted == pytest.approx(report["teacher"]["accuracy"], abs=1e-9)
-    drops = [t - s for t, s in zip(per_class["teacher"], per_class["student"])]
+    drops = [(t - s) * n for t, s, n in zip(per_class["teacher"], per_class["student"], counts)]
     table = markdown.split("## Per-class accuracy on the eval data")[1]
     first_row = table.splitlines()[4]
     assert first_row.startswith(f"| {int(np.argmax(drops))} | ")
+
+
+def test_per_class_table_ranks_classes_by_inputs_lost_and_keeps_twenty():
+    """A class of one eval input lost (100 points) ranks below one of 100 inputs losing 30 of
+    them; past 20 classes only the 20 that lose most are shown; a class without inputs: n/a."""
+    from compress_toolbox.report.render import _per_class_accuracy
+
+    inputs = [100] * 24 + [1]
+    teacher = [0.9] * 25
+    student = [0.9] * 24 + [0.0]
+    student[3] = 0.6
+    table = _per_class_accuracy({"inputs": inputs, "teacher": teacher, "student": student})
+    rows = [line for line in table if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 20 and "the 20 of 25 classes" in table[0]
+    assert rows[0].startswith("| 3 | 100 | 90.00% | 60.00% | -30.0 |")
+    assert rows[1].startswith("| 24 | 1 | 90.00% | 0.00% | -90.0 |")
+    empty = _per_class_accuracy({"inputs": [0, 5], "teacher": [None, 1.0], "student": [None, 0.8]})
+    assert empty[-2] == "| 0 | 0 | n/a | n/a | n/a |"
 
 
 def check_output_folder(out: Path, eval_npz: Path) -> dict:

@@ -6,11 +6,11 @@ bench_real_exports.py): eval data for a real teacher nobody here trained.
 Each line is 1-4 English words (a number after half of them) in a random DejaVu font, size,
 grey level and margin, rendered with PIL, then prepared as PaddleOCR prepares a line for this
 classifier: scaled to height 48 keeping its aspect ratio, at most 192 wide, the rest of the
-width grey (0 after its ``(x - 0.5) / 0.5``). Every second line is turned 180 degrees: label 1
-("180"), else 0 ("0"). Writes uint8 x (N, 3, 48, 192) and y (N,) (default
-benchmarks/real_models/textlines.npz, not committed); use it with ``--input-shape 3,48,192
---mean 0.5 --std 0.5 --eval-data``. Another ``--seed`` gives other lines (a training set for
-bench_ceiling-style checks).
+width grey (128: 0.004 after its ``(x - 0.5) / 0.5``, where PaddleOCR pads with 0). Every
+second line is turned 180 degrees: label 1 ("180"), else 0 ("0"). Writes uint8 x
+(N, 3, 48, 192) and y (N,) (default benchmarks/real_models/textlines.npz, not committed); use
+it with ``--input-shape 3,48,192 --mean 0.5 --std 0.5 --eval-data``. Another ``--seed`` gives
+other lines (a training set for bench_ceiling-style checks).
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def make_lines(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description="Labelled text lines for PaddleOCR's "
+                                     "text-direction classifier (ocr_cls).")  # fmt: skip
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE.parent / "real_models" / "textlines.npz")

@@ -189,14 +189,17 @@ PER_CLASS_ROWS = 20  # more classes than this: only the ones the student loses m
 
 
 def _per_class_accuracy(section: dict[str, Any]) -> list[str]:
-    """report.md's per-class accuracy table, the classes the student loses most first (all of
-    them up to PER_CLASS_ROWS classes, else that many); n/a: no eval input of the class."""
+    """report.md's per-class accuracy table, the classes where the student gets the most eval
+    inputs wrong that the teacher gets right first (by count, so that a class of one input
+    does not lead at 100 points); all of them up to PER_CLASS_ROWS classes, else that many;
+    n/a: no eval input of the class."""
     columns = zip(section["inputs"], section["teacher"], section["student"])
     rows = [(index, *values) for index, values in enumerate(columns)]
-    rows.sort(key=lambda row: -(row[2] - row[3]) if row[1] else float("inf"))
+    rows.sort(key=lambda row: (row[2] - row[3]) * -row[1] if row[1] else float("inf"))
     shown = rows[:PER_CLASS_ROWS]
-    what = (f"the {len(shown)} of {len(rows)} classes the student loses most"
-            if len(shown) < len(rows) else "the classes the student loses most first")  # fmt: skip
+    what = "the classes where the student loses most inputs first"
+    if len(shown) < len(rows):
+        what = f"the {len(shown)} of {len(rows)} classes where the student loses most inputs"
     lines = [f"## Per-class accuracy on the eval data ({what})", "",
              "| class | eval inputs | teacher | student | student - teacher (points) |",
              "|---|---|---|---|---|"]  # fmt: skip

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from compress_toolbox.errors import DaflError, DaflWarning, ImportFailed
+from compress_toolbox.export.onnx_inspect import dim_size
 from compress_toolbox.export.verification import IMPORT_BATCHES, compare_to_outputs, tolerance_for
 from compress_toolbox.load.analysis import output_tensor
 from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer
@@ -175,7 +176,7 @@ def _run_converter(path: Path, kind: str, out: Path, options: dict) -> Conversio
 def _check_nchw(conversion: Conversion, path: Path) -> tuple[int, int, int]:
     """(C, H, W): the ONNX input must be [N,C,H,W] (a wrong inputs_as_nchw name is ignored)."""
     model = onnx.load(str(conversion.onnx_path), load_external_data=False)
-    dims = [d.dim_value or d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    dims = [d.dim_param or dim_size(d) for d in model.graph.input[0].type.tensor_type.shape.dim]
     height, width, channels = conversion.nhwc
     fixed = [dim for dim in dims[2:] if isinstance(dim, int)]
     if len(dims) != 4 or dims[1] != channels or fixed not in ([], [height, width]):
