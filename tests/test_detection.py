@@ -193,6 +193,38 @@ def test_an_unreadable_head_is_refused_in_one_line_naming_its_outputs(tmp_path, 
     one_error_line(capsys, *needles)
 
 
+def _nms_in_a_branch(path: Path) -> None:
+    """A graph whose output is NonMaxSuppression's selection, computed inside an If's branches
+    (where torchvision's detection exports keep it)."""
+    from onnx import TensorProto, helper
+
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph([
+            helper.make_node("ReduceSum", ["x"], ["s"], axes=[2], keepdims=1),
+            helper.make_node("Transpose", ["s"], ["scores"], perm=[0, 2, 1]),
+            helper.make_node("NonMaxSuppression", ["x", "scores"], ["kept"]),
+        ], name, [], [helper.make_tensor_value_info("kept", TensorProto.INT64, None)])  # fmt: skip
+
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["yes"], value=helper.make_tensor("", TensorProto.BOOL,
+                                                                          [], [True])),
+         helper.make_node("If", ["yes"], ["detections"], then_branch=branch("then"),
+                          else_branch=branch("else"))],
+        "post_nms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4])],
+        [helper.make_tensor_value_info("detections", TensorProto.INT64, None)])  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), str(path))
+
+
+def test_a_graph_running_nms_is_refused_as_detections_after_nms(tmp_path, capsys):
+    """torchvision's Faster R-CNN exported to ONNX (boxes, labels, scores after NMS, one image
+    [3, H, W] in) was refused as "the file fixes batch 3 ... export it with a dynamic batch"."""
+    path = tmp_path / "post_nms.onnx"
+    _nms_in_a_branch(path)
+    assert run_cli(path, "--task", "detection", "--dry-run", "--out", tmp_path / "o") == 2
+    one_error_line(capsys, "post_nms.onnx: the graph runs NonMaxSuppression",
+                   "('detections') are detections after NMS", "nms=False", "Faster R-CNN")
+
+
 def test_two_outputs_are_told_apart_by_name_then_by_four_channels_or_by_head():
     assert joined([("boxes", 4), ("scores", 4)], False).parts == ("boxes", "scores")
     assert joined([("classificators", 1), ("regressors", 16)], True).parts == ("scores", "boxes")

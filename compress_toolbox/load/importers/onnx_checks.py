@@ -32,6 +32,31 @@ def check_model(model: onnx.ModelProto, path: Path, input_shape: tuple[int, ...]
         check_tensor_sizes(model, path, input_shape, limit)
 
 
+def _op_types(graph: onnx.GraphProto):
+    """The op types of ``graph``'s nodes and of those in its subgraphs (If and Loop bodies)."""
+    for node in graph.node:
+        yield node.op_type
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.HasField("g") else []
+            for subgraph in (*subgraphs, *attribute.graphs):
+                yield from _op_types(subgraph)
+
+
+def check_raw_outputs(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a graph that runs NonMaxSuppression: its outputs are detections after NMS (as
+    torchvision's detection models exported whole give them), a variable number per image,
+    where a student is distilled on the raw outputs before decoding and NMS."""
+    if "NonMaxSuppression" not in set(_op_types(model.graph)):
+        return
+    outputs = ", ".join(f"'{out.name}'" for out in model.graph.output)
+    raise ImportFailed(
+        f"{path}: the graph runs NonMaxSuppression, so its outputs ({outputs}) are detections "
+        "after NMS; a student is distilled on a detector's raw head outputs: export the model "
+        "without NMS (ultralytics: nms=False; torchvision: a class returning its head, "
+        "docs/detection.md; two-stage detectors such as Faster R-CNN are not supported yet)"
+    )
+
+
 def _memory_limit() -> float:
     free = available_memory(torch.device("cpu"))
     return math.inf if free is None else free * MEMORY_SHARE

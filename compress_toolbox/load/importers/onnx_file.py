@@ -18,7 +18,7 @@ from compress_toolbox.load.graph.fixed_batch import free_batch
 from compress_toolbox.load.graph.onnx_cleanup import clean_up
 from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, opset_version, prepare_onnx_model
 from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer, verify
-from compress_toolbox.load.importers.onnx_checks import check_model
+from compress_toolbox.load.importers.onnx_checks import check_model, check_raw_outputs
 from compress_toolbox.tasks import FILE_OUTPUTS, SigmoidAsTwoClasses
 from compress_toolbox.tasks.detection.heads import joined_layout
 from compress_toolbox.tasks.outputs import (
@@ -361,6 +361,7 @@ def import_onnx(path: Path, *, input_shape=None, join_outputs: bool = False,
     model = _parse(path, load_external_data=True)
     graph_input = _graph_input(model, path)
     _check_input_type(graph_input, path)
+    check_raw_outputs(model, path)
     shape, fixed_batch = _input_shape(model, graph_input, input_shape, path)
     check_model(model, path, shape)
     batch_freed = 0
