@@ -40,7 +40,13 @@ from compress_toolbox.report.build import Measurements, build_report
 from compress_toolbox.report.render import plot_curves, write_report
 from compress_toolbox.student.plan import StudentPlan, plan_student
 from compress_toolbox.tasks import FILE_OUTPUTS, MainOutput, Task, task_of_output
-from compress_toolbox.tasks.evaldata import EvalData, accuracy, per_class_accuracy, predict
+from compress_toolbox.tasks.evaldata import (
+    EvalData,
+    accuracy,
+    class_counts,
+    per_class_accuracy,
+    predict,
+)
 from compress_toolbox.tasks.segmetrics import IGNORE_INDEX, score_masks
 from compress_toolbox.tasks.verdict import trivial_score
 
@@ -322,7 +328,7 @@ def _per_class_scores(teacher_pred: torch.Tensor, student_pred: torch.Tensor,
     return {
         "teacher": per_class_accuracy(teacher_pred, labels, num_classes),
         "student": per_class_accuracy(student_pred, labels, num_classes),
-        "inputs": torch.bincount(labels.long(), minlength=num_classes)[:num_classes].tolist(),
+        "inputs": class_counts(labels, num_classes).tolist(),
     }
 
 

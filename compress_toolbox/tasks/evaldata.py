@@ -402,14 +402,18 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     return int((predictions == labels).sum()) / len(labels) if len(labels) else 0.0
 
 
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """How many of ``labels`` name each of the ``num_classes`` classes."""
+    return torch.bincount(labels.long(), minlength=num_classes)[:num_classes]
+
+
 def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor,
                        num_classes: int) -> list[float | None]:  # fmt: skip
     """For each class, the fraction of its labelled inputs predicted as it (its recall); None
     for a class without any."""
-    counts = torch.bincount(labels.long(), minlength=num_classes)[:num_classes]
-    hits = torch.bincount(labels[predictions == labels].long(), minlength=num_classes)
-    return [int(hit) / int(count) if count else None
-            for hit, count in zip(hits[:num_classes], counts)]  # fmt: skip
+    counts = class_counts(labels, num_classes)
+    hits = class_counts(labels[predictions == labels], num_classes)
+    return [int(hit) / int(count) if count else None for hit, count in zip(hits, counts)]
 
 
 def to_float_or_fail(raw: np.ndarray, path: Path) -> torch.Tensor:
