@@ -156,6 +156,52 @@ def test_missing_extra_says_how_to_install(tmp_path, monkeypatch):
         load_teacher(model)
 
 
+def _tf_common():
+    """The converter's shared module, loaded by path (it imports no TensorFlow)."""
+    path = Path(tf_importer.__file__).parent / "_tf_process" / "tf_common.py"
+    spec = importlib.util.spec_from_file_location("dafl_tf_common", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being made
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_keras_class_whose_code_is_missing_is_named_without_keras_config_dump():
+    """Keras ends these errors in the model's whole config (thousands of characters); the user
+    gets the class, the package to install where there is one, and the SavedModel way out."""
+    config = "Full object config: {'module': 'keras_cv.src.models', " + "'x': 1, " * 500 + "}"
+    cv = _tf_common().keras_class_missing(
+        "Could not deserialize class 'YOLOV8Detector' because its parent module "
+        "keras_cv.src.models.object_detection.yolo_v8.yolo_v8_detector cannot be imported. "
+        + config)
+    assert cv.startswith("the Keras model's class YOLOV8Detector is defined in the Python "
+                         "package keras_cv (keras_cv.src.models.object_detection.yolo_v8")
+    assert "install keras_cv" in cv and "model.export(DIR)" in cv and len(cv) < 400
+    own = _tf_common().keras_class_missing(
+        f"Could not locate class 'Scale'. Make sure custom classes are decorated. {config}")
+    assert "custom class, Scale," in own and "model.export(DIR)" in own and len(own) < 400
+    assert _tf_common().keras_class_missing("Could not interpret initializer") is None
+
+
+@needs_tf
+@pytest.mark.slow
+def test_a_keras_file_with_a_custom_layer_is_refused_in_one_line(tmp_path, capsys):
+    script = (
+        "import keras\n"
+        "class Shift(keras.layers.Layer):\n"
+        "    def call(self, x):\n"
+        "        return x + 1.0\n"
+        "inputs = keras.Input((8, 8, 1))\n"
+        "x = keras.layers.GlobalAveragePooling2D()(Shift()(keras.layers.Conv2D(4, 3)(inputs)))\n"
+        f"keras.Model(inputs, keras.layers.Dense(3)(x)).save({str(tmp_path / 'm.keras')!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["inspect", str(tmp_path / "m.keras")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "uses a custom class, Shift," in err, err
+
+
 def _touch(path: Path, data: bytes = b"\0" * 32) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

@@ -68,6 +68,11 @@ def route_keras(source: Path, args):
                 "pass --trust-pickle if you trust the file"
             ) from None
         raise common.UserError(f"Keras cannot load it: {common.first_line(error)}") from None
+    except TypeError as error:  # a class whose code is not importable here
+        missing = common.keras_class_missing(str(error))
+        if missing is None:
+            raise
+        raise common.UserError(missing) from None
     except OSError as error:  # h5py on a damaged .h5
         raise common.UserError(
             f"cannot read it (truncated or corrupt?): {common.first_line(error)}"

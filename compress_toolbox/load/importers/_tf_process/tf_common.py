@@ -3,6 +3,7 @@ itself (imported on first use), and the NHWC input handling."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,34 @@ class Route:
     convert: Callable[[], onnx.ModelProto]
     run: Callable[[np.ndarray], list[np.ndarray]]  # NHWC batch -> outputs, in ONNX order
     notes: list[str] = field(default_factory=list)
+
+
+_MODULE_MISSING = re.compile(
+    r"Could not deserialize class '([^']+)' because its parent module ([\w.]+) cannot be imported"
+)
+_CLASS_UNKNOWN = re.compile(r"Could not locate class '([^']+)'")
+SAVED_MODEL_HINT = "or save the model as a SavedModel (model.export(DIR)), which loads without it"
+
+
+def keras_class_missing(message: str) -> str | None:
+    """What to tell the user when Keras cannot rebuild a model because one of its classes is
+    defined in Python code that is not importable here (a package such as keras_cv, or the
+    user's own registered layer); None for any other error. Keras's own message ends in the
+    whole model's config, thousands of characters, so it is not passed on."""
+    found = _MODULE_MISSING.search(message)
+    if found:
+        name, module = found.groups()
+        package = module.split(".")[0]
+        return (f"the Keras model's class {name} is defined in the Python package {package} "
+                f"({module}), which cannot be imported here: install {package} where "
+                f"dafl-compress runs, {SAVED_MODEL_HINT}")  # fmt: skip
+    found = _CLASS_UNKNOWN.search(message)
+    if found:
+        return (f"the Keras model uses a custom class, {found.group(1)}, and Keras rebuilds "
+                "it only where its code was imported first, which a model file cannot ask "
+                f"for: save the model as a SavedModel (model.export(DIR)), which loads "
+                "without it")  # fmt: skip
+    return None
 
 
 def load_tf():
