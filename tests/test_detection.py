@@ -34,6 +34,7 @@ from compress_toolbox.tasks.detection.heads import (
     joined_layout,
     per_level,
     recognise,
+    with_pyramid,
 )
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 from compress_toolbox.tasks.detection.metrics import GroundTruth, mean_average_precision
@@ -335,6 +336,64 @@ def test_a_two_output_teacher_distils_into_a_student_with_both_outputs(files, tm
     assert "- detection head: boxes+scores (regressors, classificators)" in shown
     assert "top-1 agreement" not in shown  # fidelity, not top-1
     assert capsys.readouterr().err.count("--decode FILE.py:FUNCTION") == 1
+
+
+def _sharp_distances(left: int, top: int, right: int, bottom: int) -> torch.Tensor:
+    """(64,) DFL logits all but certain of these distances (in strides) to the four sides."""
+    logits = torch.zeros(4, 16)
+    for side, distance in enumerate((left, top, right, bottom)):
+        logits[side, distance] = 30.0
+    return logits.flatten()
+
+
+def test_box_distributions_beside_scores_decode_about_the_cells_of_their_pyramid():
+    """KerasCV's YOLOV8Detector gives boxes (N, A, 64), distributions over 16 distances per
+    side, beside classes (N, A, K): where A is one pyramid of cells for the input size
+    (2100 = 40^2 + 20^2 + 10^2 at 320: strides 8, 16, 32) they decode to pixels about those
+    cells, as KerasCV's own decoding does (checked against it: 3e-5 pixels apart)."""
+    base = joined([("boxes", 64), ("classes", 5)], False)
+    layout = with_pyramid(base, (320, 320), (2100, 69))
+    assert layout.pyramid == ((40, 40, 8), (20, 20, 16), (10, 10, 32))
+    assert layout.boxes_in_pixels and layout.boxes_encoded  # decoded, yet distilled as given
+    assert "about cells of strides 8, 16, 32" in layout.describe()
+    rows = torch.zeros(1, 2100, 69)
+    rows[0, 0, :64] = _sharp_distances(1, 1, 1, 1)  # the first cell, centred at (4, 4)
+    rows[0, 1601, :64] = _sharp_distances(2, 1, 3, 4)  # the second cell of stride 16: (24, 8)
+    rows[0, 1601, 64 + 2] = 0.9
+    boxes = layout.boxes(rows)[0]
+    assert torch.allclose(boxes[0], torch.tensor([4.0, 4, 16, 16]), atol=1e-4)
+    assert torch.allclose(boxes[1601], torch.tensor([32.0, 32, 80, 80]), atol=1e-4)
+    (found,) = decode(rows, layout, score_threshold=0.5)
+    assert found.labels.tolist() == [2]
+    assert torch.allclose(found.boxes[0], torch.tensor([-8.0, -8, 72, 72]), atol=1e-4)
+    for size, locations in (((320, 320), 2101), ((320, 256), 2100)):  # no pyramid fits
+        assert with_pyramid(base, size, (locations, 69)).pyramid == ()
+    levels = per_level([("p3", (67, 4, 4)), ("p4", (67, 2, 2))], "yolov8")
+    assert with_pyramid(levels, (SIZE, SIZE), (20, 67)).pyramid == ((4, 4, 8), (2, 2, 16))
+    assert with_pyramid(levels, (SIZE, 48), (20, 67)).pyramid == ()  # the grids do not tile it
+
+
+def test_a_teacher_with_box_distributions_is_scored_in_pixels_on_eval_data(files, tmp_path,
+                                                                            capsys):  # fmt: skip
+    """A KerasCV-style detector (boxes (N, A, 64), classes (N, A, K)): its boxes decode about
+    their cells, so the report has the teacher's and the student's mAP on the labelled scenes
+    (not fidelity), without --decode, and the student keeps both outputs."""
+    folder, _ = files
+    torch.manual_seed(0)
+    model = TinyBoxesScores(CLASSES, 3, 8, keypoints=30)  # 4 + 2 * 30 = 64 box values
+    teacher_path = export_detector(model, tmp_path / "kcv.onnx", SIZE, outputs=("boxes", "classes"))
+    out = tmp_path / "out"
+    code = run_cli(teacher_path, "--task", "detection", "--eval-data", folder / "scenes.npz",
+                   "--iters", 4, "--threads", 1, "--out", out)  # fmt: skip
+    assert code in (0, 3)
+    report = json.loads((out / "report.json").read_text())
+    assert "about cells of strides 8, 16" in report["detection"]["layout"]
+    assert report["detection"]["decoded_by"] == "the built-in decoding"
+    assert report["teacher"]["map_50"] is not None and report["student"]["map_50"] is not None
+    assert "labels unused" not in report["detection"]["measured_on"]
+    assert "--decode FILE.py:FUNCTION" not in capsys.readouterr().err
+    shape = (3, SIZE, SIZE)
+    assert signature(out / "student.onnx", shape) == signature(teacher_path, shape)
 
 
 def test_head_names_a_layout_and_needs_the_detection_task(files, tmp_path, capsys):
@@ -1216,6 +1275,7 @@ def test_a_yolov8_heads_levels_are_read_with_head_yolov8(tmp_path, capsys):
     assert code in (0, 3)
     report = json.loads((out / "report.json").read_text())
     assert "yolov8 per level" in report["detection"]["layout"]
+    assert "per cell of strides 8, 16" in report["detection"]["layout"]  # decoded in pixels
     assert report["detection"]["num_classes"] == CLASSES
     shape = (3, SIZE, SIZE)
     assert signature(out / "student.onnx", shape) == signature(teacher_path, shape)

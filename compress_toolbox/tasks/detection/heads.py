@@ -14,7 +14,8 @@
   or, without ``--head``, the same levels given in parts (Rockchip's exports: (N, 64, h, w),
   (N, K, h, w) and a score sum (N, 1, h, w) per level; YOLOv6's box as (N, 68, h, w)
   distributions or (N, 4, h, w) distances), joined per level along the channels, the sum
-  carried, not read.
+  carried, not read. Where the input size places their cells (``with_pyramid``), these
+  distances decode to boxes in input pixels, as ultralytics decodes them.
   Or the decoded output followed by the levels it was decoded from, (N, anchors, h, w, 5 + K)
   each (YOLOv5/v7 in eval mode through a plain ``torch.onnx.export``): the import puts each
   location's raw row beside its decoded one, (N, A, 2 (5 + K)); the decoded half is read and
@@ -29,10 +30,13 @@
   or probabilities, as the teacher answers, and a class's score at a location is the geometric
   mean of its class score and the centre-ness where there is one (as FCOS ranks them). The
   keypoints may come as a third output of their own (RetinaFace's ``landms``), read with the
-  box values. Scores that are a softmax over a background column and the K classes (SSD's,
-  RetinaFace's ``conf``: probabilities summing to one, or ``--head ssd`` for such logits) rank
-  a class by its softmax probability, the background column left out: the first, or the last
-  (MMDetection's SSD) where the teacher's answers show it (``background_last``).
+  box values. Box values that are distributions over 16 distances per side (64, KerasCV's
+  YOLOV8Detector) at locations that are one pyramid of cells for the input size decode to
+  pixels as a YOLOv8 head's levels do. Scores that are a softmax over a background column and
+  the K classes (SSD's, RetinaFace's ``conf``: probabilities summing to one, or ``--head ssd``
+  for such logits) rank a class by its softmax probability, the background column left out:
+  the first, or the last (MMDetection's SSD) where the teacher's answers show it
+  (``background_last``).
 
 The single-output layouts are recognised from the shape: YOLO heads have far more locations
 than channels, so (N, C, A) with C < A is read as yolov8 and (N, A, C) with A > C as yolov5.
@@ -44,6 +48,7 @@ centre-ness); ``--head`` names a layout where this is ambiguous.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -53,6 +58,7 @@ from compress_toolbox.errors import DaflError
 from compress_toolbox.tasks.outputs import (
     channels_first,
     channels_last,
+    level_cells,
     level_locations,
     level_output,
     level_slices,
@@ -95,6 +101,8 @@ class HeadLayout:
     channels_last: bool = False  # levels: the file gives each as (N, h, w, C) (Keras)
     level_parts: tuple[int, ...] = ()  # levels given in parts: each part's channels, in order
     beside: tuple[tuple[int, ...], ...] = ()  # yolov5 decoded: its levels' shapes (no batch)
+    pyramid: tuple[tuple[int, int, int], ...] = ()  # boxes as distances to the sides about
+    # cells the input size places (``with_pyramid``): per level (h, w, stride in pixels)
 
     @property
     def carried(self) -> int:
@@ -150,10 +158,17 @@ class HeadLayout:
 
     @property
     def boxes_in_pixels(self) -> bool:
-        """Whether the boxes are decoded (input pixels), so that boxes of different locations
-        can be compared (NMS, GIoU); a boxes+scores head's, or a YOLO head's levels before
-        decoding, are encoded per location."""
-        return self.name != "boxes+scores" and not self.levels
+        """Whether ``boxes`` gives input pixels, so that boxes of different locations can be
+        compared (NMS, GIoU): decoded outputs, or distances about the cells of a known
+        ``pyramid``; a boxes+scores head's others, or a YOLO head's levels with anchors, are
+        encoded per location."""
+        return bool(self.pyramid) or not self.boxes_encoded
+
+    @property
+    def boxes_encoded(self) -> bool:
+        """Whether the file gives its box values encoded per location (a boxes+scores head, a
+        YOLO head's levels), which the KD loss compares as they are."""
+        return self.name == "boxes+scores" or bool(self.levels)
 
     def locations(self, shape: tuple[int, ...]) -> int:
         """A, the locations of a raw output of ``shape`` (no batch)."""
@@ -203,10 +218,11 @@ class HeadLayout:
         """(N, A, 4) boxes as (cx, cy, w, h): input pixels, or a boxes+scores head's first
         four box values, or a YOLOv8 level's distances from its cell's centre to each side
         (their distributions, or the distances themselves as YOLOv6n gives them) as a box
-        about its cell (in strides)."""
-        if self.name == "yolov8" and self.levels:
+        about its cell (in strides; in pixels where the ``pyramid`` is known)."""
+        if self.pyramid or self.name == "yolov8" and self.levels:
             sides = self._box_rows(out)
-            return _box_about_cell(_expected_distances(sides) if self.box_channels > 4 else sides)
+            about = _box_about_cell(_expected_distances(sides) if self.box_channels > 4 else sides)
+            return _in_pixels(about, self.pyramid) if self.pyramid else about
         return self._box_rows(out)[..., :4]
 
     def box_values(self, out: torch.Tensor) -> torch.Tensor:
@@ -263,7 +279,7 @@ class HeadLayout:
                                for name, shape in zip(self.outputs, self.file_levels))  # fmt: skip
             if self.name == "yolov8":
                 return (f"yolov8 per level ({shapes}): 64 box-distribution values (16 per "
-                        f"side) and {scores} per cell")  # fmt: skip
+                        f"side) and {scores} per cell{self._strides(' of strides ')}")  # fmt: skip
             return (f"yolov5 per level ({shapes}): {self.anchors} anchor(s) per cell, 4 "
                     f"encoded box values, an objectness and {scores} per anchor and "
                     "cell")  # fmt: skip
@@ -273,6 +289,9 @@ class HeadLayout:
         if QUALITY in self.parts:
             scores += " and a centre-ness"
         boxes = f"{self.box_channels} box values"
+        if self.pyramid:
+            boxes = (f"{self.box_channels} box-distribution values ({self.box_channels // 4} "
+                     f"per side, about cells of strides {self._strides()})")  # fmt: skip
         if KEYPOINTS in self.parts:
             boxes += f", {self.keypoint_channels} keypoint values"
         return (f"boxes+scores ({', '.join(self.outputs)}): {boxes} and {scores} per "
@@ -289,7 +308,13 @@ class HeadLayout:
             bins = self.box_channels // 4
             boxes = f"{self.box_channels} box-distribution values ({bins} per side)"
         return (f"yolov8 per level in parts ({'; '.join(levels)}): {boxes}, "
-                f"{scores}{carried} per cell")  # fmt: skip
+                f"{scores}{carried} per cell{self._strides(' of strides ')}")  # fmt: skip
+
+    def _strides(self, before: str = "") -> str:
+        """The pyramid's strides in words (after ``before``), empty where it is not known."""
+        if not self.pyramid:
+            return ""
+        return before + ", ".join(str(stride) for _, _, stride in self.pyramid)
 
 
 def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
@@ -389,6 +414,58 @@ def _expected_distances(distributions: torch.Tensor) -> torch.Tensor:
     (…, 4 B) logits of a distribution over B distances (0 .. B - 1) per side."""
     bins = distributions.unflatten(-1, (4, distributions.shape[-1] // 4)).softmax(dim=-1)
     return bins @ torch.arange(bins.shape[-1]).to(bins)
+
+
+PYRAMID_FIRST_STRIDES = (8, 4, 16, 2, 32)  # a pyramid's finest stride, the usual first ...
+PYRAMID_LEVELS = (3, 4, 5, 2)  # ... and its levels, each twice the stride of the one before
+
+
+def with_pyramid(layout: HeadLayout, image_size: tuple[int, int],
+                 output_shape: tuple[int, ...]) -> HeadLayout:  # fmt: skip
+    """``layout`` decoding its boxes to pixels where they are distances to the sides about
+    cells that the input size (``image_size``, H and W) places: a YOLOv8/v6 head's levels
+    whose grids tile the input, or joined box distributions (KerasCV's YOLOV8Detector:
+    ``boxes`` (N, A, 64) beside ``classes`` (N, A, K)) whose A locations (``output_shape``,
+    no batch) are exactly one pyramid of strides doubling level by level, its finest cells
+    first; else ``layout`` as it is (encoded, compared location by location)."""
+    height, width = image_size
+    if layout.name == "yolov8" and layout.levels and layout.anchors == 1:
+        pyramid = tuple(_level_cells(shape, height, width) for shape in layout.levels)
+        return layout if None in pyramid else replace(layout, pyramid=pyramid)
+    distributions = layout.name == "boxes+scores" and layout.box_channels == DFL_CHANNELS
+    if not distributions or set(layout.parts) != {BOXES, SCORES} or layout.background:
+        return layout
+    for first in PYRAMID_FIRST_STRIDES:
+        for levels in PYRAMID_LEVELS:
+            pyramid = tuple((math.ceil(height / stride), math.ceil(width / stride), stride)
+                            for stride in (first * 2**i for i in range(levels)))  # fmt: skip
+            if sum(h * w for h, w, _ in pyramid) == output_shape[0]:
+                return replace(layout, pyramid=pyramid)
+    return layout
+
+
+def _level_cells(shape: tuple[int, ...], height: int, width: int) -> tuple[int, int, int] | None:
+    """(h, w, stride) of a level of ``shape`` (no batch, channels first) whose grid tiles an
+    input of ``height`` x ``width`` at one power-of-two stride (the last cells may overhang, as
+    padded convolutions leave them); None if not."""
+    cells_high, cells_wide = level_cells(shape)
+    stride = 2 ** max(round(math.log2(height / cells_high)), 0)
+    fits = (math.ceil(height / stride), math.ceil(width / stride)) == (cells_high, cells_wide)
+    return (cells_high, cells_wide, stride) if fits else None
+
+
+def _in_pixels(about_cell: torch.Tensor, pyramid: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+    """(N, A, 4) boxes about their cells (in strides, ``_box_about_cell``) in input pixels:
+    the cells of ``pyramid`` level by level, row-major, each centred half a stride in."""
+    centres = []
+    for cells_high, cells_wide, stride in pyramid:
+        y, x = torch.meshgrid(torch.arange(cells_high), torch.arange(cells_wide), indexing="ij")
+        cell = torch.stack([x.flatten(), y.flatten()], dim=-1)
+        centres.append(torch.cat([(cell + 0.5) * stride, torch.full_like(cell[:, :1], stride)], -1))
+    centre_x, centre_y, stride = torch.cat(centres).to(about_cell).unbind(-1)
+    zeros = torch.zeros_like(stride)
+    offset = torch.stack([centre_x, centre_y, zeros, zeros], dim=-1)
+    return about_cell * stride[:, None] + offset
 
 
 def _box_about_cell(distances: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,9 @@
   teacher's, once averaged over every location (the background must stay background) and once
   weighted by the teacher's confidence at each location;
 - boxes: L1 (in units of the teacher's mean box size) plus GIoU (``torchvision.ops``), in
-  decoded pixel space, weighted by the teacher's confidence; a boxes+scores head's box values
-  (encoded against anchors the file does not hold, keypoints too) by L1 alone, in units of the
+  decoded pixel space, weighted by the teacher's confidence; the box values of a boxes+scores
+  head or of a YOLO head's levels, as the file encodes them (against anchors the file does not
+  hold, or as distributions over distances; keypoints too), by L1 alone, in units of the
   teacher's mean absolute value.
 
 Weighting by confidence keeps the thousands of background locations, whose boxes mean nothing,
@@ -61,7 +62,7 @@ def detection_kd_loss(student_out: torch.Tensor, teacher_out: torch.Tensor,
     weights = layout.confidence(teacher_out).detach().float()
     scores = score_loss(layout.probabilities(student_out), layout.probabilities(teacher_out),
                         weights)  # fmt: skip
-    if not layout.boxes_in_pixels:
+    if layout.boxes_encoded:
         return scores + encoded_box_loss(layout.box_values(student_out),
                                          layout.box_values(teacher_out), weights)  # fmt: skip
     return scores + box_loss(layout.boxes(student_out), layout.boxes(teacher_out), weights)

@@ -31,6 +31,7 @@ from compress_toolbox.tasks.detection.heads import (
     forced,
     joined_layout,
     recognise,
+    with_pyramid,
 )
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 from compress_toolbox.tasks.detection.user_decode import UserDecoder
@@ -223,7 +224,16 @@ class Detection(Task):
                 "and places them as your code reads them")  # fmt: skip
 
     def _layout(self, teacher) -> tuple[HeadLayout, str | None]:
-        """The teacher's head layout, and a note on how its scores read (joined outputs)."""
+        """The teacher's head layout, its boxes decoded about the cells the input size places
+        where they are distances to the sides (``with_pyramid``), and a note on how its scores
+        read (joined outputs)."""
+        layout, hint = self._read_layout(teacher)
+        image_size = tuple(teacher.input_shape)[-2:]
+        return with_pyramid(layout, image_size, tuple(teacher.analysis.output_shape)), hint
+
+    def _read_layout(self, teacher) -> tuple[HeadLayout, str | None]:
+        """The teacher's head layout as its outputs show it, and a note on how its scores
+        read (joined outputs)."""
         input_shape, shape = tuple(teacher.input_shape), tuple(teacher.analysis.output_shape)
         layout = joined_layout(teacher.details, self.head_name)
         if layout is not None and teacher.details.get("decoded_and_levels"):
