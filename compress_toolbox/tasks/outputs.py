@@ -201,15 +201,42 @@ def level_groups(shapes: list[tuple[int, ...]]) -> list[int] | None:
     return [len(p) for p in parts] if all(p == parts[0] for p in parts) else None
 
 
+MAX_LEVEL_RATIO = 6  # rows of a level as rows, at most this many times the next level's
+
+
+def row_level_groups(shapes: list[tuple[int, ...]]) -> list[list[int]] | None:
+    """Which outputs of these shapes (batch first) make each level, where they are a head's
+    levels given as rows (PaddleDetection's PicoDet and GFL exports: class scores (N, A_l, K)
+    of every level, then box distributions (N, A_l, 32) of every level): all (N, A, C), two or
+    more levels of different A, each A under ``MAX_LEVEL_RATIO`` times the next (strides that
+    double: about 4), every level the same channels in the same order, at least two outputs
+    per level (one (N, A, C) per level is a sequence model's, not a head's). The outputs'
+    indices per level, the most rows first; None otherwise."""
+    if len(shapes) < 4 or any(len(s) != 3 or s[0] != shapes[0][0] for s in shapes):
+        return None
+    by_rows: dict[int, list[int]] = {}
+    for index, shape in enumerate(shapes):
+        by_rows.setdefault(shape[1], []).append(index)
+    rows = sorted(by_rows, reverse=True)
+    levels = [by_rows[count] for count in rows]
+    channels = [[shapes[i][2] for i in level] for level in levels]
+    pyramid = all(1 < big / small < MAX_LEVEL_RATIO for big, small in zip(rows, rows[1:]))
+    if len(levels) < 2 or len(levels[0]) < 2 or not pyramid:
+        return None
+    return levels if all(c == channels[0] for c in channels) else None
+
+
 # How several outputs join into one (``join_tensors``), each kind under its key in the
 # teacher's details: a detection head's boxes and scores (N, A, C_i) along the last axis; a
 # YOLO head's levels as rows (``level_rows``) along the locations (channels first, or last
 # as Keras gives them: ``levels_last``); a decoded YOLO output with
 # its levels' rows beside it, along the last axis, (N, A, 2 C); a head's levels given in
-# parts, each level's parts along the channels, then as levels.
+# parts, each level's parts along the channels, then as levels; a head's levels given as
+# rows (``row_level_groups``), each level's outputs along the channels, then the levels along
+# the locations.
 JOIN_KINDS = {"channels": "joined_outputs", "levels": "joined_levels",
               "levels_last": "joined_levels_last", "beside": "decoded_and_levels",
-              "parts": "joined_level_parts"}  # fmt: skip
+              "parts": "joined_level_parts", "rows": "joined_level_rows"}  # fmt: skip
 
 
 def join_kind(shapes: list[tuple[int, ...]]) -> str | None:
@@ -223,7 +250,9 @@ def join_kind(shapes: list[tuple[int, ...]]) -> str | None:
         return "levels_last"
     if beside_levels(shapes):
         return "beside"
-    return "parts" if level_groups(shapes) else None
+    if level_groups(shapes):
+        return "parts"
+    return "rows" if row_level_groups(shapes) else None
 
 
 def join_kind_of(details: dict) -> str | None:
@@ -244,6 +273,11 @@ def join_tensors(tensors: list[torch.Tensor], kind: str | None = None) -> torch.
         return torch.cat([level_rows(t, channels_last=True) for t in tensors], dim=1)
     if kind == "parts":
         return join_tensors(parts_joined(tensors), "levels")
+    if kind == "rows":
+        levels = row_level_groups([tuple(t.shape) for t in tensors])
+        if levels is None:
+            raise ValueError("outputs are not a head's levels given as rows")
+        return torch.cat([torch.cat([tensors[i] for i in level], dim=-1) for level in levels], 1)
     rows = torch.cat([level_rows(t) for t in tensors[1:]], dim=1)
     return torch.cat([tensors[0], rows], dim=-1)
 
@@ -284,7 +318,9 @@ def joined_details(names: list[str], shapes: list[tuple[int, ...]]) -> dict | No
                                 "locations",
                  "beside": "the decoded output, its levels' rows beside it",
                  "parts": "each level's parts joined along the channels, the levels along "
-                          "the locations"}[kind]  # fmt: skip
+                          "the locations",
+                 "rows": "each level's outputs joined along the channels, the levels along "
+                         "the locations"}[kind]  # fmt: skip
     return {JOIN_KINDS[kind]: outputs, "distilled_output": distilled}
 
 

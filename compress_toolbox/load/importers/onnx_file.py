@@ -29,6 +29,7 @@ from compress_toolbox.tasks.outputs import (
     joined_details,
     level_cells,
     level_slices,
+    row_level_groups,
 )
 
 
@@ -154,7 +155,8 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
                            "head's levels, (N, anchors, h, w, C), (N, anchors * C, h, w) or "
                            "(N, h, w, anchors * C) with one C, or a decoded (N, A, C) output "
                            "followed by (N, anchors, h, w, C) levels, or levels given in "
-                           "parts (N, C_i, h, w), the same parts per level")  # fmt: skip
+                           "parts (N, C_i, h, w) or as rows (N, A, C_i), the same parts per "
+                           "level")  # fmt: skip
     add = GraphAdditions(model.graph)
     kind = join_kind_of(joined)
     if kind == "channels":
@@ -168,6 +170,10 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
     elif kind == "parts":
         levels = _join_level_parts(add, names, shapes)
         rows = [_level_rows_nodes(add, n, s) for n, s in levels]
+        output = add.node("Concat", rows, JOINED_OUTPUT, axis=1)
+    elif kind == "rows":
+        rows = [add.node("Concat", [names[i] for i in level], f"{names[level[0]]}_level", axis=-1)
+                for level in row_level_groups(shapes)]  # fmt: skip
         output = add.node("Concat", rows, JOINED_OUTPUT, axis=1)
     else:
         rows = [_level_rows_nodes(add, n, s[1:]) for n, s in zip(names[1:], shapes[1:])]
@@ -213,7 +219,7 @@ def _one_detection_head(model: onnx.ModelProto, shape: tuple[int, ...]) -> bool:
             return False
     except Exception:  # noqa: BLE001 - the import itself reports what is wrong with the file
         return False
-    if kind == "channels":
+    if kind in ("channels", "rows"):
         return True
     levels = joined[JOIN_KINDS[kind]][1:] if kind == "beside" else joined[JOIN_KINDS[kind]]
     first = [channels_first(tuple(s)) if kind == "levels_last" else tuple(s) for _, s in levels]

@@ -30,13 +30,15 @@
   or probabilities, as the teacher answers, and a class's score at a location is the geometric
   mean of its class score and the centre-ness where there is one (as FCOS ranks them). The
   keypoints may come as a third output of their own (RetinaFace's ``landms``), read with the
-  box values. Box values that are distributions over 16 distances per side (64, KerasCV's
-  YOLOV8Detector) at locations that are one pyramid of cells for the input size decode to
-  pixels as a YOLOv8 head's levels do. Scores that are a softmax over a background column and
-  the K classes (SSD's, RetinaFace's ``conf``: probabilities summing to one, or ``--head ssd``
-  for such logits) rank a class by its softmax probability, the background column left out:
-  the first, or the last (MMDetection's SSD) where the teacher's answers show it
-  (``background_last``).
+  box values. Or four or more outputs, each level's boxes and scores as rows (N, A_l, C)
+  (PaddleDetection's PicoDet: ``tasks.outputs.row_level_groups``), joined per level, then
+  along the locations. Box values that are distributions over 8, 16 or 17 distances per side
+  (32, PicoDet's; 64, KerasCV's YOLOV8Detector; 68) at locations that are one pyramid of
+  cells for the input size decode to pixels as a YOLOv8 head's levels do. Scores that are a
+  softmax over a background column and the K classes (SSD's, RetinaFace's ``conf``:
+  probabilities summing to one, or ``--head ssd`` for such logits) rank a class by its
+  softmax probability, the background column left out: the first, or the last
+  (MMDetection's SSD) where the teacher's answers show it (``background_last``).
 
 The single-output layouts are recognised from the shape: YOLO heads have far more locations
 than channels, so (N, C, A) with C < A is read as yolov8 and (N, A, C) with A > C as yolov5.
@@ -63,6 +65,7 @@ from compress_toolbox.tasks.outputs import (
     level_output,
     level_slices,
     row_channels,
+    row_level_groups,
 )
 
 YOLOV8_BOX_CHANNELS = 4  # cx, cy, w, h
@@ -72,6 +75,8 @@ DFL_CHANNELS = 64  # a YOLOv8 level's box: 16 logits of a distance distribution 
 # read only beside two or more classes: (4, 1, 1) may be YOLOX's box, objectness and class), or
 # distributions over 16 distances per side (YOLOv8's DFL) or 17 (YOLOv6m/l's)
 BOX_PART_CHANNELS = (4, DFL_CHANNELS, 68)
+# A box output of distributions over 8 (PicoDet's), 16 (YOLOv8's) or 17 (GFL's) distances per side
+DISTRIBUTION_CHANNELS = (32, DFL_CHANNELS, 68)
 HEAD_NAMES = ("yolov8", "yolov5", "boxes+scores", "ssd")  # ssd: boxes+scores with a background
 _BOX_NAME = re.compile(r"box|reg|loc|coord|delta", re.IGNORECASE)
 _SCORE_NAME = re.compile(r"score|class|cls|conf|prob|logit", re.IGNORECASE)
@@ -103,6 +108,8 @@ class HeadLayout:
     beside: tuple[tuple[int, ...], ...] = ()  # yolov5 decoded: its levels' shapes (no batch)
     pyramid: tuple[tuple[int, int, int], ...] = ()  # boxes as distances to the sides about
     # cells the input size places (``with_pyramid``): per level (h, w, stride in pixels)
+    row_shapes: tuple[tuple[int, int], ...] = ()  # boxes+scores given per level as rows: each
+    # output's (A_l, C), in the file's order (``tasks.outputs.row_level_groups``)
 
     @property
     def carried(self) -> int:
@@ -154,7 +161,20 @@ class HeadLayout:
             return (out[..., : self.row], *_level_outputs(out[..., self.row :], self.beside))
         if self.name != "boxes+scores":
             return (out,)
+        if self.row_shapes:
+            return self._row_outputs(out)
         return tuple(out.split(self.part_sizes(), dim=-1))
+
+    def _row_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Joined rows of a head given per level as rows, split back into the file's outputs
+        (each level's rows, then its outputs along the channels), in the file's order."""
+        levels = row_level_groups([(1, *shape) for shape in self.row_shapes])
+        counts = [self.row_shapes[level[0]][0] for level in levels]
+        pieces: dict[int, torch.Tensor] = {}
+        for level, rows in zip(levels, out.split(counts, dim=1)):
+            sizes = [self.row_shapes[i][1] for i in level]
+            pieces.update(zip(level, rows.split(sizes, dim=-1)))
+        return tuple(pieces[i] for i in range(len(self.row_shapes)))
 
     @property
     def boxes_in_pixels(self) -> bool:
@@ -376,6 +396,17 @@ def decoded_and_levels(outputs: list[tuple[str, tuple[int, ...]]],
                       beside=tuple(tuple(s) for _, s in levels))  # fmt: skip
 
 
+def in_rows(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
+    """The boxes+scores layout of a head given per level as rows (``tasks.outputs.
+    row_level_groups``: PicoDet's scores (N, A_l, K) and box distributions (N, A_l, 32) per
+    level), given as (name, (A_l, C)) in the file's order: each level's outputs read as
+    ``joined`` reads two or three outputs (the first level's names and channels)."""
+    levels = row_level_groups([(1, *shape) for _, shape in outputs])
+    first = joined([(outputs[i][0], outputs[i][1][-1]) for i in levels[0]], False, head)
+    return replace(first, outputs=tuple(name for name, _ in outputs),
+                   row_shapes=tuple(tuple(shape) for _, shape in outputs))  # fmt: skip
+
+
 def joined_layout(details: dict, head: str | None = None) -> HeadLayout | None:
     """The layout of a teacher's outputs as its import joined them (``details``, under a
     ``tasks.outputs.JOIN_KINDS`` key), scores not yet told logits or probabilities; None where
@@ -392,6 +423,8 @@ def joined_layout(details: dict, head: str | None = None) -> HeadLayout | None:
         return in_parts(dims("joined_level_parts"), head)
     if details.get("decoded_and_levels"):
         return decoded_and_levels(dims("decoded_and_levels"), head)
+    if details.get("joined_level_rows"):
+        return in_rows(dims("joined_level_rows"), head)
     if details.get("joined_outputs"):
         return joined([(name, int(c)) for name, c in details["joined_outputs"]], False, head)
     return None
@@ -424,15 +457,16 @@ def with_pyramid(layout: HeadLayout, image_size: tuple[int, int],
                  output_shape: tuple[int, ...]) -> HeadLayout:  # fmt: skip
     """``layout`` decoding its boxes to pixels where they are distances to the sides about
     cells that the input size (``image_size``, H and W) places: a YOLOv8/v6 head's levels
-    whose grids tile the input, or joined box distributions (KerasCV's YOLOV8Detector:
-    ``boxes`` (N, A, 64) beside ``classes`` (N, A, K)) whose A locations (``output_shape``,
-    no batch) are exactly one pyramid of strides doubling level by level, its finest cells
-    first; else ``layout`` as it is (encoded, compared location by location)."""
+    whose grids tile the input, or box distributions beside scores (KerasCV's YOLOV8Detector:
+    ``boxes`` (N, A, 64) beside ``classes`` (N, A, K); PicoDet's per level, (N, A_l, 32))
+    whose A locations (``output_shape``, no batch) are exactly one pyramid of strides doubling
+    level by level, its finest cells first; else ``layout`` as it is (encoded, compared
+    location by location)."""
     height, width = image_size
     if layout.name == "yolov8" and layout.levels and layout.anchors == 1:
         pyramid = tuple(_level_cells(shape, height, width) for shape in layout.levels)
         return layout if None in pyramid else replace(layout, pyramid=pyramid)
-    distributions = layout.name == "boxes+scores" and layout.box_channels == DFL_CHANNELS
+    distributions = layout.name == "boxes+scores" and layout.box_channels in DISTRIBUTION_CHANNELS
     if not distributions or set(layout.parts) != {BOXES, SCORES} or layout.background:
         return layout
     for first in PYRAMID_FIRST_STRIDES:
@@ -540,7 +574,12 @@ def _parts(outputs: list[tuple[str, int]]) -> tuple[str, ...] | None:
     by_channels = {4: BOXES, 1: QUALITY} if three else {4: BOXES}
     guess = tuple(by_channels.get(c, SCORES) for _, c in outputs)
     wanted = base | {QUALITY} if three else base
-    return guess if set(guess) == wanted and len(set(guess)) == len(guess) else None
+    if set(guess) == wanted and len(set(guess)) == len(guess):
+        return guess
+    distributions = [c in DISTRIBUTION_CHANNELS for _, c in outputs]
+    if not three and sum(distributions) == 1:  # box distributions beside the scores (PicoDet)
+        return tuple(BOXES if d else SCORES for d in distributions)
+    return None
 
 
 def _part_named(name: str) -> str | None:
@@ -559,7 +598,7 @@ LAYOUTS_TEXT = ("one output (N, 4 + K, A) (YOLOv8/v11) or (N, A, 5 + K) (YOLOv5)
                 "yolov8, or in parts: (N, 64, h, w), (N, K, h, w) and a score sum (N, 1, h, w) "
                 "per level), or two, boxes (N, A, 4+) and scores (N, A, K) (SSD-style), with a "
                 "centre-ness (N, A, 1) (FCOS) or keypoints (N, A, P) (RetinaFace) as a "
-                "third")  # fmt: skip
+                "third, or those per level as rows, (N, A_l, C) each (PicoDet)")  # fmt: skip
 
 
 def describe_layouts() -> str:

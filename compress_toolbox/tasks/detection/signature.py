@@ -21,7 +21,7 @@ from compress_toolbox.export.onnx_names import GraphAdditions
 from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.tasks.detection.heads import HeadLayout
 from compress_toolbox.tasks.outputs import channels_last as channels_last_shape
-from compress_toolbox.tasks.outputs import level_locations
+from compress_toolbox.tasks.outputs import level_locations, row_level_groups
 
 PROBE_BATCH = 2
 
@@ -138,6 +138,8 @@ def split_outputs(student_path: str | Path, layout: HeadLayout) -> None:
     elif layout.levels:
         shapes = _split_levels(model, add, whole.name, layout.levels, names,
                                layout.channels_last)  # fmt: skip
+    elif layout.row_shapes:
+        shapes = _split_row_levels(model, add, whole.name, layout, names)
     elif layout.beside:  # the decoded half, then the levels' rows
         raw = add.name(f"{names[0]}_level_rows")
         _split(model, add, whole.name, [layout.row, layout.row], [names[0], raw], axis=-1)
@@ -180,6 +182,22 @@ def _split_levels(model: onnx.ModelProto, add: GraphAdditions, whole: str,
             level = add.node("Transpose", [level], f"{name}_channels_first", perm=[0, 2, 1])
         add.node("Reshape", [level, add.const(f"{name}_shape", [0, *shape])], [name])
     return [[_declared(add.graph.output[0])[0], *shape] for shape in shapes]
+
+
+def _split_row_levels(model: onnx.ModelProto, add: GraphAdditions, whole: str,
+                      layout: HeadLayout, names: list[str]) -> list[list[int | str]]:  # fmt: skip
+    """Nodes (``add``) giving the rows ``whole`` back as a head's outputs given per level as
+    rows (``layout.row_shapes``): the levels' rows, then each level's outputs along the
+    channels, named ``names`` in the file's order; their shapes."""
+    shapes = layout.row_shapes
+    levels = row_level_groups([(1, *shape) for shape in shapes])
+    rows = [add.name(f"{names[level[0]]}_level") for level in levels]
+    _split(model, add, whole, [shapes[level[0]][0] for level in levels], rows, axis=1)
+    for level, level_rows in zip(levels, rows):
+        _split(model, add, level_rows, [shapes[i][1] for i in level],
+               [names[i] for i in level], axis=-1)  # fmt: skip
+    batch = _declared(add.graph.output[0])[0]
+    return [[batch, *shape] for shape in shapes]
 
 
 def _split_level_parts(model: onnx.ModelProto, add: GraphAdditions, whole: str,

@@ -171,6 +171,25 @@ class TinyYoloParts(_Features):
         return tuple(parts)
 
 
+class TinyRowLevels(_Features):
+    """A PicoDet-style head given per level as rows, as PaddleDetection exports it: the class
+    scores through a sigmoid (N, h * w, K) of every level (strides 8 and 16), then the box
+    distributions over ``bins`` distances per side (N, h * w, 4 * bins) of every level."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16,
+                 bins: int = 8) -> None:  # fmt: skip
+        super().__init__(in_channels, width)
+        branch = lambda channels: nn.ModuleList([nn.Conv2d(4 * width, channels, 1),  # noqa: E731
+                                                 nn.Conv2d(8 * width, channels, 1)])  # fmt: skip
+        self.scores, self.boxes = branch(num_classes), branch(4 * bins)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        levels = self.features(x)
+        rows = lambda conv, p: conv(p).flatten(2).transpose(1, 2)  # noqa: E731
+        scores = [torch.sigmoid(rows(conv, p)) for conv, p in zip(self.scores, levels)]
+        return (*scores, *[rows(conv, p) for conv, p in zip(self.boxes, levels)])
+
+
 class RawLevels(nn.Module):
     """A YOLOv5-layout ``TinyYolo`` handed over as a YOLOv5/v7 export without its grid gives
     it: each level's raw head output before decoding, (N, 1, h, w, 5 + K) (one anchor per
