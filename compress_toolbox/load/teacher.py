@@ -64,8 +64,8 @@ def load_teacher(
     boxes and scores) several (N, A, C) outputs are joined along their last axis instead, a
     YOLO head's per-level outputs (channels first or last) along the locations, a decoded
     YOLO output with its
-    levels' rows beside it, and a head's levels given in parts each level's parts along the
-    channels first (``tasks.outputs.JOIN_KINDS``).
+    levels' rows beside it, and a head's levels given in parts or as rows each level's parts
+    along the channels first (``tasks.outputs.JOIN_KINDS``).
     """
     path = Path(path)
     if not path.exists():

@@ -2,8 +2,8 @@
 tensor of a dict or tuple output (``MainOutput``), or all of them joined (``JoinedOutputs``:
 a detection head's boxes and scores along the channels, a YOLO head's levels (channels first
 or last) along the locations, a decoded YOLO output with its levels' rows beside it, a head's
-levels given in parts: ``JOIN_KINDS``), and the activations a teacher's file ends in, taken off for
-distillation and given back to the shipped student (``FILE_OUTPUTS``)."""
+levels given in parts or as rows: ``JOIN_KINDS``), and the activations a teacher's file ends
+in, taken off for distillation and given back to the shipped student (``FILE_OUTPUTS``)."""
 
 from __future__ import annotations
 

@@ -143,7 +143,8 @@ def _join_outputs(model: onnx.ModelProto, path: Path,
     a YOLO head's per-level outputs as rows along the locations (``level_rows``; channels
     last, each cell's channels as its row), given in
     parts each level's parts along the channels first; a decoded YOLO output and its levels'
-    rows side by side. Returns the joined output's name and the
+    rows side by side; a head's levels given as rows (N, A_l, C_i), each level's outputs along
+    the channels, then the levels along the locations. Returns the joined output's name and the
     details to record (``joined_details``); ImportFailed, naming the outputs, when they are
     none of these."""
     names, shapes = _output_shapes(model, shape)

@@ -24,8 +24,8 @@ from compress_toolbox.tasks.outputs import join_tensors
 
 GENERATED_SCENES = 256  # generated inputs for the fidelity figure without eval data
 BATCH = 64
-# Pixels run at once: a detector's activations at 800 x 608 outgrow the CPU's caches, and one
-# of PicoDet's images took 116 ms at batch 1 against 488 ms at batch 16 on the 2-core CPU
+# Pixels run at once: a large image's activations outgrow the CPU's caches, and per image a
+# larger batch then runs slower, not faster (benchmarks/RESULTS.md, PicoDet)
 PIXELS_PER_BATCH = 1 << 20
 FIGURE = "mAP@0.5"
 

@@ -45,7 +45,8 @@ than channels, so (N, C, A) with C < A is read as yolov8 and (N, A, C) with A > 
 Several outputs are told apart by their names (``ctr``, ``centerness``, ``quality`` for the
 centre-ness, then ``score``, ``class``, ``conf`` for the scores, then ``box``, ``reg``,
 ``loc``) or, failing that, by their channels (four for the boxes, one for a third output's
-centre-ness); ``--head`` names a layout where this is ambiguous.
+centre-ness; of a head given as rows per level, a box output of distributions, 32, 64 or 68
+values, beside its scores); ``--head`` names a layout where this is ambiguous.
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ class HeadLayout:
     def boxes_in_pixels(self) -> bool:
         """Whether ``boxes`` gives input pixels, so that boxes of different locations can be
         compared (NMS, GIoU): decoded outputs, or distances about the cells of a known
-        ``pyramid``; a boxes+scores head's others, or a YOLO head's levels with anchors, are
-        encoded per location."""
+        ``pyramid``; other boxes+scores heads' and YOLO heads' levels (with anchors, or on
+        grids that do not tile the input) are encoded per location."""
         return bool(self.pyramid) or not self.boxes_encoded
 
     @property
@@ -330,11 +331,11 @@ class HeadLayout:
         return (f"yolov8 per level in parts ({'; '.join(levels)}): {boxes}, "
                 f"{scores}{carried} per cell{self._strides(' of strides ')}")  # fmt: skip
 
-    def _strides(self, before: str = "") -> str:
-        """The pyramid's strides in words (after ``before``), empty where it is not known."""
+    def _strides(self, prefix: str = "") -> str:
+        """The pyramid's strides in words, after ``prefix``; empty where it is not known."""
         if not self.pyramid:
             return ""
-        return before + ", ".join(str(stride) for _, _, stride in self.pyramid)
+        return prefix + ", ".join(str(stride) for _, _, stride in self.pyramid)
 
 
 def per_level(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None) -> HeadLayout:
@@ -401,8 +402,16 @@ def in_rows(outputs: list[tuple[str, tuple[int, ...]]], head: str | None = None)
     row_level_groups``: PicoDet's scores (N, A_l, K) and box distributions (N, A_l, 32) per
     level), given as (name, (A_l, C)) in the file's order: each level's outputs read as
     ``joined`` reads two or three outputs (the first level's names and channels)."""
+    names = ", ".join(name for name, _ in outputs)
+    if head not in (None, "boxes+scores", "ssd"):
+        raise DaflError(f"--head {head}: the outputs {names} are a head's boxes and scores per "
+                        "level, read as boxes+scores (or ssd)")  # fmt: skip
     levels = row_level_groups([(1, *shape) for _, shape in outputs])
-    first = joined([(outputs[i][0], outputs[i][1][-1]) for i in levels[0]], False, head)
+    try:
+        first = joined([(outputs[i][0], outputs[i][1][-1]) for i in levels[0]], False, head,
+                       distributions=True)  # fmt: skip
+    except DaflError as error:
+        raise DaflError(f"the outputs {names}, per level: {error}") from None
     return replace(first, outputs=tuple(name for name, _ in outputs),
                    row_shapes=tuple(tuple(shape) for _, shape in outputs))  # fmt: skip
 
@@ -451,6 +460,7 @@ def _expected_distances(distributions: torch.Tensor) -> torch.Tensor:
 
 PYRAMID_FIRST_STRIDES = (8, 4, 16, 2, 32)  # a pyramid's finest stride, the usual first ...
 PYRAMID_LEVELS = (3, 4, 5, 2)  # ... and its levels, each twice the stride of the one before
+MAX_STRIDE_POWER = 8  # a level's stride: a power of two up to 256
 
 
 def with_pyramid(layout: HeadLayout, image_size: tuple[int, int],
@@ -463,6 +473,7 @@ def with_pyramid(layout: HeadLayout, image_size: tuple[int, int],
     level by level, its finest cells first; else ``layout`` as it is (encoded, compared
     location by location)."""
     height, width = image_size
+    layout = replace(layout, pyramid=())
     if layout.name == "yolov8" and layout.levels and layout.anchors == 1:
         pyramid = tuple(_level_cells(shape, height, width) for shape in layout.levels)
         return layout if None in pyramid else replace(layout, pyramid=pyramid)
@@ -473,19 +484,30 @@ def with_pyramid(layout: HeadLayout, image_size: tuple[int, int],
         for levels in PYRAMID_LEVELS:
             pyramid = tuple((math.ceil(height / stride), math.ceil(width / stride), stride)
                             for stride in (first * 2**i for i in range(levels)))  # fmt: skip
-            if sum(h * w for h, w, _ in pyramid) == output_shape[0]:
+            if _holds(pyramid, layout, output_shape[0]):
                 return replace(layout, pyramid=pyramid)
     return layout
+
+
+def _holds(pyramid: tuple[tuple[int, int, int], ...], layout: HeadLayout, locations: int) -> bool:
+    """Whether ``pyramid``'s cells are the head's ``locations``: level by level where the file
+    gives its levels as rows (``row_shapes``), else in all."""
+    if not layout.row_shapes:
+        return sum(h * w for h, w, _ in pyramid) == locations
+    levels = row_level_groups([(1, *shape) for shape in layout.row_shapes])
+    rows = [layout.row_shapes[level[0]][0] for level in levels]
+    return rows == [h * w for h, w, _ in pyramid]
 
 
 def _level_cells(shape: tuple[int, ...], height: int, width: int) -> tuple[int, int, int] | None:
     """(h, w, stride) of a level of ``shape`` (no batch, channels first) whose grid tiles an
     input of ``height`` x ``width`` at one power-of-two stride (the last cells may overhang, as
     padded convolutions leave them); None if not."""
-    cells_high, cells_wide = level_cells(shape)
-    stride = 2 ** max(round(math.log2(height / cells_high)), 0)
-    fits = (math.ceil(height / stride), math.ceil(width / stride)) == (cells_high, cells_wide)
-    return (cells_high, cells_wide, stride) if fits else None
+    cells = level_cells(shape)
+    for stride in (2**power for power in range(MAX_STRIDE_POWER + 1)):
+        if (math.ceil(height / stride), math.ceil(width / stride)) == cells:
+            return (*cells, stride)
+    return None
 
 
 def _in_pixels(about_cell: torch.Tensor, pyramid: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
@@ -532,16 +554,19 @@ def forced(name: str, shape: tuple[int, ...]) -> HeadLayout:
     return HeadLayout(name, channels - boxes)
 
 
-def joined(outputs: list[tuple[str, int]], logits: bool, head: str | None = None) -> HeadLayout:
+def joined(outputs: list[tuple[str, int]], logits: bool, head: str | None = None,
+           distributions: bool = False) -> HeadLayout:  # fmt: skip
     """The boxes+scores layout of two or three outputs joined along their last axis, given as
-    (name, channels) in the file's order; DaflError when which is which cannot be told."""
+    (name, channels) in the file's order (``distributions``: two outputs per level of a head
+    given as rows, its box output told by its distribution channels where nothing else tells);
+    DaflError when which is which cannot be told."""
     names = ", ".join(name for name, _ in outputs)
     if head not in (None, "boxes+scores", "ssd"):
         raise DaflError(f"--head {head} reads one output; the file has {len(outputs)} "
                         f"({names}): use --head boxes+scores or ssd")  # fmt: skip
     if len(outputs) not in (2, 3):
         raise DaflError(f"{len(outputs)} outputs ({names}); {describe_layouts()}")
-    parts = _parts(outputs)
+    parts = _parts(outputs, distributions and head is None)
     if parts is None and head is not None:  # --head boxes+scores or ssd: the file's order
         third = (QUALITY if outputs[-1][1] == 1 else KEYPOINTS,) if len(outputs) == 3 else ()
         parts = (BOXES, SCORES, *third)
@@ -562,10 +587,11 @@ def joined(outputs: list[tuple[str, int]], logits: bool, head: str | None = None
     return layout.with_background() if head == "ssd" else layout
 
 
-def _parts(outputs: list[tuple[str, int]]) -> tuple[str, ...] | None:
+def _parts(outputs: list[tuple[str, int]], distributions: bool = False) -> tuple[str, ...] | None:
     """Each output's part (boxes, scores, and a third output's centre-ness or keypoints), by
     name, else by channels (four for the boxes, one for a centre-ness; keypoints are told by
-    name only); None when neither tells."""
+    name only; with ``distributions``, of two outputs the one of ``DISTRIBUTION_CHANNELS`` for
+    the boxes: PicoDet's 32 beside its scores); None when neither tells."""
     base, three = {BOXES, SCORES}, len(outputs) == 3
     by_name = tuple(_part_named(name) for name, _ in outputs)
     named_sets = [base | {QUALITY}, base | {KEYPOINTS}] if three else [base]
@@ -576,9 +602,9 @@ def _parts(outputs: list[tuple[str, int]]) -> tuple[str, ...] | None:
     wanted = base | {QUALITY} if three else base
     if set(guess) == wanted and len(set(guess)) == len(guess):
         return guess
-    distributions = [c in DISTRIBUTION_CHANNELS for _, c in outputs]
-    if not three and sum(distributions) == 1:  # box distributions beside the scores (PicoDet)
-        return tuple(BOXES if d else SCORES for d in distributions)
+    boxes = [c in DISTRIBUTION_CHANNELS for _, c in outputs]
+    if distributions and not three and sum(boxes) == 1:
+        return tuple(BOXES if box else SCORES for box in boxes)
     return None
 
 

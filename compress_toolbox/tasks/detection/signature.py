@@ -125,9 +125,10 @@ def split_outputs(student_path: str | Path, layout: HeadLayout) -> None:
     teacher's (``layout.outputs``), in place: the teacher's outputs joined along their last
     axis (``layout``: how many channels each had, in the file's order) by an ONNX Split; a
     YOLO head's levels joined along the locations by ``_split_levels`` (given in parts: each
-    level split again along the channels); a decoded output's rows and its levels' rows
-    beside them split in two, then the levels'. ``adopt_names`` then gives them the rest of
-    an ONNX teacher's signature."""
+    level split again along the channels); a head's levels given as rows split along the
+    locations, then each level along the channels (``_split_row_levels``); a decoded output's
+    rows and its levels' rows beside them split in two, then the levels'. ``adopt_names``
+    then gives them the rest of an ONNX teacher's signature."""
     model = onnx.load(str(student_path))
     graph = model.graph
     (whole,) = graph.output

@@ -294,9 +294,9 @@ class Detection(Task):
     def auto_method(self, batchnorm_layers: int) -> tuple[str, str] | None:
         return "dafl-det", (
             "DAFL adapted per location (one-hot on the teacher's confident locations, class "
-            "balance over them, activation loss); with BatchNorm statistics too, their prior "
-            "(bn-prior-det) scored 0.61-0.75 of a torchvision FCOS teacher's mAP@0.5 where "
-            "dafl-det scored 0.89 (benchmarks/RESULTS.md)"
+            "balance over them, activation loss): the detection benchmarks' best; the "
+            "BatchNorm-statistics prior (bn-prior-det) measured worse where a teacher keeps "
+            "BatchNorm (benchmarks/RESULTS.md)"
         )
 
     def race_candidates(self, batchnorm_layers: int) -> tuple[str, ...] | None:

@@ -62,6 +62,9 @@ def route_keras(source: Path, args):
     try:
         model = keras.saving.load_model(source, compile=False, safe_mode=not args.trust_code)
     except ValueError as error:
+        missing = common.keras_class_missing(str(error))  # a .h5's "Unknown layer"
+        if missing is not None:
+            raise common.UserError(missing) from None
         if "safe_mode" in str(error) or "unsafe" in str(error).lower():
             raise common.UserError(
                 "the Keras file holds Python code (a Lambda layer?), which runs when loaded; "

@@ -31,7 +31,7 @@ class Route:
 _MODULE_MISSING = re.compile(
     r"Could not deserialize class '([^']+)' because its parent module ([\w.]+) cannot be imported"
 )
-_CLASS_UNKNOWN = re.compile(r"Could not locate class '([^']+)'")
+_CLASS_UNKNOWN = re.compile(r"Could not locate class '([^']+)'|Unknown layer: '([^']+)'")
 SAVED_MODEL_HINT = "or save the model as a SavedModel (model.export(DIR)), which loads without it"
 
 
@@ -45,14 +45,14 @@ def keras_class_missing(message: str) -> str | None:
         name, module = found.groups()
         package = module.split(".")[0]
         return (f"the Keras model's class {name} is defined in the Python package {package} "
-                f"({module}), which cannot be imported here: install {package} where "
-                f"dafl-compress runs, {SAVED_MODEL_HINT}")  # fmt: skip
+                f"({module}), which cannot be imported here: make {package} importable where "
+                f"dafl-compress runs (pip install it), {SAVED_MODEL_HINT}")  # fmt: skip
     found = _CLASS_UNKNOWN.search(message)
     if found:
-        return (f"the Keras model uses a custom class, {found.group(1)}, and Keras rebuilds "
-                "it only where its code was imported first, which a model file cannot ask "
-                f"for: save the model as a SavedModel (model.export(DIR)), which loads "
-                "without it")  # fmt: skip
+        name = found.group(1) or found.group(2)
+        return (f"the Keras model uses a custom class, {name}, and Keras rebuilds it only "
+                "where its code was imported first, which a model file cannot ask for: "
+                f"{SAVED_MODEL_HINT.removeprefix('or ')}")  # fmt: skip
     return None
 
 
