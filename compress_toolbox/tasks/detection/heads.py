@@ -166,13 +166,19 @@ class HeadLayout:
             return self._row_outputs(out)
         return tuple(out.split(self.part_sizes(), dim=-1))
 
+    @property
+    def row_levels(self) -> list[tuple[int, list[int]]]:
+        """A head given per level as rows: each level's rows and the indices of its outputs in
+        the file's order, the level of most rows first (``tasks.outputs.row_level_groups``)."""
+        levels = row_level_groups([(1, *shape) for shape in self.row_shapes]) or []
+        return [(self.row_shapes[level[0]][0], level) for level in levels]
+
     def _row_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Joined rows of a head given per level as rows, split back into the file's outputs
         (each level's rows, then its outputs along the channels), in the file's order."""
-        levels = row_level_groups([(1, *shape) for shape in self.row_shapes])
-        counts = [self.row_shapes[level[0]][0] for level in levels]
+        levels = self.row_levels
         pieces: dict[int, torch.Tensor] = {}
-        for level, rows in zip(levels, out.split(counts, dim=1)):
+        for (_, level), rows in zip(levels, out.split([rows for rows, _ in levels], dim=1)):
             sizes = [self.row_shapes[i][1] for i in level]
             pieces.update(zip(level, rows.split(sizes, dim=-1)))
         return tuple(pieces[i] for i in range(len(self.row_shapes)))
@@ -482,8 +488,7 @@ def with_pyramid(layout: HeadLayout, image_size: tuple[int, int],
         return layout
     for first in PYRAMID_FIRST_STRIDES:
         for levels in PYRAMID_LEVELS:
-            pyramid = tuple((math.ceil(height / stride), math.ceil(width / stride), stride)
-                            for stride in (first * 2**i for i in range(levels)))  # fmt: skip
+            pyramid = tuple(_grid(height, width, first * 2**i) for i in range(levels))
             if _holds(pyramid, layout, output_shape[0]):
                 return replace(layout, pyramid=pyramid)
     return layout
@@ -494,20 +499,21 @@ def _holds(pyramid: tuple[tuple[int, int, int], ...], layout: HeadLayout, locati
     gives its levels as rows (``row_shapes``), else in all."""
     if not layout.row_shapes:
         return sum(h * w for h, w, _ in pyramid) == locations
-    levels = row_level_groups([(1, *shape) for shape in layout.row_shapes])
-    rows = [layout.row_shapes[level[0]][0] for level in levels]
-    return rows == [h * w for h, w, _ in pyramid]
+    return [rows for rows, _ in layout.row_levels] == [h * w for h, w, _ in pyramid]
+
+
+def _grid(height: int, width: int, stride: int) -> tuple[int, int, int]:
+    """(h, w, stride): the cells of an input of ``height`` x ``width`` at ``stride``, the
+    last ones overhanging it as padded convolutions leave them."""
+    return math.ceil(height / stride), math.ceil(width / stride), stride
 
 
 def _level_cells(shape: tuple[int, ...], height: int, width: int) -> tuple[int, int, int] | None:
     """(h, w, stride) of a level of ``shape`` (no batch, channels first) whose grid tiles an
     input of ``height`` x ``width`` at one power-of-two stride (the last cells may overhang, as
     padded convolutions leave them); None if not."""
-    cells = level_cells(shape)
-    for stride in (2**power for power in range(MAX_STRIDE_POWER + 1)):
-        if (math.ceil(height / stride), math.ceil(width / stride)) == cells:
-            return (*cells, stride)
-    return None
+    grids = (_grid(height, width, 2**power) for power in range(MAX_STRIDE_POWER + 1))
+    return next((grid for grid in grids if grid[:2] == level_cells(shape)), None)
 
 
 def _in_pixels(about_cell: torch.Tensor, pyramid: tuple[tuple[int, int, int], ...]) -> torch.Tensor:

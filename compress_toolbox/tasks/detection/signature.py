@@ -21,7 +21,7 @@ from compress_toolbox.export.onnx_names import GraphAdditions
 from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.tasks.detection.heads import HeadLayout
 from compress_toolbox.tasks.outputs import channels_last as channels_last_shape
-from compress_toolbox.tasks.outputs import level_locations, row_level_groups
+from compress_toolbox.tasks.outputs import level_locations
 
 PROBE_BATCH = 2
 
@@ -190,11 +190,10 @@ def _split_row_levels(model: onnx.ModelProto, add: GraphAdditions, whole: str,
     """Nodes (``add``) giving the rows ``whole`` back as a head's outputs given per level as
     rows (``layout.row_shapes``): the levels' rows, then each level's outputs along the
     channels, named ``names`` in the file's order; their shapes."""
-    shapes = layout.row_shapes
-    levels = row_level_groups([(1, *shape) for shape in shapes])
-    rows = [add.name(f"{names[level[0]]}_level") for level in levels]
-    _split(model, add, whole, [shapes[level[0]][0] for level in levels], rows, axis=1)
-    for level, level_rows in zip(levels, rows):
+    shapes, levels = layout.row_shapes, layout.row_levels
+    rows = [add.name(f"{names[level[0]]}_level") for _, level in levels]
+    _split(model, add, whole, [count for count, _ in levels], rows, axis=1)
+    for (_, level), level_rows in zip(levels, rows):
         _split(model, add, level_rows, [shapes[i][1] for i in level],
                [names[i] for i in level], axis=-1)  # fmt: skip
     batch = _declared(add.graph.output[0])[0]

@@ -32,7 +32,7 @@ _MODULE_MISSING = re.compile(
     r"Could not deserialize class '([^']+)' because its parent module ([\w.]+) cannot be imported"
 )
 _CLASS_UNKNOWN = re.compile(r"Could not locate class '([^']+)'|Unknown layer: '([^']+)'")
-SAVED_MODEL_HINT = "or save the model as a SavedModel (model.export(DIR)), which loads without it"
+SAVED_MODEL_HINT = "save the model as a SavedModel (model.export(DIR)), which loads without it"
 
 
 def keras_class_missing(message: str) -> str | None:
@@ -46,13 +46,13 @@ def keras_class_missing(message: str) -> str | None:
         package = module.split(".")[0]
         return (f"the Keras model's class {name} is defined in the Python package {package} "
                 f"({module}), which cannot be imported here: make {package} importable where "
-                f"dafl-compress runs (pip install it), {SAVED_MODEL_HINT}")  # fmt: skip
+                f"dafl-compress runs (pip install it), or {SAVED_MODEL_HINT}")  # fmt: skip
     found = _CLASS_UNKNOWN.search(message)
     if found:
         name = found.group(1) or found.group(2)
         return (f"the Keras model uses a custom class, {name}, and Keras rebuilds it only "
                 "where its code was imported first, which a model file cannot ask for: "
-                f"{SAVED_MODEL_HINT.removeprefix('or ')}")  # fmt: skip
+                f"{SAVED_MODEL_HINT}")  # fmt: skip
     return None
 
 
