@@ -532,6 +532,49 @@ def test_a_convolutional_attention_keeps_the_layers_around_its_head_reshape(tmp_
     assert _params(student) < 0.6 * _params(teacher.module)
 
 
+class _GridFromSizes(nn.Module):
+    """A YOLOv8-style head that lays out its grid from its neck output's sizes, as
+    ultralytics' dynamic exports do: (N, 4 + 3, h * w). With ``read_channels`` it also divides
+    the boxes by that output's channel count, read from its shape."""
+
+    def __init__(self, read_channels: bool = False) -> None:
+        super().__init__()
+        self.neck = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())  # fmt: skip
+        self.box, self.cls = nn.Conv2d(32, 4, 1), nn.Conv2d(32, 3, 1)
+        self.read_channels = read_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.neck(x)
+        _, channels, rows, cols = features.shape
+        ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        grid = torch.stack([xs, ys]).reshape(1, 2, -1).float() * 4
+        box = self.box(features).flatten(2)
+        if self.read_channels:
+            box = box / channels
+        return torch.cat([box[:, :2] + grid, box[:, 2:], self.cls(features).flatten(2)], 1)
+
+
+@pytest.mark.parametrize("read_channels", [False, True])
+def test_a_neck_whose_sizes_the_head_reads_is_pruned_unless_its_channels_are_read(
+        tmp_path, read_channels):  # fmt: skip
+    """A YOLOv8n exported with dynamic axes reads its neck outputs' shapes for the grid: they
+    kept their whole width (0.331 of the parameters against 0.263 for the batch-1 export).
+    Reading the batch and spatial sizes no longer protects a layer; reading the channels does."""
+    import onnx
+
+    path = export_legacy(_GridFromSizes(read_channels), (3, 32, 32), tmp_path / "grid.onnx", 17)
+    assert "Shape" in {node.op_type for node in onnx.load(path).graph.node}
+    teacher = load_teacher(path)
+    x = torch.randn(2, 3, 32, 32)
+    student = make_student(teacher.module, example_input=x, init="teacher")
+    convolutions = [layer for layer in student.modules() if isinstance(layer, nn.Conv2d)]
+    neck_width = next(layer.in_channels for layer in convolutions if layer.out_channels == 4)
+    assert neck_width == (32 if read_channels else 16)
+    with torch.no_grad():
+        assert student(x).shape == teacher.module(x).shape == (2, 7, 64)
+
+
 def test_a_failed_student_is_pointed_to_the_other_kind_of_student():
     from compress_toolbox.pipeline import _other_student
     from compress_toolbox.student.plan import StudentPlan

@@ -88,7 +88,7 @@ def layers_to_keep(module: nn.Module, example_input: torch.Tensor) -> tuple[list
 
 def _output_layers(module: nn.Module, example_input: torch.Tensor,
                    splitting: set[str]) -> list[str]:  # fmt: skip
-    sinks = _sink_layers(module, splitting)
+    sinks = _sink_layers(module, splitting, _size_reads(module, example_input))
     if sinks:
         return sinks
     final = analyse(module, tuple(example_input.shape[1:])).final_layer
@@ -106,11 +106,13 @@ def _probed_reshapes(module: nn.Module, example_input: torch.Tensor) -> set[str]
 _FREE, _AFTER_ONE, _DEAD = 0, 1, 2  # _sink_layers' states, walking back from the output
 
 
-def _sink_layers(module: nn.Module, splitting: set[str]) -> list[str]:
+def _sink_layers(module: nn.Module, splitting: set[str],
+                 size_reads: frozenset[fx.Node] = frozenset()) -> list[str]:  # fmt: skip
     """Conv/linear layers of an fx graph whose output channels are the model's output: they
     reach it through no other conv/linear, or through one output layer only after a reshape
     has cut their channels into new axes (YOLOv8's box convolutions: their 4 x 16 channels
-    become coordinates and bins before the fixed DFL convolution)."""
+    become coordinates and bins before the fixed DFL convolution). Reaching it through one
+    of the ``size_reads`` (``_size_reads``) does not count: the channels are not read."""
     if not isinstance(module, fx.GraphModule):
         return []
 
@@ -119,6 +121,8 @@ def _sink_layers(module: nn.Module, splitting: set[str]) -> list[str]:
                                                        _WEIGHTED)  # fmt: skip
 
     def through(user: fx.Node, state: int) -> int:  # the state of a node that ``user`` reads
+        if user in size_reads:
+            return _DEAD
         if state == _FREE:
             return _AFTER_ONE if weighted(user) else _FREE
         if state == _AFTER_ONE and not weighted(user):
@@ -131,6 +135,83 @@ def _sink_layers(module: nn.Module, splitting: set[str]) -> list[str]:
             (through(user, states.get(user, _DEAD)) for user in node.users), default=_DEAD)
     return [str(node.target) for node in module.graph.nodes
             if weighted(node) and states[node] == _FREE]  # fmt: skip
+
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _size_reads(module: nn.Module, example_input: torch.Tensor) -> frozenset[fx.Node]:
+    """The ``Shape`` nodes of an imported graph that read only a convolution output's batch
+    and spatial sizes: the whole shape taken (as the probe shows), every user a ``Gather`` of
+    constant indices other than 1, and only element-wise ops between the convolution and the
+    read (its channels still on axis 1). A YOLOv8 exported with dynamic axes reads its neck
+    outputs' sizes to lay out the grid; that does not make the neck an output layer."""
+    if not isinstance(module, fx.GraphModule):
+        return frozenset()
+    shapes = [node for node in module.graph.nodes if _op_name(module, node) == "OnnxShape"]
+    candidates = [node for node in shapes if node.users and all(
+        _constant_indices_without_channels(module, user) for user in node.users)
+        and _after_convolution(module, node.args[0])]  # fmt: skip
+    whole: set[fx.Node] = set()
+
+    def recorder(node: fx.Node):
+        def record(_layer, args, output) -> None:
+            if isinstance(output, torch.Tensor) and output.numel() == args[0].dim():
+                whole.add(node)
+        return record
+
+    with torch.no_grad():
+        run_with_hooks(module, example_input,
+                       [(_layer(module, node), recorder(node)) for node in candidates])  # fmt: skip
+    return frozenset(whole)
+
+
+def _op_name(module: fx.GraphModule, node: fx.Node) -> str | None:
+    """The class name of the module ``node`` calls (onnx2torch's ``OnnxShape``), else None."""
+    layer = _layer(module, node)
+    return None if layer is None else type(layer).__name__
+
+
+def _constant_indices_without_channels(module: fx.GraphModule, gather: fx.Node) -> bool:
+    """Whether ``gather`` takes constant, non-negative indices other than 1 from a shape."""
+    if _op_name(module, gather) != "OnnxGather" or len(gather.args) != 2:
+        return False
+    indices = gather.args[1]
+    if not isinstance(indices, fx.Node) or indices.op != "get_attr":
+        return False
+    holder_name, _, name = indices.target.rpartition(".")
+    value = getattr(module.get_submodule(holder_name), name, None)
+    return isinstance(value, torch.Tensor) and value.dim() <= 1 and bool(
+        ((value >= 0) & (value != 1)).all())  # fmt: skip
+
+
+def _after_convolution(module: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is computed from convolution outputs by element-wise ops only
+    (activations, BatchNorm, arithmetic), so that its axis 1 holds their channels."""
+    todo, seen, convolutions = [node], set(), 0
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        layer = _layer(module, node)
+        if isinstance(layer, _CONVOLUTIONS):
+            convolutions += 1
+        elif node.op == "get_attr":
+            continue
+        elif _element_wise(layer):
+            todo.extend(node.all_input_nodes)
+        else:
+            return False
+    return convolutions > 0
+
+
+_ELEMENT_WISE = (nn.Sigmoid, nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardswish,
+                 nn.Hardsigmoid, nn.GELU, nn.Tanh, nn.modules.batchnorm._BatchNorm)
+
+
+def _element_wise(layer: nn.Module | None) -> bool:
+    return type(layer).__name__ == "OnnxBinaryMathOperation" or isinstance(layer, _ELEMENT_WISE)
 
 
 def _head_split_layers(module: nn.Module, splitting: set[str]) -> list[str]:
