@@ -30,6 +30,8 @@ class Evaluation:
             self.subset = data.subset(task.monitor_samples)
         self.every, self.interval_s = _schedule(data, options, stop)
         self.last = elapsed_before
+        self.budget = stop.time_budget
+        self.subset_s: float | None = None  # seconds of the last evaluation of the subset
 
     def monitor(self, student: nn.Module, iteration: int, elapsed: float) -> float | None:
         """Student accuracy on the evaluation subset, when one is due (else None)."""
@@ -41,7 +43,23 @@ class Evaluation:
         if not due:
             return None
         self.last = elapsed
-        return evaluate(student, self.subset, device=self.device)
+        return self._timed(student)
+
+    def _timed(self, student: nn.Module) -> float:
+        start = time.perf_counter()
+        accuracy = evaluate(student, self.subset, device=self.device)
+        self.subset_s = time.perf_counter() - start
+        return accuracy
+
+    def seconds_still_due(self, student: nn.Module) -> float:
+        """Seconds the curve's evaluations still due by time will take in the rest of the
+        budget (one evaluation is run, and its accuracy dropped, to time one if none has)."""
+        if self.subset is None or self.interval_s is None or self.budget is None:
+            return 0.0
+        if self.subset_s is None:
+            self._timed(student)
+        due = int(max(self.budget - self.last, 0.0) // self.interval_s)
+        return due * (self.subset_s or 0.0)
 
     def final(self, student: nn.Module) -> tuple[float | None, float | None]:
         """(teacher, student) scores on the whole evaluation data."""

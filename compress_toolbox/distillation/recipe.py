@@ -36,6 +36,9 @@ class Recipe:
     # whose student steps per generated batch follow the measured step times
     sized_by: str = "counts"
     replans: int = 0  # times the measured iteration time drifted from the plan (RateWatch)
+    # seconds of health checks per iteration (one check's time over the iterations between
+    # checks): at 800 x 608 they cost a quarter of a run the plan did not count
+    checks_s: float = 0.0
 
     @classmethod
     def from_preset(cls, preset: Preset, batch_size: int | None = None) -> Recipe:
@@ -45,7 +48,7 @@ class Recipe:
     def iteration_s(self) -> float | None:
         if self.generate_s is None or self.student_step_s is None:
             return None
-        return self.generate_s + self.student_steps * self.student_step_s
+        return self.generate_s + self.student_steps * self.student_step_s + self.checks_s
 
     def describe(self) -> str:
         text = (
@@ -57,6 +60,8 @@ class Recipe:
                 f"; measured {self.generate_s * 1000:.0f} ms per generator step and "
                 f"{self.student_step_s * 1000:.0f} ms per student step"
             )
+            if self.checks_s:
+                text += f", {self.checks_s * 1000:.0f} ms of health checks per iteration"
         if self.expected_iterations is not None:
             text += f": about {self.expected_iterations} iterations"
         return text
@@ -105,24 +110,29 @@ class RateWatch:
     def __init__(self, window: int = DRIFT_WINDOW) -> None:
         self.generate_s: deque[float] = deque(maxlen=window)
         self.student_step_s: deque[float] = deque(maxlen=window)
+        self.checks_s: deque[float] = deque(maxlen=window)
 
-    def add(self, generate_s: float, student_step_s: float) -> None:
+    def add(self, generate_s: float, student_step_s: float, checks_s: float = 0.0) -> None:
+        """One iteration's step times and the seconds its health check took (0 without one)."""
         self.generate_s.append(generate_s)
         self.student_step_s.append(student_step_s)
+        self.checks_s.append(checks_s)
 
-    def drifted(self, recipe: Recipe) -> tuple[float, float] | None:
-        """The window's median (generator, student step) seconds when a whole window's
-        iteration time is more than DRIFT times from ``recipe``'s either way, else None."""
+    def drifted(self, recipe: Recipe) -> tuple[float, float, float] | None:
+        """The window's median (generator, student step) seconds and its mean health-check
+        seconds per iteration (one check per window, not a median's zero) when a whole
+        window's iteration time is more than DRIFT times from ``recipe``'s either way."""
         if len(self.generate_s) < (self.generate_s.maxlen or 0) or not recipe.iteration_s:
             return None
-        generate_s = statistics.median(self.generate_s)
-        student_step_s = statistics.median(self.student_step_s)
-        ratio = (generate_s + recipe.student_steps * student_step_s) / recipe.iteration_s
-        return (generate_s, student_step_s) if not 1 / DRIFT <= ratio <= DRIFT else None
+        times = (statistics.median(self.generate_s), statistics.median(self.student_step_s),
+                 statistics.fmean(self.checks_s))  # fmt: skip
+        took_s = times[0] + recipe.student_steps * times[1] + times[2]
+        return times if not 1 / DRIFT <= took_s / recipe.iteration_s <= DRIFT else None
 
     def clear(self) -> None:
         self.generate_s.clear()
         self.student_step_s.clear()
+        self.checks_s.clear()
 
 
 MEMORY_SHARE = 0.6  # of the memory free at the start, for one iteration's activations

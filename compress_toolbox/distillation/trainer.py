@@ -229,6 +229,17 @@ class Trainer:
             self._share_generator()
         return health
 
+    def _checks_per_iteration_s(self) -> float:
+        """A health check's seconds over the iterations between checks, for the plan of a
+        time-budgeted run (where none has run yet, one is measured for its time)."""
+        if self.stop.time_budget is None:
+            return 0.0
+        if self.check_s is None:
+            start = time.perf_counter()
+            self._measure_health()
+            self.check_s = time.perf_counter() - start
+        return self.check_s / self.options.health_every
+
     def _fit_memory(self) -> None:
         """Shrink the batch (or refuse) when one iteration would not fit the device's memory."""
         per_sample = iteration_bytes_per_sample(self.teacher, self.student, self.method,
@@ -361,7 +372,9 @@ class Trainer:
         self.progress = Progress(self.options.progress and self.world.is_writer,
                                  f"{self.method.name}/{self.preset.name}",
                                  self.stop.total_iters, self.iteration)  # fmt: skip
-        self.planner = Planner(self.preset, self.stop, self.world, self.progress, self.guard)
+        self.check_s: float | None = None  # seconds of the last health check
+        self.planner = Planner(self.preset, self.stop, self.world, self.progress, self.guard,
+                               lambda: self.evaluation.seconds_still_due(self.student))
         self.first_iteration = self.iteration
         self.started = time.perf_counter()
 
@@ -390,15 +403,18 @@ class Trainer:
                 f"({', '.join(f'{k} {v:.3g}' for k, v in losses.items())}); try a "
                 "lower learning rate, a smaller --batch-size or another --method"
             )
+        row: dict[str, Any] = dict(losses)
+        checks_s = 0.0
+        if self.iteration % self.options.health_every == 0:
+            start = time.perf_counter()
+            row.update(self._check_health().as_row())
+            checks_s = self.check_s = time.perf_counter() - start
         step = (self.iteration, generate_s, student_s, self.elapsed())
         if not self.planner.planned and self.threads.settled and done >= 2:
             unprobed = replace(self.recipe, student_steps=self.steps_after_probes)
-            self.recipe = self.planner.plan(unprobed, *step)
+            self.recipe = self.planner.plan(unprobed, *step, self._checks_per_iteration_s())
         elif self.planner.planned and self.stop.time_budget is not None:
-            self.recipe = self.planner.watch(self.recipe, *step)
-        row: dict[str, Any] = dict(losses)
-        if self.iteration % self.options.health_every == 0:
-            row.update(self._check_health().as_row())
+            self.recipe = self.planner.watch(self.recipe, *step, checks_s)
         monitored = self.evaluation.monitor(self.student, self.iteration, self.elapsed())
         elapsed = self.elapsed()
         self.history.append({"iteration": self.iteration, "elapsed_s": round(elapsed, 4), **row,
