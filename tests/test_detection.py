@@ -504,13 +504,27 @@ def test_a_picodet_style_teacher_distils_into_a_drop_in_student_scored_in_pixels
     assert signature(out / "student.onnx", shape) == signature(teacher_path, shape)
 
 
-def test_large_images_are_evaluated_a_few_at_a_time():
-    """A detector's activations at 800 x 608 outgrow the CPU's caches: evaluation runs such
-    images two at a time (four times faster per image than 16 at a time, measured), small ones
-    64 at a time."""
-    assert evaluation.batch_for(torch.zeros(1, 3, 800, 608)) == 2
-    assert evaluation.batch_for(torch.zeros(1, 3, 2000, 2000)) == 1
-    assert evaluation.batch_for(torch.zeros(1, 3, SIZE, SIZE)) == evaluation.BATCH
+def test_large_images_are_evaluated_and_checked_a_few_at_a_time():
+    """A detector's activations at 800 x 608 outgrow the CPU's caches: evaluation and health
+    checks run such images two at a time (four times faster per image than 16 at a time,
+    measured), small ones 64 at a time; the outputs are those of one pass."""
+    from compress_toolbox.batching import batch_for, chunks, run_in_batches
+
+    assert batch_for((1, 3, 800, 608), evaluation.BATCH) == 2
+    assert batch_for((3, 2000, 2000), evaluation.BATCH) == 1
+    assert batch_for((1, 3, SIZE, SIZE), evaluation.BATCH) == evaluation.BATCH
+    assert chunks(5, (3, 800, 608), 32) == [2, 2, 1]
+    assert chunks(32, (3, SIZE, SIZE), 32) == [32]
+    calls: list[int] = []
+
+    class Counts(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(len(x))
+            return x.mean((1, 2, 3))
+
+    x = torch.rand(5, 3, 800, 608)
+    assert torch.equal(run_in_batches(Counts(), x, 32), x.mean((1, 2, 3)))
+    assert calls == [2, 2, 1]
 
 
 def test_head_names_a_layout_and_needs_the_detection_task(files, tmp_path, capsys):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_toolbox.batching import run_in_batches
 from compress_toolbox.errors import DaflWarning, TrainingFailed
 from compress_toolbox.tasks.verdict import chance_agreement, falls_short
 
@@ -101,8 +102,8 @@ def measure(
     was_training = student.training
     student.eval()
     try:
-        t_logits = teacher(x).float()
-        s_logits = student(x).float()
+        t_logits = run_in_batches(teacher, x, len(x)).float()
+        s_logits = run_in_batches(student, x, len(x)).float()
     finally:
         student.train(was_training)
     found_share = found(t_logits) if found is not None else 1.0

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress_toolbox.batching import chunks
 from compress_toolbox.distillation import distributed
 from compress_toolbox.distillation.environment import (
     autocast_factory,
@@ -215,7 +216,9 @@ class Trainer:
 
     def _measure_health(self) -> Health:
         # every rank judges the same global sample: the collapse verdict is agreed
-        x = self.world.all_gather_cat(self.method.sample(self.task.health_samples))
+        sizes = chunks(self.task.health_samples, self.teacher.input_shape,
+                       self.task.health_samples)  # fmt: skip
+        x = self.world.all_gather_cat(torch.cat([self.method.sample(n) for n in sizes]))
         self.last_health = measure(self.teacher.module, self.student, x, self.iteration,
                                    self.num_classes, self.task.health_logits,
                                    self.task.found_share)  # fmt: skip

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress_toolbox.batching import batch_for, run_in_batches
 from compress_toolbox.export.writer import onnx_session, run_batched
 from compress_toolbox.tasks.base import TaskScores
 from compress_toolbox.tasks.detection.data import DetectionEvalData
@@ -23,23 +24,13 @@ from compress_toolbox.tasks.detection.metrics import GroundTruth, MapScores, mea
 from compress_toolbox.tasks.outputs import join_tensors
 
 GENERATED_SCENES = 256  # generated inputs for the fidelity figure without eval data
-BATCH = 64
-# Pixels run at once: a large image's activations outgrow the CPU's caches, and per image a
-# larger batch then runs slower, not faster (benchmarks/RESULTS.md, PicoDet)
-PIXELS_PER_BATCH = 1 << 20
+BATCH = 64  # images run at once, fewer for large ones (batching.batch_for)
 FIGURE = "mAP@0.5"
 
 
-def batch_for(x: torch.Tensor) -> int:
-    """Images of ``x`` (N, C, H, W) run at once: ``BATCH``, fewer for large images."""
-    return max(1, min(BATCH, PIXELS_PER_BATCH // (x.shape[-2] * x.shape[-1])))
-
-
-@torch.no_grad()
 def torch_outputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Raw outputs of ``module`` (eval mode, on the CPU) for every image of ``x``."""
-    module, batch = module.eval().cpu(), batch_for(x)
-    return torch.cat([module(x[i : i + batch].cpu()).float() for i in range(0, len(x), batch)])
+    return run_in_batches(module.eval().cpu(), x.cpu(), BATCH).float()
 
 
 def onnx_outputs(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +40,8 @@ def onnx_outputs(path: Path, x: torch.Tensor) -> torch.Tensor:
     beside their decoded output or in parts) has them joined, in its order, as the teacher's
     import joins them (``join_tensors``)."""
     session = onnx_session(path)
-    chunks = run_batched(session, {session.get_inputs()[0].name: x.numpy()}, batch_for(x))
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    chunks = run_batched(session, feed, batch_for(x.shape, BATCH))
     return torch.cat([join_tensors([torch.from_numpy(out) for out in outputs])
                       for outputs in chunks]).float()  # fmt: skip
 

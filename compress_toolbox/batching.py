@@ -1,0 +1,36 @@
+"""How many images run at once outside the training steps (health checks, evaluation).
+
+On a CPU a large image's activations outgrow the caches, and per image a larger batch then
+runs slower, not faster: PicoDet at 800 x 608 took 116 ms an image at batch 1 and 488 ms at
+batch 16, and a health check of 32 such images 13.8 s at once against 4.2 s two at a time
+(benchmarks/RESULTS.md). So these passes run about a million pixels at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+PIXELS_PER_BATCH = 1 << 20
+
+
+def batch_for(shape: Sequence[int], most: int) -> int:
+    """Images of ``shape`` ((C, H, W) or (N, C, H, W); a flat sample counts one pixel) to run
+    at once: ``most``, fewer for large images, at least one."""
+    pixels = shape[-2] * shape[-1] if len(shape) >= 3 else 1
+    return max(1, min(most, PIXELS_PER_BATCH // max(pixels, 1)))
+
+
+def chunks(count: int, shape: Sequence[int], most: int) -> list[int]:
+    """``count`` images of ``shape`` as the sizes of the batches to run them in."""
+    batch = batch_for(shape, most)
+    return [min(batch, count - start) for start in range(0, count, batch)]
+
+
+@torch.no_grad()
+def run_in_batches(module: nn.Module, x: torch.Tensor, most: int) -> torch.Tensor:
+    """``module``'s outputs for every image of ``x``, ``batch_for(x.shape, most)`` at a
+    time."""
+    parts = x.split(batch_for(x.shape, most)) if len(x) else [x]
+    return torch.cat([module(part) for part in parts])
