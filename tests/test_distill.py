@@ -404,6 +404,7 @@ def test_the_plan_counts_health_checks_evaluations_and_the_reserve(digits, capsy
     assert plans and result.recipe.replans == 0, err
     first, planned = (int(n) for n in plans[0])
     assert 0.8 <= (result.iterations - first) / planned <= 1.2, err
+    assert result.recipe.planned_total == first + planned  # report.md quotes it
 
 
 def test_a_late_replan_asks_only_for_the_iterations_the_run_lacks():
@@ -600,3 +601,13 @@ def test_an_interrupted_race_says_there_is_nothing_to_resume(digits, monkeypatch
     with pytest.raises(DistillInterrupted, match="during the race .bn-prior's leg.") as caught:
         run(digits["cnn_bn"][0], method="race", iters=48)
     assert caught.value.exit_code == 143
+
+
+def test_report_md_quotes_the_plan_of_a_time_budgeted_run():
+    from compress_toolbox.report.render import _planned
+
+    timed = {"planned_total": 147, "sized_by": "timings (time budget)", "replans": 0}
+    assert _planned({"recipe": timed}) == " (planned: about 147)"
+    again = {**timed, "replans": 2}
+    assert _planned({"recipe": again}) == " (planned: about 147, re-planned 2 times)"
+    assert _planned({"recipe": {**timed, "sized_by": "counts"}}) == ""

@@ -95,7 +95,8 @@ class Planner:
         recipe = self.world.broadcast_object(recipe)
         self.progress.line(iteration, elapsed, {label: recipe.describe()})
         if recipe.expected_iterations:
-            self.progress.set_total(iteration + recipe.expected_iterations)
+            recipe.planned_total = iteration + recipe.expected_iterations
+            self.progress.set_total(recipe.planned_total)
             self.guard.set_warmup(iteration + recipe.expected_iterations)
         if recipe.warning:
             warnings.warn(recipe.warning, DaflWarning, stacklevel=3)

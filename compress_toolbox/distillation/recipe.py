@@ -39,6 +39,7 @@ class Recipe:
     # seconds of health checks per iteration (one check's time over the iterations between
     # checks): at 800 x 608 they cost a quarter of a run the plan did not count
     checks_s: float = 0.0
+    planned_total: int | None = None  # the run's iterations as the last (re-)plan expects them
 
     @classmethod
     def from_preset(cls, preset: Preset, batch_size: int | None = None) -> Recipe:

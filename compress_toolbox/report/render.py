@@ -79,8 +79,9 @@ def render_markdown(report: dict[str, Any]) -> str:
           if (report.get("detection") or {}).get("layout") else []),
         f"- student: {report['student'].get('kind')} (widths {report['student'].get('widths')})",
         f"- method: {report['method']} ({report.get('method_reason', '')}), preset "
-        f"{report['preset']}, {report['iterations']} iterations in {report['elapsed_s']:.1f} s "
-        f"{_after_race(report)}on {report['device']}{_ranks(report)}, seed {report['seed']}",
+        f"{report['preset']}, {report['iterations']} iterations{_planned(report)} in "
+        f"{report['elapsed_s']:.1f} s {_after_race(report)}on {report['device']}"
+        f"{_ranks(report)}, seed {report['seed']}",
         f"- health of the generated inputs at the end: {_health(report.get('health'))}; "
         f"generator restarts after a collapse: {report.get('generator_restarts', 0)}",
         f"- input domain: {teacher.get('input_domain', 'n/a')}",
@@ -353,6 +354,16 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     """report.json and report.md."""
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out_dir / "report.md").write_text(render_markdown(report))
+
+
+def _planned(report: dict) -> str:
+    """The iterations a time-budgeted run's last (re-)plan expected, where one did."""
+    recipe = report.get("recipe") or {}
+    if not recipe.get("planned_total") or recipe.get("sized_by", "").startswith("counts"):
+        return ""
+    replans = recipe.get("replans", 0)
+    again = f", re-planned {replans} time{'s' * (replans > 1)}" if replans else ""
+    return f" (planned: about {recipe['planned_total']}{again})"
 
 
 def _after_race(report: dict[str, Any]) -> str:
