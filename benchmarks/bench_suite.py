@@ -130,7 +130,7 @@ def summarise(rows: list[dict], entries: list[dict], methods: list[str]) -> str:
     """The table of medians over seeds, one line per teacher and method."""
     lines = [
         "| teacher | format | MACs | teacher acc | method (ran) | student acc (median) | "
-        "% of teacher | seeds | iterations | train s | wall s | failed |",
+        "% of teacher | seeds | iterations (% of plan) | train s | wall s | failed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in entries:
@@ -148,11 +148,26 @@ def summarise(rows: list[dict], entries: list[dict], methods: list[str]) -> str:
                 f"| {entry['name']} | {entry['format']} | {entry['macs'] / 1e6:.2f} M | "
                 f"{t_acc:.4f} | {method} ({ran}) | {acc:.4f} ({per_seed}) | "
                 f"{100 * acc / t_acc:.1f}% | {len(runs)} | "
-                f"{statistics.median(r.get('iterations', 0) for r in runs):.0f} | "
+                f"{statistics.median(r.get('iterations', 0) for r in runs):.0f} "
+                f"({_of_plan(runs)}) | "
                 f"{statistics.median(r.get('train_s', 0) for r in runs):.0f} | "
                 f"{statistics.median(r['wall_s'] for r in runs):.0f} | {failed} |"
             )
     return "\n".join(lines)
+
+
+def _planned(row: dict) -> int | None:
+    """The iterations a time-budgeted run's last (re-)plan expected (None for others)."""
+    recipe = row.get("recipe") or {}
+    return None if str(recipe.get("sized_by", "counts")).startswith("counts") \
+        else recipe.get("planned_total")  # fmt: skip
+
+
+def _of_plan(runs: list[dict]) -> str:
+    """The runs' iterations as a share of their plans (issue 25: within 20% on an idle
+    machine), each run's, or "-" where none was planned by time."""
+    shares = [f"{100 * r['iterations'] / _planned(r):.0f}%" for r in runs if _planned(r)]
+    return " / ".join(shares) or "-"
 
 
 INT8_KEYS = ("model", "status", "score", "onnx_bytes", "latency_ms", "agreement")
@@ -253,7 +268,8 @@ def main() -> int:
             acc = row.get("accuracy")
             print(f"{row['teacher']:22s} {row['requested']:>11s}->{row.get('method', '?'):11s} "
                   f"seed {row['seed']}: acc {acc if acc is None else f'{acc:.4f}'} "
-                  f"(teacher {row.get('teacher_accuracy', 0):.4f}), {row.get('iterations')} it, "
+                  f"(teacher {row.get('teacher_accuracy', 0):.4f}), {row.get('iterations')} it "
+                  f"(planned {_planned(row)}), "
                   f"train {row.get('train_s', 0):.0f} s, wall {row['wall_s']:.0f} s, "
                   f"{row['status']}", flush=True)  # fmt: skip
     print()
