@@ -158,9 +158,9 @@ def summarise(rows: list[dict], entries: list[dict], methods: list[str]) -> str:
 
 def _planned(row: dict) -> int | None:
     """The iterations a time-budgeted run's last (re-)plan expected (None for others)."""
-    recipe = row.get("recipe") or {}
-    return None if str(recipe.get("sized_by", "counts")).startswith("counts") \
-        else recipe.get("planned_total")  # fmt: skip
+    from compress_toolbox.report.render import planned_iterations
+
+    return planned_iterations(row.get("recipe"))
 
 
 def _of_plan(runs: list[dict]) -> str:

@@ -508,13 +508,12 @@ def test_large_images_are_evaluated_and_checked_a_few_at_a_time():
     """A detector's activations at 800 x 608 outgrow the CPU's caches: evaluation and health
     checks run such images two at a time (four times faster per image than 16 at a time,
     measured), small ones 64 at a time; the outputs are those of one pass."""
-    from compress_toolbox.batching import batch_for, chunks, run_in_batches
+    from compress_toolbox.batching import batch_for, run_in_batches
 
-    assert batch_for((1, 3, 800, 608), evaluation.BATCH) == 2
+    assert batch_for((3, 800, 608), evaluation.BATCH) == 2
     assert batch_for((3, 2000, 2000), evaluation.BATCH) == 1
-    assert batch_for((1, 3, SIZE, SIZE), evaluation.BATCH) == evaluation.BATCH
-    assert chunks(5, (3, 800, 608), 32) == [2, 2, 1]
-    assert chunks(32, (3, SIZE, SIZE), 32) == [32]
+    assert batch_for((3, SIZE, SIZE), evaluation.BATCH) == evaluation.BATCH
+    assert batch_for((64,), 256) == 256  # a vector is not an image
     calls: list[int] = []
 
     class Counts(nn.Module):

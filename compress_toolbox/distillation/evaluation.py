@@ -30,7 +30,7 @@ class Evaluation:
             self.subset = data.subset(task.monitor_samples)
         self.every, self.interval_s = _schedule(data, options, stop)
         self.last = elapsed_before
-        self.budget = stop.time_budget
+        self.stop = stop
         self.subset_s: float | None = None  # seconds of the last evaluation of the subset
 
     def monitor(self, student: nn.Module, iteration: int, elapsed: float) -> float | None:
@@ -51,15 +51,18 @@ class Evaluation:
         self.subset_s = time.perf_counter() - start
         return accuracy
 
-    def seconds_still_due(self, student: nn.Module) -> float:
-        """Seconds the curve's evaluations still due by time will take in the rest of the
-        budget (one evaluation is run, and its accuracy dropped, to time one if none has)."""
-        if self.subset is None or self.interval_s is None or self.budget is None:
-            return 0.0
-        if self.subset_s is None:
+    def time_once(self, student: nn.Module) -> None:
+        """Time one evaluation of the subset (its accuracy dropped) where none has run."""
+        if self.subset is not None and self.subset_s is None:
             self._timed(student)
-        due = int(max(self.budget - self.last, 0.0) // self.interval_s)
-        return due * (self.subset_s or 0.0)
+
+    def seconds_still_due(self) -> float:
+        """Seconds the curve's evaluations still due by time will take before the run stops
+        (0 until one is timed, and for evaluations every N iterations, ``--eval-every``)."""
+        if self.subset_s is None or self.interval_s is None or self.stop.time_budget is None:
+            return 0.0
+        end = self.stop.time_budget - self.stop.reserve_s
+        return int(max(end - self.last, 0.0) // self.interval_s) * self.subset_s
 
     def final(self, student: nn.Module) -> tuple[float | None, float | None]:
         """(teacher, student) scores on the whole evaluation data."""

@@ -60,11 +60,11 @@ class Planner:
 
     def watch(self, recipe: Recipe, iteration: int, generate_s: float, student_s: float,
               elapsed: float, checks_s: float = 0.0) -> Recipe:  # fmt: skip
-        """After each planned iteration of a time-budgeted run (``checks_s``: the seconds of
-        its health check, 0 without one): the recipe re-sized when the last iterations took
-        far more or less time than planned (student steps per generated batch from the
-        preset's number again, the progress total what the rest of the budget buys), else
-        ``recipe`` as it is."""
+        """After each planned iteration of a time-budgeted run (``checks_s``: the last health
+        check's seconds spread over the iterations between checks): the recipe re-sized when
+        the last iterations took far more or less time than planned (student steps per
+        generated batch from the preset's number again, the progress total what the rest of
+        the budget buys), else ``recipe`` as it is."""
         self.rate.add(generate_s, student_s, checks_s)
         if iteration % DRIFT_WINDOW:  # the same iterations on every rank: they agree
             return recipe
@@ -94,8 +94,8 @@ class Planner:
         expected iterations the progress total and the collapse guard's warm-up."""
         recipe = self.world.broadcast_object(recipe)
         self.progress.line(iteration, elapsed, {label: recipe.describe()})
+        recipe.planned_total = iteration + (recipe.expected_iterations or 0)
         if recipe.expected_iterations:
-            recipe.planned_total = iteration + recipe.expected_iterations
             self.progress.set_total(recipe.planned_total)
             self.guard.set_warmup(iteration + recipe.expected_iterations)
         if recipe.warning:

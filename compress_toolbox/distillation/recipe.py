@@ -114,15 +114,16 @@ class RateWatch:
         self.checks_s: deque[float] = deque(maxlen=window)
 
     def add(self, generate_s: float, student_step_s: float, checks_s: float = 0.0) -> None:
-        """One iteration's step times and the seconds its health check took (0 without one)."""
+        """One iteration's step times and the health checks' seconds per iteration (the last
+        check's time over the iterations between checks)."""
         self.generate_s.append(generate_s)
         self.student_step_s.append(student_step_s)
         self.checks_s.append(checks_s)
 
     def drifted(self, recipe: Recipe) -> tuple[float, float, float] | None:
         """The window's median (generator, student step) seconds and its mean health-check
-        seconds per iteration (one check per window, not a median's zero) when a whole
-        window's iteration time is more than DRIFT times from ``recipe``'s either way."""
+        seconds per iteration when a whole window's iteration time is more than DRIFT times
+        from ``recipe``'s either way, else None."""
         if len(self.generate_s) < (self.generate_s.maxlen or 0) or not recipe.iteration_s:
             return None
         times = (statistics.median(self.generate_s), statistics.median(self.student_step_s),

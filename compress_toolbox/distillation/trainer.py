@@ -9,6 +9,7 @@ health checks (health.py).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -19,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress_toolbox.batching import chunks
 from compress_toolbox.distillation import distributed
 from compress_toolbox.distillation.environment import (
     autocast_factory,
@@ -62,6 +62,9 @@ from compress_toolbox.tasks.evaldata import EvalData
 
 CHECKPOINT_NAME = "dafl_checkpoint.pt"
 RESERVE_SHARE = 0.25  # of a time budget, at most, kept for evaluation outside iterations
+# iterations after warm-up and the thread choice whose median step times make the plan: from
+# one, the README demo made 115% of its plan and a test run 134%
+PLAN_PROBES = 3
 
 
 class Trainer:
@@ -215,13 +218,16 @@ class Trainer:
                       DaflWarning, stacklevel=2)  # fmt: skip
 
     def _measure_health(self) -> Health:
-        # every rank judges the same global sample: the collapse verdict is agreed
-        sizes = chunks(self.task.health_samples, self.teacher.input_shape,
-                       self.task.health_samples)  # fmt: skip
-        x = self.world.all_gather_cat(torch.cat([self.method.sample(n) for n in sizes]))
+        """The health figures on a fresh generated sample; ``check_s`` its seconds."""
+        start = time.perf_counter()
+        # every rank judges the same global sample: the collapse verdict is agreed. One call
+        # for the whole sample: a conditional generator balances the classes within it, and
+        # its BatchNorm normalises over it
+        x = self.world.all_gather_cat(self.method.sample(self.task.health_samples))
         self.last_health = measure(self.teacher.module, self.student, x, self.iteration,
                                    self.num_classes, self.task.health_logits,
                                    self.task.found_share)  # fmt: skip
+        self.check_s = time.perf_counter() - start
         return self.last_health
 
     def _check_health(self) -> Health:
@@ -232,16 +238,18 @@ class Trainer:
             self._share_generator()
         return health
 
-    def _checks_per_iteration_s(self) -> float:
-        """A health check's seconds over the iterations between checks, for the plan of a
-        time-budgeted run (where none has run yet, one is measured for its time)."""
+    def _time_bookkeeping(self) -> None:
+        """Before a time-budgeted run's plan: one health check and one evaluation of the
+        curve's subset timed where none has run yet, for the plan to count them."""
         if self.stop.time_budget is None:
-            return 0.0
+            return
         if self.check_s is None:
-            start = time.perf_counter()
             self._measure_health()
-            self.check_s = time.perf_counter() - start
-        return self.check_s / self.options.health_every
+        self.evaluation.time_once(self.student)
+
+    def _checks_share_s(self) -> float:
+        """The last health check's seconds spread over the iterations between checks."""
+        return (self.check_s or 0.0) / self.options.health_every
 
     def _fit_memory(self) -> None:
         """Shrink the batch (or refuse) when one iteration would not fit the device's memory."""
@@ -356,6 +364,7 @@ class Trainer:
             self._fit_memory()
         self.recipe = self.world.broadcast_object(self.recipe)  # free memory differs by rank
         self.steps_after_probes = self.recipe.student_steps  # what the plan starts from
+        self.probes: list[tuple[float, float]] = []  # (generator, student step) seconds
         if self.stop.time_budget is not None:
             # Until the plan, iterations are probes with one student step: their cost is
             # unknown (a 16 M-MAC teacher's first full iteration took 173 s of a 180 s budget
@@ -377,7 +386,7 @@ class Trainer:
                                  self.stop.total_iters, self.iteration)  # fmt: skip
         self.check_s: float | None = None  # seconds of the last health check
         self.planner = Planner(self.preset, self.stop, self.world, self.progress, self.guard,
-                               lambda: self.evaluation.seconds_still_due(self.student))
+                               self.evaluation.seconds_still_due)  # fmt: skip
         self.first_iteration = self.iteration
         self.started = time.perf_counter()
 
@@ -407,17 +416,20 @@ class Trainer:
                 "lower learning rate, a smaller --batch-size or another --method"
             )
         row: dict[str, Any] = dict(losses)
-        checks_s = 0.0
         if self.iteration % self.options.health_every == 0:
-            start = time.perf_counter()
             row.update(self._check_health().as_row())
-            checks_s = self.check_s = time.perf_counter() - start
-        step = (self.iteration, generate_s, student_s, self.elapsed())
         if not self.planner.planned and self.threads.settled and done >= 2:
+            self.probes.append((generate_s, student_s))
+        probes_needed = PLAN_PROBES if self.stop.time_budget is not None else 1
+        if not self.planner.planned and len(self.probes) >= probes_needed:
+            self._time_bookkeeping()  # before the elapsed time the plan starts from
             unprobed = replace(self.recipe, student_steps=self.steps_after_probes)
-            self.recipe = self.planner.plan(unprobed, *step, self._checks_per_iteration_s())
+            step_s = [statistics.median(times) for times in zip(*self.probes)]
+            self.recipe = self.planner.plan(unprobed, self.iteration, *step_s,
+                                            self.elapsed(), self._checks_share_s())  # fmt: skip
         elif self.planner.planned and self.stop.time_budget is not None:
-            self.recipe = self.planner.watch(self.recipe, *step, checks_s)
+            self.recipe = self.planner.watch(self.recipe, self.iteration, generate_s, student_s,
+                                             self.elapsed(), self._checks_share_s())  # fmt: skip
         monitored = self.evaluation.monitor(self.student, self.iteration, self.elapsed())
         elapsed = self.elapsed()
         self.history.append({"iteration": self.iteration, "elapsed_s": round(elapsed, 4), **row,

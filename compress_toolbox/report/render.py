@@ -356,14 +356,22 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "report.md").write_text(render_markdown(report))
 
 
+def planned_iterations(recipe: dict[str, Any] | None) -> int | None:
+    """The iterations a time-budgeted run's last (re-)plan expected (report.json's recipe),
+    None for a run bounded by iterations or without a plan."""
+    recipe = recipe or {}
+    if str(recipe.get("sized_by", "counts")).startswith("counts"):
+        return None
+    return recipe.get("planned_total") or None
+
+
 def _planned(report: dict) -> str:
-    """The iterations a time-budgeted run's last (re-)plan expected, where one did."""
-    recipe = report.get("recipe") or {}
-    if not recipe.get("planned_total") or recipe.get("sized_by", "").startswith("counts"):
+    planned = planned_iterations(report.get("recipe"))
+    if planned is None:
         return ""
-    replans = recipe.get("replans", 0)
+    replans = report["recipe"].get("replans", 0)
     again = f", re-planned {replans} time{'s' * (replans > 1)}" if replans else ""
-    return f" (planned: about {recipe['planned_total']}{again})"
+    return f" (planned: about {planned}{again})"
 
 
 def _after_race(report: dict[str, Any]) -> str:

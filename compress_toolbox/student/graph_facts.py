@@ -152,6 +152,8 @@ def _size_reads(module: nn.Module, example_input: torch.Tensor) -> frozenset[fx.
     candidates = [node for node in shapes if node.users and all(
         _constant_indices_without_channels(module, user) for user in node.users)
         and _after_convolution(module, node.args[0])]  # fmt: skip
+    if not candidates:
+        return frozenset()
     whole: set[fx.Node] = set()
 
     def recorder(node: fx.Node):

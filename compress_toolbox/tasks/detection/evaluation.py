@@ -41,7 +41,7 @@ def onnx_outputs(path: Path, x: torch.Tensor) -> torch.Tensor:
     import joins them (``join_tensors``)."""
     session = onnx_session(path)
     feed = {session.get_inputs()[0].name: x.numpy()}
-    chunks = run_batched(session, feed, batch_for(x.shape, BATCH))
+    chunks = run_batched(session, feed, batch_for(x.shape[1:], BATCH))
     return torch.cat([join_tensors([torch.from_numpy(out) for out in outputs])
                       for outputs in chunks]).float()  # fmt: skip
 
