@@ -188,7 +188,7 @@ def measure(name: str) -> dict:
 def detection_chain(name: str) -> dict:
     """The whole chain for two iterations on one detector: exit code, the head as read, and
     whether student.onnx has the teacher's exact signature."""
-    from compress_toolbox.tasks.detection.signature import compare, signature
+    from compress_toolbox.export.signature import compare, signature
 
     path, shape = fetch(name), MODELS[name][3]
     out = CACHE / f"{name}.detection"

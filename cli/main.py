@@ -106,9 +106,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_student(args: argparse.Namespace) -> int:
-    from compress_toolbox import CompressConfig, load_teacher, plan_student
+    from compress_toolbox import CompressConfig, load_teacher
     from compress_toolbox.errors import DaflError
-    from compress_toolbox.export.writer import export_onnx, export_pt2, verify_onnx
+    from compress_toolbox.export.writer import export_pt2
+    from compress_toolbox.pipeline import load_task_teacher, prepare_inputs, save_student_onnx
     from compress_toolbox.tasks import task_of_output
 
     out = Path(args.out) if args.out else None
@@ -117,26 +118,36 @@ def run_student(args: argparse.Namespace) -> int:
             raise DaflError(f"--out {out}: that is the teacher; choose another file")
         if out.exists() and not args.force:
             raise DaflError(f"--out {out}: exists (use --force to replace it)")
-    teacher = load_teacher(args.teacher, **_teacher_kwargs(args))
-    task = args.task or getattr(task_of_output(teacher.analysis.output_shape), "name",
-                                "classification")  # fmt: skip
-    config = CompressConfig.from_options(task=task, width=args.width, init=args.init)
-    plan = plan_student(teacher, config)
-    _print_comparison(teacher.analysis, plan.analysis)
+    options = {**_teacher_kwargs(args), "width": args.width, "init": args.init, "head": args.head}
+    if args.task:
+        config = CompressConfig.from_options(task=args.task, **options)
+        teacher = load_task_teacher(args.teacher, config)
+    else:  # the task its output fits, or detection for outputs that look like one head
+        teacher = load_teacher(args.teacher, **_teacher_kwargs(args))
+        guess = getattr(task_of_output(teacher.analysis.output_shape), "name", "classification")
+        if teacher.details.get("one_detection_head"):
+            guess = "detection"
+        config = CompressConfig.from_options(task=guess, **options)
+        if config.task.joins_outputs:
+            teacher = load_task_teacher(args.teacher, config)
+    inputs = prepare_inputs(teacher, config)
+    _print_comparison(inputs.teacher.analysis, inputs.plan.analysis)
     if out is not None:
-        as_onnx = out.suffix.lower() == ".onnx"
-        suffix = ".onnx" if as_onnx else ".pt2"
+        suffix = ".onnx" if out.suffix.lower() == ".onnx" else ".pt2"
         partial = out.with_name(f".{out.stem}.partial-{os.getpid()}{suffix}")
         try:
-            if as_onnx:
-                export_onnx(plan.module, teacher.input_shape, partial)
-                max_abs, _ = verify_onnx(plan.module, partial, teacher.input_shape, source=out)
+            if suffix == ".onnx":
+                saved = save_student_onnx(inputs.plan.module, inputs, partial, shown_as=out)
             else:
-                export_pt2(plan.module, teacher.input_shape, partial)
+                export_pt2(inputs.plan.module, teacher.input_shape, partial)
             os.replace(partial, out)  # atomically: an old file is never half-replaced
         finally:
             partial.unlink(missing_ok=True)
-        check = f" (onnxruntime agrees: max abs diff {max_abs:.1e})" if as_onnx else ""
+        check = ""
+        if suffix == ".onnx":
+            check = f" (onnxruntime agrees: max abs diff {saved.max_abs_diff:.1e}"
+            same = (saved.exported_as or {}).get("same_as_teacher")
+            check += "; the teacher's input and output names)" if same else ")"
         print(f"student saved to {out}{check}")
     return 0
 

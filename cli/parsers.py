@@ -293,8 +293,9 @@ def student_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=float, default=0.5, help="default: %(default)s")
     parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto",
                         help="auto: as compress does for the task")  # fmt: skip
-    parser.add_argument("--task", help="the teacher's task, for --init auto (default: the one "
-                        "its output fits)")  # fmt: skip
+    parser.add_argument("--task", help="the teacher's task, for --init auto and how its outputs "
+                        "are read (default: the one its output fits)")  # fmt: skip
+    _add_head_option(parser)
     parser.add_argument(
         "--out", metavar="FILE.onnx|FILE.pt2",
         help="save the (untrained) student: .onnx as ONNX, verified with onnxruntime; else a "

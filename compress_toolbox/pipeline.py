@@ -28,9 +28,11 @@ from compress_toolbox.errors import DaflError, DaflWarning
 from compress_toolbox.export.int8 import quantize_step
 from compress_toolbox.export.onnx_inspect import fixed_batch
 from compress_toolbox.export.writer import (
+    export_onnx,
     export_student,
     onnx_latency_ms,
     onnx_predictions,
+    verify_onnx,
 )
 from compress_toolbox.export.writer import teacher_onnx as as_onnx
 from compress_toolbox.load.importers.checkpoint import model_class_file
@@ -86,8 +88,8 @@ def fit_teacher_to_task(teacher: Teacher, task: Task) -> Teacher:
 
 
 @dataclass(frozen=True)
-class _Inputs:
-    """What the run works on, loaded and checked."""
+class RunInputs:
+    """What a run works on, loaded and checked: stages 1 and 2 (``prepare_inputs``)."""
 
     teacher: Teacher
     domain: InputDomain
@@ -96,26 +98,61 @@ class _Inputs:
     config: CompressConfig  # the run's, its task bound to the teacher (``Task.bound_to``)
 
 
-def _load_inputs(teacher_path: str | Path, config: CompressConfig, *, eval_data: bool) -> _Inputs:
-    """The teacher (fitted to the task), its input domain, the eval data (when asked), the
-    student plan and the config whose task reads this teacher."""
+def load_task_teacher(teacher_path: str | Path, config: CompressConfig) -> Teacher:
+    """The teacher file at ``teacher_path``, loaded with ``config``'s teacher options, its
+    several outputs joined into one where the task reads them so (a detection head)."""
     options = config.teacher
-    teacher = load_teacher(teacher_path, model_class=options.model_class,
-                           model_kwargs=options.model_kwargs, input_shape=options.input_shape,
-                           trust_pickle=options.trust_pickle,
-                           join_outputs=config.task.joins_outputs)  # fmt: skip
+    return load_teacher(teacher_path, model_class=options.model_class,
+                        model_kwargs=options.model_kwargs, input_shape=options.input_shape,
+                        trust_pickle=options.trust_pickle,
+                        join_outputs=config.task.joins_outputs)  # fmt: skip
+
+
+def prepare_inputs(teacher: Teacher, config: CompressConfig, *,
+                   eval_data: bool = False) -> RunInputs:  # fmt: skip
+    """The run's inputs from a loaded ``teacher`` (``load_task_teacher``): the config whose
+    task reads this teacher, the teacher fitted to it, its input domain, the eval data (when
+    ``eval_data`` and the config names it) and the student plan."""
     config = replace(config, task=config.task.bound_to(teacher))
     for hint in config.task.hints() if distributed.world().is_writer else ():
         warnings.warn(hint, DaflWarning, stacklevel=2)
     teacher = fit_teacher_to_task(teacher, config.task)
     check_teacher_fits(teacher, distributed.world().device(resolve_device(config.distill.device)))
-    domain = InputDomain.from_options(options.mean, options.std, teacher.input_shape)
+    domain = InputDomain.from_options(config.teacher.mean, config.teacher.std, teacher.input_shape)
     data = None
     if eval_data and config.eval_data:
         classes = config.task.classes_of(teacher.analysis.output_shape)
         data = config.task.load_eval_data(Path(config.eval_data), teacher.input_shape, domain,
                                           classes)  # fmt: skip
-    return _Inputs(teacher, domain, data, plan_student(teacher, config), config)
+    return RunInputs(teacher, domain, data, plan_student(teacher, config), config)
+
+
+def _load_inputs(teacher_path: str | Path, config: CompressConfig, *, eval_data: bool) -> RunInputs:
+    return prepare_inputs(load_task_teacher(teacher_path, config), config, eval_data=eval_data)
+
+
+@dataclass(frozen=True)
+class SavedStudent:
+    """A student written by ``save_student_onnx``: onnxruntime's largest absolute difference
+    from the PyTorch student, and what report.json says of its signature (None: a teacher of
+    another format than ONNX, whose names are not the file's to copy)."""
+
+    max_abs_diff: float
+    exported_as: dict[str, Any] | None
+
+
+def save_student_onnx(student: nn.Module, inputs: RunInputs, path: str | Path, *,
+                      opset: int | None = None, shown_as: str | Path | None = None,
+                      ) -> SavedStudent:  # fmt: skip
+    """Write ``student`` (of ``inputs``' plan) to ``path`` as the user runs it: ONNX, the
+    Softmax or Sigmoid the teacher's file ended in given back, checked against ``student``
+    in onnxruntime, with the teacher file's signature (``Task.finish_export``). Messages
+    name the file ``shown_as`` (default: ``path``; a temporary file's final name)."""
+    shipped = _as_shipped(student, inputs.teacher)
+    shape = inputs.teacher.input_shape
+    export_onnx(shipped, shape, path, opset=opset)
+    max_abs, _ = verify_onnx(shipped, path, shape, source=shown_as or path)
+    return SavedStudent(max_abs, inputs.config.task.finish_export(Path(path), inputs.teacher))
 
 
 def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
@@ -173,7 +210,7 @@ def _other_student(plan: StudentPlan) -> str:
     return "--student auto" if plan.source == "zoo" else "--student zoo"
 
 
-def _distill(inputs: _Inputs, config: CompressConfig, checkpoint_dir: Path | None,
+def _distill(inputs: RunInputs, config: CompressConfig, checkpoint_dir: Path | None,
              history: Path | None, on_iteration) -> DistillResult:  # fmt: skip
     """Train the planned student (on every rank; only rank 0 has a checkpoint folder). A rank
     restarted by ``torchrun --max-restarts`` resumes from rank 0's checkpoint when there is one."""
@@ -208,7 +245,7 @@ def _as_shipped(student: nn.Module, teacher: Teacher) -> nn.Module:
     return as_file(student) if as_file else student
 
 
-def _write_outputs(work: Path, inputs: _Inputs, result: DistillResult, config: CompressConfig,
+def _write_outputs(work: Path, inputs: RunInputs, result: DistillResult, config: CompressConfig,
                    timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     """Export and verify the student, measure both models, write report and pictures."""
 
@@ -251,7 +288,7 @@ def _fixed_batch(path: Path) -> int | None:
     return fixed_batch(onnx.load(str(path), load_external_data=False))
 
 
-def _measure(inputs: _Inputs, result: DistillResult, student_onnx: Path, scratch: Path,
+def _measure(inputs: RunInputs, result: DistillResult, student_onnx: Path, scratch: Path,
              task: Task, seconds: float) -> Measurements:  # fmt: skip
     """Sizes and latencies of both models; the task's own scores (``Task.measure``), else
     accuracies on the eval data (the student as student.onnx), or agreement on fresh

@@ -171,11 +171,19 @@ def check_output_folder(out: Path, eval_npz: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
     session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
-    assert session.get_inputs()[0].shape[0] == "batch"
-    shape = report["teacher"]["input_shape"]
-    assert f"student.onnx input: float32 `[batch, {', '.join(map(str, shape))}]`" in (
-        out / "report.md"
-    ).read_text()
+    shape, report_md = report["teacher"]["input_shape"], (out / "report.md").read_text()
+    if report["teacher"]["format"] == "onnx":  # drop-in: the teacher file's names
+        teacher = ort.InferenceSession(report["teacher"]["source"],
+                                       providers=["CPUExecutionProvider"])  # fmt: skip
+        assert [i.name for i in session.get_inputs()] == [i.name for i in teacher.get_inputs()]
+        assert session.get_inputs()[0].shape == teacher.get_inputs()[0].shape  # batch's name too
+        assert [o.name for o in session.get_outputs()] == [o.name for o in teacher.get_outputs()]
+        assert report["exported_as"]["same_as_teacher"]
+        assert f"student.onnx (the teacher file's signature): `{input_name}` float " \
+               f"[{', '.join(map(str, session.get_inputs()[0].shape))}]" in report_md  # fmt: skip
+    else:
+        assert session.get_inputs()[0].shape[0] == "batch"
+        assert f"student.onnx input: float32 `[batch, {', '.join(map(str, shape))}]`" in report_md
     data = np.load(eval_npz)
     for batch in (1, 7):
         assert session.run(None, {input_name: data["x"][:batch]})[0].shape == (batch, 10)
@@ -402,6 +410,28 @@ def test_student_command_writes_a_verified_onnx_file(workspace, tmp_path, capsys
 
     onnx.checker.check_model(str(tmp_path / "s.onnx"))  # an ONNX file, not an archive so named
     assert not list(tmp_path.glob(".s.partial-*"))
+
+
+def test_students_take_the_onnx_teachers_names_and_fixed_batch(tmp_path, capsys):
+    """A classifier exported as ultralytics does (batch fixed to 1, its own names): the
+    student command's file and the whole chain's student.onnx both take ``images`` at batch 1
+    and give ``probs``, as the teacher does, so the user's code runs them unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10)).eval()  # fmt: skip
+    teacher = tmp_path / "cls.onnx"
+    torch.onnx.export(model, (torch.rand(1, 1, 8, 8),), str(teacher), dynamo=False,
+                      input_names=["images"], output_names=["probs"])  # fmt: skip
+    for student in (tmp_path / "s.onnx", tmp_path / "out" / "student.onnx"):
+        if student.name == "s.onnx":
+            assert run_cli("student", teacher, "--out", student) == 0
+        else:
+            assert run_cli(teacher, "--iters", 3, "--batch-size", 16, "--out", student.parent,
+                           "--no-progress") in (0, 3)  # three iterations: any verdict  # fmt: skip
+        session = ort.InferenceSession(str(student), providers=["CPUExecutionProvider"])
+        (given,), (answer,) = session.get_inputs(), session.get_outputs()
+        assert (given.name, given.shape, answer.name) == ("images", [1, 1, 8, 8], "probs")
+        assert session.run(None, {"images": np.zeros((1, 1, 8, 8), np.float32)})[0].shape == (1, 10)
 
 
 def test_help_explains_options(capsys):

@@ -19,10 +19,11 @@ from torch import nn
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError
 from compress_toolbox.export.onnx_names import GraphAdditions, graph_names
+from compress_toolbox.export.signature import signature
 from compress_toolbox.export.writer import onnx_session
 from compress_toolbox.student.derive import make_student
 from compress_toolbox.tasks.detection import evaluation
-from compress_toolbox.tasks.detection import signature as signature_module
+from compress_toolbox.tasks.detection import split as split_module
 from compress_toolbox.tasks.detection.coco_data import save_detection_coco
 from compress_toolbox.tasks.detection.data import load_detection_data, save_detection_npz
 from compress_toolbox.tasks.detection.decode import Decoding, Detections, decode
@@ -41,7 +42,6 @@ from compress_toolbox.tasks.detection.heads import (
 from compress_toolbox.tasks.detection.loss import detection_kd_loss
 from compress_toolbox.tasks.detection.metrics import GroundTruth, mean_average_precision
 from compress_toolbox.tasks.detection.scenes import SceneSpec, compose_scenes, digit_objects
-from compress_toolbox.tasks.detection.signature import signature
 from compress_toolbox.tasks.detection.tiny_model import (
     RawLevels,
     TinyBoxesScores,
@@ -340,6 +340,22 @@ def test_a_two_output_teacher_distils_into_a_student_with_both_outputs(files, tm
     assert "- detection head: boxes+scores (regressors, classificators)" in shown
     assert "top-1 agreement" not in shown  # fidelity, not top-1
     assert capsys.readouterr().err.count("--decode FILE.py:FUNCTION") == 1
+
+
+@pytest.mark.parametrize("task", [("--task", "detection"), ()])
+def test_the_student_command_writes_a_two_output_detector_drop_in(tmp_path, capsys, task):
+    """``dafl-compress student --out`` on a two-output detector: both outputs under the
+    teacher's names, as the whole chain's student.onnx has them (it had one, the first, and
+    the sizes of the part of the network computing it); without --task the outputs' look of
+    one head makes it detection."""
+    torch.manual_seed(0)
+    teacher_path = export_detector(TinyBoxesScores(CLASSES, 3, 8), tmp_path / "face.onnx", SIZE,
+                                   outputs=("regressors", "classificators"))  # fmt: skip
+    out = tmp_path / "student.onnx"
+    assert run_cli("student", teacher_path, *task, "--out", out) == 0
+    assert "the teacher's input and output names" in capsys.readouterr().out
+    teacher, student = (signature(p, (3, SIZE, SIZE)) for p in (teacher_path, out))
+    assert student == teacher
 
 
 def _sharp_distances(left: int, top: int, right: int, bottom: int) -> torch.Tensor:
@@ -1111,7 +1127,7 @@ def test_a_yolo_heads_levels_join_as_rows_and_split_back_as_the_file_gives_them(
     for back, level in zip(layout.file_outputs(rows), levels):
         assert torch.equal(back, level)
     path = export_detector(JoinedOutputs(model, "levels"), tmp_path / "rows.onnx", SIZE)
-    signature_module.split_outputs(path, replace(layout, outputs=LEVEL_NAMES))
+    split_module.split_outputs(path, replace(layout, outputs=LEVEL_NAMES))
     session = onnx_session(path)
     outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert [o.name for o in session.get_outputs()] == list(LEVEL_NAMES)
@@ -1156,7 +1172,7 @@ def test_a_decoded_output_joins_with_its_levels_beside_it_and_splits_back(tmp_pa
         assert torch.equal(back, want)
     path = export_detector(JoinedOutputs(model, "beside"), tmp_path / "rows.onnx", SIZE,
                            outputs=("rows",))
-    signature_module.split_outputs(path, layout)
+    split_module.split_outputs(path, layout)
     session = onnx_session(path)
     outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     assert [o.name for o in session.get_outputs()] == list(DECODED_NAMES)

@@ -85,12 +85,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- health of the generated inputs at the end: {_health(report.get('health'))}; "
         f"generator restarts after a collapse: {report.get('generator_restarts', 0)}",
         f"- input domain: {teacher.get('input_domain', 'n/a')}",
-        f"- student.onnx input: float32 `[batch, {', '.join(map(str, teacher['input_shape']))}]`"
-        + (
-            " (channels first, whereas the TensorFlow teacher took channels last)"
-            if teacher.get("format") == "tensorflow" and len(teacher["input_shape"]) == 3
-            else ""
-        ),  # fmt: skip
+        _student_onnx_line(report),
         f"- student accuracy is measured on the exported student.onnx with onnxruntime; "
         f"ONNX verified against PyTorch (max abs diff {report['onnx_check']['max_abs_diff']:.2e} "
         f"at batch 1 and 7)"
@@ -109,6 +104,29 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("int8"):
         lines += _int8_section(report["int8"])
     return "\n".join(lines)
+
+
+def _student_onnx_line(report: dict[str, Any]) -> str:
+    """What student.onnx takes and gives: the teacher file's signature where it was given one
+    (``exported_as``), else its input."""
+    teacher, found = report["teacher"], (report.get("exported_as") or {}).get("signature")
+    if found is None:
+        channels_last = teacher.get("format") == "tensorflow" and len(teacher["input_shape"]) == 3
+        return (f"- student.onnx input: float32 `[batch, "
+                f"{', '.join(map(str, teacher['input_shape']))}]`"
+                + (" (channels first, whereas the TensorFlow teacher took channels last)"
+                   if channels_last else ""))  # fmt: skip
+
+    def tensors(specs: list[dict]) -> str:
+        shown = [f"`{s['name']}` {s['dtype']} [{', '.join(map(str, s['declared']))}]"
+                 for s in specs]  # fmt: skip
+        return ", ".join(shown)
+
+    differences = report["exported_as"].get("differences")
+    verdict = ("the teacher file's signature" if not differences
+               else f"differs from the teacher file's: {'; '.join(differences)}")  # fmt: skip
+    return (f"- student.onnx ({verdict}): {tensors(found['inputs'])} -> "
+            f"{tensors(found['outputs'])}")
 
 
 def latency_columns(latencies: list[dict[str, Any]]) -> list[str]:

@@ -11,6 +11,7 @@ histogram all act per pixel, averaged over the batch's pixels.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 
 from compress_toolbox.distillation.losses import kd_loss
-from compress_toolbox.errors import DaflError
+from compress_toolbox.errors import DaflError, DaflWarning, VerificationFailed
+from compress_toolbox.export.signature import take_teacher_signature
 
 if TYPE_CHECKING:
     from compress_toolbox.domain import InputDomain
@@ -71,6 +73,8 @@ class Task:
     flat_inputs: bool = False  # teachers of (features,) inputs can do this task
     figure: str = "accuracy"  # the pass/fail figure on --eval-data
     joins_outputs: bool = False  # a teacher's several outputs are read as one (joined) tensor
+    # a student.onnx without the ONNX teacher's exact signature fails the run (else: reported)
+    needs_teacher_signature: bool = False
 
     def fits(self, output_shape: tuple[int, ...]) -> bool:
         """Whether a teacher whose output is ``output_shape`` (no batch) does this task."""
@@ -174,10 +178,21 @@ class Task:
         return None
 
     def finish_export(self, student_onnx: Path, teacher: Teacher) -> dict[str, Any] | None:
-        """Adjust the exported ``student_onnx`` in place for this task's users (it was
-        verified against the PyTorch student); what report.json should say about it, or None
-        when nothing is done."""
-        return None
+        """Give the exported ``student_onnx`` (verified against the PyTorch student) an ONNX
+        teacher's input and output names and declared dimensions, in place, and compare the
+        two files' signatures (``export/signature.py``): what report.json should say about it,
+        or None for a teacher of another format. A difference that remains fails the run where
+        ``needs_teacher_signature``, else it is reported and warned about."""
+        if teacher.format != "onnx":
+            return None
+        check = take_teacher_signature(student_onnx, teacher.source, tuple(teacher.input_shape))
+        if check.differences:
+            message = f"student.onnx does not have the teacher's signature: " \
+                      f"{'; '.join(check.differences)}"  # fmt: skip
+            if self.needs_teacher_signature:
+                raise VerificationFailed(message)
+            warnings.warn(message, DaflWarning, stacklevel=2)
+        return check.as_report()
 
     def auto_method(self, batchnorm_layers: int) -> tuple[str, str] | None:
         """``--method auto`` for this task: (method, reason), or None for the general rule

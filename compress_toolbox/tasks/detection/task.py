@@ -1,6 +1,6 @@
 """Detection: a detector's raw head output (heads.py: one YOLO output, or boxes and scores,
 and a centre-ness, as outputs that the import joins), distilled as it is so that the student
-is a drop-in replacement (signature.py); mAP by COCOeval on --eval-data (data.py,
+is a drop-in replacement (split.py, export/signature.py); mAP by COCOeval on --eval-data (data.py,
 evaluation.py)."""
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from compress_toolbox.domain import InputDomain
-from compress_toolbox.errors import DaflError, VerificationFailed
+from compress_toolbox.errors import DaflError
+from compress_toolbox.export.signature import signature
 from compress_toolbox.tasks import register_task
 from compress_toolbox.tasks.base import Task, TaskScores
-from compress_toolbox.tasks.detection import evaluation, signature
+from compress_toolbox.tasks.detection import evaluation, split
 from compress_toolbox.tasks.detection.data import DetectionEvalData, load_detection_data
 from compress_toolbox.tasks.detection.decode import DETECTION_THRESHOLD, Decoding
 from compress_toolbox.tasks.detection.heads import (
@@ -56,7 +57,7 @@ def _outputs_seen(teacher) -> tuple[str, int]:
     """The teacher file's outputs as 'name (N, ...)' (from the file for an ONNX teacher, whose
     import keeps one output or joins them) and how many there are."""
     if teacher.format == "onnx":
-        outputs = signature.signature(teacher.source, tuple(teacher.input_shape)).outputs
+        outputs = signature(teacher.source, tuple(teacher.input_shape)).outputs
         shapes = [(spec.name, spec.at_probe[1:]) for spec in outputs]
     else:
         with torch.no_grad():
@@ -137,6 +138,7 @@ class Detection(Task):
     head_name: str | None = None  # --head: the layout the user named
     head: HeadLayout | None = None  # the teacher's layout (``bound_to``)
     joins_outputs: bool = True  # several outputs are one head: boxes and scores
+    needs_teacher_signature: bool = True  # the user's decoding and NMS read the outputs
     decoder: UserDecoder | None = None  # --decode: the user's decoding of the raw outputs
     # ``bound_to``: the logits look like SSD's without --head ssd (a note, not the task's identity)
     background_hint: str | None = field(default=None, compare=False)
@@ -349,23 +351,13 @@ class Detection(Task):
 
     def finish_export(self, student_onnx: Path, teacher) -> dict[str, Any] | None:
         """student.onnx given the teacher's outputs (split again where the import joined them)
-        and, for an ONNX teacher, its input and output names; its signature then compared with
-        the teacher file's (a difference fails the run)."""
+        and, for an ONNX teacher, the rest of its signature (``Task.finish_export``)."""
         several = self.head is not None and len(self.head.outputs) > 1
         if several:
-            signature.split_outputs(student_onnx, self.head)
+            split.split_outputs(student_onnx, self.head)
         if teacher.format != "onnx":
             return {"outputs": list(self.head.outputs)} if several else None
-        shape = tuple(teacher.input_shape)
-        wanted = signature.signature(teacher.source, shape)
-        signature.adopt_names(student_onnx, wanted)
-        # the student takes any batch: probed at the teacher's (1 for a batch-1 export)
-        got = signature.signature(student_onnx, shape, batch=wanted.inputs[0].at_probe[0])
-        problems = signature.compare(got, wanted)
-        if problems:
-            raise VerificationFailed(f"student.onnx does not have the teacher's signature: "
-                            f"{'; '.join(problems)}")  # fmt: skip
-        return {"signature": got.as_dict(), "same_as_teacher": True}
+        return super().finish_export(student_onnx, teacher)
 
     def classes_of(self, output_shape: tuple[int, ...]) -> int:
         layout = self.head or recognise(tuple(output_shape))
