@@ -33,7 +33,9 @@ The models (cached under benchmarks/real_models/, not in git):
   TensorFlow); needs the ``[tf]`` extra.
 
 For each: the import (verified), what ``inspect`` finds, and the derived student's parameter
-ratio and seconds to derive, export and verify it (``dafl-compress student --out``). With
+ratio and seconds to derive, export and verify it (``dafl-compress student --out``, with
+``--task detection`` for the detectors), and, for an ONNX file, whether that student has the
+teacher's exact signature (names, ranks, dtypes, output shapes). With
 ``--detection``, the detectors also go through the whole chain for two iterations
 (``dafl-compress MODEL --task detection --iters 2``): exit code, how the head is read, and
 whether ``student.onnx`` has the teacher's exact signature. Their weights are untrained, so the
@@ -175,14 +177,24 @@ def measure(name: str) -> dict:
         row.update(output=facts.get("output_shape"), task=facts.get("task"),
                    distilled=facts.get("details", {}).get("distilled_output"))  # fmt: skip
     out = CACHE / f"{name}.student.onnx"
-    code, text, seconds = _cli(name, "student", str(path), "--input-shape", shape, "--out",
-                               str(out), "--force")  # fmt: skip
+    task = ("--task", "detection") if name in DETECTORS else ()
+    code, text, seconds = _cli(name, "student", str(path), "--input-shape", shape, *task,
+                               "--out", str(out), "--force")  # fmt: skip
     row.update(student_rc=code, student_s=round(seconds, 1))
     ratio = [line.split()[-1] for line in text.splitlines() if line.startswith("params")]
     row["param_ratio"] = float(ratio[0]) if code == 0 and ratio else None
     if code != 0:
         row["error"] = text.strip().splitlines()[-1][:200]
+    elif path.suffix == ".onnx":
+        row["same_signature"] = _same_signature(out, path, shape)
     return row
+
+
+def _same_signature(student: Path, teacher: Path, shape: str) -> bool:
+    from compress_toolbox.export.signature import compare, signature
+
+    dims = tuple(int(d) for d in shape.split(","))
+    return not compare(signature(student, dims), signature(teacher, dims))
 
 
 def detection_chain(name: str) -> dict:
@@ -220,11 +232,13 @@ def main() -> None:
         row = measure(name)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| model | inspect | output | task | distilled | student ratio | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model | inspect | output | task | distilled | student ratio | teacher's signature "
+          "| seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | rc {r['inspect_rc']} | {r.get('output')} | {r.get('task')} "
-              f"| {r.get('distilled')} | {r['param_ratio']} | {r['student_s']} |")
+              f"| {r.get('distilled')} | {r['param_ratio']} | {r.get('same_signature', '-')} "
+              f"| {r['student_s']} |")
     if not args.detection:
         return
     chains = [detection_chain(name) for name in args.only if name in DETECTORS]
