@@ -145,9 +145,12 @@ def run_student(args: argparse.Namespace) -> int:
             partial.unlink(missing_ok=True)
         check = ""
         if suffix == ".onnx":
+            exported_as = saved.exported_as or {}
             check = f" (onnxruntime agrees: max abs diff {saved.max_abs_diff:.1e}"
-            same = (saved.exported_as or {}).get("same_as_teacher")
-            check += "; the teacher's input and output names)" if same else ")"
+            check += "; the teacher's input and output names" if exported_as.get(
+                "same_as_teacher") else ""  # fmt: skip
+            layout = exported_as.get("input_layout")
+            check += f"; input {layout}, as the teacher's file)" if layout else ")"
         print(f"student saved to {out}{check}")
     return 0
 

@@ -27,6 +27,7 @@ from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, DaflWarning
 from compress_toolbox.export.int8 import quantize_step
 from compress_toolbox.export.onnx_inspect import fixed_batch
+from compress_toolbox.export.signature import take_channels_last_input
 from compress_toolbox.export.writer import (
     export_onnx,
     export_student,
@@ -35,6 +36,7 @@ from compress_toolbox.export.writer import (
     verify_onnx,
 )
 from compress_toolbox.export.writer import teacher_onnx as as_onnx
+from compress_toolbox.load.importers.base import CHANNELS_LAST
 from compress_toolbox.load.importers.checkpoint import model_class_file
 from compress_toolbox.load.teacher import Teacher, load_teacher
 from compress_toolbox.outdir import OutputFolder, default_out_dir
@@ -152,7 +154,20 @@ def save_student_onnx(student: nn.Module, inputs: RunInputs, path: str | Path, *
     shape = inputs.teacher.input_shape
     export_onnx(shipped, shape, path, opset=opset)
     max_abs, _ = verify_onnx(shipped, path, shape, source=shown_as or path)
-    return SavedStudent(max_abs, inputs.config.task.finish_export(Path(path), inputs.teacher))
+    exported_as = inputs.config.task.finish_export(Path(path), inputs.teacher)
+    return SavedStudent(max_abs, _in_teacher_layout([Path(path)], inputs.teacher, exported_as))
+
+
+def _in_teacher_layout(paths: list[Path], teacher: Teacher,
+                       exported_as: dict[str, Any] | None) -> dict[str, Any] | None:  # fmt: skip
+    """The ONNX files at ``paths`` made to take images as the teacher's file does: channels
+    last for a TensorFlow teacher (they were written, checked and measured channels first, as
+    the modules take them); ``exported_as`` with what report.json says of that."""
+    if not teacher.channels_last:
+        return exported_as
+    for path in paths:
+        take_channels_last_input(path, teacher.input_shape)
+    return {**(exported_as or {}), "input_layout": CHANNELS_LAST}
 
 
 def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
@@ -262,8 +277,6 @@ def _write_outputs(work: Path, inputs: RunInputs, result: DistillResult, config:
     timings["measure_s"] = time.perf_counter() - start  # accuracy, agreement, latency, sizes
     report = build_report(inputs.teacher, inputs.domain, inputs.plan, result, exported,
                           measured, config)  # fmt: skip
-    if exported_as is not None:
-        report["exported_as"] = exported_as
     start = time.perf_counter()
     plot_curves(result.history, work / "curves.png")
     config.task.plot_samples(result.sampler, inputs.teacher.module, result.student,
@@ -273,6 +286,9 @@ def _write_outputs(work: Path, inputs: RunInputs, result: DistillResult, config:
         start = time.perf_counter()
         report["int8"] = quantize_step(work, exported.onnx_path, inputs, result, config)
         timings["quantize_s"] = time.perf_counter() - start
+    exported_as = _in_teacher_layout(sorted(work.glob("*.onnx")), inputs.teacher, exported_as)
+    if exported_as is not None:
+        report["exported_as"] = exported_as
     report["timings"] = {key: round(value, 2) for key, value in timings.items()}
     write_report(report, work)
     return report

@@ -434,6 +434,34 @@ def test_students_take_the_onnx_teachers_names_and_fixed_batch(tmp_path, capsys)
         assert session.run(None, {"images": np.zeros((1, 1, 8, 8), np.float32)})[0].shape == (1, 10)
 
 
+def test_a_tensorflow_teachers_student_takes_images_channels_last(tmp_path):
+    """A TensorFlow teacher's file takes (N, H, W, C) and its module (N, C, H, W): the shipped
+    student.onnx takes them as the file does, and answers as the student module does on the
+    same images."""
+    from dataclasses import replace
+
+    from compress_toolbox import CompressConfig, Teacher
+    from compress_toolbox.load.importers.base import CHANNELS_LAST
+    from compress_toolbox.pipeline import prepare_inputs, save_student_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))  # fmt: skip
+    teacher = Teacher.from_module(model, (3, 10, 12))
+    teacher = replace(teacher, details={"input_layout": CHANNELS_LAST})
+    inputs = prepare_inputs(teacher, CompressConfig())
+    saved = save_student_onnx(inputs.plan.module, inputs, tmp_path / "s.onnx")
+    assert saved.exported_as == {"input_layout": CHANNELS_LAST}
+    session = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    (image,) = session.get_inputs()
+    assert image.shape[1:] == [10, 12, 3]
+    x = torch.rand(5, 3, 10, 12)
+    with torch.no_grad():
+        expected = inputs.plan.module(x).numpy()
+    got = session.run(None, {image.name: x.permute(0, 2, 3, 1).numpy()})[0]
+    assert np.allclose(got, expected, atol=1e-5)
+
+
 def test_help_explains_options(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out

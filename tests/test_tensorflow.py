@@ -281,6 +281,9 @@ def test_a_keras_yolo_heads_levels_channels_last_distil_into_a_drop_in_student(t
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {session.get_inputs()[0].name: np.zeros((2, 3, 32, 32),
-                                                                        np.float32)})
+    (image,) = session.get_inputs()  # channels last, as the Keras model takes it
+    outputs = session.run(None, {image.name: np.zeros((2, 32, 32, 3), np.float32)})
     assert [o.shape for o in outputs] == [(2, 4, 4, 24), (2, 2, 2, 24)]
+    assert report["exported_as"]["input_layout"] == "channels last (N, H, W, C)"
+    assert "student.onnx input: float32 `[batch, 32, 32, 3]` (channels last" in (
+        out / "report.md").read_text()  # fmt: skip

@@ -5,6 +5,7 @@ names, ranks, dtypes and shapes, so that the user's own code keeps working on it
 probe batch); ``adopt_names`` renames the student's inputs and outputs after the teacher's and
 gives them its declared dimensions (symbolic names, a fixed batch); ``compare`` lists every
 difference; ``take_teacher_signature`` does all three on an exported student.
+``take_channels_last_input`` gives a TensorFlow teacher's student its channels-last input.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from compress_toolbox.errors import VerificationFailed
 from compress_toolbox.export.onnx_inspect import dim_size
-from compress_toolbox.export.writer import onnx_session
+from compress_toolbox.export.onnx_names import GraphAdditions
+from compress_toolbox.export.writer import onnx_session, session_batch
 
 PROBE_BATCH = 2
 
@@ -163,3 +166,44 @@ def take_teacher_signature(student_path: str | Path, teacher_path: str | Path,
     adopt_names(student_path, wanted)
     got = signature(student_path, input_shape, batch=wanted.inputs[0].at_probe[0])
     return SignatureCheck(got, tuple(compare(got, wanted)))
+
+
+def take_channels_last_input(path: str | Path, input_shape: tuple[int, ...]) -> None:
+    """Make the ONNX file at ``path`` take its image input channels last, (N, H, W, C) where
+    it took (N, C, H, W) (``input_shape``: C, H, W), as a TensorFlow teacher does, in place:
+    a Transpose to channels first read by everything that read the input. Checked: on the
+    same images both files give the same outputs (VerificationFailed otherwise)."""
+    before = onnx.load(str(path))
+    model = onnx.ModelProto()
+    model.CopyFrom(before)
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    (image,) = [v for v in graph.input if v.name not in initializers]
+    add = GraphAdditions(graph)
+    first = add.name(f"{image.name}_channels_first")
+    for node in graph.node:
+        node.input[:] = [first if name == image.name else name for name in node.input]
+    add.node("Transpose", [image.name], [first], perm=[0, 3, 1, 2])
+    graph.node.insert(0, graph.node.pop())  # topological order: it runs first
+    dims = image.type.tensor_type.shape.dim
+    declared = [onnx.TensorShapeProto.Dimension() for _ in dims]
+    for copy, dim in zip(declared, dims):
+        copy.CopyFrom(dim)
+    for dim, source in zip(dims, (0, 2, 3, 1)):
+        dim.CopyFrom(declared[source])
+    _check_same_answers(before, model, input_shape, path)
+    onnx.save_model(model, str(path))
+
+
+def _check_same_answers(channels_first: onnx.ModelProto, channels_last: onnx.ModelProto,
+                        input_shape: tuple[int, ...], path: str | Path) -> None:  # fmt: skip
+    first = onnx_session(channels_first.SerializeToString())
+    last = onnx_session(channels_last.SerializeToString())
+    batch = session_batch(first) or PROBE_BATCH
+    x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
+    expected = first.run(None, {first.get_inputs()[0].name: x})
+    got = last.run(None, {last.get_inputs()[0].name: x.transpose(0, 2, 3, 1).copy()})
+    for want, have in zip(expected, got):
+        if want.shape != have.shape or not np.allclose(want, have, rtol=1e-5, atol=1e-6):
+            raise VerificationFailed(f"{path}: made channels last, it no longer gives the "
+                                     "same outputs")  # fmt: skip

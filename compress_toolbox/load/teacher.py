@@ -14,10 +14,11 @@ from compress_toolbox.errors import ImportFailed
 from compress_toolbox.limits import LimitExceeded, bounded
 from compress_toolbox.load.analysis import Analysis, analyse
 from compress_toolbox.load.importers import detect_format, get_importer
-from compress_toolbox.load.importers.base import ImportedModel
+from compress_toolbox.load.importers.base import CHANNELS_LAST, ImportedModel
 from compress_toolbox.tasks.outputs import JoinedOutputs, join_kind_of, joined_details, tensors_of
 
 IMPORT_TIME_LIMIT_S = 300  # a 10,000-node graph imports in seconds; a hang never ends
+
 
 
 @dataclass
@@ -33,6 +34,12 @@ class Teacher:
     max_abs_diff: float = 0.0  # imported module vs the original, on random inputs
     max_rel_diff: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the teacher's file takes its images channels last, (N, H, W, C), as
+        TensorFlow models do (``module`` takes them channels first, as every model here)."""
+        return self.details.get("input_layout") == CHANNELS_LAST
 
     @classmethod
     def from_module(cls, module: nn.Module, input_shape: tuple[int, ...]) -> Teacher:

@@ -109,13 +109,12 @@ def render_markdown(report: dict[str, Any]) -> str:
 def _student_onnx_line(report: dict[str, Any]) -> str:
     """What student.onnx takes and gives: the teacher file's signature where it was given one
     (``exported_as``), else its input."""
-    teacher, found = report["teacher"], (report.get("exported_as") or {}).get("signature")
+    exported_as, shape = report.get("exported_as") or {}, report["teacher"]["input_shape"]
+    found, layout = exported_as.get("signature"), exported_as.get("input_layout")
     if found is None:
-        channels_last = teacher.get("format") == "tensorflow" and len(teacher["input_shape"]) == 3
-        return (f"- student.onnx input: float32 `[batch, "
-                f"{', '.join(map(str, teacher['input_shape']))}]`"
-                + (" (channels first, whereas the TensorFlow teacher took channels last)"
-                   if channels_last else ""))  # fmt: skip
+        dims = [*shape[1:], shape[0]] if layout else shape  # channels last: (H, W, C)
+        return (f"- student.onnx input: float32 `[batch, {', '.join(map(str, dims))}]`"
+                + (f" ({layout}, as the teacher's file takes it)" if layout else ""))  # fmt: skip
 
     def tensors(specs: list[dict]) -> str:
         shown = [f"`{s['name']}` {s['dtype']} [{', '.join(map(str, s['declared']))}]"

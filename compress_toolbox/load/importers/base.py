@@ -29,6 +29,9 @@ from compress_toolbox.load.importers.archive_safety import checked_member_names,
 
 VERIFY_RTOL = TOLERANCE["float32"]  # max |imported - original| / max |original|
 DYNAMIC_BATCH_CHECK = 7  # an import must run at a batch it was not compared at
+# details["input_layout"] of a file taking images channels last (TensorFlow's); the imported
+# module takes them channels first, as every module here
+CHANNELS_LAST = "channels last (N, H, W, C)"
 
 
 @dataclass

@@ -29,7 +29,12 @@ from compress_toolbox.errors import DaflError, DaflWarning, ImportFailed
 from compress_toolbox.export.onnx_inspect import dim_size
 from compress_toolbox.export.verification import IMPORT_BATCHES, compare_to_outputs, tolerance_for
 from compress_toolbox.load.analysis import output_tensor
-from compress_toolbox.load.importers.base import FileHead, ImportedModel, register_importer
+from compress_toolbox.load.importers.base import (
+    CHANNELS_LAST,
+    FileHead,
+    ImportedModel,
+    register_importer,
+)
 from compress_toolbox.load.importers.onnx_file import import_onnx
 from compress_toolbox.tasks.outputs import JOIN_KINDS, join_kind_of, join_tensors
 
@@ -260,6 +265,7 @@ def import_tensorflow(path: Path, **options) -> ImportedModel:
     details = {
         "tf_format": KIND_NAMES[kind],
         "verified_against": "TensorFlow (NHWC inputs transposed) and onnxruntime",
+        "input_layout": CHANNELS_LAST,  # the module takes the images channels first
         "converted_by": f"tf2onnx, opset {imported.details['opset']}",
         "onnx_max_rel_diff": imported.max_rel_diff,
         "output": imported.details["output"],
