@@ -26,8 +26,8 @@ from compress_toolbox.distillation.trainer import CHECKPOINT_NAME
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.errors import DaflError, DaflWarning
 from compress_toolbox.export.int8 import quantize_step
+from compress_toolbox.export.layout import take_channels_last_input
 from compress_toolbox.export.onnx_inspect import fixed_batch
-from compress_toolbox.export.signature import take_channels_last_input
 from compress_toolbox.export.writer import (
     export_onnx,
     export_student,
@@ -155,18 +155,19 @@ def save_student_onnx(student: nn.Module, inputs: RunInputs, path: str | Path, *
     export_onnx(shipped, shape, path, opset=opset)
     max_abs, _ = verify_onnx(shipped, path, shape, source=shown_as or path)
     exported_as = inputs.config.task.finish_export(Path(path), inputs.teacher)
-    return SavedStudent(max_abs, _in_teacher_layout([Path(path)], inputs.teacher, exported_as))
+    exported_as = _in_teacher_layout([Path(path)], inputs.teacher, exported_as, shown_as)
+    return SavedStudent(max_abs, exported_as)
 
 
-def _in_teacher_layout(paths: list[Path], teacher: Teacher,
-                       exported_as: dict[str, Any] | None) -> dict[str, Any] | None:  # fmt: skip
+def _in_teacher_layout(paths: list[Path], teacher: Teacher, exported_as: dict[str, Any] | None,
+                       shown_as: str | Path | None = None) -> dict[str, Any] | None:  # fmt: skip
     """The ONNX files at ``paths`` made to take images as the teacher's file does: channels
     last for a TensorFlow teacher (they were written, checked and measured channels first, as
     the modules take them); ``exported_as`` with what report.json says of that."""
     if not teacher.channels_last:
         return exported_as
     for path in paths:
-        take_channels_last_input(path, teacher.input_shape)
+        take_channels_last_input(path, teacher.input_shape, shown_as=shown_as or path.name)
     return {**(exported_as or {}), "input_layout": CHANNELS_LAST}
 
 
@@ -287,8 +288,9 @@ def _write_outputs(work: Path, inputs: RunInputs, result: DistillResult, config:
         report["int8"] = quantize_step(work, exported.onnx_path, inputs, result, config)
         timings["quantize_s"] = time.perf_counter() - start
     exported_as = _in_teacher_layout(sorted(work.glob("*.onnx")), inputs.teacher, exported_as)
-    if exported_as is not None:
+    if exported_as is not None:  # the file as shipped: renamed, split or transposed
         report["exported_as"] = exported_as
+        report["student"]["onnx_bytes"] = exported.onnx_path.stat().st_size
     report["timings"] = {key: round(value, 2) for key, value in timings.items()}
     write_report(report, work)
     return report

@@ -460,6 +460,49 @@ def test_a_tensorflow_teachers_student_takes_images_channels_last(tmp_path):
         expected = inputs.plan.module(x).numpy()
     got = session.run(None, {image.name: x.permute(0, 2, 3, 1).numpy()})[0]
     assert np.allclose(got, expected, atol=1e-5)
+    # quantised as it is: calibration inputs channels last, the INT8 file channels last too
+    calibration = tmp_path / "calibration.npy"
+    np.save(calibration, np.random.default_rng(0).random((64, 10, 12, 3), dtype=np.float32))
+    assert run_cli("quantize", tmp_path / "s.onnx", "--calibration-data", calibration) == 0
+    int8 = ort.InferenceSession(str(tmp_path / "s.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert int8.get_inputs()[0].shape[1:] == [10, 12, 3]
+    nhwc = x.permute(0, 2, 3, 1).numpy()
+    assert np.allclose(int8.run(None, {int8.get_inputs()[0].name: nhwc})[0], got, atol=0.1)
+
+
+def test_a_classifier_file_with_probabilities_first_names_its_student_after_its_logits(
+        tmp_path, capsys):  # fmt: skip
+    """A file giving (probs, logits): the student gives the logits it was distilled on, named
+    `logits` as in the teacher's file (not `probs`, by position), and says that `probs` is
+    missing: warned, in report.json and in report.md."""
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten(), nn.Linear(8, 10))  # fmt: skip
+
+        def forward(self, x):
+            logits = self.body(x)
+            return logits.softmax(1), logits
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "both.onnx"
+    torch.onnx.export(Both().eval(), (torch.rand(2, 1, 8, 8),), str(teacher), dynamo=False,
+                      input_names=["images"], output_names=["probs", "logits"],
+                      dynamic_axes={"images": {0: "n"}, "probs": {0: "n"}, "logits": {0: "n"}})
+    assert run_cli("student", teacher, "--out", tmp_path / "s.onnx") == 0
+    session = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    assert "1 outputs where the teacher has 2" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert run_cli(teacher, "--iters", 3, "--batch-size", 16, "--out", out,
+                   "--no-progress") in (0, 3)  # three iterations: any verdict  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["exported_as"]["differences"] == ["1 outputs where the teacher has 2"]
+    shown = (out / "report.md").read_text()
+    assert "student.onnx (differs from the teacher file's: 1 outputs where the teacher has 2): " \
+           "`images` float [n, 1, 8, 8] -> `logits` float [n, 10]" in shown
 
 
 def test_help_explains_options(capsys):

@@ -413,6 +413,28 @@ def test_the_plan_counts_health_checks_evaluations_and_the_reserve():
     assert "500 ms of health checks per iteration" in planned.describe()
 
 
+def test_evaluations_every_n_iterations_are_a_share_of_each_planned_iteration():
+    """With --eval-every N, a timed evaluation costs each iteration a Nth of its seconds (the
+    trainer adds it to the health checks' share the plan counts); evaluations due by time are
+    counted as the seconds still due instead, and add nothing per iteration."""
+    from compress_toolbox.distillation.evaluation import Evaluation
+    from compress_toolbox.distillation.options import DistillOptions
+    from compress_toolbox.distillation.parts import StopPolicy
+    from compress_toolbox.tasks import get_task
+    from compress_toolbox.tasks.evaldata import EvalData
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    data = EvalData(torch.rand(40, 1, 8, 8), torch.randint(0, 10, (40,)))
+    for options, share in ((DistillOptions(eval_every=5), 1 / 5), (DistillOptions(), 0.0)):
+        stop = StopPolicy.for_run(None, None, 100.0, TINY)
+        evaluation = Evaluation(data, model, get_task("classification"), torch.device("cpu"),
+                                options, stop, 0.0)  # fmt: skip
+        assert evaluation.per_iteration_s() == 0.0  # none timed yet
+        evaluation.time_once(model)
+        assert evaluation.subset_s > 0
+        assert evaluation.per_iteration_s() == pytest.approx(share * evaluation.subset_s)
+
+
 def test_a_timed_run_times_a_health_check_and_an_evaluation_for_its_plan(digits, capsys):
     """A time-budgeted run with evaluation data plans with a health check and an evaluation
     timed, and report.json's recipe keeps what its plan expected."""

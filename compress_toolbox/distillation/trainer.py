@@ -248,8 +248,10 @@ class Trainer:
         self.evaluation.time_once(self.student)
 
     def _checks_share_s(self) -> float:
-        """The last health check's seconds spread over the iterations between checks."""
-        return (self.check_s or 0.0) / self.options.health_every
+        """The last health check's seconds spread over the iterations between checks, and an
+        evaluation's over those between evaluations every N iterations (``--eval-every``)."""
+        return (self.check_s or 0.0) / self.options.health_every \
+            + self.evaluation.per_iteration_s()  # fmt: skip
 
     def _fit_memory(self) -> None:
         """Shrink the batch (or refuse) when one iteration would not fit the device's memory."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,6 +32,11 @@ from compress_toolbox.export.calibration import (
     from_array,
     from_file,
     from_sampler,
+)
+from compress_toolbox.export.layout import (
+    channels_first_copy,
+    is_channels_last,
+    take_channels_last_input,
 )
 from compress_toolbox.export.onnx_compare import Agreement, compare_onnx, latency_ms
 from compress_toolbox.export.onnx_inspect import fixed_batch
@@ -402,7 +408,9 @@ def quantize_file(model: Path, calibration: Path, *, out: Path | None = None,
     model takes them) to ``out`` (default ``MODEL.int8.onnx`` beside it), judged on the eval
     data when given (read as ``--eval-data`` is, with ``mean``/``std``). Returns the result and
     the float/INT8 rows. Refuses to replace an existing INT8 file without ``force``. ``head``
-    names a detection head's layout (``--head``) where the file does not tell it."""
+    names a detection head's layout (``--head``) where the file does not tell it. A student
+    made channels last (a TensorFlow teacher's, ``layout.py``) is quantised channels first,
+    as it was made, and its INT8 file made channels last again."""
     model = Path(model)
     if not model.is_file():
         raise DaflError(f"{model}: no such file")
@@ -411,6 +419,24 @@ def quantize_file(model: Path, calibration: Path, *, out: Path | None = None,
     for existing in (out, rejected_path(out)):
         if existing.exists() and not force:
             raise DaflError(f"{existing}: exists (use --force to replace it)")
+    judged = {"samples": samples, "eval_data": eval_data, "task": task, "mean": mean,
+              "std": std, "head": head}  # fmt: skip
+    if not is_channels_last(model):
+        return _quantize_file(model, source, out, **judged)
+    with tempfile.TemporaryDirectory(prefix="dafl-quantize-") as folder:
+        first = Path(folder) / model.name  # rows name the user's file
+        channels_first_copy(model, first)
+        shape = _input_shape(first, None)
+        from_nhwc = CalibrationSource(lambda n: np.ascontiguousarray(
+            np.asarray(source.draw(n)).transpose(0, 3, 1, 2)), source.what)  # fmt: skip
+        result, rows = _quantize_file(first, from_nhwc, out, **judged)
+    take_channels_last_input(result.path, shape)
+    return result, rows
+
+
+def _quantize_file(model: Path, source: CalibrationSource, out: Path, *, samples: int,
+                   eval_data: Path | None, task: str | None, mean: Any, std: Any,
+                   head: str | None) -> tuple[Int8Result, list[ModelRow]]:  # fmt: skip
     shape = _input_shape(model, None)
     data, kind = None, get_task(task or "classification").with_head(head) if task or head else None
     if kind is not None and kind.joins_outputs:  # a detection head: its layout from the file
@@ -422,7 +448,7 @@ def quantize_file(model: Path, calibration: Path, *, out: Path | None = None,
         kind = kind or task_of_output(output) or get_task("classification")
         data = kind.load_eval_data(Path(eval_data), shape, InputDomain.from_options(mean, std,
                                    shape), kind.classes_of(output))  # fmt: skip
-    for stale in (out, rejected_path(out)):
+    for stale in (out, rejected_path(out)):  # only once the inputs were read
         stale.unlink(missing_ok=True)
     result = quantize_model(model, out, source, samples=samples, eval_data=data, input_shape=shape,
                             task=kind)  # fmt: skip

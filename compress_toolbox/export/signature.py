@@ -4,8 +4,8 @@ names, ranks, dtypes and shapes, so that the user's own code keeps working on it
 ``signature`` reads a file's inputs and outputs (onnxruntime, with the shapes each gives at a
 probe batch); ``adopt_names`` renames the student's inputs and outputs after the teacher's and
 gives them its declared dimensions (symbolic names, a fixed batch); ``compare`` lists every
-difference; ``take_teacher_signature`` does all three on an exported student.
-``take_channels_last_input`` gives a TensorFlow teacher's student its channels-last input.
+difference; ``take_teacher_signature`` does all three on an exported student. (A TensorFlow
+teacher's channels-last input: ``layout.py``.)
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compress_toolbox.errors import VerificationFailed
 from compress_toolbox.export.onnx_inspect import dim_size
-from compress_toolbox.export.onnx_names import GraphAdditions
-from compress_toolbox.export.writer import onnx_session, session_batch
+from compress_toolbox.export.writer import onnx_session
 
 PROBE_BATCH = 2
 
@@ -88,7 +86,7 @@ def _rename_everywhere(graph: onnx.GraphProto, old: str, new: str) -> None:
     for node in graph.node:
         node.input[:] = [new if name == old else name for name in node.input]
         node.output[:] = [new if name == old else name for name in node.output]
-    for value in (*graph.input, *graph.output):
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
         if value.name == old:
             value.name = new
 
@@ -104,12 +102,19 @@ def _copy_declared_dims(value: onnx.ValueInfoProto, like: TensorSpec) -> None:
             dim.dim_value = wanted  # one of the two: this clears dim_param
 
 
-def adopt_names(student_path: str | Path, teacher: Signature) -> None:
+def adopt_names(student_path: str | Path, teacher: Signature,
+                output_name: str | None = None) -> None:  # fmt: skip
     """Rename the student file's inputs and outputs (in order) after the teacher's, with its
-    declared dimensions (symbolic names, fixed sizes), in place."""
+    declared dimensions (symbolic names, fixed sizes), in place. A student of one output
+    whose teacher has several takes the name of the teacher's ``output_name`` (the one it
+    was distilled on), where given."""
     model = onnx.load(str(student_path))
     graph = model.graph
-    pairs = [*zip(graph.input, teacher.inputs), *zip(graph.output, teacher.outputs)]
+    outputs = list(teacher.outputs)
+    chosen = [spec for spec in outputs if spec.name == output_name]
+    if len(graph.output) == 1 and chosen:
+        outputs = chosen
+    pairs = [*zip(graph.input, teacher.inputs), *zip(graph.output, outputs)]
     taken = {name for node in graph.node for name in (*node.input, *node.output)}
     for value, spec in pairs:  # a name the student already uses elsewhere moves aside first
         if spec.name in taken and spec.name != value.name:
@@ -144,7 +149,7 @@ class SignatureCheck:
     """An exported student given a teacher file's signature: the student's as written, and
     every way it still differs from the teacher's (empty: a drop-in replacement)."""
 
-    student: Signature
+    student: Signature | None  # None: it could not be given the signature
     differences: tuple[str, ...]
 
     @property
@@ -153,57 +158,21 @@ class SignatureCheck:
 
     def as_report(self) -> dict:
         """For report.json's ``exported_as``."""
-        found = {"signature": self.student.as_dict(), "same_as_teacher": self.same_as_teacher}
+        found: dict = {"same_as_teacher": self.same_as_teacher}
+        if self.student is not None:
+            found["signature"] = self.student.as_dict()
         return {**found, "differences": list(self.differences)} if self.differences else found
 
 
 def take_teacher_signature(student_path: str | Path, teacher_path: str | Path,
-                           input_shape: tuple[int, ...]) -> SignatureCheck:  # fmt: skip
+                           input_shape: tuple[int, ...],
+                           output_name: str | None = None) -> SignatureCheck:  # fmt: skip
     """Give the ONNX file at ``student_path`` the names and declared dimensions of the teacher
-    file at ``teacher_path`` (in place), then compare the two, each run at the teacher's batch
-    (a batch-1 export's 1, else ``PROBE_BATCH``) on ``input_shape`` (no batch)."""
+    file at ``teacher_path`` (in place; ``output_name``: see ``adopt_names``), then compare the
+    two, each run at the teacher's batch (a batch-1 export's 1, else ``PROBE_BATCH``) on
+    ``input_shape`` (no batch)."""
     wanted = signature(teacher_path, input_shape)
-    adopt_names(student_path, wanted)
+    adopt_names(student_path, wanted, output_name)
     got = signature(student_path, input_shape, batch=wanted.inputs[0].at_probe[0])
     return SignatureCheck(got, tuple(compare(got, wanted)))
 
-
-def take_channels_last_input(path: str | Path, input_shape: tuple[int, ...]) -> None:
-    """Make the ONNX file at ``path`` take its image input channels last, (N, H, W, C) where
-    it took (N, C, H, W) (``input_shape``: C, H, W), as a TensorFlow teacher does, in place:
-    a Transpose to channels first read by everything that read the input. Checked: on the
-    same images both files give the same outputs (VerificationFailed otherwise)."""
-    before = onnx.load(str(path))
-    model = onnx.ModelProto()
-    model.CopyFrom(before)
-    graph = model.graph
-    initializers = {i.name for i in graph.initializer}
-    (image,) = [v for v in graph.input if v.name not in initializers]
-    add = GraphAdditions(graph)
-    first = add.name(f"{image.name}_channels_first")
-    for node in graph.node:
-        node.input[:] = [first if name == image.name else name for name in node.input]
-    add.node("Transpose", [image.name], [first], perm=[0, 3, 1, 2])
-    graph.node.insert(0, graph.node.pop())  # topological order: it runs first
-    dims = image.type.tensor_type.shape.dim
-    declared = [onnx.TensorShapeProto.Dimension() for _ in dims]
-    for copy, dim in zip(declared, dims):
-        copy.CopyFrom(dim)
-    for dim, source in zip(dims, (0, 2, 3, 1)):
-        dim.CopyFrom(declared[source])
-    _check_same_answers(before, model, input_shape, path)
-    onnx.save_model(model, str(path))
-
-
-def _check_same_answers(channels_first: onnx.ModelProto, channels_last: onnx.ModelProto,
-                        input_shape: tuple[int, ...], path: str | Path) -> None:  # fmt: skip
-    first = onnx_session(channels_first.SerializeToString())
-    last = onnx_session(channels_last.SerializeToString())
-    batch = session_batch(first) or PROBE_BATCH
-    x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
-    expected = first.run(None, {first.get_inputs()[0].name: x})
-    got = last.run(None, {last.get_inputs()[0].name: x.transpose(0, 2, 3, 1).copy()})
-    for want, have in zip(expected, got):
-        if want.shape != have.shape or not np.allclose(want, have, rtol=1e-5, atol=1e-6):
-            raise VerificationFailed(f"{path}: made channels last, it no longer gives the "
-                                     "same outputs")  # fmt: skip

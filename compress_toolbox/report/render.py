@@ -111,17 +111,19 @@ def _student_onnx_line(report: dict[str, Any]) -> str:
     (``exported_as``), else its input."""
     exported_as, shape = report.get("exported_as") or {}, report["teacher"]["input_shape"]
     found, layout = exported_as.get("signature"), exported_as.get("input_layout")
+    differences = exported_as.get("differences")
     if found is None:
         dims = [*shape[1:], shape[0]] if layout else shape  # channels last: (H, W, C)
         return (f"- student.onnx input: float32 `[batch, {', '.join(map(str, dims))}]`"
-                + (f" ({layout}, as the teacher's file takes it)" if layout else ""))  # fmt: skip
+                + (f" ({layout}, as the teacher's file takes it)" if layout else "")
+                + (f"; the teacher file's signature {'; '.join(differences)}"
+                   if differences else ""))  # fmt: skip
 
     def tensors(specs: list[dict]) -> str:
         shown = [f"`{s['name']}` {s['dtype']} [{', '.join(map(str, s['declared']))}]"
                  for s in specs]  # fmt: skip
         return ", ".join(shown)
 
-    differences = report["exported_as"].get("differences")
     verdict = ("the teacher file's signature" if not differences
                else f"differs from the teacher file's: {'; '.join(differences)}")  # fmt: skip
     return (f"- student.onnx ({verdict}): {tensors(found['inputs'])} -> "

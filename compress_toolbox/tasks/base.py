@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from compress_toolbox.distillation.losses import kd_loss
-from compress_toolbox.errors import DaflError, DaflWarning, VerificationFailed
-from compress_toolbox.export.signature import take_teacher_signature
+from compress_toolbox.errors import DaflError, DaflWarning, VerificationFailed, first_line
+from compress_toolbox.export.signature import SignatureCheck, take_teacher_signature
 
 if TYPE_CHECKING:
     from compress_toolbox.domain import InputDomain
@@ -181,11 +181,21 @@ class Task:
         """Give the exported ``student_onnx`` (verified against the PyTorch student) an ONNX
         teacher's input and output names and declared dimensions, in place, and compare the
         two files' signatures (``export/signature.py``): what report.json should say about it,
-        or None for a teacher of another format. A difference that remains fails the run where
-        ``needs_teacher_signature``, else it is reported and warned about."""
+        or None for a teacher of another format. Where ``needs_teacher_signature``, a
+        difference fails the run; else it is warned about and reported, and a file that cannot
+        be given the signature is left as it was."""
         if teacher.format != "onnx":
             return None
-        check = take_teacher_signature(student_onnx, teacher.source, tuple(teacher.input_shape))
+        original = student_onnx.read_bytes()
+        try:
+            check = take_teacher_signature(student_onnx, teacher.source,
+                                           tuple(teacher.input_shape),
+                                           teacher.details.get("output"))  # fmt: skip
+        except Exception as error:  # after training: a name is not worth the run
+            if self.needs_teacher_signature:
+                raise
+            student_onnx.write_bytes(original)
+            check = SignatureCheck(None, (f"not given ({first_line(error)})",))
         if check.differences:
             message = f"student.onnx does not have the teacher's signature: " \
                       f"{'; '.join(check.differences)}"  # fmt: skip
