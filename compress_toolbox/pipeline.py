@@ -271,6 +271,7 @@ def _write_outputs(work: Path, inputs: RunInputs, result: DistillResult, config:
                               inputs.teacher.input_shape, work,
                               opset=config.output.opset)  # fmt: skip
     exported_as = config.task.finish_export(exported.onnx_path, inputs.teacher)
+    exported = replace(exported, onnx_bytes=exported.onnx_path.stat().st_size)  # as renamed
     timings["export_verify_s"] = time.perf_counter() - start
     start = time.perf_counter()
     measured = _measure(inputs, result, exported.onnx_path, work / ".measure", config.task,

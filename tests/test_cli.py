@@ -470,6 +470,30 @@ def test_a_tensorflow_teachers_student_takes_images_channels_last(tmp_path):
     assert np.allclose(int8.run(None, {int8.get_inputs()[0].name: nhwc})[0], got, atol=0.1)
 
 
+def test_a_student_that_cannot_take_the_signature_is_left_as_exported(tmp_path, monkeypatch):
+    """Outside detection, a failure to give student.onnx the teacher's signature never fails
+    the finished run: the file is left as exported, and the report says why."""
+    from compress_toolbox.tasks import base, get_task
+
+    student = tmp_path / "student.onnx"
+    student.write_bytes(b"as exported")
+    teacher = type("T", (), {"format": "onnx", "source": tmp_path / "t.onnx",
+                             "input_shape": (1, 8, 8), "details": {}})()  # fmt: skip
+
+    def broken(path, *args):
+        Path(path).write_bytes(b"half renamed")
+        raise RuntimeError("onnxruntime refused it")
+
+    monkeypatch.setattr(base, "take_teacher_signature", broken)
+    with pytest.warns(UserWarning, match="onnxruntime refused it"):
+        found = get_task("classification").finish_export(student, teacher)
+    assert student.read_bytes() == b"as exported"
+    assert found == {"same_as_teacher": False,
+                     "differences": ["not given (onnxruntime refused it)"]}  # fmt: skip
+    with pytest.raises(RuntimeError):  # detection's users read the outputs: it fails there
+        get_task("detection").finish_export(student, teacher)
+
+
 def test_a_classifier_file_with_probabilities_first_names_its_student_after_its_logits(
         tmp_path, capsys):  # fmt: skip
     """A file giving (probs, logits): the student gives the logits it was distilled on, named
@@ -494,14 +518,14 @@ def test_a_classifier_file_with_probabilities_first_names_its_student_after_its_
     assert run_cli("student", teacher, "--out", tmp_path / "s.onnx") == 0
     session = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["logits"]
-    assert "1 outputs where the teacher has 2" in capsys.readouterr().err
+    assert "output probs: missing" in capsys.readouterr().err
     out = tmp_path / "out"
     assert run_cli(teacher, "--iters", 3, "--batch-size", 16, "--out", out,
                    "--no-progress") in (0, 3)  # three iterations: any verdict  # fmt: skip
     report = json.loads((out / "report.json").read_text())
-    assert report["exported_as"]["differences"] == ["1 outputs where the teacher has 2"]
+    assert report["exported_as"]["differences"] == ["output probs: missing"]
     shown = (out / "report.md").read_text()
-    assert "student.onnx (differs from the teacher file's: 1 outputs where the teacher has 2): " \
+    assert "student.onnx (differs from the teacher file's: output probs: missing): " \
            "`images` float [n, 1, 8, 8] -> `logits` float [n, 10]" in shown
 
 

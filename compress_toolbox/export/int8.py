@@ -430,7 +430,11 @@ def quantize_file(model: Path, calibration: Path, *, out: Path | None = None,
         from_nhwc = CalibrationSource(lambda n: np.ascontiguousarray(
             np.asarray(source.draw(n)).transpose(0, 3, 1, 2)), source.what)  # fmt: skip
         result, rows = _quantize_file(first, from_nhwc, out, **judged)
-    take_channels_last_input(result.path, shape)
+    try:
+        take_channels_last_input(result.path, shape)
+    except BaseException:  # never leave an INT8 file that takes another layout than its model
+        result.path.unlink(missing_ok=True)
+        raise
     return result, rows
 
 

@@ -48,8 +48,10 @@ def take_channels_last_input(path: str | Path, input_shape: tuple[int, ...],
     it took (N, C, H, W) (``input_shape``: C, H, W), in place: a Transpose to channels first
     read by everything that read the input, and the file marked so. Checked: on the same
     images both files give the same outputs (VerificationFailed naming ``shown_as`` or
-    ``path`` otherwise)."""
+    ``path`` otherwise). A file made so already is left as it is."""
     before = onnx.load(str(path))
+    if _props(before).get(LAYOUT_KEY) == CHANNELS_LAST:
+        return  # made so already
     model = onnx.ModelProto()
     model.CopyFrom(before)
     graph = model.graph

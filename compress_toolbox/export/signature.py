@@ -126,21 +126,29 @@ def adopt_names(student_path: str | Path, teacher: Signature,
 
 
 def compare(student: Signature, teacher: Signature) -> list[str]:
-    """Every way the student's signature differs from the teacher's (empty: identical)."""
+    """Every way the student's signature differs from the teacher's (empty: identical). Where
+    the counts differ, tensors are paired by name and each one the student lacks is named."""
     problems = []
     for kind in ("inputs", "outputs"):
         mine, theirs = getattr(student, kind), getattr(teacher, kind)
+        pairs = list(zip(mine, theirs))
         if len(mine) != len(theirs):
-            problems.append(f"{len(mine)} {kind} where the teacher has {len(theirs)}")
-            continue
-        for s, t in zip(mine, theirs):
-            for field_name in ("name", "dtype", "at_probe"):
-                if getattr(s, field_name) != getattr(t, field_name):
-                    problems.append(f"{kind[:-1]} {t.name}: {field_name} "
-                                    f"{getattr(s, field_name)} != {getattr(t, field_name)}")
-            if len(s.declared) != len(t.declared):
-                problems.append(f"{kind[:-1]} {t.name}: rank {len(s.declared)} != "
-                                f"{len(t.declared)}")  # fmt: skip
+            named = {spec.name: spec for spec in mine}
+            pairs = [(named[t.name], t) for t in theirs if t.name in named]
+            problems += [f"{kind[:-1]} {t.name}: missing" for t in theirs if t.name not in named]
+            problems += [f"{kind[:-1]} {s.name}: not the teacher's" for s in mine
+                         if s.name not in {t.name for t in theirs}]  # fmt: skip
+        for s, t in pairs:
+            problems += _differences(s, t, kind[:-1])
+    return problems
+
+
+def _differences(s: TensorSpec, t: TensorSpec, kind: str) -> list[str]:
+    problems = [f"{kind} {t.name}: {field_name} {getattr(s, field_name)} != "
+                f"{getattr(t, field_name)}" for field_name in ("name", "dtype", "at_probe")
+                if getattr(s, field_name) != getattr(t, field_name)]  # fmt: skip
+    if len(s.declared) != len(t.declared):
+        problems.append(f"{kind} {t.name}: rank {len(s.declared)} != {len(t.declared)}")
     return problems
 
 
