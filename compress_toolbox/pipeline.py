@@ -289,8 +289,9 @@ def _write_outputs(work: Path, inputs: RunInputs, result: DistillResult, config:
         report["int8"] = quantize_step(work, exported.onnx_path, inputs, result, config)
         timings["quantize_s"] = time.perf_counter() - start
     exported_as = _in_teacher_layout(sorted(work.glob("*.onnx")), inputs.teacher, exported_as)
-    if exported_as is not None:  # the file as shipped: renamed, split or transposed
+    if exported_as is not None:
         report["exported_as"] = exported_as
+    if inputs.teacher.channels_last:  # the file as shipped, its Transpose included
         report["student"]["onnx_bytes"] = exported.onnx_path.stat().st_size
     report["timings"] = {key: round(value, 2) for key, value in timings.items()}
     write_report(report, work)

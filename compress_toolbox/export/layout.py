@@ -11,15 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from compress_toolbox.errors import VerificationFailed
 from compress_toolbox.export.onnx_names import GraphAdditions
-from compress_toolbox.export.writer import session_batch
+from compress_toolbox.export.signature import PROBE_BATCH
+from compress_toolbox.export.writer import onnx_session, session_batch
 from compress_toolbox.load.importers.base import CHANNELS_LAST
 
 LAYOUT_KEY = "dafl_compress.input_layout"  # the file's metadata: CHANNELS_LAST
-PROBE_BATCH = 2
 
 
 def _image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
@@ -96,18 +95,12 @@ def channels_first_copy(path: str | Path, out: str | Path) -> None:
     onnx.save_model(model, str(out))
 
 
-def _exact_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    # no graph optimisation: the two files then compute the same ops on the same values (an
-    # INT8 file's rounding could otherwise differ by a step between two optimised graphs)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])  # fmt: skip
-
-
 def _check_same_answers(channels_first: onnx.ModelProto, channels_last: onnx.ModelProto,
                         input_shape: tuple[int, ...], path: str | Path) -> None:  # fmt: skip
-    first, last = _exact_session(channels_first), _exact_session(channels_last)
+    # not optimised: both files then compute the same ops on the same values (an INT8 file's
+    # rounding could otherwise differ by a step between two differently optimised graphs)
+    first, last = (onnx_session(m.SerializeToString(), optimised=False)
+                   for m in (channels_first, channels_last))  # fmt: skip
     batch = session_batch(first) or PROBE_BATCH
     x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
     expected = first.run(None, {first.get_inputs()[0].name: x})

@@ -139,12 +139,15 @@ def export_onnx(
     return path
 
 
-def onnx_session(model: str | Path | bytes):
-    """An onnxruntime CPU session on a file (or a serialised model), its log kept quiet."""
+def onnx_session(model: str | Path | bytes, *, optimised: bool = True):
+    """An onnxruntime CPU session on a file (or a serialised model), its log kept quiet;
+    without ``optimised``, the graph runs as written (no fusion or constant folding)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures come back as exceptions, which we word ourselves
+    if not optimised:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     model = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
