@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -107,6 +108,30 @@ def test_format_imports_verifies_and_gives_a_student(tf_files, keras_lenet, mode
     with torch.no_grad():  # runs at any batch
         assert teacher.module(torch.randn(5, *INPUTS[model])).shape == (5, 10)
     _check_student(teacher, tmp_path)
+
+
+@needs_tf
+def test_an_unchanged_file_read_again_is_not_converted_again(tf_files, keras_lenet, monkeypatch):
+    path = Path(tf_files("lenet")["keras"])
+    load_teacher(path)  # converted now, or kept from keras_lenet
+    calls = []
+
+    def converter(*args):
+        calls.append(args)
+        raise ImportFailed("converted again")
+
+    monkeypatch.setattr(tf_importer, "_run_converter", converter)
+    teacher = load_teacher(path, join_outputs=True)  # what the student command does
+    assert not calls and teacher.input_shape == INPUTS["lenet"]
+    with pytest.raises(ImportFailed, match="converted again"):  # other options: converted
+        load_teacher(path, input_shape=(1, 28, 28))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    try:
+        with pytest.raises(ImportFailed, match="converted again"):  # changed: converted
+            load_teacher(path)
+    finally:  # the session's file as it was, still the one kept
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 @needs_tf

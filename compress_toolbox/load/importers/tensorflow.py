@@ -235,6 +235,56 @@ def _verify_against_tf(module: nn.Module, conversion: Conversion, outputs: list[
                               original="TensorFlow")
 
 
+def _stamps(path: Path, kind: str, options: dict) -> tuple[tuple[str, int, int], ...]:
+    """(file, modification time, size) of every file the conversion reads: a SavedModel's
+    folder, a checkpoint's files beside its name (.meta, .index, .data-*), a TF2 checkpoint's
+    model code."""
+    source = _source(path, kind)
+    if source.is_dir():
+        files = [p for p in source.rglob("*") if p.is_file()]
+    else:
+        files = [p for p in source.parent.iterdir()
+                 if p.name.startswith(source.stem) and p.is_file()]
+    code = str(options.get("model_class") or "").rpartition(":")[0]
+    files += [Path(code)] if code.endswith(".py") and Path(code).is_file() else []
+    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(files))
+
+
+class LastConversion:
+    """The process's last conversion, kept with its folder: reading the same unchanged file
+    with the same options again (the student command reads a detector once as it is and once
+    as one head) does not start TensorFlow again (~15 s, most of it importing TensorFlow)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._folder: tempfile.TemporaryDirectory | None = None
+        self._conversion: Conversion | None = None
+
+    def get(self, path: Path, kind: str, options: dict) -> Conversion:
+        """The conversion of ``path``, made now unless it is the last one made."""
+        args = _converter_args(path, kind, Path(), options)
+        key = (kind, tuple(args), _stamps(path, kind, options))
+        if key != self._key or not self._conversion.onnx_path.is_file():
+            folder = tempfile.TemporaryDirectory(prefix="dafl-tf-")
+            try:
+                conversion = _run_converter(path, kind, Path(folder.name), options)
+            except BaseException:
+                folder.cleanup()
+                raise
+            self.clear()
+            self._key, self._folder, self._conversion = key, folder, conversion
+        return self._conversion
+
+    def clear(self) -> None:
+        """Delete the kept conversion's folder."""
+        if self._folder is not None:
+            self._folder.cleanup()
+        self._key = self._folder = self._conversion = None
+
+
+_LAST_CONVERSION = LastConversion()
+
+
 @register_importer("tensorflow", _sniff)
 def import_tensorflow(path: Path, **options) -> ImportedModel:
     """Convert with tf2onnx (opset 17, NCHW input) in a subprocess, import the ONNX, and check
@@ -242,10 +292,9 @@ def import_tensorflow(path: Path, **options) -> ImportedModel:
     kind = tf_kind(path)
     _check_options(path, kind, options)
     _check_extra(path, kind)
-    with tempfile.TemporaryDirectory(prefix="dafl-tf-") as folder:
-        conversion = _run_converter(path, kind, Path(folder), options)
-        shape = _check_nchw(conversion, path)
-        imported = _import_onnx(conversion, shape, path, options.get("join_outputs", False))
+    conversion = _LAST_CONVERSION.get(path, kind, options)
+    shape = _check_nchw(conversion, path)
+    imported = _import_onnx(conversion, shape, path, options.get("join_outputs", False))
     join = join_kind_of(imported.details)
     joined = imported.details[JOIN_KINDS[join]] if join else None
     names = [name for name, _ in joined] if joined else [imported.details["output"]]
