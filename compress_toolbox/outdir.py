@@ -59,6 +59,7 @@ class OutputFolder:
         self.name = self.path.name
         self.parent = self.path.parent
         self._lock: FileLock | None = None
+        self._made: list[Path] = []  # folders above the output that __enter__ created
         self._kept: Path | None = None  # finished work that could not be moved into place
 
     @property
@@ -103,6 +104,8 @@ class OutputFolder:
     # -- the run ----------------------------------------------------------------------------
     def __enter__(self) -> OutputFolder:
         lock = FileLock(self.lock_path, timeout=0)
+        # removed again if the run leaves nothing in them (a teacher that does not load)
+        self._made = [p for p in (self.parent, *self.parent.parents) if not p.exists()]
         try:
             self.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
@@ -129,6 +132,11 @@ class OutputFolder:
         if self._kept is None:
             shutil.rmtree(self.work, ignore_errors=True)
         self._unlock()
+        for folder in self._made:  # the deepest first; a folder with anything in it stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def _ours(self, kind: str) -> list[tuple[int, Path]]:
         """(pid, folder) for each ``.NAME.<kind>-PID`` folder (``kind``: partial or old) with a

@@ -39,7 +39,7 @@ from compress_toolbox.export.writer import teacher_onnx as as_onnx
 from compress_toolbox.load.importers.base import CHANNELS_LAST
 from compress_toolbox.load.importers.checkpoint import model_class_file
 from compress_toolbox.load.teacher import Teacher, load_teacher
-from compress_toolbox.outdir import OutputFolder, default_out_dir
+from compress_toolbox.outdir import OutputFolder, checkpoint_dir_for, default_out_dir
 from compress_toolbox.report.build import Measurements, build_report
 from compress_toolbox.report.render import plot_curves, write_report
 from compress_toolbox.student.plan import StudentPlan, plan_student
@@ -171,6 +171,13 @@ def _in_teacher_layout(paths: list[Path], teacher: Teacher, exported_as: dict[st
     return {**(exported_as or {}), "input_layout": CHANNELS_LAST}
 
 
+def _resumes_failed_run(out: Path, config: CompressConfig) -> bool:
+    """Whether this is ``--resume`` of the failed run whose folder ``out`` is (its report
+    written, its checkpoint kept beside it): that folder is replaced as with --force."""
+    checkpoint = checkpoint_dir_for(out) / CHECKPOINT_NAME
+    return config.distill.resume and (out / "report.json").is_file() and checkpoint.is_file()
+
+
 def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
              on_iteration: Callable[[int], None] | None = None) -> CompressResult:  # fmt: skip
     """Run the whole pipeline on a teacher file and write a verified output folder.
@@ -192,9 +199,9 @@ def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
         if not config.output.dry_run:
             _distill(inputs, config, None, None, on_iteration)
         return CompressResult(None, inputs.teacher, inputs.plan)
-    out = config.output.out
-    folder = OutputFolder(out if out is not None else default_out_dir(teacher_path),
-                          force=config.output.force,
+    out = Path(config.output.out if config.output.out is not None
+               else default_out_dir(teacher_path))  # fmt: skip
+    folder = OutputFolder(out, force=config.output.force or _resumes_failed_run(out, config),
                           inputs=(teacher_path, config.eval_data,
                                   model_class_file(config.teacher.model_class),
                                   config.task.user_file()))  # fmt: skip

@@ -22,6 +22,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from cli.main import main
+from compress_toolbox.distillation.trainer import CHECKPOINT_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT_FILES = (
@@ -301,6 +302,24 @@ def test_legacy_opset_and_dry_run(workspace, tmp_path, capsys):
     assert run_cli(workspace / "DigitsCNN.onnx", "--opset", "17", "--out", out, *FAST) == 0
     assert json.loads((out / "report.json").read_text())["onnx_check"]["opset"] == 17
     assert json.loads((out / "report.json").read_text())["student"]["accuracy"] is None
+
+
+def test_resume_replaces_only_the_folder_of_the_run_it_resumes(workspace, tmp_path, capsys):
+    """README: a failed run (exit 3) keeps its folder and a checkpoint for --resume; --resume
+    was refused there ("output folder exists and is not empty") unless --force was added."""
+    teacher, out = workspace / "DigitsMLP.onnx", tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run_cli(teacher, "--out", out, "--resume", *FAST) == 2  # not a run's folder
+    assert "output folder exists and is not empty" in capsys.readouterr().err
+    (out / "report.json").write_text("{}")
+    checkpoint = tmp_path / "out.checkpoint" / CHECKPOINT_NAME
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"not a checkpoint")  # the run's, as far as the folder can tell
+    assert run_cli(teacher, "--out", out, "--resume", *FAST) == 2
+    err = capsys.readouterr().err
+    assert "not empty" not in err and "checkpoint" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "report.json"]  # kept
 
 
 def test_non_empty_out_is_refused_without_force(workspace, tmp_path, capsys):

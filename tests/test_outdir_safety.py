@@ -25,6 +25,7 @@ from conftest import one_error_line, run_cli
 from filelock import FileLock
 from torch import nn
 
+from cli.main import main
 from compress_toolbox.distillation.parts import Checkpointer
 from compress_toolbox.errors import DaflError
 from compress_toolbox.outdir import OutputFolder
@@ -141,6 +142,18 @@ def test_dangling_symlink_out_is_refused_before_any_work(teacher, tmp_path, caps
     assert run_cli(teacher, "--out", link, *FAST) == 2
     one_error_line(capsys, str(link), "does not exist")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
+def test_a_teacher_that_does_not_load_leaves_no_default_folder(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    monkeypatch.chdir(tmp_path)
+    assert main([str(bad), "--no-progress"]) == 2
+    one_error_line(capsys, "bad.onnx", "not a valid ONNX model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]  # no ./dafl-out/
+    (tmp_path / "dafl-out").mkdir()  # the user's own folder stays, even if empty
+    assert main([str(bad), "--no-progress"]) == 2
+    assert (tmp_path / "dafl-out").is_dir()
 
 
 def test_a_link_appearing_at_out_during_the_run_keeps_the_output(teacher, tmp_path):

@@ -175,6 +175,28 @@ def test_a_file_that_reshapes_to_its_fixed_batch_is_freed_and_verified(tmp_path,
         assert torch.allclose(teacher.module(x), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("as_file", ["onnx", "pt2"])
+def test_torch_export_at_a_static_batch_is_freed_and_verified(tmp_path, as_file):
+    """torch's dynamo exporter (the default) writes a flatten at batch 1 as a Reshape to
+    [1, C] with ``allowzero=1``, where a 0 is a literal 0: the file was refused, and a .pt2
+    saved by ``torch.export`` at a static batch stopped with an unexpected RuntimeError."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 5)).eval()  # fmt: skip
+    example = (torch.randn(1, 3, 8, 8),)
+    if as_file == "onnx":
+        path = tmp_path / "dynamo.onnx"
+        torch.onnx.export(net, example, path, dynamo=True)
+        reshapes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Reshape"]
+        assert any(a.name == "allowzero" and a.i == 1 for n in reshapes for a in n.attribute)
+    else:
+        path = tmp_path / "static.pt2"
+        torch.export.save(torch.export.export(net, example), path)
+    teacher = load_teacher(path)
+    x = torch.randn(7, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(teacher.module(x), net(x), atol=1e-5)
+
+
 def test_the_fixed_batch_is_read_from_the_data_input_not_a_listed_weight(tmp_path):
     """Files of IR version 3 list their weights as graph inputs: a weight's first axis (8
     filters here) is not the batch of a file whose data input has a free batch."""

@@ -5,8 +5,9 @@ shapes that start with a literal B, so it cannot compute another batch, which tr
 The rewrite: declared batch dimensions of B become symbolic, and every Reshape whose target
 shape is a constant starting with B, applied to a tensor computed from the input whose first
 dimension is B, gets 0 there instead ("copy the input's first dimension", the ONNX default
-``allowzero=0``). At batch B the graph computes exactly what it did; whether it now computes
-any batch correctly is for the caller to check against the original on the same samples.
+``allowzero=0``; -1 where the Reshape must keep ``allowzero=1``). At batch B the graph
+computes exactly what it did; whether it now computes any batch correctly is for the caller to
+check against the original on the same samples.
 """
 
 from __future__ import annotations
@@ -34,16 +35,34 @@ def free_batch(model: onnx.ModelProto, batch: int = 1) -> tuple[onnx.ModelProto,
         target = numpy_helper.to_array(constants[node.input[1]])
         data_first = first_dims.get(node.input[0])
         if target.ndim == 1 and target.size and target[0] == batch and data_first == batch:
-            new = target.copy()
-            new[0] = 0
-            _replace_constant(graph, node, new)
-            rewritten += 1
+            new = _batch_copied(node, target)
+            if new is not None:
+                _replace_constant(graph, node, new)
+                rewritten += 1
     for value in (*graph.input, *graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].dim_value == batch:
             dims[0].dim_param = "batch"
     del graph.value_info[:]  # inferred at the fixed batch: stale now
     return freed, rewritten
+
+
+def _batch_copied(node: onnx.NodeProto, target: np.ndarray) -> np.ndarray | None:
+    """``target`` with its first entry copying the input's first dimension: 0 where the
+    Reshape reads 0 so (``allowzero=0``, which a Reshape with ``allowzero=1`` but no other 0 in
+    its target is given, as torch's dynamo exporter writes every ``view``), else -1 where the
+    target infers no other dimension; None where neither keeps its meaning."""
+    allowzero = next((a for a in node.attribute if a.name == "allowzero"), None)
+    new = target.copy()
+    if allowzero is None or allowzero.i == 0 or not (target[1:] == 0).any():
+        if allowzero is not None:
+            allowzero.i = 0
+        new[0] = 0
+        return new
+    if (target == -1).any():
+        return None
+    new[0] = -1
+    return new
 
 
 def _first_dims(model: onnx.ModelProto) -> dict[str, int | None]:

@@ -6,8 +6,10 @@ import io
 import json
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.export.pt2_archive.constants import (
     TENSOR_CONSTANT_FILENAME_PREFIX as TENSOR_CONSTANT_PREFIX,
@@ -48,6 +50,33 @@ def _input_shape(program, given, path: Path) -> tuple[int, ...]:
         return tuple(int(dim) for dim in value.shape[1:])
     except (AttributeError, TypeError):
         raise ImportFailed(f"{path}: input shape not recorded; give --input-shape C,H,W") from None
+
+
+def _static_batch(program) -> int | None:
+    """The batch the program was exported at, where its input fixes it (None: dynamic)."""
+    user_inputs = [node for node in program.graph.nodes if node.op == "placeholder"
+                   and node.name in program.graph_signature.user_inputs]  # fmt: skip
+    value = user_inputs[0].meta.get("val") if len(user_inputs) == 1 else None
+    batch = getattr(value, "shape", (None,))[0] if getattr(value, "ndim", 0) else None
+    return batch if isinstance(batch, int) else None
+
+
+def in_batches_of(batch: int | None, run: Callable[[np.ndarray], np.ndarray]
+                  ) -> Callable[[np.ndarray], np.ndarray]:  # fmt: skip
+    """``run`` (numpy -> numpy) applied to a batch of any size in runs of ``batch`` samples,
+    the last one padded with zeros: a program whose input fixes its batch (None: as it is)."""
+    if batch is None:
+        return run
+
+    def chunked(x: np.ndarray) -> np.ndarray:
+        outs = []
+        for start in range(0, len(x), batch):
+            chunk = x[start : start + batch]
+            padding = np.zeros((batch - len(chunk), *x.shape[1:]), x.dtype)
+            outs.append(run(np.concatenate([chunk, padding]))[: len(chunk)])
+        return np.concatenate(outs)
+
+    return chunked
 
 
 def pickled_members(path: Path) -> list[str]:
@@ -118,6 +147,7 @@ def import_exported_program(
         raise ImportFailed(f"{path}: cannot load torch.export archive ({reason})") from None
     shape = _input_shape(program, input_shape, path)
     module = module_via_onnx(program, shape, path, dynamo=True)
-    max_abs, max_rel = verify(module, torch_runner(program.module()), shape, path)
+    original = in_batches_of(_static_batch(program), torch_runner(program.module()))
+    max_abs, max_rel = verify(module, original, shape, path)
     details = {"verified_against": "torch.export.load", "rebuilt_via": "onnx (dynamo exporter)"}
     return ImportedModel(module, shape, max_abs, max_rel, details)

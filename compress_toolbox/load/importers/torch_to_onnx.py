@@ -19,6 +19,7 @@ from compress_toolbox.export.onnxscript_adapter import optimize_keeping_batchnor
 from compress_toolbox.export.writer import LEGACY_OPSET
 from compress_toolbox.limits import is_out_of_memory
 from compress_toolbox.load.graph.decompositions import legacy_adaptive_pools
+from compress_toolbox.load.graph.fixed_batch import free_batch
 from compress_toolbox.load.graph.onnx_compat import onnx_to_torch, prepare_onnx_model
 from compress_toolbox.load.importers.base import random_inputs
 
@@ -37,6 +38,7 @@ def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: b
             warnings.simplefilter("ignore")
             if dynamo:
                 proto = optimize_keeping_batchnorm(_dynamo_export(model, example).model_proto)
+                proto = _batch_freed(proto)
             else:
                 with legacy_adaptive_pools(LEGACY_OPSET) as custom_opsets:
                     torch.onnx.export(
@@ -58,6 +60,16 @@ def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: b
     except Exception as error:
         raise ImportFailed(f"{source}: cannot rebuild editable layers via ONNX: {error}") from None
     return onnx_to_torch(prepare_onnx_model(proto), source, input_shape).eval()
+
+
+def _batch_freed(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with its batch freed (``fixed_batch.free_batch``) where its input fixes one:
+    an ExportedProgram saved at a static batch is exported at that batch, its ``view``s
+    reshaping to [B, ...]. Whether the freed graph computes other batches is for the caller's
+    verification to say."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    batch = dims[0].dim_value if dims else 0
+    return free_batch(proto, batch)[0] if batch else proto
 
 
 def _sequences_as_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
