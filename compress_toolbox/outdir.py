@@ -40,6 +40,21 @@ def checkpoint_dir_for(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".checkpoint")
 
 
+# What a finished or failed run leaves in its folder, and nothing else (see holds_only_run_files)
+_RUN_FILE = re.compile(r"report\.(json|md)|curves\.png|samples\.png|history\.csv"
+                       r"|(student|teacher)[\w.-]*\.(onnx|data|pt2|pt)")  # fmt: skip
+
+
+def holds_only_run_files(path: Path) -> bool:
+    """Whether the folder at ``path`` holds a run's output files and nothing else: no folder,
+    link or file of the user's (a note added beside a failed run's report)."""
+    entries = list(path.iterdir()) if path.is_dir() else []
+    return bool(entries) and all(
+        entry.is_file() and not entry.is_symlink() and _RUN_FILE.fullmatch(entry.name)
+        for entry in entries
+    )
+
+
 def _is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 

@@ -4,6 +4,7 @@ is also usable alone (``load_teacher``, ``plan_student``, ``distill``, ``export_
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import warnings
@@ -39,7 +40,12 @@ from compress_toolbox.export.writer import teacher_onnx as as_onnx
 from compress_toolbox.load.importers.base import CHANNELS_LAST
 from compress_toolbox.load.importers.checkpoint import model_class_file
 from compress_toolbox.load.teacher import Teacher, load_teacher
-from compress_toolbox.outdir import OutputFolder, checkpoint_dir_for, default_out_dir
+from compress_toolbox.outdir import (
+    OutputFolder,
+    checkpoint_dir_for,
+    default_out_dir,
+    holds_only_run_files,
+)
 from compress_toolbox.report.build import Measurements, build_report
 from compress_toolbox.report.render import plot_curves, write_report
 from compress_toolbox.student.plan import StudentPlan, plan_student
@@ -173,9 +179,12 @@ def _in_teacher_layout(paths: list[Path], teacher: Teacher, exported_as: dict[st
 
 def _resumes_failed_run(out: Path, config: CompressConfig) -> bool:
     """Whether this is ``--resume`` of the failed run whose folder ``out`` is (its report
-    written, its checkpoint kept beside it): that folder is replaced as with --force."""
-    checkpoint = checkpoint_dir_for(out) / CHECKPOINT_NAME
-    return config.distill.resume and (out / "report.json").is_file() and checkpoint.is_file()
+    written, its checkpoint kept beside it, nothing in it but what a run writes): that folder
+    is replaced as with --force."""
+    real = Path(os.path.realpath(out))  # a link is followed, as OutputFolder does
+    checkpoint = checkpoint_dir_for(real) / CHECKPOINT_NAME
+    return (config.distill.resume and (real / "report.json").is_file() and checkpoint.is_file()
+            and holds_only_run_files(real))  # fmt: skip
 
 
 def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,

@@ -309,17 +309,21 @@ def test_resume_replaces_only_the_folder_of_the_run_it_resumes(workspace, tmp_pa
     was refused there ("output folder exists and is not empty") unless --force was added."""
     teacher, out = workspace / "DigitsMLP.onnx", tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    assert run_cli(teacher, "--out", out, "--resume", *FAST) == 2  # not a run's folder
-    assert "output folder exists and is not empty" in capsys.readouterr().err
     (out / "report.json").write_text("{}")
+    (out / "student.onnx").write_bytes(b"")
+    assert run_cli(teacher, "--out", out, "--resume", *FAST) == 2  # no checkpoint: not a run's
+    assert "output folder exists and is not empty" in capsys.readouterr().err
     checkpoint = tmp_path / "out.checkpoint" / CHECKPOINT_NAME
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"not a checkpoint")  # the run's, as far as the folder can tell
+    (out / "notes.txt").write_text("mine")  # but the user added a file: refused
+    assert run_cli(teacher, "--out", out, "--resume", *FAST) == 2
+    assert "output folder exists and is not empty" in capsys.readouterr().err
+    (out / "notes.txt").unlink()
     assert run_cli(teacher, "--out", out, "--resume", *FAST) == 2
     err = capsys.readouterr().err
     assert "not empty" not in err and "checkpoint" in err, err
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "report.json"]  # kept
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "student.onnx"]  # kept
 
 
 def test_non_empty_out_is_refused_without_force(workspace, tmp_path, capsys):

@@ -16,6 +16,7 @@ from compress_toolbox import CompressConfig, compress, load_teacher
 from compress_toolbox.errors import DaflError, ImportFailed, VerificationFailed
 from compress_toolbox.export.onnx_inspect import fixed_batch
 from compress_toolbox.export.verification import compare
+from compress_toolbox.load.graph.fixed_batch import _batch_copied
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +176,14 @@ def test_a_file_that_reshapes_to_its_fixed_batch_is_freed_and_verified(tmp_path,
         assert torch.allclose(teacher.module(x), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("as_file", ["onnx", "pt2"])
-def test_torch_export_at_a_static_batch_is_freed_and_verified(tmp_path, as_file):
+@pytest.mark.parametrize("as_file, batch", [("onnx", 1), ("pt2", 1), ("pt2", 2)])
+def test_torch_export_at_a_static_batch_is_freed_and_verified(tmp_path, as_file, batch):
     """torch's dynamo exporter (the default) writes a flatten at batch 1 as a Reshape to
     [1, C] with ``allowzero=1``, where a 0 is a literal 0: the file was refused, and a .pt2
     saved by ``torch.export`` at a static batch stopped with an unexpected RuntimeError."""
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(4, 5)).eval()  # fmt: skip
-    example = (torch.randn(1, 3, 8, 8),)
+    example = (torch.randn(batch, 3, 8, 8),)  # checked at batch 3: in runs of 2, one padded
     if as_file == "onnx":
         path = tmp_path / "dynamo.onnx"
         torch.onnx.export(net, example, path, dynamo=True)
@@ -195,6 +196,15 @@ def test_torch_export_at_a_static_batch_is_freed_and_verified(tmp_path, as_file)
     x = torch.randn(7, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(teacher.module(x), net(x), atol=1e-5)
+
+
+def test_a_reshape_keeping_a_literal_zero_is_not_rewritten():
+    """With ``allowzero=1`` a 0 in the target is an empty axis: the batch's 0 would be one too,
+    and -1 beside a literal 0 is invalid ONNX."""
+    node = onnx.helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=1)
+    assert _batch_copied(node, np.array([1, 0, 4])) is None
+    assert _batch_copied(node, np.array([1, 576])).tolist() == [0, 576]
+    assert node.attribute[0].i == 0  # the 0 now copies the input's batch
 
 
 def test_the_fixed_batch_is_read_from_the_data_input_not_a_listed_weight(tmp_path):

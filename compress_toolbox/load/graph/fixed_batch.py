@@ -5,9 +5,9 @@ shapes that start with a literal B, so it cannot compute another batch, which tr
 The rewrite: declared batch dimensions of B become symbolic, and every Reshape whose target
 shape is a constant starting with B, applied to a tensor computed from the input whose first
 dimension is B, gets 0 there instead ("copy the input's first dimension", the ONNX default
-``allowzero=0``; -1 where the Reshape must keep ``allowzero=1``). At batch B the graph
-computes exactly what it did; whether it now computes any batch correctly is for the caller to
-check against the original on the same samples.
+``allowzero=0``, which such a Reshape is then given). At batch B the graph computes exactly
+what it did; whether it now computes any batch correctly is for the caller to check against the
+original on the same samples.
 """
 
 from __future__ import annotations
@@ -48,20 +48,17 @@ def free_batch(model: onnx.ModelProto, batch: int = 1) -> tuple[onnx.ModelProto,
 
 
 def _batch_copied(node: onnx.NodeProto, target: np.ndarray) -> np.ndarray | None:
-    """``target`` with its first entry copying the input's first dimension: 0 where the
-    Reshape reads 0 so (``allowzero=0``, which a Reshape with ``allowzero=1`` but no other 0 in
-    its target is given, as torch's dynamo exporter writes every ``view``), else -1 where the
-    target infers no other dimension; None where neither keeps its meaning."""
+    """``target`` with its first entry 0, copying the input's first dimension, the Reshape
+    made to read 0 so (``allowzero=0``: torch's dynamo exporter writes every ``view`` with
+    ``allowzero=1``); None where the target holds another 0 that ``allowzero=1`` keeps
+    literal."""
     allowzero = next((a for a in node.attribute if a.name == "allowzero"), None)
+    if allowzero is not None and allowzero.i and (target[1:] == 0).any():
+        return None  # a literal 0 (an empty axis): allowzero must stay, and forbids -1 beside it
+    if allowzero is not None:
+        allowzero.i = 0
     new = target.copy()
-    if allowzero is None or allowzero.i == 0 or not (target[1:] == 0).any():
-        if allowzero is not None:
-            allowzero.i = 0
-        new[0] = 0
-        return new
-    if (target == -1).any():
-        return None
-    new[0] = -1
+    new[0] = 0
     return new
 
 

@@ -38,7 +38,8 @@ def module_via_onnx(model, input_shape: tuple[int, ...], source: Path, dynamo: b
             warnings.simplefilter("ignore")
             if dynamo:
                 proto = optimize_keeping_batchnorm(_dynamo_export(model, example).model_proto)
-                proto = _batch_freed(proto)
+                if isinstance(model, torch.export.ExportedProgram):  # verified by its importer
+                    proto = _batch_freed(proto)
             else:
                 with legacy_adaptive_pools(LEGACY_OPSET) as custom_opsets:
                     torch.onnx.export(
@@ -66,7 +67,7 @@ def _batch_freed(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``proto`` with its batch freed (``fixed_batch.free_batch``) where its input fixes one:
     an ExportedProgram saved at a static batch is exported at that batch, its ``view``s
     reshaping to [B, ...]. Whether the freed graph computes other batches is for the caller's
-    verification to say."""
+    verification (exported_program.py's, at batches 1 and 3) to say."""
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     batch = dims[0].dim_value if dims else 0
     return free_batch(proto, batch)[0] if batch else proto
