@@ -122,8 +122,7 @@ class OutputFolder:
         # removed again if the run leaves nothing in them (a teacher that does not load)
         self._made = [p for p in (self.parent, *self.parent.parents) if not p.exists()]
         try:
-            self.parent.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
+            self._lock_in_parent(lock)
         except Timeout:  # before OSError: filelock's Timeout is a TimeoutError
             raise DaflError(
                 f"{self.path}: another dafl-compress run (pid {self._holder()}) is writing this "
@@ -142,6 +141,18 @@ class OutputFolder:
             raise DaflError(f"--out {self.path}: cannot create {self.work} "
                             f"({error.strerror})") from None  # fmt: skip
         return self
+
+    def _lock_in_parent(self, lock: FileLock) -> None:
+        """Make the parent folder and take the lock in it; again if another run that had made
+        the same parent removed it in between (it found nothing left in it)."""
+        for attempt in range(3):
+            self.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire()
+                return
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._kept is None:
