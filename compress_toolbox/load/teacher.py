@@ -20,7 +20,6 @@ from compress_toolbox.tasks.outputs import JoinedOutputs, join_kind_of, joined_d
 IMPORT_TIME_LIMIT_S = 300  # a 10,000-node graph imports in seconds; a hang never ends
 
 
-
 @dataclass
 class Teacher:
     """A loaded teacher: an editable ``nn.Module`` (eval mode) plus what we know about it."""

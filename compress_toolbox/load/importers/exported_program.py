@@ -35,14 +35,16 @@ def _sniff(info: FileHead) -> bool:
     return info.zip_has("/archive_format") and info.zip_has("/models/model.json")
 
 
+def _user_inputs(program) -> list:
+    """The program's input nodes that the user feeds (not its weights and buffers)."""
+    fed = program.graph_signature.user_inputs
+    return [node for node in program.graph.nodes if node.op == "placeholder" and node.name in fed]
+
+
 def _input_shape(program, given, path: Path) -> tuple[int, ...]:
     if given:
         return tuple(given)
-    user_inputs = [
-        node
-        for node in program.graph.nodes
-        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
-    ]
+    user_inputs = _user_inputs(program)
     if len(user_inputs) != 1:
         raise ImportFailed(f"{path}: the program has {len(user_inputs)} inputs; one is supported")
     value = user_inputs[0].meta.get("val")
@@ -54,8 +56,7 @@ def _input_shape(program, given, path: Path) -> tuple[int, ...]:
 
 def _static_batch(program) -> int | None:
     """The batch the program was exported at, where its input fixes it (None: dynamic)."""
-    user_inputs = [node for node in program.graph.nodes if node.op == "placeholder"
-                   and node.name in program.graph_signature.user_inputs]  # fmt: skip
+    user_inputs = _user_inputs(program)
     value = user_inputs[0].meta.get("val") if len(user_inputs) == 1 else None
     batch = getattr(value, "shape", (None,))[0] if getattr(value, "ndim", 0) else None
     return batch if isinstance(batch, int) else None

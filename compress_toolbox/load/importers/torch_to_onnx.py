@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from compress_toolbox.errors import ImportFailed
+from compress_toolbox.export.onnx_inspect import fixed_batch
 from compress_toolbox.export.onnxscript_adapter import optimize_keeping_batchnorm
 from compress_toolbox.export.writer import LEGACY_OPSET
 from compress_toolbox.limits import is_out_of_memory
@@ -68,8 +69,7 @@ def _batch_freed(proto: onnx.ModelProto) -> onnx.ModelProto:
     an ExportedProgram saved at a static batch is exported at that batch, its ``view``s
     reshaping to [B, ...]. Whether the freed graph computes other batches is for the caller's
     verification (exported_program.py's, at batches 1 and 3) to say."""
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    batch = dims[0].dim_value if dims else 0
+    batch = fixed_batch(proto)
     return free_batch(proto, batch)[0] if batch else proto
 
 
