@@ -19,8 +19,11 @@ from compress_toolbox.distillation.losses import (
     BatchNormStatistics,
     adversarial_loss,
     bounded_activation_loss,
+    spread_features,
+    uniformity_loss,
 )
 from compress_toolbox.distillation.methods import get_method, method_names
+from compress_toolbox.distillation.methods.base import MethodContext
 from compress_toolbox.distillation.parts import Checkpointer, ReplayPool, StopPolicy
 from compress_toolbox.distillation.presets import PRESETS
 from compress_toolbox.distillation.recipe import (
@@ -123,6 +126,54 @@ def test_adversarial_loss_has_finite_gradients_for_a_certain_teacher():
     adversarial_loss(student, teacher).backward()
     assert torch.isfinite(teacher.grad).all() and torch.isfinite(student.grad).all()
     assert student.grad.abs().sum() > 0
+
+
+def test_uniformity_loss_is_highest_for_repeated_samples_and_pushes_them_apart():
+    def loss(features, earlier=None):
+        return uniformity_loss(spread_features(features), earlier)
+
+    same = torch.ones(8, 5)
+    spread = torch.eye(8, 5) + torch.eye(8, 5).roll(5, 0)  # 8 directions, some pairs orthogonal
+    assert loss(same).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(spread) < loss(same + 0.1 * spread)
+    features = (torch.ones(4, 3) + 0.01 * torch.randn(4, 3)).requires_grad_()
+    loss(features).backward()
+    assert loss(features - 10 * features.grad) < loss(features)  # a step spreads them
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # near-copies still count, in bf16 too
+        assert loss(torch.ones(32, 64) + 1e-3 * torch.randn(32, 64)) < 0
+
+
+def test_uniformity_loss_counts_earlier_samples():
+    """A batch spread among itself still scores high when it repeats what came before."""
+    batch = torch.eye(4)
+    assert uniformity_loss(batch, batch.clone()) > uniformity_loss(batch, -batch)
+    assert torch.isfinite(uniformity_loss(torch.ones(1, 3), None))  # one sample, nothing earlier
+
+
+def test_spread_features_pool_maps_and_bound_the_gradient_of_short_rows():
+    assert spread_features(torch.rand(5, 7, 3, 3)).shape == (5, 7)  # what, not where
+    rows = torch.cat([torch.randn(7, 6), 1e-9 * torch.randn(1, 6)]).requires_grad_()
+    uniformity_loss(spread_features(rows), None).backward()
+    assert torch.isfinite(rows.grad).all() and rows.grad.abs().max() < 1e4
+
+
+def test_diversity_keeps_a_bounded_bank_of_earlier_features_across_a_resume():
+    """The diversity term's earlier features stay at FEATURE_BANK rows, newest first, and travel
+    with the method's state (a resumed run goes on comparing with them)."""
+    from compress_toolbox.distillation.methods.dafl import FEATURE_BANK
+
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    ctx = MethodContext(teacher, teacher, (1, 4, 4), 3, InputDomain(), PRESETS["fast"],
+                        torch.device("cpu"), final_layer="3")  # fmt: skip
+    method = get_method("adversarial")(ctx)
+    for _ in range(3):
+        batch = method.generate(FEATURE_BANK // 2)
+    assert "div" in batch.losses and method.earlier_features.shape == (FEATURE_BANK, 8)
+    newest = spread_features(teacher[:3](batch.x))
+    assert torch.allclose(method.earlier_features[: FEATURE_BANK // 2], newest, atol=1e-5)
+    again = get_method("adversarial")(ctx)
+    again.load_state_dict(method.state_dict())
+    assert torch.equal(again.earlier_features, method.earlier_features)
 
 
 def test_batchnorm_statistics_is_zero_at_the_running_statistics():

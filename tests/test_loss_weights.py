@@ -33,8 +33,12 @@ BEFORE = {
 }
 
 
-# Settings added to a method since, with their defaults.
-ADDED: dict[str, dict] = {}
+# Settings added to a method since, with their defaults: DAFL's diversity term (session 35), on
+# in adversarial only.
+ADDED: dict[str, dict] = {
+    **{name: {"div": 0.0} for name in ("dafl", "dafl-seg", "dafl-det", "bn-prior-det")},
+    "adversarial": {"div": 1.0},
+}
 
 
 @pytest.mark.parametrize("preset", sorted(BEFORE))
@@ -85,7 +89,7 @@ def test_the_weights_reach_the_loss_terms():
     x = method.sample(4)
     terms = method.loss_terms(x, method.ctx.teacher(x), None)
     assert {name: weight for name, (weight, _) in terms.items()} == {
-        "oh": 0.05, "ie": 5.0, "a": 0.01, "adv": 1.0}  # fmt: skip
+        "oh": 0.05, "ie": 5.0, "a": 0.01, "div": 1.0, "adv": 1.0}  # fmt: skip
     method.close()
 
 

@@ -47,6 +47,36 @@ def information_entropy_loss(teacher_logits: torch.Tensor, base: float = math.e)
     return (mean_prob * torch.log(mean_prob.clamp_min(1e-12))).sum() / math.log(base)
 
 
+def spread_features(features: torch.Tensor) -> torch.Tensor:
+    """(N, D) features on the unit sphere for ``uniformity_loss``: (N, C, H, W) maps averaged
+    over their positions first (what is in an image, not where: also keeps D at C). Rows far
+    shorter than the batch's typical row are scaled as if longer (the gradient of a plain
+    normalisation grows as 1 / length)."""
+    rows = features.float().flatten(2).mean(2) if features.dim() > 2 else features.float()
+    lengths = rows.norm(dim=1, keepdim=True)
+    floor = 1e-3 * lengths.detach().mean() + 1e-12
+    return rows / lengths.clamp(min=floor)
+
+
+def uniformity_loss(
+    spread: torch.Tensor, earlier: torch.Tensor | None, temperature: float = 2.0
+) -> torch.Tensor:
+    """Diversity of generated samples in the teacher's feature space: the uniformity loss of
+    Wang & Isola (2020) at their temperature 2, log of the mean of exp(-t ||f_i - f_j||^2) over
+    pairs of features on the unit sphere (``spread``: ``spread_features`` of this batch), each
+    sample against the others and against ``earlier`` ones (detached, from earlier batches or
+    other ranks). Minimising it spreads the samples over the sphere rather than letting the
+    generator repeat a few inputs per class (the aim of CMI's contrastive term, Fang et al.
+    2021, without its second views). In [-4t, 0]."""
+    others = spread if earlier is None else torch.cat([spread, earlier.to(spread)])
+    with torch.autocast(spread.device.type, enabled=False):  # bf16 rounds near-copies to 0
+        distances = (2 - 2 * spread.float() @ others.float().T).clamp_min(0)
+    pairs = ~torch.eye(*distances.shape, dtype=torch.bool, device=distances.device)
+    if not pairs.any():  # one sample, nothing earlier
+        return distances.sum() * 0
+    return torch.logsumexp(-temperature * distances[pairs], 0) - math.log(int(pairs.sum()))
+
+
 def kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:

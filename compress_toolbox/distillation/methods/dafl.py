@@ -10,16 +10,23 @@ from typing import Any
 
 import torch
 
-from compress_toolbox.distillation.distributed import global_mean
+from compress_toolbox.distillation.distributed import global_mean, world
 from compress_toolbox.distillation.losses import (
     activation_loss,
     bounded_activation_loss,
     information_entropy_loss,
     one_hot_loss,
+    spread_features,
+    uniformity_loss,
 )
 from compress_toolbox.distillation.methods import LossWeights, register_method
 from compress_toolbox.distillation.methods.base import FeatureHook, GeneratorMethod, MethodContext
 from compress_toolbox.errors import DaflWarning
+
+# the diversity term compares each generated batch with the teacher's features of this many
+# earlier samples (8 batches of the fast preset): more than one batch, so that the generator
+# cannot cycle among a few modes from batch to batch
+FEATURE_BANK = 1024
 
 
 @dataclass(frozen=True)
@@ -31,13 +38,14 @@ class DaflWeights(LossWeights):
     a: float = 0.1  # activation: strong features before the teacher's last layer
     entropy_base: float = 10.0  # of the information entropy (the authors' code: log10)
     bounded_activation: bool = False  # scale-free, bounded activation loss (losses.py)
+    div: float = 0.0  # diversity: the samples spread in the teacher's features (uniformity)
 
 
 @register_method
 class DAFL(GeneratorMethod):
     name = "dafl"
     summary = "DAFL: one-hot, activation and information-entropy losses (Chen et al. 2019)"
-    loss_names = ("oh", "ie", "a")
+    loss_names = ("oh", "ie", "a", "div")
     weights_type = DaflWeights
     weights: DaflWeights
 
@@ -45,17 +53,23 @@ class DAFL(GeneratorMethod):
         super().__init__(ctx)
         self.features: FeatureHook | None = None
         self.activation_reference: float | None = None
-        if self.weights.a > 0 and ctx.final_layer is not None:
+        # the diversity term's earlier features, newest first; kept across a restart of the
+        # generator, so that the new one is pushed away from what the collapsed one made
+        self.earlier_features: torch.Tensor | None = None
+        uses_features = self.weights.a > 0 or self.weights.div > 0
+        if uses_features and ctx.final_layer is not None:
             self.features = FeatureHook(ctx.teacher, ctx.final_layer)
-        elif self.weights.a > 0:
+        elif uses_features:
+            weighted = {"activation": self.weights.a, "diversity": self.weights.div}
+            losses = [name for name, weight in weighted.items() if weight > 0]
             warnings.warn(
-                "teacher has no final Linear/1x1-conv layer: activation loss disabled",
+                f"teacher has no final Linear/1x1-conv layer: {' and '.join(losses)} loss "
+                "disabled",
                 DaflWarning,
                 stacklevel=2,
             )
 
-    def _activation(self) -> torch.Tensor:
-        features = self.features.pop().float()
+    def _activation(self, features: torch.Tensor) -> torch.Tensor:
         if not self.weights.bounded_activation:
             return activation_loss(features)
         if self.activation_reference is None:
@@ -63,22 +77,55 @@ class DAFL(GeneratorMethod):
             self.activation_reference = float(level) or 1.0
         return bounded_activation_loss(features, self.activation_reference)
 
+    def _diversity(self, features: torch.Tensor) -> torch.Tensor:
+        """The diversity term of this batch; its features then join the earlier ones (so a
+        call changes the method's state). Under torchrun every rank compares with the other
+        ranks' batches too and keeps the same earlier features, as one process would."""
+        spread = spread_features(features)
+        ranks = world()
+        everyone = ranks.all_gather_cat(spread.detach())  # rank order, equal batches
+        n = len(spread)
+        others = torch.cat([everyone[: ranks.rank * n], everyone[(ranks.rank + 1) * n :]])
+        earlier = others if self.earlier_features is None else torch.cat(
+            [others, self.earlier_features])  # fmt: skip
+        loss = uniformity_loss(spread, earlier)
+        kept = everyone if self.earlier_features is None else torch.cat(
+            [everyone, self.earlier_features])  # fmt: skip
+        self.earlier_features = kept[:FEATURE_BANK].clone()
+        return loss
+
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
         weights = self.weights
-        terms = {
+        return {
             "oh": (weights.oh, one_hot_loss(logits)),
             "ie": (weights.ie, information_entropy_loss(logits, weights.entropy_base)),
+            **self.feature_terms(),
         }
-        if self.features is not None:
-            terms["a"] = (weights.a, self._activation())
+
+    def feature_terms(self) -> dict[str, tuple[float, torch.Tensor]]:
+        """The terms on the teacher's features of the batch it just ran: activation, diversity."""
+        if self.features is None:
+            return {}
+        features = self.features.pop().float()
+        weights, terms = self.weights, {}
+        if weights.a > 0:
+            terms["a"] = (weights.a, self._activation(features))
+        if weights.div > 0:
+            terms["div"] = (weights.div, self._diversity(features))
         return terms
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "activation_reference": self.activation_reference}
+        return {
+            **super().state_dict(),
+            "activation_reference": self.activation_reference,
+            "earlier_features": self.earlier_features,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.activation_reference = state.get("activation_reference")
+        earlier = state.get("earlier_features")  # a checkpoint is read onto the CPU by torchrun
+        self.earlier_features = None if earlier is None else earlier.to(self.ctx.device)
 
     def close(self) -> None:
         if self.features is not None:

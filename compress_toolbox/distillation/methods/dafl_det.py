@@ -79,7 +79,7 @@ def teacher_objects(images: torch.Tensor, boxes: torch.Tensor) -> list[torch.Ten
 class DAFLDetection(SceneBatches, DAFL):
     name = "dafl-det"
     summary = "DAFL per location of a detection head: one-hot, class balance, activation"
-    loss_names = ("oh", "ie", "a")
+    loss_names = ("oh", "ie", "a", "div")
 
     @classmethod
     def unavailable_reason(cls, ctx: MethodContext) -> str | None:
@@ -104,10 +104,8 @@ class DAFLDetection(SceneBatches, DAFL):
         weights, layout = self.weights, self.layout_of(logits)
         scores = layout.class_scores(logits)
         confident = scores[confident_locations(layout.confidence(logits).detach())]
-        terms = {
+        return {
             "oh": (weights.oh, location_one_hot_loss(confident)),
             "ie": (weights.ie, location_entropy_loss(confident)),
+            **self.feature_terms(),
         }
-        if self.features is not None:
-            terms["a"] = (weights.a, self._activation())
-        return terms
