@@ -412,6 +412,24 @@ def test_onnx_without_input_shape(tmp_path):
     assert load_teacher(path, input_shape="5").input_shape == (5,)
 
 
+def test_an_input_shape_that_does_not_fit_the_file_is_refused_naming_what_it_takes(tmp_path):
+    relu = helper.make_node("Relu", ["x"], ["y"], name="relu0")
+    graph = helper.make_graph(
+        [relu],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+    )
+    path = tmp_path / "image.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    for given in ("3,64", "1,64,64"):
+        with pytest.raises(ImportFailed) as info:
+            load_teacher(path, input_shape=given)
+        assert str(info.value) == (f"{path}: --input-shape {given} does not fit input 'x', "
+                                   "which takes (3,?,?) after the batch; give C,H,W")  # fmt: skip
+    assert load_teacher(path, input_shape="3,16,24").input_shape == (3, 16, 24)
+
+
 def test_onnx_that_disagrees_with_onnxruntime(tmp_path, monkeypatch):
     model, shape = build("mlp")
     path = export_legacy(model, shape, tmp_path / "mlp.onnx", opset=17)

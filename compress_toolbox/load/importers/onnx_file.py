@@ -90,12 +90,28 @@ def _image_size_in_metadata(model: onnx.ModelProto) -> tuple[int, int] | None:
     return None
 
 
+def _check_given_shape(given: tuple[int, ...], dims, name: str, path: Path) -> None:
+    """ImportFailed, naming what the file declares, when ``--input-shape`` has another number
+    of dimensions than the input takes after its batch, or differs from a size it fixes."""
+    declared = [dim_size(d) for d in dims[1:]]
+    if not dims or (len(given) == len(declared) and all(
+            d is None or d <= 0 or d == g for d, g in zip(declared, given))):  # fmt: skip
+        return
+    text = ",".join("?" if d is None or d <= 0 else str(d) for d in declared)
+    form = "C,H,W" if len(declared) == 3 else f"{len(declared)} numbers"
+    raise ImportFailed(
+        f"{path}: --input-shape {','.join(map(str, given))} does not fit input '{name}', which "
+        f"takes ({text}) after the batch; give {form}"
+    )
+
+
 def _input_shape(model: onnx.ModelProto, graph_input: onnx.ValueInfoProto, given, path: Path):
     """(C, H, W) from the ONNX input, the batch dimension dropped; ``given`` wins if set, and a
     dynamic height and width come from the file's ``imgsz`` metadata (ultralytics) if any."""
     dims = graph_input.type.tensor_type.shape.dim
     fixed_batch = dim_size(dims[0]) if dims else None
     if given:
+        _check_given_shape(tuple(given), dims, graph_input.name, path)
         return tuple(given), fixed_batch
     shape = [dim_size(d) for d in dims[1:]]
     image_size = _image_size_in_metadata(model)
