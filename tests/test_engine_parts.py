@@ -3,6 +3,8 @@ policy, checkpoints, the method registry and the onnxscript adapter."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -160,7 +162,7 @@ def test_spread_features_pool_maps_and_bound_the_gradient_of_short_rows():
 def test_diversity_keeps_a_bounded_bank_of_earlier_features_across_a_resume():
     """The diversity term's earlier features stay at FEATURE_BANK rows, newest first, and travel
     with the method's state (a resumed run goes on comparing with them)."""
-    from compress_toolbox.distillation.methods.dafl import FEATURE_BANK
+    from compress_toolbox.distillation.methods.base import FEATURE_BANK
 
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     ctx = MethodContext(teacher, teacher, (1, 4, 4), 3, InputDomain(), PRESETS["fast"],
@@ -168,12 +170,29 @@ def test_diversity_keeps_a_bounded_bank_of_earlier_features_across_a_resume():
     method = get_method("adversarial")(ctx)
     for _ in range(3):
         batch = method.generate(FEATURE_BANK // 2)
-    assert "div" in batch.losses and method.earlier_features.shape == (FEATURE_BANK, 8)
+    assert "div" in batch.losses and method.spread.earlier.shape == (FEATURE_BANK, 8)
     newest = spread_features(teacher[:3](batch.x))
-    assert torch.allclose(method.earlier_features[: FEATURE_BANK // 2], newest, atol=1e-5)
+    assert torch.allclose(method.spread.earlier[: FEATURE_BANK // 2], newest, atol=1e-5)
     again = get_method("adversarial")(ctx)
     again.load_state_dict(method.state_dict())
-    assert torch.equal(again.earlier_features, method.earlier_features)
+    assert torch.equal(again.spread.earlier, method.spread.earlier)
+
+
+def test_bn_prior_spreads_its_samples_when_asked():
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(16, 3)).eval()  # fmt: skip
+    preset = PRESETS["fast"].with_weights("bn-prior", div=1.0)
+    ctx = MethodContext(teacher, teacher, (1, 4, 4), 3, InputDomain(), preset,
+                        torch.device("cpu"), final_layer="4")  # fmt: skip
+    method = get_method("bn-prior")(ctx)
+    batch = method.generate(12)
+    assert batch.losses["div"] < 0 and method.spread.earlier.shape == (12, 16)
+    again = get_method("bn-prior")(ctx)
+    again.load_state_dict(method.state_dict())
+    assert torch.equal(again.spread.earlier, method.spread.earlier)
+    method.close()
+    default = get_method("bn-prior")(replace(ctx, preset=PRESETS["fast"]))
+    assert "div" not in default.generate(12).losses  # off unless asked
 
 
 def test_batchnorm_statistics_is_zero_at_the_running_statistics():

@@ -36,7 +36,7 @@ BEFORE = {
 # Settings added to a method since, with their defaults: DAFL's diversity term (session 35), on
 # in adversarial only.
 ADDED: dict[str, dict] = {
-    **{name: {"div": 0.0} for name in ("dafl", "dafl-seg", "dafl-det", "bn-prior-det")},
+    **{name: {"div": 0.0} for name in ("dafl", "dafl-seg", "dafl-det", "bn-prior-det", "bn-prior")},
     "adversarial": {"div": 1.0},
 }
 

@@ -17,7 +17,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from compress_toolbox.distillation.distributed import world
 from compress_toolbox.distillation.generator import augment, make_generator
+from compress_toolbox.distillation.losses import spread_features, uniformity_loss
 from compress_toolbox.distillation.methods import LossWeights, loss_weights
 from compress_toolbox.distillation.optimizers import adam
 from compress_toolbox.distillation.presets import Preset
@@ -148,6 +150,42 @@ class FeatureHook:
 
     def close(self) -> None:
         self._handle.remove()
+
+
+# the diversity term compares each generated batch with the teacher's features of this many
+# earlier samples (8 batches of the fast preset): more than one batch, so that the generator
+# cannot cycle among a few modes from batch to batch
+FEATURE_BANK = 1024
+
+
+class SampleSpread:
+    """The diversity term of generated samples (losses.uniformity_loss on the teacher's
+    features) and the features of the last FEATURE_BANK samples, newest first, that each batch
+    is compared with. They are kept across a restart of the generator, so that the new one is
+    pushed away from what a collapsed one made. Under torchrun every rank compares with the
+    other ranks' batches too and keeps the same earlier features."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.earlier: torch.Tensor | None = None
+
+    def loss(self, features: torch.Tensor) -> torch.Tensor:
+        """This batch's term; its features then join the earlier ones."""
+        spread = spread_features(features)
+        ranks = world()
+        everyone = ranks.all_gather_cat(spread.detach())  # rank order, equal batches
+        n = len(spread)
+        others = torch.cat([everyone[: ranks.rank * n], everyone[(ranks.rank + 1) * n :]])
+        loss = uniformity_loss(spread, self._after(others))
+        self.earlier = self._after(everyone)[:FEATURE_BANK].clone()
+        return loss
+
+    def _after(self, newest: torch.Tensor) -> torch.Tensor:
+        return newest if self.earlier is None else torch.cat([newest, self.earlier])
+
+    def restore(self, earlier: torch.Tensor | None) -> None:
+        """Earlier features from a checkpoint (which torchrun reads onto the CPU)."""
+        self.earlier = None if earlier is None else earlier.to(self.device)
 
 
 class GeneratorMethod(Method):

@@ -12,6 +12,7 @@ teacher segments confidently, covering every class) and pixel-wise adversarial e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,12 @@ from compress_toolbox.distillation.losses import (
     one_hot_loss,
 )
 from compress_toolbox.distillation.methods import LossWeights, register_method
-from compress_toolbox.distillation.methods.base import GeneratorMethod, MethodContext
+from compress_toolbox.distillation.methods.base import (
+    FeatureHook,
+    GeneratorMethod,
+    MethodContext,
+    SampleSpread,
+)
 
 
 @dataclass(frozen=True)
@@ -36,13 +42,14 @@ class BnPriorWeights(LossWeights):
     oh: float = 1.0  # DAFL's one-hot loss
     ie: float = 5.0  # DAFL's information entropy
     entropy_base: float = 10.0  # of the information entropy
+    div: float = 0.0  # diversity: samples spread over the teacher's features (as DAFL's)
 
 
 @register_method
 class BatchNormPrior(GeneratorMethod):
     name = "bn-prior"
     summary = "BatchNorm-statistics prior + class-conditional generator + adversarial"
-    loss_names = ("ce", "bn", "adv")
+    loss_names = ("ce", "bn", "adv", "div")
     conditional = True
     weights_type = BnPriorWeights
     weights: BnPriorWeights
@@ -51,8 +58,12 @@ class BatchNormPrior(GeneratorMethod):
         self.statistics = BatchNormStatistics(ctx.teacher)
         self.conditional = ctx.task.one_class_per_input  # see the module's docstring
         if not self.conditional:
-            self.loss_names = ("oh", "ie", "bn", "adv")
+            self.loss_names = ("oh", "ie", "bn", "adv", "div")
         super().__init__(ctx)
+        self.spread = SampleSpread(ctx.device)
+        self.features = None
+        if self.weights.div > 0 and ctx.final_layer is not None:
+            self.features = FeatureHook(ctx.teacher, ctx.final_layer)
 
     @classmethod
     def unavailable_reason(cls, ctx: MethodContext) -> str | None:
@@ -75,7 +86,18 @@ class BatchNormPrior(GeneratorMethod):
         terms["bn"] = (weights.bn, self.statistics.loss())
         if weights.adv > 0:
             terms["adv"] = (weights.adv, adversarial_loss(self.student_logits(x), logits))
+        if self.features is not None:
+            terms["div"] = (weights.div, self.spread.loss(self.features.pop().float()))
         return terms
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "earlier_features": self.spread.earlier}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.spread.restore(state.get("earlier_features"))
 
     def close(self) -> None:
         self.statistics.close()
+        if self.features is not None:
+            self.features.close()

@@ -10,23 +10,21 @@ from typing import Any
 
 import torch
 
-from compress_toolbox.distillation.distributed import global_mean, world
+from compress_toolbox.distillation.distributed import global_mean
 from compress_toolbox.distillation.losses import (
     activation_loss,
     bounded_activation_loss,
     information_entropy_loss,
     one_hot_loss,
-    spread_features,
-    uniformity_loss,
 )
 from compress_toolbox.distillation.methods import LossWeights, register_method
-from compress_toolbox.distillation.methods.base import FeatureHook, GeneratorMethod, MethodContext
+from compress_toolbox.distillation.methods.base import (
+    FeatureHook,
+    GeneratorMethod,
+    MethodContext,
+    SampleSpread,
+)
 from compress_toolbox.errors import DaflWarning
-
-# the diversity term compares each generated batch with the teacher's features of this many
-# earlier samples (8 batches of the fast preset): more than one batch, so that the generator
-# cannot cycle among a few modes from batch to batch
-FEATURE_BANK = 1024
 
 
 @dataclass(frozen=True)
@@ -53,9 +51,7 @@ class DAFL(GeneratorMethod):
         super().__init__(ctx)
         self.features: FeatureHook | None = None
         self.activation_reference: float | None = None
-        # the diversity term's earlier features, newest first; kept across a restart of the
-        # generator, so that the new one is pushed away from what the collapsed one made
-        self.earlier_features: torch.Tensor | None = None
+        self.spread = SampleSpread(ctx.device)
         uses_features = self.weights.a > 0 or self.weights.div > 0
         if uses_features and ctx.final_layer is not None:
             self.features = FeatureHook(ctx.teacher, ctx.final_layer)
@@ -77,23 +73,6 @@ class DAFL(GeneratorMethod):
             self.activation_reference = float(level) or 1.0
         return bounded_activation_loss(features, self.activation_reference)
 
-    def _diversity(self, features: torch.Tensor) -> torch.Tensor:
-        """The diversity term of this batch; its features then join the earlier ones (so a
-        call changes the method's state). Under torchrun every rank compares with the other
-        ranks' batches too and keeps the same earlier features, as one process would."""
-        spread = spread_features(features)
-        ranks = world()
-        everyone = ranks.all_gather_cat(spread.detach())  # rank order, equal batches
-        n = len(spread)
-        others = torch.cat([everyone[: ranks.rank * n], everyone[(ranks.rank + 1) * n :]])
-        earlier = others if self.earlier_features is None else torch.cat(
-            [others, self.earlier_features])  # fmt: skip
-        loss = uniformity_loss(spread, earlier)
-        kept = everyone if self.earlier_features is None else torch.cat(
-            [everyone, self.earlier_features])  # fmt: skip
-        self.earlier_features = kept[:FEATURE_BANK].clone()
-        return loss
-
     def loss_terms(self, x, logits, labels) -> dict[str, tuple[float, torch.Tensor]]:
         weights = self.weights
         return {
@@ -111,21 +90,20 @@ class DAFL(GeneratorMethod):
         if weights.a > 0:
             terms["a"] = (weights.a, self._activation(features))
         if weights.div > 0:
-            terms["div"] = (weights.div, self._diversity(features))
+            terms["div"] = (weights.div, self.spread.loss(features))
         return terms
 
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "activation_reference": self.activation_reference,
-            "earlier_features": self.earlier_features,
+            "earlier_features": self.spread.earlier,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.activation_reference = state.get("activation_reference")
-        earlier = state.get("earlier_features")  # a checkpoint is read onto the CPU by torchrun
-        self.earlier_features = None if earlier is None else earlier.to(self.ctx.device)
+        self.spread.restore(state.get("earlier_features"))
 
     def close(self) -> None:
         if self.features is not None:
