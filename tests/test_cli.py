@@ -299,7 +299,11 @@ def test_legacy_opset_and_dry_run(workspace, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_cli(workspace / "DigitsCNN.onnx", "--dry-run", "--out", out) == 0
     assert "student plan" in capsys.readouterr().out and not out.exists()
-    assert run_cli(workspace / "DigitsCNN.onnx", "--opset", "17", "--out", out, *FAST) == 0
+    # 80 iterations: at FAST's 40 the student's agreement on generated inputs, the verdict
+    # without eval data, sits at its bar (57%): 62% before adversarial's diversity term, whose
+    # more spread inputs are harder to agree on; 77% at 80
+    longer = [*FAST[:1], "80", *FAST[2:]]
+    assert run_cli(workspace / "DigitsCNN.onnx", "--opset", "17", "--out", out, *longer) == 0
     assert json.loads((out / "report.json").read_text())["onnx_check"]["opset"] == 17
     assert json.loads((out / "report.json").read_text())["student"]["accuracy"] is None
 

@@ -190,9 +190,14 @@ def test_bn_prior_spreads_its_samples_when_asked():
     again = get_method("bn-prior")(ctx)
     again.load_state_dict(method.state_dict())
     assert torch.equal(again.spread.earlier, method.spread.earlier)
-    method.close()
+    again.load_state_dict({**method.state_dict(), "earlier_features": None})  # older checkpoint
+    assert again.spread.earlier is None
+    for each in (method, again):
+        each.close()
+    assert not teacher[4]._forward_pre_hooks  # close() took its hook off the teacher
     default = get_method("bn-prior")(replace(ctx, preset=PRESETS["fast"]))
     assert "div" not in default.generate(12).losses  # off unless asked
+    default.close()
 
 
 def test_batchnorm_statistics_is_zero_at_the_running_statistics():

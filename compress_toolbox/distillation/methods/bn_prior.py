@@ -11,6 +11,7 @@ teacher segments confidently, covering every class) and pixel-wise adversarial e
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from compress_toolbox.distillation.methods.base import (
     MethodContext,
     SampleSpread,
 )
+from compress_toolbox.errors import DaflWarning
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class BatchNormPrior(GeneratorMethod):
         self.features = None
         if self.weights.div > 0 and ctx.final_layer is not None:
             self.features = FeatureHook(ctx.teacher, ctx.final_layer)
+        elif self.weights.div > 0:
+            warnings.warn("teacher has no final Linear/1x1-conv layer: diversity loss disabled",
+                          DaflWarning, stacklevel=2)  # fmt: skip
 
     @classmethod
     def unavailable_reason(cls, ctx: MethodContext) -> str | None:
