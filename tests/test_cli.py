@@ -342,7 +342,8 @@ def test_non_empty_out_is_refused_without_force(workspace, tmp_path, capsys):
 
 
 def _bad_inputs(root: Path, tmp: Path) -> dict[str, tuple[list, str]]:
-    (tmp / "corrupt.onnx").write_bytes(os.urandom(300))
+    # not a first byte of 0x80, which starts a legacy torch.save pickle (1 draw in 256 did)
+    (tmp / "corrupt.onnx").write_bytes(b"corrupt" + os.urandom(293))
     (tmp / "bad.npz").write_bytes(b"not a zip")
     np.savez(tmp / "wrong.npz", x=np.zeros((5, 3, 30, 30), np.float32), y=np.zeros(4))
     np.savez(tmp / "seg.npz", x=np.zeros(1))

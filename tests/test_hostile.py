@@ -451,7 +451,7 @@ def _written(path: Path, data: bytes) -> Path:
     [
         (lambda p: p / "missing.onnx", "no such file"),
         (lambda p: _written(p / "empty.onnx", b""), "empty"),
-        (lambda p: _written(p / "t.onnx", os.urandom(500)), "not a valid"),
+        (lambda p: _written(p / "t.onnx", b"corrupt" + os.urandom(493)), "not a valid"),
         (lambda p: p, "is a directory"),
     ],
 )
