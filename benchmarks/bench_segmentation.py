@@ -6,6 +6,7 @@ student, distillation, ONNX export, mean IoU of student.onnx on 1,000 evaluation
     python benchmarks/bench_segmentation.py --budgets 120 600 --methods auto dafl dfad
     python benchmarks/bench_segmentation.py --budgets 180 --seeds 3 --quantize   # INT8 too
     python benchmarks/bench_segmentation.py --set gen_lr=0.02    # a fast-preset field changed
+    python benchmarks/bench_segmentation.py --iters 540 --set dafl-seg.div=1   # equal iterations
 
 Teachers: ``unet-seg`` with a derived student, ``lraspp-seg`` with ``--student zoo``; each file
 as torch's default ONNX (BatchNorm folded) or ``.pt2`` (BatchNorm kept: ``--formats pt2``).
@@ -37,7 +38,7 @@ STUDENTS = {"unet-seg": "auto", "lraspp-seg": "zoo"}
 
 def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threads: int,
             batch_size: int | None = None, init: str = "auto", quantize: bool = False,
-            changes: dict | None = None) -> dict:  # fmt: skip
+            changes: dict | None = None, iters: int | None = None) -> dict:  # fmt: skip
     """One ``compress`` run; its figures (a failed student keeps its figures, marked)."""
     from compress_toolbox import CompressConfig, compress
     from compress_toolbox.distillation.presets import PRESETS
@@ -46,9 +47,10 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
     path = DATA / f"{teacher}.{fmt}"
     row = {"teacher": teacher, "format": fmt, "method": method, "budget": budget, "seed": seed,
            "student": STUDENTS[teacher], "batch_size": batch_size, "init": init,
-           "quantize": quantize, "set": changes or {}}  # fmt: skip
+           "quantize": quantize, "set": changes or {}, "iters": iters}  # fmt: skip
     preset = PRESETS["fast"].with_options(**changes) if changes else "fast"
     int8_options = {"quantize": "int8", "quantize_teacher": True} if quantize else {}
+    budget_option = {"iters": iters} if iters else {"time_budget": budget}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
@@ -62,7 +64,7 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
                     eval_data=DATA / "seg_eval.npz",
                     method=method,
                     preset=preset,
-                    time_budget=budget,
+                    **budget_option,
                     seed=seed,
                     threads=threads,
                     batch_size=batch_size,
@@ -102,21 +104,24 @@ def _table(rows: list[dict]) -> str:
             row["student"],
             row["method"],
             row["budget"],
+            row.get("iters"),
             row.get("batch_size"),
             row.get("init", "auto"),
             json.dumps(row.get("set", {}), sort_keys=True),
         )
         groups.setdefault(key, []).append(row)
-    lines = ["| teacher | file | student | method (ran) | budget s | batch | teacher mIoU | "
+    lines = ["| teacher | file | student | method (ran) | budget (s) | batch | teacher mIoU | "
              "student mIoU (median) | % of teacher | seeds | iterations | failed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (teacher, fmt, student, method, budget, batch, init, changes), group in groups.items():
+    for key, group in groups.items():
+        teacher, fmt, student, method, budget, iters, batch, init, changes = key
         batch = batch or "default"
+        budget = f"{iters} it" if iters else f"{budget:.0f}"
         if changes != "{}":
             method = f"{method} {changes}"
         done = [r for r in group if "student_miou" in r]
         if not done:
-            lines.append(f"| {teacher} | {fmt} | {student} | {method} | {budget:.0f} | {batch} "
+            lines.append(f"| {teacher} | {fmt} | {student} | {method} | {budget} | {batch} "
                          f"| | | | {len(group)} | | {len(group)} |")  # fmt: skip
             continue
         t = statistics.median(r["teacher_miou"] for r in done)
@@ -125,7 +130,7 @@ def _table(rows: list[dict]) -> str:
         kind = done[0]["student_kind"] + ("" if init == "auto" else f" (--init {init})")
         its = statistics.median(r["iterations"] for r in done)
         failed = sum(r.get("status") != "ok" for r in group)
-        lines.append(f"| {teacher} | {fmt} | {kind} | {method} ({ran}) | {budget:.0f} | {batch} | "
+        lines.append(f"| {teacher} | {fmt} | {kind} | {method} ({ran}) | {budget} | {batch} | "
                      f"{t:.4f} | {s:.4f} | {100 * s / t:.1f}% | {len(group)} | {its:.0f} | "
                      f"{failed} |")  # fmt: skip
     return "\n".join(lines)
@@ -157,6 +162,8 @@ def main() -> int:
     parser.add_argument("--formats", nargs="+", default=["onnx"], choices=("onnx", "pt2"))
     parser.add_argument("--methods", nargs="+", default=["auto"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[600.0])
+    parser.add_argument("--iters", type=int,
+                        help="iterations per run instead of a budget (deterministic at 1 thread)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument(
         "--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed+seeds-1"
@@ -196,7 +203,7 @@ def main() -> int:
                     for seed in range(args.first_seed, args.first_seed + args.seeds):
                         row = run_one(teacher, fmt, method, budget, seed, args.threads,
                                       args.batch_size, args.init, args.quantize,
-                                      parse_sets(args.set))  # fmt: skip
+                                      parse_sets(args.set), args.iters)  # fmt: skip
                         mine.append(row)
                         print(json.dumps(row), flush=True)
                         if args.json:

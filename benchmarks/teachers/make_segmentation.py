@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,7 +88,11 @@ def main() -> int:
     eval_path = args.out / "seg_eval.npz"
     if not eval_path.exists():
         x_eval, y_eval = make_canvases(*fashion_garments("test"), 1000, seed=1)
-        np.savez_compressed(eval_path, x=x_eval, y=y_eval)
+        # written aside and renamed: a second --only run started alongside must never read a
+        # half-written file
+        partial = eval_path.with_name(f"{eval_path.stem}.{os.getpid()}.partial.npz")
+        np.savez_compressed(partial, x=x_eval, y=y_eval)
+        os.replace(partial, eval_path)
     with np.load(eval_path) as data:
         x_eval = torch.from_numpy(data["x"]).float()[:, None] / 255
         y_eval = torch.from_numpy(data["y"]).long()
