@@ -342,8 +342,9 @@ def test_non_empty_out_is_refused_without_force(workspace, tmp_path, capsys):
 
 
 def _bad_inputs(root: Path, tmp: Path) -> dict[str, tuple[list, str]]:
-    # not a first byte of 0x80, which starts a legacy torch.save pickle (1 draw in 256 did)
-    (tmp / "corrupt.onnx").write_bytes(b"corrupt" + os.urandom(293))
+    # a first byte of 0x80, as a legacy torch.save pickle starts, without torch's magic number
+    (tmp / "corrupt.onnx").write_bytes(b"\x80" + os.urandom(299))
+    (tmp / "corrupt2.onnx").write_bytes(b"corrupt" + os.urandom(293))
     (tmp / "bad.npz").write_bytes(b"not a zip")
     np.savez(tmp / "wrong.npz", x=np.zeros((5, 3, 30, 30), np.float32), y=np.zeros(4))
     np.savez(tmp / "seg.npz", x=np.zeros(1))
@@ -362,6 +363,7 @@ def _bad_inputs(root: Path, tmp: Path) -> dict[str, tuple[list, str]]:
     return {
         "missing teacher": ([tmp / "nope.onnx"], "no such file"),
         "corrupt teacher": ([tmp / "corrupt.onnx"], "not a valid ONNX"),
+        "corrupt teacher, any first byte": ([tmp / "corrupt2.onnx"], "not a valid ONNX"),
         "wrong model class": (
             [
                 root / "DigitsCNN.pth",

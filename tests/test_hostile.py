@@ -164,11 +164,12 @@ def test_clean_pt2_still_loads(corpus, capsys):
     assert run_cli("inspect", corpus["pt2"]) == 0
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_pickled_model_checkpoint_needs_trust(corpus, tmp_path, capsys, legacy):
+@pytest.mark.parametrize("legacy, protocol", [(False, 2), (True, 2), (True, 4)])
+def test_pickled_model_checkpoint_needs_trust(corpus, tmp_path, capsys, legacy, protocol):
     marker = tmp_path / "marker"
     path = tmp_path / "model.pt"
-    torch.save({"model": Evil(marker)}, path, _use_new_zipfile_serialization=not legacy)
+    torch.save({"model": Evil(marker)}, path, _use_new_zipfile_serialization=not legacy,
+               pickle_protocol=protocol)  # fmt: skip
     assert run_cli(path, "--out", tmp_path / "out", *FAST) == 2
     one_error_line(capsys, "model.pt", "--trust-pickle")
     assert not marker.exists()

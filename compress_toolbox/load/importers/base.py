@@ -54,6 +54,16 @@ class FileHead:
     def zip_has(self, suffix: str) -> bool:
         return any(name.endswith(suffix) for name in self.zip_names)
 
+    def is_legacy_torch_save(self) -> bool:
+        """A legacy (non-zip) ``torch.save`` file: a pickle (first byte 0x80, PROTO) whose first
+        object is torch's magic number, within a frame header at protocol 4 and above. The first
+        byte alone is not enough: one corrupt file in 256 starts with it."""
+        return self.head[:1] == b"\x80" and _TORCH_SAVE_MAGIC in self.head[:32]
+
+
+# the pickled integer 0x1950A86A20F9469CFC6C (LONG1, 10 bytes) that legacy torch.save writes first
+_TORCH_SAVE_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
 
 Importer = Callable[..., ImportedModel]
 _IMPORTERS: dict[str, tuple[Callable[[FileHead], bool], Importer]] = {}

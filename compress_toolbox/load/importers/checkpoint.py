@@ -27,7 +27,7 @@ TORCHVISION_INPUT = (3, 224, 224)
 def _sniff(info: FileHead) -> bool:
     if info.zip_names:
         return info.zip_has("/data.pkl") and not any("/code/" in n for n in info.zip_names)
-    return info.head[:1] == b"\x80"  # a legacy (non-zip) torch.save pickle
+    return info.is_legacy_torch_save()
 
 
 def _is_state_dict(obj: Any) -> bool:

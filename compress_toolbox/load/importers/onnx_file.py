@@ -54,7 +54,7 @@ def _parse(path: Path, load_external_data: bool) -> onnx.ModelProto:
 
 
 def _sniff(info: FileHead) -> bool:
-    if info.zip_names or info.head[:1] == b"\x80":  # zip or pickle: a torch format
+    if info.zip_names or info.is_legacy_torch_save():  # a torch format
         return False
     if info.path.suffix.lower() == ".onnx":
         return True
