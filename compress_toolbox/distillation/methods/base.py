@@ -8,8 +8,9 @@ the schedule and the health checks; a method owns only its generator and its los
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -24,6 +25,7 @@ from compress_toolbox.distillation.methods import LossWeights, loss_weights
 from compress_toolbox.distillation.optimizers import adam
 from compress_toolbox.distillation.presets import Preset
 from compress_toolbox.domain import InputDomain
+from compress_toolbox.errors import DaflWarning
 from compress_toolbox.tasks import Task, get_task
 
 
@@ -152,6 +154,20 @@ class FeatureHook:
         self._handle.remove()
 
 
+def final_layer_hook(ctx: MethodContext, terms: Mapping[str, float]) -> FeatureHook | None:
+    """A hook on the input of the teacher's final layer when any of ``terms`` (loss name ->
+    weight) is on; None when none is, or when the teacher has no final layer (with a warning
+    naming the terms that are then off)."""
+    wanted = [name for name, weight in terms.items() if weight > 0]
+    if not wanted:
+        return None
+    if ctx.final_layer is None:
+        warnings.warn(f"teacher has no final Linear/1x1-conv layer: {' and '.join(wanted)} loss "
+                      "disabled", DaflWarning, stacklevel=3)  # fmt: skip
+        return None
+    return FeatureHook(ctx.teacher, ctx.final_layer)
+
+
 # the diversity term compares each generated batch with the teacher's features of this many
 # earlier samples (8 batches of the fast preset): more than one batch, so that the generator
 # cannot cycle among a few modes from batch to batch
@@ -183,8 +199,14 @@ class SampleSpread:
     def _after(self, newest: torch.Tensor) -> torch.Tensor:
         return newest if self.earlier is None else torch.cat([newest, self.earlier])
 
-    def restore(self, earlier: torch.Tensor | None) -> None:
-        """Earlier features from a checkpoint (which torchrun reads onto the CPU)."""
+    def state_dict(self) -> dict[str, Any]:
+        """The earlier features, for the method's state."""
+        return {"earlier_features": self.earlier}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The earlier features from a method's state (which torchrun reads onto the CPU; a
+        checkpoint from before the term has none)."""
+        earlier = state.get("earlier_features")
         self.earlier = None if earlier is None else earlier.to(self.device)
 
 

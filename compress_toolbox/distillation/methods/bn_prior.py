@@ -11,7 +11,6 @@ teacher segments confidently, covering every class) and pixel-wise adversarial e
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +25,11 @@ from compress_toolbox.distillation.losses import (
 )
 from compress_toolbox.distillation.methods import LossWeights, register_method
 from compress_toolbox.distillation.methods.base import (
-    FeatureHook,
     GeneratorMethod,
     MethodContext,
     SampleSpread,
+    final_layer_hook,
 )
-from compress_toolbox.errors import DaflWarning
 
 
 @dataclass(frozen=True)
@@ -63,12 +61,7 @@ class BatchNormPrior(GeneratorMethod):
             self.loss_names = ("oh", "ie", "bn", "adv", "div")
         super().__init__(ctx)
         self.spread = SampleSpread(ctx.device)
-        self.features = None
-        if self.weights.div > 0 and ctx.final_layer is not None:
-            self.features = FeatureHook(ctx.teacher, ctx.final_layer)
-        elif self.weights.div > 0:
-            warnings.warn("teacher has no final Linear/1x1-conv layer: diversity loss disabled",
-                          DaflWarning, stacklevel=2)  # fmt: skip
+        self.features = final_layer_hook(ctx, {"diversity": self.weights.div})
 
     @classmethod
     def unavailable_reason(cls, ctx: MethodContext) -> str | None:
@@ -96,11 +89,11 @@ class BatchNormPrior(GeneratorMethod):
         return terms
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "earlier_features": self.spread.earlier}
+        return {**super().state_dict(), **self.spread.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.spread.restore(state.get("earlier_features"))
+        self.spread.load_state_dict(state)
 
     def close(self) -> None:
         self.statistics.close()

@@ -4,7 +4,6 @@ entropy). With the paper presets this is the paper's method exactly."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +18,11 @@ from compress_toolbox.distillation.losses import (
 )
 from compress_toolbox.distillation.methods import LossWeights, register_method
 from compress_toolbox.distillation.methods.base import (
-    FeatureHook,
     GeneratorMethod,
     MethodContext,
     SampleSpread,
+    final_layer_hook,
 )
-from compress_toolbox.errors import DaflWarning
 
 
 @dataclass(frozen=True)
@@ -49,21 +47,10 @@ class DAFL(GeneratorMethod):
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        self.features: FeatureHook | None = None
         self.activation_reference: float | None = None
         self.spread = SampleSpread(ctx.device)
-        uses_features = self.weights.a > 0 or self.weights.div > 0
-        if uses_features and ctx.final_layer is not None:
-            self.features = FeatureHook(ctx.teacher, ctx.final_layer)
-        elif uses_features:
-            weighted = {"activation": self.weights.a, "diversity": self.weights.div}
-            losses = [name for name, weight in weighted.items() if weight > 0]
-            warnings.warn(
-                f"teacher has no final Linear/1x1-conv layer: {' and '.join(losses)} loss "
-                "disabled",
-                DaflWarning,
-                stacklevel=2,
-            )
+        self.features = final_layer_hook(
+            ctx, {"activation": self.weights.a, "diversity": self.weights.div})
 
     def _activation(self, features: torch.Tensor) -> torch.Tensor:
         if not self.weights.bounded_activation:
@@ -97,13 +84,13 @@ class DAFL(GeneratorMethod):
         return {
             **super().state_dict(),
             "activation_reference": self.activation_reference,
-            "earlier_features": self.spread.earlier,
+            **self.spread.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.activation_reference = state.get("activation_reference")
-        self.spread.restore(state.get("earlier_features"))
+        self.spread.load_state_dict(state)
 
     def close(self) -> None:
         if self.features is not None:
