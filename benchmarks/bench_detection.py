@@ -7,6 +7,7 @@ COCOeval on 300 held-out scenes).
     python benchmarks/bench_detection.py                      # 180 s teacher, 300 s budget
     python benchmarks/bench_detection.py --budget 60 --teacher-seconds 60
     python benchmarks/bench_detection.py --head levels   # raw levels, as YOLOv7 ships them
+    python benchmarks/bench_detection.py --data D --iters 500 --set dafl-det.div=1   # a screen
 
 Prints teacher and student mAP@0.5 (and @[.5:.95]), their ratio, the parameter ratio and the
 student's fidelity (its mAP@0.5 against the teacher's own detections).
@@ -24,27 +25,56 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
+def teacher_files(args: argparse.Namespace):
+    """The teacher and its scenes: built (trained for --teacher-seconds), or with --data those
+    a previous run of the same seed, head and size built there (so that two arms of a screen
+    distil the same teacher; training by time is not repeatable)."""
+    from compress_toolbox.tasks.detection.scenes import SceneSpec
+    from compress_toolbox.tasks.detection.training import (
+        BenchmarkFiles,
+        TrainOptions,
+        make_benchmark,
+    )
+
+    data = Path(args.data) if args.data else Path(args.out) / "data"
+    made = {"seed": args.seed, "head": args.head, "size": args.size,
+            "teacher_seconds": args.teacher_seconds}  # fmt: skip
+    record = data / "benchmark.json"
+    if args.data and record.is_file():
+        kept = json.loads(record.read_text())
+        if kept["made"] != made:
+            raise SystemExit(f"{data} holds a teacher made with {kept['made']}, not {made}")
+        return BenchmarkFiles(data / "teacher.onnx", data / "scenes.npz",
+                              kept["teacher_map_50"], kept["num_classes"])  # fmt: skip
+    files = make_benchmark(data, TrainOptions(seconds=args.teacher_seconds, seed=args.seed),
+                           SceneSpec(size=args.size), head=args.head)  # fmt: skip
+    record.write_text(json.dumps({"made": made, "teacher_map_50": files.teacher_map_50,
+                                  "num_classes": files.num_classes}))  # fmt: skip
+    return files
+
+
 def run(args: argparse.Namespace) -> dict:
     """Build the teacher and scenes, compress, and return the figures of report.json."""
     import torch
+    from bench_suite import parse_sets
 
     from compress_toolbox import CompressConfig, compress
+    from compress_toolbox.distillation.presets import PRESETS
     from compress_toolbox.errors import DaflError
-    from compress_toolbox.tasks.detection.scenes import SceneSpec
-    from compress_toolbox.tasks.detection.training import TrainOptions, make_benchmark
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     start = time.perf_counter()
-    files = make_benchmark(out / "data", TrainOptions(seconds=args.teacher_seconds,
-                                                      seed=args.seed), SceneSpec(size=args.size),
-                           head=args.head)  # fmt: skip
+    files = teacher_files(args)
     built_s = time.perf_counter() - start
     decoding = {"decode": f"{HERE / 'teachers' / 'levels_model.py'}:decode_outputs"}
+    changes = parse_sets(args.set)
+    budget = {"iters": args.iters} if args.iters else {"time_budget": args.budget}
     config = CompressConfig.from_options(task="detection", eval_data=str(files.eval_data),
-                                         time_budget=args.budget, threads=args.threads,
-                                         seed=args.seed, out=str(out / "run"), force=True,
-                                         progress=False, method=args.method,
+                                         threads=args.threads, seed=args.seed,
+                                         out=str(out / "run"), force=True, progress=False,
+                                         method=args.method, **budget,
+                                         preset=PRESETS["fast"].with_options(**changes),
                                          **(decoding if args.head == "levels" else {}))  # fmt: skip
     start = time.perf_counter()
     try:
@@ -65,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
             "status": report["status"], "iterations": report["iterations"],
             "method": report["method"], "teacher_build_s": round(built_s, 1),
             "compress_s": round(time.perf_counter() - start, 1), "budget_s": args.budget,
-            "seed": args.seed, "head": args.head}  # fmt: skip
+            "iters": args.iters, "set": changes, "seed": args.seed, "head": args.head}  # fmt: skip
 
 
 def main() -> None:
@@ -78,6 +108,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="/tmp/bench_detection")
+    parser.add_argument("--data", help="the teacher's folder, reused when a run of the same "
+                        "seed, head and size built it there (default: a new one in --out)")
+    parser.add_argument("--iters", type=int, help="iterations instead of --budget (deterministic "
+                        "at one thread, for screens at equal iterations)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="fast-preset fields and loss weights to change, as bench_suite.py's")
     parser.add_argument("--head", choices=("yolov8", "yolov5", "levels"), default="yolov8",
                         help="the teacher's head as shipped: decoded YOLOv8 or YOLOv5 layout, or "
                         "a YOLOv5-layout one's raw levels, one output per stride, scored through "
