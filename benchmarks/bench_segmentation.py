@@ -45,6 +45,7 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
     from compress_toolbox.errors import DaflError
 
     path = DATA / f"{teacher}.{fmt}"
+    budget = None if iters else budget
     row = {"teacher": teacher, "format": fmt, "method": method, "budget": budget, "seed": seed,
            "student": STUDENTS[teacher], "batch_size": batch_size, "init": init,
            "quantize": quantize, "set": changes or {}, "iters": iters}  # fmt: skip
@@ -110,13 +111,13 @@ def _table(rows: list[dict]) -> str:
             json.dumps(row.get("set", {}), sort_keys=True),
         )
         groups.setdefault(key, []).append(row)
-    lines = ["| teacher | file | student | method (ran) | budget (s) | batch | teacher mIoU | "
+    lines = ["| teacher | file | student | method (ran) | budget | batch | teacher mIoU | "
              "student mIoU (median) | % of teacher | seeds | iterations | failed |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, group in groups.items():
         teacher, fmt, student, method, budget, iters, batch, init, changes = key
         batch = batch or "default"
-        budget = f"{iters} it" if iters else f"{budget:.0f}"
+        budget = f"{iters} it" if iters else f"{budget:.0f} s"
         if changes != "{}":
             method = f"{method} {changes}"
         done = [r for r in group if "student_miou" in r]
@@ -162,8 +163,8 @@ def main() -> int:
     parser.add_argument("--formats", nargs="+", default=["onnx"], choices=("onnx", "pt2"))
     parser.add_argument("--methods", nargs="+", default=["auto"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[600.0])
-    parser.add_argument("--iters", type=int,
-                        help="iterations per run instead of a budget (deterministic at 1 thread)")
+    parser.add_argument("--iters", type=int, help="iterations per run instead of --budgets "
+                        "(deterministic at one thread)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument(
         "--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed+seeds-1"
@@ -196,7 +197,7 @@ def main() -> int:
         return 2
     rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
     mine = []
-    for budget in args.budgets:
+    for budget in [None] if args.iters else args.budgets:
         for teacher in args.teachers:
             for fmt in args.formats:
                 for method in args.methods:

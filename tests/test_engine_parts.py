@@ -190,7 +190,8 @@ def test_bn_prior_spreads_its_samples_when_asked():
     again = get_method("bn-prior")(ctx)
     again.load_state_dict(method.state_dict())
     assert torch.equal(again.spread.earlier, method.spread.earlier)
-    again.load_state_dict({**method.state_dict(), "earlier_features": None})  # older checkpoint
+    older = {key: value for key, value in method.state_dict().items() if key != "earlier_features"}
+    again.load_state_dict(older)  # a checkpoint from before the term
     assert again.spread.earlier is None
     for each in (method, again):
         each.close()
@@ -198,6 +199,22 @@ def test_bn_prior_spreads_its_samples_when_asked():
     default = get_method("bn-prior")(replace(ctx, preset=PRESETS["fast"]))
     assert "div" not in default.generate(12).losses  # off unless asked
     default.close()
+
+
+@pytest.mark.parametrize(("method", "preset", "message"), [
+    ("adversarial", PRESETS["fast"], "activation and diversity losses disabled"),
+    ("bn-prior", PRESETS["fast"].with_weights("bn-prior", div=1.0), "diversity loss disabled"),
+])
+def test_a_teacher_without_a_final_layer_turns_its_feature_losses_off_with_a_warning(
+        method, preset, message):  # fmt: skip
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(16, 3)).eval()  # fmt: skip
+    ctx = MethodContext(teacher, teacher, (1, 4, 4), 3, InputDomain(), preset,
+                        torch.device("cpu"), final_layer=None)  # fmt: skip
+    with pytest.warns(DaflWarning, match=message):
+        made = get_method(method)(ctx)
+    assert made.features is None and not {"a", "div"} & set(made.generate(12).losses)
+    made.close()
 
 
 def test_batchnorm_statistics_is_zero_at_the_running_statistics():

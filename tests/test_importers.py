@@ -319,7 +319,7 @@ def test_truncated_onnx(exports, tmp_path):
 
 def _random_bytes(size: int = 4096) -> bytes:
     data = bytearray(np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes())
-    data[:2] = b"\x17\x42"  # neither a pickle (0x80) nor a zip (PK)
+    data[:2] = b"\x17\x42"  # neither a torch.save pickle nor a zip (PK)
     return bytes(data)
 
 

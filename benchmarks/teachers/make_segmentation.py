@@ -91,8 +91,11 @@ def main() -> int:
         # written aside and renamed: a second --only run started alongside must never read a
         # half-written file
         partial = eval_path.with_name(f"{eval_path.stem}.{os.getpid()}.partial.npz")
-        np.savez_compressed(partial, x=x_eval, y=y_eval)
-        os.replace(partial, eval_path)
+        try:
+            np.savez_compressed(partial, x=x_eval, y=y_eval)
+            os.replace(partial, eval_path)
+        finally:
+            partial.unlink(missing_ok=True)
     with np.load(eval_path) as data:
         x_eval = torch.from_numpy(data["x"]).float()[:, None] / 255
         y_eval = torch.from_numpy(data["y"]).long()
@@ -121,7 +124,9 @@ def main() -> int:
         manifest[name] = {"zoo": zoo_name, "steps": STEPS[name], "seconds": round(seconds),
                           "macs": analyse(model, INPUT_SHAPE).macs, "teacher_miou": score,
                           "eval": eval_path.name}  # fmt: skip
-        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        partial = manifest_path.with_name(f"{manifest_path.stem}.{os.getpid()}.partial.json")
+        partial.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(partial, manifest_path)  # a reader never sees it half-written
         print(f"{name}: {STEPS[name]} steps in {seconds:.0f} s, teacher mIoU {score:.4f}",
               flush=True)  # fmt: skip
     return 0

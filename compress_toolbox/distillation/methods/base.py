@@ -134,7 +134,8 @@ def frozen(module: nn.Module):
 
 
 class FeatureHook:
-    """Keeps the input of one teacher layer (DAFL's activation loss reads the final layer's)."""
+    """Keeps the input of one teacher layer (DAFL's activation and diversity losses read the
+    final layer's)."""
 
     def __init__(self, module: nn.Module, layer_name: str) -> None:
         self.value: torch.Tensor | None = None
@@ -162,8 +163,9 @@ def final_layer_hook(ctx: MethodContext, terms: Mapping[str, float]) -> FeatureH
     if not wanted:
         return None
     if ctx.final_layer is None:
-        warnings.warn(f"teacher has no final Linear/1x1-conv layer: {' and '.join(wanted)} loss "
-                      "disabled", DaflWarning, stacklevel=3)  # fmt: skip
+        losses = "losses" if len(wanted) > 1 else "loss"
+        warnings.warn(f"teacher has no final Linear/1x1-conv layer: {' and '.join(wanted)} "
+                      f"{losses} disabled", DaflWarning, stacklevel=3)  # fmt: skip
         return None
     return FeatureHook(ctx.teacher, ctx.final_layer)
 

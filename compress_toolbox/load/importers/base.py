@@ -56,8 +56,9 @@ class FileHead:
 
     def is_legacy_torch_save(self) -> bool:
         """A legacy (non-zip) ``torch.save`` file: a pickle (first byte 0x80, PROTO) whose first
-        object is torch's magic number, within a frame header at protocol 4 and above. The first
-        byte alone is not enough: one corrupt file in 256 starts with it."""
+        object is torch's magic number, after a 9-byte FRAME header at protocol 4 and above. The
+        first byte alone is not enough: one corrupt file in 256 starts with it. (Protocols 0 and
+        1 are not recognised; torch's weights-only loader refuses them anyway.)"""
         return self.head[:1] == b"\x80" and _TORCH_SAVE_MAGIC in self.head[:32]
 
 
