@@ -105,6 +105,22 @@ def test_a_method_takes_the_weights_set_for_the_method_it_derives_from():
     assert hash(preset) == hash(PRESETS["fast"]) and preset != PRESETS["fast"]  # hashable
 
 
+def test_a_report_names_what_was_changed_from_the_named_preset():
+    from compress_toolbox.report.render import _preset_changes
+
+    fast = get_preset("fast")
+    assert fast.changes() == {}
+    changed = fast.with_options(**{"dafl-det.div": 1, "dafl.bounded_activation": True,
+                                   "student_steps": fast.student_steps + 1})  # fmt: skip
+    # bounded_activation is fast's own value: not a change
+    assert changed.changes() == {"student_steps": fast.student_steps + 1, "dafl-det.div": 1}
+    assert replace(changed, name="mine").changes() == {}  # a preset of its own: its name says
+    report = {"preset_changes": changed.changes()}
+    assert _preset_changes(report) == (
+        f" (changed: student_steps={fast.student_steps + 1}, dafl-det.div=1)")
+    assert _preset_changes({"preset_changes": {}}) == _preset_changes({}) == ""
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -89,6 +89,7 @@ class DistillResult:
     method_reason: str
     preset: str
     recipe: Recipe
+    preset_changes: dict[str, Any] = field(default_factory=dict)  # from the named preset
     generator: nn.Module | None = None
     sampler: Callable[[int], torch.Tensor] | None = None  # fresh generated inputs
     teacher_accuracy: float | None = None  # on the whole evaluation set

@@ -14,6 +14,8 @@ from compress_toolbox.distillation.generator import AUGMENTATIONS
 from compress_toolbox.distillation.methods import check_loss_weights
 from compress_toolbox.errors import DaflError
 
+_UNSET = object()
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -83,6 +85,22 @@ class Preset:
         the others are kept); unknown names and bad values raise DaflError."""
         merged = {**self.loss_weights.get(method, {}), **weights}
         return replace(self, loss_weights={**self.loss_weights, method: merged}).check()
+
+    def changes(self) -> dict[str, Any]:
+        """Where this preset differs from the registered one of its name: field -> value, and
+        loss weights as ``METHOD.WEIGHT`` -> value (what a report states besides the name); {}
+        for a registered preset as it is, or one whose name is not registered."""
+        named = PRESETS.get(self.name)
+        if named is None:
+            return {}
+        names = [f.name for f in fields(self) if f.name != "loss_weights"]
+        changed = {name: getattr(self, name) for name in names
+                   if getattr(self, name) != getattr(named, name)}  # fmt: skip
+        for method, weights in self.loss_weights.items():
+            before = named.loss_weights.get(method, {})
+            changed.update({f"{method}.{name}": value for name, value in weights.items()
+                            if before.get(name, _UNSET) != value})  # fmt: skip
+        return changed
 
     def generator_lr(self, task: str, conditional: bool) -> float:
         """The learning rate of a generator for ``task``: ``gen_lr_conditional`` for a

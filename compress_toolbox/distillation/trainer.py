@@ -481,6 +481,7 @@ class Trainer:
             method=self.method.name,
             method_reason=self.method_reason,
             preset=self.preset.name,
+            preset_changes=self.preset.changes(),
             recipe=self.recipe,
             generator=generator,
             sampler=self.method.sample,

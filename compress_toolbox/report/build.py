@@ -136,6 +136,7 @@ def build_report(
         "method_reason": result.method_reason,
         "race": result.race.as_dict() if result.race is not None else None,
         "preset": result.preset,
+        "preset_changes": result.preset_changes,  # {} when the named preset ran as it is
         "recipe": asdict(result.recipe),
         "iterations": result.iterations,
         "elapsed_s": result.elapsed_s,

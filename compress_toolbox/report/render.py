@@ -79,7 +79,8 @@ def render_markdown(report: dict[str, Any]) -> str:
           if (report.get("detection") or {}).get("layout") else []),
         f"- student: {report['student'].get('kind')} (widths {report['student'].get('widths')})",
         f"- method: {report['method']} ({report.get('method_reason', '')}), preset "
-        f"{report['preset']}, {report['iterations']} iterations{_planned(report)} in "
+        f"{report['preset']}{_preset_changes(report)}, {report['iterations']} iterations"
+        f"{_planned(report)} in "
         f"{report['elapsed_s']:.1f} s {_after_race(report)}on {report['device']}"
         f"{_ranks(report)}, seed {report['seed']}",
         f"- health of the generated inputs at the end: {_health(report.get('health'))}; "
@@ -382,6 +383,13 @@ def planned_iterations(recipe: dict[str, Any] | None) -> int | None:
     if str(recipe.get("sized_by", "counts")).startswith("counts"):
         return None
     return recipe.get("planned_total") or None
+
+
+def _preset_changes(report: dict) -> str:
+    changes = report.get("preset_changes") or {}
+    if not changes:
+        return ""
+    return " (changed: " + ", ".join(f"{key}={value}" for key, value in changes.items()) + ")"
 
 
 def _planned(report: dict) -> str:
