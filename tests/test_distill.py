@@ -270,6 +270,9 @@ def test_resume_refuses_another_preset_method_or_teacher(digits, tmp_path):
     with pytest.raises(DaflError, match="for preset fast, not other"):
         run(digits["cnn"][0], method="dafl", iters=4, checkpoint_dir=tmp_path, resume=True,
             preset=replace(TINY, name="other"))  # fmt: skip
+    with pytest.raises(DaflError, match="for preset_changes .*, not .*'dafl.oh': 2.0"):
+        run(digits["cnn"][0], method="dafl", iters=4, checkpoint_dir=tmp_path, resume=True,
+            preset=TINY.with_weights("dafl", oh=2.0))  # fmt: skip
     with pytest.raises(DaflError, match="for method dafl, not noise"):
         run(digits["cnn"][0], method="noise", iters=4, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(DaflError, match="for teacher"):

@@ -277,6 +277,21 @@ def test_files_added_during_the_run_are_kept(corpus, tmp_path, capsys):
     assert (tmp_path / "out-1" / "student.onnx").is_file()
 
 
+def test_the_report_names_a_changed_preset(corpus, tmp_path, verdict_aside):
+    from compress_toolbox import CompressConfig, compress
+    from compress_toolbox.distillation.presets import PRESETS
+
+    preset = PRESETS["fast"].with_options(student_steps=3, **{"dafl.oh": 2})
+    out = tmp_path / "out"
+    compress(corpus["onnx"], CompressConfig.from_options(
+        out=out, iters=4, batch_size=16, progress=False, threads=1, method="dafl",
+        preset=preset))  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["preset"] == "fast"
+    assert report["preset_changes"] == {"student_steps": 3, "dafl.oh": 2.0}
+    assert "preset fast (changed: student_steps=3, dafl.oh=2.0)," in (out / "report.md").read_text()
+
+
 def test_force_replaces_and_a_killed_swap_is_undone(corpus, tmp_path, capsys, verdict_aside):
     out = tmp_path / "out"
     out.mkdir()

@@ -115,9 +115,13 @@ def test_a_report_names_what_was_changed_from_the_named_preset():
     # bounded_activation is fast's own value: not a change
     assert changed.changes() == {"student_steps": fast.student_steps + 1, "dafl-det.div": 1}
     assert replace(changed, name="mine").changes() == {}  # a preset of its own: its name says
+    assert fast.with_options(**{"dafl.oh": 1.0}).changes() == {}  # DAFL's own value
+    dropped = replace(fast, loss_weights={}, augmentations=("photometric",))
+    assert dropped.changes() == {"augmentations": ["photometric"],  # as JSON has it
+                                 "dafl.bounded_activation": False}  # fmt: skip
     report = {"preset_changes": changed.changes()}
     assert _preset_changes(report) == (
-        f" (changed: student_steps={fast.student_steps + 1}, dafl-det.div=1)")
+        f" (changed: student_steps={fast.student_steps + 1}, dafl-det.div=1.0)")
     assert _preset_changes({"preset_changes": {}}) == _preset_changes({}) == ""
 
 

@@ -249,7 +249,9 @@ class Checkpointer:
 
     def load(self, device: torch.device, expect: dict[str, Any]) -> dict[str, Any]:
         """The saved state; DaflError naming the file when it is unreadable, incomplete or made
-        by another run (``expect``: key -> value that must match, e.g. method, teacher)."""
+        by another run (``expect``: key -> value that must match, e.g. method, teacher; a key
+        outside REQUIRED_CHECKPOINT_KEYS is compared where the checkpoint has it, as an older
+        one may not)."""
         if self.path is None or not self.path.is_file():
             raise DaflError(f"cannot resume: no checkpoint at {self.path or '(no checkpoint dir)'}")
         try:
@@ -266,7 +268,7 @@ class Checkpointer:
         if missing:
             raise DaflError(f"cannot resume: {self.path} lacks {', '.join(missing)}")
         for key, value in expect.items():
-            if state[key] != value:
+            if key in state and state[key] != value:
                 raise DaflError(
                     f"cannot resume: checkpoint {self.path} is for {key} {state[key]}, not {value}"
                 )

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from compress_toolbox.distillation.generator import AUGMENTATIONS
-from compress_toolbox.distillation.methods import check_loss_weights
+from compress_toolbox.distillation.methods import check_loss_weights, get_method, loss_weights
 from compress_toolbox.errors import DaflError
 
-_UNSET = object()
+
+def _plain(value: Any) -> Any:
+    """A preset field's value as JSON has it (tuples as lists, mappings as dicts)."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -88,18 +95,22 @@ class Preset:
 
     def changes(self) -> dict[str, Any]:
         """Where this preset differs from the registered one of its name: field -> value, and
-        loss weights as ``METHOD.WEIGHT`` -> value (what a report states besides the name); {}
-        for a registered preset as it is, or one whose name is not registered."""
+        loss weights as ``METHOD.WEIGHT`` -> the value that method trains with (a weight either
+        preset sets, set otherwise or dropped); JSON-ready. {} for a registered preset as it
+        is, or one whose name is not registered (its name says it is the user's own)."""
         named = PRESETS.get(self.name)
         if named is None:
             return {}
         names = [f.name for f in fields(self) if f.name != "loss_weights"]
-        changed = {name: getattr(self, name) for name in names
+        changed = {name: _plain(getattr(self, name)) for name in names
                    if getattr(self, name) != getattr(named, name)}  # fmt: skip
-        for method, weights in self.loss_weights.items():
-            before = named.loss_weights.get(method, {})
-            changed.update({f"{method}.{name}": value for name, value in weights.items()
-                            if before.get(name, _UNSET) != value})  # fmt: skip
+        for method in sorted({*self.loss_weights, *named.loss_weights}):
+            cls = get_method(method)
+            mine = asdict(loss_weights(cls, self.loss_weights))
+            theirs = asdict(loss_weights(cls, named.loss_weights))
+            either = {*self.loss_weights.get(method, {}), *named.loss_weights.get(method, {})}
+            changed.update({f"{method}.{name}": mine[name] for name in sorted(either)
+                            if mine[name] != theirs[name]})  # fmt: skip
         return changed
 
     def generator_lr(self, task: str, conditional: bool) -> float:

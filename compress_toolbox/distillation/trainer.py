@@ -136,6 +136,7 @@ class Trainer:
         return {
             "method": self.method.name,
             "preset": self.preset.name,
+            "preset_changes": self.preset.changes(),
             "teacher": self.teacher_digest,
             "student": self.student.state_dict(),
             "student_optimizer": self.optimizer.state_dict(),
@@ -152,6 +153,7 @@ class Trainer:
 
     def _restore(self) -> None:
         expect = {"method": self.method.name, "preset": self.preset.name,
+                  "preset_changes": self.preset.changes(),
                   "teacher": self.teacher_digest}  # fmt: skip
         state = None
         if self.world.is_writer:  # the others get rank 0's copy (their machine may have none)
