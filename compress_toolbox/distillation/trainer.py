@@ -77,6 +77,7 @@ class Trainer:
                  on_iteration: Callable[[int], None] | None = None,
                  warm_start: WarmStart | None = None) -> None:  # fmt: skip
         self.preset = options.validate()
+        self.preset_changes = self.preset.changes()  # what the report and checkpoints state
         self.warm_start = warm_start
         self.options = options
         self.task = get_task(options.task)
@@ -136,7 +137,7 @@ class Trainer:
         return {
             "method": self.method.name,
             "preset": self.preset.name,
-            "preset_changes": self.preset.changes(),
+            "preset_changes": self.preset_changes,
             "teacher": self.teacher_digest,
             "student": self.student.state_dict(),
             "student_optimizer": self.optimizer.state_dict(),
@@ -153,7 +154,7 @@ class Trainer:
 
     def _restore(self) -> None:
         expect = {"method": self.method.name, "preset": self.preset.name,
-                  "preset_changes": self.preset.changes(),
+                  "preset_changes": self.preset_changes,
                   "teacher": self.teacher_digest}  # fmt: skip
         state = None
         if self.world.is_writer:  # the others get rank 0's copy (their machine may have none)
@@ -483,7 +484,7 @@ class Trainer:
             method=self.method.name,
             method_reason=self.method_reason,
             preset=self.preset.name,
-            preset_changes=self.preset.changes(),
+            preset_changes=self.preset_changes,
             recipe=self.recipe,
             generator=generator,
             sampler=self.method.sample,
