@@ -39,18 +39,32 @@ def teacher_files(args: argparse.Namespace):
     data = Path(args.data) if args.data else Path(args.out) / "data"
     made = {"seed": args.seed, "head": args.head, "size": args.size,
             "teacher_seconds": args.teacher_seconds}  # fmt: skip
-    record = data / "benchmark.json"
-    if args.data and record.is_file():
-        kept = json.loads(record.read_text())
-        if kept["made"] != made:
-            raise SystemExit(f"{data} holds a teacher made with {kept['made']}, not {made}")
+    kept = kept_teacher(data, made) if args.data else None
+    if kept:
         return BenchmarkFiles(data / "teacher.onnx", data / "scenes.npz",
                               kept["teacher_map_50"], kept["num_classes"])  # fmt: skip
     files = make_benchmark(data, TrainOptions(seconds=args.teacher_seconds, seed=args.seed),
                            SceneSpec(size=args.size), head=args.head)  # fmt: skip
-    record.write_text(json.dumps({"made": made, "teacher_map_50": files.teacher_map_50,
-                                  "num_classes": files.num_classes}))  # fmt: skip
+    keep_teacher(data, made, teacher_map_50=files.teacher_map_50, num_classes=files.num_classes)
     return files
+
+
+def kept_teacher(data: Path, made: dict) -> dict | None:
+    """What ``keep_teacher`` recorded of the teacher an earlier run built in ``data`` with the
+    settings ``made`` (None: none built there); a teacher made otherwise stops the run."""
+    record = data / "benchmark.json"
+    if not record.is_file():
+        return None
+    kept = json.loads(record.read_text())
+    if kept["made"] != made:
+        raise SystemExit(f"{data} holds a teacher made with {kept['made']}, not {made}")
+    return kept
+
+
+def keep_teacher(data: Path, made: dict, **figures) -> None:
+    """Record in ``data`` that its teacher was made with the settings ``made``, and its
+    ``figures``, for ``kept_teacher``."""
+    (data / "benchmark.json").write_text(json.dumps({"made": made, **figures}))
 
 
 def run(args: argparse.Namespace) -> dict:

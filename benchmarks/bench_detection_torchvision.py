@@ -18,6 +18,8 @@ promise, measured.
 
     python benchmarks/bench_detection_torchvision.py --arch fcos --budget 600 \\
         --teacher-seconds 180 --seed 0
+    python benchmarks/bench_detection_torchvision.py --arch fcos --data D --iters 500 \\
+        --set dafl-det.div=1                                       # a screen, teacher reused
 """
 
 from __future__ import annotations
@@ -109,6 +111,30 @@ def onnx_outputs(path: Path, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(o) for o in session.run(None, {name: images.numpy()}))
 
 
+def teacher_files(args: argparse.Namespace, arch: Arch):
+    """The held-out scenes, their number of classes and the teacher's checkpoint (its folder
+    also holds scenes.npz): trained for --teacher-seconds, or with --data the one a previous
+    run of the same architecture and seed trained there (training by time does not repeat)."""
+    from bench_detection import keep_teacher, kept_teacher
+
+    from compress_toolbox.tasks.detection.data import save_detection_npz
+    from compress_toolbox.tasks.detection.scenes import SceneSpec
+    from compress_toolbox.tasks.detection.training import benchmark_scenes
+
+    data = Path(args.data) if args.data else Path(args.out) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    made = {"arch": args.arch, "seed": args.seed, "teacher_seconds": args.teacher_seconds}
+    train, held_out, num_classes = benchmark_scenes(SceneSpec(size=64), args.seed)
+    teacher_file = data / "teacher.pt"
+    if args.data and kept_teacher(data, made):
+        return held_out, num_classes, teacher_file
+    teacher = train_detector(arch, train, num_classes, args.teacher_seconds, args.seed)
+    torch.save(teacher.state_dict(), teacher_file)
+    save_detection_npz(data / "scenes.npz", held_out.images, held_out.boxes, held_out.labels)
+    keep_teacher(data, made)
+    return held_out, num_classes, teacher_file
+
+
 def run(args: argparse.Namespace) -> dict:
     """Build the teacher and scenes, compress, decode both, and return the figures."""
     from bench_suite import parse_sets
@@ -116,31 +142,27 @@ def run(args: argparse.Namespace) -> dict:
     from compress_toolbox import CompressConfig, compress
     from compress_toolbox.distillation.presets import PRESETS
     from compress_toolbox.errors import DaflError
-    from compress_toolbox.tasks.detection.data import save_detection_npz
-    from compress_toolbox.tasks.detection.scenes import SceneSpec
-    from compress_toolbox.tasks.detection.training import benchmark_scenes
 
     changes = parse_sets(args.set)
     preset = PRESETS["fast"].with_options(**changes) if changes else "fast"
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    train, held_out, num_classes = benchmark_scenes(SceneSpec(size=64), args.seed)
     arch = ARCHS[args.arch]
-    teacher = train_detector(arch, train, num_classes, args.teacher_seconds, args.seed)
-    teacher_file = out / "data" / "teacher.pt"
-    torch.save(teacher.state_dict(), teacher_file)
-    eval_data = save_detection_npz(out / "data" / "scenes.npz", held_out.images, held_out.boxes,
-                                   held_out.labels)  # fmt: skip
+    held_out, num_classes, teacher_file = teacher_files(args, arch)
+    teacher = getattr(importlib.import_module(arch.module), arch.raw_class)(num_classes)
+    teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
+    teacher.eval()
     x = torch.from_numpy(held_out.images).float() / 255.0
     with torch.no_grad():
         teacher_scores = decoded_map(arch, teacher, teacher(x), held_out, num_classes)
-    config = CompressConfig.from_options(task="detection", eval_data=str(eval_data),
+    budget = {"iters": args.iters} if args.iters else {"time_budget": args.budget}
+    config = CompressConfig.from_options(task="detection",
+                                         eval_data=str(teacher_file.with_name("scenes.npz")),
                                          model_class=arch.spec(arch.raw_class),
                                          decode=arch.spec("decode_outputs"),
                                          head=args.head or arch.head,
                                          input_shape=(3, 64, 64),
-                                         time_budget=args.budget, threads=args.threads,
+                                         **budget, threads=args.threads,
                                          seed=args.seed, out=str(out / "run"), force=True,
                                          progress=False, method=args.method,
                                          preset=preset)  # fmt: skip
@@ -164,7 +186,8 @@ def run(args: argparse.Namespace) -> dict:
             "fidelity_map_50": report["detection"]["fidelity_map_50"],
             "status": report["status"], "iterations": report["iterations"],
             "method": report["method"], "compress_s": round(time.perf_counter() - start, 1),
-            "budget_s": args.budget, "seed": args.seed, "arch": args.arch}  # fmt: skip
+            "budget_s": args.budget, "iters": args.iters, "set": changes, "seed": args.seed,
+            "arch": args.arch}  # fmt: skip
 
 
 def main() -> None:
@@ -181,6 +204,10 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="fast-preset fields to change, and loss weights as "
                         "METHOD.WEIGHT (e.g. bn-prior-det.bn=0.5)")  # fmt: skip
+    parser.add_argument("--data", help="the teacher's folder, reused when a run of the same "
+                        "architecture and seed trained it there (default: a new one in --out)")
+    parser.add_argument("--iters", type=int, help="iterations instead of --budget (deterministic "
+                        "at one thread, for screens at equal iterations)")
     args = parser.parse_args()
     args.out = args.out or f"/tmp/bench_detection_{args.arch}"
     from bench_detection import print_figures

@@ -56,10 +56,10 @@ def _parse(path: Path, load_external_data: bool) -> onnx.ModelProto:
 def _sniff(info: FileHead) -> bool:
     if info.zip_names or info.is_legacy_torch_save():  # a torch format
         return False
-    if info.head[:1] == b"\x80" and info.path.suffix.lower() != ".onnx":
-        return False  # some other pickle: not worth parsing whole (ONNX starts with 0x08)
     if info.path.suffix.lower() == ".onnx":
         return True
+    if info.head[:1] == b"\x80":
+        return False  # some other pickle: not worth parsing whole (ONNX starts with 0x08)
     try:
         _parse(info.path, load_external_data=False)
     except ImportFailed:
