@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> dict:
             "fidelity_map_50": report["detection"]["fidelity_map_50"],
             "status": report["status"], "iterations": report["iterations"],
             "method": report["method"], "teacher_build_s": round(built_s, 1),
-            "compress_s": round(time.perf_counter() - start, 1), "budget_s": args.budget,
+            "compress_s": round(time.perf_counter() - start, 1),
+            "budget_s": None if args.iters else args.budget,
             "iters": args.iters, "set": changes, "seed": args.seed, "head": args.head}  # fmt: skip
 
 

@@ -186,7 +186,8 @@ def run(args: argparse.Namespace) -> dict:
             "fidelity_map_50": report["detection"]["fidelity_map_50"],
             "status": report["status"], "iterations": report["iterations"],
             "method": report["method"], "compress_s": round(time.perf_counter() - start, 1),
-            "budget_s": args.budget, "iters": args.iters, "set": changes, "seed": args.seed,
+            "budget_s": None if args.iters else args.budget, "iters": args.iters, "set": changes,
+            "seed": args.seed,
             "arch": args.arch}  # fmt: skip
 
 

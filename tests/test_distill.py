@@ -212,6 +212,22 @@ def test_auto_picks_by_batchnorm_and_says_why(digits):
     assert without.method == "adversarial" and "no BatchNorm" in without.method_reason
 
 
+def test_adversarial_spreads_its_samples_only_for_a_student_from_the_teachers_weights(
+        digits, tmp_path):  # fmt: skip
+    """The diversity term follows where the student starts (``fine_tune``), the report's method
+    line says when it is off, and a checkpoint made with it off does not resume with it on."""
+    teacher = digits["cnn"][0]
+    fresh = run(teacher, method="adversarial", iters=2, checkpoint_dir=tmp_path)
+    tuned = run(teacher, method="adversarial", iters=2, fine_tune=True)
+    assert fresh.method_note == "diversity term off: the student starts fresh"
+    assert fresh.method_reason.endswith(f"; {fresh.method_note}")
+    assert tuned.method_note is None and "diversity" not in tuned.method_reason
+    assert "loss_div" not in fresh.history[0] and "loss_div" in tuned.history[0]
+    with pytest.raises(DaflError, match="for method_weights"):
+        run(teacher, method="adversarial", iters=4, checkpoint_dir=tmp_path, resume=True,
+            fine_tune=True)  # fmt: skip
+
+
 def test_bn_prior_refused_without_batchnorm(digits):
     with pytest.raises(DaflError, match="no BatchNorm layers"):
         run(digits["cnn"][0], method="bn-prior", iters=2)

@@ -166,7 +166,8 @@ def test_diversity_keeps_a_bounded_bank_of_earlier_features_across_a_resume():
 
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     ctx = MethodContext(teacher, teacher, (1, 4, 4), 3, InputDomain(), PRESETS["fast"],
-                        torch.device("cpu"), final_layer="3")  # fmt: skip
+                        torch.device("cpu"), final_layer="3",
+                        student_from_teacher=True)  # fmt: skip
     method = get_method("adversarial")(ctx)
     for _ in range(3):
         batch = method.generate(FEATURE_BANK // 2)
@@ -201,6 +202,25 @@ def test_bn_prior_spreads_its_samples_when_asked():
     default.close()
 
 
+def test_adversarial_spreads_its_samples_only_for_a_student_from_the_teachers_weights():
+    """The diversity term is on where the student starts from the teacher's weights and off,
+    said in the report's method line, where it starts fresh; a weight set applies to both."""
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    fresh = MethodContext(teacher, teacher, (1, 4, 4), 3, InputDomain(), PRESETS["fast"],
+                          torch.device("cpu"), final_layer="3")  # fmt: skip
+    tuned = replace(fresh, student_from_teacher=True)
+    asked = replace(fresh, preset=PRESETS["fast"].with_weights("adversarial", div=0.5))
+    made = {name: get_method("adversarial")(ctx)
+            for name, ctx in (("fresh", fresh), ("tuned", tuned), ("asked", asked))}  # fmt: skip
+    assert "div" not in made["fresh"].generate(12).losses and made["fresh"].weights.div == 0
+    assert made["fresh"].note() == "diversity term off: the student starts fresh"
+    for name in ("tuned", "asked"):
+        assert "div" in made[name].generate(12).losses and made[name].note() is None
+    assert made["asked"].weights.div == 0.5
+    for method in made.values():
+        method.close()
+
+
 @pytest.mark.parametrize(("method", "preset", "message"), [
     ("adversarial", PRESETS["fast"], "activation and diversity losses disabled"),
     ("bn-prior", PRESETS["fast"].with_weights("bn-prior", div=1.0), "diversity loss disabled"),
@@ -210,7 +230,8 @@ def test_a_teacher_without_a_final_layer_turns_its_feature_losses_off_with_a_war
     teacher = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                             nn.Linear(16, 3)).eval()  # fmt: skip
     ctx = MethodContext(teacher, teacher, (1, 4, 4), 3, InputDomain(), preset,
-                        torch.device("cpu"), final_layer=None)  # fmt: skip
+                        torch.device("cpu"), final_layer=None,
+                        student_from_teacher=True)  # fmt: skip
     with pytest.warns(DaflWarning, match=message):
         made = get_method(method)(ctx)
     assert made.features is None and not {"a", "div"} & set(made.generate(12).losses)

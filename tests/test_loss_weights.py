@@ -34,10 +34,10 @@ BEFORE = {
 
 
 # Settings added to a method since, with their defaults: DAFL's diversity term (session 35), on
-# in adversarial only.
+# in adversarial only, where it follows where the student starts unless set (session 37).
 ADDED: dict[str, dict] = {
     **{name: {"div": 0.0} for name in ("dafl", "dafl-seg", "dafl-det", "bn-prior-det", "bn-prior")},
-    "adversarial": {"div": 1.0},
+    "adversarial": {"div": None},
 }
 
 
@@ -85,7 +85,8 @@ def test_a_task_rate_is_checked_and_settable():
 
 def test_the_weights_reach_the_loss_terms():
     torch.manual_seed(0)
-    method = get_method("adversarial")(_context(get_preset("paper-cifar")))
+    ctx = replace(_context(get_preset("paper-cifar")), student_from_teacher=True)
+    method = get_method("adversarial")(ctx)
     x = method.sample(4)
     terms = method.loss_terms(x, method.ctx.teacher(x), None)
     assert {name: weight for name, (weight, _) in terms.items()} == {

@@ -86,7 +86,7 @@ class DistillResult:
     elapsed_s: float
     device: str
     method: str
-    method_reason: str
+    method_reason: str  # why this method, and ``method_note``
     preset: str
     recipe: Recipe
     preset_changes: dict[str, Any] = field(default_factory=dict)  # from the named preset
@@ -102,6 +102,7 @@ class DistillResult:
     world_size: int = 1  # ranks that trained together (global batch = world_size x batch)
     method_state: dict[str, Any] = field(default_factory=dict)  # Method.state_dict() at the end
     race: RaceOutcome | None = None  # how --method race chose the method
+    method_note: str | None = None  # how the method adapted to the teacher and student
 
     @property
     def batch_size(self) -> int:
@@ -115,6 +116,11 @@ class WarmStart:
 
     student: dict[str, torch.Tensor]
     method: dict[str, Any]
+
+
+def with_note(reason: str, note: str | None) -> str:
+    """A method's ``reason`` with its ``note`` (``Method.note``) after it, where it has one."""
+    return reason if note is None else f"{reason}; {note}"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

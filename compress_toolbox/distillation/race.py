@@ -32,6 +32,7 @@ from compress_toolbox.distillation.options import (
     DistillResult,
     WarmStart,
     resolve_device,
+    with_note,
 )
 from compress_toolbox.distillation.parts import Checkpointer, StopPolicy
 from compress_toolbox.distillation.trainer import CHECKPOINT_NAME, Trainer
@@ -116,7 +117,8 @@ def distill_by_race(
     outcome, start = race(teacher, student, options, candidates, leg_budget)
     rest = replace(options, method=outcome.winner, **rest_budget(outcome.seconds))
     result = Trainer(teacher, student, rest, eval_data, on_iteration, warm_start=start).run()
-    return replace(result, method_reason=outcome.reason(), race=outcome,
+    return replace(result, method_reason=with_note(outcome.reason(), result.method_note),
+                   race=outcome,
                    elapsed_s=outcome.seconds + result.elapsed_s)  # fmt: skip
 
 
@@ -238,4 +240,5 @@ def _resume(teacher, student, options, eval_data, on_iteration, rest_budget) -> 
         method = "auto"  # the trainer says what is wrong with the checkpoint
     result = Trainer(teacher, student, replace(options, method=method, **rest_budget),
                      eval_data, on_iteration).run()  # fmt: skip
-    return replace(result, method_reason="the race's winner, resumed from its checkpoint")
+    reason = with_note("the race's winner, resumed from its checkpoint", result.method_note)
+    return replace(result, method_reason=reason)

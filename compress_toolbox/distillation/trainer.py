@@ -13,7 +13,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from compress_toolbox.distillation.options import (
     WarmStart,
     interruption,
     resolve_device,
+    with_note,
     write_history_csv,
 )
 from compress_toolbox.distillation.parts import (
@@ -120,6 +121,7 @@ class Trainer:
             final_layer=analysis.final_layer if analysis else None,
             autocast=autocast_factory(self.device),
             task=self.task,
+            student_from_teacher=self.options.fine_tune,
         )
 
     def _make_method(self, ctx: MethodContext) -> tuple[Method, str]:
@@ -142,6 +144,7 @@ class Trainer:
             "student": self.student.state_dict(),
             "student_optimizer": self.optimizer.state_dict(),
             "method_state": self.method.state_dict(),
+            "method_weights": asdict(self.method.weights),
             "guard": self.guard.state_dict(),
             "iteration": self.iteration,
             "elapsed_s": elapsed,
@@ -155,6 +158,7 @@ class Trainer:
     def _restore(self) -> None:
         expect = {"method": self.method.name, "preset": self.preset.name,
                   "preset_changes": self.preset_changes,
+                  "method_weights": asdict(self.method.weights),
                   "teacher": self.teacher_digest}  # fmt: skip
         state = None
         if self.world.is_writer:  # the others get rank 0's copy (their machine may have none)
@@ -482,7 +486,8 @@ class Trainer:
             elapsed_s=elapsed,
             device=str(self.device),
             method=self.method.name,
-            method_reason=self.method_reason,
+            method_reason=with_note(self.method_reason, self.method.note()),
+            method_note=self.method.note(),
             preset=self.preset.name,
             preset_changes=self.preset_changes,
             recipe=self.recipe,

@@ -44,6 +44,7 @@ class MethodContext:
     autocast: Callable[[], AbstractContextManager] = nullcontext  # a context manager factory
     channels_last: bool = False  # generators in channels-last memory format (faster on CPU)
     task: Task | str = "classification"  # a Task once built
+    student_from_teacher: bool = False  # the student starts from the teacher's weights, not fresh
 
     def __post_init__(self) -> None:
         self.task = get_task(self.task)
@@ -83,8 +84,18 @@ class Method(ABC):
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
-        # the weights type's defaults, changed where the preset says (methods/__init__.py)
-        self.weights = loss_weights(type(self), ctx.preset.loss_weights)
+        self.weights = self.weights_for(ctx)
+
+    @classmethod
+    def weights_for(cls, ctx: MethodContext) -> LossWeights:
+        """The weights this method trains with on ``ctx``: its weights type's defaults,
+        changed where the preset says (methods/__init__.py)."""
+        return loss_weights(cls, ctx.preset.loss_weights)
+
+    def note(self) -> str | None:
+        """What the report should add to the method's line about how it adapted to this
+        teacher and student (None: nothing)."""
+        return None
 
     @classmethod
     def unavailable_reason(cls, ctx: MethodContext) -> str | None:
