@@ -223,7 +223,8 @@ def test_adversarial_spreads_its_samples_only_for_a_student_from_the_teachers_we
     assert fresh.method_reason.endswith(f"; {fresh.method_note}")
     assert tuned.method_note is None and "diversity" not in tuned.method_reason
     assert "loss_div" not in fresh.history[0] and "loss_div" in tuned.history[0]
-    with pytest.raises(DaflError, match="for method_weights"):
+    with pytest.raises(DaflError, match=r"other loss weights \(adversarial.div 0.0 there, 1.0 "
+                                        r"here\); .*--init"):  # fmt: skip
         run(teacher, method="adversarial", iters=4, checkpoint_dir=tmp_path, resume=True,
             fine_tune=True)  # fmt: skip
 

@@ -158,7 +158,6 @@ class Trainer:
     def _restore(self) -> None:
         expect = {"method": self.method.name, "preset": self.preset.name,
                   "preset_changes": self.preset_changes,
-                  "method_weights": asdict(self.method.weights),
                   "teacher": self.teacher_digest}  # fmt: skip
         state = None
         if self.world.is_writer:  # the others get rank 0's copy (their machine may have none)
@@ -166,6 +165,7 @@ class Trainer:
             state = self.checkpointer.load(where, expect)
         state = self.world.broadcast_object(state)
         path = self.checkpointer.path or "rank 0's checkpoint"
+        self._check_weights(state.get("method_weights"), path)
         try:
             self.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["student_optimizer"])
@@ -183,6 +183,18 @@ class Trainer:
         set_rng_state(state["rng"])
 
     # -- one iteration ----------------------------------------------------------------------
+    def _check_weights(self, saved: dict[str, Any] | None, path: Path | str) -> None:
+        """DaflError naming the loss weights the checkpoint at ``path`` was trained with
+        (``saved``) that differ from this run's (one from before they were recorded is not
+        compared). A weight that follows the student's start differs when ``--init`` does."""
+        mine = asdict(self.method.weights)
+        if saved is None or saved == mine:
+            return
+        differ = ", ".join(f"{self.method.name}.{name} {saved.get(name)} there, {value} here"
+                           for name, value in mine.items() if saved.get(name) != value)  # fmt: skip
+        raise DaflError(f"cannot resume: checkpoint {path} was trained with other loss weights "
+                        f"({differ}); was the student started the same way (--init)?")  # fmt: skip
+
     def _set_learning_rates(self, elapsed: float) -> None:
         factor = lr_factor(self.preset.schedule, self.stop.progress(self.iteration, elapsed))
         for group in self.optimizer.param_groups:
