@@ -187,8 +187,7 @@ def run(args: argparse.Namespace) -> dict:
             "status": report["status"], "iterations": report["iterations"],
             "method": report["method"], "compress_s": round(time.perf_counter() - start, 1),
             "budget_s": None if args.iters else args.budget, "iters": args.iters, "set": changes,
-            "seed": args.seed,
-            "arch": args.arch}  # fmt: skip
+            "seed": args.seed, "arch": args.arch}  # fmt: skip
 
 
 def main() -> None:

@@ -182,7 +182,6 @@ class Trainer:
         self.pool.load(state["pool"], self.device)
         set_rng_state(state["rng"])
 
-    # -- one iteration ----------------------------------------------------------------------
     def _check_weights(self, saved: dict[str, Any] | None, path: Path | str) -> None:
         """DaflError naming the loss weights the checkpoint at ``path`` was trained with
         (``saved``) that differ from this run's (one from before they were recorded is not
@@ -195,6 +194,7 @@ class Trainer:
         raise DaflError(f"cannot resume: checkpoint {path} was trained with other loss weights "
                         f"({differ}); was the student started the same way (--init)?")  # fmt: skip
 
+    # -- one iteration ----------------------------------------------------------------------
     def _set_learning_rates(self, elapsed: float) -> None:
         factor = lr_factor(self.preset.schedule, self.stop.progress(self.iteration, elapsed))
         for group in self.optimizer.param_groups:
@@ -491,6 +491,7 @@ class Trainer:
         if generator is not None:
             generator.cpu().eval()
         self.method.ctx.device = torch.device("cpu")
+        note = self.method.note()
         return DistillResult(
             student=self.student,
             history=self.history,
@@ -498,8 +499,8 @@ class Trainer:
             elapsed_s=elapsed,
             device=str(self.device),
             method=self.method.name,
-            method_reason=with_note(self.method_reason, self.method.note()),
-            method_note=self.method.note(),
+            method_reason=with_note(self.method_reason, note),
+            method_note=note,
             preset=self.preset.name,
             preset_changes=self.preset_changes,
             recipe=self.recipe,
