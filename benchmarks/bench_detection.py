@@ -39,7 +39,7 @@ def teacher_files(args: argparse.Namespace):
     data = Path(args.data) if args.data else Path(args.out) / "data"
     made = {"seed": args.seed, "head": args.head, "size": args.size,
             "teacher_seconds": args.teacher_seconds}  # fmt: skip
-    kept = kept_teacher(data, made) if args.data else None
+    kept = kept_teacher(data, made, ("teacher.onnx", "scenes.npz")) if args.data else None
     if kept:
         return BenchmarkFiles(data / "teacher.onnx", data / "scenes.npz",
                               kept["teacher_map_50"], kept["num_classes"])  # fmt: skip
@@ -49,15 +49,20 @@ def teacher_files(args: argparse.Namespace):
     return files
 
 
-def kept_teacher(data: Path, made: dict) -> dict | None:
+def kept_teacher(data: Path, made: dict, files: tuple[str, ...]) -> dict | None:
     """What ``keep_teacher`` recorded of the teacher an earlier run built in ``data`` with the
-    settings ``made`` (None: none built there); a teacher made otherwise stops the run."""
+    settings ``made`` (None: none built there); a teacher made otherwise, or a record whose
+    ``files`` are not all there, stops the run."""
     record = data / "benchmark.json"
     if not record.is_file():
         return None
     kept = json.loads(record.read_text())
     if kept["made"] != made:
         raise SystemExit(f"{data} holds a teacher made with {kept['made']}, not {made}")
+    missing = [name for name in files if not (data / name).is_file()]
+    if missing:
+        raise SystemExit(f"{record} records a teacher but {', '.join(missing)} is missing: "
+                         "delete the record to build it again")  # fmt: skip
     return kept
 
 

@@ -124,15 +124,26 @@ def teacher_files(args: argparse.Namespace, arch: Arch):
     data = Path(args.data) if args.data else Path(args.out) / "data"
     data.mkdir(parents=True, exist_ok=True)
     made = {"arch": args.arch, "seed": args.seed, "teacher_seconds": args.teacher_seconds}
-    train, held_out, num_classes = benchmark_scenes(SceneSpec(size=64), args.seed)
     teacher_file = data / "teacher.pt"
-    if args.data and kept_teacher(data, made):
-        return held_out, num_classes, teacher_file
+    kept = kept_teacher(data, made, (teacher_file.name, "scenes.npz")) if args.data else None
+    if kept:
+        return read_scenes(data / "scenes.npz"), kept["num_classes"], teacher_file
+    train, held_out, num_classes = benchmark_scenes(SceneSpec(size=64), args.seed)
     teacher = train_detector(arch, train, num_classes, args.teacher_seconds, args.seed)
     torch.save(teacher.state_dict(), teacher_file)
     save_detection_npz(data / "scenes.npz", held_out.images, held_out.boxes, held_out.labels)
-    keep_teacher(data, made)
+    keep_teacher(data, made, num_classes=num_classes)
     return held_out, num_classes, teacher_file
+
+
+def read_scenes(path: Path):
+    """The scenes ``save_detection_npz`` wrote to ``path``, as composed (``Scenes``)."""
+    from compress_toolbox.tasks.detection.scenes import Scenes
+
+    with np.load(path) as arrays:
+        cuts = np.cumsum(arrays["counts"])[:-1]
+        return Scenes(arrays["images"], np.split(arrays["boxes"], cuts),
+                      np.split(arrays["labels"], cuts))  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -221,6 +221,16 @@ def test_adversarial_spreads_its_samples_only_for_a_student_from_the_teachers_we
         method.close()
 
 
+def test_a_set_diversity_weight_can_be_given_back_to_the_method():
+    """``adversarial.div=null`` (bench_suite's ``--set``) undoes a set weight: the method
+    decides again; None stays refused where a weight has a number for default."""
+    preset = PRESETS["fast"].with_weights("adversarial", div=0.5).with_options(
+        **{"adversarial.div": None})
+    assert preset.loss_weights["adversarial"]["div"] is None and preset.changes() == {}
+    with pytest.raises(DaflError, match="dafl.div must be a number"):
+        PRESETS["fast"].with_weights("dafl", div=None)
+
+
 @pytest.mark.parametrize(("method", "preset", "message"), [
     ("adversarial", PRESETS["fast"], "activation and diversity losses disabled"),
     ("bn-prior", PRESETS["fast"].with_weights("bn-prior", div=1.0), "diversity loss disabled"),

@@ -85,7 +85,10 @@ def _lineage(cls: type) -> list[type]:
 
 def _checked_value(method: str, default: Any, name: str, value: Any) -> Any:
     """``value`` for weight ``name`` of ``method`` (numbers as float); DaflError when its type
-    differs from the default's or a number is negative or not finite."""
+    differs from the default's or a number is negative or not finite. A weight whose default
+    is None (the method decides) takes None back."""
+    if default is None and value is None:
+        return None
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise DaflError(f"loss weight {method}.{name} must be true or false, got {value!r}")
