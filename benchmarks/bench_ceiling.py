@@ -80,21 +80,22 @@ def _train(teacher, plan, x, budget: float) -> int:
     from compress_toolbox.distillation.presets import PRESETS
 
     preset = PRESETS["fast"]
-    lr = preset.student_lr_fine_tune if plan.from_teacher else preset.student_lr
-    return train_on_images(teacher.module, plan.module, x, budget, lr, preset.batch_size,
+    return train_on_images(teacher.module, plan.module, x, budget,
+                           preset.student_rates(plan.from_teacher), preset.batch_size,
                            lambda s, t: kd_loss(s, t, preset.kd_temperature))  # fmt: skip
 
 
-def train_on_images(teacher, student, images, budget: float, lr: float, batch: int,
-                    loss_fn) -> int:  # fmt: skip
-    """Adam on ``loss_fn(student(x), teacher(x))`` over random batches of ``images`` for
-    ``budget`` seconds, the learning rate on a cosine over the budget (as
-    fit_schedule_to_budget); the number of steps made."""
+def train_on_images(teacher, student, images, budget: float, rates: tuple[float, float],
+                    batch: int, loss_fn) -> int:  # fmt: skip
+    """Adam at ``rates`` (learning rate, weight decay) on ``loss_fn(student(x), teacher(x))``
+    over random batches of ``images`` for ``budget`` seconds, the learning rate on a cosine
+    over the budget (as fit_schedule_to_budget); the number of steps made."""
     import math
 
     import torch
 
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    lr, weight_decay = rates
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=weight_decay)
     teacher.eval()
     student.train()
     steps, start = 0, time.perf_counter()

@@ -65,9 +65,8 @@ def run(args: argparse.Namespace) -> dict:
                             SceneSpec(size=args.size), seed=args.scene_seed)  # fmt: skip
     images = torch.from_numpy(scenes.images).float() / 255.0
     preset = PRESETS["fast"]
-    lr = preset.student_lr_fine_tune if plan.from_teacher else preset.student_lr
-    steps = train_on_images(teacher.module, plan.module, images, args.budget, lr,
-                            task.batch_size,
+    steps = train_on_images(teacher.module, plan.module, images, args.budget,
+                            preset.student_rates(plan.from_teacher), task.batch_size,
                             lambda s, t: task.distillation_loss(s, t, 1.0))  # fmt: skip
     student = plan.module.eval()
     layout, k = task.head, task.head.num_classes

@@ -127,6 +127,9 @@ def teacher_files(args: argparse.Namespace, arch: Arch):
     teacher_file = data / "teacher.pt"
     kept = kept_teacher(data, made, (teacher_file.name, "scenes.npz")) if args.data else None
     if kept:
+        if "num_classes" not in kept:
+            raise SystemExit(f"{data / 'benchmark.json'} is older than its number of classes: "
+                             "delete it to build the teacher again")  # fmt: skip
         return read_scenes(data / "scenes.npz"), kept["num_classes"], teacher_file
     train, held_out, num_classes = benchmark_scenes(SceneSpec(size=64), args.seed)
     teacher = train_detector(arch, train, num_classes, args.teacher_seconds, args.seed)

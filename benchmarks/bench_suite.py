@@ -221,6 +221,8 @@ def main() -> int:
     parser.add_argument("--methods", nargs="*", default=["auto", "dafl+fresh"],
                         help="NAME or NAME+INIT (dafl+fresh: plain DAFL)")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds first-seed .. first-seed+seeds-1")  # fmt: skip
     parser.add_argument("--budget", type=float, help="seconds per run (default: by MACs)")
     parser.add_argument("--iters", type=int, help="iterations per run instead of a budget")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -252,7 +254,8 @@ def main() -> int:
     done = {_key(r["teacher"], r["requested"], r["seed"], r["budget"], r.get("set", {}),
                  r.get("iters"), r.get("quantize", False)) for r in rows}  # fmt: skip
     jobs = [(e, m, s, budget_for(e, args.budget), changes, threads, args.iters, args.quantize)
-            for e in entries for m in args.methods for s in range(args.seeds)]  # fmt: skip
+            for e in entries for m in args.methods
+            for s in range(args.first_seed, args.first_seed + args.seeds)]  # fmt: skip
     jobs = [job for job in jobs if _key(job[0]["name"], *job[1:5], *job[6:]) not in done]
     print(f"{len(jobs)} runs ({len(rows)} already in {args.json}), {args.jobs} at a time; "
           f"preset changes: {changes or 'none'}", flush=True)  # fmt: skip

@@ -229,6 +229,34 @@ def test_adversarial_spreads_its_samples_only_for_a_student_from_the_teachers_we
             fine_tune=True)  # fmt: skip
 
 
+def test_the_student_trains_at_the_rates_of_where_it_starts(digits, tmp_path):
+    """A fresh student's optimiser has the preset's weight decay, a student from the teacher's
+    weights the fine-tuning rate and none (``Preset.student_rates``), as its checkpoint shows."""
+    teacher = digits["cnn"][0]
+    assert TINY.weight_decay > 0 and TINY.weight_decay_fine_tune == 0
+    for fine_tune in (False, True):
+        folder = tmp_path / f"fine_tune_{fine_tune}"
+        run(teacher, method="dafl", iters=2, checkpoint_dir=folder, fine_tune=fine_tune)
+        state = torch.load(folder / CHECKPOINT_NAME, weights_only=True)
+        group = state["student_optimizer"]["param_groups"][0]
+        assert (group["lr"], group["weight_decay"]) == TINY.student_rates(fine_tune)
+    fresh = tmp_path / "fine_tune_False"
+    with pytest.raises(DaflError, match=r"trained the student at learning rate 0.005, weight "
+                                        r"decay 0.0001, not 0.001, 0; .*--init"):  # fmt: skip
+        run(teacher, method="dafl", iters=4, checkpoint_dir=fresh, resume=True, fine_tune=True)
+    # one from before the rates were recorded (here the last, fine-tuned one's) resumes at
+    # this run's decay
+    older = tmp_path / "older"
+    older.mkdir()
+    del state["student_rates"]
+    state["student_optimizer"]["param_groups"][0]["weight_decay"] = 0.5
+    torch.save(state, older / CHECKPOINT_NAME)
+    run(teacher, method="dafl", iters=4, checkpoint_dir=older, resume=True, fine_tune=True)
+    resumed = torch.load(older / CHECKPOINT_NAME, weights_only=True)
+    assert resumed["iteration"] == 4 and resumed["student_rates"] == [1e-3, 0.0]
+    assert resumed["student_optimizer"]["param_groups"][0]["weight_decay"] == 0.0
+
+
 def test_bn_prior_refused_without_batchnorm(digits):
     with pytest.raises(DaflError, match="no BatchNorm layers"):
         run(digits["cnn"][0], method="bn-prior", iters=2)

@@ -170,3 +170,17 @@ def test_the_registry_refuses_inconsistent_weights(weights, message):
     with pytest.raises(ValueError, match=message):
         register_method(odd)
     assert "odd-test" not in method_names()
+
+
+def test_a_student_from_the_teachers_weights_takes_the_fine_tuning_rates_where_set():
+    fast, cifar = get_preset("fast"), get_preset("paper-cifar")
+    assert fast.student_rates(False) == (fast.student_lr, fast.weight_decay) == (5e-3, 1e-4)
+    assert fast.student_rates(True) == (fast.student_lr_fine_tune, 0.0)
+    assert cifar.student_rates(True) == cifar.student_rates(False) == (0.1, 5e-4)  # none set
+    for name in ("weight_decay", "weight_decay_fine_tune"):
+        for bad in (-1e-4, float("nan"), "1e-4", True):
+            with pytest.raises(DaflError, match=f"{name} must be a number >= 0"):
+                fast.with_options(**{name: bad})
+    with pytest.raises(DaflError, match="weight_decay must be a number >= 0, got None"):
+        fast.with_options(weight_decay=None)
+    assert fast.with_options(weight_decay_fine_tune=None).student_rates(True) == (1e-3, 1e-4)

@@ -25,11 +25,13 @@ def adam(parameters: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.
     return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=on_cuda or None)
 
 
-def make_student_optimizer(preset: Preset, student: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The preset's optimiser over the student's parameters (on their device already)."""
+def make_student_optimizer(preset: Preset, student: nn.Module, lr: float,
+                           weight_decay: float) -> torch.optim.Optimizer:  # fmt: skip
+    """The preset's optimiser over the student's parameters (on their device already), at the
+    rates ``Preset.student_rates`` gives."""
     if preset.student_optimizer == "adam":
-        return adam(student.parameters(), lr, preset.weight_decay)
+        return adam(student.parameters(), lr, weight_decay)
     if preset.student_optimizer == "sgd":
         return torch.optim.SGD(student.parameters(), lr=lr, momentum=preset.momentum,
-                               weight_decay=preset.weight_decay)  # fmt: skip
+                               weight_decay=weight_decay)  # fmt: skip
     raise DaflError(f"unknown student optimizer {preset.student_optimizer!r}")

@@ -145,6 +145,7 @@ class Trainer:
             "student_optimizer": self.optimizer.state_dict(),
             "method_state": self.method.state_dict(),
             "method_weights": asdict(self.method.weights),
+            "student_rates": [self.student_lr, self.student_decay],
             "guard": self.guard.state_dict(),
             "iteration": self.iteration,
             "elapsed_s": elapsed,
@@ -166,9 +167,12 @@ class Trainer:
         state = self.world.broadcast_object(state)
         path = self.checkpointer.path or "rank 0's checkpoint"
         self._check_weights(state.get("method_weights"), path)
+        self._check_rates(state.get("student_rates"), path)
         try:
             self.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["student_optimizer"])
+            for group in self.optimizer.param_groups:  # an older checkpoint's: this run's
+                group["weight_decay"] = self.student_decay
             self.method.load_state_dict(state["method_state"])
         except (RuntimeError, KeyError, ValueError, TypeError) as error:
             first = first_line(error)
@@ -193,6 +197,17 @@ class Trainer:
                            for name, value in mine.items() if saved.get(name) != value)  # fmt: skip
         raise DaflError(f"cannot resume: checkpoint {path} was trained with other loss weights "
                         f"({differ}); was the student started the same way (--init)?")  # fmt: skip
+
+    def _check_rates(self, saved: list[float] | None, path: Path | str) -> None:
+        """DaflError when the checkpoint at ``path`` trained its student at other rates
+        (``saved``: learning rate, weight decay; one from before they were recorded is not
+        compared): a student started another way (--init) or another preset's rates."""
+        mine = [self.student_lr, self.student_decay]
+        if saved is None or list(saved) == mine:
+            return
+        raise DaflError(f"cannot resume: checkpoint {path} trained the student at learning rate "
+                        f"{saved[0]:g}, weight decay {saved[1]:g}, not {mine[0]:g}, {mine[1]:g}; "
+                        "was the student started the same way (--init)?")  # fmt: skip
 
     # -- one iteration ----------------------------------------------------------------------
     def _set_learning_rates(self, elapsed: float) -> None:
@@ -368,10 +383,9 @@ class Trainer:
         the evaluation data, the progress display: everything the loop needs."""
         self.student.to(self.device).train()
         self.autocast = autocast_factory(self.device)
-        self.student_lr = self.preset.student_lr
-        if self.options.fine_tune and self.preset.student_lr_fine_tune is not None:
-            self.student_lr = self.preset.student_lr_fine_tune
-        self.optimizer = make_student_optimizer(self.preset, self.student, self.student_lr)
+        self.student_lr, self.student_decay = self.preset.student_rates(self.options.fine_tune)
+        self.optimizer = make_student_optimizer(self.preset, self.student, self.student_lr,
+                                                self.student_decay)  # fmt: skip
         distributed.average_gradients(self.optimizer)
         outputs = self.teacher.analysis.output_shape if self.teacher.analysis else ()
         batch_bytes = (
