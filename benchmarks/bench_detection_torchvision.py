@@ -141,12 +141,13 @@ def teacher_files(args: argparse.Namespace, arch: Arch):
 
 def read_scenes(path: Path):
     """The scenes ``save_detection_npz`` wrote to ``path``, as composed (``Scenes``)."""
+    from compress_toolbox.tasks.detection.data import per_image
     from compress_toolbox.tasks.detection.scenes import Scenes
 
     with np.load(path) as arrays:
-        cuts = np.cumsum(arrays["counts"])[:-1]
-        return Scenes(arrays["images"], np.split(arrays["boxes"], cuts),
-                      np.split(arrays["labels"], cuts))  # fmt: skip
+        counts = arrays["counts"]
+        return Scenes(arrays["images"], per_image(arrays["boxes"], counts),
+                      per_image(arrays["labels"], counts))  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:

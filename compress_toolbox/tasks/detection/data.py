@@ -87,6 +87,12 @@ def save_detection_npz(path: str | Path, images: np.ndarray, boxes: list[np.ndar
     return Path(path)
 
 
+def per_image(values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    """The objects' ``values`` (boxes or labels, all images' in order) cut into one array per
+    image, ``counts[i]`` for image i: the layout ``save_detection_npz`` writes."""
+    return np.split(values, np.cumsum(counts)[:-1])
+
+
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     require_regular_file(path)
     try:
@@ -169,11 +175,8 @@ def load_detection_data(path: Path, input_shape: tuple[int, ...], domain: InputD
         raise EvalDataError(f"{path}: images contain NaN or infinite values")
     x, (scale, offset) = letterbox(x, input_shape[1:])
     x = fit_to_input(x, input_shape, str(path))
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    return _as_eval_data(x, [boxes[a:b] * scale + offset
-                             for a, b in zip(starts[:-1], starts[1:])],
-                         [arrays["labels"][a:b] for a, b in zip(starts[:-1], starts[1:])],
-                         domain, path)  # fmt: skip
+    return _as_eval_data(x, [b * scale + offset for b in per_image(boxes, counts)],
+                         per_image(arrays["labels"], counts), domain, path)  # fmt: skip
 
 
 def _as_eval_data(x: torch.Tensor, boxes: list[np.ndarray], labels: list, domain: InputDomain,
