@@ -20,6 +20,7 @@ has one core: say so when quoting). Prints one line per run and a table of media
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -54,7 +55,8 @@ def parse_sets(pairs: list[str]) -> dict:
 
 
 def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
-            threads: int | None, iters: int | None, quantize: bool = False) -> dict:  # fmt: skip
+            threads: int | None, iters: int | None, quantize: bool = False,
+            fingerprint: str | None = None) -> dict:  # fmt: skip
     """One compress run in this (worker) process; returns the figures of its report."""
     sys.path.insert(0, str(REPO))
     import warnings
@@ -104,7 +106,7 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
         shutil.rmtree(out.parent, ignore_errors=True)
     row = {"teacher": entry["name"], "requested": method, "seed": seed, "status": status,
            "wall_s": wall, "budget": budget, "iters": iters, "set": changes,
-           "quantize": quantize}  # fmt: skip
+           "quantize": quantize, "fingerprint": fingerprint}  # fmt: skip
     if report:
         row.update(
             method=report["method"], accuracy=report["student"]["accuracy"],
@@ -119,11 +121,40 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
     return row
 
 
-def _key(teacher: str, method: str, seed: int, budget: float, changes: dict,
-         iters: int | None, quantize: bool = False) -> tuple:  # fmt: skip
+def fingerprint(entry: dict, changes: dict) -> str:
+    """What a run's figures depend on besides its teacher name, method, seed and budget: the
+    preset's every field after ``changes``, and the teacher's files and manifest entry (a
+    rebuilt teacher or a changed preset default is another run)."""
+    from dataclasses import asdict
+
+    sys.path.insert(0, str(REPO))
+    from compress_toolbox.distillation.presets import PRESETS
+
+    digest = hashlib.sha256()
+    preset = PRESETS["fast"].with_options(**changes)
+    digest.update(json.dumps([asdict(preset), entry], sort_keys=True, default=str).encode())
+    for name in (entry["file"], entry["file"] + ".data", entry["eval"]):
+        if (SUITE / name).is_file():
+            digest.update((SUITE / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _key(teacher: str, method: str, seed: int, budget: float, iters: int | None,
+         quantize: bool, fingerprint: str | None) -> tuple:  # fmt: skip
     """What makes two runs the same run (a resumed benchmark reuses only those)."""
-    settings = json.dumps(changes, sort_keys=True)
-    return teacher, method, seed, None if iters else budget, iters, settings, quantize
+    return teacher, method, seed, None if iters else budget, iters, quantize, fingerprint
+
+
+def row_key(row: dict) -> tuple:
+    """``_key`` of a finished run (one from before fingerprints matches nothing)."""
+    return _key(row["teacher"], row["requested"], row["seed"], row["budget"], row.get("iters"),
+                row.get("quantize", False), row.get("fingerprint"))  # fmt: skip
+
+
+def job_key(job: tuple) -> tuple:
+    """``_key`` of a run to make (``run_one``'s arguments)."""
+    entry, method, seed, budget, _changes, _threads, iters, quantize, prints = job
+    return _key(entry["name"], method, seed, budget, iters, quantize, prints)
 
 
 def summarise(rows: list[dict], entries: list[dict], methods: list[str]) -> str:
@@ -237,8 +268,9 @@ def main() -> int:
     parser.add_argument(
         "--json",
         type=Path,
-        help="write every run's figures here, after each run; runs already in "
-        "the file are kept and not run again (resume a long benchmark)",
+        help="write every run's figures here, after each run; runs already in the file at "
+        "the same settings (preset after --set, teacher files) are not run again (resume a long "
+        "benchmark); the table counts only this command's runs",
     )
     args = parser.parse_args()
     manifest = SUITE / "suite.json"
@@ -251,19 +283,22 @@ def main() -> int:
     changes = parse_sets(args.set)
     threads = args.threads or (1 if args.jobs > 1 else None)
     rows = json.loads(args.json.read_text()) if args.json and args.json.exists() else []
-    done = {_key(r["teacher"], r["requested"], r["seed"], r["budget"], r.get("set", {}),
-                 r.get("iters"), r.get("quantize", False)) for r in rows}  # fmt: skip
-    jobs = [(e, m, s, budget_for(e, args.budget), changes, threads, args.iters, args.quantize)
+    prints = {e["name"]: fingerprint(e, changes) for e in entries}
+    jobs = [(e, m, s, budget_for(e, args.budget), changes, threads, args.iters, args.quantize,
+             prints[e["name"]])
             for e in entries for m in args.methods
             for s in range(args.first_seed, args.first_seed + args.seeds)]  # fmt: skip
-    jobs = [job for job in jobs if _key(job[0]["name"], *job[1:5], *job[6:]) not in done]
-    print(f"{len(jobs)} runs ({len(rows)} already in {args.json}), {args.jobs} at a time; "
+    kept = [r for r in rows if row_key(r) in {job_key(job) for job in jobs}]
+    jobs = [job for job in jobs if job_key(job) not in {row_key(r) for r in kept}]
+    print(f"{len(jobs)} runs ({len(kept)} done already in {args.json}, "
+          f"{len(rows) - len(kept)} other runs there not counted), {args.jobs} at a time; "
           f"preset changes: {changes or 'none'}", flush=True)  # fmt: skip
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(run_one, *job) for job in jobs]
         for future in futures:
             row = future.result()
             rows.append(row)
+            kept.append(row)
             if args.json:  # after each run, atomically: a killed benchmark resumes
                 partial = args.json.with_suffix(".partial")
                 partial.write_text(json.dumps(rows, indent=1, default=str))
@@ -276,10 +311,10 @@ def main() -> int:
                   f"train {row.get('train_s', 0):.0f} s, wall {row['wall_s']:.0f} s, "
                   f"{row['status']}", flush=True)  # fmt: skip
     print()
-    print(summarise(rows, entries, args.methods))
+    print(summarise(kept, entries, args.methods))
     if args.quantize:
         print()
-        print(summarise_int8(rows, [entry["name"] for entry in entries]))
+        print(summarise_int8(kept, [entry["name"] for entry in entries]))
     return 0
 
 

@@ -221,8 +221,8 @@ PRESETS: dict[str, Preset] = {
         student_lr=5e-3,
         # 1e-4 for a fresh student: the folded ResNets' students (the suite's only fresh ones)
         # gained at equal iterations (benchmarks/RESULTS.md); one from the teacher's weights
-        # keeps none, as its figures were measured (decay there is unmeasured, so a --set
-        # weight_decay does not reach it: set weight_decay_fine_tune)
+        # keeps none (level at 1e-4, worse above on lenet5-fashion), so a --set weight_decay
+        # does not reach it: set weight_decay_fine_tune
         weight_decay=1e-4,
         weight_decay_fine_tune=0.0,
         loss_weights={"dafl": {"bounded_activation": True}},
