@@ -270,7 +270,8 @@ def main() -> int:
         type=Path,
         help="write every run's figures here, after each run; runs already in the file at "
         "the same settings (preset after --set, teacher files) are not run again (resume a long "
-        "benchmark); the table counts only this command's runs",
+        "benchmark; rows written before runs were fingerprinted are run again); the table counts "
+        "only this command's runs",
     )
     args = parser.parse_args()
     manifest = SUITE / "suite.json"
