@@ -94,8 +94,10 @@ def train_on_images(teacher, student, images, budget: float, rates: tuple[float,
 
     import torch
 
+    from compress_toolbox.distillation.optimizers import adam
+
     lr, weight_decay = rates
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = adam(student.parameters(), lr, weight_decay)
     teacher.eval()
     student.train()
     steps, start = 0, time.perf_counter()

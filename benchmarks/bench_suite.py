@@ -289,8 +289,10 @@ def main() -> int:
              prints[e["name"]])
             for e in entries for m in args.methods
             for s in range(args.first_seed, args.first_seed + args.seeds)]  # fmt: skip
-    kept = [r for r in rows if row_key(r) in {job_key(job) for job in jobs}]
-    jobs = [job for job in jobs if job_key(job) not in {row_key(r) for r in kept}]
+    wanted = {job_key(job) for job in jobs}
+    kept = [r for r in rows if row_key(r) in wanted]
+    done = {row_key(r) for r in kept}
+    jobs = [job for job in jobs if job_key(job) not in done]
     print(f"{len(jobs)} runs ({len(kept)} done already in {args.json}, "
           f"{len(rows) - len(kept)} other runs there not counted), {args.jobs} at a time; "
           f"preset changes: {changes or 'none'}", flush=True)  # fmt: skip
