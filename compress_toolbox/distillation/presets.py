@@ -153,10 +153,10 @@ class Preset:
                 raise DaflError(
                     f"preset {self.name}: {name} must be a positive number, got {value!r}"
                 )
-        for name in ("weight_decay", "weight_decay_fine_tune"):
-            value = getattr(self, name)
-            if value is None and name == "weight_decay_fine_tune":
-                continue
+        decays = {"weight_decay": self.weight_decay}
+        if self.weight_decay_fine_tune is not None:  # None: weight_decay
+            decays["weight_decay_fine_tune"] = self.weight_decay_fine_tune
+        for name, value in decays.items():
             if isinstance(value, bool) or not (isinstance(value, (int, float))
                                                and math.isfinite(value) and value >= 0):
                 raise DaflError(f"preset {self.name}: {name} must be a number >= 0, got {value!r}")

@@ -166,8 +166,7 @@ class Trainer:
             state = self.checkpointer.load(where, expect)
         state = self.world.broadcast_object(state)
         path = self.checkpointer.path or "rank 0's checkpoint"
-        self._check_weights(state.get("method_weights"), path)
-        self._check_rates(state.get("student_rates"), path)
+        self._check_settings(state, path)
         try:
             self.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["student_optimizer"])
@@ -186,28 +185,25 @@ class Trainer:
         self.pool.load(state["pool"], self.device)
         set_rng_state(state["rng"])
 
-    def _check_weights(self, saved: dict[str, Any] | None, path: Path | str) -> None:
-        """DaflError naming the loss weights the checkpoint at ``path`` was trained with
-        (``saved``) that differ from this run's (one from before they were recorded is not
-        compared). A weight that follows the student's start differs when ``--init`` does."""
-        mine = asdict(self.method.weights)
-        if saved is None or saved == mine:
-            return
-        differ = ", ".join(f"{self.method.name}.{name} {saved.get(name)} there, {value} here"
-                           for name, value in mine.items() if saved.get(name) != value)  # fmt: skip
-        raise DaflError(f"cannot resume: checkpoint {path} was trained with other loss weights "
-                        f"({differ}); was the student started the same way (--init)?")  # fmt: skip
-
-    def _check_rates(self, saved: list[float] | None, path: Path | str) -> None:
-        """DaflError when the checkpoint at ``path`` trained its student at other rates
-        (``saved``: learning rate, weight decay; one from before they were recorded is not
-        compared): a student started another way (--init) or another preset's rates."""
-        mine = [self.student_lr, self.student_decay]
-        if saved is None or list(saved) == mine:
-            return
-        raise DaflError(f"cannot resume: checkpoint {path} trained the student at learning rate "
-                        f"{saved[0]:g}, weight decay {saved[1]:g}, not {mine[0]:g}, {mine[1]:g}; "
-                        "was the student started the same way (--init)?")  # fmt: skip
+    def _check_settings(self, state: dict[str, Any], path: Path | str) -> None:
+        """DaflError naming each setting the checkpoint at ``path`` trained with that differs
+        from this run's: the method's loss weights, the student's learning rate and weight
+        decay (a setting from before checkpoints recorded it is not compared). Those that
+        follow where the student starts differ when ``--init`` does."""
+        recorded = []  # (name, there, here)
+        saved_weights = state.get("method_weights")
+        if saved_weights is not None:
+            recorded += [(f"{self.method.name}.{name}", saved_weights.get(name), value)
+                         for name, value in asdict(self.method.weights).items()]  # fmt: skip
+        saved_rates = state.get("student_rates")
+        if saved_rates is not None:
+            recorded += [("student learning rate", saved_rates[0], self.student_lr),
+                         ("student weight decay", saved_rates[1], self.student_decay)]  # fmt: skip
+        differ = ", ".join(f"{name} {there} there, {here} here"
+                           for name, there, here in recorded if there != here)  # fmt: skip
+        if differ:
+            raise DaflError(f"cannot resume: checkpoint {path} was trained with other settings "
+                            f"({differ}); was the student started the same way (--init)?")
 
     # -- one iteration ----------------------------------------------------------------------
     def _set_learning_rates(self, elapsed: float) -> None:
@@ -283,7 +279,8 @@ class Trainer:
 
     def _checks_share_s(self) -> float:
         """The last health check's seconds spread over the iterations between checks, and an
-        evaluation's over those between evaluations every N iterations (``--eval-every``)."""
+        evaluation's over those between evaluations every N iterations
+        (``DistillOptions.eval_every``)."""
         return (self.check_s or 0.0) / self.options.health_every \
             + self.evaluation.per_iteration_s()  # fmt: skip
 
