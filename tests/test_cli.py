@@ -235,6 +235,30 @@ def test_every_format_end_to_end(workspace, tmp_path, fmt):
     report = check_output_folder(out, workspace / "eval.npz")
     assert report["student"]["kind"].startswith("derived")
     assert report["student"]["widths"] == [4, 8, 16, 10]
+    # README: an ONNX teacher's names, else `input` and `output`
+    def names(path: Path) -> tuple[list[str], list[str]]:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+
+    expected = names(workspace / file) if fmt.startswith("onnx") else (["input"], ["output"])
+    assert names(out / "student.onnx") == expected
+    check_margin_warning(report)
+
+
+def check_margin_warning(report: dict) -> None:
+    """README: report.md flags a student that recovers less than 90% of the teacher's margin
+    over the trivial predictor (one that recovers less than half fails instead)."""
+    from compress_toolbox.report.render import render_markdown
+
+    teacher, trivial = report["teacher"]["accuracy"], report["trivial_predictor"]["value"]
+    for share, warned in ((0.85, True), (0.95, False)):
+        changed = json.loads(json.dumps(report))
+        changed["status"], changed["problems"] = "ok", []
+        changed["student"]["accuracy"] = trivial + share * (teacher - trivial)
+        text = render_markdown(changed)
+        assert ("**Warning: the student reaches only" in text) == warned, share
+        if warned:
+            assert f"({100 * share:.0f}% of its margin over the trivial predictor's" in text
 
 
 @pytest.mark.parametrize("student", ["zoo", "zoo:hinton_mlp_half"])
@@ -377,10 +401,13 @@ def _bad_inputs(root: Path, tmp: Path) -> dict[str, tuple[list, str]]:
         "unreadable eval data": ([cnn, "--eval-data", tmp / "bad.npz"], "bad.npz"),
         "missing eval data": ([cnn, "--eval-data", tmp / "none.npz"], "none.npz"),
         "wrong-shaped eval data": ([cnn, "--eval-data", tmp / "wrong.npz"], "wrong.npz"),
-        "not a classifier": ([tmp / "seg.onnx"], "--task classification needs (N, K)"),
+        "not a classifier": ([tmp / "seg.onnx"], "--task classification needs (N, K) logits (it "
+                             "looks like a segmentation teacher: use --task segmentation)"),
         "unknown student": ([cnn, "--student", "bogus"], "--student"),
         "unknown zoo student": ([cnn, "--student", "zoo:bogus"], "unknown zoo model"),
-        "segmentation task": ([cnn, "--task", "segmentation"], "segmentation needs (N, K, H, W)"),
+        "segmentation task": ([cnn, "--task", "segmentation"], "segmentation needs (N, K, H, W) "
+                              "per-pixel logits (it looks like a classification teacher: use "
+                              "--task classification)"),
         "detection task": ([cnn, "--task", "detection"], "fit no detection head layout"),
         "unknown preset": ([cnn, "--preset", "turbo"], "unknown preset"),
     }
@@ -393,9 +420,29 @@ def test_bad_inputs_exit_2_and_leave_nothing(workspace, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2, label
         assert message in err, (label, err)
-        assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err, label
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (label, err)
         assert not out.exists(), label
         assert not list(tmp_path.glob(f".{out.name}.partial-*")), label
+
+
+def test_a_bug_of_ours_exits_1_in_one_line_and_debug_shows_the_traceback(tmp_path, capsys,
+                                                                         monkeypatch):  # fmt: skip
+    """README's exit code 1: an error no check of ours expected is one line naming the file and
+    pointing to --debug, which lets the exception (and its traceback) through."""
+    import compress_toolbox
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(compress_toolbox, "compress", broken)
+    teacher = tmp_path / "teacher.onnx"
+    teacher.write_bytes(b"")
+    assert run_cli(teacher, "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert err == (f"dafl-compress: unexpected error with {teacher}: ZeroDivisionError: a bug "
+                   "(rerun with --debug for the traceback)\n")  # fmt: skip
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        run_cli(teacher, "--out", tmp_path / "out", "--debug")
 
 
 def test_inspect_json(workspace, capsys):

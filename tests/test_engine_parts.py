@@ -402,3 +402,32 @@ def test_the_batch_is_halved_to_fit_memory_and_a_shape_that_never_fits_is_refuse
     assert fit_batch_to_memory(recipe, 2**30, None, (3, 8, 8)) == recipe  # free memory unknown
     with pytest.raises(DaflError, match=r"inputs of shape \(3, 8, 8\) need about 0.1 GiB"):
         fit_batch_to_memory(recipe, 60 * 2**20, free, (3, 8, 8))
+
+
+def test_progress_is_a_live_bar_on_a_terminal_and_sparse_lines_on_a_file(monkeypatch, capsys):
+    """README: "a live bar on a terminal, a plain line every 30 s when output goes to a file"."""
+    import io
+    import sys
+
+    from compress_toolbox.distillation import parts
+
+    clock = [0.0]
+    monkeypatch.setattr(parts.time, "perf_counter", lambda: clock[0])
+    progress = parts.Progress(True, "dafl", total=100, initial=0)  # stderr is captured: a file
+    assert progress.bar is None
+    for iteration in range(1, 101):
+        clock[0] = iteration  # one iteration a second
+        progress.update(iteration, clock[0], {"acc": "0.5"})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"dafl: iteration {i}/100, {i} s; acc 0.5" for i in (30, 60, 90)]
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    progress = parts.Progress(True, "dafl", total=100, initial=0)
+    progress.update(40, 40.0, {"acc": "0.5"})
+    assert progress.bar is not None and progress.bar.n == 40
+    progress.close()
+    assert "40/100" in sys.stderr.getvalue()

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -56,6 +57,29 @@ def test_readme_commands_exist():
                    "benchmarks/bench_suite.py", "benchmarks/teachers/make_suite.py"):  # fmt: skip
         assert script in README or script.split("/")[-1] in README, script
         assert (REPO / script).is_file(), script
+
+
+def test_the_demo_falls_back_to_scikit_learns_digits_which_it_installs(monkeypatch):
+    """README: make_teacher.py "falls back to scikit-learn's digits" where Fashion-MNIST cannot
+    be installed (no apt-get, as on Windows), so demo.sh installs scikit-learn with the package;
+    without it the script says what to install in one line."""
+    import configparser
+    import importlib.util
+    import sys
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    demo = config["options.extras_require"]["demo"]
+    assert "scikit-learn" in demo and '-e ".[demo]"' in (REPO / "scripts/demo.sh").read_text()
+    spec = importlib.util.spec_from_file_location("make_teacher", REPO / "examples/make_teacher.py")
+    make_teacher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_teacher)
+    monkeypatch.setattr(make_teacher, "_install_fashion_mnist", lambda: False)
+    name, train_x, train_y, test_x, test_y = make_teacher.load_data()
+    assert name == "sklearn digits" and train_x.shape == (1400, 8, 8) and len(test_y) == 397
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"neither Fashion-MNIST nor scikit-learn .*\.\[demo\]"):
+        make_teacher.load_data()
 
 
 def test_every_relative_link_in_the_documents_resolves():

@@ -16,7 +16,9 @@ from compress_toolbox import CompressConfig, compress, limits
 from compress_toolbox.distillation import health
 from compress_toolbox.distillation.health import Health, StudentFailed, judge_student
 from compress_toolbox.distillation.parts import ThreadChooser
+from compress_toolbox.errors import DaflError
 from compress_toolbox.limits import LimitExceeded, bounded
+from compress_toolbox.load.analysis import Analysis
 from compress_toolbox.tasks.verdict import chance_agreement, falls_short, trivial_score
 from model_zoo.student import pick_student
 
@@ -114,13 +116,34 @@ def test_a_student_answering_one_class_of_two_exits_3(tiny_classifier, tmp_path,
 def test_a_student_no_smaller_than_its_teacher_is_a_failed_compression(tmp_path):
     from compress_toolbox.report.build import compression_problems
 
-    teacher = SimpleNamespace(analysis=SimpleNamespace(params=1000, macs=5000))
-    plan = SimpleNamespace(analysis=SimpleNamespace(params=790, macs=2000))
+    def analysis(params: int, macs: int) -> Analysis:
+        return Analysis(params, macs, (1, 8, 8), (2,), "classification")
+
+    teacher = SimpleNamespace(analysis=analysis(1000, 5000))
     exported = SimpleNamespace(onnx_bytes=683_000)
     measured = SimpleNamespace(teacher_onnx_bytes=585_000)
-    problems = compression_problems(teacher, plan, exported, measured)
-    assert problems == ["compression failed: the student has 683,000 ONNX bytes, the teacher "
-                        "585,000 (ratio 1.17)"]  # fmt: skip
+    plan = SimpleNamespace(analysis=analysis(790, 2000))
+    assert compression_problems(teacher, plan, exported, measured) == [
+        "compression failed: the student has 683,000 ONNX bytes, the teacher 585,000 (ratio 1.17)"]
+    plan = SimpleNamespace(analysis=analysis(1000, 2000))
+    assert compression_problems(teacher, plan, SimpleNamespace(onnx_bytes=1), measured) == [
+        "compression failed: the student has 1,000 parameters, the teacher 1,000 (ratio 1.00)"]
+
+
+def test_a_named_zoo_student_larger_than_the_teacher_is_refused_before_training(
+        tiny_classifier, tmp_path):  # fmt: skip
+    """README: zoo students are "never larger than the teacher"; ``--student zoo`` picks only
+    smaller ones, and a named one is refused at once, not after the budget is spent."""
+    import model_zoo
+
+    path, data = tiny_classifier
+    name = model_zoo.list_models("classification")[0]
+    refusal = rf"--student zoo:{name} is no smaller than the teacher \([\d,]+ parameters against"
+    with pytest.raises(DaflError, match=refusal):
+        compress(path, CompressConfig.from_options(out=tmp_path / "out", eval_data=data,
+                                                   student=f"zoo:{name}", iters=2,
+                                                   progress=False))  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_exported_student_carries_no_debugging_weight(tmp_path):

@@ -58,14 +58,16 @@ class Evaluation:
 
     def per_iteration_s(self) -> float:
         """An evaluation's seconds spread over the iterations between evaluations every N
-        iterations (``--eval-every``; 0 where they are due by time, or none is timed yet)."""
+        iterations (``DistillOptions.eval_every``; 0 where they are due by time, or none is
+        timed yet)."""
         if self.subset_s is None or self.every is None:
             return 0.0
         return self.subset_s / self.every
 
     def seconds_still_due(self) -> float:
         """Seconds the curve's evaluations still due by time will take before the run stops
-        (0 until one is timed, and for evaluations every N iterations, ``--eval-every``)."""
+        (0 until one is timed, and for evaluations every N iterations,
+        ``DistillOptions.eval_every``)."""
         if self.subset_s is None or self.interval_s is None or self.stop.time_budget is None:
             return 0.0
         end = self.stop.time_budget - self.stop.reserve_s

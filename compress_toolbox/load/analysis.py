@@ -44,6 +44,12 @@ class Analysis:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def not_smaller_than(self, other: Analysis) -> list[tuple[str, int, int]]:
+        """(what, other's, this one's) for each of parameters and MACs where this model is no
+        smaller than ``other`` (a student than its teacher): what makes it no compression."""
+        pairs = (("parameters", other.params, self.params), ("MACs", other.macs, self.macs))
+        return [(what, theirs, mine) for what, theirs, mine in pairs if theirs and mine >= theirs]
+
 
 def count_params(module: nn.Module) -> int:
     """Number of parameters (buffers excluded)."""

@@ -74,13 +74,13 @@ def compression_problems(teacher: Teacher, plan: StudentPlan, exported: ExportRe
                           measured: Measurements) -> list[str]:  # fmt: skip
     """A student no smaller than its teacher in parameters, MACs or ONNX bytes failed the
     point of the run, whatever its accuracy."""
-    pairs = (("parameters", teacher.analysis.params, plan.analysis.params),
-             ("MACs", teacher.analysis.macs, plan.analysis.macs),
-             ("ONNX bytes", measured.teacher_onnx_bytes, exported.onnx_bytes))  # fmt: skip
+    pairs = plan.analysis.not_smaller_than(teacher.analysis)
+    t, s = measured.teacher_onnx_bytes, exported.onnx_bytes
+    if t and s is not None and s >= t:
+        pairs.append(("ONNX bytes", t, s))
     return [
         f"compression failed: the student has {s:,} {name}, the teacher {t:,} (ratio {s / t:.2f})"
         for name, t, s in pairs
-        if t and s is not None and s >= t
     ]
 
 

@@ -59,6 +59,12 @@ def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
             f"student output {analysis.output_shape} does not match the teacher's "
             f"{teacher.analysis.output_shape}"
         )
+    larger = analysis.not_smaller_than(teacher.analysis)
+    if choice.startswith("zoo:") and larger:  # --student zoo picks only smaller ones
+        sizes = ", ".join(f"{mine:,} {what} against the teacher's {theirs:,}"
+                          for what, theirs, mine in larger)  # fmt: skip
+        raise DaflError(f"--student {choice} is no smaller than the teacher ({sizes}): name a "
+                        "smaller zoo model (dafl-compress zoo list) or use --student zoo")
     source = "derived" if choice == "auto" else "zoo"
     return StudentPlan(kind, module, analysis, source, from_teacher=from_teacher)
 
