@@ -139,7 +139,7 @@ def _add_student_options(parser: argparse.ArgumentParser) -> None:
         metavar="auto|zoo|zoo:NAME",
         help="auto: the teacher with every conv/linear width halved; zoo: the "
         "zoo model for the task closest to 1/4 of the teacher's MACs; zoo:NAME: "
-        "that zoo model (default: %(default)s)",
+        "that zoo model, refused when no smaller than the teacher (default: %(default)s)",
     )
     parser.add_argument(
         "--width",

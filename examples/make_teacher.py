@@ -67,12 +67,12 @@ def load_data() -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             _read_idx(d / "t10k-images-idx3-ubyte.gz"),
             _read_idx(d / "t10k-labels-idx1-ubyte.gz"),
         )
-    print("Fashion-MNIST unavailable (no apt-get or no network): using scikit-learn's digits")
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise SystemExit("examples/make_teacher.py: neither Fashion-MNIST nor scikit-learn is "
                          'available: pip install -e ".[demo]" (scripts/demo.sh does)') from None
+    print("Fashion-MNIST unavailable (no apt-get or no network): using scikit-learn's digits")
 
     digits = load_digits()
     x = (digits.images * (255.0 / 16.0)).astype(np.uint8)

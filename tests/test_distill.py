@@ -223,7 +223,7 @@ def test_adversarial_spreads_its_samples_only_for_a_student_from_the_teachers_we
     assert fresh.method_reason.endswith(f"; {fresh.method_note}")
     assert tuned.method_note is None and "diversity" not in tuned.method_reason
     assert "loss_div" not in fresh.history[0] and "loss_div" in tuned.history[0]
-    with pytest.raises(DaflError, match=r"other settings \(adversarial.div 0.0 there, 1.0 here, "
+    with pytest.raises(DaflError, match=r"other settings \(adversarial.div 0 there, 1 here; "
                                         r"student learning rate .*\); .*--init"):  # fmt: skip
         run(teacher, method="adversarial", iters=4, checkpoint_dir=tmp_path, resume=True,
             fine_tune=True)  # fmt: skip
@@ -242,14 +242,14 @@ def test_the_student_trains_at_the_rates_of_where_it_starts(digits, tmp_path):
         assert (group["lr"], group["weight_decay"]) == TINY.student_rates(fine_tune)
     fresh = tmp_path / "fine_tune_False"
     with pytest.raises(DaflError, match=r"other settings \(student learning rate 0.005 there, "
-                                        r"0.001 here, student weight decay 0.0001 there, 0.0 "
+                                        r"0.001 here; student weight decay 0.0001 there, 0 "
                                         r"here\); .*--init"):  # fmt: skip
         run(teacher, method="dafl", iters=4, checkpoint_dir=fresh, resume=True, fine_tune=True)
-    # one from before the rates were recorded (here the last, fine-tuned one's) resumes at
-    # this run's decay
+    # one from before the rates and a loss weight were recorded (here the last, fine-tuned
+    # one's) resumes at this run's decay
     older = tmp_path / "older"
     older.mkdir()
-    del state["student_rates"]
+    del state["student_rates"], state["method_weights"]["oh"]
     state["student_optimizer"]["param_groups"][0]["weight_decay"] = 0.5
     torch.save(state, older / CHECKPOINT_NAME)
     run(teacher, method="dafl", iters=4, checkpoint_dir=older, resume=True, fine_tune=True)

@@ -128,6 +128,8 @@ def test_a_student_no_smaller_than_its_teacher_is_a_failed_compression(tmp_path)
     plan = SimpleNamespace(analysis=analysis(1000, 2000))
     assert compression_problems(teacher, plan, SimpleNamespace(onnx_bytes=1), measured) == [
         "compression failed: the student has 1,000 parameters, the teacher 1,000 (ratio 1.00)"]
+    # a size not known for the teacher (a detector's MACs, say: 0) is not compared
+    assert analysis(500, 9999).not_smaller_than(analysis(1000, 0)) == []
 
 
 def test_a_named_zoo_student_larger_than_the_teacher_is_refused_before_training(

@@ -188,18 +188,17 @@ class Trainer:
     def _check_settings(self, state: dict[str, Any], path: Path | str) -> None:
         """DaflError naming each setting the checkpoint at ``path`` trained with that differs
         from this run's: the method's loss weights, the student's learning rate and weight
-        decay (a setting from before checkpoints recorded it is not compared). Those that
-        follow where the student starts differ when ``--init`` does."""
-        recorded = []  # (name, there, here)
-        saved_weights = state.get("method_weights")
-        if saved_weights is not None:
-            recorded += [(f"{self.method.name}.{name}", saved_weights.get(name), value)
-                         for name, value in asdict(self.method.weights).items()]  # fmt: skip
+        decay (one the checkpoint does not record, being older than it, is not compared).
+        Those that follow where the student starts differ when ``--init`` does."""
+        saved_weights = state.get("method_weights") or {}
+        recorded = [(f"{self.method.name}.{name}", saved_weights[name], value)
+                    for name, value in asdict(self.method.weights).items()
+                    if name in saved_weights]  # fmt: skip
         saved_rates = state.get("student_rates")
         if saved_rates is not None:
             recorded += [("student learning rate", saved_rates[0], self.student_lr),
                          ("student weight decay", saved_rates[1], self.student_decay)]  # fmt: skip
-        differ = ", ".join(f"{name} {there} there, {here} here"
+        differ = "; ".join(f"{name} {_setting(there)} there, {_setting(here)} here"
                            for name, there, here in recorded if there != here)  # fmt: skip
         if differ:
             raise DaflError(f"cannot resume: checkpoint {path} was trained with other settings "
@@ -527,3 +526,8 @@ class Trainer:
             world_size=self.world.size,
             method_state=self.method.state_dict(),
         )
+
+
+def _setting(value: Any) -> str:
+    """A setting's value in a message: numbers as ``:g`` writes them (1e-3, not 0.001000...)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -45,10 +45,17 @@ class Analysis:
         return asdict(self)
 
     def not_smaller_than(self, other: Analysis) -> list[tuple[str, int, int]]:
-        """(what, other's, this one's) for each of parameters and MACs where this model is no
-        smaller than ``other`` (a student than its teacher): what makes it no compression."""
-        pairs = (("parameters", other.params, self.params), ("MACs", other.macs, self.macs))
-        return [(what, theirs, mine) for what, theirs, mine in pairs if theirs and mine >= theirs]
+        """``not_smaller`` for parameters and MACs, this model (a student) against ``other``
+        (its teacher)."""
+        return not_smaller([("parameters", other.params, self.params),
+                            ("MACs", other.macs, self.macs)])  # fmt: skip
+
+
+def not_smaller(sizes: list[tuple[str, int | None, int | None]]) -> list[tuple[str, int, int]]:
+    """Of (what, teacher's, student's) sizes, those where the student is no smaller than its
+    teacher: what makes it no compression. A size not known (0 or None) is not compared."""
+    return [(what, teacher, student) for what, teacher, student in sizes
+            if teacher and student is not None and student >= teacher]  # fmt: skip
 
 
 def count_params(module: nn.Module) -> int:

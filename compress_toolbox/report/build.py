@@ -19,7 +19,7 @@ from compress_toolbox.distillation.health import judge_student
 from compress_toolbox.distillation.options import DistillResult
 from compress_toolbox.domain import InputDomain
 from compress_toolbox.export.writer import ExportResult
-from compress_toolbox.load.analysis import Analysis
+from compress_toolbox.load.analysis import Analysis, not_smaller
 from compress_toolbox.load.teacher import Teacher
 from compress_toolbox.student.plan import StudentPlan
 from compress_toolbox.tasks.base import TaskScores
@@ -74,13 +74,11 @@ def compression_problems(teacher: Teacher, plan: StudentPlan, exported: ExportRe
                           measured: Measurements) -> list[str]:  # fmt: skip
     """A student no smaller than its teacher in parameters, MACs or ONNX bytes failed the
     point of the run, whatever its accuracy."""
-    pairs = plan.analysis.not_smaller_than(teacher.analysis)
-    t, s = measured.teacher_onnx_bytes, exported.onnx_bytes
-    if t and s is not None and s >= t:
-        pairs.append(("ONNX bytes", t, s))
+    larger = plan.analysis.not_smaller_than(teacher.analysis) + not_smaller(
+        [("ONNX bytes", measured.teacher_onnx_bytes, exported.onnx_bytes)])
     return [
         f"compression failed: the student has {s:,} {name}, the teacher {t:,} (ratio {s / t:.2f})"
-        for name, t, s in pairs
+        for name, t, s in larger
     ]
 
 

@@ -63,8 +63,8 @@ def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
     if choice.startswith("zoo:") and larger:  # --student zoo picks only smaller ones
         sizes = ", ".join(f"{mine:,} {what} against the teacher's {theirs:,}"
                           for what, theirs, mine in larger)  # fmt: skip
-        raise DaflError(f"--student {choice} is no smaller than the teacher ({sizes}): name a "
-                        "smaller zoo model (dafl-compress zoo list) or use --student zoo")
+        raise DaflError(f"--student {choice} is no smaller than the teacher ({sizes}): "
+                        "--student zoo picks a smaller one where the zoo has it")
     source = "derived" if choice == "auto" else "zoo"
     return StudentPlan(kind, module, analysis, source, from_teacher=from_teacher)
 
