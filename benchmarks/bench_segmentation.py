@@ -8,12 +8,16 @@ student, distillation, ONNX export, mean IoU of student.onnx on 1,000 evaluation
     python benchmarks/bench_segmentation.py --set gen_lr=0.02    # a fast-preset field changed
     python benchmarks/bench_segmentation.py --iters 540 --set dafl-seg.div=1   # equal iterations
 
-Teachers: ``unet-seg`` with a derived student, ``lraspp-seg`` with ``--student zoo``; each file
-as torch's default ONNX (BatchNorm folded) or ``.pt2`` (BatchNorm kept: ``--formats pt2``).
+Teachers: ``unet-seg`` with a derived student, ``lraspp-seg`` with ``--student zoo``
+(``--student`` sets another for every run); each file as torch's default ONNX (BatchNorm
+folded) or ``.pt2`` (BatchNorm kept: ``--formats pt2``).
 Prints one line per run and a table of medians over seeds: teacher and student mean IoU and
-their ratio (the target: >= 0.85 within 600 s on an idle 2-core CPU). ``--quantize`` adds
-``--quantize int8 --quantize-teacher`` to each run and a second table: the INT8 student's mean IoU
-against the float student's (issue 27's target: within 2 points), file sizes, status.
+their ratio (the target: >= 0.85 within 600 s on an idle 2-core CPU), one row per setting: the
+fingerprint column (bench_suite.py's ``fingerprint``: the fast preset after ``--set`` and the
+teacher's files) tells apart rows of the same ``--set`` made under other preset defaults.
+``--quantize`` adds ``--quantize int8 --quantize-teacher`` to each run and a second table: the
+INT8 student's mean IoU against the float student's (issue 27's target: within 2 points), file
+sizes, status.
 """
 
 from __future__ import annotations
@@ -31,24 +35,34 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 DATA = HERE / "teachers" / "out" / "segmentation"
 
-from bench_suite import int8_rows, parse_sets, summarise_int8  # noqa: E402 (this folder is on the path)
+from bench_suite import (  # noqa: E402 (this folder is on the path)
+    fingerprint,
+    int8_rows,
+    parse_sets,
+    summarise_int8,
+)
 
 STUDENTS = {"unet-seg": "auto", "lraspp-seg": "zoo"}
 
 
 def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threads: int,
             batch_size: int | None = None, init: str = "auto", quantize: bool = False,
-            changes: dict | None = None, iters: int | None = None) -> dict:  # fmt: skip
-    """One ``compress`` run; its figures (a failed student keeps its figures, marked)."""
+            changes: dict | None = None, iters: int | None = None,
+            student: str | None = None) -> dict:  # fmt: skip
+    """One ``compress`` run; its figures (a failed student keeps its figures, marked).
+    ``student``: ``--student`` (None: the teacher's in STUDENTS)."""
     from compress_toolbox import CompressConfig, compress
     from compress_toolbox.distillation.presets import PRESETS
     from compress_toolbox.errors import DaflError
 
     path = DATA / f"{teacher}.{fmt}"
     budget = None if iters else budget
+    student = student or STUDENTS[teacher]
+    files = {"file": f"{DATA.name}/{path.name}", "eval": f"{DATA.name}/seg_eval.npz"}
     row = {"teacher": teacher, "format": fmt, "method": method, "budget": budget, "seed": seed,
-           "student": STUDENTS[teacher], "batch_size": batch_size, "init": init,
-           "quantize": quantize, "set": changes or {}, "iters": iters}  # fmt: skip
+           "student": student, "batch_size": batch_size, "init": init,
+           "quantize": quantize, "set": changes or {}, "iters": iters,
+           "fingerprint": fingerprint(files, changes or {})}  # fmt: skip
     preset = PRESETS["fast"].with_options(**changes) if changes else "fast"
     int8_options = {"quantize": "int8", "quantize_teacher": True} if quantize else {}
     budget_option = {"iters": iters} if iters else {"time_budget": budget}
@@ -60,7 +74,7 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
                 path,
                 CompressConfig.from_options(
                     task="segmentation",
-                    student=STUDENTS[teacher],
+                    student=student,
                     out=out,
                     eval_data=DATA / "seg_eval.npz",
                     method=method,
@@ -109,13 +123,15 @@ def _table(rows: list[dict]) -> str:
             row.get("batch_size"),
             row.get("init", "auto"),
             json.dumps(row.get("set", {}), sort_keys=True),
+            row.get("fingerprint"),  # the same --set text under other preset defaults differs
         )
         groups.setdefault(key, []).append(row)
     lines = ["| teacher | file | student | method (ran) | budget | batch | teacher mIoU | "
-             "student mIoU (median) | % of teacher | seeds | iterations | failed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "student mIoU (median) | % of teacher | seeds | iterations | failed | fingerprint |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, group in groups.items():
-        teacher, fmt, student, method, budget, iters, batch, init, changes = key
+        teacher, fmt, student, method, budget, iters, batch, init, changes, prints = key
+        settings = prints[:8] if prints else "not recorded"
         batch = batch or "default"
         budget = f"{iters} it" if iters else f"{budget:.0f} s"
         if changes != "{}":
@@ -123,7 +139,7 @@ def _table(rows: list[dict]) -> str:
         done = [r for r in group if "student_miou" in r]
         if not done:
             lines.append(f"| {teacher} | {fmt} | {student} | {method} | {budget} | {batch} "
-                         f"| | | | {len(group)} | | {len(group)} |")  # fmt: skip
+                         f"| | | | {len(group)} | | {len(group)} | {settings} |")  # fmt: skip
             continue
         t = statistics.median(r["teacher_miou"] for r in done)
         s = statistics.median(r["student_miou"] for r in done)
@@ -133,7 +149,7 @@ def _table(rows: list[dict]) -> str:
         failed = sum(r.get("status") != "ok" for r in group)
         lines.append(f"| {teacher} | {fmt} | {kind} | {method} ({ran}) | {budget} | {batch} | "
                      f"{t:.4f} | {s:.4f} | {100 * s / t:.1f}% | {len(group)} | {its:.0f} | "
-                     f"{failed} |")  # fmt: skip
+                     f"{failed} | {settings} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -170,6 +186,9 @@ def main() -> int:
         "--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed+seeds-1"
     )
     parser.add_argument("--batch-size", type=int, help="default: the task's (16 for segmentation)")
+    defaults = ", ".join(f"{teacher} {student}" for teacher, student in STUDENTS.items())
+    parser.add_argument("--student", help="--student for every run (auto, zoo, zoo:NAME); "
+                        f"default: the teacher's ({defaults})")  # fmt: skip
     parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto")
     parser.add_argument(
         "--threads",
@@ -204,7 +223,8 @@ def main() -> int:
                     for seed in range(args.first_seed, args.first_seed + args.seeds):
                         row = run_one(teacher, fmt, method, budget, seed, args.threads,
                                       args.batch_size, args.init, args.quantize,
-                                      parse_sets(args.set), args.iters)  # fmt: skip
+                                      parse_sets(args.set), args.iters,
+                                      args.student)  # fmt: skip
                         mine.append(row)
                         print(json.dumps(row), flush=True)
                         if args.json:

@@ -124,18 +124,23 @@ def run_one(entry: dict, method: str, seed: int, budget: float, changes: dict,
 def fingerprint(entry: dict, changes: dict) -> str:
     """What a run's figures depend on besides its teacher name, method, seed and budget: the
     preset's every field after ``changes``, and the teacher's files and manifest entry (a
-    rebuilt teacher or a changed preset default is another run)."""
+    rebuilt teacher, a changed preset default or an edit of the file holding its model class,
+    any class in it, is another run)."""
     from dataclasses import asdict
 
-    sys.path.insert(0, str(REPO))
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
     from compress_toolbox.distillation.presets import PRESETS
 
     digest = hashlib.sha256()
     preset = PRESETS["fast"].with_options(**changes)
     digest.update(json.dumps([asdict(preset), entry], sort_keys=True, default=str).encode())
-    for name in (entry["file"], entry["file"] + ".data", entry["eval"]):
-        if (SUITE / name).is_file():
-            digest.update((SUITE / name).read_bytes())
+    sources = [SUITE / entry["file"], SUITE / (entry["file"] + ".data"), SUITE / entry["eval"]]
+    if entry.get("model_class"):  # "path/to/models.py:ClassName"
+        sources.append(Path(entry["model_class"].rpartition(":")[0]))
+    for path in sources:
+        if path.is_file():
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
