@@ -576,10 +576,18 @@ def test_a_neck_whose_sizes_the_head_reads_is_pruned_unless_its_channels_are_rea
 
 
 def test_a_failed_student_is_pointed_to_the_other_kind_of_student():
-    from compress_toolbox.pipeline import _other_student
-    from compress_toolbox.student.plan import StudentPlan
+    """And a derived one started fresh to the teacher's weights, where they fit."""
+    from compress_toolbox.pipeline import _what_else
+    from compress_toolbox.student.plan import CHANNEL_ORDER_NOTE, StudentPlan
 
-    derived = StudentPlan("derived (width 0.5, init teacher)", nn.Identity(), None, "derived")
-    assert _other_student(derived) == "--student zoo"
-    zoo = StudentPlan("zoo:yolo_nano", nn.Identity(), None, "zoo")
-    assert _other_student(zoo) == "--student auto"
+    def plan(kind: str, source: str = "derived", from_teacher: bool = False) -> StudentPlan:
+        return StudentPlan(kind, nn.Identity(), None, source, from_teacher=from_teacher)
+
+    tried = "a longer --time-budget, another --method"
+    tuned = plan("derived (width 0.5, init teacher)", from_teacher=True)
+    assert _what_else(tuned) == f"{tried} or --student zoo"
+    fresh = plan("derived (width 0.5, init fresh), 65 BatchNorm layers added for training")
+    assert _what_else(fresh) == f"{tried}, --init teacher or --student zoo"
+    flattened = plan(f"derived (width 0.5, init fresh, {CHANNEL_ORDER_NOTE})")
+    assert _what_else(flattened) == f"{tried} or --student zoo"
+    assert _what_else(plan("zoo:yolo_nano", "zoo")) == f"{tried} or --student auto"

@@ -23,6 +23,9 @@ from compress_toolbox.student.derive import (
 )
 from compress_toolbox.tasks import Task
 
+# in a derived student's kind when the teacher's weights cannot be kept (an H,W,C flatten)
+CHANNEL_ORDER_NOTE = "not from the teacher's weights: H,W,C flatten"
+
 
 @dataclass
 class StudentPlan:
@@ -33,6 +36,13 @@ class StudentPlan:
     analysis: Analysis
     source: Literal["derived", "zoo"]
     from_teacher: bool = False  # starts from the teacher's weights (fine-tuning)
+
+    @property
+    def could_start_from_teacher(self) -> bool:
+        """A derived student started fresh that the teacher's weights would fit
+        (``--init teacher``)."""
+        return (self.source == "derived" and not self.from_teacher
+                and CHANNEL_ORDER_NOTE not in self.kind)  # fmt: skip
 
 
 def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
@@ -107,7 +117,7 @@ def _derive(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module, b
     except ChannelOrderError:
         if not config.init_may_fall_back or init != "teacher":
             raise
-        init, note = "fresh", ", not from the teacher's weights: H,W,C flatten"
+        init, note = "fresh", f", {CHANNEL_ORDER_NOTE}"
         module = make_student(teacher.module, width=width, init=init, example_input=example)
     kept = _answers_kept(teacher, module, config, init)
     if kept is not None and kept < config.task.min_answers_kept:
