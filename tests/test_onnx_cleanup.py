@@ -270,6 +270,12 @@ def test_hwc_flatten_of_unknown_size_falls_back_to_fresh_init_when_auto(tmp_path
     plan = plan_student(teacher, CompressConfig())  # --init auto: the preset's choice
     assert not plan.from_teacher
     assert "init fresh, not from the teacher's weights: H,W,C flatten" in plan.kind
+    # so a failed run does not suggest --init teacher, nor does one asked to start fresh
+    fresh = CompressConfig.from_options(init="fresh")
+    assert not plan.could_start_from_teacher
+    assert not plan_student(teacher, fresh).could_start_from_teacher
+    plain = load_teacher(_nhwc_lenet(tmp_path / "fixed.onnx"))  # its weights fit
+    assert plan_student(plain, fresh).could_start_from_teacher
 
 
 def test_onnxruntime_keeps_batchnorm_statistics(tmp_path):

@@ -21,10 +21,8 @@ from compress_toolbox.student.derive import (
     make_student,
     start_fresh,
 )
+from compress_toolbox.student.graph_facts import channels_last_flatten
 from compress_toolbox.tasks import Task
-
-# in a derived student's kind when the teacher's weights cannot be kept (an H,W,C flatten)
-CHANNEL_ORDER_NOTE = "not from the teacher's weights: H,W,C flatten"
 
 
 @dataclass
@@ -36,13 +34,8 @@ class StudentPlan:
     analysis: Analysis
     source: Literal["derived", "zoo"]
     from_teacher: bool = False  # starts from the teacher's weights (fine-tuning)
-
-    @property
-    def could_start_from_teacher(self) -> bool:
-        """A derived student started fresh that the teacher's weights would fit
-        (``--init teacher``)."""
-        return (self.source == "derived" and not self.from_teacher
-                and CHANNEL_ORDER_NOTE not in self.kind)  # fmt: skip
+    # a derived student started fresh that the teacher's weights would fit (--init teacher)
+    could_start_from_teacher: bool = False
 
 
 def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
@@ -76,7 +69,16 @@ def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
         raise DaflError(f"--student {choice} is no smaller than the teacher ({sizes}): "
                         "--student zoo picks a smaller one where the zoo has it")
     source = "derived" if choice == "auto" else "zoo"
-    return StudentPlan(kind, module, analysis, source, from_teacher=from_teacher)
+    could = source == "derived" and not from_teacher and _teacher_weights_fit(teacher)
+    return StudentPlan(kind, module, analysis, source, from_teacher=from_teacher,
+                       could_start_from_teacher=could)  # fmt: skip
+
+
+def _teacher_weights_fit(teacher: Teacher) -> bool:
+    """Whether a derived student could keep the teacher's weights: not where the teacher
+    flattens H,W,C-ordered features of a size not fixed (``channels_last_flatten``)."""
+    example = torch.randn(2, *teacher.input_shape)
+    return channels_last_flatten(teacher.module, example) is None
 
 
 def _derived(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module, bool]:
@@ -117,7 +119,7 @@ def _derive(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module, b
     except ChannelOrderError:
         if not config.init_may_fall_back or init != "teacher":
             raise
-        init, note = "fresh", f", {CHANNEL_ORDER_NOTE}"
+        init, note = "fresh", ", not from the teacher's weights: H,W,C flatten"
         module = make_student(teacher.module, width=width, init=init, example_input=example)
     kept = _answers_kept(teacher, module, config, init)
     if kept is not None and kept < config.task.min_answers_kept:
