@@ -586,7 +586,9 @@ def test_a_failed_student_is_pointed_to_the_other_kind_of_student():
                            could_start_from_teacher=could)  # fmt: skip
 
     tried = "a longer --time-budget, another --method"
-    assert _what_else(plan(from_teacher=True)) == f"{tried} or --student zoo"
-    assert _what_else(plan(could=True)) == f"{tried}, --init teacher or --student zoo"
-    assert _what_else(plan()) == f"{tried} or --student zoo"  # the weights cannot fit
-    assert _what_else(plan("zoo")) == f"{tried} or --student auto"
+    assert _what_else(plan(from_teacher=True), "lenet5") == f"{tried} or --student zoo"
+    assert _what_else(plan(could=True), "lenet5") == f"{tried}, --init teacher or --student zoo"
+    assert _what_else(plan(), "lenet5") == f"{tried} or --student zoo"  # the weights cannot fit
+    assert _what_else(plan(could=True), None) == f"{tried} or --init teacher"  # no zoo model fits
+    assert _what_else(plan(), None) == "a longer --time-budget or another --method"
+    assert _what_else(plan("zoo"), "lenet5") == f"{tried} or --student auto"

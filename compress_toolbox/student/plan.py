@@ -91,15 +91,22 @@ def _derived(teacher: Teacher, config: CompressConfig) -> tuple[str, nn.Module, 
         raise StudentError(f"{error}; {_instead_of_deriving(teacher, config.task)}") from error
 
 
-def _instead_of_deriving(teacher: Teacher, task: Task) -> str:
-    """A zoo model where one of the task gives the teacher's output (never advice that cannot
-    help, as `--student zoo` for a detector whose output no zoo model gives)."""
+def zoo_student_for(teacher: Teacher, task: Task) -> str | None:
+    """The zoo model ``--student zoo`` would take for ``teacher``, where it gives the teacher's
+    output; None where none does (never advice that cannot help, as ``--student zoo`` for a
+    detector whose output no zoo model gives)."""
     try:
         name, module = model_zoo.pick_student(task, teacher)
         fits = analyse(module, teacher.input_shape).output_shape == teacher.analysis.output_shape
     except Exception:  # noqa: BLE001 - no zoo model, or one that does not run: none fits
-        fits = False
-    if not fits:
+        return None
+    return name if fits else None
+
+
+def _instead_of_deriving(teacher: Teacher, task: Task) -> str:
+    """A zoo model where one of the task gives the teacher's output, else what may help."""
+    name = zoo_student_for(teacher, task)
+    if name is None:
         return (f"no {task.name} model of the zoo gives this teacher's output "
                 f"{tuple(teacher.analysis.output_shape)} either: try another --width, or rerun "
                 "with --debug and report the traceback with the model's architecture")  # fmt: skip
