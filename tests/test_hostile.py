@@ -640,11 +640,23 @@ def test_student_far_below_its_teacher_is_a_failure_not_a_success(corpus, tmp_pa
         y = corpus["model"](torch.tensor(x / 255.0, dtype=torch.float32)[:, None]).argmax(1)
     np.savez(tmp_path / "agree.npz", x=x, y=y.numpy())  # the teacher is 100% right on these
     out = tmp_path / "out"
-    assert run_cli(corpus["onnx"], "--eval-data", tmp_path / "agree.npz", "--out", out,
-                   "--init", "fresh", "--iters", "1", "--batch-size", "16", "--no-progress",
-                   "--threads", "1") == 3  # fmt: skip
+    command = [corpus["onnx"], "--eval-data", tmp_path / "agree.npz", "--out", out, "--init",
+               "fresh", "--batch-size", "16", "--no-progress", "--threads", "1"]  # fmt: skip
+    assert run_cli(*command, "--iters", "1") == 3
     err = capsys.readouterr().err
     assert "less than half of the teacher's" in err and "kept for inspection" in err
+    assert "--init teacher" in err  # a fresh derived student: the teacher's weights would fit
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "failed" and "FAILED" in (out / "report.md").read_text()
     assert (tmp_path / "out.checkpoint" / "dafl_checkpoint.pt").is_file()  # --resume can go on
+    # README: the same command with --resume goes on and replaces the failed run's folder
+    def losses(history: str) -> list[str]:  # iteration 1's time and losses, not its health
+        return history.splitlines()[1].split(",")[:7]
+
+    first = losses((out / "history.csv").read_text())
+    assert run_cli(*command, "--iters", "3", "--resume") in (0, 3)  # without it: exit 2
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["iterations"] == 3 and resumed["seed"] == report["seed"]
+    history = (out / "history.csv").read_text()
+    assert losses(history) == first and len(history.splitlines()) == 4  # 2 and 3 added
+    assert not list(tmp_path.glob("out-*"))  # replaced, not moved aside
