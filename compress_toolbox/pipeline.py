@@ -48,7 +48,12 @@ from compress_toolbox.outdir import (
 )
 from compress_toolbox.report.build import Measurements, build_report
 from compress_toolbox.report.render import plot_curves, write_report
-from compress_toolbox.student.plan import StudentPlan, plan_student, zoo_student_for
+from compress_toolbox.student.plan import (
+    StudentPlan,
+    plan_student,
+    teacher_weights_fit,
+    zoo_student_for,
+)
 from compress_toolbox.tasks import FILE_OUTPUTS, MainOutput, Task, task_of_output
 from compress_toolbox.tasks.evaldata import (
     EvalData,
@@ -230,23 +235,24 @@ def compress(teacher_path: str | Path, config: CompressConfig | None = None, *,
         raise StudentFailed(
             f"the student failed: {'; '.join(report['problems'])}. The folder {out_dir} is kept "
             "for inspection (report.md, curves.png, samples.png); try "
-            f"{_what_else(inputs.plan, zoo_student_for(inputs.teacher, config.task))}"
+            + _what_else(inputs.plan, teacher_weights_fit(inputs.teacher),
+                         zoo_student_for(inputs.teacher, config.task))  # fmt: skip
         )
     Checkpointer.remove(folder.checkpoint_dir / CHECKPOINT_NAME)  # finished: nothing to resume
     return CompressResult(out_dir, inputs.teacher, inputs.plan, report)
 
 
-def _what_else(plan: StudentPlan, zoo_student: str | None) -> str:
+def _what_else(plan: StudentPlan, weights_fit: bool, zoo_student: str | None) -> str:
     """What to try after a failed student: more time, another method, and the other kind of
     student: the zoo's (``zoo_student``, where one fits) for a derived one, a derived one (from
     the teacher's weights) for the zoo's, and for a derived one started fresh the teacher's
-    weights too (the benchmark LR-ASPP's student failed fresh on two seeds of three and passed
-    on all three from them, benchmarks/RESULTS.md)."""
+    weights too where they fit (``weights_fit``: the benchmark LR-ASPP's student failed fresh
+    on two seeds of three and passed on all three from them, benchmarks/RESULTS.md)."""
     options = ["a longer --time-budget", "another --method"]
     if plan.source == "zoo":
         options.append("--student auto")
     else:
-        options += ["--init teacher"] * plan.could_start_from_teacher
+        options += ["--init teacher"] * (weights_fit and not plan.from_teacher)
         options += ["--student zoo"] * (zoo_student is not None)
     return f"{', '.join(options[:-1])} or {options[-1]}"
 

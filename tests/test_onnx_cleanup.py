@@ -21,6 +21,7 @@ from compress_toolbox.export.writer import export_onnx, verify_onnx
 from compress_toolbox.load.analysis import analyse, count_params
 from compress_toolbox.load.graph.onnx_cleanup import clean_up
 from compress_toolbox.student.derive import ChannelOrderError, make_student
+from compress_toolbox.student.plan import teacher_weights_fit
 
 
 class _Graph:
@@ -272,10 +273,10 @@ def test_hwc_flatten_of_unknown_size_falls_back_to_fresh_init_when_auto(tmp_path
     assert "init fresh, not from the teacher's weights: H,W,C flatten" in plan.kind
     # so a failed run does not suggest --init teacher, nor does one asked to start fresh
     fresh = CompressConfig.from_options(init="fresh")
-    assert not plan.could_start_from_teacher
-    assert not plan_student(teacher, fresh).could_start_from_teacher
+    assert not teacher_weights_fit(teacher)
+    assert not plan_student(teacher, fresh).from_teacher
     plain = load_teacher(_nhwc_lenet(tmp_path / "fixed.onnx"))  # its weights fit
-    assert plan_student(plain, fresh).could_start_from_teacher
+    assert teacher_weights_fit(plain) and not plan_student(plain, fresh).from_teacher
 
 
 def test_onnxruntime_keeps_batchnorm_statistics(tmp_path):

@@ -580,15 +580,13 @@ def test_a_failed_student_is_pointed_to_the_other_kind_of_student():
     from compress_toolbox.pipeline import _what_else
     from compress_toolbox.student.plan import StudentPlan
 
-    def plan(source: str = "derived", from_teacher: bool = False,
-             could: bool = False) -> StudentPlan:  # fmt: skip
-        return StudentPlan("kind", nn.Identity(), None, source, from_teacher=from_teacher,
-                           could_start_from_teacher=could)  # fmt: skip
+    def plan(source: str = "derived", from_teacher: bool = False) -> StudentPlan:
+        return StudentPlan("kind", nn.Identity(), None, source, from_teacher=from_teacher)
 
     tried = "a longer --time-budget, another --method"
-    assert _what_else(plan(from_teacher=True), "lenet5") == f"{tried} or --student zoo"
-    assert _what_else(plan(could=True), "lenet5") == f"{tried}, --init teacher or --student zoo"
-    assert _what_else(plan(), "lenet5") == f"{tried} or --student zoo"  # the weights cannot fit
-    assert _what_else(plan(could=True), None) == f"{tried} or --init teacher"  # no zoo model fits
-    assert _what_else(plan(), None) == "a longer --time-budget or another --method"
-    assert _what_else(plan("zoo"), "lenet5") == f"{tried} or --student auto"
+    assert _what_else(plan(from_teacher=True), True, "lenet5") == f"{tried} or --student zoo"
+    assert _what_else(plan(), True, "lenet5") == f"{tried}, --init teacher or --student zoo"
+    assert _what_else(plan(), False, "lenet5") == f"{tried} or --student zoo"  # cannot fit
+    assert _what_else(plan(), True, None) == f"{tried} or --init teacher"  # no zoo model fits
+    assert _what_else(plan(), False, None) == "a longer --time-budget or another --method"
+    assert _what_else(plan("zoo"), True, "lenet5") == f"{tried} or --student auto"

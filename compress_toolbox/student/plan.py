@@ -34,8 +34,6 @@ class StudentPlan:
     analysis: Analysis
     source: Literal["derived", "zoo"]
     from_teacher: bool = False  # starts from the teacher's weights (fine-tuning)
-    # a derived student started fresh that the teacher's weights would fit (--init teacher)
-    could_start_from_teacher: bool = False
 
 
 def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
@@ -69,14 +67,13 @@ def plan_student(teacher: Teacher, config: CompressConfig) -> StudentPlan:
         raise DaflError(f"--student {choice} is no smaller than the teacher ({sizes}): "
                         "--student zoo picks a smaller one where the zoo has it")
     source = "derived" if choice == "auto" else "zoo"
-    could = source == "derived" and not from_teacher and _teacher_weights_fit(teacher)
-    return StudentPlan(kind, module, analysis, source, from_teacher=from_teacher,
-                       could_start_from_teacher=could)  # fmt: skip
+    return StudentPlan(kind, module, analysis, source, from_teacher=from_teacher)
 
 
-def _teacher_weights_fit(teacher: Teacher) -> bool:
-    """Whether a derived student could keep the teacher's weights: not where the teacher
-    flattens H,W,C-ordered features of a size not fixed (``channels_last_flatten``)."""
+def teacher_weights_fit(teacher: Teacher) -> bool:
+    """Whether a derived student could keep the teacher's weights (``--init teacher``): not
+    where the teacher flattens H,W,C-ordered features of a size not fixed
+    (``channels_last_flatten``)."""
     example = torch.randn(2, *teacher.input_shape)
     return channels_last_flatten(teacher.module, example) is None
 
