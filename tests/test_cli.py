@@ -285,21 +285,15 @@ def test_zoo_student_never_bigger_than_teacher(workspace, tmp_path, capsys):
     assert "not smaller than the teacher" in capsys.readouterr().err and not out.exists()
 
 
-def test_mlp_auto_and_noise_method(workspace, tmp_path):
+def test_mlp_noise_method_for_one_epoch(workspace, tmp_path):
+    """--epochs 1: the fast preset's 120 iterations per epoch."""
     out = tmp_path / "out"
-    code = run_cli(
-        workspace / "DigitsMLP.ts",
-        "--method",
-        "noise",
-        "--eval-data",
-        workspace / "eval.npz",
-        "--out",
-        out,
-        *FAST,
-    )
+    epoch = ["--epochs", "1", *FAST[2:]]
+    code = run_cli(workspace / "DigitsMLP.ts", "--method", "noise", "--eval-data",
+                   workspace / "eval.npz", "--out", out, *epoch)  # fmt: skip
     assert code == 0
     report = check_output_folder(out, workspace / "eval.npz")
-    assert report["method"] == "noise"
+    assert report["method"] == "noise" and report["iterations"] == 120
     assert report["student"]["widths"] == [32, 10]
 
 
@@ -666,21 +660,13 @@ def test_a_method_without_a_one_line_summary_is_refused(monkeypatch):
             methods.register_method(odd)
 
 
-def test_sigint_then_resume_finishes(workspace, tmp_path):
+def _interrupt_a_run(workspace: Path, tmp_path: Path, sig: int,
+                     code: int) -> tuple[list[str], dict]:  # fmt: skip
+    """Start a 12 s run, send ``sig`` well into training: it exits ``code`` and says to
+    --resume, leaving no output folder and a checkpoint. The command and its environment."""
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        str(workspace / "DigitsCNN.onnx"),
-        "--out",
-        str(out),
-        "--time-budget",
-        "12",
-        "--batch-size",
-        "32",
-        "--no-progress",
-    ]
+    command = [sys.executable, "-m", "cli.main", str(workspace / "DigitsCNN.onnx"), "--out",
+               str(out), "--time-budget", "12", "--batch-size", "32", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{workspace}"}
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
                                preexec_fn=ctrl_c_as_at_a_terminal)  # fmt: skip
@@ -688,12 +674,23 @@ def test_sigint_then_resume_finishes(workspace, tmp_path):
     while not list(tmp_path.glob(".out.partial-*")) and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(4)  # well into training
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    assert "--resume" in err
+    assert process.returncode == code, err
+    assert "--resume" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
     assert (tmp_path / "out.checkpoint").is_dir()
+    return command, env
+
+
+def test_sigterm_exits_143_and_keeps_a_checkpoint(workspace, tmp_path):
+    """SIGTERM (a job scheduler's stop) is answered as Ctrl-C is, with the shell's 143."""
+    _interrupt_a_run(workspace, tmp_path, signal.SIGTERM, 143)
+
+
+def test_sigint_then_resume_finishes(workspace, tmp_path):
+    out = tmp_path / "out"
+    command, env = _interrupt_a_run(workspace, tmp_path, signal.SIGINT, 130)
     resumed = subprocess.run(
         command + ["--resume"], env=env, capture_output=True, text=True, timeout=300
     )

@@ -330,6 +330,16 @@ def test_resume_without_checkpoint_fails(digits, tmp_path):
         run(digits["cnn"][0], iters=2, checkpoint_dir=tmp_path, resume=True)
 
 
+def test_epochs_count_the_presets_iterations_per_epoch(digits):
+    """``epochs`` (``--epochs``) trains epochs x the preset's ``iters_per_epoch`` iterations,
+    and only one of time budget, iterations and epochs may be given."""
+    teacher = digits["mlp"][0]
+    result = run(teacher, method="dafl", epochs=2, preset=replace(TINY, iters_per_epoch=3))
+    assert result.iterations == 6 and len(result.history) == 6
+    with pytest.raises(DaflError, match="at most one of time budget, iterations and epochs"):
+        run(teacher, iters=2, epochs=1)
+
+
 def test_time_budget_stops_on_time(digits):
     teacher, eval_data = digits["cnn"]
     t0 = time.perf_counter()

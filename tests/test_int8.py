@@ -22,6 +22,7 @@ from torch import nn
 from compress_toolbox import QuantizeOptions, quantize_model
 from compress_toolbox.errors import DaflError
 from compress_toolbox.export import int8
+from compress_toolbox.export.onnx_compare import Agreement
 
 FAST = ["--iters", "40", "--batch-size", "32", "--no-progress", "--threads", "1"]
 ROWS = ["teacher fp32", "teacher int8", "student fp32", "student int8"]
@@ -85,9 +86,13 @@ def test_quantize_int8_writes_a_smaller_verified_student_and_the_rows(workspace,
     assert entry["verified_batches"] == [1, 7] and entry["calibration_samples"] == 1024
     assert entry["float_score"] == pytest.approx(report["student"]["accuracy"])
     assert [row["model"] for row in report["int8"]["rows"]] == ROWS
+    assert all(list(row["latency_ms"]) == ["batch 1", "batch 32"] and
+               all(ms > 0 for ms in row["latency_ms"].values())
+               for row in report["int8"]["rows"])  # fmt: skip
     assert report["timings"]["quantize_s"] > 0
     markdown = (out / "report.md").read_text()
     assert "## INT8" in markdown and all(f"| {name} |" in markdown for name in ROWS)
+    assert "batch 1" in markdown and "batch 32" in markdown
 
 
 def test_an_op_without_int8_form_stays_float_and_the_report_says_so(workspace, tmp_path):
@@ -179,6 +184,20 @@ def test_a_file_fixed_at_batch_four_is_timed_at_four(workspace, tmp_path, capsys
                    "--force") == 0  # fmt: skip
     header = capsys.readouterr().out.splitlines()[0]
     assert "ms, batch 4" in header and "batch 32" not in header
+
+
+@pytest.mark.parametrize(("top1", "status"), [(0.949, "rejected"), (0.95, "ok")])
+def test_without_eval_data_int8_needs_95_percent_agreement(workspace, tmp_path, monkeypatch,
+                                                           top1, status):  # fmt: skip
+    """README's rule: without eval data an INT8 model agreeing with the float one on less than
+    95% of the check inputs is kept only as ``*.int8.rejected.onnx``."""
+    monkeypatch.setattr(int8, "_agreement", lambda *args: Agreement(64, top1, 0.0, 0.0))
+    x = torch.from_numpy(np.load(workspace / "eval.npz")["x"])
+    result = quantize_model(workspace / "mlp.onnx", tmp_path / "m.int8.onnx", x[:200],
+                            samples=64)  # fmt: skip
+    assert result.status == status and result.path.is_file()
+    assert result.path.name == f"m.int8{'.rejected' * (status == 'rejected')}.onnx"
+    assert ("at least 95% needed" in result.reason) == (status == "rejected")
 
 
 def test_quantize_model_from_a_generator_or_a_tensor(workspace, tmp_path):
