@@ -92,7 +92,7 @@ def test_quantize_int8_writes_a_smaller_verified_student_and_the_rows(workspace,
     assert report["timings"]["quantize_s"] > 0
     markdown = (out / "report.md").read_text()
     assert "## INT8" in markdown and all(f"| {name} |" in markdown for name in ROWS)
-    assert "batch 1" in markdown and "batch 32" in markdown
+    assert "| latency batch 1 | latency batch 32 |" in markdown
 
 
 def test_an_op_without_int8_form_stays_float_and_the_report_says_so(workspace, tmp_path):
