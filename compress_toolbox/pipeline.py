@@ -246,9 +246,8 @@ def _what_else(plan: StudentPlan, weights_fit: bool, zoo_student: str | None) ->
     """What to try after a failed student: more time, another method, and the other kind of
     student: the zoo's (``zoo_student``, where one fits) for a derived one, a derived one (from
     the teacher's weights) for the zoo's, and for a derived one started fresh the teacher's
-    weights too where they fit (``weights_fit``: in session 40 the benchmark LR-ASPP's student
-    failed fresh on two seeds of three and passed on all three from them; fresh, it passed on
-    all three in session 41, benchmarks/RESULTS.md)."""
+    weights too where they fit (``weights_fit``: on the benchmark LR-ASPP a student from them
+    has passed where a fresh one failed, benchmarks/RESULTS.md)."""
     options = ["a longer --time-budget", "another --method"]
     if plan.source == "zoo":
         options.append("--student auto")
