@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import warnings
@@ -37,6 +39,7 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 SUBCOMMANDS = ("inspect", "student", "zoo", "quantize")
 LAUNCH_COMMAND = "DAFL_LAUNCH_COMMAND"  # set by --nproc for the ranks it starts
+CTRL_BREAK = getattr(signal, "SIGBREAK", None)  # Windows only
 
 
 def _teacher_kwargs(args: argparse.Namespace) -> dict:
@@ -214,7 +217,7 @@ def run_compress(args: argparse.Namespace) -> int:
     from compress_toolbox import CompressConfig, compress
     from compress_toolbox.distillation import distributed
 
-    command = "dafl-compress " + shlex.join(sys.argv[1:])
+    command = "dafl-compress " + command_line(sys.argv[1:])
     if args.nproc is not None and not distributed.launched():
         os.environ[LAUNCH_COMMAND] = command  # the ranks' report names the user's command
         return distributed.launch(args.nproc, distributed.strip_option(args.argv, "--nproc"))
@@ -237,9 +240,14 @@ def run_compress(args: argparse.Namespace) -> int:
         print(f"student plan: {result.plan.kind}")
         _print_comparison(result.teacher.analysis, result.plan.analysis)
         return 0
-    print((result.out_dir / "report.md").read_text())
+    print((result.out_dir / "report.md").read_text(encoding="utf-8"))
     print(f"output written to {result.out_dir}/")
     return 0
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """``argv`` quoted as this platform's shell reads it (cmd.exe takes no single quotes)."""
+    return subprocess.list2cmdline(argv) if os.name == "nt" else shlex.join(argv)
 
 
 class Terminated(KeyboardInterrupt):
@@ -296,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Windows' Ctrl-Break (also sent when the console window closes) is answered as Ctrl-C
+    previous_break = CTRL_BREAK and signal.signal(CTRL_BREAK, signal.default_int_handler)
     try:
         try:
             with _ctrl_c_deferred():  # the parsers import torch, numpy & co.
@@ -324,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_error(error, argv)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if CTRL_BREAK:
+            signal.signal(CTRL_BREAK, previous_break)
         ranks = sys.modules.get("compress_toolbox.distillation.distributed")
         if ranks is not None:  # leave the process group, if any
             ranks.shutdown()
@@ -357,6 +369,10 @@ def entry_point() -> None:
         import multiprocessing
 
         multiprocessing.freeze_support()
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # a name the console's code page cannot spell (Windows, output redirected) is escaped,
+        # not an error after the work is done
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         code = main()
     except KeyboardInterrupt:  # between the handlers above (rare)

@@ -9,8 +9,10 @@ can refuse with one clear line instead of hanging or taking the machine down.
 from __future__ import annotations
 
 import _thread
+import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import torch
 POLL_S = 0.25
 WALL_FACTOR = 5  # a block that waits instead of computing is stopped at 5x its bound
 DEFAULT_MEMORY_CAP = 8 * 2**30  # bytes a bounded block may add, at most half of what is free
+OUT_OF_MEMORY_WORDS = ("can't allocate memory", "not enough memory")
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -38,8 +41,10 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def _free_system_memory() -> int | None:
+    if sys.platform == "win32":
+        return _free_windows_memory()
     try:  # MemAvailable counts reclaimable page cache, which MemFree (SC_AVPHYS_PAGES) omits
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -50,10 +55,29 @@ def _free_system_memory() -> int | None:
         return None
 
 
+class _MemoryStatus(ctypes.Structure):
+    """Windows' MEMORYSTATUSEX, what GlobalMemoryStatusEx fills in."""
+
+    _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32)] + [
+        (name, ctypes.c_uint64) for name in ("ullTotalPhys", "ullAvailPhys", "ullTotalPageFile",
+                                             "ullAvailPageFile", "ullTotalVirtual",
+                                             "ullAvailVirtual", "ullAvailExtendedVirtual")
+    ]  # fmt: skip
+
+
+def _free_windows_memory() -> int | None:
+    """Available physical memory on Windows (``ullAvailPhys``, what Task Manager calls
+    available), or None when the call fails."""
+    status = _MemoryStatus(dwLength=ctypes.sizeof(_MemoryStatus))
+    if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+        return None
+    return int(status.ullAvailPhys)
+
+
 def virtual_size() -> int | None:
     """This process's mapped address space in bytes (Linux; None elsewhere)."""
     try:
-        with open("/proc/self/statm") as handle:
+        with open("/proc/self/statm", encoding="ascii") as handle:
             return int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
@@ -152,9 +176,12 @@ def _address_space_cap(extra_bytes: int | None) -> Iterator[None]:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an allocation failure (Python's or torch's CPU allocator)."""
+    """Whether ``error`` is an allocation failure (Python's or torch's CPU allocator, whose
+    message is the C library's: "can't allocate memory" on Linux, "not enough memory" on
+    Windows)."""
     return isinstance(error, MemoryError) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+        isinstance(error, RuntimeError)
+        and any(words in str(error) for words in OUT_OF_MEMORY_WORDS)
     )
 
 

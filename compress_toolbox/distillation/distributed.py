@@ -36,7 +36,12 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-from compress_toolbox.distillation.local_launch import launch  # noqa: F401 - the --nproc shortcut, re-exported
+from compress_toolbox.distillation.local_launch import (
+    STOP_SIGNALS,
+    USE_LIBUV,
+    launch,  # noqa: F401 - the --nproc shortcut, re-exported
+    stop_signal,
+)
 from compress_toolbox.errors import DaflError, first_line
 
 # A rank that stops answering (killed, hung) ends the collectives of the others after this long
@@ -177,8 +182,14 @@ def init_from_env(device: str | None = None) -> World:
     wanted = str(device or "auto").split(":")[0]
     on_gpu = torch.cuda.is_available() and wanted in ("auto", "cuda")
     if on_gpu:
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise DaflError(f"rank {rank} has no GPU of its own: this machine has {gpus}; start "
+                            f"at most {gpus} ranks per machine, or add --device cpu")  # fmt: skip
         torch.cuda.set_device(local_rank)
-    backend = "cpu:gloo,cuda:nccl" if on_gpu else "gloo"
+    # NCCL for CUDA tensors where torch has it (not on Windows: gloo carries them there)
+    cuda_backend = "nccl" if dist.is_nccl_available() else "gloo"
+    backend = f"cpu:gloo,cuda:{cuda_backend}" if on_gpu else "gloo"
     timeout = datetime.timedelta(seconds=TIMEOUT_S)
     try:
         dist.init_process_group(backend, timeout=timeout, **_restart_store(rank, size, timeout))
@@ -198,7 +209,8 @@ def _restart_store(rank: int, size: int, timeout: datetime.timedelta) -> dict[st
         return {}
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts it
     base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
-                         is_master=rank == 0 and not agent, timeout=timeout)  # fmt: skip
+                         is_master=rank == 0 and not agent, timeout=timeout,
+                         use_libuv=USE_LIBUV)  # fmt: skip
     attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
     store = dist.PrefixStore(f"dafl-compress/attempt{attempt}/", base)
     return {"store": store, "rank": rank, "world_size": size}
@@ -365,9 +377,9 @@ def deferred_signals() -> Iterator[SignalFlag]:
         return
 
     def record(signum, _frame) -> None:
-        flag.received = signum
+        flag.received = stop_signal(signum)
 
-    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, record) for s in STOP_SIGNALS}
     try:
         yield flag
     finally:

@@ -26,6 +26,17 @@ from compress_toolbox.errors import DaflError
 LOOPBACK = "127.0.0.1"
 POLL_S = 0.2
 STOP_GRACE_S = 60  # how long ranks get to save their checkpoint after Ctrl-C/SIGTERM
+# Windows builds of torch have no libuv (torch's own rendezvous turns it off there too)
+USE_LIBUV = sys.platform != "win32"
+# What stops a run as Ctrl-C does (a checkpoint, then exit 128 + N): SIGINT, SIGTERM and, on
+# Windows, SIGBREAK (Ctrl-Break, also what closing the console window sends), counted as SIGINT
+CTRL_BREAK = getattr(signal, "SIGBREAK", None)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([CTRL_BREAK] if CTRL_BREAK else []))
+
+
+def stop_signal(signum: int) -> int:
+    """The signal a stop by ``signum`` is counted as: Ctrl-Break as Ctrl-C."""
+    return signal.SIGINT if signum == CTRL_BREAK else signum
 
 
 def launch(nproc: int, argv: list[str]) -> int:
@@ -40,7 +51,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     # the store takes the socket over (and closes it when it goes)
     store = dist.TCPStore(LOOPBACK, port, None, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=600),
-                          master_listen_fd=listener.detach())  # fmt: skip
+                          master_listen_fd=listener.detach(), use_libuv=USE_LIBUV)  # fmt: skip
     # ranks > 0 repeat rank 0's lines, or report the closed connection when rank 0 stopped
     # first: their stderr is shown only when one of them failed first
     logs = [None] + [tempfile.TemporaryFile() for _ in range(1, nproc)]
@@ -91,12 +102,14 @@ def _wait(ranks: list[subprocess.Popen]) -> tuple[int, int | None]:
     stopped_by: list[int] = []
 
     def forward(signum, frame):
-        stopped_by.append(signum)
+        stopped_by.append(stop_signal(signum))
+        if os.name == "nt":  # the console sent it to the ranks too (send_signal takes neither)
+            return
         for rank in ranks:
             if rank.poll() is None:
                 rank.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
         while True:
             codes = [rank.poll() for rank in ranks]

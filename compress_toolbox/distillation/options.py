@@ -146,7 +146,7 @@ def write_history_csv(history: list[dict[str, Any]], path: str | Path) -> None:
         columns += [key for key in row if key not in columns]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in history:

@@ -143,7 +143,7 @@ def _has_vnni() -> bool:
     # Only Linux says so cheaply; elsewhere assume no VNNI (reduce_range costs 1 bit of weight
     # precision, saturation costs far more).
     try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
     except OSError:
         return False
     return "avx512_vnni" in flags or "avx_vnni" in flags

@@ -372,8 +372,9 @@ def plot_segmentation_samples(
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
     """report.json and report.md."""
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out_dir / "report.md").write_text(render_markdown(report))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n",
+                                          encoding="utf-8")
+    (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
 
 
 def planned_iterations(recipe: dict[str, Any] | None) -> int | None:

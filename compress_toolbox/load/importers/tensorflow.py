@@ -144,8 +144,9 @@ def _converter_args(path: Path, kind: str, out: Path, options: dict) -> list[str
 
 def _converter_env() -> dict[str, str]:
     """The user's environment, with PYTHONPATH made absolute (the converter's working folder is
-    not the user's) and the working folder kept off sys.path (Python 3.11+)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONSAFEPATH": "1"}
+    not the user's), the working folder kept off sys.path (Python 3.11+) and UTF-8 for its
+    output (TensorFlow's messages are not always in Windows' code page)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONSAFEPATH": "1", "PYTHONUTF8": "1"}
     if env.get("PYTHONPATH"):
         entries = env["PYTHONPATH"].split(os.pathsep)
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in entries if p)
@@ -158,17 +159,17 @@ def _run_converter(path: Path, kind: str, out: Path, options: dict) -> Conversio
     command = [sys.executable, "-c", LAUNCH, str(CONVERTER),
                *_converter_args(path, kind, out, options)]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="dafl-tf-cwd-") as cwd:
-        done = subprocess.run(command, capture_output=True, text=True, env=_converter_env(),
-                              cwd=cwd)  # fmt: skip
+        done = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace",
+                              env=_converter_env(), cwd=cwd)  # fmt: skip
     error = out / "error.txt"
     if done.returncode or not (out / "result.json").is_file():
         if error.is_file():
-            message = error.read_text().strip()
+            message = error.read_text(encoding="utf-8", errors="replace").strip()
         else:  # the process died (a crash in TensorFlow): its last line of output
             lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
             message = f"the TensorFlow converter failed: {lines[-1][:300]}"
         raise ImportFailed(f"{path}: {message}")
-    result = json.loads((out / "result.json").read_text())
+    result = json.loads((out / "result.json").read_text(encoding="utf-8"))
     arrays = np.load(out / "reference.npz")
     count = len(result["outputs"])
     references = []

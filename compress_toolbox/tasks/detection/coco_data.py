@@ -164,5 +164,5 @@ def save_detection_coco(path: str | Path, images: np.ndarray, boxes: list[np.nda
     count = 1 + max((int(k) for kinds in labels for k in kinds), default=0)
     categories = [{"id": k + 1, "name": str(k)} for k in range(count)]
     path.write_text(json.dumps({"images": entries, "annotations": notes,
-                                "categories": categories}))  # fmt: skip
+                                "categories": categories}), encoding="utf-8")  # fmt: skip
     return path

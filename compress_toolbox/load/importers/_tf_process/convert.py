@@ -93,7 +93,7 @@ def _read_saved_model(source: Path):
         if (source / "saved_model.pb").is_file():
             proto.ParseFromString((source / "saved_model.pb").read_bytes())
         else:
-            text_format.Parse((source / "saved_model.pbtxt").read_text(), proto)
+            text_format.Parse((source / "saved_model.pbtxt").read_text(encoding="utf-8"), proto)
     except Exception as error:  # e.g. "Error parsing message"
         raise common.UserError(f"cannot read the SavedModel (truncated or corrupt?): "
                         f"{common.first_line(error)}") from None  # fmt: skip
@@ -220,7 +220,7 @@ def convert(args) -> None:
         "outputs": [output.name for output in model.graph.output],
         "notes": route.notes,
     }
-    (out / "result.json").write_text(json.dumps(result))
+    (out / "result.json").write_text(json.dumps(result), encoding="utf-8")
 
 
 def main(argv: list[str]) -> int:
@@ -237,11 +237,11 @@ def main(argv: list[str]) -> int:
     try:
         convert(args)
     except (common.UserError, SAFETY.UnsafeGraph) as error:
-        (Path(args.out) / "error.txt").write_text(str(error))
+        (Path(args.out) / "error.txt").write_text(str(error), encoding="utf-8")
         return 2
     except Exception as error:  # tf2onnx or TensorFlow failed: the first line says why
         (Path(args.out) / "error.txt").write_text(
-            f"{type(error).__name__}: {common.first_line(error)}"
+            f"{type(error).__name__}: {common.first_line(error)}", encoding="utf-8"
         )
         return 1
     return 0

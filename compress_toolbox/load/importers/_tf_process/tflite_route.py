@@ -78,7 +78,7 @@ def route_tflite(source: Path, args):
         command = [sys.executable, "-m", "tf2onnx.convert", "--tflite", str(source),
                    "--dequantize", "--opset", str(common.OPSET), "--inputs-as-nchw", name,
                    "--output", str(out)]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace")
         if done.returncode:
             tail = done.stderr.strip().splitlines()[-1:] or ["no message"]
             raise common.UserError(f"tf2onnx --dequantize failed: {tail[0]}")

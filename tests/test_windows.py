@@ -1,0 +1,131 @@
+"""What a run on Windows relies on, checked here by standing in for Windows where the code asks
+which platform it is on: text files in UTF-8 whatever the code page, free memory from
+GlobalMemoryStatusEx, its allocator's words for out of memory, Ctrl-Break as Ctrl-C, cmd.exe's
+quoting, a console that cannot spell every file name, and more ranks than GPUs refused."""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli.main import command_line
+from compress_toolbox import limits
+from compress_toolbox.distillation import distributed, local_launch
+from compress_toolbox.errors import DaflError
+
+REPO = Path(__file__).resolve().parents[1]
+PRODUCT = [path for package in ("compress_toolbox", "cli")
+           for path in sorted((REPO / package).rglob("*.py"))]  # fmt: skip
+
+
+def _text_io_without_encoding(tree: ast.AST) -> list[int]:
+    """Lines of ``read_text``/``write_text`` calls and text-mode ``open`` calls that name no
+    encoding (Windows would read and write them in its code page)."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name in ("read_text", "write_text"):
+            lines.append(node.lineno)
+        elif name == "open" and isinstance(func, ast.Name):
+            mode = node.args[1] if len(node.args) > 1 else next(
+                (k.value for k in node.keywords if k.arg == "mode"), None)  # fmt: skip
+            binary = isinstance(mode, ast.Constant) and "b" in str(mode.value)
+            if not binary:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_every_text_file_the_product_opens_names_its_encoding():
+    found = {
+        f"{path.relative_to(REPO)}:{line}"
+        for path in PRODUCT
+        for line in _text_io_without_encoding(ast.parse(path.read_text(encoding="utf-8")))
+    }
+    assert not found, f"text I/O in the locale's encoding: {sorted(found)}"
+
+
+def test_the_encoding_check_finds_what_it_looks_for():
+    source = ("p.write_text(s)\nopen(f)\nopen(f, 'rb')\nopen(f, 'w', encoding='utf-8')\n"
+              "q.read_text(encoding='utf-8')\n")  # fmt: skip
+    assert _text_io_without_encoding(ast.parse(source)) == [1, 2]
+
+
+def test_free_memory_on_windows_comes_from_global_memory_status(monkeypatch):
+    seen = {}
+
+    def global_memory_status_ex(pointer) -> int:
+        status = pointer._obj
+        seen["length"] = status.dwLength
+        status.ullAvailPhys = 3 * 2**30
+        return 1
+
+    kernel32 = type("Kernel32", (), {"GlobalMemoryStatusEx": staticmethod(global_memory_status_ex)})
+    monkeypatch.setattr(ctypes, "windll", type("WinDLL", (), {"kernel32": kernel32}), raising=False)
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert limits._free_system_memory() == 3 * 2**30
+    assert seen["length"] == 64  # sizeof(MEMORYSTATUSEX), as Windows checks it
+
+
+def test_a_failed_memory_status_call_means_unknown(monkeypatch):
+    kernel32 = type("Kernel32", (), {"GlobalMemoryStatusEx": staticmethod(lambda pointer: 0)})
+    monkeypatch.setattr(ctypes, "windll", type("WinDLL", (), {"kernel32": kernel32}), raising=False)
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert limits._free_system_memory() is None
+
+
+@pytest.mark.parametrize("message", [
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
+    "tried to allocate 8589934592 bytes.",  # Windows
+    "[enforce fail at alloc_cpu.cpp:114] data. DefaultCPUAllocator: can't allocate memory: "
+    "you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)",  # Linux
+])  # fmt: skip
+def test_torch_running_out_of_memory_is_recognised_on_either_system(message):
+    assert limits.is_out_of_memory(RuntimeError(message))
+    assert not limits.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_ctrl_break_counts_as_ctrl_c(monkeypatch):
+    monkeypatch.setattr(local_launch, "CTRL_BREAK", signal.SIGUSR1)
+    assert local_launch.stop_signal(signal.SIGUSR1) == signal.SIGINT
+    assert local_launch.stop_signal(signal.SIGTERM) == signal.SIGTERM
+
+
+def test_the_reported_command_is_quoted_for_the_shell_it_runs_in(monkeypatch):
+    argv = [r"C:\Users\Ana Lee\teacher.onnx", "--out", "out dir"]
+    assert command_line(argv) == r"""'C:\Users\Ana Lee\teacher.onnx' --out 'out dir'"""
+    monkeypatch.setattr(os, "name", "nt")
+    assert command_line(argv) == r'"C:\Users\Ana Lee\teacher.onnx" --out "out dir"'
+
+
+def test_a_name_the_console_cannot_spell_is_escaped_not_an_error(tmp_path):
+    """Windows with output redirected writes stdout in its code page (cp1252), strictly."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    path = tmp_path / "модель.onnx"
+    torch.onnx.export(model, (torch.zeros(2, 4),), str(path), dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}}, input_names=["input"])  # fmt: skip
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "cli", "inspect", str(path)], env=env,
+                          capture_output=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"\\u043c\\u043e\\u0434" in done.stdout  # the name, escaped
+
+
+def test_more_ranks_than_gpus_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DaflError, match="rank 1 has no GPU of its own: this machine has 1"):
+        distributed.init_from_env("auto")
