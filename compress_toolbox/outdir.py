@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -25,6 +26,10 @@ from filelock import FileLock, Timeout
 from compress_toolbox.errors import DaflError
 
 _PID = re.compile(r"[1-9][0-9]{0,9}")  # a process id as we write it: ASCII digits, no leading 0
+# Windows refuses to rename a folder while another program holds a file in it (an antivirus
+# scanning the new student.onnx, Explorer's preview pane) for a moment: the rename is retried
+WINDOWS = os.name == "nt"
+RENAME_TRIES, RENAME_WAIT_S = 10, 0.3
 
 
 def default_out_dir(teacher_path: str | Path) -> Path:
@@ -53,6 +58,19 @@ def holds_only_run_files(path: Path) -> bool:
         entry.is_file() and not entry.is_symlink() and _RUN_FILE.fullmatch(entry.name)
         for entry in entries
     )
+
+
+def _rename(source: Path, target: Path) -> None:
+    """``os.replace``, retried for a few seconds where Windows refuses it for a file held open
+    (see RENAME_TRIES)."""
+    for attempt in range(RENAME_TRIES):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if not WINDOWS or attempt == RENAME_TRIES - 1:
+                raise
+            time.sleep(RENAME_WAIT_S)
 
 
 def _is_nonempty_dir(path: Path) -> bool:
@@ -197,7 +215,7 @@ class OutputFolder:
             if self.path.exists() or self.path.is_symlink():  # the swap had finished
                 shutil.rmtree(old, ignore_errors=True)  # the old output was to be deleted
             else:  # killed between the two renames: put the old output back
-                os.replace(old, self.path)
+                _rename(old, self.path)
 
     def _taken(self) -> bool:
         """Something this run may not replace is at ``path`` now (it appeared during the run):
@@ -222,24 +240,24 @@ class OutputFolder:
             while self.parent.joinpath(f"{self.name}-{n}").exists():
                 n += 1
             elsewhere = self.parent / f"{self.name}-{n}"
-            os.replace(self.work, elsewhere)
+            _rename(self.work, elsewhere)
             raise DaflError(
                 f"{self.path}: files appeared in the output folder during the run; they were "
                 f"left alone and this run's output is in {elsewhere}"
             )
         if _is_nonempty_dir(self.path):
             aside = self.parent / f".{self.name}.old-{os.getpid()}"
-            os.replace(self.path, aside)
+            _rename(self.path, aside)
             try:
-                os.replace(self.work, self.path)
+                _rename(self.work, self.path)
             except BaseException:  # also Ctrl-C / SIGTERM between the two renames
-                os.replace(aside, self.path)
+                _rename(aside, self.path)
                 raise
             shutil.rmtree(aside, ignore_errors=True)
         else:
             if self.path.is_dir():
                 self.path.rmdir()  # empty: replacing it loses nothing
-            os.replace(self.work, self.path)
+            _rename(self.work, self.path)
         return self.path
 
     def _unlock(self) -> None:

@@ -1,7 +1,8 @@
 """What a run on Windows relies on, checked here by standing in for Windows where the code asks
 which platform it is on: text files in UTF-8 whatever the code page, free memory from
 GlobalMemoryStatusEx, its allocator's words for out of memory, Ctrl-Break as Ctrl-C, cmd.exe's
-quoting, a console that cannot spell every file name, and more ranks than GPUs refused."""
+quoting, a console that cannot spell every file name, an output folder held open for a moment,
+and more ranks than GPUs refused."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from cli.main import command_line
-from compress_toolbox import limits
+from compress_toolbox import limits, outdir
 from compress_toolbox.distillation import distributed, local_launch
 from compress_toolbox.errors import DaflError
 
@@ -129,3 +130,42 @@ def test_more_ranks_than_gpus_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(DaflError, match="rank 1 has no GPU of its own: this machine has 1"):
         distributed.init_from_env("auto")
+
+
+def _renames_refused(times: int, monkeypatch) -> list[tuple[Path, Path]]:
+    """os.replace refuses the first ``times`` renames as Windows does for a held file."""
+    calls, real = [], os.replace
+
+    def replace(source, target):
+        calls.append((Path(source), Path(target)))
+        if len(calls) <= times:
+            raise PermissionError(13, "The process cannot access the file because it is being "
+                                      "used by another process")  # fmt: skip
+        real(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(outdir, "RENAME_WAIT_S", 0.01)
+    return calls
+
+
+def test_an_output_folder_held_open_for_a_moment_is_still_moved_into_place(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(outdir, "WINDOWS", True)
+    calls = _renames_refused(3, monkeypatch)
+    folder = outdir.OutputFolder(tmp_path / "out")
+    with folder:
+        (folder.work / "student.onnx").write_bytes(b"x")
+        assert folder.commit() == tmp_path / "out"
+    assert (tmp_path / "out" / "student.onnx").read_bytes() == b"x" and len(calls) == 4
+
+
+def test_an_output_folder_held_open_for_good_is_kept_where_it_was_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(outdir, "WINDOWS", True)
+    calls = _renames_refused(outdir.RENAME_TRIES, monkeypatch)
+    folder = outdir.OutputFolder(tmp_path / "out")
+    with folder:
+        (folder.work / "student.onnx").write_bytes(b"x")
+        with pytest.raises(DaflError, match="cannot move the finished output into place"):
+            folder.commit()
+    assert len(calls) == outdir.RENAME_TRIES and (folder.work / "student.onnx").is_file()
+    assert not (tmp_path / "out").exists()
