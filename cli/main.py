@@ -285,11 +285,13 @@ def _ctrl_c_deferred() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    held = [signal.SIGINT, *([CTRL_BREAK] if CTRL_BREAK else [])]
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if received:
         raise KeyboardInterrupt
 
@@ -304,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    # Windows' Ctrl-Break (also sent when the console window closes) is answered as Ctrl-C
+    # Windows' Ctrl-Break is answered as Ctrl-C
     previous_break = CTRL_BREAK and signal.signal(CTRL_BREAK, signal.default_int_handler)
     try:
         try:
@@ -369,7 +371,7 @@ def entry_point() -> None:
         import multiprocessing
 
         multiprocessing.freeze_support()
-    if isinstance(sys.stdout, io.TextIOWrapper):
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
         # a name the console's code page cannot spell (Windows, output redirected) is escaped,
         # not an error after the work is done
         sys.stdout.reconfigure(errors="backslashreplace")

@@ -176,9 +176,8 @@ def _address_space_cap(extra_bytes: int | None) -> Iterator[None]:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an allocation failure (Python's or torch's CPU allocator, whose
-    message is the C library's: "can't allocate memory" on Linux, "not enough memory" on
-    Windows)."""
+    """Whether ``error`` is an allocation failure (Python's or torch's CPU allocator, which says
+    "can't allocate memory" on Linux and "not enough memory" on Windows)."""
     return isinstance(error, MemoryError) or (
         isinstance(error, RuntimeError)
         and any(words in str(error) for words in OUT_OF_MEMORY_WORDS)

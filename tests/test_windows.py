@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,23 +28,30 @@ PRODUCT = [path for package in ("compress_toolbox", "cli")
            for path in sorted((REPO / package).rglob("*.py"))]  # fmt: skip
 
 
+OPENERS = ("open", "io.open", "codecs.open")  # text mode unless the mode says "b"
+TEMPORARY = ("NamedTemporaryFile", "TemporaryFile", "SpooledTemporaryFile")  # binary by default
+
+
 def _text_io_without_encoding(tree: ast.AST) -> list[int]:
-    """Lines of ``read_text``/``write_text`` calls and text-mode ``open`` calls that name no
-    encoding (Windows would read and write them in its code page)."""
+    """Lines of calls that read or write text without naming an encoding (Windows would use
+    its code page): ``read_text``/``write_text``, ``open`` in text mode, temporary files opened
+    in text mode, and subprocesses whose output is decoded as text."""
     lines = []
     for node in ast.walk(tree):
-        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+        keywords = {k.arg: k.value for k in node.keywords} if isinstance(node, ast.Call) else {}
+        if not isinstance(node, ast.Call) or "encoding" in keywords:
             continue
-        func = node.func
-        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-        if name in ("read_text", "write_text"):
+        name = ast.unparse(node.func)
+        mode = keywords.get("mode")
+        if name in OPENERS and mode is None and len(node.args) > 1:
+            mode = node.args[1]
+        text_mode = not (isinstance(mode, ast.Constant) and "b" in str(mode.value))
+        if (name.endswith((".read_text", ".write_text"))
+                or (name in OPENERS and text_mode)
+                or (name.endswith(TEMPORARY) and mode is not None and text_mode)
+                or any(isinstance(keywords.get(k), ast.Constant) and keywords[k].value is True
+                       for k in ("text", "universal_newlines"))):  # fmt: skip
             lines.append(node.lineno)
-        elif name == "open" and isinstance(func, ast.Name):
-            mode = node.args[1] if len(node.args) > 1 else next(
-                (k.value for k in node.keywords if k.arg == "mode"), None)  # fmt: skip
-            binary = isinstance(mode, ast.Constant) and "b" in str(mode.value)
-            if not binary:
-                lines.append(node.lineno)
     return lines
 
 
@@ -58,8 +66,12 @@ def test_every_text_file_the_product_opens_names_its_encoding():
 
 def test_the_encoding_check_finds_what_it_looks_for():
     source = ("p.write_text(s)\nopen(f)\nopen(f, 'rb')\nopen(f, 'w', encoding='utf-8')\n"
-              "q.read_text(encoding='utf-8')\n")  # fmt: skip
-    assert _text_io_without_encoding(ast.parse(source)) == [1, 2]
+              "q.read_text(encoding='utf-8')\nio.open(f, mode='w')\n"
+              "tempfile.TemporaryFile()\ntempfile.NamedTemporaryFile(mode='w')\n"
+              "subprocess.run(c, text=True)\n"
+              "subprocess.run(c, capture_output=True, encoding='utf-8', errors='replace')\n"
+              "Image.open(f)\n")  # fmt: skip
+    assert _text_io_without_encoding(ast.parse(source)) == [1, 2, 6, 8, 9]
 
 
 def test_free_memory_on_windows_comes_from_global_memory_status(monkeypatch):
@@ -96,14 +108,38 @@ def test_torch_running_out_of_memory_is_recognised_on_either_system(message):
     assert not limits.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
-def test_ctrl_break_counts_as_ctrl_c(monkeypatch):
+def _launcher_stopped_by_ctrl_break(monkeypatch) -> tuple[int, list[int]]:
+    """The --nproc launcher waiting on two ranks (processes that sleep) gets Ctrl-Break (here
+    SIGUSR1 stands in for it): its exit code, and how each rank ended."""
     monkeypatch.setattr(local_launch, "CTRL_BREAK", signal.SIGUSR1)
-    assert local_launch.stop_signal(signal.SIGUSR1) == signal.SIGINT
-    assert local_launch.stop_signal(signal.SIGTERM) == signal.SIGTERM
+    monkeypatch.setattr(local_launch, "STOP_SIGNALS", (signal.SIGINT, signal.SIGUSR1))
+    monkeypatch.setattr(local_launch, "STOP_GRACE_S", 1)
+    ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+             for _ in range(2)]  # fmt: skip
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+    code, failed = local_launch._wait(ranks)
+    assert failed is None
+    return code, [rank.returncode for rank in ranks]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 stands in for Ctrl-Break")
+def test_ctrl_break_stops_the_launcher_as_ctrl_c_and_is_passed_on_where_the_console_does_not(
+        monkeypatch):  # fmt: skip
+    code, ends = _launcher_stopped_by_ctrl_break(monkeypatch)
+    assert code == 130 and ends == [-signal.SIGUSR1] * 2  # passed on to the ranks
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="SIGUSR1 stands in for Ctrl-Break")
+def test_on_windows_the_launcher_leaves_ctrl_break_to_the_console(monkeypatch):
+    monkeypatch.setattr(os, "name", "nt")
+    code, ends = _launcher_stopped_by_ctrl_break(monkeypatch)
+    monkeypatch.undo()
+    assert code == 130 and ends == [-signal.SIGKILL] * 2  # not passed on: killed after the grace
 
 
 def test_the_reported_command_is_quoted_for_the_shell_it_runs_in(monkeypatch):
     argv = [r"C:\Users\Ana Lee\teacher.onnx", "--out", "out dir"]
+    monkeypatch.setattr(os, "name", "posix")
     assert command_line(argv) == r"""'C:\Users\Ana Lee\teacher.onnx' --out 'out dir'"""
     monkeypatch.setattr(os, "name", "nt")
     assert command_line(argv) == r'"C:\Users\Ana Lee\teacher.onnx" --out "out dir"'
@@ -122,22 +158,31 @@ def test_a_name_the_console_cannot_spell_is_escaped_not_an_error(tmp_path):
     assert b"\\u043c\\u043e\\u0434" in done.stdout  # the name, escaped
 
 
-def test_more_ranks_than_gpus_is_refused_in_one_line(monkeypatch):
-    monkeypatch.setenv("RANK", "1")
+def _rank_of_two_with_gpus(rank: int, gpus: int, monkeypatch, nccl: bool = True) -> None:
+    """This process as rank ``rank`` of two on a machine with ``gpus`` GPUs."""
+    monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: nccl)
+
+
+def test_more_ranks_than_gpus_is_refused_in_one_line(monkeypatch):
+    _rank_of_two_with_gpus(1, 1, monkeypatch)
     with pytest.raises(DaflError, match="rank 1 has no GPU of its own: this machine has 1"):
         distributed.init_from_env("auto")
 
 
-def _renames_refused(times: int, monkeypatch) -> list[tuple[Path, Path]]:
-    """os.replace refuses the first ``times`` renames as Windows does for a held file."""
+def _renames_refused(work: Path, times: int, monkeypatch) -> list[Path]:
+    """os.replace refuses the first ``times`` renames of ``work`` as Windows does for a folder
+    with a file held open; the targets it was asked for."""
     calls, real = [], os.replace
 
     def replace(source, target):
-        calls.append((Path(source), Path(target)))
+        if Path(source) != work:
+            return real(source, target)
+        calls.append(Path(target))
         if len(calls) <= times:
             raise PermissionError(13, "The process cannot access the file because it is being "
                                       "used by another process")  # fmt: skip
@@ -151,8 +196,8 @@ def _renames_refused(times: int, monkeypatch) -> list[tuple[Path, Path]]:
 def test_an_output_folder_held_open_for_a_moment_is_still_moved_into_place(tmp_path,
                                                                           monkeypatch):
     monkeypatch.setattr(outdir, "WINDOWS", True)
-    calls = _renames_refused(3, monkeypatch)
     folder = outdir.OutputFolder(tmp_path / "out")
+    calls = _renames_refused(folder.work, 3, monkeypatch)
     with folder:
         (folder.work / "student.onnx").write_bytes(b"x")
         assert folder.commit() == tmp_path / "out"
@@ -161,11 +206,18 @@ def test_an_output_folder_held_open_for_a_moment_is_still_moved_into_place(tmp_p
 
 def test_an_output_folder_held_open_for_good_is_kept_where_it_was_written(tmp_path, monkeypatch):
     monkeypatch.setattr(outdir, "WINDOWS", True)
-    calls = _renames_refused(outdir.RENAME_TRIES, monkeypatch)
     folder = outdir.OutputFolder(tmp_path / "out")
+    calls = _renames_refused(folder.work, outdir.RENAME_TRIES, monkeypatch)
     with folder:
         (folder.work / "student.onnx").write_bytes(b"x")
         with pytest.raises(DaflError, match="cannot move the finished output into place"):
             folder.commit()
     assert len(calls) == outdir.RENAME_TRIES and (folder.work / "student.onnx").is_file()
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_ranks_without_nccl_are_refused_in_one_line(monkeypatch):
+    """Windows' torch has no NCCL, and gloo's CUDA all-reduce crashes there."""
+    _rank_of_two_with_gpus(0, 2, monkeypatch, nccl=False)
+    with pytest.raises(DaflError, match="several ranks on GPUs need NCCL.*--device cpu"):
+        distributed.init_from_env("auto")

@@ -186,10 +186,11 @@ def init_from_env(device: str | None = None) -> World:
         if local_rank >= gpus:
             raise DaflError(f"rank {rank} has no GPU of its own: this machine has {gpus}; start "
                             f"at most {gpus} ranks per machine, or add --device cpu")  # fmt: skip
+        if not dist.is_nccl_available():  # Windows' torch: gloo's CUDA all-reduce crashes there
+            raise DaflError("several ranks on GPUs need NCCL, which this build of torch lacks "
+                            "(as on Windows); add --device cpu, or train on one GPU")  # fmt: skip
         torch.cuda.set_device(local_rank)
-    # NCCL for CUDA tensors where torch has it (not on Windows: gloo carries them there)
-    cuda_backend = "nccl" if dist.is_nccl_available() else "gloo"
-    backend = f"cpu:gloo,cuda:{cuda_backend}" if on_gpu else "gloo"
+    backend = "cpu:gloo,cuda:nccl" if on_gpu else "gloo"
     timeout = datetime.timedelta(seconds=TIMEOUT_S)
     try:
         dist.init_process_group(backend, timeout=timeout, **_restart_store(rank, size, timeout))

@@ -1,16 +1,19 @@
-"""The ``--nproc N`` shortcut: N ranks on this machine that listen on the loopback interface only.
+"""The ``--nproc N`` shortcut: N ranks on this machine that listen on the loopback interface only
+(on Linux and macOS).
 
 torchrun's elastic launcher hosts its rendezvous and agent stores on every interface (torch
 2.14's TCPStore binds to ``*`` whatever host it is given), so a run on a laptop would accept
 connections from the network. Here the launcher itself hosts the one store, on a socket bound
 to 127.0.0.1 (``master_listen_fd``), and starts the ranks as clients of it
 (``TORCHELASTIC_USE_AGENT_STORE``: no rank hosts a store of its own); gloo is pinned to the
-loopback interface. Several machines still go through ``torchrun`` with the user's own endpoint.
+loopback interface (where the platform names it: not on Windows, see docs/distributed.md).
+Several machines still go through ``torchrun`` with the user's own endpoint.
 """
 
 from __future__ import annotations
 
 import datetime
+import locale
 import os
 import signal
 import socket
@@ -29,7 +32,8 @@ STOP_GRACE_S = 60  # how long ranks get to save their checkpoint after Ctrl-C/SI
 # Windows builds of torch have no libuv (torch's own rendezvous turns it off there too)
 USE_LIBUV = sys.platform != "win32"
 # What stops a run as Ctrl-C does (a checkpoint, then exit 128 + N): SIGINT, SIGTERM and, on
-# Windows, SIGBREAK (Ctrl-Break, also what closing the console window sends), counted as SIGINT
+# Windows, SIGBREAK (Ctrl-Break), counted as SIGINT. Closing the console window also sends
+# SIGBREAK, but Windows ends the process as soon as the handler returns: no checkpoint then.
 CTRL_BREAK = getattr(signal, "SIGBREAK", None)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([CTRL_BREAK] if CTRL_BREAK else []))
 
@@ -61,7 +65,9 @@ def launch(nproc: int, argv: list[str]) -> int:
         log = logs[first_failed] if first_failed is not None else None
         if log is not None:
             log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace"))
+            # a rank's redirected stderr is in the locale's encoding (Windows: its code page)
+            sys.stderr.write(log.read().decode(locale.getpreferredencoding(False),
+                                               errors="replace"))  # fmt: skip
         return code
     finally:
         del store
@@ -103,7 +109,7 @@ def _wait(ranks: list[subprocess.Popen]) -> tuple[int, int | None]:
 
     def forward(signum, frame):
         stopped_by.append(stop_signal(signum))
-        if os.name == "nt":  # the console sent it to the ranks too (send_signal takes neither)
+        if os.name == "nt":  # the console sent Ctrl-C/Ctrl-Break to the ranks too
             return
         for rank in ranks:
             if rank.poll() is None:
