@@ -1,9 +1,11 @@
 """How a run uses its device: autocast, the memory one iteration takes,
-channels-last memory format. The trainer asks; these functions only measure and set up."""
+channels-last memory format, denormal floats. The trainer asks; these functions only measure
+and set up."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -21,6 +23,21 @@ def autocast_factory(dev: torch.device):
     if dev.type == "cuda" and torch.cuda.is_bf16_supported():
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext
+
+
+@contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Denormal floats (below 1.2e-38) read and written as zero on the CPU inside the block,
+    then back to torch's default (torch cannot say what it was). Weight decay drives the
+    weights of channels that stop learning towards zero; once denormal, every convolution
+    that reads them ran 1.6-2.4x slower per student step (an LR-ASPP student with a quarter of
+    its weights denormal, x86; benchmarks/RESULTS.md), and no answer changes at that size."""
+    flushing = torch.set_flush_denormal(True)  # False where the CPU cannot
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
 
 
 def _bytes_per_sample(module: nn.Module, shape: tuple[int, ...], device: torch.device) -> int:

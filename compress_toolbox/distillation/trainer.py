@@ -24,6 +24,7 @@ from compress_toolbox.distillation import distributed
 from compress_toolbox.distillation.environment import (
     autocast_factory,
     check_finite,
+    denormals_flushed,
     iteration_bytes_per_sample,
     try_channels_last,
 )
@@ -322,7 +323,7 @@ class Trainer:
             self._share_generator()
             self.channels_last = self._try_channels_last()
             try:
-                with distributed.collective_errors():
+                with distributed.collective_errors(), denormals_flushed():
                     return self._train()
             finally:
                 distributed.unsync_batchnorm(self.student)
