@@ -81,6 +81,10 @@ def test_a_task_rate_is_checked_and_settable():
     assert preset.generator_lr("classification", conditional=False) == 0.1
     with pytest.raises(DaflError, match="gen_lr_by_task"):
         get_preset("fast").with_options(gen_lr_by_task={"segmentation": -1})
+    preset = get_preset("fast").with_options(student_lr_by_task={"classification": 0.02})
+    assert preset.student_rates(False, "classification") == (0.02, 1e-4)
+    with pytest.raises(DaflError, match=r"student_lr_by_task\['segmentation'\] must be a positive"):
+        get_preset("fast").with_options(student_lr_by_task={"segmentation": 0})
 
 
 def test_the_weights_reach_the_loss_terms():
@@ -176,6 +180,10 @@ def test_a_student_from_the_teachers_weights_takes_the_fine_tuning_rates_where_s
     fast, cifar = get_preset("fast"), get_preset("paper-cifar")
     assert fast.student_rates(False) == (fast.student_lr, fast.weight_decay) == (5e-3, 1e-4)
     assert fast.student_rates(True) == (fast.student_lr_fine_tune, 0.0)
+    # segmentation's fresh students have a rate of their own; from the teacher's, the same
+    assert fast.student_rates(False, "segmentation") == (1e-2, 1e-4)
+    assert fast.student_rates(False, "classification") == (5e-3, 1e-4)
+    assert fast.student_rates(True, "segmentation") == (1e-3, 0.0)
     assert cifar.student_rates(True) == cifar.student_rates(False) == (0.1, 5e-4)  # none set
     for name in ("weight_decay", "weight_decay_fine_tune"):
         for bad in (-1e-4, float("nan"), "1e-4", True):

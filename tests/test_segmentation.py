@@ -135,6 +135,20 @@ def test_each_method_runs_per_pixel(unet, method):
     assert result.health is not None and 1 <= result.health.classes <= CLASSES
 
 
+def test_a_fresh_student_trains_at_segmentations_own_rate(unet, tmp_path):
+    """The fast preset's student_lr_by_task: 1e-2 for segmentation, 5e-3 elsewhere."""
+    from compress_toolbox.distillation.trainer import CHECKPOINT_NAME
+
+    teacher = Teacher.from_module(unet, SHAPE)
+    student = plan_student(
+        teacher, CompressConfig.from_options(task="segmentation", init="fresh")
+    ).module
+    distill(teacher, student, task="segmentation", method="dafl-seg", iters=2, batch_size=8,
+            progress=False, threads=1, checkpoint_dir=tmp_path)  # fmt: skip
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["student_rates"] == [1e-2, 1e-4]
+
+
 def test_class_conditional_method_is_refused_and_auto_picks_dafl_seg(unet):
     teacher = Teacher.from_module(unet, SHAPE)  # keeps BatchNorm: bn-prior for a classifier
     student = plan_student(

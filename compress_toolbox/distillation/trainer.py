@@ -380,7 +380,8 @@ class Trainer:
         the evaluation data, the progress display: everything the loop needs."""
         self.student.to(self.device).train()
         self.autocast = autocast_factory(self.device)
-        self.student_lr, self.student_decay = self.preset.student_rates(self.options.fine_tune)
+        self.student_lr, self.student_decay = self.preset.student_rates(self.options.fine_tune,
+                                                                        self.task.name)
         self.optimizer = make_student_optimizer(self.preset, self.student, self.student_lr,
                                                 self.student_decay)  # fmt: skip
         distributed.average_gradients(self.optimizer)
