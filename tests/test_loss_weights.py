@@ -83,6 +83,10 @@ def test_a_task_rate_is_checked_and_settable():
         get_preset("fast").with_options(gen_lr_by_task={"segmentation": -1})
     preset = get_preset("fast").with_options(student_lr_by_task={"classification": 0.02})
     assert preset.student_rates(False, "classification") == (0.02, 1e-4)
+    # a rate set by name is every task's, segmentation's own included
+    fast = get_preset("fast")
+    assert fast.with_options(student_lr=0.02).student_rates(False, "segmentation")[0] == 0.02
+    assert fast.with_options(gen_lr=0.05).generator_lr("segmentation", conditional=False) == 0.05
     with pytest.raises(DaflError, match=r"student_lr_by_task\['segmentation'\] must be a positive"):
         get_preset("fast").with_options(student_lr_by_task={"segmentation": 0})
 

@@ -82,6 +82,9 @@ class Preset:
         if unknown:
             raise DaflError(f"unknown preset field(s): {', '.join(unknown)} (loss weights are "
                             "set per method as METHOD.WEIGHT, e.g. dafl.oh)")  # fmt: skip
+        for rate in ("gen_lr", "student_lr"):  # a rate set by name is every task's: the
+            if rate in changes and f"{rate}_by_task" not in changes:  # table would win unseen
+                changes[f"{rate}_by_task"] = {}
         if isinstance(changes.get("augmentations"), list):  # e.g. parsed from JSON
             changes["augmentations"] = tuple(changes["augmentations"])
         preset = replace(self, **changes)
@@ -225,8 +228,8 @@ PRESETS: dict[str, Preset] = {
         student_optimizer="adam",
         student_lr=5e-3,
         # segmentation's fresh students at 1e-2: the LR-ASPP's kept 85-86% of its teacher's
-        # mean IoU against 75-77% at 5e-3 (450 iterations, equal), the U-Net's level
-        # (benchmarks/RESULTS.md)
+        # mean IoU against 75-77% at 5e-3 (450 iterations, equal), the U-Net's 71.8% against
+        # 70.3% (medians of 3 seeds, benchmarks/RESULTS.md)
         student_lr_by_task={"segmentation": 1e-2},
         # 1e-4 for a fresh student: the folded ResNets' students (the suite's only fresh ones)
         # gained at equal iterations (benchmarks/RESULTS.md); one from the teacher's weights
