@@ -101,6 +101,10 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
                        student_miou=seg["student"]["mean_iou"],
                        student_pixel_acc=seg["student"]["pixel_accuracy"],
                        iterations=report["iterations"], train_s=report["elapsed_s"],
+                       # the recipe as the last (re-)plan left it: a timed run trades
+                       # student steps per generated batch for iterations (recipe.py)
+                       student_steps=report["recipe"]["student_steps"],
+                       replans=report["recipe"]["replans"],
                        macs_ratio=report["student"]["macs"] / report["teacher"]["macs"],
                        )  # fmt: skip
             if report.get("int8"):
@@ -192,9 +196,10 @@ def main() -> int:
     parser.add_argument("--init", choices=("auto", "fresh", "teacher"), default="auto")
     parser.add_argument(
         "--threads",
-        type=int,
+        type=lambda value: None if value == "auto" else int(value),
         default=1,
-        help="CPU threads per run (1: measured faster on a shared 2-core CPU)",
+        help="CPU threads per run (1: measured faster on a shared 2-core CPU; auto: the "
+        "preset's choice, as a user's run, timing 1 against all)",
     )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="fast-preset fields to change, as bench_suite.py's")  # fmt: skip
