@@ -45,12 +45,13 @@ from bench_suite import (  # noqa: E402 (this folder is on the path)
 STUDENTS = {"unet-seg": "auto", "lraspp-seg": "zoo"}
 
 
-def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threads: int,
+def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threads: int | None,
             batch_size: int | None = None, init: str = "auto", quantize: bool = False,
             changes: dict | None = None, iters: int | None = None,
             student: str | None = None) -> dict:  # fmt: skip
     """One ``compress`` run; its figures (a failed student keeps its figures, marked).
-    ``student``: ``--student`` (None: the teacher's in STUDENTS)."""
+    ``student``: ``--student`` (None: the teacher's in STUDENTS); ``threads`` None: the
+    preset's choice."""
     from compress_toolbox import CompressConfig, compress
     from compress_toolbox.distillation.presets import PRESETS
     from compress_toolbox.errors import DaflError
@@ -62,6 +63,7 @@ def run_one(teacher: str, fmt: str, method: str, budget: float, seed: int, threa
     row = {"teacher": teacher, "format": fmt, "method": method, "budget": budget, "seed": seed,
            "student": student, "batch_size": batch_size, "init": init,
            "quantize": quantize, "set": changes or {}, "iters": iters,
+           "threads": "auto" if threads is None else threads,
            "fingerprint": fingerprint(files, changes or {})}  # fmt: skip
     preset = PRESETS["fast"].with_options(**changes) if changes else "fast"
     int8_options = {"quantize": "int8", "quantize_teacher": True} if quantize else {}
@@ -128,16 +130,19 @@ def _table(rows: list[dict]) -> str:
             row.get("init", "auto"),
             json.dumps(row.get("set", {}), sort_keys=True),
             row.get("fingerprint"),  # the same --set text under other preset defaults differs
+            row.get("threads", 1),  # rows written before it was recorded ran the default, 1
         )
         groups.setdefault(key, []).append(row)
     lines = ["| teacher | file | student | method (ran) | budget | batch | teacher mIoU | "
              "student mIoU (median) | % of teacher | seeds | iterations | failed | fingerprint |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, group in groups.items():
-        teacher, fmt, student, method, budget, iters, batch, init, changes, prints = key
+        teacher, fmt, student, method, budget, iters, batch, init, changes, prints, threads = key
         settings = prints[:8] if prints else "not recorded"
         batch = batch or "default"
         budget = f"{iters} it" if iters else f"{budget:.0f} s"
+        if threads != 1:
+            budget += f", {threads} threads"
         if changes != "{}":
             method = f"{method} {changes}"
         done = [r for r in group if "student_miou" in r]
@@ -199,7 +204,7 @@ def main() -> int:
         type=lambda value: None if value == "auto" else int(value),
         default=1,
         help="CPU threads per run (1: measured faster on a shared 2-core CPU; auto: the "
-        "preset's choice, as a user's run, timing 1 against all)",
+        "preset's choice, as a user's run makes it)",
     )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="fast-preset fields to change, as bench_suite.py's")  # fmt: skip

@@ -229,7 +229,7 @@ PRESETS: dict[str, Preset] = {
         student_lr=5e-3,
         # segmentation's fresh students at 1e-2: the LR-ASPP's kept 85-86% of its teacher's
         # mean IoU against 75-77% at 5e-3 (450 iterations, equal), the U-Net's 71.8% against
-        # 70.3%; at 600 s 78.5% and 70.7%, against 72.9% and 71.3% at 5e-3 on another day
+        # 70.3%; at 600 s 78.5% and 70.7%, against 72.9% and 71.3% at 5e-3 on another day and CPU
         # (medians of 3 seeds, benchmarks/RESULTS.md)
         student_lr_by_task={"segmentation": 1e-2},
         # 1e-4 for a fresh student: the folded ResNets' students (the suite's only fresh ones)
